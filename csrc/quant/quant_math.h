@@ -1,0 +1,168 @@
+#pragma once
+// The element math of gradq's group quantization, written once. The scalar reference, the
+// vectorized CPU path and the CUDA kernels all call these functions, so the CPU tests cover the
+// exact arithmetic the GPU runs. This header compiles without CUDA and without torch.
+//
+// Numerics, chosen so that every implementation produces bit-identical codes:
+//  * rounding is rintf (round half to even) on host and device;
+//  * a group is quantized with the scale *as stored* (fp16 by default), so dequantization of the
+//    stored codes reproduces the search's fake-quant weights exactly;
+//  * quantize multiplies by inv_scale = 1.0f / scale (IEEE division, never fast-math) and the
+//    addition of the zero point happens after rounding, so no FMA contraction can change a code;
+//  * dequantize is one multiply: scale * (code - zero).
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define GRADQ_HD __host__ __device__ __forceinline__
+#else
+#define GRADQ_HD inline
+#endif
+
+namespace gradq {
+
+/// Largest code of a `bits`-bit format (codes are unsigned, 0 .. 2^bits - 1).
+GRADQ_HD int quant_max_code(int bits) { return (1 << bits) - 1; }
+
+// ---- fp16 storage of scales (IEEE binary16, round to nearest even) -----------------------------
+// Written with integer ops so host and device give the same bits without cuda_fp16.h.
+
+GRADQ_HD uint16_t float_to_half_bits(float f) {
+  uint32_t x;
+  {
+    union { float f; uint32_t u; } v{f};
+    x = v.u;
+  }
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs >= 0x7f800000u) return static_cast<uint16_t>(sign | (abs > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                                               // below 2^-14: subnormal
+    if (abs < 0x33000000u) return static_cast<uint16_t>(sign);           // below 2^-25: zero
+    const uint32_t exp = abs >> 23;
+    const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126u - exp;  // 14..24
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (h & 1u))) ++h;
+    return static_cast<uint16_t>(sign | h);
+  }
+  uint32_t h = ((abs - 0x38000000u) >> 13);  // rebias exponent 127 -> 15
+  const uint32_t rem = abs & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
+}
+
+GRADQ_HD float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t x;
+  if (exp == 0x1fu) {
+    x = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    x = sign | ((exp + 112u) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    x = sign;
+  } else {  // subnormal half: normalize
+    exp = 113u;
+    while ((mant & 0x400u) == 0) {
+      mant <<= 1;
+      --exp;
+    }
+    x = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+  }
+  union { uint32_t u; float f; } v{x};
+  return v.f;
+}
+
+/// The value a scale takes once stored: rounded through fp16, or kept as fp32.
+GRADQ_HD float quant_round_scale(float scale, bool fp16_scale) {
+  return fp16_scale ? half_bits_to_float(float_to_half_bits(scale)) : scale;
+}
+
+// ---- Group parameters ---------------------------------------------------------------------------
+
+/// Parameters of one group as stored: scale (already rounded to its storage type) and the integer
+/// zero point as a float (asymmetric: 0 .. max_code; symmetric: fixed 2^(bits-1)).
+struct GroupParams {
+  float scale;
+  float zero;
+};
+
+/// Asymmetric (min-max) parameters for a group whose values span [lo, hi]. The range is widened to
+/// include 0 (as GPTQ does) so that an all-constant group is reproduced exactly and a zero scale
+/// only happens for an all-zero group. Clipping searches pass a shrunken [lo, hi].
+GRADQ_HD GroupParams quant_asym_params(float lo, float hi, int bits, bool fp16_scale) {
+  lo = lo < 0.f ? lo : 0.f;
+  hi = hi > 0.f ? hi : 0.f;
+  const float max_code = static_cast<float>(quant_max_code(bits));
+  const float scale = quant_round_scale((hi - lo) / max_code, fp16_scale);
+  float zero = 0.f;
+  if (scale > 0.f) {
+    zero = rintf(-lo / scale);
+    zero = zero < 0.f ? 0.f : (zero > max_code ? max_code : zero);
+  }
+  return {scale, zero};
+}
+
+/// Symmetric parameters (llama.cpp q4_0 style): the element of largest magnitude, `signed_absmax`
+/// with its sign, maps exactly to code 0, so the full code range is used on the side that needs it.
+/// Codes represent scale * (code - 2^(bits-1)).
+GRADQ_HD GroupParams quant_sym_params(float signed_absmax, int bits, bool fp16_scale) {
+  const float half_range = static_cast<float>(1 << (bits - 1));
+  const float scale = quant_round_scale(signed_absmax / -half_range, fp16_scale);
+  return {scale, half_range};
+}
+
+/// 1 / scale, or 0 for a zero scale (every element of such a group is 0 and maps to the zero point).
+GRADQ_HD float quant_inv_scale(float scale) { return scale != 0.f ? 1.0f / scale : 0.f; }
+
+/// Code of one element.
+GRADQ_HD uint32_t quant_code(float w, float inv_scale, float zero, int bits) {
+  const float max_code = static_cast<float>(quant_max_code(bits));
+  float q = rintf(w * inv_scale) + zero;
+  q = q < 0.f ? 0.f : (q > max_code ? max_code : q);
+  return static_cast<uint32_t>(q);
+}
+
+/// Value of one code.
+GRADQ_HD float quant_dequant(uint32_t code, float scale, float zero) {
+  return scale * (static_cast<float>(code) - zero);
+}
+
+// ---- Code packing -------------------------------------------------------------------------------
+// Each row of a packed weight is a little-endian bit stream: code i of the row occupies bits
+// [i*bits, i*bits + bits) counted from bit 0 of byte 0. Rows are padded to whole bytes, so
+// row_bytes = ceil(in_features * bits / 8). For 4 bits, byte j holds code 2j in its low nibble and
+// code 2j+1 in its high nibble; 3-bit codes may straddle a byte boundary:
+//
+//   3-bit, 8 codes in 3 bytes:  byte0 = c2[1:0] c1[2:0] c0[2:0]   (msb .. lsb)
+//                               byte1 = c5[0]   c4[2:0] c3[2:0] c2[2]
+//                               byte2 = c7[2:0] c6[2:0] c5[2:1]
+
+/// Bytes of one packed row of `in_features` codes.
+GRADQ_HD int64_t quant_row_bytes(int64_t in_features, int bits) { return (in_features * bits + 7) / 8; }
+
+/// ORs code i into a zero-initialised packed row.
+GRADQ_HD void quant_pack_code(uint8_t* row, int64_t i, int bits, uint32_t code) {
+  const int64_t bit = i * bits;
+  const int64_t byte = bit >> 3;
+  const int shift = static_cast<int>(bit & 7);
+  row[byte] = static_cast<uint8_t>(row[byte] | ((code << shift) & 0xffu));
+  if (shift + bits > 8) row[byte + 1] = static_cast<uint8_t>(row[byte + 1] | (code >> (8 - shift)));
+}
+
+/// Reads code i of a packed row.
+GRADQ_HD uint32_t quant_unpack_code(const uint8_t* row, int64_t i, int bits) {
+  const int64_t bit = i * bits;
+  const int64_t byte = bit >> 3;
+  const int shift = static_cast<int>(bit & 7);
+  uint32_t v = static_cast<uint32_t>(row[byte]) >> shift;
+  if (shift + bits > 8) v |= static_cast<uint32_t>(row[byte + 1]) << (8 - shift);
+  return v & static_cast<uint32_t>(quant_max_code(bits));
+}
+
+}  // namespace gradq

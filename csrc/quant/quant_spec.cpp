@@ -1,0 +1,122 @@
+#include "quant/quant_spec.h"
+
+#include <regex>
+
+#include "common/error.h"
+#include "quant/quant_math.h"
+
+namespace gradq {
+
+bool QuantSpec::is_integer() const {
+  return level == QuantLevel::kInt2 || level == QuantLevel::kInt3 || level == QuantLevel::kInt4 ||
+         level == QuantLevel::kInt8;
+}
+
+int QuantSpec::bits() const {
+  switch (level) {
+    case QuantLevel::kInt2: return 2;
+    case QuantLevel::kInt3: return 3;
+    case QuantLevel::kInt4: return 4;
+    case QuantLevel::kInt8: return 8;
+    default: throw Error(fmt::format("bits() asked of non-integer level {}", quant_level_name(level)));
+  }
+}
+
+int64_t QuantSpec::group_len(int64_t in_features) const {
+  return group_size == kWholeRow ? in_features : group_size;
+}
+
+int64_t QuantSpec::n_groups(int64_t in_features) const {
+  const int64_t g = group_len(in_features);
+  return g == 0 ? 0 : (in_features + g - 1) / g;
+}
+
+int64_t QuantSpec::storage_bytes(int64_t out_features, int64_t in_features) const {
+  switch (level) {
+    case QuantLevel::kPrune: return 0;
+    case QuantLevel::kFp16:
+    case QuantLevel::kBf16: return out_features * in_features * 2;
+    case QuantLevel::kFp32: return out_features * in_features * 4;
+    default: break;
+  }
+  const int64_t groups = out_features * n_groups(in_features);
+  const int64_t codes = out_features * quant_row_bytes(in_features, bits());
+  const int64_t scales = groups * (fp16_scale ? 2 : 4);
+  const int64_t zeros = symmetric ? 0 : groups;
+  return codes + scales + zeros;
+}
+
+double QuantSpec::bits_per_weight(int64_t out_features, int64_t in_features) const {
+  const int64_t n = out_features * in_features;
+  return n == 0 ? 0.0 : 8.0 * static_cast<double>(storage_bytes(out_features, in_features)) / static_cast<double>(n);
+}
+
+void QuantSpec::validate() const {
+  if (!is_integer()) return;
+  GRADQ_CHECK(group_size == kWholeRow || group_size == 16 || group_size == 32 || group_size == 64 ||
+                  group_size == 128,
+              "group size must be one of 16, 32, 64, 128 or whole row (0), got {}", group_size);
+}
+
+std::string QuantSpec::name() const {
+  if (!is_integer()) return quant_level_name(level);
+  std::string n = fmt::format("b{}g{}", bits(), group_size == kWholeRow ? std::string("row") : std::to_string(group_size));
+  if (symmetric) n += "s";
+  if (!fp16_scale) n += "-f32";
+  return n;
+}
+
+bool QuantSpec::operator==(const QuantSpec& o) const {
+  if (level != o.level) return false;
+  if (!is_integer()) return true;
+  return group_size == o.group_size && symmetric == o.symmetric && fp16_scale == o.fp16_scale;
+}
+
+QuantLevel quant_level_for_bits(int bits) {
+  switch (bits) {
+    case 2: return QuantLevel::kInt2;
+    case 3: return QuantLevel::kInt3;
+    case 4: return QuantLevel::kInt4;
+    case 8: return QuantLevel::kInt8;
+    default: throw Error(fmt::format("bits must be one of 2, 3, 4, 8, got {}", bits));
+  }
+}
+
+const char* quant_level_name(QuantLevel level) {
+  switch (level) {
+    case QuantLevel::kPrune: return "prune";
+    case QuantLevel::kInt2: return "int2";
+    case QuantLevel::kInt3: return "int3";
+    case QuantLevel::kInt4: return "int4";
+    case QuantLevel::kInt8: return "int8";
+    case QuantLevel::kFp16: return "fp16";
+    case QuantLevel::kBf16: return "bf16";
+    case QuantLevel::kFp32: return "fp32";
+  }
+  return "?";
+}
+
+QuantSpec parse_quant_spec(const std::string& name) {
+  QuantSpec spec;
+  if (name == "prune" || name == "fp16" || name == "bf16" || name == "fp32") {
+    spec.level = name == "prune" ? QuantLevel::kPrune
+                 : name == "fp16" ? QuantLevel::kFp16
+                 : name == "bf16" ? QuantLevel::kBf16
+                                  : QuantLevel::kFp32;
+    return spec;
+  }
+  static const std::regex re("^b([0-9]+)g(16|32|64|128|row)(s?)(-f32)?$");
+  std::smatch m;
+  GRADQ_CHECK(std::regex_match(name, m, re),
+              "cannot parse quantization spec '{}': expected b<bits>g<16|32|64|128|row>[s][-f32] "
+              "(e.g. b4g128, b3g32s, b8grow) or one of fp16, bf16, fp32, prune",
+              name);
+  spec.level = quant_level_for_bits(std::stoi(m[1].str()));
+  spec.group_size = m[2].str() == "row" ? kWholeRow : std::stoll(m[2].str());
+  spec.symmetric = !m[3].str().empty();
+  spec.fp16_scale = m[4].str().empty();
+  spec.validate();
+  return spec;
+}
+
+}  // namespace gradq

@@ -1,0 +1,45 @@
+#include "support/test_support.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+
+#include "model/llama2c.h"
+
+namespace gradq::test {
+namespace fs = std::filesystem;
+
+std::string assets() { return GRADQ_TEST_ASSETS; }
+
+std::string temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("gradq_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p.string();
+}
+
+std::string cli() { return GRADQ_TEST_CLI; }
+
+std::pair<int, std::string> run(const std::string& command) {
+  std::string out;
+  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
+  if (!pipe) return {-1, "popen failed"};
+  std::array<char, 4096> buf{};
+  while (size_t n = fread(buf.data(), 1, buf.size(), pipe)) out.append(buf.data(), n);
+  int status = ::pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
+}
+
+const std::string& stories_pt() {
+  static const std::string path = [] {
+    std::string p = temp_dir("stories_pt") + "/stories260K.pt";
+    convert_llama2c(stories_bin(), p);
+    return p;
+  }();
+  return path;
+}
+
+}  // namespace gradq::test

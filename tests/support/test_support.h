@@ -1,0 +1,29 @@
+#pragma once
+// Paths and fixtures shared by the test suites.
+
+#include <torch/script.h>
+
+#include <string>
+#include <utility>
+
+namespace gradq::test {
+
+/// third_party/assets in the source tree.
+std::string assets();
+inline std::string stories_bin() { return assets() + "/stories260K/stories260K.bin"; }
+inline std::string tokenizer_model() { return assets() + "/stories260K/tok512.model"; }
+inline std::string tinystories_text() { return assets() + "/text/tinystories_val.txt"; }
+
+/// A fresh empty directory for one test's files.
+std::string temp_dir(const std::string& name);
+
+/// The path of the built gradq CLI.
+std::string cli();
+
+/// Runs a shell command, returns {exit code, combined stdout+stderr}.
+std::pair<int, std::string> run(const std::string& command);
+
+/// stories260K converted to TorchScript once per test process (cached at a temp path).
+const std::string& stories_pt();
+
+}  // namespace gradq::test
