@@ -108,13 +108,27 @@ GRADQ_HD GroupParams quant_asym_params(float lo, float hi, int bits, bool fp16_s
   return {scale, zero};
 }
 
+/// The fixed zero point of the symmetric formats, 2^(bits-1); it is not stored.
+GRADQ_HD float quant_sym_zero(int bits) { return static_cast<float>(1 << (bits - 1)); }
+
 /// Symmetric parameters (llama.cpp q4_0 style): the element of largest magnitude, `signed_absmax`
 /// with its sign, maps exactly to code 0, so the full code range is used on the side that needs it.
 /// Codes represent scale * (code - 2^(bits-1)).
 GRADQ_HD GroupParams quant_sym_params(float signed_absmax, int bits, bool fp16_scale) {
-  const float half_range = static_cast<float>(1 << (bits - 1));
+  const float half_range = quant_sym_zero(bits);
   const float scale = quant_round_scale(signed_absmax / -half_range, fp16_scale);
   return {scale, half_range};
+}
+
+/// The `signed_absmax` of a group whose values span [lo, hi]: the larger-magnitude end with its
+/// sign, the positive end on a tie. Deriving it from (lo, hi) rather than from "the first element
+/// of largest magnitude" makes it independent of the order in which an implementation (scalar,
+/// SIMD lanes, CUDA warp reduction) visits the group; widening to include 0 also fixes the sign
+/// of an all-zero group's scale.
+GRADQ_HD float quant_sym_signed_absmax(float lo, float hi) {
+  lo = lo < 0.f ? lo : 0.f;
+  hi = hi > 0.f ? hi : 0.f;
+  return hi >= -lo ? hi : lo;
 }
 
 /// 1 / scale, or 0 for a zero scale (every element of such a group is 0 and maps to the zero point).

@@ -1,0 +1,121 @@
+#include "ops/ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "quant/quantize.h"
+
+namespace gradq::ops {
+namespace {
+
+// Output rows per parallel task of the fused loop: enough packed weights per task to amortise the
+// hand-off between threads.
+constexpr int64_t kFusedGrainElems = 16384;
+
+// Dot product in eight independent lanes: GCC vectorizes independent accumulators without
+// -ffast-math (it may not reorder one accumulator).
+float dot(const float* a, const float* b, int64_t n) {
+  constexpr int kLanes = 8;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
+  }
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  float s = 0.f;
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
+// y [rows, out] = x [rows, in] * W^T + bias, dequantizing each weight row once into a per-task
+// buffer and using it for every batch row. Reads only the packed weight (about bits/32 of the float
+// matrix), which is what decode is bound by.
+void linear_fused(const float* x, int64_t rows, const PackedWeight& w, const float* bias, float* y) {
+  const PackedView v(w);
+  const int64_t in = w.in_features, out = w.out_features;
+  const int64_t grain = std::max<int64_t>(1, kFusedGrainElems / in);
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    std::vector<float> wrow(static_cast<size_t>(in));
+    for (int64_t o = o0; o < o1; ++o) {
+      dequantize_row(v, o, wrow.data());
+      const float b = bias ? bias[o] : 0.f;
+      for (int64_t r = 0; r < rows; ++r) y[r * out + o] = dot(x + r * in, wrow.data(), in) + b;
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                      int64_t bits, int64_t group_size, int64_t in_features) {
+  const PackedWeight w = packed_weight_from_tensors(codes.contiguous(), scales.contiguous(),
+                                                    zeros.has_value() ? c10::optional<at::Tensor>(zeros->contiguous())
+                                                                      : c10::nullopt,
+                                                    bits, group_size, in_features);
+  return gradq::dequantize(w);
+}
+
+at::Tensor linear(const at::Tensor& x, const PackedWeight& w, const c10::optional<at::Tensor>& bias) {
+  w.validate();
+  TORCH_CHECK(x.defined() && x.dim() >= 1 && x.size(-1) == w.in_features,
+              "gradq::linear: x must be [..., in_features] with in_features = ", w.in_features, ", got ",
+              x.defined() ? x.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "gradq::linear: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), "gradq::linear (CPU): x must be on the CPU, got ", x.device());
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (b.defined()) {
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == w.out_features && b.scalar_type() == at::kFloat,
+                "gradq::linear: bias must be float32 [", w.out_features, "], got ", b.scalar_type(), " ",
+                b.sizes());
+    TORCH_CHECK(b.device().is_cpu(), "gradq::linear (CPU): bias must be on the CPU, got ", b.device());
+  }
+  const int64_t rows = x.numel() / w.in_features;
+  // Decode (a handful of rows) is bound by reading the weight: the fused loop reads the packed
+  // codes once and never materialises the float matrix, which would be 4 bytes per weight written
+  // and read back. With more rows the arithmetic dominates and a float GEMM in BLAS (blocked,
+  // SIMD, multi-threaded) beats any loop here, so the one dequantization amortises over the batch.
+  if (rows > kLinearFusedMaxRows) return at::linear(x, gradq::dequantize(w), b);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = w.out_features;
+  at::Tensor y = at::empty(out_shape, x.options());
+  const at::Tensor xc = x.contiguous();
+  linear_fused(xc.data_ptr<float>(), rows, w, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
+                  int64_t group_size, int64_t in_features) {
+  const PackedWeight w = packed_weight_from_tensors(codes.contiguous(), scales.contiguous(),
+                                                    zeros.has_value() ? c10::optional<at::Tensor>(zeros->contiguous())
+                                                                      : c10::nullopt,
+                                                    bits, group_size, in_features);
+  return linear(x, w, bias);
+}
+
+}  // namespace gradq::ops
+
+TORCH_LIBRARY(gradq, m) {
+  m.def("dequantize(Tensor codes, Tensor scales, Tensor? zeros, int bits, int group_size, int in_features) -> Tensor");
+  m.def("linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias, int bits, int group_size, "
+        "int in_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gradq, CPU, m) {
+  m.impl("dequantize", &gradq::ops::dequantize);
+  m.impl("linear", static_cast<at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                              int64_t, int64_t, int64_t)>(&gradq::ops::linear));
+}
+
+// Guarded twice: GRADQ_WITH_CUDA_KERNELS (kernels/ was built) and a libtorch with CUDA (Debian's
+// CPU-only libtorch has no ATen/cuda headers).
+#if defined(GRADQ_WITH_CUDA_KERNELS) && __has_include(<ATen/cuda/CUDAContext.h>)
+// CUDA registration goes here: TORCH_LIBRARY_IMPL(gradq, CUDA, m) with torch glue that validates
+// the tensors (packed_weight_from_tensors) and calls the launchers of kernels/*.cuh on the current
+// stream.
+#endif

@@ -1,0 +1,34 @@
+#pragma once
+// The custom ops gradq::dequantize and gradq::linear (registered in ops.cpp), callable from C++
+// without the dispatcher. A packed checkpoint calls the same code through torch.ops.gradq.*.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+#include "quant/packed_weight.h"
+
+namespace gradq::ops {
+
+/// Batches of at most this many rows take the fused dequantize-GEMV loop in linear(); larger
+/// batches dequantize once and call BLAS. See ops.cpp for why.
+constexpr int64_t kLinearFusedMaxRows = 4;
+
+/// gradq::dequantize: float32 [out, in_features] from the packed tensors.
+/// codes uint8 [out, row_bytes]; scales fp16/fp32 [out, n_groups]; zeros uint8 [out, n_groups] or
+/// none (symmetric); bits in {2, 3, 4, 8}; group_size in {16, 32, 64, 128} or 0 (whole row).
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                      int64_t bits, int64_t group_size, int64_t in_features);
+
+/// gradq::linear: x float32 [..., in_features] -> [..., out]; equals
+/// at::linear(x, dequantize(codes, scales, zeros, ...), bias) up to float summation order.
+/// bias: none or float32 [out].
+at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
+                  int64_t group_size, int64_t in_features);
+
+/// linear() on a PackedWeight.
+at::Tensor linear(const at::Tensor& x, const PackedWeight& w, const c10::optional<at::Tensor>& bias = c10::nullopt);
+
+}  // namespace gradq::ops

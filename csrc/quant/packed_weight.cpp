@@ -1,0 +1,130 @@
+#include "quant/packed_weight.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "quant/quant_math.h"
+
+namespace gradq {
+namespace {
+
+std::string shape_str(int64_t a, int64_t b) { return fmt::format("[{}, {}]", a, b); }
+
+std::string shape_str(const at::Tensor& t) {
+  if (!t.defined()) return "undefined";
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void check_tensor(const at::Tensor& t, const char* what, at::ScalarType dtype, int64_t rows,
+                  int64_t cols, const QuantSpec& spec) {
+  const bool ok = t.defined() && t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == rows &&
+                  t.size(1) == cols;
+  TORCH_CHECK(ok, "packed weight ", spec.name(), ": ", what, " must be ", c10::toString(dtype), " ",
+              shape_str(rows, cols), ", got ", t.defined() ? c10::toString(t.scalar_type()) : "",
+              " ", shape_str(t));
+  TORCH_CHECK(t.is_contiguous(), "packed weight ", spec.name(), ": ", what, " must be contiguous");
+}
+
+// The loops below are instantiated per bit width so that the shifts and masks inside
+// quant_unpack_code become constants (4- and 8-bit codes never straddle a byte).
+template <int kBits>
+void dequantize_row_bits(const PackedView& v, int64_t r, float* out) {
+  const uint8_t* row = v.codes + r * v.row_bytes;
+  for (int64_t g = 0; g < v.n_groups; ++g) {
+    const float s = v.scale(r, g);
+    const float z = v.zero(r, g);
+    const int64_t begin = g * v.group_len;
+    const int64_t end = std::min(begin + v.group_len, v.in_features);
+    for (int64_t i = begin; i < end; ++i) out[i] = quant_dequant(quant_unpack_code(row, i, kBits), s, z);
+  }
+}
+
+}  // namespace
+
+int64_t PackedWeight::storage_bytes() const { return spec.storage_bytes(out_features, in_features); }
+
+double PackedWeight::bits_per_weight() const { return spec.bits_per_weight(out_features, in_features); }
+
+void PackedWeight::validate() const {
+  TORCH_CHECK(spec.is_integer(), "packed weight: expected an integer level (int2, int3, int4, int8), got ",
+              quant_level_name(spec.level));
+  spec.validate();
+  TORCH_CHECK(in_features > 0 && out_features >= 0, "packed weight ", spec.name(),
+              ": expected in_features > 0 and out_features >= 0, got ", shape_str(out_features, in_features));
+  const int64_t groups = spec.n_groups(in_features);
+  check_tensor(codes, "codes", at::kByte, out_features, quant_row_bytes(in_features, spec.bits()), spec);
+  check_tensor(scales, "scales", spec.fp16_scale ? at::kHalf : at::kFloat, out_features, groups, spec);
+  if (spec.symmetric) {
+    TORCH_CHECK(!zeros.defined(), "packed weight ", spec.name(),
+                ": symmetric formats store no zero points, got zeros ", shape_str(zeros));
+  } else {
+    check_tensor(zeros, "zeros", at::kByte, out_features, groups, spec);
+  }
+  const int64_t held = codes.nbytes() + scales.nbytes() + (zeros.defined() ? zeros.nbytes() : 0);
+  TORCH_INTERNAL_ASSERT(held == storage_bytes(), "tensors hold ", held, " bytes, spec says ", storage_bytes());
+}
+
+PackedWeight packed_weight_from_tensors(const at::Tensor& codes, const at::Tensor& scales,
+                                        const c10::optional<at::Tensor>& zeros, int64_t bits,
+                                        int64_t group_size, int64_t in_features) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be one of 2, 3, 4, 8, got ", bits);
+  TORCH_CHECK(codes.defined() && codes.dim() == 2, "codes must be a 2-D uint8 tensor [out, row_bytes], got ",
+              shape_str(codes));
+  TORCH_CHECK(scales.defined() && (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat),
+              "scales must be float16 or float32, got ",
+              scales.defined() ? c10::toString(scales.scalar_type()) : "undefined");
+  PackedWeight w;
+  w.codes = codes;
+  w.scales = scales;
+  w.zeros = zeros.has_value() ? *zeros : at::Tensor();
+  w.out_features = codes.size(0);
+  w.in_features = in_features;
+  w.spec.level = quant_level_for_bits(static_cast<int>(bits));
+  w.spec.group_size = group_size;
+  w.spec.symmetric = !w.zeros.defined();
+  w.spec.fp16_scale = scales.scalar_type() == at::kHalf;
+  w.validate();
+  return w;
+}
+
+PackedView::PackedView(const PackedWeight& w)
+    : codes(w.codes.data_ptr<uint8_t>()),
+      zeros(w.zeros.defined() ? w.zeros.data_ptr<uint8_t>() : nullptr),
+      row_bytes(w.codes.size(1)),
+      n_groups(w.spec.n_groups(w.in_features)),
+      group_len(w.spec.group_len(w.in_features)),
+      in_features(w.in_features),
+      bits(w.spec.bits()),
+      sym_zero(quant_sym_zero(w.spec.bits())) {
+  TORCH_CHECK(w.codes.device().is_cpu() && w.scales.device().is_cpu() &&
+                  (!w.zeros.defined() || w.zeros.device().is_cpu()),
+              "packed weight ", w.spec.name(), ": the CPU path needs CPU tensors, got codes on ",
+              w.codes.device(), ", scales on ", w.scales.device());
+  if (w.spec.fp16_scale) {
+    static_assert(sizeof(at::Half) == sizeof(uint16_t), "fp16 scales are read as their bits");
+    scales_h = reinterpret_cast<const uint16_t*>(w.scales.data_ptr<at::Half>());
+  } else {
+    scales_f = w.scales.data_ptr<float>();
+  }
+}
+
+float PackedView::scale(int64_t r, int64_t g) const {
+  const int64_t i = r * n_groups + g;
+  return scales_h ? half_bits_to_float(scales_h[i]) : scales_f[i];
+}
+
+void dequantize_row(const PackedView& v, int64_t r, float* out) {
+  switch (v.bits) {
+    case 2: return dequantize_row_bits<2>(v, r, out);
+    case 3: return dequantize_row_bits<3>(v, r, out);
+    case 4: return dequantize_row_bits<4>(v, r, out);
+    case 8: return dequantize_row_bits<8>(v, r, out);
+    default: TORCH_INTERNAL_ASSERT(false, "unsupported bits ", v.bits);
+  }
+}
+
+}  // namespace gradq

@@ -1,0 +1,313 @@
+#include "quant/quantize.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "quant/quant_math.h"
+
+namespace gradq {
+namespace {
+
+// Rows per parallel task are chosen so that a task covers at least this many weights; fewer makes
+// the thread hand-off cost more than the work on small layers.
+constexpr int64_t kParallelGrainElems = 16384;
+
+void check_integer_spec(const QuantSpec& spec, const char* fn) {
+  TORCH_CHECK(spec.is_integer(), fn, ": expected an integer level (int2, int3, int4, int8), got ",
+              quant_level_name(spec.level));
+  spec.validate();
+}
+
+// The weight as a contiguous float32 [out, in] CPU tensor; rejects what no format can represent.
+at::Tensor weight_as_float(const at::Tensor& w, const char* fn) {
+  TORCH_CHECK(w.defined() && w.dim() == 2, fn, ": expected a 2-D weight [out_features, in_features], got ",
+              w.defined() ? std::to_string(w.dim()) + "-D" : "an undefined tensor");
+  TORCH_CHECK(w.is_floating_point(), fn, ": expected a floating-point weight, got ", w.scalar_type());
+  TORCH_CHECK(w.device().is_cpu(), fn, ": expected a CPU weight, got one on ", w.device());
+  TORCH_CHECK(w.size(1) > 0, fn, ": expected in_features > 0, got [", w.size(0), ", ", w.size(1), "]");
+  at::Tensor wf = w.to(at::kFloat).contiguous();
+  TORCH_CHECK(at::isfinite(wf).all().item<bool>(), fn, ": the weight holds NaN or inf values");
+  return wf;
+}
+
+PackedWeight allocate_packed(int64_t out, int64_t in, const QuantSpec& spec) {
+  PackedWeight p;
+  const int64_t groups = spec.n_groups(in);
+  // Zero-filled because quant_pack_code ORs codes into place.
+  p.codes = at::zeros({out, quant_row_bytes(in, spec.bits())}, at::kByte);
+  p.scales = at::empty({out, groups}, spec.fp16_scale ? at::kHalf : at::kFloat);
+  if (!spec.symmetric) p.zeros = at::empty({out, groups}, at::kByte);
+  p.out_features = out;
+  p.in_features = in;
+  p.spec = spec;
+  return p;
+}
+
+// A scale that overflows fp16 becomes inf and would dequantize to NaN; say so instead.
+void check_scale(float scale, int64_t r, int64_t g, const QuantSpec& spec) {
+  TORCH_CHECK(std::isfinite(scale), "quantize ", spec.name(), ": group ", g, " of row ", r,
+              " needs a scale beyond the fp16 range (weights too large); use fp32 scales (",
+              spec.name(), "-f32)");
+}
+
+GroupParams rtn_params(float lo, float hi, const QuantSpec& spec) {
+  return spec.symmetric ? quant_sym_params(quant_sym_signed_absmax(lo, hi), spec.bits(), spec.fp16_scale)
+                        : quant_asym_params(lo, hi, spec.bits(), spec.fp16_scale);
+}
+
+// ---- Scalar reference --------------------------------------------------------------------------
+
+at::Tensor dequantize_ref_impl(const PackedWeight& w) {
+  w.validate();
+  const int bits = w.spec.bits();
+  const int64_t glen = w.spec.group_len(w.in_features);
+  const at::Tensor scales = w.scales.to(at::kFloat);  // fp16 -> fp32 is exact
+  const auto S = scales.accessor<float, 2>();
+  // Symmetric formats store no zero points: use the fixed one for every group.
+  const at::Tensor zeros = w.spec.symmetric ? at::full(w.scales.sizes(), quant_sym_zero(bits), at::kFloat)
+                                            : w.zeros.to(at::kFloat);
+  const auto Z = zeros.accessor<float, 2>();
+  at::Tensor out = at::empty({w.out_features, w.in_features}, at::kFloat);
+  auto O = out.accessor<float, 2>();
+  for (int64_t r = 0; r < w.out_features; ++r) {
+    const uint8_t* row = w.codes.data_ptr<uint8_t>() + r * w.codes.size(1);
+    for (int64_t i = 0; i < w.in_features; ++i) {
+      const int64_t g = i / glen;
+      O[r][i] = quant_dequant(quant_unpack_code(row, i, bits), S[r][g], Z[r][g]);
+    }
+  }
+  return out;
+}
+
+// ---- Parallel path -----------------------------------------------------------------------------
+
+// Writes one group's stored parameters into a packed weight.
+struct ParamWriter {
+  uint16_t* scales_h = nullptr;
+  float* scales_f = nullptr;
+  uint8_t* zeros = nullptr;
+  int64_t n_groups = 0;
+
+  explicit ParamWriter(PackedWeight& p) : n_groups(p.scales.size(1)) {
+    if (p.spec.fp16_scale) {
+      scales_h = reinterpret_cast<uint16_t*>(p.scales.data_ptr<at::Half>());
+    } else {
+      scales_f = p.scales.data_ptr<float>();
+    }
+    if (p.zeros.defined()) zeros = p.zeros.data_ptr<uint8_t>();
+  }
+
+  void store(int64_t r, int64_t g, GroupParams gp) const {
+    const int64_t i = r * n_groups + g;
+    // gp.scale is already rounded to fp16, so this conversion is exact.
+    if (scales_h) scales_h[i] = float_to_half_bits(gp.scale);
+    else scales_f[i] = gp.scale;
+    if (zeros) zeros[i] = static_cast<uint8_t>(gp.zero);
+  }
+};
+
+// Min and max of a group in eight independent lanes: without -ffast-math GCC will not reorder a
+// single min/max accumulator, but independent lanes map onto SIMD min/max. The minimum and
+// maximum of a set do not depend on the order visited (up to the sign of zero, which the
+// parameter functions normalise), so this matches the scalar reference.
+std::pair<float, float> group_min_max(const float* w, int64_t n) {
+  constexpr int kLanes = 8;
+  float lo[kLanes], hi[kLanes];
+  for (int k = 0; k < kLanes; ++k) lo[k] = hi[k] = w[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      lo[k] = w[i + k] < lo[k] ? w[i + k] : lo[k];
+      hi[k] = w[i + k] > hi[k] ? w[i + k] : hi[k];
+    }
+  }
+  for (; i < n; ++i) {
+    lo[0] = w[i] < lo[0] ? w[i] : lo[0];
+    hi[0] = w[i] > hi[0] ? w[i] : hi[0];
+  }
+  for (int k = 1; k < kLanes; ++k) {
+    lo[0] = lo[k] < lo[0] ? lo[k] : lo[0];
+    hi[0] = hi[k] > hi[0] ? hi[k] : hi[0];
+  }
+  return {lo[0], hi[0]};
+}
+
+// Quantizes every row of w [out, in] into p. `choose(row, group_ptr, begin, len)` returns the
+// parameters of one group; kBits is a template argument so that the shifts of quant_pack_code are
+// constants.
+template <int kBits, typename ChooseParams>
+void quantize_rows(const float* w, PackedWeight& p, const ChooseParams& choose) {
+  const int64_t in = p.in_features;
+  const int64_t glen = p.spec.group_len(in);
+  const int64_t groups = p.spec.n_groups(in);
+  const int64_t row_bytes = p.codes.size(1);
+  uint8_t* codes = p.codes.data_ptr<uint8_t>();
+  const ParamWriter writer(p);
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / in);
+  at::parallel_for(0, p.out_features, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* wr = w + r * in;
+      uint8_t* row = codes + r * row_bytes;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t begin = g * glen;
+        const int64_t len = std::min(glen, in - begin);
+        const GroupParams gp = choose(r, wr + begin, begin, len);
+        check_scale(gp.scale, r, g, p.spec);
+        writer.store(r, g, gp);
+        const float inv = quant_inv_scale(gp.scale);
+        for (int64_t i = begin; i < begin + len; ++i) quant_pack_code(row, i, kBits, quant_code(wr[i], inv, gp.zero, kBits));
+      }
+    }
+  });
+}
+
+template <typename ChooseParams>
+void quantize_rows_dispatch(const float* w, PackedWeight& p, const ChooseParams& choose) {
+  switch (p.spec.bits()) {
+    case 2: return quantize_rows<2>(w, p, choose);
+    case 3: return quantize_rows<3>(w, p, choose);
+    case 4: return quantize_rows<4>(w, p, choose);
+    case 8: return quantize_rows<8>(w, p, choose);
+    default: TORCH_INTERNAL_ASSERT(false, "unsupported bits ", p.spec.bits());
+  }
+}
+
+// Weighted squared error of quantizing one group with `gp`. Accumulated in double, in index
+// order, so that a caller recomputing it the same way gets the same number.
+double group_error(const float* w, const float* act, int64_t n, GroupParams gp, int bits) {
+  const float inv = quant_inv_scale(gp.scale);
+  double err = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float dq = quant_dequant(quant_code(w[i], inv, gp.zero, bits), gp.scale, gp.zero);
+    const double d = static_cast<double>(w[i]) - static_cast<double>(dq);
+    err += (act ? static_cast<double>(act[i]) : 1.0) * d * d;
+  }
+  return err;
+}
+
+GroupParams search_clip(const float* w, const float* act, int64_t n, const QuantSpec& spec,
+                        const ClipSearchOptions& opt) {
+  const auto [lo, hi] = group_min_max(w, n);
+  const float signed_absmax = quant_sym_signed_absmax(lo, hi);
+  GroupParams best{};
+  double best_err = std::numeric_limits<double>::infinity();
+  for (int k = 0; k <= opt.n_grid; ++k) {
+    const float ratio = opt.n_grid == 0 ? 1.f : 1.f - (1.f - opt.min_ratio) * static_cast<float>(k) / static_cast<float>(opt.n_grid);
+    const GroupParams gp = spec.symmetric
+                               ? quant_sym_params(signed_absmax * ratio, spec.bits(), spec.fp16_scale)
+                               : quant_asym_params(lo * ratio, hi * ratio, spec.bits(), spec.fp16_scale);
+    const double err = group_error(w, act, n, gp, spec.bits());
+    // Strictly lower only: ties keep the larger range, so ratio 1 (round to nearest) wins them.
+    if (err < best_err) {
+      best_err = err;
+      best = gp;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec) {
+  check_integer_spec(spec, "quantize_ref");
+  const at::Tensor wf = weight_as_float(w, "quantize_ref");
+  const int64_t out = wf.size(0), in = wf.size(1);
+  const int bits = spec.bits();
+  const int64_t glen = spec.group_len(in);
+  PackedWeight p = allocate_packed(out, in, spec);
+  const auto W = wf.accessor<float, 2>();
+  at::Tensor scales = at::empty({out, spec.n_groups(in)}, at::kFloat);
+  auto S = scales.accessor<float, 2>();
+  at::Tensor zeros = at::zeros({out, spec.n_groups(in)}, at::kByte);
+  auto Z = zeros.accessor<uint8_t, 2>();
+  for (int64_t r = 0; r < out; ++r) {
+    uint8_t* row = p.codes.data_ptr<uint8_t>() + r * p.codes.size(1);
+    for (int64_t g = 0; g < spec.n_groups(in); ++g) {
+      const int64_t begin = g * glen;
+      const int64_t end = std::min(begin + glen, in);
+      float lo = W[r][begin], hi = W[r][begin];
+      for (int64_t i = begin; i < end; ++i) {
+        lo = std::min(lo, W[r][i]);
+        hi = std::max(hi, W[r][i]);
+      }
+      const GroupParams gp = rtn_params(lo, hi, spec);
+      check_scale(gp.scale, r, g, spec);
+      S[r][g] = gp.scale;
+      Z[r][g] = static_cast<uint8_t>(gp.zero);
+      const float inv = quant_inv_scale(gp.scale);
+      for (int64_t i = begin; i < end; ++i) quant_pack_code(row, i, bits, quant_code(W[r][i], inv, gp.zero, bits));
+    }
+  }
+  // The scales are already rounded to fp16, so this conversion is exact.
+  p.scales.copy_(scales);
+  if (!spec.symmetric) p.zeros.copy_(zeros);
+  return p;
+}
+
+at::Tensor dequantize_ref(const PackedWeight& w) { return dequantize_ref_impl(w); }
+
+PackedWeight quantize(const at::Tensor& w, const QuantSpec& spec) {
+  check_integer_spec(spec, "quantize");
+  const at::Tensor wf = weight_as_float(w, "quantize");
+  PackedWeight p = allocate_packed(wf.size(0), wf.size(1), spec);
+  quantize_rows_dispatch(wf.data_ptr<float>(), p, [&](int64_t, const float* wg, int64_t, int64_t len) {
+    const auto [lo, hi] = group_min_max(wg, len);
+    return rtn_params(lo, hi, spec);
+  });
+  return p;
+}
+
+at::Tensor dequantize(const PackedWeight& w) {
+  w.validate();
+  const PackedView v(w);
+  at::Tensor out = at::empty({w.out_features, w.in_features}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const int64_t in = w.in_features;
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / in);
+  at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequantize_row(v, r, o + r * in);
+  });
+  return out;
+}
+
+at::Tensor fake_quantize(const at::Tensor& w, const QuantSpec& spec) {
+  switch (spec.level) {
+    case QuantLevel::kPrune: return at::zeros_like(w);
+    case QuantLevel::kFp16: return w.to(at::kHalf).to(w.scalar_type());
+    case QuantLevel::kBf16: return w.to(at::kBFloat16).to(w.scalar_type());
+    case QuantLevel::kFp32: return w.to(at::kFloat).to(w.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+    default: break;
+  }
+  return dequantize(quantize(w, spec)).to(w.scalar_type());
+}
+
+PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& act_sq_mean,
+                              const ClipSearchOptions& opt) {
+  check_integer_spec(spec, "quantize_clipped");
+  TORCH_CHECK(opt.n_grid >= 0 && opt.n_grid <= 1000, "quantize_clipped: n_grid must be in 0..1000, got ", opt.n_grid);
+  TORCH_CHECK(opt.min_ratio > 0.f && opt.min_ratio <= 1.f, "quantize_clipped: min_ratio must be in (0, 1], got ",
+              opt.min_ratio);
+  const at::Tensor wf = weight_as_float(w, "quantize_clipped");
+  const int64_t in = wf.size(1);
+  at::Tensor act;
+  if (act_sq_mean.defined()) {
+    TORCH_CHECK(act_sq_mean.dim() == 1 && act_sq_mean.size(0) == in,
+                "quantize_clipped: act_sq_mean must be [in_features] = [", in, "], got ", act_sq_mean.sizes());
+    act = act_sq_mean.to(at::kFloat).contiguous();
+    TORCH_CHECK(at::isfinite(act).all().item<bool>() && (act >= 0).all().item<bool>(),
+                "quantize_clipped: act_sq_mean must be finite and >= 0 (a mean of squares)");
+  }
+  const float* a = act.defined() ? act.data_ptr<float>() : nullptr;
+  PackedWeight p = allocate_packed(wf.size(0), in, spec);
+  quantize_rows_dispatch(wf.data_ptr<float>(), p, [&](int64_t, const float* wg, int64_t begin, int64_t len) {
+    return search_clip(wg, a ? a + begin : nullptr, len, spec, opt);
+  });
+  return p;
+}
+
+}  // namespace gradq
