@@ -1,0 +1,461 @@
+// Tests of the CPU quantizers (csrc/quant/quantize.h): the parallel path against the scalar
+// reference bit for bit, group parameters against an independent min/max, the half-step error
+// bound, packing layout and round trips, storage accounting, and the clipping search.
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "quant/packed_weight.h"
+#include "quant/quant_math.h"
+#include "quant/quant_spec.h"
+#include "quant/quantize.h"
+
+using namespace gradq;
+
+namespace {
+
+/// Exact equality of dtype, shape and bits (so -0.0 != 0.0 and NaN == NaN of the same payload).
+inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
+  if (a.defined() != b.defined()) return false;
+  if (!a.defined()) return true;
+  if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0;
+}
+
+/// Gaussian weights like an LLM layer's (std 0.02), from a fixed seed.
+inline at::Tensor gaussian(int64_t rows, int64_t cols, uint64_t seed, double std = 0.02) {
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  return at::randn({rows, cols}, gen, at::kFloat) * std;
+}
+
+/// Gaussian weights with about 1% outliers 10x larger: the case clipping exists for.
+inline at::Tensor gaussian_with_outliers(int64_t rows, int64_t cols, uint64_t seed) {
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  at::Tensor w = at::randn({rows, cols}, gen, at::kFloat) * 0.02;
+  at::Tensor outlier = at::rand({rows, cols}, gen, at::kFloat) < 0.01;
+  return at::where(outlier, w * 10, w);
+}
+
+}  // namespace
+
+/// Expects `stmt` to throw a std::exception whose message contains `substr`.
+#define GRADQ_EXPECT_THROW_MSG(stmt, substr)                                                  \
+  do {                                                                                        \
+    try {                                                                                     \
+      stmt;                                                                                   \
+      ADD_FAILURE() << "expected an exception containing \"" << (substr) << "\"";             \
+    } catch (const std::exception& e) {                                                       \
+      EXPECT_NE(std::string(e.what()).find(substr), std::string::npos) << "message: " << e.what(); \
+    }                                                                                         \
+  } while (0)
+
+namespace {
+
+QuantSpec make_spec(int bits, int64_t group, bool symmetric, bool fp16_scale) {
+  QuantSpec s;
+  s.level = quant_level_for_bits(bits);
+  s.group_size = group;
+  s.symmetric = symmetric;
+  s.fp16_scale = fp16_scale;
+  return s;
+}
+
+// Stored scale of group g of row r as a float.
+float stored_scale(const PackedWeight& p, int64_t r, int64_t g) {
+  return p.scales.to(at::kFloat)[r][g].item<float>();
+}
+
+// ---- Format x shape sweep -----------------------------------------------------------------------
+
+struct FormatCase {
+  int bits;
+  int64_t group;
+  bool symmetric;
+  bool fp16_scale;
+  int64_t out;
+  int64_t in;
+
+  QuantSpec spec() const { return make_spec(bits, group, symmetric, fp16_scale); }
+  std::string name() const {
+    return "b" + std::to_string(bits) + "_g" + (group == kWholeRow ? std::string("row") : std::to_string(group)) +
+           (symmetric ? "_sym" : "_asym") + (fp16_scale ? "_f16" : "_f32") + "_" + std::to_string(out) + "x" +
+           std::to_string(in);
+  }
+  uint64_t seed() const { return static_cast<uint64_t>(bits * 1000003 + group * 101 + out * 7 + in + symmetric); }
+};
+
+std::vector<FormatCase> all_format_cases() {
+  const int64_t shapes[][2] = {{1, 1}, {3, 7}, {17, 172}, {5, 64}, {64, 172}, {33, 17}};
+  std::vector<FormatCase> cases;
+  for (int bits : {2, 3, 4, 8})
+    for (int64_t group : {int64_t{16}, int64_t{32}, int64_t{64}, int64_t{128}, kWholeRow})
+      for (bool sym : {false, true})
+        for (bool fp16 : {true, false})
+          for (const auto& s : shapes) cases.push_back({bits, group, sym, fp16, s[0], s[1]});
+  return cases;
+}
+
+class QuantFormat : public ::testing::TestWithParam<FormatCase> {
+ protected:
+  // A per-row offset so that asymmetric groups are not centred on 0.
+  at::Tensor weight() const {
+    const FormatCase& c = GetParam();
+    at::Tensor w = gaussian(c.out, c.in, c.seed());
+    return w + at::arange(c.out, at::kFloat).unsqueeze(1) * 0.003;
+  }
+};
+
+TEST_P(QuantFormat, ParallelMatchesReferenceBitExact) {
+  const at::Tensor w = weight();
+  const QuantSpec spec = GetParam().spec();
+  const PackedWeight ref = quantize_ref(w, spec);
+  const PackedWeight got = quantize(w, spec);
+  EXPECT_TRUE(bitwise_equal(got.codes, ref.codes));
+  EXPECT_TRUE(bitwise_equal(got.scales, ref.scales));
+  EXPECT_TRUE(bitwise_equal(got.zeros, ref.zeros));
+  EXPECT_EQ(got.zeros.defined(), !spec.symmetric);
+  EXPECT_TRUE(bitwise_equal(dequantize(got), dequantize_ref(ref)));
+}
+
+TEST_P(QuantFormat, GroupParamsMatchIndependentMinMax) {
+  const FormatCase& c = GetParam();
+  const QuantSpec spec = c.spec();
+  const at::Tensor w = weight();
+  const PackedWeight p = quantize(w, spec);
+  const int64_t glen = spec.group_len(c.in);
+  ASSERT_EQ(p.scales.size(1), (c.in + glen - 1) / glen);
+  for (int64_t r = 0; r < c.out; ++r) {
+    for (int64_t g = 0; g < p.scales.size(1); ++g) {
+      // The last group may be partial: its parameters come from its own elements only.
+      const at::Tensor slice = w[r].slice(0, g * glen, std::min((g + 1) * glen, c.in));
+      const float lo = slice.min().item<float>(), hi = slice.max().item<float>();
+      const GroupParams want = c.symmetric
+                                   ? quant_sym_params(quant_sym_signed_absmax(lo, hi), c.bits, c.fp16_scale)
+                                   : quant_asym_params(lo, hi, c.bits, c.fp16_scale);
+      ASSERT_EQ(stored_scale(p, r, g), want.scale) << "row " << r << " group " << g;
+      if (!c.symmetric) ASSERT_EQ(p.zeros[r][g].item<int64_t>(), static_cast<int64_t>(want.zero));
+    }
+  }
+}
+
+TEST_P(QuantFormat, DequantizeWritesEveryElementFromItsCode) {
+  const FormatCase& c = GetParam();
+  const QuantSpec spec = c.spec();
+  const PackedWeight p = quantize(gaussian(c.out, c.in, c.seed()) + 0.01, spec);
+  const at::Tensor dq = dequantize(p);
+  ASSERT_EQ(dq.scalar_type(), at::kFloat);
+  ASSERT_EQ(dq.sizes(), (std::vector<int64_t>{c.out, c.in}));
+  const int64_t glen = spec.group_len(c.in);
+  const at::Tensor scales = p.scales.to(at::kFloat);
+  for (int64_t r = 0; r < c.out; ++r) {
+    const uint8_t* row = p.codes.data_ptr<uint8_t>() + r * p.codes.size(1);
+    for (int64_t i = 0; i < c.in; ++i) {
+      const int64_t g = i / glen;
+      const float zero = c.symmetric ? static_cast<float>(1 << (c.bits - 1)) : p.zeros[r][g].item<float>();
+      const float want = scales[r][g].item<float>() * (static_cast<float>(quant_unpack_code(row, i, c.bits)) - zero);
+      ASSERT_EQ(dq[r][i].item<float>(), want) << "element " << r << "," << i;
+    }
+  }
+  EXPECT_GT(dq.abs().max().item<float>(), 0.f);
+}
+
+TEST_P(QuantFormat, ErrorWithinHalfStepInsideTheGrid) {
+  const FormatCase& c = GetParam();
+  const QuantSpec spec = c.spec();
+  const at::Tensor w = weight();
+  const PackedWeight p = quantize(w, spec);
+  const at::Tensor dq = dequantize(p);
+  const int64_t glen = spec.group_len(c.in);
+  const float max_code = static_cast<float>((1 << c.bits) - 1);
+  const auto W = w.accessor<float, 2>();
+  const auto D = dq.accessor<float, 2>();
+  const at::Tensor scales = p.scales.to(at::kFloat);
+  const at::Tensor zeros = c.symmetric ? at::full_like(scales, static_cast<float>(1 << (c.bits - 1)))
+                                       : p.zeros.to(at::kFloat);
+  const auto S = scales.accessor<float, 2>();
+  const auto Z = zeros.accessor<float, 2>();
+  for (int64_t r = 0; r < c.out; ++r) {
+    for (int64_t i = 0; i < c.in; ++i) {
+      const float s = S[r][i / glen], z = Z[r][i / glen];
+      const float step = std::fabs(s);
+      // Product and rounding of w * (1/scale) in float: a few ulps of the values involved.
+      const float tol = 8 * std::numeric_limits<float>::epsilon() * (std::fabs(W[r][i]) + step * max_code);
+      const float a = s * (0.f - z), b = s * (max_code - z);
+      const float grid_lo = std::min(a, b), grid_hi = std::max(a, b);
+      const float err = std::fabs(W[r][i] - D[r][i]);
+      if (W[r][i] >= grid_lo && W[r][i] <= grid_hi) {
+        ASSERT_LE(err, step / 2 + tol) << "element " << r << "," << i << " w=" << W[r][i];
+      } else {
+        // Outside the grid (fp16 scale rounding, or the short side of a symmetric grid): the code
+        // is clamped to the nearest end, and that end is at most one step away.
+        const float end = W[r][i] < grid_lo ? grid_lo : grid_hi;
+        ASSERT_LE(std::fabs(D[r][i] - end), tol) << "element " << r << "," << i;
+        ASSERT_LE(err, step + tol) << "element " << r << "," << i;
+      }
+    }
+  }
+}
+
+TEST_P(QuantFormat, StorageMatchesSpec) {
+  const FormatCase& c = GetParam();
+  const QuantSpec spec = c.spec();
+  const PackedWeight p = quantize(weight(), spec);
+  const int64_t held = p.codes.nbytes() + p.scales.nbytes() + (p.zeros.defined() ? p.zeros.nbytes() : 0);
+  EXPECT_EQ(held, spec.storage_bytes(c.out, c.in));
+  EXPECT_EQ(p.storage_bytes(), spec.storage_bytes(c.out, c.in));
+  EXPECT_DOUBLE_EQ(p.bits_per_weight(), 8.0 * static_cast<double>(held) / static_cast<double>(c.out * c.in));
+  EXPECT_EQ(p.codes.size(1), (c.in * c.bits + 7) / 8);
+}
+
+TEST_P(QuantFormat, CodesRoundTrip) {
+  // Random codes with 0 and the largest code in every group make a weight whose quantization has
+  // scale 1 (zero 0 asymmetric; the fixed 2^(bits-1) symmetric), so codes -> dequantize ->
+  // quantize must reproduce the codes exactly, through both paths.
+  const FormatCase& c = GetParam();
+  const QuantSpec spec = c.spec();
+  const int max_code = (1 << c.bits) - 1;
+  const int64_t glen = spec.group_len(c.in), groups = spec.n_groups(c.in);
+  at::Generator gen = at::detail::createCPUGenerator(c.seed());
+  at::Tensor raw = at::randint(0, max_code + 1, {c.out, c.in}, gen, at::kInt);
+  for (int64_t g = 0; g < groups; ++g) {
+    raw.select(1, g * glen).fill_(0);
+    if (g * glen + 1 < std::min((g + 1) * glen, c.in)) raw.select(1, g * glen + 1).fill_(max_code);
+  }
+  PackedWeight p;
+  p.out_features = c.out;
+  p.in_features = c.in;
+  p.spec = spec;
+  p.codes = at::zeros({c.out, (c.in * c.bits + 7) / 8}, at::kByte);
+  for (int64_t r = 0; r < c.out; ++r)
+    for (int64_t i = 0; i < c.in; ++i)
+      quant_pack_code(p.codes.data_ptr<uint8_t>() + r * p.codes.size(1), i, c.bits,
+                      static_cast<uint32_t>(raw[r][i].item<int>()));
+  p.scales = at::ones({c.out, groups}, c.fp16_scale ? at::kHalf : at::kFloat);
+  if (!c.symmetric) p.zeros = at::zeros({c.out, groups}, at::kByte);
+  const float zero = c.symmetric ? static_cast<float>(1 << (c.bits - 1)) : 0.f;
+
+  const at::Tensor dq = dequantize(p);
+  ASSERT_TRUE(at::equal(dq, raw.to(at::kFloat) - zero));
+  EXPECT_TRUE(bitwise_equal(quantize(dq, spec).codes, p.codes));
+  EXPECT_TRUE(bitwise_equal(quantize_ref(dq, spec).codes, p.codes));
+}
+
+TEST_P(QuantFormat, FakeQuantizeEqualsDequantizeOfQuantize) {
+  const at::Tensor w = weight();
+  const QuantSpec spec = GetParam().spec();
+  EXPECT_TRUE(bitwise_equal(fake_quantize(w, spec), dequantize(quantize(w, spec))));
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, QuantFormat, ::testing::ValuesIn(all_format_cases()),
+                         [](const ::testing::TestParamInfo<FormatCase>& info) { return info.param.name(); });
+
+// ---- Fixed cases --------------------------------------------------------------------------------
+
+TEST(QuantPacking, ThreeBitLayoutMatchesTheDrawing) {
+  // Codes 0..7 in one row: quant_math.h draws where each 3-bit code lands in the 3 bytes.
+  const at::Tensor w = at::arange(8, at::kFloat).unsqueeze(0);
+  const PackedWeight p = quantize(w, make_spec(3, kWholeRow, false, true));
+  ASSERT_EQ(p.codes.size(1), 3);
+  EXPECT_EQ(stored_scale(p, 0, 0), 1.f);
+  EXPECT_EQ(p.codes[0][0].item<int>(), 0x88);  // c2[1:0]=10 c1=001 c0=000
+  EXPECT_EQ(p.codes[0][1].item<int>(), 0xC6);  // c5[0]=1 c4=100 c3=011 c2[2]=0
+  EXPECT_EQ(p.codes[0][2].item<int>(), 0xFA);  // c7=111 c6=110 c5[2:1]=10
+}
+
+TEST(QuantPacking, FourBitLowNibbleFirst) {
+  const at::Tensor w = at::tensor({0.f, 15.f, 3.f, 12.f}).unsqueeze(0);
+  const PackedWeight p = quantize(w, make_spec(4, kWholeRow, false, true));
+  EXPECT_EQ(p.codes[0][0].item<int>(), 0xF0);
+  EXPECT_EQ(p.codes[0][1].item<int>(), 0xC3);
+}
+
+TEST(QuantGroups, PartialLastGroupUsesOnlyItsOwnElements) {
+  // 172 inputs in groups of 32: five full groups and a last one of 12. The last 12 weights are
+  // 100x smaller, so a last group that saw any earlier element would get a 100x larger scale.
+  at::Tensor w = gaussian(3, 172, 7);
+  w.slice(1, 160, 172).mul_(0.01);
+  const QuantSpec spec = make_spec(4, 32, false, false);
+  const PackedWeight p = quantize(w, spec);
+  ASSERT_EQ(p.scales.size(1), 6);
+  for (int64_t r = 0; r < 3; ++r) {
+    const at::Tensor last = w[r].slice(0, 160, 172);
+    const GroupParams want = quant_asym_params(last.min().item<float>(), last.max().item<float>(), 4, false);
+    EXPECT_EQ(stored_scale(p, r, 5), want.scale);
+    EXPECT_LT(stored_scale(p, r, 5), stored_scale(p, r, 4) / 20);
+    const at::Tensor err = (dequantize(p)[r].slice(0, 160, 172) - last).abs().max();
+    EXPECT_LE(err.item<float>(), want.scale / 2 * 1.0001f);
+  }
+}
+
+TEST(QuantStorage, HandCountedBytes) {
+  // 17x172 b4g32: rows of 86 bytes, 6 groups of fp16 scale + uint8 zero.
+  EXPECT_EQ(make_spec(4, 32, false, true).storage_bytes(17, 172), 17 * 86 + 17 * 6 * 2 + 17 * 6);
+  // 3x7 b3, one group, symmetric, fp32 scales: ceil(21 / 8) = 3 bytes a row.
+  EXPECT_EQ(make_spec(3, 128, true, false).storage_bytes(3, 7), 3 * 3 + 3 * 4);
+  // 5x64 b2 whole row: 16 bytes a row, one fp16 scale and one zero.
+  EXPECT_EQ(make_spec(2, kWholeRow, false, true).storage_bytes(5, 64), 5 * 16 + 5 * 2 + 5);
+  EXPECT_DOUBLE_EQ(make_spec(4, 128, true, true).bits_per_weight(1, 128), 4.125);
+  const PackedWeight p = quantize(gaussian(17, 172, 1), make_spec(4, 32, false, true));
+  EXPECT_EQ(p.storage_bytes(), 17 * 86 + 17 * 6 * 2 + 17 * 6);
+}
+
+TEST(QuantFake, FloatLevelsAndDtype) {
+  const at::Tensor w = gaussian(5, 33, 3).to(at::kHalf);
+  const at::Tensor fq = fake_quantize(w, make_spec(4, 16, false, true));
+  EXPECT_EQ(fq.scalar_type(), at::kHalf);
+  EXPECT_EQ(fq.sizes(), w.sizes());
+  EXPECT_TRUE(bitwise_equal(fq, dequantize(quantize(w, make_spec(4, 16, false, true))).to(at::kHalf)));
+  QuantSpec prune, fp16;
+  prune.level = QuantLevel::kPrune;
+  fp16.level = QuantLevel::kFp16;
+  const at::Tensor wf = gaussian(4, 9, 4);
+  EXPECT_EQ(fake_quantize(wf, prune).abs().sum().item<float>(), 0.f);
+  EXPECT_TRUE(bitwise_equal(fake_quantize(wf, fp16), wf.to(at::kHalf).to(at::kFloat)));
+}
+
+TEST(QuantErrors, BadInputsNameWhatWasExpected) {
+  const QuantSpec b4 = make_spec(4, 32, false, true);
+  GRADQ_EXPECT_THROW_MSG(quantize(at::ones({8}), b4), "expected a 2-D weight");
+  GRADQ_EXPECT_THROW_MSG(quantize(at::ones({2, 0}), b4), "in_features > 0");
+  GRADQ_EXPECT_THROW_MSG(quantize(at::full({2, 4}, NAN), b4), "NaN or inf");
+  GRADQ_EXPECT_THROW_MSG(quantize(at::ones({2, 4}, at::kInt), b4), "floating-point");
+  QuantSpec fp16;
+  fp16.level = QuantLevel::kFp16;
+  GRADQ_EXPECT_THROW_MSG(quantize(at::ones({2, 4}), fp16), "integer level");
+  GRADQ_EXPECT_THROW_MSG(quantize(at::ones({2, 4}), make_spec(4, 48, false, true)), "group size must be one of");
+  GRADQ_EXPECT_THROW_MSG(quantize(at::full({1, 4}, 2e6f), b4), "fp32 scales");
+  EXPECT_NO_THROW(quantize(at::full({1, 4}, 2e6f), make_spec(4, 32, false, false)));
+  GRADQ_EXPECT_THROW_MSG(quantize_clipped(at::ones({2, 4}), b4, at::ones({5})), "[in_features] = [4]");
+  GRADQ_EXPECT_THROW_MSG(quantize_clipped(at::ones({2, 4}), b4, -at::ones({4})), ">= 0");
+  GRADQ_EXPECT_THROW_MSG(quantize_clipped(at::ones({2, 4}), b4, at::Tensor(), {20, 0.f}), "min_ratio");
+}
+
+TEST(QuantErrors, PackedWeightValidation) {
+  PackedWeight p = quantize(gaussian(3, 40, 2), make_spec(4, 16, false, true));
+  PackedWeight bad = p;
+  bad.scales = p.scales.to(at::kFloat);
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "scales must be Half [3, 3], got Float [3, 3]");
+  bad = p;
+  bad.codes = p.codes.slice(1, 0, 19);
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "codes must be Byte [3, 20], got Byte [3, 19]");
+  bad = p;
+  bad.spec.symmetric = true;
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "symmetric formats store no zero points");
+  bad = p;
+  bad.zeros = at::Tensor();
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "zeros must be Byte [3, 3], got  undefined");
+}
+
+// ---- Clipping search ----------------------------------------------------------------------------
+
+struct ClipCase {
+  int bits;
+  int64_t group;
+  bool symmetric;
+  bool with_act;
+  std::string name() const {
+    return "b" + std::to_string(bits) + "_g" + (group == kWholeRow ? std::string("row") : std::to_string(group)) +
+           (symmetric ? "_sym" : "_asym") + (with_act ? "_act" : "_noact");
+  }
+};
+
+std::vector<ClipCase> all_clip_cases() {
+  std::vector<ClipCase> cases;
+  for (int bits : {2, 3, 4})
+    for (int64_t group : {int64_t{32}, int64_t{128}, kWholeRow})
+      for (bool sym : {false, true})
+        for (bool act : {false, true}) cases.push_back({bits, group, sym, act});
+  return cases;
+}
+
+// Per-group weighted squared error [out, n_groups], summed in index order in double as the
+// search does, so that equal choices give equal numbers.
+std::vector<double> group_errors(const at::Tensor& w, const PackedWeight& p, const at::Tensor& act) {
+  const at::Tensor dq = dequantize(p);
+  const int64_t out = w.size(0), in = w.size(1);
+  const int64_t glen = p.spec.group_len(in), groups = p.spec.n_groups(in);
+  const auto W = w.accessor<float, 2>();
+  const auto D = dq.accessor<float, 2>();
+  std::vector<double> err(static_cast<size_t>(out * groups), 0.0);
+  for (int64_t r = 0; r < out; ++r) {
+    for (int64_t i = 0; i < in; ++i) {
+      const double d = static_cast<double>(W[r][i]) - static_cast<double>(D[r][i]);
+      const double a = act.defined() ? static_cast<double>(act[i].item<float>()) : 1.0;
+      err[static_cast<size_t>(r * groups + i / glen)] += a * d * d;
+    }
+  }
+  return err;
+}
+
+class QuantClip : public ::testing::TestWithParam<ClipCase> {
+ protected:
+  void SetUp() override {
+    const ClipCase& c = GetParam();
+    spec_ = make_spec(c.bits, c.group, c.symmetric, true);
+    w_ = gaussian_with_outliers(24, 300, 11 + c.bits);
+    if (c.with_act) {
+      // Heavy-tailed channel importance, like real activations.
+      at::Generator gen = at::detail::createCPUGenerator(5);
+      act_ = at::exp(at::randn({300}, gen, at::kFloat) * 1.5);
+    }
+  }
+  QuantSpec spec_;
+  at::Tensor w_, act_;
+};
+
+TEST_P(QuantClip, NeverWorseThanRoundToNearestPerGroup) {
+  const std::vector<double> rtn = group_errors(w_, quantize(w_, spec_), act_);
+  const std::vector<double> clip = group_errors(w_, quantize_clipped(w_, spec_, act_), act_);
+  double rtn_total = 0, clip_total = 0;
+  for (size_t i = 0; i < rtn.size(); ++i) {
+    ASSERT_LE(clip[i], rtn[i]) << "group " << i;
+    rtn_total += rtn[i];
+    clip_total += clip[i];
+  }
+  if (GetParam().bits <= 3) EXPECT_LT(clip_total, 0.98 * rtn_total);
+  else EXPECT_LE(clip_total, rtn_total);
+}
+
+TEST_P(QuantClip, Deterministic) {
+  const PackedWeight a = quantize_clipped(w_, spec_, act_);
+  const PackedWeight b = quantize_clipped(w_, spec_, act_);
+  EXPECT_TRUE(bitwise_equal(a.codes, b.codes));
+  EXPECT_TRUE(bitwise_equal(a.scales, b.scales));
+  EXPECT_TRUE(bitwise_equal(a.zeros, b.zeros));
+}
+
+TEST_P(QuantClip, EmptyGridIsRoundToNearest) {
+  const PackedWeight a = quantize_clipped(w_, spec_, act_, {0, 0.5f});
+  const PackedWeight b = quantize(w_, spec_);
+  EXPECT_TRUE(bitwise_equal(a.codes, b.codes));
+  EXPECT_TRUE(bitwise_equal(a.scales, b.scales));
+  EXPECT_TRUE(bitwise_equal(a.zeros, b.zeros));
+}
+
+TEST_P(QuantClip, ActivationWeightsChangeTheChoice) {
+  // Both searches try the same ratios, so the activation-weighted one is at least as good under
+  // the activation-weighted error, group by group.
+  at::Generator gen = at::detail::createCPUGenerator(9);
+  const at::Tensor act = act_.defined() ? act_ : at::exp(at::randn({w_.size(1)}, gen, at::kFloat) * 1.5);
+  const std::vector<double> weighted = group_errors(w_, quantize_clipped(w_, spec_, act), act);
+  const std::vector<double> plain = group_errors(w_, quantize_clipped(w_, spec_, at::Tensor()), act);
+  int differ = 0;
+  for (size_t i = 0; i < weighted.size(); ++i) {
+    ASSERT_LE(weighted[i], plain[i]) << "group " << i;
+    differ += weighted[i] < plain[i];
+  }
+  EXPECT_GT(differ, 0) << "the activation statistics never changed a choice";
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, QuantClip, ::testing::ValuesIn(all_clip_cases()),
+                         [](const ::testing::TestParamInfo<ClipCase>& info) { return info.param.name(); });
+
+}  // namespace
