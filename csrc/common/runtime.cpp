@@ -1,6 +1,7 @@
 #include "common/runtime.h"
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <dlfcn.h>
 
 #include <cstdlib>
@@ -11,6 +12,14 @@
 
 namespace gradq {
 namespace fs = std::filesystem;
+
+void configure_runtime() {
+  // The profiling executor re-specializes the graph for every new input shape, which costs tens of
+  // milliseconds per call when sequence lengths vary (generation, ragged windows) and gains nothing
+  // on CPU for these graphs: run TorchScript through the plain interpreter.
+  torch::jit::getProfilingMode() = false;
+  torch::jit::setGraphExecutorOptimize(false);
+}
 
 void set_threads(int threads) {
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

@@ -5,6 +5,9 @@
 
 namespace gradq {
 
+/// Process-wide TorchScript executor settings gradq relies on; called by CausalLM, idempotent.
+void configure_runtime();
+
 /// Sets intra-op threads for libtorch. Debian's libtorch starts at 1 thread, so gradq always sets
 /// it; `threads <= 0` means all hardware cores.
 void set_threads(int threads);

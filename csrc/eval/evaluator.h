@@ -1,0 +1,94 @@
+#pragma once
+// GradualEvaluator: perplexity and divergence from a full-precision reference, the numbers every
+// quantization decision in gradq is judged by. The statistics mirror llama.cpp's perplexity tool
+// (--kl-divergence) so users can compare them directly.
+//
+// Only the targets a window scores (dataset.h: score_from) enter any statistic, so each token of the
+// evaluation stream counts once. The reference's log-probabilities over the whole vocabulary are
+// computed once and reused for every candidate; they can be saved and loaded.
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+#include "data/dataset.h"
+#include "model/causal_lm.h"
+
+namespace gradq {
+
+/// A value with its standard error.
+struct Estimate {
+  double value = 0;
+  double stderr_ = 0;
+};
+
+struct KlStats {
+  Estimate mean;
+  double median = 0, max = 0, min = 0;
+  /// KL percentiles 99.9, 99, 95, 90, 10, 5, 1, 0.1 (same order as kKlPercentiles).
+  std::vector<double> percentiles;
+  double same_top_rate = 0;     ///< fraction of tokens whose argmax matches the reference's
+  Estimate delta_p_mean;        ///< mean of p_model(correct) - p_ref(correct)
+  double delta_p_rms = 0;
+  Estimate ppl_ratio;           ///< PPL(model) / PPL(ref)
+  Estimate ln_ppl_ratio;        ///< mean of ln p_ref(correct) - ln p_model(correct)
+  Estimate delta_ppl;           ///< PPL(model) - PPL(ref)
+  double ln_ppl_correlation = 0;
+};
+extern const std::vector<double> kKlPercentiles;
+
+struct EvalResult {
+  int64_t tokens = 0;           ///< scored tokens
+  Estimate nll;                 ///< mean negative log-likelihood (nats)
+  Estimate ppl;                 ///< exp(mean nll), with its standard error
+  std::optional<Estimate> reference_ppl;
+  std::optional<KlStats> kl;    ///< present when the evaluator has a reference
+  double seconds = 0;           ///< wall time of the evaluation
+  double forward_seconds = 0;   ///< part of it spent in the model's forward passes
+};
+
+/// The reference's view of the evaluation windows: log-probabilities of every scored position.
+struct Reference {
+  at::Tensor log_probs;  ///< [tokens, vocab] float32
+  at::Tensor targets;    ///< [tokens] int64
+  at::Tensor windows_fingerprint;  ///< the windows' inputs, to refuse a reference for other windows
+  void save(const std::string& path) const;
+  static Reference load(const std::string& path);
+};
+
+struct EvaluatorOptions {
+  int64_t batch = 8;  ///< windows per forward pass
+};
+
+class GradualEvaluator {
+ public:
+  GradualEvaluator(Windows windows, EvaluatorOptions options = {});
+
+  /// Computes and keeps the reference from a full-precision model.
+  void set_reference(const CausalLM& reference);
+  /// Uses a saved reference; throws when it was computed for other windows.
+  void set_reference(Reference reference);
+  const std::optional<Reference>& reference() const { return reference_; }
+
+  /// Perplexity of `model`, plus KL statistics when a reference is set.
+  EvalResult evaluate(const CausalLM& model) const;
+
+  /// Log-probabilities of the scored positions, [tokens, vocab] float32 (what the reference keeps).
+  at::Tensor scored_log_probs(const CausalLM& model, double* forward_seconds = nullptr) const;
+
+  const Windows& windows() const { return windows_; }
+
+ private:
+  Windows windows_;
+  EvaluatorOptions options_;
+  at::Tensor scored_mask_;  ///< [N, ctx] bool
+  std::optional<Reference> reference_;
+};
+
+/// Human-readable table of `result` (what `gradq eval` prints).
+std::string format_eval_table(const EvalResult& result);
+/// The same numbers as JSON text.
+std::string eval_result_json(const EvalResult& result);
+
+}  // namespace gradq

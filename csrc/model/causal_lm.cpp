@@ -1,0 +1,282 @@
+#include "model/causal_lm.h"
+
+#include <torch/csrc/jit/api/function_impl.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <mutex>
+#include <regex>
+#include <set>
+
+#include "common/error.h"
+#include "common/runtime.h"
+#include "model/graph_utils.h"
+
+namespace gradq {
+namespace {
+
+// ---- The tap op: records the activation entering a weight's matmul ------------------------------
+// A process-wide collector is active only while capture_input_stats runs (under g_tap_mutex), so
+// the op is a pure identity at any other time.
+struct TapCollector {
+  std::vector<InputStats>* stats = nullptr;
+  bool with_xtx = false;
+};
+std::mutex g_tap_mutex;
+TapCollector g_collector;
+
+at::Tensor tap(const at::Tensor& x, int64_t slot) {
+  if (g_collector.stats && slot >= 0 && slot < static_cast<int64_t>(g_collector.stats->size())) {
+    InputStats& s = (*g_collector.stats)[slot];
+    at::Tensor rows = x.detach().reshape({-1, x.size(-1)}).to(at::kDouble);
+    at::Tensor sq = rows.pow(2).sum(0);
+    s.sq_sum = s.sq_sum.defined() ? s.sq_sum + sq : sq;
+    if (g_collector.with_xtx) {
+      at::Tensor xtx = rows.t().matmul(rows);
+      s.xtx = s.xtx.defined() ? s.xtx + xtx : xtx;
+    }
+    s.rows += rows.size(0);
+  }
+  return x;
+}
+
+TORCH_LIBRARY(gradq_observe, m) { m.def("tap(Tensor(a) x, int slot) -> Tensor(a)", tap); }
+
+std::string near_names(const std::vector<WeightInfo>& weights) {
+  std::string out;
+  for (size_t i = 0; i < weights.size() && i < 6; ++i) out += (i ? ", " : "") + weights[i].name;
+  if (weights.size() > 6) out += fmt::format(", ... ({} in all)", weights.size());
+  return out;
+}
+
+bool matches_any(const std::string& name, const std::vector<std::regex>& patterns) {
+  return std::any_of(patterns.begin(), patterns.end(), [&](const std::regex& r) { return std::regex_search(name, r); });
+}
+
+std::vector<std::regex> compile_patterns(const std::vector<std::string>& patterns, const char* what) {
+  std::vector<std::regex> out;
+  for (const auto& p : patterns) {
+    try {
+      out.emplace_back(p);
+    } catch (const std::regex_error& e) {
+      throw Error(fmt::format("invalid {} pattern '{}': {}", what, p, e.what()));
+    }
+  }
+  return out;
+}
+}  // namespace
+
+const char* weight_role_name(WeightRole role) {
+  switch (role) {
+    case WeightRole::kLinear: return "linear";
+    case WeightRole::kEmbedding: return "embedding";
+    case WeightRole::kHead: return "head";
+  }
+  return "?";
+}
+
+at::Tensor InputStats::sq_mean() const {
+  return rows == 0 ? sq_sum.to(at::kFloat) : (sq_sum / static_cast<double>(rows)).to(at::kFloat);
+}
+
+CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) {
+  GRADQ_CHECK(std::filesystem::exists(path), "model '{}' does not exist", path);
+  torch::jit::Module module;
+  try {
+    module = torch::jit::load(path);
+  } catch (const c10::Error& e) {
+    std::string msg = e.what_without_backtrace();
+    if (msg.find("gradq::") != std::string::npos || msg.find("gradq.") != std::string::npos)
+      throw Error(fmt::format("cannot load '{}': it calls gradq ops that are not registered; load libgradq_ops.so first "
+                              "({})", path, msg.substr(0, msg.find('\n'))));
+    throw Error(fmt::format("'{}' is not a loadable TorchScript module: {}", path, msg.substr(0, msg.find('\n'))));
+  }
+  return CausalLM(std::move(module), options);
+}
+
+CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : module_(std::move(module)) {
+  configure_runtime();
+  module_.eval();
+  GRADQ_CHECK(module_.find_method("forward").has_value(), "the TorchScript module has no forward method");
+  at::Tensor probe;
+  try {
+    probe = logits(at::zeros({1, 2}, at::kLong));
+  } catch (const c10::Error& e) {
+    std::string msg = e.what_without_backtrace();
+    throw Error(fmt::format("the module's forward does not accept int64 tokens [B, T]: {}", msg.substr(0, msg.find('\n'))));
+  }
+  GRADQ_CHECK(probe.dim() == 3 && probe.size(0) == 1 && probe.size(1) == 2,
+              "forward must return logits [B, T, vocab]; for tokens [1, 2] it returned shape {}", fmt::to_string(fmt::join(probe.sizes(), "x")));
+  vocab_size_ = probe.size(2);
+  analyze(options);
+}
+
+void CausalLM::analyze(const AdapterOptions& options) {
+  const auto include = compile_patterns(options.include, "include");
+  const auto exclude = compile_patterns(options.exclude, "exclude");
+  const auto block_re = compile_patterns({options.block_pattern}, "block").front();
+
+  std::map<std::string, at::Tensor> params;
+  for (const auto& p : module_.named_parameters(/*recurse=*/true)) params.emplace(p.name, p.value);
+
+  auto graph = inlined_forward_graph(module_);
+  auto paths = attribute_paths(*graph);
+  // Parameter reads in graph order, so weights come out in the order the forward uses them.
+  std::vector<std::pair<std::string, torch::jit::Value*>> reads;
+  for (torch::jit::Node* node : graph->nodes())
+    if (node->kind() == c10::prim::GetAttr)
+      if (auto it = paths.find(node->output()); it != paths.end() && params.count(it->second))
+        reads.emplace_back(it->second, node->output());
+
+  std::set<std::string> seen;
+  for (const auto& read : reads) {
+    const std::string& path = read.first;
+    const at::Tensor& p = params.at(path);
+    if (p.dim() != 2 || !p.is_floating_point() || seen.count(path)) continue;
+    // A weight may be read more than once (a tied head is read by embedding and by linear).
+    std::vector<MatmulUse> uses;
+    bool embedding = false;
+    for (const auto& [other_path, value] : reads) {
+      if (other_path != path) continue;
+      auto u = matmul_uses(value);
+      uses.insert(uses.end(), u.begin(), u.end());
+      embedding = embedding || used_as_embedding(value);
+    }
+    if (uses.empty() && !embedding) continue;
+    seen.insert(path);
+    const bool head = std::any_of(uses.begin(), uses.end(), [](const MatmulUse& u) { return is_final_projection(u.node); });
+
+    WeightInfo info;
+    info.name = path;
+    info.transposed = !embedding && uses.front().weight_is_in_out;
+    info.out_features = info.transposed ? p.size(1) : p.size(0);
+    info.in_features = info.transposed ? p.size(0) : p.size(1);
+    info.role = embedding ? WeightRole::kEmbedding : head ? WeightRole::kHead : WeightRole::kLinear;
+    std::smatch m;
+    if (std::regex_search(path, m, block_re) && m.size() >= 3) {
+      info.block = m[1].str();
+      info.block_index = std::stoll(m[2].str());
+    }
+    matrix_weights_.push_back(info);
+    const bool selected = matches_any(path, include) ||
+                          (info.role == WeightRole::kLinear && !matches_any(path, exclude));
+    if (selected) weights_.push_back(info);
+  }
+
+  std::map<int64_t, BlockInfo> blocks;
+  for (size_t i = 0; i < weights_.size(); ++i) {
+    const WeightInfo& w = weights_[i];
+    if (w.block_index < 0) continue;
+    BlockInfo& b = blocks[w.block_index];
+    GRADQ_CHECK(b.name.empty() || b.name == w.block,
+                "block pattern maps both '{}' and '{}' to block number {}: make the pattern's first group unique",
+                b.name, w.block, w.block_index);
+    b.name = w.block;
+    b.index = w.block_index;
+    b.weights.push_back(i);
+  }
+  for (auto& [index, block] : blocks) blocks_.push_back(std::move(block));
+}
+
+at::Tensor CausalLM::logits(const at::Tensor& tokens) const {
+  GRADQ_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong, "tokens must be int64 [B, T], got {} {}",
+              c10::toString(tokens.scalar_type()), fmt::to_string(fmt::join(tokens.sizes(), "x")));
+  c10::InferenceMode guard;
+  return module_.forward({tokens}).toTensor().to(at::kFloat);
+}
+
+size_t CausalLM::weight_index(const std::string& name) const {
+  for (size_t i = 0; i < weights_.size(); ++i)
+    if (weights_[i].name == name) return i;
+  throw Error(fmt::format("'{}' is not a quantizable weight of this model; they are: {}", name, near_names(weights_)));
+}
+
+at::Tensor CausalLM::parameter(const std::string& name) const {
+  for (const auto& p : module_.named_parameters(true))
+    if (p.name == name) return p.value;
+  throw Error(fmt::format("the model has no parameter '{}'", name));
+}
+
+at::Tensor CausalLM::weight(const std::string& name) const {
+  const WeightInfo* info = nullptr;
+  for (const auto& w : matrix_weights_)
+    if (w.name == name) info = &w;
+  GRADQ_CHECK(info, "'{}' is not a matrix weight of this model; quantizable ones are: {}", name, near_names(weights_));
+  at::Tensor p = parameter(name).detach();
+  return info->transposed ? p.t().contiguous() : p.clone();
+}
+
+void CausalLM::set_weight(const std::string& name, const at::Tensor& value) {
+  const WeightInfo* info = nullptr;
+  for (const auto& w : matrix_weights_)
+    if (w.name == name) info = &w;
+  GRADQ_CHECK(info, "'{}' is not a matrix weight of this model; quantizable ones are: {}", name, near_names(weights_));
+  GRADQ_CHECK(value.dim() == 2 && value.size(0) == info->out_features && value.size(1) == info->in_features,
+              "new value for '{}' must be [{}, {}], got {}", name, info->out_features, info->in_features,
+              fmt::to_string(fmt::join(value.sizes(), "x")));
+  at::Tensor p = parameter(name);
+  torch::NoGradGuard no_grad;
+  if (!originals_.count(name)) originals_.emplace(name, p.detach().clone());
+  p.copy_(info->transposed ? value.t() : value);
+}
+
+void CausalLM::restore(const std::string& name) {
+  auto it = originals_.find(name);
+  if (it == originals_.end()) return;
+  torch::NoGradGuard no_grad;
+  parameter(name).copy_(it->second);
+}
+
+void CausalLM::restore_all() {
+  for (const auto& [name, original] : originals_) restore(name);
+}
+
+std::map<std::string, InputStats> CausalLM::capture_input_stats(const at::Tensor& tokens, int64_t batch,
+                                                                 bool with_xtx) const {
+  GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
+  auto graph = inlined_forward_graph(module_);
+  auto paths = attribute_paths(*graph);
+  std::map<std::string, size_t> slot_of;
+  for (size_t i = 0; i < weights_.size(); ++i) slot_of[weights_[i].name] = i;
+
+  // Insert a tap in front of every matmul that a quantizable weight feeds.
+  const auto tap_symbol = c10::Symbol::fromQualString("gradq_observe::tap");
+  std::vector<std::pair<torch::jit::Value*, size_t>> weight_values;
+  for (const auto& [value, path] : paths)
+    if (auto it = slot_of.find(path); it != slot_of.end())
+      weight_values.emplace_back(const_cast<torch::jit::Value*>(value), it->second);
+  for (const auto& [value, slot] : weight_values) {
+    for (const MatmulUse& use : matmul_uses(value)) {
+      torch::jit::WithInsertPoint guard(use.node);
+      torch::jit::Value* x = use.node->input(use.activation_input);
+      torch::jit::Value* slot_value = graph->insertConstant(static_cast<int64_t>(slot));
+      torch::jit::Node* tap_node = graph->insertNode(graph->create(tap_symbol, {x, slot_value}, 1));
+      tap_node->output()->setType(x->type());
+      use.node->replaceInput(use.activation_input, tap_node->output());
+    }
+  }
+  torch::jit::GraphFunction instrumented("gradq_instrumented_forward", graph, nullptr);
+
+  std::vector<InputStats> stats(weights_.size());
+  {
+    std::lock_guard<std::mutex> lock(g_tap_mutex);
+    g_collector = {&stats, with_xtx};
+    try {
+      c10::InferenceMode guard;
+      for (int64_t b = 0; b < tokens.size(0); b += batch) {
+        at::Tensor chunk = tokens.slice(0, b, std::min(tokens.size(0), b + batch));
+        instrumented({module_._ivalue(), chunk});
+      }
+    } catch (...) {
+      g_collector = {};
+      throw;
+    }
+    g_collector = {};
+  }
+  std::map<std::string, InputStats> out;
+  for (size_t i = 0; i < weights_.size(); ++i) out.emplace(weights_[i].name, std::move(stats[i]));
+  return out;
+}
+
+}  // namespace gradq

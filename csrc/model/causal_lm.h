@@ -1,0 +1,115 @@
+#pragma once
+// CausalLM: the adapter between gradq and any TorchScript causal LM whose forward maps
+// tokens int64 [B, T] to logits float [B, T, vocab].
+//
+// TorchScript in C++ has no forward hooks, so everything that needs to know how a parameter is
+// used reads an inlined copy of the forward graph: a 2-D floating parameter is a matrix weight
+// when it feeds aten::linear (stored [out, in]) or aten::matmul/mm/addmm as the right operand
+// (stored [in, out], GPT-2 Conv1D style, unless transposed on the way). Input statistics are
+// captured by running an instrumented copy of that graph in which a tap op sits in front of each
+// weight's matmul; the model's own graph and outputs are untouched.
+
+#include <torch/script.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace gradq {
+
+enum class WeightRole {
+  kLinear,     ///< an ordinary projection inside the network
+  kEmbedding,  ///< read by aten::embedding (maybe also the tied output head)
+  kHead,       ///< the projection that produces the logits
+};
+const char* weight_role_name(WeightRole role);
+
+struct WeightInfo {
+  std::string name;          ///< parameter path, e.g. "layers.3.attention.wq.weight"
+  int64_t out_features = 0;  ///< logical [out, in], whatever the storage layout
+  int64_t in_features = 0;
+  bool transposed = false;   ///< stored as [in, out] and used as x @ W
+  WeightRole role = WeightRole::kLinear;
+  std::string block;         ///< block prefix ("layers.3"), empty outside any block
+  int64_t block_index = -1;
+  int64_t numel() const { return out_features * in_features; }
+};
+
+struct BlockInfo {
+  std::string name;             ///< "layers.3"
+  int64_t index = 0;            ///< 3
+  std::vector<size_t> weights;  ///< indices into CausalLM::weights()
+};
+
+struct AdapterOptions {
+  /// Regexes (std::regex, ECMAScript, searched anywhere in the name). A matrix weight is
+  /// quantizable when its role is kLinear and it matches no exclude pattern, or when it matches an
+  /// include pattern (which is how embeddings and the head are selected).
+  std::vector<std::string> include;
+  std::vector<std::string> exclude;
+  /// Regex whose first capture group is the block prefix and second its number.
+  std::string block_pattern = R"(^((?:.*\.)?(?:layers|h|blocks|layer)\.(\d+))\.)";
+};
+
+/// Per-input-channel statistics of the activations entering one weight's matmul.
+struct InputStats {
+  at::Tensor sq_sum;  ///< [in] float64: sum of x^2 over all rows seen
+  at::Tensor xtx;     ///< [in, in] float64: sum of x^T x (only when requested)
+  int64_t rows = 0;   ///< number of activation rows accumulated
+  /// mean of x^2 per input channel, float32 [in].
+  at::Tensor sq_mean() const;
+};
+
+class CausalLM {
+ public:
+  /// Loads a TorchScript file; throws gradq::Error if it is missing, not TorchScript, or its
+  /// forward does not map int64 [B, T] tokens to [B, T, V] logits.
+  static CausalLM load(const std::string& path, const AdapterOptions& options = {});
+  explicit CausalLM(torch::jit::Module module, const AdapterOptions& options = {});
+
+  /// Logits float32 [B, T, V] for tokens int64 [B, T], without autograd.
+  at::Tensor logits(const at::Tensor& tokens) const;
+  int64_t vocab_size() const { return vocab_size_; }
+
+  /// Quantizable weights in the order the forward graph first uses them.
+  const std::vector<WeightInfo>& weights() const { return weights_; }
+  /// Every matrix weight (quantizable or not), same order.
+  const std::vector<WeightInfo>& matrix_weights() const { return matrix_weights_; }
+  /// Blocks in numeric order (layer 10 after layer 9).
+  const std::vector<BlockInfo>& blocks() const { return blocks_; }
+  /// Index of a quantizable weight by name; throws listing near names when unknown.
+  size_t weight_index(const std::string& name) const;
+
+  /// The parameter tensor as stored (shares memory with the module).
+  at::Tensor parameter(const std::string& name) const;
+  /// The weight in logical [out, in] layout (a copy when stored transposed).
+  at::Tensor weight(const std::string& name) const;
+  /// Overwrites a weight in place with `value` in logical [out, in] layout. The first time a
+  /// weight is changed its original is kept, so restore() is bit-exact however often it is called.
+  void set_weight(const std::string& name, const at::Tensor& value);
+  void restore(const std::string& name);
+  void restore_all();
+
+  /// Runs `tokens` ([N, T] windows, processed `batch` rows at a time) through an instrumented
+  /// copy of the forward graph and returns each quantizable weight's input statistics, keyed by
+  /// weight name. Model outputs are unaffected.
+  std::map<std::string, InputStats> capture_input_stats(const at::Tensor& tokens, int64_t batch,
+                                                        bool with_xtx) const;
+
+  torch::jit::Module& module() { return module_; }
+  const torch::jit::Module& module() const { return module_; }
+
+ private:
+  void analyze(const AdapterOptions& options);
+
+  mutable torch::jit::Module module_;
+  std::vector<WeightInfo> weights_;
+  std::vector<WeightInfo> matrix_weights_;
+  std::vector<BlockInfo> blocks_;
+  std::map<std::string, at::Tensor> originals_;
+  int64_t vocab_size_ = 0;
+};
+
+}  // namespace gradq

@@ -1,0 +1,108 @@
+#include "model/graph_utils.h"
+
+#include <torch/csrc/jit/passes/inliner.h>
+
+#include <unordered_set>
+
+namespace gradq {
+using torch::jit::Graph;
+using torch::jit::Node;
+using torch::jit::Value;
+
+std::shared_ptr<Graph> inlined_forward_graph(const torch::jit::Module& module) {
+  auto graph = module.get_method("forward").graph()->copy();
+  torch::jit::Inline(*graph);
+  return graph;
+}
+
+namespace {
+void collect_paths(const torch::jit::Block* block, const Value* self,
+                   std::unordered_map<const Value*, std::string>& paths) {
+  for (const Node* node : block->nodes()) {
+    if (node->kind() == c10::prim::GetAttr) {
+      const Value* owner = node->input(0);
+      const std::string name = node->s(c10::attr::name);
+      if (owner == self) {
+        paths[node->output()] = name;
+      } else if (auto it = paths.find(owner); it != paths.end()) {
+        paths[node->output()] = it->second + "." + name;
+      }
+    }
+    for (const torch::jit::Block* sub : node->blocks()) collect_paths(sub, self, paths);
+  }
+}
+
+bool is_matmul(const Node* node) {
+  const auto k = node->kind();
+  return k == c10::aten::linear || k == c10::aten::matmul || k == c10::aten::mm || k == c10::aten::addmm;
+}
+
+// Ops that hand a weight on unchanged or transposed before it meets the matmul.
+bool transposes(const Node* node) {
+  if (node->kind() == c10::aten::t || node->kind() == c10::aten::numpy_T) return true;
+  if (node->kind() != c10::aten::transpose) return false;
+  auto d0 = torch::jit::toIValue(node->input(1));
+  auto d1 = torch::jit::toIValue(node->input(2));
+  if (!d0 || !d1) return false;
+  const int64_t a = d0->toInt(), b = d1->toInt();
+  return (a == 0 && b == 1) || (a == 1 && b == 0) || (a == -1 && b == -2) || (a == -2 && b == -1);
+}
+bool passes_through(const Node* node) {
+  return node->kind() == c10::aten::contiguous || node->kind() == c10::aten::detach;
+}
+
+void find_matmuls(Value* v, bool flipped, std::vector<MatmulUse>& out) {
+  for (const torch::jit::Use& use : v->uses()) {
+    Node* n = use.user;
+    if (transposes(n) && use.offset == 0) {
+      find_matmuls(n->output(), !flipped, out);
+    } else if (passes_through(n) && use.offset == 0) {
+      find_matmuls(n->output(), flipped, out);
+    } else if (n->kind() == c10::aten::linear && use.offset == 1) {
+      out.push_back({n, 0, flipped});
+    } else if ((n->kind() == c10::aten::matmul || n->kind() == c10::aten::mm) && use.offset == 1) {
+      out.push_back({n, 0, !flipped});
+    } else if (n->kind() == c10::aten::addmm && use.offset == 2) {
+      out.push_back({n, 1, !flipped});
+    }
+  }
+}
+}  // namespace
+
+std::unordered_map<const Value*, std::string> attribute_paths(const Graph& graph) {
+  std::unordered_map<const Value*, std::string> paths;
+  collect_paths(graph.block(), graph.inputs().at(0), paths);
+  return paths;
+}
+
+std::vector<MatmulUse> matmul_uses(Value* weight) {
+  std::vector<MatmulUse> out;
+  find_matmuls(weight, false, out);
+  return out;
+}
+
+bool used_as_embedding(Value* weight) {
+  for (const torch::jit::Use& use : weight->uses())
+    if (use.user->kind() == c10::aten::embedding && use.offset == 0) return true;
+  return false;
+}
+
+bool is_final_projection(Node* node) {
+  std::vector<const Value*> stack(node->outputs().begin(), node->outputs().end());
+  std::unordered_set<const Value*> seen;
+  while (!stack.empty()) {
+    const Value* v = stack.back();
+    stack.pop_back();
+    if (!seen.insert(v).second) continue;
+    for (const torch::jit::Use& use : v->uses()) {
+      if (is_matmul(use.user)) return false;
+      for (const Value* o : use.user->outputs()) stack.push_back(o);
+      // A use inside a sub-block flows out through the owning node's outputs.
+      for (Node* owner = use.user->owningBlock()->owningNode(); owner; owner = owner->owningBlock()->owningNode())
+        for (const Value* o : owner->outputs()) stack.push_back(o);
+    }
+  }
+  return true;
+}
+
+}  // namespace gradq

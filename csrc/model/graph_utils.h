@@ -1,0 +1,36 @@
+#pragma once
+// Reading TorchScript graphs: inlined forward graphs and the parameter paths their values hold.
+
+#include <torch/script.h>
+
+#include <memory>
+#include <string>
+#include <unordered_map>
+
+namespace gradq {
+
+/// A copy of `module`'s forward graph with every method call inlined, so that the attribute
+/// reads of all submodules appear as prim::GetAttr chains from the graph's `self` input.
+std::shared_ptr<torch::jit::Graph> inlined_forward_graph(const torch::jit::Module& module);
+
+/// For every prim::GetAttr output in `graph` (recursively into blocks), its dotted path from self,
+/// e.g. "layers.0.attention.wq.weight".
+std::unordered_map<const torch::jit::Value*, std::string> attribute_paths(const torch::jit::Graph& graph);
+
+/// Kind of a matmul-like use of a weight value and whether it sees the weight as [in, out].
+struct MatmulUse {
+  torch::jit::Node* node = nullptr;  ///< aten::linear / matmul / mm / addmm
+  size_t activation_input = 0;       ///< which input of node is the activation x
+  bool weight_is_in_out = false;     ///< the op computes x @ W with W stored [in, out]
+};
+
+/// Matmul-like uses of `weight` (following aten::t / transpose / contiguous on the way).
+std::vector<MatmulUse> matmul_uses(torch::jit::Value* weight);
+
+/// True when `value` is read by aten::embedding as its weight.
+bool used_as_embedding(torch::jit::Value* weight);
+
+/// True when no matmul-like op consumes `node`'s output downstream (it produces the logits).
+bool is_final_projection(torch::jit::Node* node);
+
+}  // namespace gradq

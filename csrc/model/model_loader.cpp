@@ -1,0 +1,18 @@
+#include "model/model_loader.h"
+
+#include "common/runtime.h"
+#include "model/llama2c.h"
+
+namespace gradq {
+
+CausalLM load_model(const std::string& path, const AdapterOptions& options) {
+  const bool llama2c = path.size() >= 4 && path.compare(path.size() - 4, 4, ".bin") == 0;
+  if (llama2c) return CausalLM(load_llama2c(path), options);
+  return CausalLM::load(path, options);
+}
+
+std::string default_model_path() { return assets_dir() + "/stories260K/stories260K.bin"; }
+std::string default_tokenizer_path() { return assets_dir() + "/stories260K/tok512.model"; }
+std::string default_text_path() { return assets_dir() + "/text/tinystories_val.txt"; }
+
+}  // namespace gradq

@@ -1,0 +1,139 @@
+// gradq convert / generate / eval.
+
+#include <iostream>
+
+#include "cli.h"
+#include "common/error.h"
+#include "common/files.h"
+#include "data/dataset.h"
+#include "eval/evaluator.h"
+#include "model/generate.h"
+#include "model/llama2c.h"
+#include "model/model_loader.h"
+#include "tokenizer/tokenizer.h"
+
+namespace gradq::cli {
+
+int cmd_convert(int argc, char** argv) {
+  cxxopts::Options options("gradq convert", "Convert a checkpoint to a TorchScript causal LM "
+                                            "(forward: tokens int64 [B, T] -> logits float32 [B, T, vocab]).");
+  options.add_options()
+      ("from", "input format (only llama2c: llama2.c legacy float32 checkpoints)", cxxopts::value<std::string>()->default_value("llama2c"))
+      ("input", "input checkpoint", cxxopts::value<std::string>())
+      ("o,output", "output TorchScript file (written atomically; never the input)", cxxopts::value<std::string>());
+  options.parse_positional({"input"});
+  options.positional_help("INPUT");
+  add_common_options(options);
+  cxxopts::ParseResult args;
+  if (!parse(options, argc, argv, args)) return 0;
+  GRADQ_CHECK(args["from"].as<std::string>() == "llama2c", "--from must be llama2c, got '{}'", args["from"].as<std::string>());
+  GRADQ_CHECK(args.count("input"), "an input checkpoint is required");
+  GRADQ_CHECK(args.count("output"), "-o/--output is required");
+  Llama2cConfig config;
+  load_llama2c(args["input"].as<std::string>(), &config);  // validates before anything is written
+  convert_llama2c(args["input"].as<std::string>(), args["output"].as<std::string>());
+  std::cout << fmt::format("wrote {}: dim {}, hidden {}, {} layers, {} heads ({} kv), vocab {} ({} classifier), seq_len {}\n",
+                           args["output"].as<std::string>(), config.dim, config.hidden_dim, config.n_layers, config.n_heads,
+                           config.n_kv_heads, config.vocab_size, config.shared_classifier ? "tied" : "untied", config.seq_len);
+  return 0;
+}
+
+int cmd_generate(int argc, char** argv) {
+  cxxopts::Options options("gradq generate", "Greedy (argmax) generation. The prompt is encoded after a BOS token.");
+  options.add_options()
+      ("model", "TorchScript model, or a llama2.c .bin", cxxopts::value<std::string>()->default_value(default_model_path()))
+      ("tokenizer", "SentencePiece model", cxxopts::value<std::string>()->default_value(default_tokenizer_path()))
+      ("prompt", "text to continue", cxxopts::value<std::string>()->default_value(""))
+      ("steps", "tokens to generate", cxxopts::value<int64_t>()->default_value("256"))
+      ("max-context", "feed at most this many trailing tokens to the model (0 = all)", cxxopts::value<int64_t>()->default_value("512"))
+      ("no-stop", "do not stop at BOS/EOS");
+  add_common_options(options);
+  cxxopts::ParseResult args;
+  if (!parse(options, argc, argv, args)) return 0;
+  auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
+  CausalLM model = load_model(args["model"].as<std::string>());
+  check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  std::vector<int64_t> prompt;
+  if (tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
+  for (int64_t id : tokenizer->encode(args["prompt"].as<std::string>())) prompt.push_back(id);
+  GenerateOptions gen;
+  gen.steps = args["steps"].as<int64_t>();
+  gen.max_context = args["max-context"].as<int64_t>();
+  if (!args.count("no-stop"))
+    for (int64_t id : {tokenizer->bos_id(), tokenizer->eos_id()})
+      if (id >= 0) gen.stop_ids.push_back(id);
+  std::cout << args["prompt"].as<std::string>();
+  // Decode the growing sequence and print what is new, so multi-token characters print whole.
+  std::vector<int64_t> generated;
+  std::string printed;
+  generate_greedy(model, prompt, gen, [&](int64_t id) {
+    generated.push_back(id);
+    std::string text = tokenizer->decode(generated);
+    if (text.size() > printed.size() && text.compare(0, printed.size(), printed) == 0) {
+      std::cout << text.substr(printed.size()) << std::flush;
+      printed = text;
+    }
+  });
+  std::cout << std::endl;
+  return 0;
+}
+
+int cmd_eval(int argc, char** argv) {
+  cxxopts::Options options("gradq eval",
+                           "Perplexity of a model on a text, and with --reference (or --load-reference) the KL divergence "
+                           "and related statistics against it. Each window of --ctx tokens starts with BOS; windows start "
+                           "every --stride tokens and score only the tokens no earlier window scored.");
+  options.add_options()
+      ("model", "TorchScript model, or a llama2.c .bin", cxxopts::value<std::string>()->default_value(default_model_path()))
+      ("reference", "full-precision reference model for KL statistics", cxxopts::value<std::string>())
+      ("load-reference", "reference log-probabilities saved by --save-reference", cxxopts::value<std::string>())
+      ("save-reference", "save the reference log-probabilities to this file", cxxopts::value<std::string>())
+      ("tokenizer", "SentencePiece model", cxxopts::value<std::string>()->default_value(default_tokenizer_path()))
+      ("text", "UTF-8 text file to evaluate on", cxxopts::value<std::string>()->default_value(default_text_path()))
+      ("ctx", "window length in tokens", cxxopts::value<int64_t>()->default_value("256"))
+      ("stride", "tokens between window starts (default: --ctx)", cxxopts::value<int64_t>())
+      ("max-windows", "evaluate only the first N windows (0 = all)", cxxopts::value<int64_t>()->default_value("0"))
+      ("batch", "windows per forward pass", cxxopts::value<int64_t>()->default_value("8"))
+      ("json", "also write the numbers as JSON to this file", cxxopts::value<std::string>());
+  add_common_options(options);
+  cxxopts::ParseResult args;
+  if (!parse(options, argc, argv, args)) return 0;
+  GRADQ_CHECK(!(args.count("reference") && args.count("load-reference")), "give --reference or --load-reference, not both");
+  std::vector<std::string> inputs = {args["model"].as<std::string>(), args["text"].as<std::string>(), args["tokenizer"].as<std::string>()};
+  if (args.count("reference")) inputs.push_back(args["reference"].as<std::string>());
+  for (const char* out : {"json", "save-reference"})
+    if (args.count(out)) check_output_is_not_input(args[out].as<std::string>(), inputs);
+
+  auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
+  CausalLM model = load_model(args["model"].as<std::string>());
+  check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  WindowSpec spec;
+  spec.ctx = args["ctx"].as<int64_t>();
+  spec.stride = args.count("stride") ? args["stride"].as<int64_t>() : spec.ctx;
+  spec.bos_id = tokenizer->bos_id();
+  spec.max_windows = args["max-windows"].as<int64_t>();
+  Windows windows = make_windows(tokenizer->encode(read_text_file(args["text"].as<std::string>())), spec);
+  EvaluatorOptions eval_options;
+  eval_options.batch = args["batch"].as<int64_t>();
+  GradualEvaluator evaluator(windows, eval_options);
+  if (args.count("reference")) {
+    CausalLM reference = load_model(args["reference"].as<std::string>());
+    GRADQ_CHECK(reference.vocab_size() == model.vocab_size(), "reference vocabulary {} differs from the model's {}",
+                reference.vocab_size(), model.vocab_size());
+    evaluator.set_reference(reference);
+  } else if (args.count("load-reference")) {
+    evaluator.set_reference(Reference::load(args["load-reference"].as<std::string>()));
+  }
+  if (args.count("save-reference")) {
+    GRADQ_CHECK(evaluator.reference().has_value(), "--save-reference needs --reference");
+    evaluator.reference()->save(args["save-reference"].as<std::string>());
+  }
+  std::cerr << fmt::format("evaluating {} windows of {} tokens ({} scored tokens)\n", windows.size(), spec.ctx,
+                           windows.scored_tokens());
+  EvalResult result = evaluator.evaluate(model);
+  std::cout << format_eval_table(result);
+  if (args.count("json")) write_file_atomically(args["json"].as<std::string>(), eval_result_json(result));
+  return 0;
+}
+
+}  // namespace gradq::cli

@@ -1,0 +1,66 @@
+// gradq: the command-line front end. Each subcommand parses its options and calls the library.
+
+#include <c10/util/Exception.h>
+
+#include <cstring>
+#include <iostream>
+
+#include "cli.h"
+#include "common/error.h"
+#include "common/files.h"
+#include "common/runtime.h"
+
+namespace {
+struct Command {
+  const char* name;
+  const char* summary;
+  int (*run)(int, char**);
+};
+
+const Command kCommands[] = {
+    {"convert", "convert a llama2.c checkpoint to TorchScript", gradq::cli::cmd_convert},
+    {"generate", "greedy text generation with a model", gradq::cli::cmd_generate},
+    {"eval", "perplexity and KL divergence against a reference model", gradq::cli::cmd_eval},
+};
+
+void print_usage() {
+  std::cout << "gradq " << gradq::version()
+            << ": post-training quantization of causal LMs to the smallest model within a quality budget\n\n"
+               "usage: gradq <command> [options]   (gradq <command> --help for its options)\n\ncommands:\n";
+  for (const auto& c : kCommands) std::cout << "  " << c.name << std::string(12 - std::strlen(c.name), ' ') << c.summary << "\n";
+  std::cout << "\nWith no --model/--tokenizer/--text, commands use the embedded default: stories260K, its\n"
+               "tokenizer and TinyStories text (" << gradq::assets_dir() << ").\n";
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+    print_usage();
+    return argc < 2 ? gradq::cli::kExitError : 0;
+  }
+  if (!std::strcmp(argv[1], "--version")) {
+    std::cout << "gradq " << gradq::version() << "\n";
+    return 0;
+  }
+  for (const auto& c : kCommands) {
+    if (std::strcmp(argv[1], c.name) != 0) continue;
+    gradq::install_interrupt_cleanup();
+    try {
+      return c.run(argc - 1, argv + 1);
+    } catch (const cxxopts::exceptions::exception& e) {
+      std::cerr << "gradq " << c.name << ": error: " << e.what() << " (see gradq " << c.name << " --help)\n";
+    } catch (const gradq::Error& e) {
+      std::cerr << "gradq " << c.name << ": error: " << e.what() << "\n";
+    } catch (const c10::Error& e) {
+      // Torch messages may start with blank lines; print the first line that says something.
+      std::string msg = e.what_without_backtrace();
+      msg.erase(0, msg.find_first_not_of(" \n"));
+      std::cerr << "gradq " << c.name << ": error: " << msg.substr(0, msg.find('\n')) << "\n";
+    } catch (const std::exception& e) {
+      std::cerr << "gradq " << c.name << ": error: " << e.what() << "\n";
+    }
+    return gradq::cli::kExitError;
+  }
+  std::cerr << "gradq: error: unknown command '" << argv[1] << "' (see gradq --help)\n";
+  return gradq::cli::kExitError;
+}
