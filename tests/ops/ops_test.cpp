@@ -1,0 +1,235 @@
+// Tests of the custom ops gradq::dequantize and gradq::linear: called through the dispatcher (as
+// a packed TorchScript checkpoint calls them) and through TorchScript itself, against
+// at::linear on the dequantized weight, on both CPU paths (fused GEMV for decode-sized batches,
+// dequantize + BLAS above ops::kLinearFusedMaxRows).
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <gtest/gtest.h>
+#include <torch/script.h>
+
+#include <cstring>
+#include <memory>
+#include <sstream>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "ops/ops.h"
+#include "quant/packed_weight.h"
+#include "quant/quant_spec.h"
+#include "quant/quantize.h"
+
+using namespace gradq;
+
+namespace {
+
+/// Exact equality of dtype, shape and bits (so -0.0 != 0.0 and NaN == NaN of the same payload).
+inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
+  if (a.defined() != b.defined()) return false;
+  if (!a.defined()) return true;
+  if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0;
+}
+
+/// Gaussian weights like an LLM layer's (std 0.02), from a fixed seed.
+inline at::Tensor gaussian(int64_t rows, int64_t cols, uint64_t seed, double std = 0.02) {
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  return at::randn({rows, cols}, gen, at::kFloat) * std;
+}
+
+}  // namespace
+
+/// Expects `stmt` to throw a std::exception whose message contains `substr`.
+#define GRADQ_EXPECT_THROW_MSG(stmt, substr)                                                  \
+  do {                                                                                        \
+    try {                                                                                     \
+      stmt;                                                                                   \
+      ADD_FAILURE() << "expected an exception containing \"" << (substr) << "\"";             \
+    } catch (const std::exception& e) {                                                       \
+      EXPECT_NE(std::string(e.what()).find(substr), std::string::npos) << "message: " << e.what(); \
+    }                                                                                         \
+  } while (0)
+
+namespace {
+
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                            const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t);
+using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t,
+                                int64_t, int64_t);
+
+at::Tensor call_linear(const at::Tensor& x, const PackedWeight& w, const c10::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gradq::linear", "").typed<LinearFn>();
+  const c10::optional<at::Tensor> zeros = w.zeros.defined() ? c10::optional<at::Tensor>(w.zeros) : c10::nullopt;
+  return op.call(x, w.codes, w.scales, zeros, bias, w.spec.bits(), w.spec.group_size, w.in_features);
+}
+
+at::Tensor call_dequantize(const PackedWeight& w) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gradq::dequantize", "").typed<DequantizeFn>();
+  const c10::optional<at::Tensor> zeros = w.zeros.defined() ? c10::optional<at::Tensor>(w.zeros) : c10::nullopt;
+  return op.call(w.codes, w.scales, zeros, w.spec.bits(), w.spec.group_size, w.in_features);
+}
+
+QuantSpec make_spec(int bits, int64_t group, bool symmetric, bool fp16_scale) {
+  QuantSpec s;
+  s.level = quant_level_for_bits(bits);
+  s.group_size = group;
+  s.symmetric = symmetric;
+  s.fp16_scale = fp16_scale;
+  return s;
+}
+
+// Both results sum `in` float products in different orders; each is within in * eps * sum|x w| of
+// the exact value, so they differ by at most twice that (plus the rounding of the bias addition).
+void expect_close_to_reference(const at::Tensor& y, const at::Tensor& x, const at::Tensor& wq,
+                               const c10::optional<at::Tensor>& bias) {
+  const at::Tensor want = at::linear(x, wq, bias.has_value() ? *bias : at::Tensor());
+  ASSERT_EQ(y.sizes(), want.sizes());
+  const int64_t in = wq.size(1);
+  at::Tensor bound = at::matmul(x.abs(), wq.abs().t());
+  if (bias.has_value()) bound = bound + bias->abs();
+  bound = bound * (2.0 * static_cast<double>(in + 1) * std::numeric_limits<float>::epsilon());
+  const at::Tensor excess = (y - want).abs() - bound;
+  EXPECT_LE(excess.max().item<float>(), 0.f) << "largest difference " << (y - want).abs().max().item<float>();
+  EXPECT_GT(y.abs().min().item<float>(), 0.f) << "an output was left zero";
+  EXPECT_TRUE(at::isfinite(y).all().item<bool>());
+}
+
+struct LinearCase {
+  int bits;
+  int64_t group;
+  bool symmetric;
+  bool fp16_scale;
+  int64_t batch;
+  bool bias;
+  std::string name() const {
+    return "b" + std::to_string(bits) + "_g" + (group == kWholeRow ? std::string("row") : std::to_string(group)) +
+           (symmetric ? "_sym" : "_asym") + (fp16_scale ? "_f16" : "_f32") + "_batch" + std::to_string(batch) +
+           (bias ? "_bias" : "_nobias");
+  }
+};
+
+std::vector<LinearCase> all_linear_cases() {
+  struct Format {
+    int bits;
+    int64_t group;
+    bool sym, fp16;
+  };
+  const Format formats[] = {{4, 32, false, true}, {3, 128, true, true}, {2, kWholeRow, false, false},
+                            {8, 16, true, false}, {4, 64, true, true}};
+  std::vector<LinearCase> cases;
+  for (const Format& f : formats)
+    for (int64_t batch : {1, 2, 3, 4, 5, 17, 64})
+      for (bool bias : {false, true}) cases.push_back({f.bits, f.group, f.sym, f.fp16, batch, bias});
+  return cases;
+}
+
+constexpr int64_t kOut = 33, kIn = 172;
+
+class OpsLinear : public ::testing::TestWithParam<LinearCase> {
+ protected:
+  void SetUp() override {
+    const LinearCase& c = GetParam();
+    w_ = quantize(gaussian(kOut, kIn, 100 + c.bits), make_spec(c.bits, c.group, c.symmetric, c.fp16_scale));
+    x_ = gaussian(c.batch, kIn, 200 + c.batch, 1.0);
+    // Bias large enough that every output is clearly nonzero.
+    if (c.bias) bias_ = gaussian(1, kOut, 300, 1.0).squeeze(0).sign() * 3.0;
+  }
+  PackedWeight w_;
+  at::Tensor x_;
+  c10::optional<at::Tensor> bias_;
+};
+
+TEST_P(OpsLinear, MatchesLinearOnDequantizedWeight) {
+  const at::Tensor y = call_linear(x_, w_, bias_);
+  ASSERT_EQ(y.sizes(), (std::vector<int64_t>{GetParam().batch, kOut}));
+  expect_close_to_reference(y, x_, dequantize(w_), bias_);
+}
+
+TEST_P(OpsLinear, CppEntryPointIsTheSameCode) {
+  EXPECT_TRUE(bitwise_equal(ops::linear(x_, w_, bias_), call_linear(x_, w_, bias_)));
+}
+
+TEST_P(OpsLinear, DequantizeOpIsBitExact) {
+  EXPECT_TRUE(bitwise_equal(call_dequantize(w_), dequantize_ref(w_)));
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, OpsLinear, ::testing::ValuesIn(all_linear_cases()),
+                         [](const ::testing::TestParamInfo<LinearCase>& info) { return info.param.name(); });
+
+TEST(OpsLinearShapes, ThreeDimensionalInputOnBothPaths) {
+  const PackedWeight w = quantize(gaussian(kOut, kIn, 1), make_spec(4, 32, false, true));
+  const at::Tensor bias = at::full({kOut}, 0.5f);
+  // [1, 2, in]: 2 rows, fused; [3, 5, in]: 15 rows, BLAS.
+  for (const auto& shape : {std::vector<int64_t>{1, 2, kIn}, std::vector<int64_t>{3, 5, kIn}}) {
+    const at::Tensor x = gaussian(shape[0] * shape[1], kIn, 2, 1.0).reshape(shape);
+    const at::Tensor y = call_linear(x, w, bias);
+    ASSERT_EQ(y.sizes(), (std::vector<int64_t>{shape[0], shape[1], kOut}));
+    expect_close_to_reference(y, x, dequantize(w), bias);
+  }
+}
+
+TEST(OpsLinearShapes, NonContiguousInput) {
+  const PackedWeight w = quantize(gaussian(kOut, kIn, 1), make_spec(3, 64, true, true));
+  const at::Tensor x = gaussian(kIn, 2, 3, 1.0).t();  // [2, in], transposed view
+  ASSERT_FALSE(x.is_contiguous());
+  expect_close_to_reference(call_linear(x, w, c10::nullopt), x, dequantize(w), c10::nullopt);
+}
+
+// TorchScript compiled from C++ resolves only `torch` (to aten::); this resolver adds `gradq` so that
+// a script can name gradq.linear. A saved module prints the calls as ops.gradq.*, which
+// torch::jit::load resolves itself, as it will for a packed checkpoint.
+struct GradqResolver : torch::jit::NativeResolver {
+  std::shared_ptr<torch::jit::SugaredValue> resolveValue(const std::string& name, torch::jit::GraphFunction& f,
+                                                         const torch::jit::SourceRange& loc) override {
+    if (name == "gradq") return std::make_shared<torch::jit::BuiltinModule>("gradq");
+    return NativeResolver::resolveValue(name, f, loc);
+  }
+};
+
+TEST(OpsTorchScript, SavedModuleCallsTheOpsAfterLoad) {
+  const PackedWeight w = quantize(gaussian(kOut, kIn, 4), make_spec(4, 32, false, true));
+  torch::jit::Module m("m");
+  m.define(R"(
+def forward(self, x, c, s, z):
+    return gradq.linear(x, c, s, z, None, 4, 32, 172)
+
+def dequantize(self, c, s, z):
+    return gradq.dequantize(c, s, z, 4, 32, 172)
+)",
+           std::make_shared<GradqResolver>());
+  std::stringstream saved;
+  m.save(saved);
+  torch::jit::Module loaded = torch::jit::load(saved);
+  const at::Tensor x = gaussian(3, kIn, 5, 1.0);
+  const at::Tensor y = loaded.forward({x, w.codes, w.scales, w.zeros}).toTensor();
+  EXPECT_TRUE(bitwise_equal(y, ops::linear(x, w)));
+  const at::Tensor dq = loaded.get_method("dequantize")({w.codes, w.scales, w.zeros}).toTensor();
+  EXPECT_TRUE(bitwise_equal(dq, dequantize(w)));
+  GRADQ_EXPECT_THROW_MSG(loaded.forward({gaussian(3, 100, 5), w.codes, w.scales, w.zeros}), "in_features = 172");
+}
+
+TEST(OpsErrors, MismatchedTensorsNameWhatWasExpected) {
+  const PackedWeight w = quantize(gaussian(kOut, kIn, 6), make_spec(4, 32, false, true));
+  const at::Tensor x = gaussian(2, kIn, 7);
+  GRADQ_EXPECT_THROW_MSG(call_linear(gaussian(2, 100, 7), w, c10::nullopt),
+                         "x must be [..., in_features] with in_features = 172, got [2, 100]");
+  GRADQ_EXPECT_THROW_MSG(call_linear(x.to(at::kDouble), w, c10::nullopt), "x must be float32, got Double");
+  GRADQ_EXPECT_THROW_MSG(call_linear(x, w, at::ones({kOut + 1})), "bias must be float32 [33]");
+  PackedWeight bad = w;
+  bad.scales = w.scales.slice(1, 0, 5);
+  GRADQ_EXPECT_THROW_MSG(call_linear(x, bad, c10::nullopt), "scales must be Half [33, 6], got Half [33, 5]");
+  bad = w;
+  bad.zeros = w.zeros.to(at::kInt);
+  GRADQ_EXPECT_THROW_MSG(call_dequantize(bad), "zeros must be Byte [33, 6], got Int [33, 6]");
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gradq::linear", "").typed<LinearFn>();
+  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 5, 32, kIn),
+                         "bits must be one of 2, 3, 4, 8, got 5");
+  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 32, 170),
+                         "codes must be Byte [33, 85], got Byte [33, 86]");
+  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 48, kIn), "group size must be one of");
+}
+
+}  // namespace
