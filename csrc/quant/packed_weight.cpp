@@ -39,7 +39,15 @@ void dequantize_row_bits(const PackedView& v, int64_t r, float* out) {
     const float z = v.zero(r, g);
     const int64_t begin = g * v.group_len;
     const int64_t end = std::min(begin + v.group_len, v.in_features);
-    for (int64_t i = begin; i < end; ++i) out[i] = quant_dequant(quant_unpack_code(row, i, kBits), s, z);
+    // Codes are unpacked in blocks into a small buffer first, so that the float loop after it
+    // has no bit twiddling and vectorizes.
+    constexpr int64_t kBlock = 64;
+    uint32_t codes[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t n = std::min(kBlock, end - b);
+      for (int64_t i = 0; i < n; ++i) codes[i] = quant_unpack_code(row, b + i, kBits);
+      for (int64_t i = 0; i < n; ++i) out[b + i] = quant_dequant(codes[i], s, z);
+    }
   }
 }
 
