@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * 32) gemv_kernel(GemvParam
       // The row's last chunk may own fewer bytes; its missing codes are never read.
       bytes[b] = (full || first * kBits / 8 + b < quant_row_bytes(in, kBits)) ? src[b] : 0;
     }
-    __half xs[Traits::kChunkCodes];
+    alignas(16) __half xs[Traits::kChunkCodes];  // the target of one 16-byte load
     if (full && x_vec) {
       *reinterpret_cast<uint4*>(xs) = *reinterpret_cast<const uint4*>(p.x + first);
     } else {

@@ -140,7 +140,7 @@ std::vector<float> dequantize_reference(const HostPacked& p, const Format& f) {
     for (int64_t i = 0; i < p.in; ++i) {
       const int64_t pi = r * p.n_groups + i / p.glen;
       const float scale = f.fp16_scale ? half_bits_to_float(p.scales_h[pi]) : p.scales_f[pi];
-      const float zero = f.symmetric ? quant_sym_params(1.f, f.bits, false).zero : static_cast<float>(p.zeros[pi]);
+      const float zero = f.symmetric ? quant_sym_zero(f.bits) : static_cast<float>(p.zeros[pi]);
       out[r * p.in + i] = quant_dequant(quant_unpack_code(&p.codes[r * p.row_bytes], i, f.bits), scale, zero);
     }
   }
@@ -329,7 +329,8 @@ void check_linear(const Format& f, int64_t batch, bool fp16_out, bool through_li
     const std::vector<float> wq = dequantize_reference(ref, f);
     const std::vector<uint16_t> x = make_activations(batch * in, 11u);
     DevicePacked dev(ref, f);
-    // Offset by 8 bytes from cudaMalloc's alignment when batch is 1, to cover the unaligned x path.
+    // For odd in_features at batch 1, x starts 8 bytes past cudaMalloc's alignment: the GEMV's
+    // scalar (not 16-byte vector) load path.
     const int64_t x_offset = (batch == 1 && (in % 2 == 1)) ? 4 : 0;
     DeviceBuffer<uint16_t> dx(batch * in + x_offset);
     DeviceBuffer<float> y32(batch * out);
