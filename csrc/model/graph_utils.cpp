@@ -9,9 +9,23 @@ using torch::jit::Graph;
 using torch::jit::Node;
 using torch::jit::Value;
 
+namespace {
+bool has_calls(const torch::jit::Block* block) {
+  for (const Node* node : block->nodes()) {
+    if (node->kind() == c10::prim::CallMethod || node->kind() == c10::prim::CallFunction) return true;
+    for (const torch::jit::Block* sub : node->blocks())
+      if (has_calls(sub)) return true;
+  }
+  return false;
+}
+}  // namespace
+
 std::shared_ptr<Graph> inlined_forward_graph(const torch::jit::Module& module) {
   auto graph = module.get_method("forward").graph()->copy();
-  torch::jit::Inline(*graph);
+  // Inline() pastes each callee's graph as it is; with the graph executor's optimization off (see
+  // configure_runtime) those are not pre-inlined, so repeat until no call is left.
+  constexpr int kMaxDepth = 256;
+  for (int depth = 0; depth < kMaxDepth && has_calls(graph->block()); ++depth) torch::jit::Inline(*graph);
   return graph;
 }
 

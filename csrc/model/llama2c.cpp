@@ -4,6 +4,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "common/error.h"
 #include "common/files.h"
@@ -268,7 +269,11 @@ torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_o
 void convert_llama2c(const std::string& input_path, const std::string& output_path) {
   check_output_is_not_input(output_path, {input_path});
   torch::jit::Module model = load_llama2c(input_path);
-  write_file_atomically(output_path, [&](const std::string& tmp) { model.save(tmp); });
+  // Serialize in memory: a zip written by Module::save(path) names its root folder after the file,
+  // so saving to a temporary name would make the bytes depend on that name.
+  std::ostringstream bytes;
+  model.save(bytes);
+  write_file_atomically(output_path, bytes.str());
 }
 
 }  // namespace gradq

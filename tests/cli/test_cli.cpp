@@ -1,0 +1,57 @@
+// The gradq CLI as a user runs it: help, errors as one line with a non-zero exit, real outputs.
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "support/test_support.h"
+
+namespace gradq {
+namespace {
+namespace fs = std::filesystem;
+
+TEST(Cli, HelpAndVersion) {
+  auto [rc, out] = test::run(test::cli() + " --help");
+  EXPECT_EQ(rc, 0);
+  for (const char* cmd : {"convert", "generate", "eval"}) EXPECT_NE(out.find(cmd), std::string::npos);
+  auto [vrc, vout] = test::run(test::cli() + " --version");
+  EXPECT_EQ(vrc, 0);
+  EXPECT_NE(vout.find("gradq 0."), std::string::npos);
+  for (const char* cmd : {"convert", "generate", "eval"}) {
+    auto [hrc, hout] = test::run(test::cli() + " " + cmd + " --help");
+    EXPECT_EQ(hrc, 0) << cmd;
+    EXPECT_NE(hout.find("--threads"), std::string::npos) << cmd;
+    EXPECT_NE(hout.find("(default"), std::string::npos) << cmd;
+  }
+}
+
+TEST(Cli, ErrorsAreOneLineAndNonZero) {
+  for (const std::string args : {"frobnicate", "convert /nonexistent.bin -o /tmp/x.pt", "eval --ctx 0",
+                                 "eval --text /nonexistent.txt", "eval --bogus-flag"}) {
+    auto [rc, out] = test::run(test::cli() + " " + args);
+    EXPECT_EQ(rc, 1) << args << ": " << out;
+    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << args << ": " << out;
+    EXPECT_NE(out.find("error"), std::string::npos) << out;
+  }
+}
+
+TEST(Cli, ConvertGenerateEvalOnStories260K) {
+  const std::string dir = test::temp_dir("cli");
+  auto [rc, out] = test::run(test::cli() + " convert --from llama2c " + test::stories_bin() + " -o " + dir + "/s.pt");
+  ASSERT_EQ(rc, 0) << out;
+  auto [grc, gout] = test::run(test::cli() + " generate --model " + dir + "/s.pt --steps 30 --threads 1");
+  ASSERT_EQ(grc, 0) << gout;
+  EXPECT_EQ(gout.rfind("Once upon a time, there was a little girl named Lily.", 0), 0u) << gout;
+  auto [erc, eout] = test::run(test::cli() + " eval --model " + dir + "/s.pt --reference " + test::stories_bin() +
+                               " --max-windows 4 --ctx 128 --json " + dir + "/e.json");
+  ASSERT_EQ(erc, 0) << eout;
+  EXPECT_NE(eout.find("same top token"), std::string::npos);
+  EXPECT_TRUE(fs::exists(dir + "/e.json"));
+  // Refuses to write over an input.
+  auto [src, sout] = test::run(test::cli() + " eval --model " + dir + "/s.pt --max-windows 1 --json " + dir + "/s.pt");
+  EXPECT_EQ(src, 1) << sout;
+  EXPECT_TRUE(fs::file_size(dir + "/s.pt") > 1000000);
+}
+
+}  // namespace
+}  // namespace gradq

@@ -1,0 +1,12 @@
+# Driven by ctest: cmake --install, configure + build the consumer against the prefix, run it.
+file(REMOVE_RECURSE ${PREFIX} ${CONSUMER_BUILD})
+function(step)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "install_consumer: '${ARGN}' failed with ${rc}")
+  endif()
+endfunction()
+step(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${PREFIX})
+step(${CMAKE_COMMAND} -S ${CONSUMER_SOURCE} -B ${CONSUMER_BUILD} -G Ninja -DCMAKE_PREFIX_PATH=${PREFIX} -DCMAKE_BUILD_TYPE=Release)
+step(${CMAKE_COMMAND} --build ${CONSUMER_BUILD})
+step(${CONSUMER_BUILD}/consumer)
