@@ -75,8 +75,8 @@ GradualEvaluator::GradualEvaluator(Windows windows, EvaluatorOptions options)
   scored_mask_ = at::arange(ctx, at::kLong).unsqueeze(0) >= windows_.score_from.unsqueeze(1);
 }
 
-at::Tensor GradualEvaluator::scored_log_probs(const CausalLM& model, double* forward_seconds) const {
-  std::vector<at::Tensor> parts;
+void GradualEvaluator::for_each_batch(const CausalLM& model, double* forward_seconds,
+                                      const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const {
   double forward = 0;
   for (int64_t b = 0; b < windows_.size(); b += options_.batch) {
     const int64_t e = std::min(windows_.size(), b + options_.batch);
@@ -85,9 +85,15 @@ at::Tensor GradualEvaluator::scored_log_probs(const CausalLM& model, double* for
     forward += seconds_since(t0);
     GRADQ_CHECK(logits.size(-1) == model.vocab_size(), "model returned {} logits, expected {}", logits.size(-1),
                 model.vocab_size());
-    parts.push_back(at::log_softmax(logits.index({scored_mask_.slice(0, b, e)}), -1));
+    at::Tensor mask = scored_mask_.slice(0, b, e);
+    consume(at::log_softmax(logits.index({mask}), -1), windows_.targets.slice(0, b, e).index({mask}));
   }
   if (forward_seconds) *forward_seconds = forward;
+}
+
+at::Tensor GradualEvaluator::scored_log_probs(const CausalLM& model, double* forward_seconds) const {
+  std::vector<at::Tensor> parts;
+  for_each_batch(model, forward_seconds, [&](const at::Tensor& lp, const at::Tensor&) { parts.push_back(lp); });
   return at::cat(parts);
 }
 
@@ -115,14 +121,8 @@ EvalResult GradualEvaluator::evaluate(const CausalLM& model) const {
   TokenRecords rec;
   double forward = 0;
   int64_t offset = 0;
-  for (int64_t b = 0; b < windows_.size(); b += options_.batch) {
-    const int64_t e = std::min(windows_.size(), b + options_.batch);
-    auto t0 = Clock::now();
-    at::Tensor logits = model.logits(windows_.inputs.slice(0, b, e));
-    forward += seconds_since(t0);
-    at::Tensor mask = scored_mask_.slice(0, b, e);
-    at::Tensor lp = at::log_softmax(logits.index({mask}), -1);  // [n, V]
-    at::Tensor targets = windows_.targets.slice(0, b, e).index({mask}).unsqueeze(1);
+  for_each_batch(model, &forward, [&](const at::Tensor& lp, const at::Tensor& scored_targets) {
+    at::Tensor targets = scored_targets.unsqueeze(1);
     at::Tensor lp_target = lp.gather(1, targets).squeeze(1);
     rec.nll.push_back(-lp_target);
     if (reference_) {
@@ -134,7 +134,7 @@ EvalResult GradualEvaluator::evaluate(const CausalLM& model) const {
       rec.same_top.push_back((lp.argmax(-1) == ref.argmax(-1)).to(at::kDouble));
     }
     offset += lp.size(0);
-  }
+  });
 
   EvalResult r;
   at::Tensor nll = cat(rec.nll);

@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -80,6 +81,11 @@ class GradualEvaluator {
   const Windows& windows() const { return windows_; }
 
  private:
+  /// Runs the windows through `model` in batches; calls `consume(log_probs [n, V], targets [n])`
+  /// with the scored positions of each batch, in window order.
+  void for_each_batch(const CausalLM& model, double* forward_seconds,
+                      const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const;
+
   Windows windows_;
   EvaluatorOptions options_;
   at::Tensor scored_mask_;  ///< [N, ctx] bool

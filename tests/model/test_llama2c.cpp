@@ -110,7 +110,7 @@ TEST_P(Llama2cBadFile, ClearErrorAndNoOutput) {
 }
 
 std::string set_header(std::string b, int field, int32_t value) {
-  std::memcpy(&b[field * 4], &value, 4);
+  b.replace(field * 4, 4, reinterpret_cast<const char*>(&value), 4);
   return b;
 }
 
@@ -128,7 +128,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadFile{"nan_weight",
                 [](std::string b) {
                   const float nan = std::nanf("");
-                  std::memcpy(&b[28 + 4 * 1000], &nan, 4);
+                  b.replace(28 + 4 * 1000, 4, reinterpret_cast<const char*>(&nan), 4);
                   return b;
                 },
                 "non-finite"}),

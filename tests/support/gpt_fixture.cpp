@@ -4,8 +4,12 @@
 
 namespace gradq::test {
 namespace {
-// Qualified type names: bare names such as "Linear" send TorchScript's resolver into a loop.
-c10::QualifiedName qualified(const std::string& name) { return c10::QualifiedName("__torch__.gpt_fixture." + name); }
+// Every module here is its own type in its own compilation unit; types that share a qualified name
+// send TorchScript's resolver into unbounded recursion, so each gets a unique name.
+c10::QualifiedName qualified(const std::string& name) {
+  static int counter = 0;
+  return c10::QualifiedName("__torch__.gpt_fixture." + name + "_" + std::to_string(counter++));
+}
 
 torch::jit::Module with_params(const c10::QualifiedName& name, std::vector<std::pair<std::string, at::Tensor>> params) {
   torch::jit::Module m(name);
