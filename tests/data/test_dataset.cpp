@@ -11,21 +11,14 @@
 
 #include "common/error.h"
 #include "data/dataset.h"
+#include "support/test_helpers.h"
 #include "support/test_support.h"
 #include "tokenizer/tokenizer.h"
 
 namespace gradq {
-namespace {
+using test::expect_error;
 
-std::string expect_error(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected gradq::Error";
-  return "";
-}
+namespace {
 
 void expect_contains(const std::string& haystack, const std::string& needle) {
   EXPECT_NE(haystack.find(needle), std::string::npos) << "'" << needle << "' not in: " << haystack;

@@ -23,22 +23,12 @@
 
 using namespace gradq;
 
+#include "support/test_helpers.h"
+
+using test::bitwise_equal;
+using test::gaussian;
+
 namespace {
-
-/// Exact equality of dtype, shape and bits (so -0.0 != 0.0 and NaN == NaN of the same payload).
-inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
-  if (a.defined() != b.defined()) return false;
-  if (!a.defined()) return true;
-  if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-  return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0;
-}
-
-/// Gaussian weights like an LLM layer's (std 0.02), from a fixed seed.
-inline at::Tensor gaussian(int64_t rows, int64_t cols, uint64_t seed, double std = 0.02) {
-  at::Generator gen = at::detail::createCPUGenerator(seed);
-  return at::randn({rows, cols}, gen, at::kFloat) * std;
-}
 
 }  // namespace
 

@@ -12,10 +12,13 @@
 
 #include "common/error.h"
 #include "common/files.h"
+#include "support/test_helpers.h"
 #include "support/test_support.h"
 #include "tokenizer/tokenizer.h"
 
 namespace gradq {
+using test::expect_error;
+
 namespace {
 
 const Tokenizer& tok512() {
@@ -28,16 +31,6 @@ std::string first_story() {
   const std::string text = read_file(test::tinystories_text());
   const size_t end = text.find("\n\n");
   return text.substr(0, end);
-}
-
-std::string expect_error(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected gradq::Error";
-  return "";
 }
 
 TEST(Tokenizer, VocabularyFactsOfTok512) {
