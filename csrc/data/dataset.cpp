@@ -146,6 +146,20 @@ Windows make_windows(const std::vector<int64_t>& tokens, const WindowSpec& spec)
   return w;
 }
 
+DataSplit make_data_split(const std::vector<int64_t>& tokens, int64_t bos_id, const DataOptions& options) {
+  const TokenSplit split = split_tokens(tokens, options.calib_fraction);
+  WindowSpec spec;
+  spec.ctx = options.ctx;
+  spec.stride = options.ctx;
+  spec.bos_id = bos_id;
+  spec.max_windows = options.calib_windows;
+  DataSplit out;
+  out.calibration = make_windows(split.calibration, spec);
+  spec.max_windows = options.eval_windows;
+  out.evaluation = make_windows(split.evaluation, spec);
+  return out;
+}
+
 void check_tokenizer_fits_model(int64_t tokenizer_vocab, int64_t model_vocab) {
   GRADQ_CHECK(tokenizer_vocab > 0 && model_vocab > 0, "expected positive vocabulary sizes, got tokenizer {} and model {}",
               tokenizer_vocab, model_vocab);

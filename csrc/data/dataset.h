@@ -56,6 +56,20 @@ struct Windows {
 /// needs (ctx with BOS, ctx + 1 without), or for ctx < 2 or a stride outside [1, ctx].
 Windows make_windows(const std::vector<int64_t>& tokens, const WindowSpec& spec);
 
+/// Calibration and held-out evaluation windows from one token stream: split_tokens at
+/// calib_fraction, then non-overlapping windows (stride = ctx) over each part, the first N of each.
+struct DataOptions {
+  double calib_fraction = 0.1;
+  int64_t ctx = 256;
+  int64_t calib_windows = 16;  ///< 0: all
+  int64_t eval_windows = 64;   ///< 0: all
+};
+struct DataSplit {
+  Windows calibration;
+  Windows evaluation;
+};
+DataSplit make_data_split(const std::vector<int64_t>& tokens, int64_t bos_id, const DataOptions& options);
+
 /// Throws gradq::Error when the tokenizer can emit ids the model has no logits for.
 void check_tokenizer_fits_model(int64_t tokenizer_vocab, int64_t model_vocab);
 

@@ -8,6 +8,7 @@
 
 #include "common/error.h"
 #include "common/files.h"
+#include "export/export.h"
 
 namespace gradq {
 namespace {
@@ -269,11 +270,7 @@ torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_o
 void convert_llama2c(const std::string& input_path, const std::string& output_path) {
   check_output_is_not_input(output_path, {input_path});
   torch::jit::Module model = load_llama2c(input_path);
-  // Serialize in memory: a zip written by Module::save(path) names its root folder after the file,
-  // so saving to a temporary name would make the bytes depend on that name.
-  std::ostringstream bytes;
-  model.save(bytes);
-  write_file_atomically(output_path, bytes.str());
+  save_module(model, output_path);
 }
 
 }  // namespace gradq

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 
+#include "common/files.h"
 #include "support/test_support.h"
 
 namespace gradq {
@@ -17,7 +18,7 @@ TEST(Cli, HelpAndVersion) {
   auto [vrc, vout] = test::run(test::cli() + " --version");
   EXPECT_EQ(vrc, 0);
   EXPECT_NE(vout.find("gradq 0."), std::string::npos);
-  for (const char* cmd : {"convert", "generate", "eval"}) {
+  for (const char* cmd : {"convert", "generate", "eval", "quantize"}) {
     auto [hrc, hout] = test::run(test::cli() + " " + cmd + " --help");
     EXPECT_EQ(hrc, 0) << cmd;
     EXPECT_NE(hout.find("--threads"), std::string::npos) << cmd;
@@ -27,7 +28,10 @@ TEST(Cli, HelpAndVersion) {
 
 TEST(Cli, ErrorsAreOneLineAndNonZero) {
   for (const std::string args : {"frobnicate", "convert /nonexistent.bin -o /tmp/x.pt", "eval --ctx 0",
-                                 "eval --text /nonexistent.txt", "eval --bogus-flag"}) {
+                                 "eval --text /nonexistent.txt", "eval --bogus-flag", "quantize -o /tmp/x.pt",
+                                 "quantize --uniform b5g32 -o /tmp/x.pt", "quantize --uniform b4g48 -o /tmp/x.pt",
+                                 "quantize --uniform b4g32 --method round -o /tmp/x.pt",
+                                 "quantize --plan /nonexistent.json -o /tmp/x.pt"}) {
     auto [rc, out] = test::run(test::cli() + " " + args);
     EXPECT_EQ(rc, 1) << args << ": " << out;
     EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << args << ": " << out;
@@ -51,6 +55,29 @@ TEST(Cli, ConvertGenerateEvalOnStories260K) {
   auto [src, sout] = test::run(test::cli() + " eval --model " + dir + "/s.pt --max-windows 1 --json " + dir + "/s.pt");
   EXPECT_EQ(src, 1) << sout;
   EXPECT_TRUE(fs::file_size(dir + "/s.pt") > 1000000);
+}
+
+// quantize --uniform writes a packed model that generate runs, a plan that --plan re-applies to
+// the same bytes, and refuses to write over its input.
+TEST(Cli, QuantizeUniformAndReapplyPlan) {
+  const std::string dir = test::temp_dir("cli_quantize");
+  const std::string common = " --threads 1 --calib-windows 4 --eval-windows 4";
+  auto [rc, out] = test::run(test::cli() + " quantize --uniform b4g32 -o " + dir + "/q.pt --save-plan " + dir +
+                             "/plan.json --fake-quant " + dir + "/fq.pt --report " + dir + "/report.json" + common);
+  ASSERT_EQ(rc, 0) << out;
+  for (const char* line : {"bits per weight", "held-out perplexity", "checkpoint file", "wrote"})
+    EXPECT_NE(out.find(line), std::string::npos) << line << "\n" << out;
+  EXPECT_LT(fs::file_size(dir + "/q.pt"), fs::file_size(test::stories_bin()) / 3);
+  auto [grc, gout] = test::run(test::cli() + " generate --model " + dir + "/q.pt --steps 20 --threads 1");
+  EXPECT_EQ(grc, 0) << gout;
+  EXPECT_NE(gout.find("Once upon a time"), std::string::npos) << gout;
+  auto [prc, pout] = test::run(test::cli() + " quantize --plan " + dir + "/plan.json -o " + dir + "/q2.pt" + common);
+  ASSERT_EQ(prc, 0) << pout;
+  EXPECT_EQ(read_file(dir + "/q.pt"), read_file(dir + "/q2.pt"));
+  const std::string plan_before = read_file(dir + "/plan.json");
+  auto [src, sout] = test::run(test::cli() + " quantize --plan " + dir + "/plan.json -o " + dir + "/plan.json" + common);
+  EXPECT_EQ(src, 1) << sout;
+  EXPECT_EQ(read_file(dir + "/plan.json"), plan_before);
 }
 
 }  // namespace

@@ -1,0 +1,49 @@
+#pragma once
+// Writing quantized models as TorchScript.
+//
+// Packed export: a new module tree that mirrors the model's (same submodule and attribute names, so
+// state-dict paths are unchanged) with one class type per submodule, and one method, forward: the
+// model's forward with every method call inlined and then rewritten so that each quantized weight
+//   integer level  is stored as buffers <name>_codes, <name>_scales, <name>_zeros (asymmetric only),
+//                  and each aten::linear(x, W, b) that reads it becomes gradq::linear(x, codes,
+//                  scales, zeros, b, bits, group_size, in_features); any other use (an embedding
+//                  lookup, a Conv1D-style matmul) reads gradq::dequantize(...) instead;
+//   fp16 / bf16    is stored in that type and converted to float32 where it is read;
+//   prune          is stored as a broadcast zero (one element of storage).
+// Loading the file needs the gradq ops registered (libgradq_ops, torch.ops.load_library in Python).
+// Submodule methods are not carried over: the packed model is called through forward only.
+//
+// Fake-quant export: the model's own graph and types with each quantized weight replaced by its
+// dequantized values, for consumers without gradq (no size reduction).
+//
+// Both write deterministic bytes atomically (same model and weights, same file).
+
+#include <torch/script.h>
+
+#include <map>
+#include <string>
+
+#include "model/causal_lm.h"
+#include "quant/quantized_tensor.h"
+
+namespace gradq {
+
+/// Quantized weights by parameter name (CausalLM::weights() names).
+using QuantizedWeights = std::map<std::string, QuantizedTensor>;
+
+/// The packed module for `model` with `weights` (see above). Throws gradq::Error when a name is not
+/// a matrix weight of the model or its shape differs from the model's.
+torch::jit::Module build_packed_module(const CausalLM& model, const QuantizedWeights& weights);
+
+/// build_packed_module + save_module.
+void export_packed(const CausalLM& model, const QuantizedWeights& weights, const std::string& path);
+
+/// Saves `model` with each weight of `weights` replaced by its dequantized values; `model` is
+/// unchanged afterwards.
+void export_fake_quant(CausalLM& model, const QuantizedWeights& weights, const std::string& path);
+
+/// Saves a module atomically with bytes that depend only on the module (Module::save(path) would
+/// embed the temporary file's name in the zip).
+void save_module(const torch::jit::Module& module, const std::string& path);
+
+}  // namespace gradq

@@ -1,0 +1,97 @@
+#include "optimizer/plan.h"
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/files.h"
+#include "quant/quantize.h"
+
+namespace gradq {
+
+std::string Plan::to_json() const {
+  nlohmann::ordered_json j;
+  j["format"] = "gradq-plan";
+  j["version"] = 1;
+  j["weights"] = nlohmann::ordered_json::array();
+  for (const PlanEntry& e : entries) {
+    nlohmann::ordered_json w;
+    w["name"] = e.name;
+    w["spec"] = e.spec.name();
+    w["method"] = rounding_method_name(e.method);
+    if (std::isfinite(e.measured_kl)) w["kl"] = e.measured_kl;
+    j["weights"].push_back(w);
+  }
+  return j.dump(2) + "\n";
+}
+
+Plan Plan::from_json(const std::string& text) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(fmt::format("plan is not valid JSON: {}", e.what()));
+  }
+  GRADQ_CHECK(j.is_object() && j.value("format", "") == "gradq-plan",
+              "not a gradq plan: expected \"format\": \"gradq-plan\"");
+  GRADQ_CHECK(j.value("version", 0) == 1, "unsupported plan version {}, expected 1", j.value("version", 0));
+  GRADQ_CHECK(j.contains("weights") && j["weights"].is_array(), "plan has no \"weights\" array");
+  Plan plan;
+  for (const auto& w : j["weights"]) {
+    GRADQ_CHECK(w.is_object() && w.contains("name") && w["name"].is_string() && w.contains("spec") &&
+                    w["spec"].is_string(),
+                "each plan entry needs string fields \"name\" and \"spec\", got {}", w.dump());
+    PlanEntry e;
+    e.name = w["name"].get<std::string>();
+    e.spec = parse_quant_spec(w["spec"].get<std::string>());
+    const std::string method = w.value("method", "rtn");
+    GRADQ_CHECK(method == "rtn" || method == "clip", "plan entry '{}': method must be rtn or clip, got '{}'", e.name,
+                method);
+    e.method = method == "clip" ? RoundingMethod::kClip : RoundingMethod::kRtn;
+    if (w.contains("kl") && w["kl"].is_number()) e.measured_kl = w["kl"].get<double>();
+    plan.entries.push_back(e);
+  }
+  return plan;
+}
+
+void Plan::save(const std::string& path) const { write_file_atomically(path, to_json()); }
+
+Plan Plan::load(const std::string& path) {
+  try {
+    return from_json(read_file(path));
+  } catch (const Error& e) {
+    throw Error(fmt::format("{}: {}", path, e.what()));
+  }
+}
+
+Plan uniform_plan(const CausalLM& model, const QuantSpec& spec, RoundingMethod method) {
+  spec.validate();
+  Plan plan;
+  for (const WeightInfo& w : model.weights()) plan.entries.push_back({w.name, spec, method});
+  return plan;
+}
+
+QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::map<std::string, at::Tensor>& act_sq_mean) {
+  QuantizedWeights out;
+  for (const PlanEntry& e : plan.entries) {
+    const auto stats = act_sq_mean.find(e.name);
+    out[e.name] = quantize_tensor(model.weight(e.name), e.spec, e.method,
+                                  stats == act_sq_mean.end() ? at::Tensor() : stats->second);
+  }
+  return out;
+}
+
+PlanSize plan_size(const CausalLM& model, const Plan& plan) {
+  std::map<std::string, const PlanEntry*> by_name;
+  for (const PlanEntry& e : plan.entries) by_name[e.name] = &e;
+  PlanSize size;
+  for (const WeightInfo& w : model.weights()) {
+    size.weights += w.numel();
+    size.fp32_bytes += 4 * w.numel();
+    size.fp16_bytes += 2 * w.numel();
+    auto it = by_name.find(w.name);
+    size.quantized_bytes += it == by_name.end() ? 2 * w.numel() : it->second->spec.storage_bytes(w.out_features, w.in_features);
+  }
+  return size;
+}
+
+}  // namespace gradq

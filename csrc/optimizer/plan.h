@@ -1,0 +1,55 @@
+#pragma once
+// A quantization plan: the format and rounding method of every quantized weight. The search
+// produces one, `--plan plan.json` re-applies one without searching, and export consumes the
+// weights that apply_plan() makes from it.
+
+#include <cmath>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "export/export.h"
+#include "model/causal_lm.h"
+#include "quant/quantized_tensor.h"
+
+namespace gradq {
+
+struct PlanEntry {
+  std::string name;  ///< weight name (CausalLM::weights())
+  QuantSpec spec;
+  RoundingMethod method = RoundingMethod::kRtn;
+  double measured_kl = std::nan("");  ///< KL of the model when this step was taken (search only)
+};
+
+struct Plan {
+  std::vector<PlanEntry> entries;  ///< in the model's weight order
+
+  /// JSON text: {"format": "gradq-plan", "version": 1, "weights": [{"name", "spec", "method", "kl"}]}.
+  std::string to_json() const;
+  /// Parses to_json() output; throws gradq::Error naming the field on malformed input.
+  static Plan from_json(const std::string& text);
+  void save(const std::string& path) const;
+  static Plan load(const std::string& path);
+};
+
+/// Every quantizable weight of `model` at `spec` with `method`.
+Plan uniform_plan(const CausalLM& model, const QuantSpec& spec, RoundingMethod method);
+
+/// Quantizes each weight of `plan` from `model`'s current weights. `act_sq_mean` (by weight name)
+/// feeds the clipping search of kClip entries; entries without statistics clip unweighted.
+/// Throws gradq::Error when a name is not a matrix weight of the model.
+QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan,
+                            const std::map<std::string, at::Tensor>& act_sq_mean = {});
+
+/// Storage accounting of a plan on a model: bytes of the planned weights before (as fp32 and as
+/// fp16) and after, and of the whole set of quantizable weights.
+struct PlanSize {
+  int64_t weights = 0;          ///< parameters in the quantizable weights
+  int64_t fp32_bytes = 0;       ///< their size in fp32
+  int64_t fp16_bytes = 0;       ///< their size in fp16 (the reference for memory reduction)
+  int64_t quantized_bytes = 0;  ///< their size as planned (unplanned weights counted at fp16)
+  double bits_per_weight() const { return weights ? 8.0 * quantized_bytes / weights : 0.0; }
+};
+PlanSize plan_size(const CausalLM& model, const Plan& plan);
+
+}  // namespace gradq
