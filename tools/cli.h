@@ -19,5 +19,6 @@ bool parse(cxxopts::Options& options, int argc, char** argv, cxxopts::ParseResul
 int cmd_convert(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
+int cmd_analyze(int argc, char** argv);
 
 }  // namespace gradq::cli

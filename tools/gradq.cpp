@@ -21,6 +21,7 @@ const Command kCommands[] = {
     {"convert", "convert a llama2.c checkpoint to TorchScript", gradq::cli::cmd_convert},
     {"generate", "greedy text generation with a model", gradq::cli::cmd_generate},
     {"eval", "perplexity and KL divergence against a reference model", gradq::cli::cmd_eval},
+    {"analyze", "per-layer and per-block importance: probes, ranking, stability", gradq::cli::cmd_analyze},
 };
 
 void print_usage() {

@@ -1,0 +1,559 @@
+#include "importance/analyzer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+#include "common/error.h"
+#include "common/files.h"
+#include "quant/quant_spec.h"
+#include "report/svg_chart.h"
+
+namespace gradq {
+
+const std::vector<int> kRtnProbeBits = {8, 4, 2};
+
+namespace {
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+constexpr const char* kFormat = "gradq-importance-analysis";
+constexpr int kFormatVersion = 1;
+constexpr int kProbesPerUnit = 6;  // noise, rtn x3, disable, upgrade
+
+std::string rtn_key(int bits) { return fmt::format("rtn_int{}", bits); }
+
+QuantSpec int_spec(int bits, int64_t group_size) {
+  QuantSpec spec;
+  spec.level = quant_level_for_bits(bits);
+  spec.group_size = group_size;
+  return spec;
+}
+
+void validate_options(const AnalyzerOptions& o) {
+  GRADQ_CHECK(std::isfinite(o.noise_alpha) && o.noise_alpha > 0, "noise alpha must be a finite number > 0, got {}",
+              o.noise_alpha);
+  GRADQ_CHECK(o.subsets >= 1, "expected at least 1 calibration subset, got {}", o.subsets);
+  GRADQ_CHECK(o.batch >= 1, "batch must be positive, got {}", o.batch);
+  GRADQ_CHECK(o.upgrade_from_bits < o.upgrade_to_bits, "the upgrade probe must raise the bit width: from {} to {} bits",
+              o.upgrade_from_bits, o.upgrade_to_bits);
+  for (int bits : {o.upgrade_from_bits, o.upgrade_to_bits}) int_spec(bits, o.group_size).validate();
+  int_spec(8, o.group_size).validate();  // names the valid group sizes for a bad one
+  o.config.validate();
+  if (!o.static_signals)
+    for (const char* key : {"weight_magnitude", "activation_sq_mean", "gradient_magnitude", "fisher"})
+      if (auto it = o.config.weights.find(key); it != o.config.weights.end())
+        GRADQ_CHECK(it->second == 0, "the score weighs the static signal '{}' ({}), but static signals are off", key,
+                    it->second);
+}
+
+// Normalized values over the units of one kind (importance_config.h).
+std::vector<double> normalize(const std::vector<double>& v, ScoreNormalization how) {
+  std::vector<double> out(v.size(), 0.0);
+  if (v.empty()) return out;
+  if (how == ScoreNormalization::kRank) {
+    if (v.size() == 1) return {1.0};
+    const std::vector<double> r = average_ranks(v);
+    for (size_t i = 0; i < v.size(); ++i) out[i] = (r[i] - 1) / static_cast<double>(v.size() - 1);
+    return out;
+  }
+  double mx = 0;
+  for (double x : v) mx = std::max(mx, x);
+  if (mx <= 0) return out;
+  for (size_t i = 0; i < v.size(); ++i) out[i] = std::max(0.0, v[i]) / mx;
+  return out;
+}
+
+json measure_json(const ProbeMeasure& m) { return {{"kl", m.kl}, {"delta_ppl", m.delta_ppl}, {"subset_kl", m.subset_kl}}; }
+ProbeMeasure measure_from(const json& j) {
+  return {j.at("kl").get<double>(), j.at("delta_ppl").get<double>(), j.at("subset_kl").get<std::vector<double>>()};
+}
+
+json stability_json(const StabilityReport& s) {
+  return {{"subsets", s.subsets}, {"units", s.units}, {"pairs", s.pairs}, {"spearman_mean", s.spearman_mean},
+          {"spearman_min", s.spearman_min}, {"verdict", s.verdict}};
+}
+StabilityReport stability_from(const json& j) {
+  StabilityReport s;
+  s.subsets = j.at("subsets").get<int64_t>();
+  s.units = j.at("units").get<int64_t>();
+  s.pairs = j.at("pairs").get<std::vector<double>>();
+  s.spearman_mean = j.at("spearman_mean").get<double>();
+  s.spearman_min = j.at("spearman_min").get<double>();
+  s.verdict = j.at("verdict").get<std::string>();
+  return s;
+}
+
+json distribution_json(const std::optional<Distribution>& d) {
+  if (!d) return nullptr;
+  json j{{"count", d->count}, {"min", d->min}, {"max", d->max}, {"median", d->median}, {"mean", d->mean}, {"std", d->std},
+         {"max_min_ratio", d->max_min_ratio ? json(*d->max_min_ratio) : json(nullptr)}, {"top", d->top},
+         {"bottom", d->bottom}};
+  return j;
+}
+std::optional<Distribution> distribution_from(const json& j) {
+  if (j.is_null()) return std::nullopt;
+  Distribution d;
+  d.count = j.at("count").get<int64_t>();
+  d.min = j.at("min").get<double>();
+  d.max = j.at("max").get<double>();
+  d.median = j.at("median").get<double>();
+  d.mean = j.at("mean").get<double>();
+  d.std = j.at("std").get<double>();
+  if (!j.at("max_min_ratio").is_null()) d.max_min_ratio = j.at("max_min_ratio").get<double>();
+  d.top = j.at("top").get<std::vector<std::string>>();
+  d.bottom = j.at("bottom").get<std::vector<std::string>>();
+  return d;
+}
+
+json config_json(const ImportanceConfig& c) {
+  return {{"weights", c.weights}, {"normalization", score_normalization_name(c.normalization)},
+          {"rtn_score_bits", c.rtn_score_bits},
+          {"stability", {{"stable_above", c.stable_above}, {"moderate_above", c.moderate_above}}}};
+}
+ImportanceConfig config_from(const json& j) {
+  ImportanceConfig c;
+  c.weights = j.at("weights").get<std::map<std::string, double>>();
+  const std::string norm = j.at("normalization").get<std::string>();
+  GRADQ_CHECK(norm == "max" || norm == "rank", "normalization must be max or rank, got '{}'", norm);
+  c.normalization = norm == "max" ? ScoreNormalization::kMax : ScoreNormalization::kRank;
+  c.rtn_score_bits = j.at("rtn_score_bits").get<int>();
+  c.stable_above = j.at("stability").at("stable_above").get<double>();
+  c.moderate_above = j.at("stability").at("moderate_above").get<double>();
+  c.validate();
+  return c;
+}
+}  // namespace
+
+// ---- ImportanceAnalysis ----------------------------------------------------------------------------
+
+std::vector<const UnitImportance*> ImportanceAnalysis::ranked(UnitKind kind) const {
+  std::vector<const UnitImportance*> out;
+  for (const auto& u : units)
+    if (u.unit.kind == kind) out.push_back(&u);
+  std::stable_sort(out.begin(), out.end(), [](const UnitImportance* a, const UnitImportance* b) { return a->rank < b->rank; });
+  return out;
+}
+
+const UnitImportance& ImportanceAnalysis::unit(const std::string& name) const {
+  for (const auto& u : units)
+    if (u.unit.name == name) return u;
+  throw Error(fmt::format("the analysis has no unit '{}' ({} units)", name, units.size()));
+}
+
+// ---- ImportanceAnalyzer ----------------------------------------------------------------------------
+
+ImportanceAnalyzer::ImportanceAnalyzer(CausalLM& model, Windows calibration, AnalyzerOptions options)
+    : model_(model), calibration_(std::move(calibration)), options_(std::move(options)) {
+  validate_options(options_);
+  GRADQ_CHECK(calibration_.size() >= options_.subsets,
+              "expected at least as many calibration windows as subsets ({}), got {} windows", options_.subsets,
+              calibration_.size());
+  units_ = importance_units(model_);
+  GRADQ_CHECK(!units_.empty(), "the model has no quantizable weights to analyze");
+}
+
+int64_t ImportanceAnalyzer::planned_probes() const {
+  return 1 + kProbesPerUnit * static_cast<int64_t>(units_.size());
+}
+
+int64_t ImportanceAnalyzer::planned_passes() const {
+  return 1 + planned_probes() + (options_.static_signals ? 2 : 0);
+}
+
+ImportanceAnalysis ImportanceAnalyzer::run() {
+  const auto start = Clock::now();
+  const int64_t total = planned_passes();
+  int64_t done = 0;
+  auto progress = [&](const std::string& what) {
+    ++done;
+    if (options_.on_progress)
+      options_.on_progress({done, total, std::chrono::duration<double>(Clock::now() - start).count(), what});
+  };
+
+  ImportanceAnalysis a;
+  a.options = options_;
+  a.options.on_progress = nullptr;
+  a.windows = calibration_.size();
+  a.ctx = calibration_.inputs.size(1);
+
+  ProbeEvaluator evaluator(model_, calibration_, options_.subsets, EvaluatorOptions{options_.batch});
+  progress("reference");
+  a.scored_tokens = evaluator.scored_tokens();
+  a.reference_ppl = evaluator.reference_ppl();
+  WeightCache cache(model_);
+  const QuantSpec base = int_spec(options_.upgrade_from_bits, options_.group_size);
+  const QuantSpec upgraded = int_spec(options_.upgrade_to_bits, options_.group_size);
+  const auto K = static_cast<size_t>(options_.subsets);
+
+  StaticSignals statics;
+  if (options_.static_signals) {
+    statics = static_signals(model_, evaluator, cache, base, options_.batch);
+    progress("activation capture");
+    progress("gradient");
+    a.timing.capture_passes = 1;
+    a.timing.gradient_passes = 1;
+    a.timing.static_seconds = statics.seconds;
+  }
+
+  a.baseline = probe_baseline(model_, evaluator, cache, base);
+  progress(fmt::format("baseline all int{}", options_.upgrade_from_bits));
+
+  for (const ImportanceUnit& unit : units_) {
+    UnitImportance ui;
+    ui.unit = unit;
+    ui.probes["noise"] = probe_noise(model_, evaluator, cache, unit, options_.noise_alpha, options_.seed);
+    progress("noise " + unit.name);
+    for (int bits : kRtnProbeBits) {
+      ui.probes[rtn_key(bits)] = probe_rtn(model_, evaluator, cache, unit, int_spec(bits, options_.group_size));
+      progress(fmt::format("rtn int{} {}", bits, unit.name));
+    }
+    ui.probes["disable"] = probe_disable(model_, evaluator, unit);
+    progress("disable " + unit.name);
+    ui.probes["upgrade"] = probe_upgrade(model_, evaluator, cache, unit, base, upgraded);
+    progress("upgrade " + unit.name);
+
+    // Signals: {overall, subset 0..K-1}.
+    auto with_subsets = [](const ProbeMeasure& m) {
+      std::vector<double> v{m.kl};
+      v.insert(v.end(), m.subset_kl.begin(), m.subset_kl.end());
+      return v;
+    };
+    ui.signals["rtn"] = with_subsets(ui.probes.at(rtn_key(options_.config.rtn_score_bits)));
+    ui.signals["disable"] = with_subsets(ui.probes.at("disable"));
+    ui.signals["noise"] = with_subsets(ui.probes.at("noise"));
+    std::vector<double> recovered{a.baseline.kl - ui.probes.at("upgrade").kl};
+    for (size_t k = 0; k < K; ++k) recovered.push_back(a.baseline.subset_kl[k] - ui.probes.at("upgrade").subset_kl[k]);
+    ui.signals["upgrade"] = recovered;
+    if (options_.static_signals) {
+      for (auto& [key, values] : unit_static_signals(statics, model_, unit)) ui.signals[key] = values;
+    } else {
+      for (const char* key : {"weight_magnitude", "activation_sq_mean", "gradient_magnitude", "fisher"})
+        ui.signals[key].assign(K + 1, 0.0);
+    }
+    a.units.push_back(std::move(ui));
+  }
+
+  // Every probe restores what it changed; check the weights the analysis touched.
+  for (const WeightInfo& w : model_.weights())
+    GRADQ_CHECK(at::equal(model_.weight(w.name), cache.original(w.name)),
+                "internal: weight '{}' differs from its original after the analysis", w.name);
+
+  score_analysis(a, options_.config);
+  a.timing.forward_passes = evaluator.passes();
+  a.timing.probe_seconds = evaluator.seconds();
+  a.timing.forward_seconds = evaluator.forward_seconds();
+  a.timing.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return a;
+}
+
+// ---- Scoring -----------------------------------------------------------------------------------------
+
+void score_analysis(ImportanceAnalysis& a, const ImportanceConfig& config) {
+  config.validate();
+  a.options.config = config;
+  double weight_sum = 0;
+  for (const auto& [signal, w] : config.weights) weight_sum += w;
+  for (UnitKind kind : {UnitKind::kLayer, UnitKind::kBlock}) {
+    std::vector<UnitImportance*> us;
+    for (auto& u : a.units)
+      if (u.unit.kind == kind) us.push_back(&u);
+    if (us.empty()) continue;
+    const size_t columns = us.front()->signals.at("rtn").size();  // overall + K subsets
+    std::vector<std::vector<double>> score(columns, std::vector<double>(us.size(), 0.0));
+    for (const std::string& signal : kScoreSignals) {
+      auto wit = config.weights.find(signal);
+      const double w = wit == config.weights.end() ? 0.0 : wit->second;
+      for (size_t c = 0; c < columns; ++c) {
+        std::vector<double> values;
+        for (const auto* u : us) {
+          const auto& v = u->signals.at(signal);
+          GRADQ_CHECK(v.size() == columns, "unit '{}': signal '{}' has {} values, expected {}", u->unit.name, signal,
+                      v.size(), columns);
+          values.push_back(v[c]);
+        }
+        const std::vector<double> norm = normalize(values, config.normalization);
+        for (size_t i = 0; i < us.size(); ++i) {
+          if (c == 0) us[i]->normalized[signal] = norm[i];
+          score[c][i] += w * norm[i] / weight_sum;
+        }
+      }
+    }
+    std::vector<size_t> order(us.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return score[0][x] > score[0][y]; });
+    std::vector<std::string> names;
+    for (size_t i = 0; i < us.size(); ++i) {
+      us[i]->score = score[0][i];
+      us[i]->subset_scores.clear();
+      for (size_t c = 1; c < columns; ++c) us[i]->subset_scores.push_back(score[c][i]);
+      names.push_back(us[i]->unit.name);
+    }
+    for (size_t r = 0; r < order.size(); ++r) us[order[r]]->rank = static_cast<int64_t>(r) + 1;
+    std::vector<std::vector<double>> by_subset(score.begin() + 1, score.end());
+    StabilityReport stability = rank_stability(by_subset, config.stable_above, config.moderate_above);
+    Distribution dist = describe(score[0], names);
+    if (kind == UnitKind::kLayer) {
+      a.layer_stability = stability;
+      a.layer_distribution = dist;
+    } else {
+      a.block_stability = stability;
+      a.block_distribution = dist;
+    }
+  }
+  a.verdict = a.layer_stability.units >= 2 ? a.layer_stability.verdict : a.block_stability.verdict;
+  if (a.verdict.empty()) a.verdict = "n/a";
+}
+
+// ---- JSON ---------------------------------------------------------------------------------------------
+
+std::string analysis_json(const ImportanceAnalysis& a) {
+  const AnalyzerOptions& o = a.options;
+  json settings{{"noise_alpha", o.noise_alpha},
+                {"seed", o.seed},
+                {"group_size", o.group_size},
+                {"subsets", o.subsets},
+                {"rtn_bits", kRtnProbeBits},
+                {"upgrade_from_bits", o.upgrade_from_bits},
+                {"upgrade_to_bits", o.upgrade_to_bits},
+                {"static_signals", o.static_signals},
+                {"batch", o.batch},
+                {"windows", a.windows},
+                {"ctx", a.ctx},
+                {"scored_tokens", a.scored_tokens},
+                {"config", config_json(o.config)}};
+  json units = json::array();
+  json ranking{{"layers", json::array()}, {"blocks", json::array()}};
+  for (const auto& u : a.units) {
+    json probes = json::object();
+    for (const auto& [key, m] : u.probes) probes[key] = measure_json(m);
+    json signals = json::object(), subset_signals = json::object();
+    for (const auto& [key, v] : u.signals) {
+      signals[key] = v.front();
+      subset_signals[key] = std::vector<double>(v.begin() + 1, v.end());
+    }
+    units.push_back({{"kind", unit_kind_name(u.unit.kind)},
+                     {"name", u.unit.name},
+                     {"block", u.unit.block},
+                     {"block_index", u.unit.block_index},
+                     {"weights", u.unit.weights},
+                     {"numel", u.unit.numel},
+                     {"rank", u.rank},
+                     {"score", u.score},
+                     {"subset_scores", u.subset_scores},
+                     {"probes", probes},
+                     {"signals", signals},
+                     {"subset_signals", subset_signals},
+                     {"normalized", u.normalized}});
+  }
+  for (UnitKind kind : {UnitKind::kLayer, UnitKind::kBlock})
+    for (const UnitImportance* u : a.ranked(kind)) ranking[kind == UnitKind::kLayer ? "layers" : "blocks"].push_back(u->unit.name);
+  json j{{"format", kFormat},
+         {"version", kFormatVersion},
+         {"inputs", a.inputs},
+         {"settings", settings},
+         {"reference_ppl", a.reference_ppl},
+         {"baseline", measure_json(a.baseline)},
+         {"units", units},
+         {"ranking", ranking},
+         {"stability",
+          {{"verdict", a.verdict},
+           {"advice", stability_advice(a.verdict)},
+           {"layers", stability_json(a.layer_stability)},
+           {"blocks", stability_json(a.block_stability)}}},
+         {"distribution",
+          {{"layers", distribution_json(a.layer_distribution)}, {"blocks", distribution_json(a.block_distribution)}}},
+         {"timing",
+          {{"forward_passes", a.timing.forward_passes},
+           {"gradient_passes", a.timing.gradient_passes},
+           {"capture_passes", a.timing.capture_passes},
+           {"seconds", a.timing.seconds},
+           {"probe_seconds", a.timing.probe_seconds},
+           {"forward_seconds", a.timing.forward_seconds},
+           {"static_seconds", a.timing.static_seconds},
+           {"seconds_per_pass", a.timing.seconds_per_pass()}}}};
+  j["baseline"]["bits"] = o.upgrade_from_bits;
+  return j.dump(2) + "\n";
+}
+
+void save_analysis(const std::string& path, const ImportanceAnalysis& analysis) {
+  write_file_atomically(path, analysis_json(analysis));
+}
+
+ImportanceAnalysis analysis_from_json(const std::string& text) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(fmt::format("not valid JSON: {}", e.what()));
+  }
+  GRADQ_CHECK(j.is_object() && j.value("format", "") == kFormat, "not a gradq importance analysis (expected \"format\": \"{}\")",
+              kFormat);
+  GRADQ_CHECK(j.value("version", -1) == kFormatVersion, "unsupported analysis version {} (this gradq reads version {})",
+              j.value("version", -1), kFormatVersion);
+  ImportanceAnalysis a;
+  try {
+    const json& s = j.at("settings");
+    AnalyzerOptions& o = a.options;
+    o.noise_alpha = s.at("noise_alpha").get<double>();
+    o.seed = s.at("seed").get<uint64_t>();
+    o.group_size = s.at("group_size").get<int64_t>();
+    o.subsets = s.at("subsets").get<int64_t>();
+    o.upgrade_from_bits = s.at("upgrade_from_bits").get<int>();
+    o.upgrade_to_bits = s.at("upgrade_to_bits").get<int>();
+    o.static_signals = s.at("static_signals").get<bool>();
+    o.batch = s.at("batch").get<int64_t>();
+    o.config = config_from(s.at("config"));
+    a.windows = s.at("windows").get<int64_t>();
+    a.ctx = s.at("ctx").get<int64_t>();
+    a.scored_tokens = s.at("scored_tokens").get<int64_t>();
+    a.inputs = j.at("inputs").get<std::map<std::string, std::string>>();
+    a.reference_ppl = j.at("reference_ppl").get<double>();
+    a.baseline = measure_from(j.at("baseline"));
+    for (const json& ju : j.at("units")) {
+      UnitImportance u;
+      const std::string kind = ju.at("kind").get<std::string>();
+      GRADQ_CHECK(kind == "layer" || kind == "block", "unit kind must be layer or block, got '{}'", kind);
+      u.unit.kind = kind == "layer" ? UnitKind::kLayer : UnitKind::kBlock;
+      u.unit.name = ju.at("name").get<std::string>();
+      u.unit.block = ju.at("block").get<std::string>();
+      u.unit.block_index = ju.at("block_index").get<int64_t>();
+      u.unit.weights = ju.at("weights").get<std::vector<std::string>>();
+      u.unit.numel = ju.at("numel").get<int64_t>();
+      u.rank = ju.at("rank").get<int64_t>();
+      u.score = ju.at("score").get<double>();
+      u.subset_scores = ju.at("subset_scores").get<std::vector<double>>();
+      for (const auto& [key, m] : ju.at("probes").items()) u.probes[key] = measure_from(m);
+      for (const auto& [key, v] : ju.at("signals").items()) {
+        std::vector<double> values{v.get<double>()};
+        for (double x : ju.at("subset_signals").at(key)) values.push_back(x);
+        u.signals[key] = values;
+      }
+      u.normalized = ju.at("normalized").get<std::map<std::string, double>>();
+      a.units.push_back(std::move(u));
+    }
+    const json& st = j.at("stability");
+    a.verdict = st.at("verdict").get<std::string>();
+    a.layer_stability = stability_from(st.at("layers"));
+    a.block_stability = stability_from(st.at("blocks"));
+    a.layer_distribution = distribution_from(j.at("distribution").at("layers"));
+    a.block_distribution = distribution_from(j.at("distribution").at("blocks"));
+    const json& t = j.at("timing");
+    a.timing.forward_passes = t.at("forward_passes").get<int64_t>();
+    a.timing.gradient_passes = t.at("gradient_passes").get<int64_t>();
+    a.timing.capture_passes = t.at("capture_passes").get<int64_t>();
+    a.timing.seconds = t.at("seconds").get<double>();
+    a.timing.probe_seconds = t.at("probe_seconds").get<double>();
+    a.timing.forward_seconds = t.at("forward_seconds").get<double>();
+    a.timing.static_seconds = t.at("static_seconds").get<double>();
+  } catch (const json::exception& e) {
+    throw Error(fmt::format("malformed gradq importance analysis: {}", e.what()));
+  }
+  return a;
+}
+
+ImportanceAnalysis load_analysis(const std::string& path) {
+  const std::string text = read_file(path);
+  try {
+    return analysis_from_json(text);
+  } catch (const Error& e) {
+    throw Error(fmt::format("'{}': {}", path, e.what()));
+  }
+}
+
+// ---- Table and chart -------------------------------------------------------------------------------
+
+std::string format_analysis_table(const ImportanceAnalysis& a) {
+  std::string out;
+  const ImportanceConfig& c = a.options.config;
+  std::string weights;
+  for (const std::string& s : kScoreSignals)
+    if (auto it = c.weights.find(s); it != c.weights.end() && it->second > 0)
+      weights += fmt::format("{}{} {:.2f}", weights.empty() ? "" : ", ", s, it->second);
+  out += fmt::format("combined score = weighted mean of {}-normalized signals ({}); rtn = KL at int{}, upgrade = KL "
+                     "recovered int{} -> int{}\n",
+                     score_normalization_name(c.normalization), weights, c.rtn_score_bits, a.options.upgrade_from_bits,
+                     a.options.upgrade_to_bits);
+  out += fmt::format("KL in nats per token on {} calibration windows of {} ({} scored tokens), reference PPL {:.4f}\n",
+                     a.windows, a.ctx, a.scored_tokens, a.reference_ppl);
+  for (UnitKind kind : {UnitKind::kLayer, UnitKind::kBlock}) {
+    auto ranked = a.ranked(kind);
+    if (ranked.empty()) continue;
+    size_t name_w = 4;
+    for (const auto* u : ranked) name_w = std::max(name_w, u->unit.name.size());
+    out += fmt::format("\n{} ({}), most important first\n", kind == UnitKind::kLayer ? "layers" : "blocks", ranked.size());
+    out += fmt::format("{:>4}  {:<{}}  {:>6}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}\n", "rank", "unit",
+                       name_w, "score", "rtn int8", "rtn int4", "rtn int2", "upgrade", "disable", "noise", "|grad|",
+                       "fisher");
+    for (const auto* u : ranked) {
+      auto kl = [&](const char* key) { return u->probes.count(key) ? u->probes.at(key).kl : 0.0; };
+      out += fmt::format("{:>4}  {:<{}}  {:>6.3f}  {:>9.2e}  {:>9.2e}  {:>9.2e}  {:>9.2e}  {:>9.2e}  {:>9.2e}  {:>9.2e}  {:>9.2e}\n",
+                         u->rank, u->unit.name, name_w, u->score, kl("rtn_int8"), kl("rtn_int4"), kl("rtn_int2"),
+                         u->signals.at("upgrade").front(), kl("disable"), kl("noise"),
+                         u->signals.at("gradient_magnitude").front(), u->signals.at("fisher").front());
+    }
+  }
+  out += fmt::format("\nbaseline (every weight int{}): KL {:.3e}, delta PPL {:+.4f}\n", a.options.upgrade_from_bits,
+                     a.baseline.kl, a.baseline.delta_ppl);
+  auto stability_line = [&](const char* what, const StabilityReport& s) {
+    if (s.verdict == "n/a" || s.verdict.empty()) return fmt::format("  {}: n/a ({} units, {} subsets)\n", what, s.units, s.subsets);
+    return fmt::format("  {}: Spearman mean {:.3f}, min {:.3f} over {} subset pairs -> {}\n", what, s.spearman_mean,
+                       s.spearman_min, s.pairs.size(), s.verdict);
+  };
+  out += fmt::format("\nstability across {} calibration subsets:\n", a.options.subsets);
+  out += stability_line("layers", a.layer_stability);
+  out += stability_line("blocks", a.block_stability);
+  out += fmt::format("stability verdict: {} ({})\n", a.verdict, stability_advice(a.verdict));
+  auto dist_line = [&](const char* what, const std::optional<Distribution>& d) {
+    if (!d) return std::string();
+    return fmt::format("  {} ({}): min {:.4f}, max {:.4f}, median {:.4f}, mean {:.4f}, std {:.4f}, max/min {}\n"
+                       "    most important: {}\n    least important: {}\n",
+                       what, d->count, d->min, d->max, d->median, d->mean, d->std,
+                       d->max_min_ratio ? fmt::format("{:.2f}", *d->max_min_ratio) : std::string("n/a (min <= 0)"),
+                       fmt::join(d->top, ", "), fmt::join(d->bottom, ", "));
+  };
+  out += "\ndistribution of combined scores:\n";
+  out += dist_line("layers", a.layer_distribution);
+  out += dist_line("blocks", a.block_distribution);
+  out += fmt::format("\npasses: {} forward ({:.3f} s per pass, of which forward {:.3f} s), {} gradient, {} capture; "
+                     "total {:.1f} s\n",
+                     a.timing.forward_passes, a.timing.seconds_per_pass(),
+                     a.timing.forward_passes ? a.timing.forward_seconds / static_cast<double>(a.timing.forward_passes) : 0.0,
+                     a.timing.gradient_passes, a.timing.capture_passes, a.timing.seconds);
+  return out;
+}
+
+std::string analysis_chart_svg(const ImportanceAnalysis& a) {
+  BarChart chart;
+  chart.title = "Per-layer importance (combined score)";
+  chart.value_label = fmt::format("combined score ({}-normalized, weighted)", score_normalization_name(a.options.config.normalization));
+  BarSeries series;
+  series.name = "score";
+  std::map<std::string, size_t> block_color;
+  for (const auto& u : a.units) {
+    if (u.unit.kind != UnitKind::kLayer) continue;
+    chart.categories.push_back(fmt::format("#{} {}", u.rank, u.unit.name));
+    series.values.push_back(u.score);
+    auto it = block_color.emplace(u.unit.block, block_color.size()).first;
+    chart.category_colors.push_back(kChartPalette[it->second % kChartPalette.size()]);
+  }
+  if (chart.categories.empty()) {  // a model without layer units: chart the blocks
+    chart.category_colors.clear();
+    for (const auto& u : a.units) {
+      chart.categories.push_back(fmt::format("#{} {}", u.rank, u.unit.name));
+      series.values.push_back(u.score);
+    }
+  }
+  chart.series.push_back(std::move(series));
+  if (block_color.size() > 1 && block_color.size() <= 8)
+    for (const auto& [block, index] : block_color)
+      chart.legend.emplace_back(block.empty() ? "(no block)" : block, kChartPalette[index % kChartPalette.size()]);
+  std::sort(chart.legend.begin(), chart.legend.end(), [&](const auto& x, const auto& y) {
+    return block_color.at(x.first == "(no block)" ? "" : x.first) < block_color.at(y.first == "(no block)" ? "" : y.first);
+  });
+  return render_bar_chart(chart);
+}
+
+}  // namespace gradq

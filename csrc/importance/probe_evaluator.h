@@ -1,0 +1,71 @@
+#pragma once
+// ProbeEvaluator: the one measurement every importance probe makes. A probe changes some weights,
+// runs the calibration windows through the model once, and is judged by
+//   KL(P_ref || P_probe) per scored token (mean, nats) and ΔPPL = PPL(probe) - PPL(ref)
+// against the full-precision reference, whose log-probabilities are computed once (through
+// GradualEvaluator::set_reference) and reused by every probe.
+//
+// The windows are split into K subsets of consecutive windows (as equal as possible; subset k holds
+// windows [k*N/K, (k+1)*N/K)). The mean KL of every subset comes out of the same forward pass, so
+// the stability of a ranking across subsets costs no extra passes.
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "data/dataset.h"
+#include "eval/evaluator.h"
+#include "model/causal_lm.h"
+
+namespace gradq {
+
+/// What one probe measured.
+struct ProbeMeasure {
+  double kl = 0;                  ///< mean KL(P_ref || P_probe) over all scored tokens (nats)
+  double delta_ppl = 0;           ///< PPL(probe) - PPL(ref) over the same tokens
+  std::vector<double> subset_kl;  ///< mean KL over the scored tokens of each subset
+};
+
+class ProbeEvaluator {
+ public:
+  /// Computes the reference from `reference` (one forward pass over `windows`). Throws gradq::Error
+  /// when there are fewer windows than subsets or subsets < 1.
+  ProbeEvaluator(const CausalLM& reference, Windows windows, int64_t subsets, EvaluatorOptions options = {});
+
+  /// One forward pass of `model` over the windows, compared with the reference.
+  ProbeMeasure measure(const CausalLM& model) const;
+
+  const Windows& windows() const { return evaluator_.windows(); }
+  int64_t subsets() const { return static_cast<int64_t>(subset_window_begin_.size()) - 1; }
+  /// Windows [begin, end) of subset k.
+  std::pair<int64_t, int64_t> subset_windows(int64_t k) const;
+  /// Scored tokens of subset k.
+  int64_t subset_tokens(int64_t k) const;
+  int64_t scored_tokens() const { return ref_nll_.numel(); }
+  /// [N, ctx] bool: the positions each window scores.
+  const at::Tensor& scored_mask() const { return scored_mask_; }
+  double reference_ppl() const { return reference_ppl_; }
+
+  /// Passes over the windows so far (the reference's included) and the time they took: `seconds`
+  /// for whole measurements, `forward_seconds` for the model's forward calls within them.
+  int64_t passes() const { return passes_; }
+  double seconds() const { return seconds_; }
+  double forward_seconds() const { return forward_seconds_; }
+
+ private:
+  GradualEvaluator evaluator_;
+  std::vector<int64_t> subset_window_begin_;  ///< K + 1 window boundaries
+  std::vector<int64_t> subset_token_begin_;   ///< K + 1 boundaries in the scored-token order
+  at::Tensor scored_mask_;
+  at::Tensor ref_probs_;        ///< [tokens, V] p_ref
+  at::Tensor ref_neg_entropy_;  ///< [tokens] sum_v p_ref log p_ref
+  at::Tensor ref_nll_;          ///< [tokens] -log p_ref(target)
+  at::Tensor targets_;          ///< [tokens, 1]
+  double reference_ppl_ = 0;
+  mutable int64_t passes_ = 0;
+  mutable double seconds_ = 0, forward_seconds_ = 0;
+};
+
+}  // namespace gradq
