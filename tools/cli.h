@@ -20,5 +20,6 @@ int cmd_convert(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
 int cmd_analyze(int argc, char** argv);
+int cmd_quantize(int argc, char** argv);
 
 }  // namespace gradq::cli

@@ -44,9 +44,9 @@ Plan Plan::from_json(const std::string& text) {
     e.name = w["name"].get<std::string>();
     e.spec = parse_quant_spec(w["spec"].get<std::string>());
     const std::string method = w.value("method", "rtn");
-    GRADQ_CHECK(method == "rtn" || method == "clip", "plan entry '{}': method must be rtn or clip, got '{}'", e.name,
-                method);
-    e.method = method == "clip" ? RoundingMethod::kClip : RoundingMethod::kRtn;
+    GRADQ_CHECK(method == "rtn" || method == "clip" || method == "trained",
+                "plan entry '{}': method must be rtn, clip or trained, got '{}'", e.name, method);
+    e.method = parse_rounding_method(method);
     if (w.contains("kl") && w["kl"].is_number()) e.measured_kl = w["kl"].get<double>();
     plan.entries.push_back(e);
   }
@@ -70,14 +70,34 @@ Plan uniform_plan(const CausalLM& model, const QuantSpec& spec, RoundingMethod m
   return plan;
 }
 
-QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::map<std::string, at::Tensor>& act_sq_mean) {
+QuantizedTensor quantize_weight(const at::Tensor& w, const std::string& name, const QuantSpec& spec,
+                                RoundingMethod method, const InputStats* stats, const TrainedRoundingOptions& trained) {
+  if (method == RoundingMethod::kTrained && spec.is_integer()) {
+    GRADQ_CHECK(stats && stats->xtx.defined(), "trained rounding of '{}' needs the calibration X^T X of its input", name);
+    return quantized_tensor_from_packed(train_rounding(w, spec, stats->xtx, trained).packed);
+  }
+  return quantize_tensor(w, spec, method, stats ? stats->sq_mean() : at::Tensor());
+}
+
+QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::map<std::string, InputStats>& stats,
+                            const TrainedRoundingOptions& trained) {
   QuantizedWeights out;
   for (const PlanEntry& e : plan.entries) {
-    const auto stats = act_sq_mean.find(e.name);
-    out[e.name] = quantize_tensor(model.weight(e.name), e.spec, e.method,
-                                  stats == act_sq_mean.end() ? at::Tensor() : stats->second);
+    const auto it = stats.find(e.name);
+    out[e.name] = quantize_weight(model.weight(e.name), e.name, e.spec, e.method, it == stats.end() ? nullptr : &it->second, trained);
   }
   return out;
+}
+
+bool plan_needs_stats(const Plan& plan, bool* with_xtx) {
+  bool needs = false, xtx = false;
+  for (const PlanEntry& e : plan.entries) {
+    if (!e.spec.is_integer()) continue;
+    needs |= e.method != RoundingMethod::kRtn;
+    xtx |= e.method == RoundingMethod::kTrained;
+  }
+  if (with_xtx) *with_xtx = xtx;
+  return needs;
 }
 
 PlanSize plan_size(const CausalLM& model, const Plan& plan) {

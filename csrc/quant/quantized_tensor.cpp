@@ -6,7 +6,17 @@
 namespace gradq {
 
 const char* rounding_method_name(RoundingMethod method) {
-  return method == RoundingMethod::kClip ? "clip" : "rtn";
+  switch (method) {
+    case RoundingMethod::kClip: return "clip";
+    case RoundingMethod::kTrained: return "trained";
+    default: return "rtn";
+  }
+}
+
+RoundingMethod parse_rounding_method(const std::string& name) {
+  for (RoundingMethod m : {RoundingMethod::kRtn, RoundingMethod::kClip, RoundingMethod::kTrained})
+    if (name == rounding_method_name(m)) return m;
+  TORCH_CHECK(false, "rounding method must be rtn, clip or trained, got '", name, "'");
 }
 
 at::Tensor QuantizedTensor::dequantize() const {
@@ -18,6 +28,8 @@ at::Tensor QuantizedTensor::dequantize() const {
 QuantizedTensor quantize_tensor(const at::Tensor& w, const QuantSpec& spec, RoundingMethod method,
                                 const at::Tensor& act_sq_mean, const ClipSearchOptions& clip) {
   spec.validate();
+  TORCH_CHECK(method != RoundingMethod::kTrained || !spec.is_integer(),
+              "quantize_tensor: trained rounding needs calibration statistics; use apply_plan or train_rounding");
   TORCH_CHECK(w.dim() == 2, "quantize_tensor: weight must be 2-D [out, in], got ", w.sizes());
   QuantizedTensor q;
   q.spec = spec;

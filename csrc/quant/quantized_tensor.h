@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 
 #include "quant/packed_weight.h"
 #include "quant/quant_spec.h"
@@ -30,11 +31,15 @@ struct QuantizedTensor {
 enum class RoundingMethod {
   kRtn,   ///< round to nearest over the min-max range
   kClip,  ///< quantize_clipped: per-group range search, activation-weighted when statistics exist
+  kTrained,  ///< learned rounding offsets and ranges (optimizer/trained_rounding.h); needs X^T X
 };
 const char* rounding_method_name(RoundingMethod method);
+/// Inverse of rounding_method_name; throws c10::Error listing the names.
+RoundingMethod parse_rounding_method(const std::string& name);
 
 /// Quantizes a logical [out, in] float weight to `spec`. `act_sq_mean` (float [in], or undefined)
-/// weights the clipping search; it is ignored by kRtn and by non-integer levels.
+/// weights the clipping search; it is ignored by kRtn and by non-integer levels. kTrained needs the
+/// calibration X^T X and lives in libgradq: see apply_plan (optimizer/plan.h).
 QuantizedTensor quantize_tensor(const at::Tensor& w, const QuantSpec& spec, RoundingMethod method = RoundingMethod::kRtn,
                                 const at::Tensor& act_sq_mean = {}, const ClipSearchOptions& clip = {});
 

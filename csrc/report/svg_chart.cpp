@@ -149,6 +149,14 @@ std::string render_bar_chart(const BarChart& chart) {
   }
   GRADQ_CHECK(chart.category_colors.empty() || chart.category_colors.size() == n,
               "expected {} category colours (one per category) or none, got {}", n, chart.category_colors.size());
+  if (chart.stacked) {
+    GRADQ_CHECK(!chart.horizontal && lo >= 0, "stacked bars are drawn vertically with values >= 0");
+    for (size_t c = 0; c < n; ++c) {
+      double total = 0;
+      for (const BarSeries& s : chart.series) total += s.values[c];
+      hi = std::max(hi, total);
+    }
+  }
   const std::vector<double> ticks = nice_ticks(lo, hi, 5);
   const size_t ns = chart.series.size();
   auto color = [&](size_t s, size_t c) {
@@ -220,8 +228,23 @@ std::string render_bar_chart(const BarChart& chart) {
     doc.line(left, y(t), left + plot_w, y(t), t == 0 ? "#888" : "#e0e0e0", 1);
     doc.text(left - 6, y(t) + font * 0.35, format_number(t), {font - 1, "end", "#555"});
   }
-  const double bar_w = std::min(chart.bar_thickness, cstep * 0.8 / static_cast<double>(ns));
-  for (size_t c = 0; c < n; ++c) {
+  const double bar_w = chart.stacked ? std::min(chart.bar_thickness * 3, cstep * 0.8)
+                                     : std::min(chart.bar_thickness, cstep * 0.8 / static_cast<double>(ns));
+  for (size_t c = 0; c < n && chart.stacked; ++c) {
+    const double cx = left + cstep * (static_cast<double>(c) + 0.5);
+    double base = 0;
+    for (size_t s = 0; s < ns; ++s) {
+      const double v = chart.series[s].values[c];
+      doc.rect(cx - bar_w / 2, y(base + v), bar_w, y(base) - y(base + v), color(s, c),
+               fmt::format("{} {}: {}", chart.categories[c], chart.series[s].name, format_number(v)));
+      base += v;
+    }
+    if (rotate)
+      doc.text(cx, top + plot_h + 10, chart.categories[c], {font, "end", "#222", false, -45});
+    else
+      doc.text(cx, top + plot_h + font + 4, chart.categories[c], {font, "middle"});
+  }
+  for (size_t c = 0; c < n && !chart.stacked; ++c) {
     const double cx = left + cstep * (static_cast<double>(c) + 0.5);
     const double x0 = cx - bar_w * static_cast<double>(ns) / 2;
     for (size_t s = 0; s < ns; ++s) {

@@ -74,6 +74,7 @@ struct BarChart {
   /// Legend entries {label, colour}; empty: one per series when there are several series.
   std::vector<std::pair<std::string, std::string>> legend;
   bool horizontal = true;      ///< categories down the left side, values to the right
+  bool stacked = false;        ///< series stacked in one bar per category (vertical charts, values >= 0)
   bool value_labels = true;    ///< print each value at the end of its bar
   double width = 900;          ///< pixels; the other side grows with the number of categories
   double bar_thickness = 14;   ///< pixels per bar

@@ -33,12 +33,10 @@ TEST_P(ClippingOnStories, LowerOutputErrorAndKlThanRoundToNearest) {
   const DataSplit split = make_data_split(tokenizer->encode(read_text_file(test::tinystories_text())),
                                           tokenizer->bos_id(), data);
   const auto stats = model.capture_input_stats(split.calibration.inputs, 8, /*with_xtx=*/true);
-  std::map<std::string, at::Tensor> act;
-  for (const auto& [name, s] : stats) act[name] = s.sq_mean();
 
   const QuantSpec spec = parse_quant_spec(GetParam());
   const QuantizedWeights rtn = apply_plan(model, uniform_plan(model, spec, RoundingMethod::kRtn));
-  const QuantizedWeights clip = apply_plan(model, uniform_plan(model, spec, RoundingMethod::kClip), act);
+  const QuantizedWeights clip = apply_plan(model, uniform_plan(model, spec, RoundingMethod::kClip), stats);
   double rtn_error = 0, clip_error = 0;
   int layers_better = 0;
   for (const WeightInfo& w : model.weights()) {

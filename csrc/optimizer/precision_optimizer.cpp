@@ -1,0 +1,193 @@
+#include "optimizer/precision_optimizer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <set>
+
+#include <fmt/ranges.h>
+
+#include "common/error.h"
+
+namespace gradq {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+QuantSpec integer_spec(int bits, int64_t group_size) {
+  QuantSpec spec;
+  spec.level = quant_level_for_bits(bits);
+  spec.group_size = group_size;
+  return spec;
+}
+
+}  // namespace
+
+QuantSpec search_start_spec() { return QuantSpec{QuantLevel::kFp16}; }
+
+void SearchOptions::validate() const {
+  GRADQ_CHECK(!bits.empty(), "the search needs at least one bit width");
+  for (size_t i = 0; i < bits.size(); ++i) {
+    quant_level_for_bits(bits[i]);
+    GRADQ_CHECK(i == 0 || bits[i] < bits[i - 1], "bit widths must be listed high to low without repeats, got {}",
+                fmt::join(bits, ","));
+  }
+  GRADQ_CHECK(!group_sizes.empty(), "the search needs at least one group size");
+  for (size_t i = 0; i < group_sizes.size(); ++i) {
+    integer_spec(4, group_sizes[i]).validate();
+    GRADQ_CHECK(i == 0 || group_sizes[i] < group_sizes[i - 1],
+                "group sizes must be listed large to small (cheapest first), got {}", fmt::join(group_sizes, ","));
+  }
+}
+
+PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& evaluator, Budget budget,
+                                       SearchOptions options, PrecisionPolicy policy,
+                                       const std::map<std::string, InputStats>& stats)
+    : model_(model), evaluator_(evaluator), budget_(std::move(budget)), options_(std::move(options)),
+      policy_(std::move(policy)), stats_(stats) {
+  budget_.validate();
+  options_.validate();
+  GRADQ_CHECK(evaluator_.reference().has_value(), "the search's evaluator needs the full-precision reference");
+  policy_.bind(model_);
+  for (const WeightInfo& w : model_.weights()) originals_[w.name] = model_.weight(w.name);
+}
+
+const QuantizedTensor& PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec,
+                                                     RoundingMethod method) {
+  const std::string key = name + "|" + spec.name() + "|" + rounding_method_name(method);
+  auto it = cache_.find(key);
+  if (it == cache_.end()) {
+    const auto stats = stats_.find(name);
+    it = cache_.emplace(key, quantize_weight(originals_.at(name), name, spec, method, stats == stats_.end() ? nullptr : &stats->second,
+                                             options_.trained)).first;
+  }
+  return it->second;
+}
+
+SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
+                                        const std::function<void(const SearchProgress&)>& on_progress) {
+  const auto start = Clock::now();
+  SearchResult result;
+  // Every weight starts at fp16; `state` is what the model holds for it between candidates.
+  std::map<std::string, QuantizedTensor> state;
+  int64_t fp16_bytes = 0, bytes = 0, weights = 0;
+  for (const WeightInfo& w : model_.weights()) {
+    state[w.name] = candidate(w.name, search_start_spec(), RoundingMethod::kRtn);
+    model_.set_weight(w.name, state[w.name].dequantize());
+    result.history[w.name].push_back(state[w.name]);
+    fp16_bytes += 2 * w.numel();
+    bytes += state[w.name].storage_bytes();
+    weights += w.numel();
+  }
+  for (const std::string& name : order) model_.weight_index(name);  // throws for unknown names
+  auto target_met = [&] {
+    return budget_.target_memory_reduction && 1.0 - double(bytes) / fp16_bytes >= *budget_.target_memory_reduction;
+  };
+
+  result.calibration = evaluator_.evaluate(model_);
+  ++result.passes;
+  SearchProgress progress;
+  progress.units = static_cast<int64_t>(order.size());
+  // Measures `name` at `q` with everything else as it is; accepts (keeps it) or rolls back.
+  auto try_candidate = [&](const std::string& name, const QuantizedTensor& q, RoundingMethod method,
+                           double quantize_seconds) {
+    const auto t = Clock::now();
+    SearchStep step;
+    step.weight = name;
+    step.from = state[name].spec.name();
+    step.to = q.spec.name();
+    step.method = method;
+    step.kl_before = result.calibration.kl->mean.value;
+    model_.set_weight(name, q.dequantize());
+    EvalResult r = evaluator_.evaluate(model_);
+    ++result.passes;
+    step.kl = r.kl->mean.value;
+    step.ppl_increase = ppl_increase(r);
+    step.accepted = budget_.quality_met(r, budget_.safety);
+    if (step.accepted) {
+      bytes += q.storage_bytes() - state[name].storage_bytes();
+      state[name] = q;
+      result.history[name].push_back(q);
+      result.calibration = std::move(r);
+    } else {
+      model_.set_weight(name, state[name].dequantize());
+    }
+    step.bits_per_weight = 8.0 * double(bytes) / weights;
+    step.seconds = quantize_seconds + since(t);
+    result.steps.push_back(step);
+    progress.passes = result.passes;
+    progress.seconds = since(start);
+    progress.last = &result.steps.back();
+    if (on_progress) on_progress(progress);
+    return step.accepted;
+  };
+  // The cheapest of `specs` (cheapest first) that fits, measuring the most accurate one first.
+  auto lower_to = [&](const std::string& name, const std::vector<QuantSpec>& specs, RoundingMethod method) {
+    std::vector<QuantSpec> cheaper;
+    for (const QuantSpec& s : specs)
+      if (s.storage_bytes(state[name].out_features, state[name].in_features) < state[name].storage_bytes())
+        cheaper.push_back(s);
+    if (cheaper.empty()) return false;
+    auto measure = [&](const QuantSpec& s) {
+      const auto t = Clock::now();
+      const QuantizedTensor& q = candidate(name, s, method);
+      return try_candidate(name, q, method, since(t));
+    };
+    // Cheapest first (it often fits); when it does not, the most accurate decides whether the width
+    // is feasible at all; only then the ones in between, cheapest first.
+    if (measure(cheaper.front())) return true;
+    if (cheaper.size() == 1 || !measure(cheaper.back())) return false;
+    // The accurate candidate is now the state; a cheaper one that also fits replaces it, one that
+    // does not is rolled back to it.
+    for (size_t i = 1; i + 1 < cheaper.size(); ++i)
+      if (measure(cheaper[i])) break;
+    return true;
+  };
+
+  // One pass over the units per bit width: every unit gets its chance at 8 bits before any goes to
+  // 4, so the budget is not spent on taking early units to 2 bits while later ones stay at fp16.
+  std::set<std::string> settled;  // units for which a width failed: they keep their state
+  progress.units = static_cast<int64_t>(order.size() * options_.bits.size());
+  for (int bits : options_.bits) {
+    const QuantLevel level = quant_level_for_bits(bits);
+    for (const std::string& name : order) {
+      ++progress.unit;
+      if (target_met()) break;
+      if (settled.count(name)) continue;
+      if (level < policy_.min_level(name)) {
+        settled.insert(name);
+        continue;
+      }
+      if (!policy_.allows(name, level)) continue;  // above the policy's max: wait for a lower width
+      std::vector<QuantSpec> specs;
+      for (int64_t g : options_.group_sizes) specs.push_back(integer_spec(bits, g));
+      bool fitted = lower_to(name, specs, options_.method);
+      if (!fitted && options_.trained_fallback && bits <= 4) fitted = lower_to(name, specs, RoundingMethod::kTrained);
+      if (!fitted) {
+        settled.insert(name);
+      } else if (bits == options_.bits.back() && options_.allow_prune && policy_.allows(name, QuantLevel::kPrune)) {
+        lower_to(name, {QuantSpec{QuantLevel::kPrune}}, RoundingMethod::kRtn);
+      }
+    }
+  }
+
+  result.memory_target_met = target_met();
+  for (const WeightInfo& w : model_.weights()) {
+    PlanEntry e;
+    e.name = w.name;
+    e.spec = state[w.name].spec;
+    e.method = RoundingMethod::kRtn;
+    for (const SearchStep& s : result.steps)
+      if (s.weight == w.name && s.accepted) {
+        e.method = s.method;
+        e.measured_kl = s.kl;
+      }
+    result.plan.entries.push_back(e);
+    result.weights[w.name] = state[w.name];
+  }
+  model_.restore_all();
+  result.seconds = since(start);
+  return result;
+}
+
+}  // namespace gradq

@@ -1,0 +1,108 @@
+#pragma once
+// PrecisionOptimizer: the budgeted search that lowers each weight's precision step by step.
+//
+// Every weight starts at fp16 (the memory reference). The search lowers precision progressively:
+// one pass over the units per bit width (8, then 4, [3,] then 2 [then prune]), least important
+// first within a pass. For a unit, the group sizes of the width (128 -> 64 -> 32 -> 16) are the
+// candidates, cheapest first. A candidate is measured by one pass over the calibration windows with
+// the unit at the candidate and every other weight at its current state; it is kept when the whole
+// model stays within the budget divided by the safety factor, otherwise the unit is rolled back to
+// exactly its previous state.
+//   * Order of measurement at a width: the cheapest candidate first (it often fits); if it does
+//     not, the most accurate (smallest group) decides whether the width is feasible at all; only
+//     then the ones in between, cheapest first, and the first that fits is kept.
+//   * Trainable fallback: when no rounded candidate fits at 4 bits or fewer, trained rounding
+//     (trained_rounding.h) gets the same treatment before the width is given up.
+//   * A unit for which a width is given up keeps its state for the rest of the search.
+// Passes by width rather than taking each unit as low as it goes: the budget then buys 4-bit for
+// many units before it buys 2-bit for a few.
+// The search stops when the memory target is met or every unit has been visited.
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "eval/evaluator.h"
+#include "model/causal_lm.h"
+#include "optimizer/budget.h"
+#include "optimizer/plan.h"
+#include "optimizer/policy.h"
+#include "optimizer/trained_rounding.h"
+
+namespace gradq {
+
+struct SearchOptions {
+  std::vector<int> bits = {8, 4, 2};                   ///< widths tried, high to low (3 optional)
+  std::vector<int64_t> group_sizes = {128, 64, 32, 16};  ///< cheapest first
+  bool allow_prune = false;                            ///< try removing a weight after its lowest width
+  RoundingMethod method = RoundingMethod::kClip;       ///< rounding of the ordinary candidates
+  bool trained_fallback = true;
+  TrainedRoundingOptions trained;
+  /// Throws gradq::Error for unsupported widths or group sizes, or an unordered list.
+  void validate() const;
+};
+
+/// One measured candidate of the search.
+struct SearchStep {
+  std::string weight;
+  std::string from, to;  ///< spec names
+  RoundingMethod method = RoundingMethod::kRtn;
+  bool accepted = false;
+  double kl_before = 0;     ///< model KL on the calibration windows before the step
+  double kl = 0;            ///< model KL on the calibration windows with the candidate
+  double ppl_increase = 0;  ///< relative
+  double bits_per_weight = 0;  ///< of the whole set of quantizable weights after the step (if accepted)
+  double seconds = 0;       ///< quantizing (or training) + measuring
+};
+
+struct SearchProgress {
+  int64_t unit = 0, units = 0;  ///< units visited so far
+  int64_t passes = 0;
+  double seconds = 0;
+  const SearchStep* last = nullptr;
+};
+
+struct SearchResult {
+  Plan plan;
+  QuantizedWeights weights;  ///< the plan's quantized tensors (as measured, trained codes included)
+  std::vector<SearchStep> steps;
+  std::map<std::string, std::vector<QuantizedTensor>> history;  ///< per weight: each accepted state, oldest first
+  EvalResult calibration;    ///< the final state on the calibration windows
+  bool memory_target_met = false;
+  int64_t passes = 0;
+  double seconds = 0;
+};
+
+class PrecisionOptimizer {
+ public:
+  /// `evaluator`: calibration windows with the full-precision reference set. `stats`: input
+  /// statistics of the quantizable weights (with X^T X when the trained fallback is on). `model` is
+  /// changed during search() and restored to its full-precision weights at the end.
+  PrecisionOptimizer(CausalLM& model, const GradualEvaluator& evaluator, Budget budget, SearchOptions options,
+                     PrecisionPolicy policy, const std::map<std::string, InputStats>& stats);
+
+  /// Runs the search over `order` (weight names, least important first).
+  SearchResult search(const std::vector<std::string>& order,
+                      const std::function<void(const SearchProgress&)>& on_progress = {});
+
+ private:
+  /// Quantized candidate, computed once per (weight, spec, method).
+  const QuantizedTensor& candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method);
+
+  CausalLM& model_;
+  const GradualEvaluator& evaluator_;
+  Budget budget_;
+  SearchOptions options_;
+  PrecisionPolicy policy_;
+  const std::map<std::string, InputStats>& stats_;
+  std::map<std::string, at::Tensor> originals_;  ///< full-precision weights: every candidate starts from them
+  std::map<std::string, QuantizedTensor> cache_;
+};
+
+/// The state every weight starts from: its values rounded to fp16.
+QuantSpec search_start_spec();
+
+}  // namespace gradq

@@ -1,0 +1,276 @@
+#include "orchestrator/gradual_quantizer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <set>
+
+#include "common/error.h"
+
+namespace gradq {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Times one phase and counts its passes into the outcome.
+class PhaseTimer {
+ public:
+  PhaseTimer(QuantizeOutcome& outcome, std::string name) : outcome_(outcome), start_(Clock::now()) {
+    outcome_.phases.push_back({std::move(name), 0, 0});
+    index_ = outcome_.phases.size() - 1;
+  }
+  ~PhaseTimer() { outcome_.phases[index_].seconds = since(start_); }
+  void add_passes(int64_t n) { outcome_.phases[index_].passes += n; }
+
+ private:
+  QuantizeOutcome& outcome_;
+  Clock::time_point start_;
+  size_t index_ = 0;
+};
+
+void set_weights(CausalLM& model, const QuantizedWeights& weights) {
+  for (const auto& [name, q] : weights) model.set_weight(name, q.dequantize());
+}
+
+// The method the search used for the final state of `name` (the start state is fp16, "rtn").
+RoundingMethod method_of(const std::vector<SearchStep>& steps, const std::string& name, const QuantSpec& spec) {
+  RoundingMethod method = RoundingMethod::kRtn;
+  for (const SearchStep& s : steps)
+    if (s.accepted && s.weight == name && s.to == spec.name()) method = s.method;
+  return method;
+}
+
+}  // namespace
+
+GradualQuantizer::GradualQuantizer(CausalLM& model, Windows calibration, Windows evaluation, QuantizerOptions options)
+    : model_(model), calibration_(std::move(calibration)), evaluation_(std::move(evaluation)),
+      options_(std::move(options)) {
+  GRADQ_CHECK(!(options_.plan && options_.dynamic), "give a plan or a dynamic policy, not both");
+  GRADQ_CHECK(options_.batch > 0, "batch must be positive, got {}", options_.batch);
+  GRADQ_CHECK(options_.upgrade_shortlist > 0, "upgrade_shortlist must be positive, got {}", options_.upgrade_shortlist);
+  const bool searching = !options_.plan && !options_.dynamic;
+  if (searching) {
+    options_.budget.validate();
+    options_.search.validate();
+  }
+  options_.policy.bind(model_);
+}
+
+QuantizeOutcome GradualQuantizer::run() {
+  const auto start = Clock::now();
+  QuantizeOutcome out;
+  const Budget& budget = options_.budget;
+  const bool has_quality = budget.max_ppl_increase || budget.max_kl;
+  auto progress = [&](const std::string& phase, int64_t done, int64_t total, const std::string& detail) {
+    if (options_.on_progress) options_.on_progress(phase, done, total, detail);
+  };
+  EvaluatorOptions eval_options;
+  eval_options.batch = options_.batch;
+  GradualEvaluator calibration(calibration_, eval_options), heldout(evaluation_, eval_options);
+  {
+    PhaseTimer phase(out, "reference");
+    progress("reference", 0, 2, "full-precision log-probabilities");
+    calibration.set_reference(model_);
+    heldout.set_reference(model_);
+    phase.add_passes(2);
+  }
+  // Every evaluation below sets the weights it measures and puts the originals back.
+  auto evaluate_heldout = [&](const QuantizedWeights& weights, PhaseTimer& phase) {
+    set_weights(model_, weights);
+    EvalResult r = heldout.evaluate(model_);
+    model_.restore_all();
+    phase.add_passes(1);
+    return r;
+  };
+  std::map<std::string, InputStats> stats;
+  auto capture_stats = [&](bool with_xtx) {
+    PhaseTimer phase(out, "statistics");
+    progress("statistics", 0, 1, with_xtx ? "activation statistics and X^T X" : "activation statistics");
+    stats = model_.capture_input_stats(calibration_.inputs, options_.batch, with_xtx);
+    phase.add_passes(1);
+  };
+  // Layers, least important first.
+  auto importance_order = [&] {
+    if (!options_.order.empty()) {
+      std::set<std::string> given(options_.order.begin(), options_.order.end());
+      for (const WeightInfo& w : model_.weights())
+        GRADQ_CHECK(given.count(w.name), "the search order has no place for weight '{}'", w.name);
+      for (const std::string& name : options_.order) model_.weight_index(name);
+      return options_.order;
+    }
+    PhaseTimer phase(out, "analysis");
+    ImportanceAnalysis analysis;
+    if (options_.analysis_path) {
+      progress("analysis", 0, 1, "loading " + *options_.analysis_path);
+      analysis = load_analysis(*options_.analysis_path);
+    } else {
+      AnalyzerOptions analyzer = options_.analyzer;
+      analyzer.batch = options_.batch;
+      analyzer.on_progress = [&](const AnalysisProgress& p) { progress("analysis", p.done, p.total, p.what); };
+      ImportanceAnalyzer run(model_, calibration_, analyzer);
+      analysis = run.run();
+      phase.add_passes(analysis.timing.forward_passes + analysis.timing.gradient_passes + analysis.timing.capture_passes);
+    }
+    std::vector<std::string> order;
+    std::set<std::string> seen;
+    for (const UnitImportance* u : analysis.ranked(UnitKind::kLayer)) {
+      model_.weight_index(u->unit.name);  // throws naming the unit when the analysis is of another model
+      order.insert(order.begin(), u->unit.name);
+      seen.insert(u->unit.name);
+    }
+    for (const WeightInfo& w : model_.weights())
+      GRADQ_CHECK(seen.count(w.name), "the analysis has no importance for weight '{}': was it made for this model?",
+                  w.name);
+    return order;
+  };
+  auto finish = [&](PhaseTimer& phase) {
+    out.heldout = evaluate_heldout(out.weights, phase);
+    out.size = plan_size(model_, out.plan);
+    if (budget.target_memory_reduction)
+      out.memory_target_met = 1.0 - double(out.size.quantized_bytes) / out.size.fp16_bytes >= *budget.target_memory_reduction;
+    if (has_quality && !budget.quality_met(*out.heldout)) {
+      out.status = QuantizeStatus::kBudgetUnmet;
+      out.messages.push_back(fmt::format("the plan breaks the quality budget ({}) on held-out text: perplexity {:+.2f}%, KL {:.5f}",
+                                         budget.describe(), 100 * ppl_increase(*out.heldout), out.heldout->kl->mean.value));
+    }
+  };
+
+  if (options_.plan || options_.dynamic) {
+    if (options_.plan) {
+      out.plan = *options_.plan;
+    } else {
+      out.order = importance_order();
+      const auto n = static_cast<int64_t>(out.order.size());
+      const auto n_high = static_cast<int64_t>(std::ceil(options_.dynamic->high_share * n));
+      const auto n_low = std::min(n - n_high, static_cast<int64_t>(std::llround(options_.dynamic->low_share * n)));
+      for (int64_t i = 0; i < n; ++i) {  // order: least important first
+        const QuantSpec spec = i < n_low ? options_.dynamic->low : i >= n - n_high ? options_.dynamic->high : options_.dynamic->middle;
+        out.plan.entries.push_back({out.order[i], spec, options_.search.method});
+      }
+    }
+    bool with_xtx = false;
+    if (plan_needs_stats(out.plan, &with_xtx)) capture_stats(with_xtx);
+    PhaseTimer phase(out, "validation");
+    progress("validation", 0, 1, "quantizing and evaluating on held-out text");
+    out.weights = apply_plan(model_, out.plan, stats, options_.search.trained);
+    finish(phase);
+    out.seconds = since(start);
+    return out;
+  }
+
+  // Feasibility: the search's most precise integer state for every weight.
+  {
+    PhaseTimer phase(out, "feasibility");
+    QuantSpec all8;
+    all8.level = quant_level_for_bits(options_.search.bits.front());
+    all8.group_size = options_.search.group_sizes.front();
+    const Plan plan = uniform_plan(model_, all8, RoundingMethod::kRtn);
+    progress("feasibility", 0, 1, "every weight at " + all8.name() + " on held-out text");
+    out.all8_heldout = evaluate_heldout(apply_plan(model_, plan), phase);
+    if (!budget.quality_met(*out.all8_heldout)) {
+      out.status = QuantizeStatus::kBudgetUnmet;
+      out.plan = plan;
+      out.weights = apply_plan(model_, plan);
+      out.heldout = out.all8_heldout;
+      out.size = plan_size(model_, plan);
+      out.messages.push_back(fmt::format(
+          "even every weight at {} breaks the budget ({}) on held-out text: perplexity {:+.2f}%, KL {:.5f}; that is the "
+          "best achievable with integer quantization",
+          all8.name(), budget.describe(), 100 * ppl_increase(*out.heldout), out.heldout->kl->mean.value));
+      out.seconds = since(start);
+      return out;
+    }
+  }
+
+  out.order = importance_order();
+  const bool needs_stats = options_.search.method != RoundingMethod::kRtn || options_.search.trained_fallback;
+  if (needs_stats) capture_stats(options_.search.trained_fallback);
+
+  SearchResult searched;
+  {
+    PhaseTimer phase(out, "search");
+    PrecisionOptimizer optimizer(model_, calibration, budget, options_.search, options_.policy, stats);
+    searched = optimizer.search(out.order, [&](const SearchProgress& p) {
+      const SearchStep& s = *p.last;
+      progress("search", p.unit, p.units,
+               fmt::format("{} {} -> {}{} {} (KL {:.4f}, {:.2f} bits/weight)", s.weight, s.from, s.to,
+                           s.method == RoundingMethod::kTrained ? " trained" : "", s.accepted ? "kept" : "rolled back",
+                           s.kl, s.bits_per_weight));
+    });
+    phase.add_passes(searched.passes);
+  }
+  out.search_steps = searched.steps;
+  out.calibration = searched.calibration;
+  out.weights = searched.weights;
+  auto& history = searched.history;
+
+  PhaseTimer phase(out, "validation");
+  progress("validation", 0, 1, "the plan on held-out text");
+  out.heldout = evaluate_heldout(out.weights, phase);
+  while (!budget.quality_met(*out.heldout)) {
+    // Shortlist: the units whose last lowering cost the most calibration KL per bit it saved.
+    std::vector<std::pair<double, std::string>> costly;
+    for (const auto& [name, states] : history) {
+      if (states.size() < 2) continue;
+      const double saved = 8.0 * (states[states.size() - 2].storage_bytes() - states.back().storage_bytes());
+      double cost = 0;
+      for (const SearchStep& s : out.search_steps)
+        if (s.accepted && s.weight == name && s.to == states.back().spec.name()) cost = (s.kl - s.kl_before) / saved;
+      costly.emplace_back(cost, name);
+    }
+    if (costly.empty()) break;
+    std::sort(costly.begin(), costly.end(), std::greater<>());
+    costly.resize(std::min<size_t>(costly.size(), options_.upgrade_shortlist));
+    ValidationStep best;
+    double best_rate = -INFINITY;
+    std::optional<EvalResult> best_result;
+    for (const auto& [cost, name] : costly) {
+      const auto& states = history.at(name);
+      QuantizedWeights trial = out.weights;
+      trial[name] = states[states.size() - 2];
+      EvalResult r = evaluate_heldout(trial, phase);
+      const double extra_bits = 8.0 * (trial[name].storage_bytes() - states.back().storage_bytes());
+      const double rate = (out.heldout->kl->mean.value - r.kl->mean.value) / extra_bits;
+      if (rate > best_rate) {
+        best_rate = rate;
+        best = {name, states.back().spec.name(), trial[name].spec.name(), out.heldout->kl->mean.value,
+                r.kl->mean.value, extra_bits, static_cast<int64_t>(costly.size())};
+        best_result = std::move(r);
+      }
+    }
+    auto& states = history.at(best.weight);
+    states.pop_back();
+    out.weights[best.weight] = states.back();
+    out.heldout = std::move(best_result);
+    out.validation_steps.push_back(best);
+    progress("validation", static_cast<int64_t>(out.validation_steps.size()), 0,
+             fmt::format("upgraded {} {} -> {} (held-out KL {:.4f} -> {:.4f})", best.weight, best.from, best.to,
+                         best.kl_before, best.kl_after));
+  }
+  for (const WeightInfo& w : model_.weights()) {
+    const QuantSpec& spec = out.weights.at(w.name).spec;
+    PlanEntry e{w.name, spec, method_of(out.search_steps, w.name, spec)};
+    for (const SearchStep& s : out.search_steps)
+      if (s.accepted && s.weight == w.name && s.to == spec.name()) e.measured_kl = s.kl;
+    out.plan.entries.push_back(e);
+  }
+  // The loop ends within budget, or with nothing left to upgrade; finish() re-measures and judges.
+  out.heldout.reset();
+  finish(phase);
+  if (budget.target_memory_reduction && !out.memory_target_met)
+    out.messages.push_back(fmt::format(
+        "the memory target ({:.0f}% smaller than fp16) is not reachable within the quality budget; the best plan found "
+        "is {:.1f}% smaller",
+        100 * *budget.target_memory_reduction, 100 * (1.0 - double(out.size.quantized_bytes) / out.size.fp16_bytes)));
+  out.seconds = since(start);
+  return out;
+}
+
+void export_outcome(CausalLM& model, const QuantizeOutcome& outcome, const std::string& packed_path,
+                    const std::string& fake_quant_path) {
+  export_packed(model, outcome.weights, packed_path);
+  if (!fake_quant_path.empty()) export_fake_quant(model, outcome.weights, fake_quant_path);
+}
+
+}  // namespace gradq

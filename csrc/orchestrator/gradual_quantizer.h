@@ -1,0 +1,102 @@
+#pragma once
+// GradualQuantizer: the whole job behind `gradq quantize`, callable from a training harness.
+//
+// Phases (each timed, with its forward passes counted):
+//   reference   the full-precision model's log-probabilities on the calibration and held-out windows
+//   feasibility every weight at 8 bits (the search's first width, its largest group) on the held-out
+//               windows: when even that breaks the budget, nothing smaller can meet it, and run()
+//               returns kBudgetUnmet with that measurement as the best achievable
+//   analysis    importance ranking of the layers (ImportanceAnalyzer, or a saved analysis JSON)
+//   statistics  activation statistics of the quantizable weights (clipping search, trained rounding)
+//   search      PrecisionOptimizer over the layers, least important first, against budget / safety
+//   validation  the plan on the held-out windows against the full budget; while over it, the unit
+//               whose upgrade to its previous state recovers the most KL per extra bit is upgraded
+//               (candidates: the `upgrade_shortlist` units whose last step cost the most calibration
+//               KL per bit saved, each measured on the held-out windows)
+// A fixed plan (Options::plan) or the dynamic policy replaces analysis and search; the result is
+// still evaluated on held-out text and judged against the budget when one is given.
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "eval/evaluator.h"
+#include "export/export.h"
+#include "importance/analyzer.h"
+#include "model/causal_lm.h"
+#include "optimizer/budget.h"
+#include "optimizer/plan.h"
+#include "optimizer/policy.h"
+#include "optimizer/precision_optimizer.h"
+
+namespace gradq {
+
+struct QuantizerOptions {
+  Budget budget;
+  int64_t batch = 8;               ///< windows per forward pass
+  SearchOptions search;
+  PrecisionPolicy policy;          ///< constraints on the search
+  std::optional<Plan> plan;        ///< re-apply this plan: no analysis, no search
+  std::optional<DynamicPolicy> dynamic;  ///< assign levels by importance share: no search
+  std::optional<std::string> analysis_path;  ///< ranking from a saved analysis instead of a fresh one
+  std::vector<std::string> order;  ///< search order from the caller (least important first): no analysis
+  AnalyzerOptions analyzer;        ///< options of a fresh analysis
+  int64_t upgrade_shortlist = 4;   ///< validation: upgrade candidates measured per step
+  /// Progress lines ("search: 12/35 layers ...") for a display; called on the calling thread.
+  std::function<void(const std::string& phase, int64_t done, int64_t total, const std::string& detail)> on_progress;
+};
+
+enum class QuantizeStatus {
+  kMet,          ///< the plan meets the quality budget on held-out text (or no budget was given)
+  kBudgetUnmet,  ///< no plan found within the quality budget (CLI exit code 2)
+};
+
+struct PhaseTiming {
+  std::string name;
+  int64_t passes = 0;  ///< forward passes over calibration or held-out windows
+  double seconds = 0;
+};
+
+struct ValidationStep {
+  std::string weight, from, to;
+  double kl_before = 0, kl_after = 0;  ///< held-out KL
+  double extra_bits = 0;               ///< storage bits added
+  int64_t candidates = 0;              ///< upgrades measured to choose this one
+};
+
+struct QuantizeOutcome {
+  QuantizeStatus status = QuantizeStatus::kMet;
+  std::vector<std::string> messages;   ///< what a user must know (budget unmet, target unreachable)
+  Plan plan;
+  QuantizedWeights weights;
+  PlanSize size;
+  std::optional<EvalResult> heldout;       ///< the plan on the held-out windows
+  std::optional<EvalResult> all8_heldout;  ///< the feasibility check
+  std::optional<EvalResult> calibration;   ///< the plan on the calibration windows (search)
+  std::vector<std::string> order;          ///< search order, least important first
+  std::vector<SearchStep> search_steps;
+  std::vector<ValidationStep> validation_steps;
+  bool memory_target_met = false;
+  std::vector<PhaseTiming> phases;
+  double seconds = 0;
+};
+
+class GradualQuantizer {
+ public:
+  /// `model` is the full-precision model; it is used in place and left with its original weights.
+  GradualQuantizer(CausalLM& model, Windows calibration, Windows evaluation, QuantizerOptions options);
+  QuantizeOutcome run();
+
+ private:
+  CausalLM& model_;
+  Windows calibration_, evaluation_;
+  QuantizerOptions options_;
+};
+
+/// Writes the packed model (and, when the path is not empty, the fake-quant model) of `outcome`.
+void export_outcome(CausalLM& model, const QuantizeOutcome& outcome, const std::string& packed_path,
+                    const std::string& fake_quant_path = "");
+
+}  // namespace gradq

@@ -1,0 +1,199 @@
+#include "report/quantize_report.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <map>
+
+#include "report/svg_chart.h"
+
+namespace gradq {
+namespace {
+
+std::string human_bytes(double bytes) {
+  if (bytes >= 1e9) return fmt::format("{:.2f} GB", bytes / 1e9);
+  if (bytes >= 1e6) return fmt::format("{:.2f} MB", bytes / 1e6);
+  if (bytes >= 1e3) return fmt::format("{:.1f} kB", bytes / 1e3);
+  return fmt::format("{:.0f} B", bytes);
+}
+
+double reduction(const PlanSize& size) { return 1.0 - double(size.quantized_bytes) / double(size.fp16_bytes); }
+
+nlohmann::ordered_json eval_json(const std::optional<EvalResult>& r) {
+  if (!r) return nullptr;
+  return nlohmann::ordered_json::parse(eval_result_json(*r));
+}
+
+const std::vector<QuantLevel> kLadder = {QuantLevel::kPrune, QuantLevel::kInt2, QuantLevel::kInt3, QuantLevel::kInt4,
+                                         QuantLevel::kInt8,  QuantLevel::kFp16, QuantLevel::kBf16, QuantLevel::kFp32};
+
+std::string level_color(QuantLevel level) {
+  switch (level) {
+    case QuantLevel::kPrune: return "#9e9e9e";
+    case QuantLevel::kInt2: return "#d62728";
+    case QuantLevel::kInt3: return "#ff7f0e";
+    case QuantLevel::kInt4: return "#2ca02c";
+    case QuantLevel::kInt8: return "#1f77b4";
+    case QuantLevel::kFp16: return "#9467bd";
+    case QuantLevel::kBf16: return "#8c564b";
+    default: return "#17becf";
+  }
+}
+
+}  // namespace
+
+std::vector<LevelShare> level_distribution(const CausalLM& model, const QuantizeOutcome& outcome) {
+  std::map<QuantLevel, LevelShare> by_level;
+  for (const WeightInfo& w : model.weights()) {
+    auto it = outcome.weights.find(w.name);
+    if (it == outcome.weights.end()) continue;
+    LevelShare& s = by_level[it->second.spec.level];
+    s.level = it->second.spec.level;
+    ++s.units;
+    s.parameters += w.numel();
+    s.bytes += it->second.storage_bytes();
+  }
+  std::vector<LevelShare> out;
+  for (QuantLevel level : kLadder)
+    if (by_level.count(level)) out.push_back(by_level[level]);
+  return out;
+}
+
+std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
+  nlohmann::ordered_json j;
+  j["format"] = "gradq-quantize-report";
+  j["status"] = outcome.status == QuantizeStatus::kMet ? "met" : "budget_unmet";
+  j["messages"] = outcome.messages;
+  j["budget"] = files.budget;
+  j["model"] = files.model;
+  j["output"] = files.output;
+  const PlanSize& size = outcome.size;
+  j["memory"] = {{"quantizable_parameters", size.weights},
+                 {"fp32_bytes", size.fp32_bytes},
+                 {"fp16_bytes", size.fp16_bytes},
+                 {"quantized_bytes", size.quantized_bytes},
+                 {"bits_per_weight", size.bits_per_weight()},
+                 {"reduction_vs_fp16", reduction(size)},
+                 {"compression_ratio_vs_fp16", double(size.fp16_bytes) / double(size.quantized_bytes)},
+                 {"target_met", outcome.memory_target_met},
+                 {"input_file_bytes", files.model_bytes},
+                 {"output_file_bytes", files.output_bytes},
+                 {"reduction_vs_input_file",
+                  files.output_bytes ? 1.0 - double(files.output_bytes) / double(files.model_bytes) : 0.0}};
+  nlohmann::ordered_json levels = nlohmann::ordered_json::array();
+  int64_t total_units = 0;
+  for (const LevelShare& s : level_distribution(model, outcome)) total_units += s.units;
+  for (const LevelShare& s : level_distribution(model, outcome))
+    levels.push_back({{"level", quant_level_name(s.level)},
+                      {"units", s.units},
+                      {"units_share", double(s.units) / double(total_units)},
+                      {"parameters", s.parameters},
+                      {"parameters_share", double(s.parameters) / double(size.weights)},
+                      {"bytes", s.bytes}});
+  j["levels"] = levels;
+  j["heldout"] = eval_json(outcome.heldout);
+  j["all8_heldout"] = eval_json(outcome.all8_heldout);
+  j["calibration"] = eval_json(outcome.calibration);
+  nlohmann::ordered_json units = nlohmann::ordered_json::array();
+  for (const PlanEntry& e : outcome.plan.entries) {
+    nlohmann::ordered_json u = {{"name", e.name}, {"spec", e.spec.name()}, {"method", rounding_method_name(e.method)}};
+    if (std::isfinite(e.measured_kl)) u["measured_kl"] = e.measured_kl;
+    units.push_back(u);
+  }
+  j["units"] = units;
+  j["order"] = outcome.order;
+  nlohmann::ordered_json steps = nlohmann::ordered_json::array();
+  for (const SearchStep& s : outcome.search_steps)
+    steps.push_back({{"weight", s.weight}, {"from", s.from}, {"to", s.to}, {"method", rounding_method_name(s.method)},
+                     {"accepted", s.accepted}, {"kl_before", s.kl_before}, {"kl", s.kl},
+                     {"ppl_increase", s.ppl_increase}, {"bits_per_weight", s.bits_per_weight}, {"seconds", s.seconds}});
+  j["search_steps"] = steps;
+  nlohmann::ordered_json validation = nlohmann::ordered_json::array();
+  for (const ValidationStep& s : outcome.validation_steps)
+    validation.push_back({{"weight", s.weight}, {"from", s.from}, {"to", s.to}, {"heldout_kl_before", s.kl_before},
+                          {"heldout_kl_after", s.kl_after}, {"extra_bits", s.extra_bits}, {"candidates", s.candidates}});
+  j["validation_steps"] = validation;
+  nlohmann::ordered_json phases = nlohmann::ordered_json::array();
+  for (const PhaseTiming& p : outcome.phases)
+    phases.push_back({{"phase", p.name}, {"passes", p.passes}, {"seconds", p.seconds},
+                      {"seconds_per_pass", p.passes ? p.seconds / double(p.passes) : 0.0}});
+  j["phases"] = phases;
+  j["seconds"] = outcome.seconds;
+  return j.dump(2) + "\n";
+}
+
+std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
+  std::string s;
+  const PlanSize& size = outcome.size;
+  s += fmt::format("budget: {}\n", files.budget.empty() ? "none" : files.budget);
+  s += fmt::format("\n{:<8} {:>6} {:>8} {:>12} {:>8} {:>12}\n", "level", "units", "units%", "parameters", "params%", "bytes");
+  int64_t total_units = 0;
+  const auto levels = level_distribution(model, outcome);
+  for (const LevelShare& l : levels) total_units += l.units;
+  for (const LevelShare& l : levels)
+    s += fmt::format("{:<8} {:>6} {:>7.1f}% {:>12} {:>7.1f}% {:>12}\n", quant_level_name(l.level), l.units,
+                     100.0 * l.units / total_units, l.parameters, 100.0 * l.parameters / size.weights, l.bytes);
+  s += fmt::format("\nbits per weight: {:.3f} (quantizable weights, scales and zero points included)\n",
+                   size.bits_per_weight());
+  s += fmt::format("memory: {} as fp16 -> {} ({:.1f}% smaller, {:.2f}x){}\n", human_bytes(size.fp16_bytes),
+                   human_bytes(size.quantized_bytes), 100 * reduction(size),
+                   double(size.fp16_bytes) / size.quantized_bytes,
+                   outcome.memory_target_met ? ", memory target met" : "");
+  if (files.output_bytes)
+    s += fmt::format("checkpoint file: {} -> {} ({:.1f}% smaller)\n", human_bytes(files.model_bytes),
+                     human_bytes(files.output_bytes), 100.0 * (1.0 - double(files.output_bytes) / files.model_bytes));
+  if (outcome.heldout) {
+    const EvalResult& r = *outcome.heldout;
+    s += fmt::format("held-out ({} tokens): perplexity {:.4f} -> {:.4f} ({:+.2f}%), KL mean {:.5f} (p99 {:.4f}), same top {:.2f}%\n",
+                     r.tokens, r.reference_ppl->value, r.ppl.value, 100 * ppl_increase(r), r.kl->mean.value,
+                     r.kl->percentiles.size() > 1 ? r.kl->percentiles[1] : 0.0, 100 * r.kl->same_top_rate);
+  }
+  if (!outcome.validation_steps.empty())
+    s += fmt::format("validation upgraded {} unit(s) to meet the budget on held-out text\n", outcome.validation_steps.size());
+  s += "\nphase          passes   seconds  s/pass\n";
+  for (const PhaseTiming& p : outcome.phases)
+    s += fmt::format("{:<12} {:>8} {:>9.2f} {:>7.3f}\n", p.name, p.passes, p.seconds, p.passes ? p.seconds / p.passes : 0.0);
+  s += fmt::format("total {:.1f} s\n", outcome.seconds);
+  for (const std::string& m : outcome.messages) s += "note: " + m + "\n";
+  return s;
+}
+
+std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& outcome) {
+  BarChart chart;
+  chart.title = "Quantizable parameters per block by precision level";
+  chart.value_label = "parameters";
+  chart.horizontal = false;
+  chart.stacked = true;
+  chart.value_labels = false;
+  std::map<std::string, size_t> column;
+  for (const WeightInfo& w : model.weights()) {
+    const std::string block = w.block.empty() ? "other" : w.block;
+    if (column.emplace(block, chart.categories.size()).second) chart.categories.push_back(block);
+  }
+  for (const LevelShare& l : level_distribution(model, outcome)) {
+    BarSeries series{quant_level_name(l.level), std::vector<double>(chart.categories.size(), 0.0), level_color(l.level)};
+    for (const WeightInfo& w : model.weights()) {
+      auto it = outcome.weights.find(w.name);
+      if (it != outcome.weights.end() && it->second.spec.level == l.level)
+        series.values[column.at(w.block.empty() ? "other" : w.block)] += double(w.numel());
+    }
+    chart.series.push_back(series);
+  }
+  return render_bar_chart(chart);
+}
+
+std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome& outcome) {
+  BarChart chart;
+  chart.title = fmt::format("Precision levels ({:.3f} bits per weight)", outcome.size.bits_per_weight());
+  chart.value_label = "% of quantizable parameters";
+  BarSeries series{"parameters", {}, ""};
+  for (const LevelShare& l : level_distribution(model, outcome)) {
+    chart.categories.push_back(quant_level_name(l.level));
+    series.values.push_back(100.0 * double(l.parameters) / double(outcome.size.weights));
+    chart.category_colors.push_back(level_color(l.level));
+  }
+  chart.series.push_back(series);
+  return render_bar_chart(chart);
+}
+
+}  // namespace gradq

@@ -1,0 +1,35 @@
+#pragma once
+// The report of a quantization run: JSON for machines, a readable summary for people, and two
+// SVG images (bits per block, stacked by precision level; the level distribution).
+
+#include <string>
+
+#include "model/causal_lm.h"
+#include "orchestrator/gradual_quantizer.h"
+
+namespace gradq {
+
+/// What the report says about the files around the run.
+struct ReportFiles {
+  std::string model, output;      ///< paths
+  int64_t model_bytes = 0;        ///< input checkpoint file size
+  int64_t output_bytes = 0;       ///< packed output file size (0 when none was written)
+  std::string budget;             ///< Budget::describe()
+};
+
+/// Per level of the ladder (in ladder order, only levels present): units, % of units, parameters,
+/// % of parameters, bytes.
+struct LevelShare {
+  QuantLevel level;
+  int64_t units = 0, parameters = 0, bytes = 0;
+};
+std::vector<LevelShare> level_distribution(const CausalLM& model, const QuantizeOutcome& outcome);
+
+std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
+std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
+/// Stacked bars: per block (and "other" for weights outside blocks), parameters at each level.
+std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& outcome);
+/// Bars: share of the quantizable parameters at each level.
+std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome& outcome);
+
+}  // namespace gradq

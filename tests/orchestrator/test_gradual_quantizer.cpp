@@ -1,0 +1,240 @@
+// GradualQuantizer driven as a training harness would: through the C++ API, on stories260K, with
+// small data so the whole suite stays fast. The search order is given (the harness's own
+// ranking) where the analysis is not what a test is about; the CLI test runs the full default path.
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "common/files.h"
+#include "export/export.h"
+#include "optimizer/trained_rounding.h"
+#include "orchestrator/gradual_quantizer.h"
+#include "report/quantize_report.h"
+#include "support/test_helpers.h"
+#include "support/test_support.h"
+#include "tokenizer/tokenizer.h"
+
+namespace gradq {
+namespace {
+namespace fs = std::filesystem;
+using test::bitwise_equal;
+
+struct Fixture {
+  CausalLM model = CausalLM::load(test::stories_pt());
+  DataSplit data;
+  std::vector<std::string> order;  // model order reversed: the last layers first
+  Fixture() {
+    auto tokenizer = Tokenizer::load_sentencepiece(test::tokenizer_model());
+    DataOptions options;
+    options.ctx = 128;
+    options.calib_windows = 4;
+    options.eval_windows = 8;
+    data = make_data_split(tokenizer->encode(read_text_file(test::tinystories_text())), tokenizer->bos_id(), options);
+    for (const WeightInfo& w : model.weights()) order.insert(order.begin(), w.name);
+  }
+  QuantizerOptions options(double max_ppl_increase) const {
+    QuantizerOptions q;
+    q.budget.max_ppl_increase = max_ppl_increase;
+    q.order = order;
+    q.search.group_sizes = {128, 32};  // fewer candidates: the tests are about the flow, not the plan
+    q.search.trained.iterations = 20;
+    return q;
+  }
+  QuantizeOutcome run(const QuantizerOptions& q) {
+    return GradualQuantizer(model, data.calibration, data.evaluation, q).run();
+  }
+};
+
+Fixture& fixture() {
+  static Fixture f;
+  return f;
+}
+
+TEST(GradualQuantizer, HarnessRunMeetsTheBudgetAndLeavesTheModelAsItWas) {
+  Fixture& f = fixture();
+  const at::Tensor tokens = f.data.evaluation.inputs.slice(0, 0, 2);
+  const at::Tensor before = f.model.logits(tokens);
+  std::vector<std::string> seen;
+  QuantizerOptions q = f.options(0.05);
+  q.on_progress = [&](const std::string& phase, int64_t, int64_t, const std::string&) {
+    if (seen.empty() || seen.back() != phase) seen.push_back(phase);
+  };
+  const QuantizeOutcome out = f.run(q);
+  EXPECT_TRUE(bitwise_equal(f.model.logits(tokens), before)) << "run() must restore the full-precision weights";
+  ASSERT_EQ(out.status, QuantizeStatus::kMet) << fmt::format("{}", fmt::join(out.messages, "; "));
+  ASSERT_TRUE(out.heldout.has_value());
+  EXPECT_LE(ppl_increase(*out.heldout), 0.05);
+  EXPECT_EQ(out.plan.entries.size(), f.model.weights().size());
+  EXPECT_LT(out.size.bits_per_weight(), 8.0) << "the search should take some layers below 8 bits";
+  EXPECT_GT(out.search_steps.size(), f.model.weights().size());
+  EXPECT_EQ(seen, (std::vector<std::string>{"reference", "feasibility", "statistics", "search", "validation"}));
+  // The plan's accounting is the report's, and the held-out numbers are those of the written model.
+  const std::string dir = test::temp_dir("quantizer_harness");
+  export_outcome(f.model, out, dir + "/q.pt", dir + "/fq.pt");
+  CausalLM packed = CausalLM::load(dir + "/q.pt");
+  CausalLM fake = CausalLM::load(dir + "/fq.pt");
+  EXPECT_TRUE(bitwise_equal(packed.logits(tokens), fake.logits(tokens)));
+  GradualEvaluator heldout(f.data.evaluation);
+  heldout.set_reference(f.model);
+  EXPECT_DOUBLE_EQ(heldout.evaluate(packed).ppl.value, out.heldout->ppl.value);
+  const std::string report = quantize_report_json(f.model, out, {});
+  EXPECT_NE(report.find("\"bits_per_weight\""), std::string::npos);
+  EXPECT_NE(bits_per_block_svg(f.model, out).find("<svg"), std::string::npos);
+
+  // Same inputs, same plan; re-applying the plan gives the same quantized tensors.
+  const QuantizeOutcome again = f.run(f.options(0.05));
+  EXPECT_EQ(again.plan.to_json(), out.plan.to_json());
+  QuantizerOptions replay;
+  replay.plan = Plan::from_json(out.plan.to_json());
+  replay.search.trained.iterations = 20;
+  const QuantizeOutcome replayed = f.run(replay);
+  for (const auto& [name, t] : out.weights) EXPECT_TRUE(bitwise_equal(replayed.weights.at(name).dequantize(), t.dequantize())) << name;
+}
+
+// A trained entry of a plan is exported with exactly the codes train_rounding produced.
+TEST(GradualQuantizer, ExportedCodesAreTheTrainedOnes) {
+  Fixture& f = fixture();
+  const std::string name = f.model.weights()[3].name;
+  const auto stats = f.model.capture_input_stats(f.data.calibration.inputs, 4, /*with_xtx=*/true);
+  TrainedRoundingOptions trained;
+  trained.iterations = 30;
+  const QuantSpec spec = parse_quant_spec("b2g32");
+  const TrainedRoundingResult direct = train_rounding(f.model.weight(name), spec, stats.at(name).xtx, trained);
+  ASSERT_GT(direct.best_iteration, 0) << "training should improve on round-to-nearest here";
+  Plan plan;
+  plan.entries.push_back({name, spec, RoundingMethod::kTrained});
+  const QuantizedWeights q = apply_plan(f.model, plan, stats, trained);
+  const std::string path = test::temp_dir("quantizer_trained") + "/q.pt";
+  export_packed(f.model, q, path);
+  at::Tensor codes;
+  for (const auto& b : torch::jit::load(path).named_buffers())
+    if (b.name == name + "_codes") codes = b.value;
+  ASSERT_TRUE(codes.defined());
+  EXPECT_TRUE(bitwise_equal(codes, direct.packed.codes));
+  EXPECT_FALSE(bitwise_equal(codes, quantize(f.model.weight(name), spec).codes));
+}
+
+TEST(GradualQuantizer, BudgetThatEvenEightBitsBreaksIsReportedNotSearched) {
+  Fixture& f = fixture();
+  QuantizerOptions q = f.options(0.05);
+  q.budget.max_ppl_increase.reset();
+  q.budget.max_kl = 1e-7;
+  const QuantizeOutcome out = f.run(q);
+  EXPECT_EQ(out.status, QuantizeStatus::kBudgetUnmet);
+  ASSERT_TRUE(out.all8_heldout.has_value());
+  EXPECT_GT(out.all8_heldout->kl->mean.value, 1e-7);
+  EXPECT_TRUE(out.search_steps.empty());
+  ASSERT_FALSE(out.messages.empty());
+  EXPECT_NE(out.messages.front().find("best achievable"), std::string::npos) << out.messages.front();
+}
+
+TEST(GradualQuantizer, MemoryTargetStopsTheSearchOrIsReportedUnreachable) {
+  Fixture& f = fixture();
+  QuantizerOptions easy = f.options(0.05);
+  easy.budget.target_memory_reduction = 0.3;
+  const QuantizeOutcome met = f.run(easy);
+  EXPECT_TRUE(met.memory_target_met);
+  EXPECT_GE(1.0 - double(met.size.quantized_bytes) / met.size.fp16_bytes, 0.3);
+  EXPECT_LT(met.size.bits_per_weight(), 16 * 0.7 + 1e-9);
+  QuantizerOptions hard = f.options(0.05);
+  hard.budget.target_memory_reduction = 0.95;
+  const QuantizeOutcome unmet = f.run(hard);
+  EXPECT_EQ(unmet.status, QuantizeStatus::kMet);
+  EXPECT_FALSE(unmet.memory_target_met);
+  ASSERT_FALSE(unmet.messages.empty());
+  EXPECT_NE(unmet.messages.back().find("not reachable"), std::string::npos) << unmet.messages.back();
+  EXPECT_GT(met.size.bits_per_weight(), unmet.size.bits_per_weight()) << "stopping at the target keeps more bits";
+}
+
+TEST(GradualQuantizer, PolicyBoundsEveryLevel) {
+  Fixture& f = fixture();
+  QuantizerOptions q = f.options(0.2);
+  q.policy = PrecisionPolicy::from_json(R"({"format": "gradq-policy", "rules": [
+      {"pattern": "^{last_block}\\.", "min": "int8"},
+      {"pattern": "feed_forward", "max": "int4"}]})");
+  const QuantizeOutcome out = f.run(q);
+  const std::string last = f.model.blocks().back().name + ".";
+  for (const PlanEntry& e : out.plan.entries) {
+    if (e.name.rfind(last, 0) == 0) {
+      EXPECT_GE(e.spec.level, QuantLevel::kInt8) << e.name;
+      if (e.name.find("feed_forward") != std::string::npos) EXPECT_EQ(e.spec.level, QuantLevel::kFp16) << e.name;
+    } else if (e.name.find("feed_forward") != std::string::npos) {
+      EXPECT_LE(e.spec.level, QuantLevel::kInt4) << e.name << " is " << e.spec.name();
+    }
+  }
+}
+
+TEST(GradualQuantizer, DynamicPolicyAssignsLevelsByImportanceShare) {
+  Fixture& f = fixture();
+  QuantizerOptions q;
+  q.order = f.order;
+  q.dynamic = DynamicPolicy::from_json(R"({"format": "gradq-dynamic-policy", "high_share": 0.2, "low_share": 0.4,
+                                           "high": "fp16", "middle": "b8g128", "low": "b4g128"})");
+  const QuantizeOutcome out = f.run(q);
+  const auto n = static_cast<int64_t>(f.order.size());
+  std::map<std::string, QuantSpec> spec_of;
+  for (const PlanEntry& e : out.plan.entries) spec_of[e.name] = e.spec;
+  for (int64_t i = 0; i < n; ++i) {
+    const std::string expected = i < 14 ? "b4g128" : i >= n - 7 ? "fp16" : "b8g128";  // 35 units: 14 low, 7 high
+    EXPECT_EQ(spec_of.at(f.order[i]).name(), expected) << f.order[i];
+  }
+  EXPECT_TRUE(out.search_steps.empty());
+}
+
+TEST(PrecisionPolicy, BadFilesAreNamed) {
+  EXPECT_NE(test::expect_error([] { PrecisionPolicy::from_json("{}"); }).find("gradq-policy"), std::string::npos);
+  EXPECT_NE(test::expect_error([] {
+              PrecisionPolicy::from_json(R"({"format": "gradq-policy", "rules": [{"pattern": "x", "min": "int5"}]})");
+            }).find("unknown precision level 'int5'"),
+            std::string::npos);
+  EXPECT_NE(test::expect_error([] {
+              PrecisionPolicy::from_json(R"({"format": "gradq-policy", "rules": [{"pattern": "x", "min": "fp16", "max": "int4"}]})");
+            }).find("min fp16 is above max int4"),
+            std::string::npos);
+  EXPECT_NE(test::expect_error([] { PrecisionPolicy::load("/nonexistent/policy.json"); }).find("/nonexistent/policy.json"),
+            std::string::npos);
+}
+
+// Every shipped policy parses and binds to stories260K.
+TEST(PrecisionPolicy, ShippedPoliciesLoad) {
+  int loaded = 0;
+  for (const auto& entry : fs::directory_iterator(std::string(GRADQ_TEST_SOURCE_DIR) + "/configs/policies")) {
+    const std::string text = read_file(entry.path().string());
+    if (text.find("gradq-dynamic-policy") != std::string::npos) {
+      DynamicPolicy::from_json(text);
+    } else {
+      PrecisionPolicy p = PrecisionPolicy::from_json(text);
+      p.bind(fixture().model);
+    }
+    ++loaded;
+  }
+  EXPECT_GE(loaded, 3);
+}
+
+// The CLI's default path end to end (fresh analysis included), on small data; then exit code 2
+// with a report and no model for a budget nothing meets.
+TEST(QuantizeCli, DefaultSearchAndUnmeetableBudget) {
+  const std::string dir = test::temp_dir("quantize_cli");
+  const std::string data = " --threads 1 --ctx 128 --calib-windows 4 --eval-windows 8 --trained-iterations 20";
+  auto [rc, out] = test::run(test::cli() + " quantize -o " + dir + "/q.pt --report " + dir + "/r.json --save-plan " +
+                             dir + "/plan.json" + data);
+  ASSERT_EQ(rc, 0) << out;
+  for (const char* s : {"analysis", "search", "validation", "bits per weight", "held-out", "wrote"})
+    EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
+  for (const char* f : {"q.pt", "r.json", "r-blocks.svg", "r-levels.svg", "plan.json"})
+    EXPECT_TRUE(fs::exists(dir + "/" + f)) << f;
+  auto [grc, gout] = test::run(test::cli() + " generate --model " + dir + "/q.pt --steps 10 --threads 1");
+  EXPECT_EQ(grc, 0) << gout;
+
+  auto [urc, uout] = test::run(test::cli() + " quantize --max-kl 1e-9 -o " + dir + "/never.pt --report " + dir +
+                               "/never.json" + data);
+  EXPECT_EQ(urc, 2) << uout;
+  EXPECT_NE(uout.find("budget not met"), std::string::npos) << uout;
+  EXPECT_FALSE(fs::exists(dir + "/never.pt"));
+  EXPECT_NE(read_file(dir + "/never.json").find("\"budget_unmet\""), std::string::npos);
+}
+
+}  // namespace
+}  // namespace gradq
