@@ -20,6 +20,7 @@ int cmd_convert(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
 int cmd_analyze(int argc, char** argv);
+int cmd_bench(int argc, char** argv);
 int cmd_quantize(int argc, char** argv);
 
 }  // namespace gradq::cli

@@ -22,6 +22,7 @@ const Command kCommands[] = {
     {"generate", "greedy text generation with a model", gradq::cli::cmd_generate},
     {"eval", "perplexity and KL divergence against a reference model", gradq::cli::cmd_eval},
     {"analyze", "per-layer and per-block importance: probes, ranking, stability", gradq::cli::cmd_analyze},
+    {"bench", "benchmarks (gradq bench kernels: quantization kernel throughput)", gradq::cli::cmd_bench},
     {"quantize", "quantize a model and write a packed TorchScript checkpoint", gradq::cli::cmd_quantize},
 };
 
