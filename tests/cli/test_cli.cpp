@@ -28,7 +28,7 @@ TEST(Cli, HelpAndVersion) {
 
 TEST(Cli, ErrorsAreOneLineAndNonZero) {
   for (const std::string args : {"frobnicate", "convert /nonexistent.bin -o /tmp/x.pt", "eval --ctx 0",
-                                 "eval --text /nonexistent.txt", "eval --bogus-flag", "quantize -o /tmp/x.pt",
+                                 "eval --text /nonexistent.txt", "eval --bogus-flag", "quantize --uniform b4g32",
                                  "quantize --uniform b5g32 -o /tmp/x.pt", "quantize --uniform b4g48 -o /tmp/x.pt",
                                  "quantize --uniform b4g32 --method round -o /tmp/x.pt",
                                  "quantize --plan /nonexistent.json -o /tmp/x.pt"}) {
