@@ -3,20 +3,18 @@
 #include <torch/serialize.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
 #include "common/files.h"
+#include "common/timing.h"
 
 namespace gradq {
 
 const std::vector<double> kKlPercentiles = {99.9, 99, 95, 90, 10, 5, 1, 0.1};
 
 namespace {
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 Estimate mean_estimate(const at::Tensor& x) {
   const int64_t n = x.numel();

@@ -1,13 +1,13 @@
 #include "importance/analyzer.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <numeric>
 
 #include "common/error.h"
 #include "common/files.h"
+#include "common/timing.h"
 #include "quant/quant_spec.h"
 #include "report/svg_chart.h"
 
@@ -16,7 +16,6 @@ namespace gradq {
 const std::vector<int> kRtnProbeBits = {8, 4, 2};
 
 namespace {
-using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
 constexpr const char* kFormat = "gradq-importance-analysis";
@@ -170,7 +169,7 @@ ImportanceAnalysis ImportanceAnalyzer::run() {
   auto progress = [&](const std::string& what) {
     ++done;
     if (options_.on_progress)
-      options_.on_progress({done, total, std::chrono::duration<double>(Clock::now() - start).count(), what});
+      options_.on_progress({done, total, seconds_since(start), what});
   };
 
   ImportanceAnalysis a;
@@ -245,7 +244,7 @@ ImportanceAnalysis ImportanceAnalyzer::run() {
   a.timing.forward_passes = evaluator.passes();
   a.timing.probe_seconds = evaluator.seconds();
   a.timing.forward_seconds = evaluator.forward_seconds();
-  a.timing.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  a.timing.seconds = seconds_since(start);
   return a;
 }
 

@@ -1,15 +1,11 @@
 #include "importance/probe_evaluator.h"
 
-#include <chrono>
 #include <cmath>
 
 #include "common/error.h"
+#include "common/timing.h"
 
 namespace gradq {
-namespace {
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-}  // namespace
 
 ProbeEvaluator::ProbeEvaluator(const CausalLM& reference, Windows windows, int64_t subsets, EvaluatorOptions options)
     : evaluator_(std::move(windows), options) {

@@ -3,14 +3,13 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
-#include <chrono>
 
 #include "common/error.h"
+#include "common/timing.h"
 #include "quant/quantize.h"
 
 namespace gradq {
 namespace {
-using Clock = std::chrono::steady_clock;
 
 uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -273,7 +272,7 @@ StaticSignals static_signals(CausalLM& model, const ProbeEvaluator& evaluator, W
     s.gradient_magnitude = g.abs().mean().item<double>();
     s.fisher = (g * error[w.name]).abs().sum().item<double>();
   }
-  out.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  out.seconds = seconds_since(start);
   return out;
 }
 

@@ -1,18 +1,16 @@
 #include "optimizer/precision_optimizer.h"
 
 #include <algorithm>
-#include <chrono>
 #include <set>
 
 #include <fmt/ranges.h>
 
 #include "common/error.h"
+#include "common/timing.h"
 
 namespace gradq {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 QuantSpec integer_spec(int bits, int64_t group_size) {
   QuantSpec spec;
@@ -113,10 +111,10 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
       model_.set_weight(name, state[name].dequantize());
     }
     step.bits_per_weight = 8.0 * double(bytes) / weights;
-    step.seconds = quantize_seconds + since(t);
+    step.seconds = quantize_seconds + seconds_since(t);
     result.steps.push_back(step);
     progress.passes = result.passes;
-    progress.seconds = since(start);
+    progress.seconds = seconds_since(start);
     progress.last = &result.steps.back();
     if (on_progress) on_progress(progress);
     return step.accepted;
@@ -131,7 +129,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     auto measure = [&](const QuantSpec& s) {
       const auto t = Clock::now();
       const QuantizedTensor& q = candidate(name, s, method);
-      return try_candidate(name, q, method, since(t));
+      return try_candidate(name, q, method, seconds_since(t));
     };
     // Cheapest first (it often fits); when it does not, the most accurate decides whether the width
     // is feasible at all; only then the ones in between, cheapest first.
@@ -186,7 +184,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     result.weights[w.name] = state[w.name];
   }
   model_.restore_all();
-  result.seconds = since(start);
+  result.seconds = seconds_since(start);
   return result;
 }
 

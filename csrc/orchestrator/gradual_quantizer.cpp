@@ -1,17 +1,15 @@
 #include "orchestrator/gradual_quantizer.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <set>
 
 #include "common/error.h"
+#include "common/timing.h"
 
 namespace gradq {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 // Times one phase and counts its passes into the outcome.
 class PhaseTimer {
@@ -20,7 +18,7 @@ class PhaseTimer {
     outcome_.phases.push_back({std::move(name), 0, 0});
     index_ = outcome_.phases.size() - 1;
   }
-  ~PhaseTimer() { outcome_.phases[index_].seconds = since(start_); }
+  ~PhaseTimer() { outcome_.phases[index_].seconds = seconds_since(start_); }
   void add_passes(int64_t n) { outcome_.phases[index_].passes += n; }
 
  private:
@@ -155,7 +153,7 @@ QuantizeOutcome GradualQuantizer::run() {
     progress("validation", 0, 1, "quantizing and evaluating on held-out text");
     out.weights = apply_plan(model_, out.plan, stats, options_.search.trained);
     finish(phase);
-    out.seconds = since(start);
+    out.seconds = seconds_since(start);
     return out;
   }
 
@@ -178,7 +176,7 @@ QuantizeOutcome GradualQuantizer::run() {
           "even every weight at {} breaks the budget ({}) on held-out text: perplexity {:+.2f}%, KL {:.5f}; that is the "
           "best achievable with integer quantization",
           all8.name(), budget.describe(), 100 * ppl_increase(*out.heldout), out.heldout->kl->mean.value));
-      out.seconds = since(start);
+      out.seconds = seconds_since(start);
       return out;
     }
   }
@@ -263,7 +261,7 @@ QuantizeOutcome GradualQuantizer::run() {
         "the memory target ({:.0f}% smaller than fp16) is not reachable within the quality budget; the best plan found "
         "is {:.1f}% smaller",
         100 * *budget.target_memory_reduction, 100 * (1.0 - double(out.size.quantized_bytes) / out.size.fp16_bytes)));
-  out.seconds = since(start);
+  out.seconds = seconds_since(start);
   return out;
 }
 

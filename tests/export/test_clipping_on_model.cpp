@@ -11,7 +11,6 @@
 #include "model/causal_lm.h"
 #include "optimizer/plan.h"
 #include "support/test_support.h"
-#include "tokenizer/tokenizer.h"
 
 namespace gradq {
 namespace {
@@ -26,12 +25,10 @@ class ClippingOnStories : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ClippingOnStories, LowerOutputErrorAndKlThanRoundToNearest) {
   CausalLM model = CausalLM::load(test::stories_pt());
-  auto tokenizer = Tokenizer::load_sentencepiece(test::tokenizer_model());
   DataOptions data;
   data.calib_windows = 8;
   data.eval_windows = 16;
-  const DataSplit split = make_data_split(tokenizer->encode(read_text_file(test::tinystories_text())),
-                                          tokenizer->bos_id(), data);
+  const DataSplit split = test::stories_data(data);
   const auto stats = model.capture_input_stats(split.calibration.inputs, 8, /*with_xtx=*/true);
 
   const QuantSpec spec = parse_quant_spec(GetParam());

@@ -30,21 +30,6 @@ using test::gaussian;
 
 namespace {
 
-}  // namespace
-
-/// Expects `stmt` to throw a std::exception whose message contains `substr`.
-#define GRADQ_EXPECT_THROW_MSG(stmt, substr)                                                  \
-  do {                                                                                        \
-    try {                                                                                     \
-      stmt;                                                                                   \
-      ADD_FAILURE() << "expected an exception containing \"" << (substr) << "\"";             \
-    } catch (const std::exception& e) {                                                       \
-      EXPECT_NE(std::string(e.what()).find(substr), std::string::npos) << "message: " << e.what(); \
-    }                                                                                         \
-  } while (0)
-
-namespace {
-
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                             const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t);
 using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t,

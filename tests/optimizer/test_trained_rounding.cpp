@@ -25,7 +25,6 @@
 #include "quant/quantized_tensor.h"
 #include "support/test_helpers.h"
 #include "support/test_support.h"
-#include "tokenizer/tokenizer.h"
 
 namespace gradq {
 namespace {
@@ -177,12 +176,10 @@ struct Stories {
 const Stories& stories() {
   static const Stories s = [] {
     CausalLM model = CausalLM::load(test::stories_pt());
-    auto tokenizer = Tokenizer::load_sentencepiece(test::tokenizer_model());
     DataOptions data;
     data.calib_windows = 8;
     data.eval_windows = 1;
-    const DataSplit split = make_data_split(tokenizer->encode(read_text_file(test::tinystories_text())),
-                                            tokenizer->bos_id(), data);
+    const DataSplit split = test::stories_data(data);
     auto stats = model.capture_input_stats(split.calibration.inputs, 8, /*with_xtx=*/true);
     return Stories{std::move(model), std::move(stats)};
   }();

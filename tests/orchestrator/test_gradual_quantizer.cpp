@@ -14,7 +14,6 @@
 #include "report/quantize_report.h"
 #include "support/test_helpers.h"
 #include "support/test_support.h"
-#include "tokenizer/tokenizer.h"
 
 namespace gradq {
 namespace {
@@ -26,12 +25,11 @@ struct Fixture {
   DataSplit data;
   std::vector<std::string> order;  // model order reversed: the last layers first
   Fixture() {
-    auto tokenizer = Tokenizer::load_sentencepiece(test::tokenizer_model());
     DataOptions options;
     options.ctx = 128;
     options.calib_windows = 4;
     options.eval_windows = 8;
-    data = make_data_split(tokenizer->encode(read_text_file(test::tinystories_text())), tokenizer->bos_id(), options);
+    data = test::stories_data(options);
     for (const WeightInfo& w : model.weights()) order.insert(order.begin(), w.name);
   }
   QuantizerOptions options(double max_ppl_increase) const {

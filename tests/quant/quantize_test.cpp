@@ -36,17 +36,6 @@ inline at::Tensor gaussian_with_outliers(int64_t rows, int64_t cols, uint64_t se
 
 }  // namespace
 
-/// Expects `stmt` to throw a std::exception whose message contains `substr`.
-#define GRADQ_EXPECT_THROW_MSG(stmt, substr)                                                  \
-  do {                                                                                        \
-    try {                                                                                     \
-      stmt;                                                                                   \
-      ADD_FAILURE() << "expected an exception containing \"" << (substr) << "\"";             \
-    } catch (const std::exception& e) {                                                       \
-      EXPECT_NE(std::string(e.what()).find(substr), std::string::npos) << "message: " << e.what(); \
-    }                                                                                         \
-  } while (0)
-
 namespace {
 
 QuantSpec make_spec(int bits, int64_t group, bool symmetric, bool fp16_scale) {

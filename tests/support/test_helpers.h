@@ -11,6 +11,17 @@
 
 #include "common/error.h"
 
+/// Expects `stmt` to throw a std::exception whose message contains `substr`.
+#define GRADQ_EXPECT_THROW_MSG(stmt, substr)                                                  \
+  do {                                                                                        \
+    try {                                                                                     \
+      stmt;                                                                                   \
+      ADD_FAILURE() << "expected an exception containing \"" << (substr) << "\"";             \
+    } catch (const std::exception& e) {                                                       \
+      EXPECT_NE(std::string(e.what()).find(substr), std::string::npos) << "message: " << e.what(); \
+    }                                                                                         \
+  } while (0)
+
 namespace gradq::test {
 
 /// Exact equality of dtype, shape and bits (so -0.0 != 0.0 and NaN == NaN of the same payload).

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "model/llama2c.h"
+#include "tokenizer/tokenizer.h"
 
 namespace gradq::test {
 namespace fs = std::filesystem;
@@ -31,6 +32,11 @@ std::pair<int, std::string> run(const std::string& command) {
   while (size_t n = fread(buf.data(), 1, buf.size(), pipe)) out.append(buf.data(), n);
   int status = ::pclose(pipe);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
+}
+
+DataSplit stories_data(const DataOptions& options) {
+  auto tokenizer = Tokenizer::load_sentencepiece(tokenizer_model());
+  return make_data_split(tokenizer->encode(read_text_file(tinystories_text())), tokenizer->bos_id(), options);
 }
 
 const std::string& stories_pt() {

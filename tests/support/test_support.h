@@ -6,6 +6,8 @@
 #include <string>
 #include <utility>
 
+#include "data/dataset.h"
+
 namespace gradq::test {
 
 /// third_party/assets in the source tree.
@@ -22,6 +24,9 @@ std::string cli();
 
 /// Runs a shell command, returns {exit code, combined stdout+stderr}.
 std::pair<int, std::string> run(const std::string& command);
+
+/// The TinyStories text tokenized with the stories260K tokenizer and split by make_data_split.
+DataSplit stories_data(const DataOptions& options);
 
 /// stories260K converted to TorchScript once per test process (cached at a temp path).
 const std::string& stories_pt();
