@@ -3,7 +3,13 @@
 
 #include <cxxopts.hpp>
 
+#include <chrono>
 #include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "model/causal_lm.h"
+#include "orchestrator/gradual_quantizer.h"
 
 namespace gradq::cli {
 
@@ -11,10 +17,49 @@ namespace gradq::cli {
 constexpr int kExitError = 1;
 constexpr int kExitBudgetUnmet = 2;
 
+/// Exit code of `gradq sweep` when the regression gate (--compare-to) finds a regression.
+constexpr int kExitRegression = 3;
+
 /// Adds --threads and --help to a subcommand's options.
 void add_common_options(cxxopts::Options& options);
 /// Parses; prints help and returns false when --help was given. Applies --threads.
 bool parse(cxxopts::Options& options, int argc, char** argv, cxxopts::ParseResult& out);
+
+/// Comma-separated integers ("8,4,2"); throws naming the flag otherwise.
+std::vector<int64_t> parse_int_list(const std::string& text, const char* flag);
+
+// --- What `quantize` and `sweep` share -----------------------------------------------------------
+/// Options groups "search" (how the plan is searched) and "files"/"data" (model, tokenizer, text
+/// and how the text becomes calibration and held-out windows).
+void add_search_options(cxxopts::Options& options);
+void add_input_options(cxxopts::Options& options);
+/// Fills the search part of `q` (safety, search, analysis seed, policy, analysis file).
+void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q);
+/// The input files the options name (model, tokenizer, text, analysis, policy): never outputs.
+std::vector<std::string> input_paths(const cxxopts::ParseResult& args);
+
+struct Inputs {
+  CausalLM model;
+  DataSplit split;
+};
+/// Loads the model and the tokenizer, checks they fit, and splits the text; prints one line saying
+/// what was loaded.
+Inputs load_inputs(const cxxopts::ParseResult& args);
+
+/// One progress line per event; on a terminal the line is rewritten in place.
+class ProgressDisplay {
+ public:
+  ProgressDisplay();
+  void operator()(const std::string& phase, int64_t done, int64_t total, const std::string& detail);
+  /// Ends an in-place line so that what follows starts on its own line.
+  void finish();
+
+ private:
+  bool tty_;
+  bool open_ = false;
+  std::string phase_;
+  std::chrono::steady_clock::time_point start_;
+};
 
 int cmd_convert(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
@@ -22,5 +67,6 @@ int cmd_eval(int argc, char** argv);
 int cmd_analyze(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_quantize(int argc, char** argv);
+int cmd_sweep(int argc, char** argv);
 
 }  // namespace gradq::cli

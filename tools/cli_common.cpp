@@ -1,7 +1,13 @@
+#include <unistd.h>
+
 #include <iostream>
+#include <sstream>
 
 #include "cli.h"
+#include "common/error.h"
 #include "common/runtime.h"
+#include "model/model_loader.h"
+#include "tokenizer/tokenizer.h"
 
 namespace gradq::cli {
 
@@ -20,6 +26,119 @@ bool parse(cxxopts::Options& options, int argc, char** argv, cxxopts::ParseResul
   if (!out.unmatched().empty()) throw cxxopts::exceptions::invalid_option_syntax(out.unmatched().front());
   set_threads(out["threads"].as<int>());
   return true;
+}
+
+std::vector<int64_t> parse_int_list(const std::string& text, const char* flag) {
+  std::vector<int64_t> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t used = 0;
+      out.push_back(std::stoll(item, &used));
+      GRADQ_CHECK(used == item.size(), "");
+    } catch (const std::exception&) {
+      throw Error(fmt::format("{} expects comma-separated integers, got '{}'", flag, text));
+    }
+  }
+  return out;
+}
+
+void add_search_options(cxxopts::Options& options) {
+  options.add_options("search")
+      ("safety", "the search uses the quality limits divided by this", cxxopts::value<double>()->default_value("2"))
+      ("bits", "bit widths to try, high to low (add 3 for 3-bit)", cxxopts::value<std::string>()->default_value("8,4,2"))
+      ("group-sizes", "group sizes to try, cheapest first", cxxopts::value<std::string>()->default_value("128,64,32,16"))
+      ("method", "rounding: rtn (round to nearest) or clip (activation-weighted clipping search)", cxxopts::value<std::string>()->default_value("clip"))
+      ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
+      ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
+      ("allow-prune", "let the search remove a weight entirely after its lowest bit width")
+      ("seed", "seed of the importance analysis' noise probes", cxxopts::value<uint64_t>()->default_value("0"))
+      ("analysis", "importance from this `gradq analyze` JSON instead of a fresh analysis", cxxopts::value<std::string>())
+      ("policy", "constraint policy JSON: allowed levels by weight name (configs/policies/)", cxxopts::value<std::string>());
+}
+
+void add_input_options(cxxopts::Options& options) {
+  options.add_options("files")
+      ("model", "TorchScript model, or a llama2.c .bin", cxxopts::value<std::string>()->default_value(default_model_path()))
+      ("tokenizer", "SentencePiece model", cxxopts::value<std::string>()->default_value(default_tokenizer_path()))
+      ("text", "UTF-8 text: calibration part first, held-out part after", cxxopts::value<std::string>()->default_value(default_text_path()))
+      ("include", "regex: also quantize matching matrix weights (embeddings, the head); repeatable", cxxopts::value<std::vector<std::string>>())
+      ("exclude", "regex: do not quantize matching weights; repeatable", cxxopts::value<std::vector<std::string>>());
+  options.add_options("data")
+      ("calib-fraction", "leading fraction of the text's tokens used for calibration", cxxopts::value<double>()->default_value("0.1"))
+      ("ctx", "window length in tokens", cxxopts::value<int64_t>()->default_value("256"))
+      ("calib-windows", "calibration windows (0 = all)", cxxopts::value<int64_t>()->default_value("8"))
+      ("eval-windows", "held-out evaluation windows (0 = all)", cxxopts::value<int64_t>()->default_value("64"))
+      ("batch", "windows per forward pass", cxxopts::value<int64_t>()->default_value("8"));
+}
+
+void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) {
+  q.budget.safety = args["safety"].as<double>();
+  q.batch = args["batch"].as<int64_t>();
+  q.search.bits.clear();
+  for (int64_t bits : parse_int_list(args["bits"].as<std::string>(), "--bits")) q.search.bits.push_back(static_cast<int>(bits));
+  q.search.group_sizes = parse_int_list(args["group-sizes"].as<std::string>(), "--group-sizes");
+  const std::string method = args["method"].as<std::string>();
+  GRADQ_CHECK(method == "rtn" || method == "clip", "--method must be rtn or clip, got '{}'", method);
+  q.search.method = parse_rounding_method(method);
+  q.search.trained_fallback = !args.count("no-trained-fallback");
+  q.search.trained.iterations = args["trained-iterations"].as<int>();
+  q.search.allow_prune = args.count("allow-prune") > 0;
+  q.analyzer.seed = args["seed"].as<uint64_t>();
+  if (args.count("policy")) q.policy = PrecisionPolicy::load(args["policy"].as<std::string>());
+  if (args.count("analysis")) q.analysis_path = args["analysis"].as<std::string>();
+}
+
+std::vector<std::string> input_paths(const cxxopts::ParseResult& args) {
+  std::vector<std::string> inputs = {args["model"].as<std::string>(), args["tokenizer"].as<std::string>(),
+                                     args["text"].as<std::string>()};
+  for (const char* optional : {"analysis", "policy"})
+    if (args.count(optional)) inputs.push_back(args[optional].as<std::string>());
+  return inputs;
+}
+
+Inputs load_inputs(const cxxopts::ParseResult& args) {
+  AdapterOptions adapter;
+  if (args.count("include")) adapter.include = args["include"].as<std::vector<std::string>>();
+  if (args.count("exclude")) adapter.exclude = args["exclude"].as<std::vector<std::string>>();
+  auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
+  CausalLM model = load_model(args["model"].as<std::string>(), adapter);
+  check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  DataOptions data;
+  data.calib_fraction = args["calib-fraction"].as<double>();
+  data.ctx = args["ctx"].as<int64_t>();
+  data.calib_windows = args["calib-windows"].as<int64_t>();
+  data.eval_windows = args["eval-windows"].as<int64_t>();
+  DataSplit split = make_data_split(tokenizer->encode(read_text_file(args["text"].as<std::string>())),
+                                    tokenizer->bos_id(), data);
+  std::cerr << fmt::format("{} quantizable weights; {} calibration and {} held-out windows of {} tokens\n",
+                           model.weights().size(), split.calibration.size(), split.evaluation.size(), data.ctx);
+  return {std::move(model), std::move(split)};
+}
+
+ProgressDisplay::ProgressDisplay() : tty_(::isatty(STDERR_FILENO) != 0), start_(std::chrono::steady_clock::now()) {}
+
+void ProgressDisplay::finish() {
+  if (open_) std::cerr << "\n";
+  open_ = false;
+}
+
+void ProgressDisplay::operator()(const std::string& phase, int64_t done, int64_t total, const std::string& detail) {
+  const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  std::string line = fmt::format("[{:6.1f}s] {}", t, phase);
+  if (total > 0) line += fmt::format(" {}/{}", done, total);
+  if (!detail.empty()) line += ": " + detail;
+  if (tty_) {
+    if (phase != phase_) finish();
+    std::cerr << "\r\033[K" << line.substr(0, 160) << std::flush;
+    open_ = true;
+  } else if (phase != phase_ || detail.find("kept") != std::string::npos ||
+             phase.find("validation") != std::string::npos || phase == "sweep") {
+    // Without a terminal: each phase's first line, accepted steps, validation and finished points.
+    std::cerr << line << "\n";
+  }
+  phase_ = phase;
 }
 
 }  // namespace gradq::cli

@@ -24,6 +24,7 @@ const Command kCommands[] = {
     {"analyze", "per-layer and per-block importance: probes, ranking, stability", gradq::cli::cmd_analyze},
     {"bench", "benchmarks (gradq bench kernels: quantization kernel throughput)", gradq::cli::cmd_bench},
     {"quantize", "quantize a model and write a packed TorchScript checkpoint", gradq::cli::cmd_quantize},
+    {"sweep", "quantize over a list of budgets with uniform baselines: report, Pareto plot, regression gate", gradq::cli::cmd_sweep},
 };
 
 void print_usage() {

@@ -52,6 +52,8 @@ GradualQuantizer::GradualQuantizer(CausalLM& model, Windows calibration, Windows
     options_.budget.validate();
     options_.search.validate();
   }
+  GRADQ_CHECK(options_.calibration_reference.has_value() == options_.heldout_reference.has_value(),
+              "give both the calibration and the held-out reference, or neither");
   options_.policy.bind(model_);
 }
 
@@ -68,10 +70,16 @@ QuantizeOutcome GradualQuantizer::run() {
   GradualEvaluator calibration(calibration_, eval_options), heldout(evaluation_, eval_options);
   {
     PhaseTimer phase(out, "reference");
-    progress("reference", 0, 2, "full-precision log-probabilities");
-    calibration.set_reference(model_);
-    heldout.set_reference(model_);
-    phase.add_passes(2);
+    if (options_.calibration_reference) {
+      progress("reference", 0, 2, "given full-precision log-probabilities");
+      calibration.set_reference(*options_.calibration_reference);
+      heldout.set_reference(*options_.heldout_reference);
+    } else {
+      progress("reference", 0, 2, "full-precision log-probabilities");
+      calibration.set_reference(model_);
+      heldout.set_reference(model_);
+      phase.add_passes(2);
+    }
   }
   // Every evaluation below sets the weights it measures and puts the originals back.
   auto evaluate_heldout = [&](const QuantizedWeights& weights, PhaseTimer& phase) {
@@ -110,17 +118,7 @@ QuantizeOutcome GradualQuantizer::run() {
       analysis = run.run();
       phase.add_passes(analysis.timing.forward_passes + analysis.timing.gradient_passes + analysis.timing.capture_passes);
     }
-    std::vector<std::string> order;
-    std::set<std::string> seen;
-    for (const UnitImportance* u : analysis.ranked(UnitKind::kLayer)) {
-      model_.weight_index(u->unit.name);  // throws naming the unit when the analysis is of another model
-      order.insert(order.begin(), u->unit.name);
-      seen.insert(u->unit.name);
-    }
-    for (const WeightInfo& w : model_.weights())
-      GRADQ_CHECK(seen.count(w.name), "the analysis has no importance for weight '{}': was it made for this model?",
-                  w.name);
-    return order;
+    return search_order(model_, analysis);
   };
   auto finish = [&](PhaseTimer& phase) {
     out.heldout = evaluate_heldout(out.weights, phase);
@@ -263,6 +261,20 @@ QuantizeOutcome GradualQuantizer::run() {
         100 * *budget.target_memory_reduction, 100 * (1.0 - double(out.size.quantized_bytes) / out.size.fp16_bytes)));
   out.seconds = seconds_since(start);
   return out;
+}
+
+std::vector<std::string> search_order(const CausalLM& model, const ImportanceAnalysis& analysis) {
+  std::vector<std::string> order;
+  std::set<std::string> seen;
+  for (const UnitImportance* u : analysis.ranked(UnitKind::kLayer)) {
+    model.weight_index(u->unit.name);  // throws naming the unit when the analysis is of another model
+    order.insert(order.begin(), u->unit.name);
+    seen.insert(u->unit.name);
+  }
+  for (const WeightInfo& w : model.weights())
+    GRADQ_CHECK(seen.count(w.name), "the analysis has no importance for weight '{}': was it made for this model?",
+                w.name);
+  return order;
 }
 
 void export_outcome(CausalLM& model, const QuantizeOutcome& outcome, const std::string& packed_path,

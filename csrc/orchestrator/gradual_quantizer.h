@@ -43,6 +43,9 @@ struct QuantizerOptions {
   std::optional<std::string> analysis_path;  ///< ranking from a saved analysis instead of a fresh one
   std::vector<std::string> order;  ///< search order from the caller (least important first): no analysis
   AnalyzerOptions analyzer;        ///< options of a fresh analysis
+  /// Full-precision references computed earlier on the same windows (a sweep shares them): the
+  /// reference phase then runs no pass. Both or neither.
+  std::optional<Reference> calibration_reference, heldout_reference;
   int64_t upgrade_shortlist = 4;   ///< validation: upgrade candidates measured per step
   /// Progress lines ("search: 12/35 layers ...") for a display; called on the calling thread.
   std::function<void(const std::string& phase, int64_t done, int64_t total, const std::string& detail)> on_progress;
@@ -94,6 +97,10 @@ class GradualQuantizer {
   Windows calibration_, evaluation_;
   QuantizerOptions options_;
 };
+
+/// The search order an analysis gives: the model's layers, least important first. Throws when the
+/// analysis lacks one of the model's weights or names one the model does not have.
+std::vector<std::string> search_order(const CausalLM& model, const ImportanceAnalysis& analysis);
 
 /// Writes the packed model (and, when the path is not empty, the fake-quant model) of `outcome`.
 void export_outcome(CausalLM& model, const QuantizeOutcome& outcome, const std::string& packed_path,

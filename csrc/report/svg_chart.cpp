@@ -269,6 +269,66 @@ std::string render_bar_chart(const BarChart& chart) {
   return doc.str();
 }
 
+std::string render_scatter_chart(const ScatterChart& chart) {
+  double x_lo = INFINITY, x_hi = -INFINITY, y_lo = INFINITY, y_hi = -INFINITY;
+  for (const ScatterSeries& s : chart.series)
+    for (const ScatterPoint& p : s.points) {
+      GRADQ_CHECK(std::isfinite(p.x) && std::isfinite(p.y), "series '{}' has a non-finite point ({}, {})", s.name, p.x,
+                  p.y);
+      x_lo = std::min(x_lo, p.x), x_hi = std::max(x_hi, p.x);
+      y_lo = std::min(y_lo, p.y), y_hi = std::max(y_hi, p.y);
+    }
+  GRADQ_CHECK(std::isfinite(x_lo), "a scatter chart needs at least one point");
+  // A single value still needs an interval to draw.
+  if (x_hi - x_lo < 1e-9) x_lo -= 0.5, x_hi += 0.5;
+  if (y_hi - y_lo < 1e-9) y_lo -= 0.5, y_hi += 0.5;
+  const std::vector<double> x_ticks = nice_ticks(x_lo, x_hi, 8), y_ticks = nice_ticks(y_lo, y_hi, 6);
+  auto color = [&](size_t s) {
+    return chart.series[s].color.empty() ? kChartPalette[s % kChartPalette.size()] : chart.series[s].color;
+  };
+  std::vector<std::pair<std::string, std::string>> legend;
+  for (size_t s = 0; s < chart.series.size(); ++s) legend.emplace_back(chart.series[s].name, color(s));
+
+  const double font = 12, pad = 12;
+  const double top = (chart.title.empty() ? pad : 30) + (legend.empty() ? 0 : 22) + 8;
+  const double left = pad + text_width("0.0000", font) + (chart.y_label.empty() ? 0 : 22);
+  const double right = pad + 90;  // room for the labels of the rightmost points
+  const double bottom = pad + font + 6 + (chart.x_label.empty() ? 0 : 22);
+  SvgDocument doc(chart.width, chart.height);
+  const LinearScale x{x_ticks.front(), x_ticks.back(), left, chart.width - right};
+  const LinearScale y{y_ticks.front(), y_ticks.back(), chart.height - bottom, top};
+  if (!chart.title.empty()) doc.text(chart.width / 2, 20, chart.title, {15, "middle", "#222", true});
+  draw_legend(doc, legend, left, top - 26, font);
+  for (double t : x_ticks) {
+    doc.line(x(t), y.r0, x(t), y.r1, "#e0e0e0", 1);
+    doc.text(x(t), y.r0 + font + 4, format_number(t), {font - 1, "middle", "#555"});
+  }
+  for (double t : y_ticks) {
+    doc.line(x.r0, y(t), x.r1, y(t), t == 0 ? "#888" : "#e0e0e0", 1);
+    doc.text(x.r0 - 6, y(t) + font * 0.35, format_number(t), {font - 1, "end", "#555"});
+  }
+  for (size_t s = 0; s < chart.series.size(); ++s) {
+    const ScatterSeries& series = chart.series[s];
+    if (series.connect && series.points.size() > 1) {
+      std::vector<std::pair<double, double>> line;
+      for (const ScatterPoint& p : series.points) line.emplace_back(x(p.x), y(p.y));
+      doc.polyline(line, color(s), 1.5);
+    }
+    for (const ScatterPoint& p : series.points) {
+      doc.circle(x(p.x), y(p.y), 4.5, color(s),
+                 fmt::format("{}{}{}: ({}, {})", series.name, p.label.empty() ? "" : " ", p.label, format_number(p.x),
+                             format_number(p.y)));
+      if (!p.label.empty()) doc.text(x(p.x) + 7, y(p.y) - 6, p.label, {font - 2, "start", "#444"});
+    }
+  }
+  doc.line(x.r0, y.r0, x.r1, y.r0, "#444", 1);
+  doc.line(x.r0, y.r0, x.r0, y.r1, "#444", 1);
+  if (!chart.x_label.empty()) doc.text((x.r0 + x.r1) / 2, chart.height - pad, chart.x_label, {font, "middle"});
+  if (!chart.y_label.empty())
+    doc.text(pad + 6, (y.r0 + y.r1) / 2, chart.y_label, {font, "middle", "#222", false, -90});
+  return doc.str();
+}
+
 void write_svg(const std::string& path, const std::string& svg) { write_file_atomically(path, svg); }
 
 }  // namespace gradq

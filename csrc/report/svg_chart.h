@@ -1,8 +1,8 @@
 #pragma once
 // Charts as standalone SVG files (no dependencies, viewable in any browser). Two layers:
 //   SvgDocument   shapes and text in pixel coordinates (y down), escaped and formatted once;
-//   charts        render_bar_chart (horizontal or vertical, one or more series side by side), built
-//                 on SvgDocument, LinearScale and nice_ticks, which further chart kinds reuse.
+//   charts        render_bar_chart (horizontal or vertical, one or more series side by side) and
+//                 render_scatter_chart, built on SvgDocument, LinearScale and nice_ticks.
 // Numbers are written with a fixed precision, so the same chart gives the same bytes.
 
 #include <string>
@@ -83,6 +83,28 @@ struct BarChart {
 /// Renders a bar chart; throws gradq::Error when a series' length differs from the categories' or
 /// a value is not finite.
 std::string render_bar_chart(const BarChart& chart);
+
+struct ScatterPoint {
+  double x = 0, y = 0;
+  std::string label;  ///< printed beside the point (and its tooltip); may be empty
+};
+
+struct ScatterSeries {
+  std::string name;
+  std::vector<ScatterPoint> points;
+  std::string color;     ///< empty: kChartPalette by series index
+  bool connect = false;  ///< join the points in the given order (a frontier)
+};
+
+struct ScatterChart {
+  std::string title, x_label, y_label;
+  std::vector<ScatterSeries> series;  ///< one legend entry each
+  double width = 860, height = 520;   ///< pixels
+};
+
+/// Renders a scatter chart with a zero line when the y range spans zero; throws gradq::Error on a
+/// non-finite coordinate or when there is no point at all.
+std::string render_scatter_chart(const ScatterChart& chart);
 
 /// Writes SVG text atomically (common/files.h).
 void write_svg(const std::string& path, const std::string& svg);
