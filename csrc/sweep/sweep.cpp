@@ -437,12 +437,6 @@ SweepResult SweepRunner::run(const std::string& dir) {
 }
 
 // --- Directories --------------------------------------------------------------------------------
-std::vector<SweepPointSpec> sweep_dir_points(const std::string& dir) {
-  std::optional<SharedState> shared = read_shared(dir);
-  GRADQ_CHECK(shared, "{} is not a sweep directory: it has no {}", dir, kSharedFile);
-  return shared->points;
-}
-
 SweepResult load_sweep_dir(const std::string& dir, const std::vector<SweepPointSpec>& points) {
   std::optional<SharedState> shared = read_shared(dir);
   GRADQ_CHECK(shared, "{} is not a sweep directory: it has no {}", dir, kSharedFile);

@@ -103,8 +103,6 @@ class SweepRunner {
 
 /// Reads a sweep directory: the points of `points` found there (missing ones listed).
 SweepResult load_sweep_dir(const std::string& dir, const std::vector<SweepPointSpec>& points);
-/// Reads the point list a directory's last run was given (shared.json).
-std::vector<SweepPointSpec> sweep_dir_points(const std::string& dir);
 
 /// Copies the points of shard directories into `out_dir` and returns the merged sweep. Throws when
 /// the shards differ in configuration or search order, or when a point is in none of them.
