@@ -40,12 +40,15 @@ void dequantize_row_bits(const PackedView& v, int64_t r, float* out) {
     const int64_t begin = g * v.group_len;
     const int64_t end = std::min(begin + v.group_len, v.in_features);
     // Codes are unpacked in blocks into a small buffer first, so that the float loop after it
-    // has no bit twiddling and vectorizes.
+    // has no bit twiddling and vectorizes. Blocks start at multiples of 8 codes (groups start at
+    // multiples of 16), so whole chunks of 8 codes are kBits aligned bytes.
     constexpr int64_t kBlock = 64;
     uint32_t codes[kBlock];
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t n = std::min(kBlock, end - b);
-      for (int64_t i = 0; i < n; ++i) codes[i] = quant_unpack_code(row, b + i, kBits);
+      const int64_t whole = n / 8 * 8;
+      for (int64_t i = 0; i < whole; i += 8) quant_unpack8(row + (b + i) * kBits / 8, kBits, codes + i);
+      for (int64_t i = whole; i < n; ++i) codes[i] = quant_unpack_code(row, b + i, kBits);
       for (int64_t i = 0; i < n; ++i) out[b + i] = quant_dequant(codes[i], s, z);
     }
   }

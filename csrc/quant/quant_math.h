@@ -4,7 +4,8 @@
 // exact arithmetic the GPU runs. This header compiles without CUDA and without torch.
 //
 // Numerics, chosen so that every implementation produces bit-identical codes:
-//  * rounding is rintf (round half to even) on host and device;
+//  * rounding is round half to even (quant_rint; rintf for the per-group zero point), the same on
+//    host and device;
 //  * a group is quantized with the scale *as stored* (fp16 by default), so dequantization of the
 //    stored codes reproduces the search's fake-quant weights exactly;
 //  * quantize multiplies by inv_scale = 1.0f / scale (IEEE division, never fast-math) and the
@@ -134,12 +135,26 @@ GRADQ_HD float quant_sym_signed_absmax(float lo, float hi) {
 /// 1 / scale, or 0 for a zero scale (every element of such a group is 0 and maps to the zero point).
 GRADQ_HD float quant_inv_scale(float scale) { return scale != 0.f ? 1.0f / scale : 0.f; }
 
-/// Code of one element.
+/// Round half to even, as rintf, for |x| <= 2^22: adding 1.5 * 2^23 moves x to where the spacing of
+/// floats is 1, so the addition itself rounds (in the default rounding mode) and the subtraction is
+/// exact. Beyond 2^22 the result is not rintf's but keeps its side: >= 2^22 for x >= 2^22 and
+/// <= -2^22 for x <= -2^22 (infinities stay), which is all quant_code needs. Unlike rintf it
+/// vectorizes on baseline x86-64 (SSE2 has no round instruction).
+GRADQ_HD float quant_rint(float x) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (x + kMagic) - kMagic;
+}
+
+/// Code of one element: clamp(rint(w * inv_scale) + zero, 0, max_code). Where quant_rint is not
+/// exact (|w * inv_scale| > 2^22) the clamp gives the same end code, since zero <= 255. The integer
+/// conversion goes through int32, which SIMD units have. One select per statement: GCC if-converts
+/// (and so vectorizes) these, not nested ones.
 GRADQ_HD uint32_t quant_code(float w, float inv_scale, float zero, int bits) {
   const float max_code = static_cast<float>(quant_max_code(bits));
-  float q = rintf(w * inv_scale) + zero;
-  q = q < 0.f ? 0.f : (q > max_code ? max_code : q);
-  return static_cast<uint32_t>(q);
+  float q = quant_rint(w * inv_scale) + zero;
+  q = q < 0.f ? 0.f : q;
+  q = q > max_code ? max_code : q;
+  return static_cast<uint32_t>(static_cast<int32_t>(q));
 }
 
 /// Value of one code.
@@ -167,6 +182,23 @@ GRADQ_HD void quant_pack_code(uint8_t* row, int64_t i, int bits, uint32_t code) 
   const int shift = static_cast<int>(bit & 7);
   row[byte] = static_cast<uint8_t>(row[byte] | ((code << shift) & 0xffu));
   if (shift + bits > 8) row[byte + 1] = static_cast<uint8_t>(row[byte + 1] | (code >> (8 - shift)));
+}
+
+/// Packs 8 codes into exactly `bits` bytes at out (8 codes always fill whole bytes, and groups
+/// start at multiples of 16 codes, so every full chunk of a group is byte-aligned). Same bytes as
+/// eight quant_pack_code calls on zeroed memory, written without reading them.
+GRADQ_HD void quant_pack8(const uint32_t* codes, int bits, uint8_t* out) {
+  uint64_t v = 0;
+  for (int k = 0; k < 8; ++k) v |= static_cast<uint64_t>(codes[k]) << (k * bits);
+  for (int b = 0; b < bits; ++b) out[b] = static_cast<uint8_t>(v >> (8 * b));
+}
+
+/// Unpacks the 8 codes of `bits` bytes at in (the inverse of quant_pack8).
+GRADQ_HD void quant_unpack8(const uint8_t* in, int bits, uint32_t* codes) {
+  uint64_t v = 0;
+  for (int b = 0; b < bits; ++b) v |= static_cast<uint64_t>(in[b]) << (8 * b);
+  const uint64_t mask = static_cast<uint64_t>(quant_max_code(bits));
+  for (int k = 0; k < 8; ++k) codes[k] = static_cast<uint32_t>((v >> (k * bits)) & mask);
 }
 
 /// Reads code i of a packed row.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "quant/quant_math.h"
 
@@ -23,23 +24,28 @@ void check_integer_spec(const QuantSpec& spec, const char* fn) {
   spec.validate();
 }
 
+constexpr const char* kNotFinite = ": the weight holds NaN or inf values";
+
 // The weight as a contiguous float32 [out, in] CPU tensor; rejects what no format can represent.
-at::Tensor weight_as_float(const at::Tensor& w, const char* fn) {
+// `check_finite` false: the caller checks finiteness in its own pass over the weights.
+at::Tensor weight_as_float(const at::Tensor& w, const char* fn, bool check_finite = true) {
   TORCH_CHECK(w.defined() && w.dim() == 2, fn, ": expected a 2-D weight [out_features, in_features], got ",
               w.defined() ? std::to_string(w.dim()) + "-D" : "an undefined tensor");
   TORCH_CHECK(w.is_floating_point(), fn, ": expected a floating-point weight, got ", w.scalar_type());
   TORCH_CHECK(w.device().is_cpu(), fn, ": expected a CPU weight, got one on ", w.device());
   TORCH_CHECK(w.size(1) > 0, fn, ": expected in_features > 0, got [", w.size(0), ", ", w.size(1), "]");
   at::Tensor wf = w.to(at::kFloat).contiguous();
-  TORCH_CHECK(at::isfinite(wf).all().item<bool>(), fn, ": the weight holds NaN or inf values");
+  TORCH_CHECK(!check_finite || at::isfinite(wf).all().item<bool>(), fn, kNotFinite);
   return wf;
 }
 
-PackedWeight allocate_packed(int64_t out, int64_t in, const QuantSpec& spec) {
+// `zero_codes`: for writers that OR codes into place (quant_pack_code); quantize_rows writes every
+// byte itself.
+PackedWeight allocate_packed(int64_t out, int64_t in, const QuantSpec& spec, bool zero_codes) {
   PackedWeight p;
   const int64_t groups = spec.n_groups(in);
-  // Zero-filled because quant_pack_code ORs codes into place.
-  p.codes = at::zeros({out, quant_row_bytes(in, spec.bits())}, at::kByte);
+  const int64_t row_bytes = quant_row_bytes(in, spec.bits());
+  p.codes = zero_codes ? at::zeros({out, row_bytes}, at::kByte) : at::empty({out, row_bytes}, at::kByte);
   p.scales = at::empty({out, groups}, spec.fp16_scale ? at::kHalf : at::kFloat);
   if (!spec.symmetric) p.zeros = at::empty({out, groups}, at::kByte);
   p.out_features = out;
@@ -114,11 +120,17 @@ struct ParamWriter {
 // Min and max of a group in eight independent lanes: without -ffast-math GCC will not reorder a
 // single min/max accumulator, but independent lanes map onto SIMD min/max. The minimum and
 // maximum of a set do not depend on the order visited (up to the sign of zero, which the
-// parameter functions normalise), so this matches the scalar reference.
-std::pair<float, float> group_min_max(const float* w, int64_t n) {
+// parameter functions normalise), so this matches the scalar reference. `finite` is false when
+// the group holds a NaN or an inf (w * 0 is NaN exactly for those), which min/max alone can miss;
+// a loop of its own, as one fused with min/max does not vectorize.
+struct GroupRange {
+  float lo, hi;
+  bool finite;
+};
+GroupRange group_range(const float* w, int64_t n) {
   constexpr int kLanes = 8;
-  float lo[kLanes], hi[kLanes];
-  for (int k = 0; k < kLanes; ++k) lo[k] = hi[k] = w[0];
+  float lo[kLanes], hi[kLanes], nan[kLanes];
+  for (int k = 0; k < kLanes; ++k) lo[k] = hi[k] = w[0], nan[k] = 0.f;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int k = 0; k < kLanes; ++k) {
@@ -129,17 +141,23 @@ std::pair<float, float> group_min_max(const float* w, int64_t n) {
   for (; i < n; ++i) {
     lo[0] = w[i] < lo[0] ? w[i] : lo[0];
     hi[0] = w[i] > hi[0] ? w[i] : hi[0];
+    nan[0] += w[i] * 0.f;
   }
-  for (int k = 1; k < kLanes; ++k) {
+  for (i = 0; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) nan[k] += w[i + k] * 0.f;
+  bool finite = true;
+  for (int k = 0; k < kLanes; ++k) {
     lo[0] = lo[k] < lo[0] ? lo[k] : lo[0];
     hi[0] = hi[k] > hi[0] ? hi[k] : hi[0];
+    finite = finite && nan[k] == 0.f;
   }
-  return {lo[0], hi[0]};
+  return {lo[0], hi[0], finite};
 }
 
 // Quantizes every row of w [out, in] into p. `choose(row, group_ptr, begin, len)` returns the
-// parameters of one group; kBits is a template argument so that the shifts of quant_pack_code are
-// constants.
+// parameters of one group; kBits is a template argument so that the packing shifts are constants.
+// A group's codes are computed into a buffer first (a loop the compiler vectorizes), then packed
+// eight at a time with whole-byte stores; only a row's last, partial chunk is packed code by code.
 template <int kBits, typename ChooseParams>
 void quantize_rows(const float* w, PackedWeight& p, const ChooseParams& choose) {
   const int64_t in = p.in_features;
@@ -150,17 +168,30 @@ void quantize_rows(const float* w, PackedWeight& p, const ChooseParams& choose) 
   const ParamWriter writer(p);
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / in);
   at::parallel_for(0, p.out_features, grain, [&](int64_t r0, int64_t r1) {
+    // 32-bit codes: narrowing them to bytes costs more on SSE2 than the wider buffer.
+    std::vector<uint32_t> buffer(static_cast<size_t>(glen));
+    uint32_t* group_codes = buffer.data();
     for (int64_t r = r0; r < r1; ++r) {
       const float* wr = w + r * in;
       uint8_t* row = codes + r * row_bytes;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t begin = g * glen;
         const int64_t len = std::min(glen, in - begin);
-        const GroupParams gp = choose(r, wr + begin, begin, len);
+        const float* wg = wr + begin;
+        const GroupParams gp = choose(r, wg, begin, len);
         check_scale(gp.scale, r, g, p.spec);
         writer.store(r, g, gp);
         const float inv = quant_inv_scale(gp.scale);
-        for (int64_t i = begin; i < begin + len; ++i) quant_pack_code(row, i, kBits, quant_code(wr[i], inv, gp.zero, kBits));
+        const float zero = gp.zero;
+        for (int64_t i = 0; i < len; ++i) group_codes[i] = quant_code(wg[i], inv, zero, kBits);
+        uint8_t* out = row + begin * kBits / 8;  // begin is a multiple of 16 codes: byte-aligned
+        const int64_t chunks = len / 8;
+        for (int64_t c = 0; c < chunks; ++c) quant_pack8(group_codes + 8 * c, kBits, out + c * kBits);
+        if (len % 8 != 0) {  // the row's last codes: clear their bytes, then OR them in
+          uint8_t* tail = out + chunks * kBits;
+          std::fill(tail, row + row_bytes, uint8_t{0});
+          for (int64_t i = chunks * 8; i < len; ++i) quant_pack_code(out, i, kBits, group_codes[i]);
+        }
       }
     }
   });
@@ -192,7 +223,8 @@ double group_error(const float* w, const float* act, int64_t n, GroupParams gp, 
 
 GroupParams search_clip(const float* w, const float* act, int64_t n, const QuantSpec& spec,
                         const ClipSearchOptions& opt) {
-  const auto [lo, hi] = group_min_max(w, n);
+  const GroupRange range = group_range(w, n);  // finiteness: quantize_clipped checked it
+  const float lo = range.lo, hi = range.hi;
   const float signed_absmax = quant_sym_signed_absmax(lo, hi);
   GroupParams best{};
   double best_err = std::numeric_limits<double>::infinity();
@@ -219,7 +251,7 @@ PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec) {
   const int64_t out = wf.size(0), in = wf.size(1);
   const int bits = spec.bits();
   const int64_t glen = spec.group_len(in);
-  PackedWeight p = allocate_packed(out, in, spec);
+  PackedWeight p = allocate_packed(out, in, spec, /*zero_codes=*/true);
   const auto W = wf.accessor<float, 2>();
   at::Tensor scales = at::empty({out, spec.n_groups(in)}, at::kFloat);
   auto S = scales.accessor<float, 2>();
@@ -253,11 +285,12 @@ at::Tensor dequantize_ref(const PackedWeight& w) { return dequantize_ref_impl(w)
 
 PackedWeight quantize(const at::Tensor& w, const QuantSpec& spec) {
   check_integer_spec(spec, "quantize");
-  const at::Tensor wf = weight_as_float(w, "quantize");
-  PackedWeight p = allocate_packed(wf.size(0), wf.size(1), spec);
+  const at::Tensor wf = weight_as_float(w, "quantize", /*check_finite=*/false);
+  PackedWeight p = allocate_packed(wf.size(0), wf.size(1), spec, /*zero_codes=*/false);
   quantize_rows_dispatch(wf.data_ptr<float>(), p, [&](int64_t, const float* wg, int64_t, int64_t len) {
-    const auto [lo, hi] = group_min_max(wg, len);
-    return rtn_params(lo, hi, spec);
+    const GroupRange range = group_range(wg, len);
+    TORCH_CHECK(range.finite, "quantize", kNotFinite);
+    return rtn_params(range.lo, range.hi, spec);
   });
   return p;
 }
@@ -303,7 +336,7 @@ PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const 
                 "quantize_clipped: act_sq_mean must be finite and >= 0 (a mean of squares)");
   }
   const float* a = act.defined() ? act.data_ptr<float>() : nullptr;
-  PackedWeight p = allocate_packed(wf.size(0), in, spec);
+  PackedWeight p = allocate_packed(wf.size(0), in, spec, /*zero_codes=*/false);
   quantize_rows_dispatch(wf.data_ptr<float>(), p, [&](int64_t, const float* wg, int64_t begin, int64_t len) {
     return search_clip(wg, a ? a + begin : nullptr, len, spec, opt);
   });

@@ -256,6 +256,44 @@ TEST(QuantPacking, FourBitLowNibbleFirst) {
   EXPECT_EQ(p.codes[0][1].item<int>(), 0xC3);
 }
 
+// quant_rint and quant_code avoid rintf so that they vectorize; they must agree with it exactly.
+TEST(QuantMath, RoundingAndCodesMatchRintf) {
+  std::vector<float> xs = {0.f, -0.f, 0.5f, 1.5f, 2.5f, -0.5f, -1.5f, -2.5f, 0.49999997f, 1e-30f, -1e-30f,
+                           511.5f, -511.5f, 4194303.5f, -4194303.5f, 4194304.f};
+  at::Generator gen = at::detail::createCPUGenerator(11);
+  const at::Tensor random = (at::rand({20000}, gen, at::kFloat) - 0.5f) * 1200.f;
+  for (int64_t i = 0; i < random.numel(); ++i) xs.push_back(random[i].item<float>());
+  for (float x : xs) {
+    EXPECT_EQ(quant_rint(x), rintf(x)) << x;
+    for (int bits : {2, 3, 4, 8}) {
+      const float max_code = static_cast<float>(quant_max_code(bits));
+      for (float zero : {0.f, quant_sym_zero(bits), max_code}) {
+        float want = rintf(x) + zero;
+        want = want < 0.f ? 0.f : (want > max_code ? max_code : want);
+        ASSERT_EQ(quant_code(x, 1.f, zero, bits), static_cast<uint32_t>(want)) << x << " bits " << bits << " zero " << zero;
+      }
+    }
+  }
+  for (float big : {1e6f, -1e6f, 3e38f, -3e38f, INFINITY, -INFINITY})
+    EXPECT_EQ(quant_code(big, 1.f, 1.f, 4), big > 0 ? 15u : 0u) << big;
+}
+
+TEST(QuantPacking, PackAndUnpackEightMatchCodeByCode) {
+  at::Generator gen = at::detail::createCPUGenerator(12);
+  for (int bits : {2, 3, 4, 8}) {
+    const at::Tensor random = at::randint(0, quant_max_code(bits) + 1, {8}, gen, at::kInt);
+    uint32_t codes[8];
+    for (int k = 0; k < 8; ++k) codes[k] = static_cast<uint32_t>(random[k].item<int>());
+    uint8_t one_by_one[8] = {}, eight[8] = {};
+    for (int k = 0; k < 8; ++k) quant_pack_code(one_by_one, k, bits, codes[k]);
+    quant_pack8(codes, bits, eight);
+    EXPECT_EQ(std::memcmp(one_by_one, eight, 8), 0) << bits;
+    uint32_t back[8];
+    quant_unpack8(eight, bits, back);
+    for (int k = 0; k < 8; ++k) EXPECT_EQ(back[k], codes[k]) << bits << " " << k;
+  }
+}
+
 TEST(QuantGroups, PartialLastGroupUsesOnlyItsOwnElements) {
   // 172 inputs in groups of 32: five full groups and a last one of 12. The last 12 weights are
   // 100x smaller, so a last group that saw any earlier element would get a 100x larger scale.
@@ -305,6 +343,13 @@ TEST(QuantErrors, BadInputsNameWhatWasExpected) {
   GRADQ_EXPECT_THROW_MSG(quantize(at::ones({8}), b4), "expected a 2-D weight");
   GRADQ_EXPECT_THROW_MSG(quantize(at::ones({2, 0}), b4), "in_features > 0");
   GRADQ_EXPECT_THROW_MSG(quantize(at::full({2, 4}, NAN), b4), "NaN or inf");
+  // A NaN or inf anywhere in a group, not only where min/max start from.
+  for (float bad : {NAN, INFINITY, -INFINITY}) {
+    at::Tensor w = gaussian(3, 200, 5);
+    w[2][150] = bad;
+    GRADQ_EXPECT_THROW_MSG(quantize(w, b4), "NaN or inf");
+    GRADQ_EXPECT_THROW_MSG(quantize_clipped(w, b4, at::Tensor()), "NaN or inf");
+  }
   GRADQ_EXPECT_THROW_MSG(quantize(at::ones({2, 4}, at::kInt), b4), "floating-point");
   QuantSpec fp16;
   fp16.level = QuantLevel::kFp16;
