@@ -48,15 +48,16 @@ PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& 
   GRADQ_CHECK(evaluator_.reference().has_value(), "the search's evaluator needs the full-precision reference");
   policy_.bind(model_);
   for (const WeightInfo& w : model_.weights()) originals_[w.name] = model_.weight(w.name);
+  cache_ = options_.shared_candidates ? options_.shared_candidates : std::make_shared<CandidateCache>();
 }
 
 const QuantizedTensor& PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec,
                                                      RoundingMethod method) {
   const std::string key = name + "|" + spec.name() + "|" + rounding_method_name(method);
-  auto it = cache_.find(key);
-  if (it == cache_.end()) {
+  auto it = cache_->find(key);
+  if (it == cache_->end()) {
     const auto stats = stats_.find(name);
-    it = cache_.emplace(key, quantize_weight(originals_.at(name), name, spec, method, stats == stats_.end() ? nullptr : &stats->second,
+    it = cache_->emplace(key, quantize_weight(originals_.at(name), name, spec, method, stats == stats_.end() ? nullptr : &stats->second,
                                              options_.trained)).first;
   }
   return it->second;

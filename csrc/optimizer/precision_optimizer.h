@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -34,6 +35,11 @@
 
 namespace gradq {
 
+/// Quantized candidates by (weight, spec, method). A search fills one of its own; searches that
+/// share model, calibration statistics and trained-rounding options (a sweep's points) may share
+/// one, so a candidate (trained rounding above all) is computed once for all of them.
+using CandidateCache = std::map<std::string, QuantizedTensor>;
+
 struct SearchOptions {
   std::vector<int> bits = {8, 4, 2};                   ///< widths tried, high to low (3 optional)
   std::vector<int64_t> group_sizes = {128, 64, 32, 16};  ///< cheapest first
@@ -41,6 +47,9 @@ struct SearchOptions {
   RoundingMethod method = RoundingMethod::kClip;       ///< rounding of the ordinary candidates
   bool trained_fallback = true;
   TrainedRoundingOptions trained;
+  /// Candidates shared with other searches of the same model, statistics and options (null: the
+  /// search keeps its own). Not thread-safe: one search at a time.
+  std::shared_ptr<CandidateCache> shared_candidates;
   /// Throws gradq::Error for unsupported widths or group sizes, or an unordered list.
   void validate() const;
 };
@@ -99,7 +108,7 @@ class PrecisionOptimizer {
   PrecisionPolicy policy_;
   const std::map<std::string, InputStats>& stats_;
   std::map<std::string, at::Tensor> originals_;  ///< full-precision weights: every candidate starts from them
-  std::map<std::string, QuantizedTensor> cache_;
+  std::shared_ptr<CandidateCache> cache_;
 };
 
 /// The state every weight starts from: its values rounded to fp16.

@@ -406,6 +406,9 @@ SweepResult SweepRunner::run(const std::string& dir) {
   }
   write_file_atomically(dir + "/" + kSharedFile, shared_json(shared).dump(2) + "\n");
 
+  // Candidates depend on the weight, its format and the calibration statistics, never on the
+  // budget: computed once for all points (the tight budgets' trained rounding, mostly).
+  const auto candidates = std::make_shared<CandidateCache>();
   for (size_t k = 0; k < todo.size(); ++k) {
     const SweepPointSpec& spec = todo[k];
     QuantizerOptions q = base;
@@ -413,6 +416,7 @@ SweepResult SweepRunner::run(const std::string& dir) {
     q.analysis_path.reset();
     q.calibration_reference = *calibration.reference();
     q.heldout_reference = *heldout.reference();
+    q.search.shared_candidates = candidates;
     if (spec.budget) q.budget.max_ppl_increase = *spec.budget;
     if (spec.uniform) q.plan = uniform_plan(model_, *spec.uniform, q.search.method);
     const std::string prefix = fmt::format("{} ({}/{})", spec.id, k + 1, todo.size());

@@ -25,11 +25,7 @@ struct Fixture {
   DataSplit data;
   std::vector<std::string> order;  // model order reversed: the last layers first
   Fixture() {
-    DataOptions options;
-    options.ctx = 128;
-    options.calib_windows = 4;
-    options.eval_windows = 8;
-    data = test::stories_data(options);
+    data = test::small_stories_data();
     for (const WeightInfo& w : model.weights()) order.insert(order.begin(), w.name);
   }
   QuantizerOptions options(double max_ppl_increase) const {

@@ -39,6 +39,14 @@ DataSplit stories_data(const DataOptions& options) {
   return make_data_split(tokenizer->encode(read_text_file(tinystories_text())), tokenizer->bos_id(), options);
 }
 
+DataSplit small_stories_data() {
+  DataOptions options;
+  options.ctx = 128;
+  options.calib_windows = 4;
+  options.eval_windows = 8;
+  return stories_data(options);
+}
+
 const std::string& stories_pt() {
   static const std::string path = [] {
     std::string p = temp_dir("stories_pt") + "/stories260K.pt";

@@ -27,6 +27,8 @@ std::pair<int, std::string> run(const std::string& command);
 
 /// The TinyStories text tokenized with the stories260K tokenizer and split by make_data_split.
 DataSplit stories_data(const DataOptions& options);
+/// The small split the quantizer suites run on: 4 calibration and 8 held-out windows of 128 tokens.
+DataSplit small_stories_data();
 
 /// stories260K converted to TorchScript once per test process (cached at a temp path).
 const std::string& stories_pt();

@@ -26,11 +26,7 @@ struct Fixture {
   std::string full_dir = test::temp_dir("sweep_full");
 
   Fixture() {
-    DataOptions options;
-    options.ctx = 128;
-    options.calib_windows = 4;
-    options.eval_windows = 8;
-    data = test::stories_data(options);
+    data = test::small_stories_data();
     for (const WeightInfo& w : model.weights()) order.insert(order.begin(), w.name);
     full = run(options_for(), full_dir);
   }
