@@ -279,6 +279,10 @@ std::string render_scatter_chart(const ScatterChart& chart) {
       y_lo = std::min(y_lo, p.y), y_hi = std::max(y_hi, p.y);
     }
   GRADQ_CHECK(std::isfinite(x_lo), "a scatter chart needs at least one point");
+  if (chart.y_max) {
+    y_hi = std::min(y_hi, *chart.y_max);
+    y_lo = std::min(y_lo, y_hi);
+  }
   // A single value still needs an interval to draw.
   if (x_hi - x_lo < 1e-9) x_lo -= 0.5, x_hi += 0.5;
   if (y_hi - y_lo < 1e-9) y_lo -= 0.5, y_hi += 0.5;
@@ -309,16 +313,25 @@ std::string render_scatter_chart(const ScatterChart& chart) {
   }
   for (size_t s = 0; s < chart.series.size(); ++s) {
     const ScatterSeries& series = chart.series[s];
+    const double top_value = y_ticks.back();
+    auto shown_y = [&](double v) { return y(std::min(v, top_value)); };
     if (series.connect && series.points.size() > 1) {
       std::vector<std::pair<double, double>> line;
-      for (const ScatterPoint& p : series.points) line.emplace_back(x(p.x), y(p.y));
+      for (const ScatterPoint& p : series.points) line.emplace_back(x(p.x), shown_y(p.y));
       doc.polyline(line, color(s), 1.5);
     }
     for (const ScatterPoint& p : series.points) {
-      doc.circle(x(p.x), y(p.y), 4.5, color(s),
-                 fmt::format("{}{}{}: ({}, {})", series.name, p.label.empty() ? "" : " ", p.label, format_number(p.x),
-                             format_number(p.y)));
-      if (!p.label.empty()) doc.text(x(p.x) + 7, y(p.y) - 6, p.label, {font - 2, "start", "#444"});
+      const bool off_scale = p.y > top_value;
+      const std::string tooltip = fmt::format("{}{}{}: ({}, {})", series.name, p.label.empty() ? "" : " ", p.label,
+                                              format_number(p.x), format_number(p.y));
+      if (off_scale) doc.circle(x(p.x), shown_y(p.y), 4.5, "#ffffff", tooltip);
+      doc.circle(x(p.x), shown_y(p.y), off_scale ? 2.5 : 4.5, color(s), tooltip);
+      // Off-scale points sit on the top edge: their label (with the value) goes below it, clear of
+      // the legend.
+      const std::string label = off_scale ? fmt::format("{}: {}", p.label, format_number(p.y)) : p.label;
+      if (!label.empty())
+        doc.text(x(p.x) + (off_scale ? 0 : 7), shown_y(p.y) + (series.labels_below || off_scale ? 15 : -6), label,
+                 {font - 2, off_scale ? "middle" : "start", "#444"});
     }
   }
   doc.line(x.r0, y.r0, x.r1, y.r0, "#444", 1);

@@ -5,6 +5,7 @@
 //                 render_scatter_chart, built on SvgDocument, LinearScale and nice_ticks.
 // Numbers are written with a fixed precision, so the same chart gives the same bytes.
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -94,11 +95,15 @@ struct ScatterSeries {
   std::vector<ScatterPoint> points;
   std::string color;     ///< empty: kChartPalette by series index
   bool connect = false;  ///< join the points in the given order (a frontier)
+  bool labels_below = false;  ///< labels under the points (another series' above: fewer collisions)
 };
 
 struct ScatterChart {
   std::string title, x_label, y_label;
   std::vector<ScatterSeries> series;  ///< one legend entry each
+  /// Top of the y axis when set: a point above it is drawn on the top edge, hollow, with its value
+  /// in its label ("b2g32: 1500"), so that one outlier does not flatten the rest.
+  std::optional<double> y_max;
   double width = 860, height = 520;   ///< pixels
 };
 

@@ -590,14 +590,18 @@ std::string pareto_svg(const SweepResult& result) {
   chart.title = "Held-out perplexity change vs size";
   chart.x_label = "bits per weight (scales and zero points included)";
   chart.y_label = "perplexity change (%)";
-  ScatterSeries searched{"gradq (budget search)", {}, kChartPalette[0], true};
-  ScatterSeries unmet{"gradq, budget not met", {}, "#9e9e9e", false};
-  ScatterSeries uniform{"uniform baselines", {}, kChartPalette[1], false};
+  ScatterSeries searched{"gradq (budget search)", {}, kChartPalette[0], true, true};
+  ScatterSeries unmet{"gradq, budget not met", {}, "#9e9e9e", false, true};
+  ScatterSeries uniform{"uniform baselines", {}, kChartPalette[1], false, false};
+  double largest_budget = 0;
   for (const SweepPointResult& p : result.points) {
     const ScatterPoint point{p.bits_per_weight, 100 * p.ppl_increase,
-                             p.budget ? "budget " + percent(*p.budget) : p.spec};
+                             p.budget ? fmt::format("{:+g}%", 100 * *p.budget) : p.spec};
     (p.kind == "uniform" ? uniform : p.met ? searched : unmet).points.push_back(point);
+    if (p.budget) largest_budget = std::max({largest_budget, 100 * *p.budget, 100 * p.ppl_increase});
   }
+  // Baselines far beyond every budget (2-bit ones reach +1000%) would flatten the frontier.
+  if (largest_budget > 0) chart.y_max = 2 * largest_budget;
   std::sort(searched.points.begin(), searched.points.end(),
             [](const ScatterPoint& a, const ScatterPoint& b) { return a.x < b.x; });
   for (ScatterSeries* s : {&searched, &unmet, &uniform})
