@@ -46,7 +46,7 @@ std::vector<int64_t> parse_int_list(const std::string& text, const char* flag) {
 
 void add_search_options(cxxopts::Options& options) {
   options.add_options("search")
-      ("safety", "the search uses the quality limits divided by this", cxxopts::value<double>()->default_value("2"))
+      ("safety", "the search uses the quality limits divided by this (held-out validation then checks the full limits)", cxxopts::value<double>()->default_value("1.5"))
       ("bits", "bit widths to try, high to low (add 3 for 3-bit)", cxxopts::value<std::string>()->default_value("8,4,2"))
       ("group-sizes", "group sizes to try, cheapest first", cxxopts::value<std::string>()->default_value("128,64,32,16"))
       ("method", "rounding: rtn (round to nearest) or clip (activation-weighted clipping search)", cxxopts::value<std::string>()->default_value("clip"))
