@@ -25,6 +25,8 @@ void add_common_options(cxxopts::Options& options);
 /// Parses; prints help and returns false when --help was given. Applies --threads.
 bool parse(cxxopts::Options& options, int argc, char** argv, cxxopts::ParseResult& out);
 
+/// The comma-separated items of an option value, empty ones included ("a,,b" -> a, "", b).
+std::vector<std::string> split_commas(const std::string& text);
 /// Comma-separated integers ("8,4,2"); throws naming the flag otherwise.
 std::vector<int64_t> parse_int_list(const std::string& text, const char* flag);
 

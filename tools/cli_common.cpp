@@ -28,11 +28,17 @@ bool parse(cxxopts::Options& options, int argc, char** argv, cxxopts::ParseResul
   return true;
 }
 
-std::vector<int64_t> parse_int_list(const std::string& text, const char* flag) {
-  std::vector<int64_t> out;
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> items;
   std::stringstream ss(text);
   std::string item;
-  while (std::getline(ss, item, ',')) {
+  while (std::getline(ss, item, ',')) items.push_back(item);
+  return items;
+}
+
+std::vector<int64_t> parse_int_list(const std::string& text, const char* flag) {
+  std::vector<int64_t> out;
+  for (const std::string& item : split_commas(text)) {
     try {
       size_t used = 0;
       out.push_back(std::stoll(item, &used));

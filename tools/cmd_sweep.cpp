@@ -4,7 +4,6 @@
 
 #include <filesystem>
 #include <iostream>
-#include <sstream>
 
 #include "cli.h"
 #include "common/error.h"
@@ -14,18 +13,10 @@
 namespace gradq::cli {
 namespace {
 
-std::vector<std::string> split_commas(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 std::vector<double> parse_budgets(const std::string& text) {
   std::vector<double> out;
   for (const std::string& item : split_commas(text)) {
+    if (item.empty()) continue;
     try {
       size_t used = 0;
       out.push_back(std::stod(item, &used));
@@ -40,7 +31,8 @@ std::vector<double> parse_budgets(const std::string& text) {
 std::vector<QuantSpec> parse_baselines(const std::string& text) {
   std::vector<QuantSpec> out;
   if (text == "none") return out;
-  for (const std::string& item : split_commas(text)) out.push_back(parse_quant_spec(item));
+  for (const std::string& item : split_commas(text))
+    if (!item.empty()) out.push_back(parse_quant_spec(item));
   return out;
 }
 

@@ -106,18 +106,9 @@ QuantizeOutcome GradualQuantizer::run() {
       return options_.order;
     }
     PhaseTimer phase(out, "analysis");
-    ImportanceAnalysis analysis;
-    if (options_.analysis_path) {
-      progress("analysis", 0, 1, "loading " + *options_.analysis_path);
-      analysis = load_analysis(*options_.analysis_path);
-    } else {
-      AnalyzerOptions analyzer = options_.analyzer;
-      analyzer.batch = options_.batch;
-      analyzer.on_progress = [&](const AnalysisProgress& p) { progress("analysis", p.done, p.total, p.what); };
-      ImportanceAnalyzer run(model_, calibration_, analyzer);
-      analysis = run.run();
+    const ImportanceAnalysis analysis = importance_analysis(model_, calibration_, options_);
+    if (!options_.analysis_path)  // a loaded analysis ran its passes elsewhere
       phase.add_passes(analysis.timing.forward_passes + analysis.timing.gradient_passes + analysis.timing.capture_passes);
-    }
     return search_order(model_, analysis);
   };
   auto finish = [&](PhaseTimer& phase) {
@@ -261,6 +252,20 @@ QuantizeOutcome GradualQuantizer::run() {
         100 * *budget.target_memory_reduction, 100 * (1.0 - double(out.size.quantized_bytes) / out.size.fp16_bytes)));
   out.seconds = seconds_since(start);
   return out;
+}
+
+ImportanceAnalysis importance_analysis(CausalLM& model, const Windows& calibration, const QuantizerOptions& options) {
+  auto progress = [&](int64_t done, int64_t total, const std::string& detail) {
+    if (options.on_progress) options.on_progress("analysis", done, total, detail);
+  };
+  if (options.analysis_path) {
+    progress(0, 1, "loading " + *options.analysis_path);
+    return load_analysis(*options.analysis_path);
+  }
+  AnalyzerOptions analyzer = options.analyzer;
+  analyzer.batch = options.batch;
+  analyzer.on_progress = [&](const AnalysisProgress& p) { progress(p.done, p.total, p.what); };
+  return ImportanceAnalyzer(model, calibration, analyzer).run();
 }
 
 std::vector<std::string> search_order(const CausalLM& model, const ImportanceAnalysis& analysis) {

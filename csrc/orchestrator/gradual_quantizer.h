@@ -98,6 +98,11 @@ class GradualQuantizer {
   QuantizerOptions options_;
 };
 
+/// The importance analysis `options` asks for: loaded from options.analysis_path, or run on
+/// `calibration` with options.analyzer (at options.batch windows per pass), reporting progress
+/// through options.on_progress as phase "analysis". `model` is probed in place and restored.
+ImportanceAnalysis importance_analysis(CausalLM& model, const Windows& calibration, const QuantizerOptions& options);
+
 /// The search order an analysis gives: the model's layers, least important first. Throws when the
 /// analysis lacks one of the model's weights or names one the model does not have.
 std::vector<std::string> search_order(const CausalLM& model, const ImportanceAnalysis& analysis);

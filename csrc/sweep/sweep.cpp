@@ -282,6 +282,12 @@ SweepResult result_of(const std::string& dir, const SharedState& shared, const s
   return r;
 }
 
+// Merging into one of the shard directories copies its own files onto themselves: skipped.
+void copy_file_atomically(const std::string& from, const std::string& to) {
+  if (fs::exists(to) && fs::equivalent(from, to)) return;
+  write_file_atomically(to, read_file(from));
+}
+
 std::string percent(double v) { return fmt::format("{:+.2f}%", 100 * v); }
 
 }  // namespace
@@ -389,15 +395,9 @@ SweepResult SweepRunner::run(const std::string& dir) {
     if (!base.order.empty()) {
       shared.order = base.order;
     } else {
-      ImportanceAnalysis analysis;
-      if (base.analysis_path) {
-        analysis = load_analysis(*base.analysis_path);
-      } else {
-        AnalyzerOptions analyzer = base.analyzer;
-        analyzer.batch = base.batch;
-        analyzer.on_progress = [&](const AnalysisProgress& p) { progress("analysis", p.done, p.total, p.what); };
-        analysis = ImportanceAnalyzer(model_, calibration_, analyzer).run();
-      }
+      QuantizerOptions analysis_options = base;
+      analysis_options.on_progress = progress;
+      const ImportanceAnalysis analysis = importance_analysis(model_, calibration_, analysis_options);
       shared.order = search_order(model_, analysis);
       save_analysis(dir + "/analysis.json", analysis);
     }
@@ -477,19 +477,15 @@ SweepResult merge_sweeps(const std::vector<std::string>& shard_dirs, const std::
     for (size_t i = 0; i < shards.size() && !found; ++i) {
       if (!read_point(shard_dirs[i], p.id, shards[i])) continue;
       found = true;
-      for (const std::string& path : {point_path(shard_dirs[i], p.id), plan_path(shard_dirs[i], p.id)}) {
-        const std::string target = out_dir + path.substr(shard_dirs[i].size());
-        if (fs::exists(target) && fs::equivalent(path, target)) continue;
-        write_file_atomically(target, read_file(path));
-      }
+      copy_file_atomically(point_path(shard_dirs[i], p.id), point_path(out_dir, p.id));
+      copy_file_atomically(plan_path(shard_dirs[i], p.id), plan_path(out_dir, p.id));
     }
     if (!found) missing.push_back(p.id);
   }
   GRADQ_CHECK(missing.empty(), "no shard has finished {} of the {} points: {}", missing.size(), first.points.size(),
               fmt::join(missing, ", "));
-  const std::string analysis = shard_dirs.front() + "/analysis.json";
-  if (fs::exists(analysis) && !(fs::exists(out_dir + "/analysis.json") && fs::equivalent(analysis, out_dir + "/analysis.json")))
-    write_file_atomically(out_dir + "/analysis.json", read_file(analysis));
+  if (fs::exists(shard_dirs.front() + "/analysis.json"))
+    copy_file_atomically(shard_dirs.front() + "/analysis.json", out_dir + "/analysis.json");
   write_file_atomically(out_dir + "/" + kSharedFile, shared_json(first).dump(2) + "\n");
   return result_of(out_dir, first, first.points);
 }
