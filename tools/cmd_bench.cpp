@@ -24,7 +24,7 @@ int bench_kernels(int argc, char** argv) {
       ("shapes", "weight shapes OUTxIN, comma-separated", cxxopts::value<std::string>()->default_value("4096x4096,4096x11008,11008x4096"))
       ("batch", "activation rows of the linear, comma-separated", cxxopts::value<std::string>()->default_value("1,8"))
       ("repeat", "timed calls per measurement (the median is reported)", cxxopts::value<int>()->default_value("10"))
-      ("warmup", "untimed calls before them", cxxopts::value<int>()->default_value("2"))
+      ("warmup", "untimed calls before them (at least one per input copy)", cxxopts::value<int>()->default_value("2"))
       ("device", "cpu, gpu or all (the GPU part reports why it is skipped when it cannot run)", cxxopts::value<std::string>()->default_value("all"))
       ("copy-mib", "size of the copy-bandwidth buffer in MiB (source and destination each)", cxxopts::value<int64_t>()->default_value("1024"))
       ("rotate-mib", "consecutive calls cycle through input copies spanning at least this many MiB, so no "

@@ -88,13 +88,16 @@ at::Tensor bench_activations(int64_t batch, int64_t in_features, uint64_t seed) 
 namespace {
 using Clock = std::chrono::steady_clock;
 
-// Times `repeat` calls of `call(i)` after `warmup` untimed ones; call i reads input copy
-// i % copies. The value a call returns is destroyed after the clock stops, so freeing its output
-// is not timed (allocating it is: that is part of what the op costs a caller).
+// Times `repeat` calls of `call(i)` after untimed ones; call i reads input copy i % copies. The
+// untimed calls are `warmup`, and at least one per copy: without that, whichever op was timed
+// first was up to 3x slow on this project's VM (4096x4096 quantize: 13.1 ms first, 4.4 ms after
+// another shape or with a warm-up over every copy). The value a call returns is destroyed after the
+// clock stops, so freeing its output is not timed (allocating it is: that is part of what the op
+// costs a caller).
 template <typename Call>
 std::vector<double> time_calls(int warmup, int repeat, int copies, const Call& call) {
   int64_t k = 0;
-  for (int i = 0; i < warmup; ++i) (void)call(static_cast<int>(k++ % copies));
+  for (int i = 0; i < std::max(warmup, copies); ++i) (void)call(static_cast<int>(k++ % copies));
   std::vector<double> seconds;
   seconds.reserve(static_cast<size_t>(repeat));
   for (int i = 0; i < repeat; ++i) {

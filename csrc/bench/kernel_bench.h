@@ -24,9 +24,9 @@
 //    before and after the ops and the higher of the two is the reference, so that a machine that
 //    got busier during the run cannot make the fractions look better.
 //  * speedup_vs_float = float linear median time / quantized linear median time (> 1: faster).
-//  * Every time is the median of `repeat` timed calls after `warmup` untimed ones. Consecutive calls
-//    read different copies of their inputs (`rotate_bytes` of them at least), so a weight that fits
-//    in the last-level cache is not timed from it.
+//  * Every time is the median of `repeat` timed calls after `warmup` untimed ones (at least one per
+//    input copy). Consecutive calls read different copies of their inputs (`rotate_bytes` of them
+//    at least), so a weight that fits in the last-level cache is not timed from it.
 //  * The CPU ops are the library calls (gradq::quantize, gradq::dequantize, gradq::ops::linear,
 //    at::linear), which allocate their outputs. With `reuse_outputs` (the default) the bench raises
 //    glibc's mmap and trim thresholds for its duration, so that an output freed by one call is
@@ -62,7 +62,7 @@ struct KernelBenchOptions {
   /// Activation rows of the linear (1 = decode).
   std::vector<int64_t> batches = {1, 8};
   int repeat = 10;  ///< timed calls per measurement, >= 1; the median is reported
-  int warmup = 2;   ///< untimed calls before them, >= 0
+  int warmup = 2;   ///< untimed calls before them, >= 0 (raised to one per input copy)
   /// Bytes of the copy-bandwidth buffer (source and destination are each this big).
   int64_t copy_bytes = int64_t{1} << 30;
   /// Consecutive timed calls cycle through enough input copies to touch at least this many bytes.

@@ -8,8 +8,11 @@
 //    host and device;
 //  * a group is quantized with the scale *as stored* (fp16 by default), so dequantization of the
 //    stored codes reproduces the search's fake-quant weights exactly;
-//  * quantize multiplies by inv_scale = 1.0f / scale (IEEE division, never fast-math) and the
-//    addition of the zero point happens after rounding, so no FMA contraction can change a code;
+//  * quantize multiplies by inv_scale = 1.0f / scale (IEEE division, never fast-math), rounds that
+//    product, and adds the zero point after rounding. The product must be rounded on its own: an
+//    FMA contraction of w * inv_scale into quant_rint's addition changes codes near .5. Device code
+//    uses __fmul_rn, which nvcc never contracts; host code is compiled with -ffp-contract=off
+//    (CMakeLists.txt), which matters once a CPU target has FMA (x86-64-v3 and up);
 //  * dequantize is one multiply: scale * (code - zero).
 
 #include <cmath>
@@ -147,13 +150,18 @@ GRADQ_HD float quant_rint(float x) {
 
 /// Code of one element: clamp(rint(w * inv_scale) + zero, 0, max_code). Where quant_rint is not
 /// exact (|w * inv_scale| > 2^22) the clamp gives the same end code, since zero <= 255. The integer
-/// conversion goes through int32, which SIMD units have. One select per statement: GCC if-converts
-/// (and so vectorizes) these, not nested ones.
+/// conversion goes through int32, which SIMD units have. The clamp is written as max and min
+/// exactly (`a > b ? a : b`), so compilers emit SIMD max/min instead of compare-and-blend.
 GRADQ_HD uint32_t quant_code(float w, float inv_scale, float zero, int bits) {
   const float max_code = static_cast<float>(quant_max_code(bits));
-  float q = quant_rint(w * inv_scale) + zero;
-  q = q < 0.f ? 0.f : q;
-  q = q > max_code ? max_code : q;
+#if defined(__CUDA_ARCH__)
+  const float scaled = __fmul_rn(w, inv_scale);  // never fused with quant_rint's addition
+#else
+  const float scaled = w * inv_scale;  // not fused either: -ffp-contract=off (see the top of this file)
+#endif
+  float q = quant_rint(scaled) + zero;
+  q = q > 0.f ? q : 0.f;
+  q = q < max_code ? q : max_code;
   return static_cast<uint32_t>(static_cast<int32_t>(q));
 }
 
@@ -191,6 +199,15 @@ GRADQ_HD void quant_pack8(const uint32_t* codes, int bits, uint8_t* out) {
   uint64_t v = 0;
   for (int k = 0; k < 8; ++k) v |= static_cast<uint64_t>(codes[k]) << (k * bits);
   for (int b = 0; b < bits; ++b) out[b] = static_cast<uint8_t>(v >> (8 * b));
+}
+
+/// Byte j of a packed row when the code width divides 8 (2, 4 or 8 bits): `codes` points at code
+/// j * 8 / bits, and the byte holds that code and the next ones, the first in the low bits. The
+/// same bytes as quant_pack8, in a form that vectorizes across bytes (its 64-bit shifts do not).
+GRADQ_HD uint8_t quant_pack_byte(const uint32_t* codes, int bits) {
+  uint32_t byte = 0;
+  for (int k = 0; k < 8 / bits; ++k) byte |= codes[k] << (k * bits);
+  return static_cast<uint8_t>(byte);
 }
 
 /// Unpacks the 8 codes of `bits` bytes at in (the inverse of quant_pack8).

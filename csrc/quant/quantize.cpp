@@ -117,49 +117,99 @@ struct ParamWriter {
   }
 };
 
-// Min and max of a group in eight independent lanes: without -ffast-math GCC will not reorder a
-// single min/max accumulator, but independent lanes map onto SIMD min/max. The minimum and
-// maximum of a set do not depend on the order visited (up to the sign of zero, which the
-// parameter functions normalise), so this matches the scalar reference. `finite` is false when
-// the group holds a NaN or an inf (w * 0 is NaN exactly for those), which min/max alone can miss;
-// a loop of its own, as one fused with min/max does not vectorize.
+// ---- Hot loops, compiled per instruction set ---------------------------------------------------
+// With GCC on x86-64 the functions marked GRADQ_CPU_CLONES are compiled three times, for
+// x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the SSE2 baseline, and the dynamic loader picks the
+// best one the CPU runs (function multiversioning). What they inline is compiled with them, so the
+// element math of quant_math.h is vectorized at each width. Every clone gives the reference's
+// codes: the library is built with -ffp-contract=off, so the FMA of v3/v4 never fuses a rounding
+// away, and min/max do not depend on the order in which lanes visit a group.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GRADQ_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GRADQ_CPU_CLONES
+#endif
+// Helpers of the cloned functions must be inlined into them to get their instruction set.
+#define GRADQ_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// Min and max of a group, and whether it is all finite. The simd reduction lets the compiler
+// reorder min and max across lanes (without it, it keeps them in order, and scalar); the minimum
+// and maximum of a set do not depend on that order, up to the sign of zero, which the parameter
+// functions normalise. `finite` is false when the group holds a NaN (which the comparisons skip)
+// or an inf (which becomes lo or hi).
 struct GroupRange {
   float lo, hi;
   bool finite;
 };
-GroupRange group_range(const float* w, int64_t n) {
-  constexpr int kLanes = 8;
-  float lo[kLanes], hi[kLanes], nan[kLanes];
-  for (int k = 0; k < kLanes; ++k) lo[k] = hi[k] = w[0], nan[k] = 0.f;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      lo[k] = w[i + k] < lo[k] ? w[i + k] : lo[k];
-      hi[k] = w[i + k] > hi[k] ? w[i + k] : hi[k];
-    }
+GRADQ_ALWAYS_INLINE GroupRange group_range(const float* w, int64_t n) {
+  float lo = w[0], hi = w[0];
+  int nan = 0;
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    lo = w[i] < lo ? w[i] : lo;
+    hi = w[i] > hi ? w[i] : hi;
+    nan |= w[i] != w[i];
   }
-  for (; i < n; ++i) {
-    lo[0] = w[i] < lo[0] ? w[i] : lo[0];
-    hi[0] = w[i] > hi[0] ? w[i] : hi[0];
-    nan[0] += w[i] * 0.f;
-  }
-  for (i = 0; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) nan[k] += w[i + k] * 0.f;
-  bool finite = true;
-  for (int k = 0; k < kLanes; ++k) {
-    lo[0] = lo[k] < lo[0] ? lo[k] : lo[0];
-    hi[0] = hi[k] > hi[0] ? hi[k] : hi[0];
-    finite = finite && nan[k] == 0.f;
-  }
-  return {lo[0], hi[0], finite};
+  return {lo, hi, nan == 0 && std::isfinite(lo) && std::isfinite(hi)};
 }
 
-// Quantizes every row of w [out, in] into p. `choose(row, group_ptr, begin, len)` returns the
-// parameters of one group; kBits is a template argument so that the packing shifts are constants.
-// A group's codes are computed into a buffer first (a loop the compiler vectorizes), then packed
-// eight at a time with whole-byte stores; only a row's last, partial chunk is packed code by code.
-template <int kBits, typename ChooseParams>
-void quantize_rows(const float* w, PackedWeight& p, const ChooseParams& choose) {
+// Round-to-nearest parameters of every group of a row of `in` weights in groups of `glen`; false
+// when a group is not finite.
+GRADQ_CPU_CLONES bool rtn_row_params(const float* w, int64_t in, int64_t glen, const QuantSpec& spec,
+                                     GroupParams* params) {
+  bool finite = true;
+  for (int64_t g = 0, begin = 0; begin < in; ++g, begin += glen) {
+    const GroupRange r = group_range(w + begin, std::min(glen, in - begin));
+    params[g] = rtn_params(r.lo, r.hi, spec);
+    finite = finite && r.finite;
+  }
+  return finite;
+}
+
+// Codes of a row with the stored parameters of its groups (inv_scale, zero), packed into `row`.
+// A group's codes go to `codes` first (a loop that vectorizes), then into bytes. Groups start at
+// multiples of 16 codes, so every group starts on a byte boundary; only a row's last codes that
+// do not fill 8 are packed one by one.
+template <int kBits>
+GRADQ_ALWAYS_INLINE void encode_row_bits(const float* w, int64_t in, int64_t glen, const float* inv_scale,
+                                         const float* zero, uint32_t* codes, uint8_t* row) {
+  for (int64_t g = 0, begin = 0; begin < in; ++g, begin += glen) {
+    const int64_t len = std::min(glen, in - begin);
+    const float* wg = w + begin;
+    const float inv = inv_scale[g], z = zero[g];
+    for (int64_t i = 0; i < len; ++i) codes[i] = quant_code(wg[i], inv, z, kBits);
+    uint8_t* out = row + begin * kBits / 8;
+    const int64_t full = len / 8 * 8;  // codes that fill whole bytes
+    if constexpr (8 % kBits == 0) {
+      constexpr int kPerByte = 8 / kBits;
+      for (int64_t j = 0; j < full / kPerByte; ++j) out[j] = quant_pack_byte(codes + j * kPerByte, kBits);
+    } else {
+      for (int64_t c = 0; c < full / 8; ++c) quant_pack8(codes + 8 * c, kBits, out + c * kBits);
+    }
+    if (full < len) {  // the row's last codes: clear their bytes, then OR them in
+      uint8_t* tail = out + full * kBits / 8;
+      std::fill(tail, tail + quant_row_bytes(len - full, kBits), uint8_t{0});
+      for (int64_t i = full; i < len; ++i) quant_pack_code(out, i, kBits, codes[i]);
+    }
+  }
+}
+
+GRADQ_CPU_CLONES void encode_row(const float* w, int64_t in, int64_t glen, int bits, const float* inv_scale,
+                                 const float* zero, uint32_t* codes, uint8_t* row) {
+  switch (bits) {
+    case 2: return encode_row_bits<2>(w, in, glen, inv_scale, zero, codes, row);
+    case 3: return encode_row_bits<3>(w, in, glen, inv_scale, zero, codes, row);
+    case 4: return encode_row_bits<4>(w, in, glen, inv_scale, zero, codes, row);
+    case 8: return encode_row_bits<8>(w, in, glen, inv_scale, zero, codes, row);
+    default: TORCH_INTERNAL_ASSERT(false, "unsupported bits ", bits);
+  }
+}
+
+// Quantizes every row of w [out, in] into p. `choose(row, w_row, params)` sets the parameters of
+// each group of the row; checking and storing them and the codes are shared. Row by row, so that
+// a row's weights are still in cache when its codes are computed.
+template <typename ChooseRowParams>
+void quantize_rows(const float* w, PackedWeight& p, const ChooseRowParams& choose) {
   const int64_t in = p.in_features;
   const int64_t glen = p.spec.group_len(in);
   const int64_t groups = p.spec.n_groups(in);
@@ -168,44 +218,22 @@ void quantize_rows(const float* w, PackedWeight& p, const ChooseParams& choose) 
   const ParamWriter writer(p);
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / in);
   at::parallel_for(0, p.out_features, grain, [&](int64_t r0, int64_t r1) {
-    // 32-bit codes: narrowing them to bytes costs more on SSE2 than the wider buffer.
-    std::vector<uint32_t> buffer(static_cast<size_t>(glen));
-    uint32_t* group_codes = buffer.data();
+    std::vector<GroupParams> params(static_cast<size_t>(groups));
+    std::vector<float> inv_scale(static_cast<size_t>(groups)), zero(static_cast<size_t>(groups));
+    // 32-bit codes: narrowing them to bytes costs more than the wider buffer.
+    std::vector<uint32_t> group_codes(static_cast<size_t>(glen));
     for (int64_t r = r0; r < r1; ++r) {
       const float* wr = w + r * in;
-      uint8_t* row = codes + r * row_bytes;
+      choose(wr, params.data());
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t begin = g * glen;
-        const int64_t len = std::min(glen, in - begin);
-        const float* wg = wr + begin;
-        const GroupParams gp = choose(r, wg, begin, len);
-        check_scale(gp.scale, r, g, p.spec);
-        writer.store(r, g, gp);
-        const float inv = quant_inv_scale(gp.scale);
-        const float zero = gp.zero;
-        for (int64_t i = 0; i < len; ++i) group_codes[i] = quant_code(wg[i], inv, zero, kBits);
-        uint8_t* out = row + begin * kBits / 8;  // begin is a multiple of 16 codes: byte-aligned
-        const int64_t chunks = len / 8;
-        for (int64_t c = 0; c < chunks; ++c) quant_pack8(group_codes + 8 * c, kBits, out + c * kBits);
-        if (len % 8 != 0) {  // the row's last codes: clear their bytes, then OR them in
-          uint8_t* tail = out + chunks * kBits;
-          std::fill(tail, row + row_bytes, uint8_t{0});
-          for (int64_t i = chunks * 8; i < len; ++i) quant_pack_code(out, i, kBits, group_codes[i]);
-        }
+        check_scale(params[g].scale, r, g, p.spec);
+        writer.store(r, g, params[g]);
+        inv_scale[g] = quant_inv_scale(params[g].scale);
+        zero[g] = params[g].zero;
       }
+      encode_row(wr, in, glen, p.spec.bits(), inv_scale.data(), zero.data(), group_codes.data(), codes + r * row_bytes);
     }
   });
-}
-
-template <typename ChooseParams>
-void quantize_rows_dispatch(const float* w, PackedWeight& p, const ChooseParams& choose) {
-  switch (p.spec.bits()) {
-    case 2: return quantize_rows<2>(w, p, choose);
-    case 3: return quantize_rows<3>(w, p, choose);
-    case 4: return quantize_rows<4>(w, p, choose);
-    case 8: return quantize_rows<8>(w, p, choose);
-    default: TORCH_INTERNAL_ASSERT(false, "unsupported bits ", p.spec.bits());
-  }
 }
 
 // Weighted squared error of quantizing one group with `gp`. Accumulated in double, in index
@@ -286,11 +314,10 @@ at::Tensor dequantize_ref(const PackedWeight& w) { return dequantize_ref_impl(w)
 PackedWeight quantize(const at::Tensor& w, const QuantSpec& spec) {
   check_integer_spec(spec, "quantize");
   const at::Tensor wf = weight_as_float(w, "quantize", /*check_finite=*/false);
-  PackedWeight p = allocate_packed(wf.size(0), wf.size(1), spec, /*zero_codes=*/false);
-  quantize_rows_dispatch(wf.data_ptr<float>(), p, [&](int64_t, const float* wg, int64_t, int64_t len) {
-    const GroupRange range = group_range(wg, len);
-    TORCH_CHECK(range.finite, "quantize", kNotFinite);
-    return rtn_params(range.lo, range.hi, spec);
+  const int64_t in = wf.size(1), glen = spec.group_len(in);
+  PackedWeight p = allocate_packed(wf.size(0), in, spec, /*zero_codes=*/false);
+  quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, GroupParams* params) {
+    TORCH_CHECK(rtn_row_params(wr, in, glen, spec, params), "quantize", kNotFinite);
   });
   return p;
 }
@@ -336,9 +363,11 @@ PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const 
                 "quantize_clipped: act_sq_mean must be finite and >= 0 (a mean of squares)");
   }
   const float* a = act.defined() ? act.data_ptr<float>() : nullptr;
+  const int64_t glen = spec.group_len(in);
   PackedWeight p = allocate_packed(wf.size(0), in, spec, /*zero_codes=*/false);
-  quantize_rows_dispatch(wf.data_ptr<float>(), p, [&](int64_t, const float* wg, int64_t begin, int64_t len) {
-    return search_clip(wg, a ? a + begin : nullptr, len, spec, opt);
+  quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, GroupParams* params) {
+    for (int64_t g = 0, begin = 0; begin < in; ++g, begin += glen)
+      params[g] = search_clip(wr + begin, a ? a + begin : nullptr, std::min(glen, in - begin), spec, opt);
   });
   return p;
 }

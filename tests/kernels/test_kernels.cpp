@@ -22,6 +22,7 @@
 #include "linear.cuh"
 #include "quant/quant_math.h"
 #include "quantize.cuh"
+#include "support/near_ties.h"
 
 namespace gradq::kernels {
 namespace {
@@ -428,6 +429,34 @@ TEST(Quantize, FlagsScalesBeyondFp16) {
   ASSERT_STATUS_OK(quantize_launch(p, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
   EXPECT_EQ(flag.download(), std::vector<int>{1});
+}
+
+// nvcc contracts a * b + c into an FMA by default; quant_code's product must stay rounded on its
+// own (quant_math.h). On these weights a fused kernel gets every code but two per row wrong.
+TEST(Quantize, NoFusedMultiplyAddOnNearTies) {
+  GRADQ_REQUIRE_GPU();
+  const int64_t out = 64, in = test::kNearTieGroup;
+  const std::vector<float> w = test::near_tie_weights(out);
+  const Format f{test::kNearTieBits, test::kNearTieGroup, /*symmetric=*/false, /*fp16_scale=*/true};
+  const HostPacked ref = quantize_reference(w, out, in, f);
+  DeviceBuffer<float> dw(w.size());
+  DeviceBuffer<uint8_t> codes(ref.codes.size()), zeros(out * ref.n_groups);
+  DeviceBuffer<uint16_t> scales(out * ref.n_groups);
+  ASSERT_TRUE(dw.ok() && codes.ok() && zeros.ok() && scales.ok());
+  ASSERT_CUDA(dw.upload(w));
+  QuantizeParams p;
+  p.weight = dw.get();
+  p.codes = codes.get();
+  p.scales = scales.get();
+  p.zeros = zeros.get();
+  p.out_features = out;
+  p.in_features = in;
+  p.bits = f.bits;
+  p.group_size = f.group;
+  ASSERT_STATUS_OK(quantize_launch(p, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  EXPECT_EQ(codes.download(), ref.codes);
+  EXPECT_EQ(scales.download(), ref.scales_h);
 }
 
 // ---- Argument validation: no device needed ------------------------------------------------------

@@ -19,6 +19,7 @@
 
 using namespace gradq;
 
+#include "support/near_ties.h"
 #include "support/test_helpers.h"
 
 using test::bitwise_equal;
@@ -278,6 +279,36 @@ TEST(QuantMath, RoundingAndCodesMatchRintf) {
     EXPECT_EQ(quant_code(big, 1.f, 1.f, 4), big > 0 ? 15u : 0u) << big;
 }
 
+// No quantizer may fuse w * inv_scale into the rounding (quant_math.h): on these weights a fused
+// one gets every code but the first two of a row wrong. quantize() runs the x86-64-v4/v3 clone
+// where the CPU has one, and those have FMA.
+TEST(QuantMath, NoFusedMultiplyAddOnNearTies) {
+  const int64_t rows = 64, in = test::kNearTieGroup;
+  std::vector<float> host = test::near_tie_weights(rows);
+  const at::Tensor w = at::from_blob(host.data(), {rows, in}, at::kFloat).clone();
+  const QuantSpec spec = make_spec(test::kNearTieBits, test::kNearTieGroup, /*symmetric=*/false, /*fp16_scale=*/true);
+  const PackedWeight ref = quantize_ref(w, spec);
+  const PackedWeight got = quantize(w, spec);
+  EXPECT_TRUE(bitwise_equal(got.codes, ref.codes));
+  ClipSearchOptions round_to_nearest;
+  round_to_nearest.n_grid = 0;
+  EXPECT_TRUE(bitwise_equal(quantize_clipped(w, spec, at::Tensor(), round_to_nearest).codes, ref.codes));
+
+  const GroupParams gp = test::near_tie_params();
+  const float inv = quant_inv_scale(gp.scale);
+  const auto codes = got.codes.accessor<uint8_t, 2>();
+  int64_t unfused = 0, fused_would_differ = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 2; i < in; ++i) {
+      const float x = host[r * in + i];
+      unfused += codes[r][i] == quant_code(x, inv, gp.zero, test::kNearTieBits);
+      fused_would_differ += codes[r][i] != test::fused_code(x, inv, gp.zero, test::kNearTieBits);
+    }
+  }
+  EXPECT_EQ(unfused, rows * (in - 2));
+  EXPECT_EQ(fused_would_differ, rows * (in - 2));  // the construction discriminates
+}
+
 TEST(QuantPacking, PackAndUnpackEightMatchCodeByCode) {
   at::Generator gen = at::detail::createCPUGenerator(12);
   for (int bits : {2, 3, 4, 8}) {
@@ -288,6 +319,9 @@ TEST(QuantPacking, PackAndUnpackEightMatchCodeByCode) {
     for (int k = 0; k < 8; ++k) quant_pack_code(one_by_one, k, bits, codes[k]);
     quant_pack8(codes, bits, eight);
     EXPECT_EQ(std::memcmp(one_by_one, eight, 8), 0) << bits;
+    if (8 % bits == 0) {  // the byte-wise form of the same layout
+      for (int j = 0; j < bits; ++j) EXPECT_EQ(quant_pack_byte(codes + j * 8 / bits, bits), one_by_one[j]) << bits << " byte " << j;
+    }
     uint32_t back[8];
     quant_unpack8(eight, bits, back);
     for (int k = 0; k < 8; ++k) EXPECT_EQ(back[k], codes[k]) << bits << " " << k;
