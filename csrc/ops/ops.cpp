@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <vector>
 
@@ -48,7 +50,52 @@ void linear_fused(const float* x, int64_t rows, const PackedWeight& w, const flo
   });
 }
 
+// Weights per block of the batched path: 2^20 floats (4 MiB, 256 rows of 4096) stay in the
+// last-level cache from being dequantized to being read by the GEMM.
+constexpr int64_t kBatchedBlockElems = int64_t{1} << 20;
+
+// Whether BLAS runs its threads in the OpenMP pool that at::parallel_for uses (OpenBLAS built for
+// OpenMP, or a sequential one). OpenBLAS built with pthreads keeps a pool of its own whose threads
+// spin after each call, so alternating it with OpenMP loops block by block made the batched linear
+// 2-7x slower than one dequantization and one GEMM (docs/BENCHMARKS.md). Other BLAS libraries are
+// not identified and are treated like pthreads OpenBLAS.
+bool blas_shares_openmp_pool() {
+  static const bool shares = [] {
+    using GetParallel = int (*)();
+    const auto get_parallel = reinterpret_cast<GetParallel>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
+    return get_parallel != nullptr && get_parallel() != 1;  // 0: sequential, 1: pthreads, 2: OpenMP
+  }();
+  return shares;
+}
+
 }  // namespace
+
+namespace detail {
+
+// Blocks keep the float matrix from being materialised: as a fresh tensor per call it costs page
+// faults on every call (4096x4096 on this project's VM: 4 ms to dequantize into reused memory, over
+// 100 ms into fresh memory).
+at::Tensor linear_batched(const at::Tensor& x, const PackedWeight& w, int64_t block_rows) {
+  TORCH_CHECK(block_rows >= 1, "linear_batched: block_rows must be >= 1, got ", block_rows);
+  const PackedView v(w);
+  const int64_t in = w.in_features, out = w.out_features;
+  const int64_t block = std::min(out, block_rows);
+  at::Tensor y = at::empty({x.size(0), out}, x.options());
+  at::Tensor buffer = at::empty({block, in}, at::kFloat);
+  float* wb = buffer.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kFusedGrainElems / in);
+  for (int64_t o0 = 0; o0 < out; o0 += block) {
+    const int64_t n = std::min(block, out - o0);
+    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) dequantize_row(v, o0 + r, wb + r * in);
+    });
+    at::Tensor y_block = y.narrow(1, o0, n);  // strides (out, 1): BLAS writes it with ldc = out
+    at::mm_out(y_block, x, buffer.narrow(0, 0, n).t());
+  }
+  return y;
+}
+
+}  // namespace detail
 
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
                       int64_t bits, int64_t group_size, int64_t in_features) {
@@ -74,15 +121,23 @@ at::Tensor linear(const at::Tensor& x, const PackedWeight& w, const c10::optiona
     TORCH_CHECK(b.device().is_cpu(), "gradq::linear (CPU): bias must be on the CPU, got ", b.device());
   }
   const int64_t rows = x.numel() / w.in_features;
-  // Decode (a handful of rows) is bound by reading the weight: the fused loop reads the packed
-  // codes once and never materialises the float matrix, which would be 4 bytes per weight written
-  // and read back. With more rows the arithmetic dominates and a float GEMM in BLAS (blocked,
-  // SIMD, multi-threaded) beats any loop here, so the one dequantization amortises over the batch.
-  if (rows > kLinearFusedMaxRows) return at::linear(x, gradq::dequantize(w), b);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.out_features;
-  at::Tensor y = at::empty(out_shape, x.options());
   const at::Tensor xc = x.contiguous();
+  // Decode (a handful of rows) is bound by reading the weight: the fused loop reads the packed
+  // codes once and never materialises float weights, which would be 4 bytes per weight written
+  // and read back. With more rows the arithmetic dominates and a float GEMM in BLAS (blocked,
+  // SIMD, multi-threaded) beats any loop here, so each dequantized block amortises over the batch.
+  if (rows > kLinearFusedMaxRows) {
+    // With a BLAS that has its own thread pool the whole matrix is one block, so that the two pools
+    // take turns once per call.
+    const int64_t block_rows = blas_shares_openmp_pool() ? std::max<int64_t>(1, kBatchedBlockElems / w.in_features)
+                                                         : w.out_features;
+    at::Tensor y = detail::linear_batched(xc.reshape({rows, w.in_features}), w, block_rows);
+    if (b.defined()) y.add_(b);
+    return y.reshape(out_shape);
+  }
+  at::Tensor y = at::empty(out_shape, x.options());
   linear_fused(xc.data_ptr<float>(), rows, w, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
   return y;
 }

@@ -31,4 +31,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 /// linear() on a PackedWeight.
 at::Tensor linear(const at::Tensor& x, const PackedWeight& w, const c10::optional<at::Tensor>& bias = c10::nullopt);
 
+namespace detail {
+/// linear()'s path for batches above kLinearFusedMaxRows, without bias: x [rows, in] contiguous;
+/// the weight is dequantized `block_rows` output rows at a time into one reused buffer, and each
+/// block's GEMM writes its columns of y. linear() picks the block size (ops.cpp); tests set it.
+at::Tensor linear_batched(const at::Tensor& x, const PackedWeight& w, int64_t block_rows);
+}  // namespace detail
+
 }  // namespace gradq::ops

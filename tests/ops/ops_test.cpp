@@ -146,6 +146,19 @@ TEST(OpsLinearShapes, ThreeDimensionalInputOnBothPaths) {
   }
 }
 
+// The batched path dequantizes a block of output rows at a time. linear() sizes the blocks by the
+// BLAS build (one block with a pthreads OpenBLAS), so set them here: blocks of 7 rows over 33 outputs
+// leave a partial last block of 5.
+TEST(OpsLinearShapes, BatchedPathInBlocks) {
+  const PackedWeight w = quantize(gaussian(kOut, kIn, 4), make_spec(4, 32, false, true));
+  const at::Tensor x = gaussian(9, kIn, 5, 1.0);
+  for (int64_t block_rows : {int64_t{1}, int64_t{7}, kOut, kOut + 10}) {
+    SCOPED_TRACE("block_rows " + std::to_string(block_rows));
+    expect_close_to_reference(ops::detail::linear_batched(x, w, block_rows), x, dequantize(w), c10::nullopt);
+  }
+  GRADQ_EXPECT_THROW_MSG(ops::detail::linear_batched(x, w, 0), "block_rows must be >= 1, got 0");
+}
+
 TEST(OpsLinearShapes, NonContiguousInput) {
   const PackedWeight w = quantize(gaussian(kOut, kIn, 1), make_spec(3, 64, true, true));
   const at::Tensor x = gaussian(kIn, 2, 3, 1.0).t();  // [2, in], transposed view
