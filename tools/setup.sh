@@ -3,8 +3,8 @@
 set -euo pipefail
 # OpenBLAS built for OpenMP: libtorch's loops run in the OpenMP pool, and a BLAS in the same pool
 # lets gradq::linear alternate the two without the pthreads build's idle threads competing for the
-# cores (docs/BENCHMARKS.md, "Batched linear"). Either OpenBLAS is ~25x faster than the reference
-# BLAS that libtorch-dev pulls in.
+# cores (docs/BENCHMARKS.md, "Batched linear"). Either OpenBLAS build is far faster than the
+# reference BLAS that libtorch-dev pulls in.
 packages=(cmake ninja-build g++ libtorch-dev libopenblas0-openmp libsentencepiece-dev libfmt-dev
           libcxxopts-dev nlohmann-json3-dev libgtest-dev)
 SUDO=""
