@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "quant/cpu_clones.h"
 #include "quant/quant_math.h"
 
 namespace gradq {
@@ -32,7 +33,7 @@ void check_tensor(const at::Tensor& t, const char* what, at::ScalarType dtype, i
 // The loops below are instantiated per bit width so that the shifts and masks inside
 // quant_unpack_code become constants (4- and 8-bit codes never straddle a byte).
 template <int kBits>
-void dequantize_row_bits(const PackedView& v, int64_t r, float* out) {
+GRADQ_ALWAYS_INLINE void dequantize_row_bits(const PackedView& v, int64_t r, float* out) {
   const uint8_t* row = v.codes + r * v.row_bytes;
   for (int64_t g = 0; g < v.n_groups; ++g) {
     const float s = v.scale(r, g);
@@ -47,7 +48,13 @@ void dequantize_row_bits(const PackedView& v, int64_t r, float* out) {
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t n = std::min(kBlock, end - b);
       const int64_t whole = n / 8 * 8;
-      for (int64_t i = 0; i < whole; i += 8) quant_unpack8(row + (b + i) * kBits / 8, kBits, codes + i);
+      if constexpr (8 % kBits == 0) {  // byte by byte: vectorizes, unlike quant_unpack8's 64-bit shifts
+        constexpr int64_t kPerByte = 8 / kBits;
+        const uint8_t* bytes = row + b * kBits / 8;
+        for (int64_t j = 0; j < whole / kPerByte; ++j) quant_unpack_byte(bytes[j], kBits, codes + j * kPerByte);
+      } else {
+        for (int64_t i = 0; i < whole; i += 8) quant_unpack8(row + (b + i) * kBits / 8, kBits, codes + i);
+      }
       for (int64_t i = whole; i < n; ++i) codes[i] = quant_unpack_code(row, b + i, kBits);
       for (int64_t i = 0; i < n; ++i) out[b + i] = quant_dequant(codes[i], s, z);
     }
@@ -128,7 +135,7 @@ float PackedView::scale(int64_t r, int64_t g) const {
   return scales_h ? half_bits_to_float(scales_h[i]) : scales_f[i];
 }
 
-void dequantize_row(const PackedView& v, int64_t r, float* out) {
+GRADQ_CPU_CLONES void dequantize_row(const PackedView& v, int64_t r, float* out) {
   switch (v.bits) {
     case 2: return dequantize_row_bits<2>(v, r, out);
     case 3: return dequantize_row_bits<3>(v, r, out);

@@ -210,6 +210,13 @@ GRADQ_HD uint8_t quant_pack_byte(const uint32_t* codes, int bits) {
   return static_cast<uint8_t>(byte);
 }
 
+/// The codes of one byte of a packed row when the code width divides 8 (the inverse of
+/// quant_pack_byte): 8 / bits codes, the first from the low bits.
+GRADQ_HD void quant_unpack_byte(uint8_t byte, int bits, uint32_t* codes) {
+  const uint32_t mask = static_cast<uint32_t>(quant_max_code(bits));
+  for (int k = 0; k < 8 / bits; ++k) codes[k] = (static_cast<uint32_t>(byte) >> (k * bits)) & mask;
+}
+
 /// Unpacks the 8 codes of `bits` bytes at in (the inverse of quant_pack8).
 GRADQ_HD void quant_unpack8(const uint8_t* in, int bits, uint32_t* codes) {
   uint64_t v = 0;

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "quant/cpu_clones.h"
 #include "quant/quant_math.h"
 
 namespace gradq {
@@ -117,20 +118,9 @@ struct ParamWriter {
   }
 };
 
-// ---- Hot loops, compiled per instruction set ---------------------------------------------------
-// With GCC on x86-64 the functions marked GRADQ_CPU_CLONES are compiled three times, for
-// x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the SSE2 baseline, and the dynamic loader picks the
-// best one the CPU runs (function multiversioning). What they inline is compiled with them, so the
-// element math of quant_math.h is vectorized at each width. Every clone gives the reference's
-// codes: the library is built with -ffp-contract=off, so the FMA of v3/v4 never fuses a rounding
-// away, and min/max do not depend on the order in which lanes visit a group.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GRADQ_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GRADQ_CPU_CLONES
-#endif
-// Helpers of the cloned functions must be inlined into them to get their instruction set.
-#define GRADQ_ALWAYS_INLINE inline __attribute__((always_inline))
+// ---- Hot loops, compiled per instruction set (cpu_clones.h) -------------------------------------
+// Every clone gives the reference's codes: min/max do not depend on the order in which lanes visit
+// a group, and no FMA fuses a rounding (cpu_clones.h).
 
 // Min and max of a group, and whether it is all finite. The simd reduction lets the compiler
 // reorder min and max across lanes (without it, it keeps them in order, and scalar); the minimum

@@ -319,8 +319,13 @@ TEST(QuantPacking, PackAndUnpackEightMatchCodeByCode) {
     for (int k = 0; k < 8; ++k) quant_pack_code(one_by_one, k, bits, codes[k]);
     quant_pack8(codes, bits, eight);
     EXPECT_EQ(std::memcmp(one_by_one, eight, 8), 0) << bits;
-    if (8 % bits == 0) {  // the byte-wise form of the same layout
-      for (int j = 0; j < bits; ++j) EXPECT_EQ(quant_pack_byte(codes + j * 8 / bits, bits), one_by_one[j]) << bits << " byte " << j;
+    if (8 % bits == 0) {  // the byte-wise form of the same layout, both ways
+      for (int j = 0; j < bits; ++j) {
+        EXPECT_EQ(quant_pack_byte(codes + j * 8 / bits, bits), one_by_one[j]) << bits << " byte " << j;
+        uint32_t unpacked[8] = {};
+        quant_unpack_byte(one_by_one[j], bits, unpacked);
+        for (int k = 0; k < 8 / bits; ++k) EXPECT_EQ(unpacked[k], codes[j * 8 / bits + k]) << bits << " byte " << j;
+      }
     }
     uint32_t back[8];
     quant_unpack8(eight, bits, back);
