@@ -5,6 +5,7 @@
 
 
 #include "common/error.h"
+#include "common/hash.h"
 #include "common/timing.h"
 #include "quant/quantize.h"
 
@@ -16,12 +17,6 @@ uint64_t splitmix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
-}
-
-uint64_t fnv1a(const std::string& s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-  return h;
 }
 
 const WeightInfo& matrix_info(const CausalLM& model, const std::string& name) {
@@ -85,7 +80,7 @@ std::vector<ImportanceUnit> importance_units(const CausalLM& model) {
   return units;
 }
 
-uint64_t noise_seed(uint64_t seed, const std::string& name) { return splitmix64(seed ^ fnv1a(name)); }
+uint64_t noise_seed(uint64_t seed, const std::string& name) { return splitmix64(seed ^ Fnv1a().bytes(name.data(), name.size()).value()); }
 
 // ---- WeightCache ---------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@
 //   probe_upgrade   all quantizable weights at `base` (4-bit), the unit at `upgraded` (8-bit); the
 //                   importance is the KL it recovers, probe_baseline(...).kl - probe_upgrade(...).kl.
 //
-// Noise seeds: the weight named n gets the CPU generator seeded with splitmix64(seed ^ fnv1a(n)), so
+// Noise seeds: the weight named n gets the CPU generator seeded with splitmix64(seed ^ FNV-1a(n)), so
 // the noise depends only on (seed, name): the same seed gives the same noise, in any probe order, and
 // a block's noise is the sum of its layers' noises.
 //

@@ -14,10 +14,6 @@
 namespace gradq::ops {
 namespace {
 
-// Output rows per parallel task of the fused loop: enough packed weights per task to amortise the
-// hand-off between threads.
-constexpr int64_t kFusedGrainElems = 16384;
-
 // Dot product in eight independent lanes: GCC vectorizes independent accumulators without
 // -ffast-math (it may not reorder one accumulator).
 float dot(const float* a, const float* b, int64_t n) {
@@ -39,8 +35,7 @@ float dot(const float* a, const float* b, int64_t n) {
 void linear_fused(const float* x, int64_t rows, const PackedWeight& w, const float* bias, float* y) {
   const PackedView v(w);
   const int64_t in = w.in_features, out = w.out_features;
-  const int64_t grain = std::max<int64_t>(1, kFusedGrainElems / in);
-  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, out, parallel_row_grain(in), [&](int64_t o0, int64_t o1) {
     std::vector<float> wrow(static_cast<size_t>(in));
     for (int64_t o = o0; o < o1; ++o) {
       dequantize_row(v, o, wrow.data());
@@ -82,13 +77,9 @@ at::Tensor linear_batched(const at::Tensor& x, const PackedWeight& w, int64_t bl
   const int64_t block = std::min(out, block_rows);
   at::Tensor y = at::empty({x.size(0), out}, x.options());
   at::Tensor buffer = at::empty({block, in}, at::kFloat);
-  float* wb = buffer.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, kFusedGrainElems / in);
   for (int64_t o0 = 0; o0 < out; o0 += block) {
     const int64_t n = std::min(block, out - o0);
-    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) dequantize_row(v, o0 + r, wb + r * in);
-    });
+    dequantize_rows(v, o0, n, buffer.data_ptr<float>());
     at::Tensor y_block = y.narrow(1, o0, n);  // strides (out, 1): BLAS writes it with ldc = out
     at::mm_out(y_block, x, buffer.narrow(0, 0, n).t());
   }

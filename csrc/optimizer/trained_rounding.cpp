@@ -9,13 +9,11 @@
 #include <vector>
 
 #include "common/error.h"
+#include "quant/packed_weight.h"
 #include "quant/quant_math.h"
 
 namespace gradq {
 namespace {
-
-// Rows per parallel task cover at least this many weights, as in csrc/quant/quantize.cpp.
-constexpr int64_t kParallelGrainElems = 16384;
 
 // The weight, its grouping and XtX, fixed for the whole optimisation.
 struct Problem {
@@ -33,7 +31,7 @@ struct Problem {
 
   int64_t group_begin(int64_t g) const { return g * glen; }
   int64_t group_end(int64_t g) const { return std::min(in, (g + 1) * glen); }
-  int64_t row_grain() const { return std::max<int64_t>(1, kParallelGrainElems / std::max<int64_t>(1, in)); }
+  int64_t row_grain() const { return parallel_row_grain(in); }
 };
 
 // Learned parameters. Symmetric formats use only clip_lo, the factor on the signed absmax.

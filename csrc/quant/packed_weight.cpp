@@ -1,6 +1,7 @@
 #include "quant/packed_weight.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -133,6 +134,12 @@ PackedView::PackedView(const PackedWeight& w)
 float PackedView::scale(int64_t r, int64_t g) const {
   const int64_t i = r * n_groups + g;
   return scales_h ? half_bits_to_float(scales_h[i]) : scales_f[i];
+}
+
+void dequantize_rows(const PackedView& v, int64_t first, int64_t count, float* out) {
+  at::parallel_for(0, count, parallel_row_grain(v.in_features), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequantize_row(v, first + r, out + r * v.in_features);
+  });
 }
 
 GRADQ_CPU_CLONES void dequantize_row(const PackedView& v, int64_t r, float* out) {

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "quant/quant_spec.h"
@@ -62,5 +63,15 @@ struct PackedView {
 /// Dequantizes row r of `v` into out[0 .. in_features). Calls quant_math.h per element, so it
 /// gives the same bits as dequantize_ref.
 void dequantize_row(const PackedView& v, int64_t r, float* out);
+
+/// Dequantizes rows [first, first + count) of `v` into out (count x in_features floats), in
+/// parallel.
+void dequantize_rows(const PackedView& v, int64_t first, int64_t count, float* out);
+
+/// Rows per at::parallel_for task for loops over rows of `in_features` weights: a task covers at
+/// least 16384 weights, as fewer make the thread hand-off cost more than the work on small layers.
+inline int64_t parallel_row_grain(int64_t in_features) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in_features));
+}
 
 }  // namespace gradq

@@ -15,10 +15,6 @@
 namespace gradq {
 namespace {
 
-// Rows per parallel task are chosen so that a task covers at least this many weights; fewer makes
-// the thread hand-off cost more than the work on small layers.
-constexpr int64_t kParallelGrainElems = 16384;
-
 void check_integer_spec(const QuantSpec& spec, const char* fn) {
   TORCH_CHECK(spec.is_integer(), fn, ": expected an integer level (int2, int3, int4, int8), got ",
               quant_level_name(spec.level));
@@ -156,18 +152,18 @@ GRADQ_CPU_CLONES bool rtn_row_params(const float* w, int64_t in, int64_t glen, c
   return finite;
 }
 
-// Codes of a row with the stored parameters of its groups (inv_scale, zero), packed into `row`.
+// Codes of a row with the stored parameters of its groups, packed into `row`.
 // A group's codes go to `codes` first (a loop that vectorizes), then into bytes. Groups start at
 // multiples of 16 codes, so every group starts on a byte boundary; only a row's last codes that
 // do not fill 8 are packed one by one.
 template <int kBits>
-GRADQ_ALWAYS_INLINE void encode_row_bits(const float* w, int64_t in, int64_t glen, const float* inv_scale,
-                                         const float* zero, uint32_t* codes, uint8_t* row) {
+GRADQ_ALWAYS_INLINE void encode_row_bits(const float* w, int64_t in, int64_t glen, const GroupParams* params,
+                                         uint32_t* codes, uint8_t* row) {
   for (int64_t g = 0, begin = 0; begin < in; ++g, begin += glen) {
     const int64_t len = std::min(glen, in - begin);
     const float* wg = w + begin;
-    const float inv = inv_scale[g], z = zero[g];
-    for (int64_t i = 0; i < len; ++i) codes[i] = quant_code(wg[i], inv, z, kBits);
+    const float inv = quant_inv_scale(params[g].scale), zero = params[g].zero;
+    for (int64_t i = 0; i < len; ++i) codes[i] = quant_code(wg[i], inv, zero, kBits);
     uint8_t* out = row + begin * kBits / 8;
     const int64_t full = len / 8 * 8;  // codes that fill whole bytes
     if constexpr (8 % kBits == 0) {
@@ -184,13 +180,13 @@ GRADQ_ALWAYS_INLINE void encode_row_bits(const float* w, int64_t in, int64_t gle
   }
 }
 
-GRADQ_CPU_CLONES void encode_row(const float* w, int64_t in, int64_t glen, int bits, const float* inv_scale,
-                                 const float* zero, uint32_t* codes, uint8_t* row) {
+GRADQ_CPU_CLONES void encode_row(const float* w, int64_t in, int64_t glen, int bits, const GroupParams* params,
+                                 uint32_t* codes, uint8_t* row) {
   switch (bits) {
-    case 2: return encode_row_bits<2>(w, in, glen, inv_scale, zero, codes, row);
-    case 3: return encode_row_bits<3>(w, in, glen, inv_scale, zero, codes, row);
-    case 4: return encode_row_bits<4>(w, in, glen, inv_scale, zero, codes, row);
-    case 8: return encode_row_bits<8>(w, in, glen, inv_scale, zero, codes, row);
+    case 2: return encode_row_bits<2>(w, in, glen, params, codes, row);
+    case 3: return encode_row_bits<3>(w, in, glen, params, codes, row);
+    case 4: return encode_row_bits<4>(w, in, glen, params, codes, row);
+    case 8: return encode_row_bits<8>(w, in, glen, params, codes, row);
     default: TORCH_INTERNAL_ASSERT(false, "unsupported bits ", bits);
   }
 }
@@ -206,10 +202,8 @@ void quantize_rows(const float* w, PackedWeight& p, const ChooseRowParams& choos
   const int64_t row_bytes = p.codes.size(1);
   uint8_t* codes = p.codes.data_ptr<uint8_t>();
   const ParamWriter writer(p);
-  const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / in);
-  at::parallel_for(0, p.out_features, grain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, p.out_features, parallel_row_grain(in), [&](int64_t r0, int64_t r1) {
     std::vector<GroupParams> params(static_cast<size_t>(groups));
-    std::vector<float> inv_scale(static_cast<size_t>(groups)), zero(static_cast<size_t>(groups));
     // 32-bit codes: narrowing them to bytes costs more than the wider buffer.
     std::vector<uint32_t> group_codes(static_cast<size_t>(glen));
     for (int64_t r = r0; r < r1; ++r) {
@@ -218,10 +212,8 @@ void quantize_rows(const float* w, PackedWeight& p, const ChooseRowParams& choos
       for (int64_t g = 0; g < groups; ++g) {
         check_scale(params[g].scale, r, g, p.spec);
         writer.store(r, g, params[g]);
-        inv_scale[g] = quant_inv_scale(params[g].scale);
-        zero[g] = params[g].zero;
       }
-      encode_row(wr, in, glen, p.spec.bits(), inv_scale.data(), zero.data(), group_codes.data(), codes + r * row_bytes);
+      encode_row(wr, in, glen, p.spec.bits(), params.data(), group_codes.data(), codes + r * row_bytes);
     }
   });
 }
@@ -316,12 +308,7 @@ at::Tensor dequantize(const PackedWeight& w) {
   w.validate();
   const PackedView v(w);
   at::Tensor out = at::empty({w.out_features, w.in_features}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  const int64_t in = w.in_features;
-  const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / in);
-  at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) dequantize_row(v, r, o + r * in);
-  });
+  dequantize_rows(v, 0, w.out_features, out.data_ptr<float>());
   return out;
 }
 

@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "common/files.h"
+#include "common/hash.h"
 #include "common/runtime.h"
 #include "common/timing.h"
 #include "importance/analyzer.h"
@@ -24,13 +25,12 @@ using json = nlohmann::ordered_json;
 constexpr const char* kSharedFile = "shared.json";
 
 // --- Fingerprints -------------------------------------------------------------------------------
-// FNV-1a over bytes: enough to tell a changed model, text or option from the one a directory was
-// made with (not a defence against deliberate collisions).
+// FNV-1a (common/hash.h) over texts and tensors: enough to tell a changed model, text or option
+// from the one a directory was made with.
 class Fingerprint {
  public:
   Fingerprint& bytes(const void* data, size_t n) {
-    const auto* p = static_cast<const unsigned char*>(data);
-    for (size_t i = 0; i < n; ++i) state_ = (state_ ^ p[i]) * 0x100000001b3ULL;
+    hash_.bytes(data, n);
     return *this;
   }
   Fingerprint& text(const std::string& s) { return bytes(s.data(), s.size()).bytes("\0", 1); }
@@ -40,10 +40,10 @@ class Fingerprint {
     for (int64_t d : c.sizes()) bytes(&d, sizeof d);
     return bytes(c.data_ptr(), c.nbytes());
   }
-  std::string hex() const { return fmt::format("{:016x}", state_); }
+  std::string hex() const { return fmt::format("{:016x}", hash_.value()); }
 
  private:
-  uint64_t state_ = 0xcbf29ce484222325ULL;
+  Fnv1a hash_;
 };
 
 std::string model_fingerprint(const CausalLM& model) {

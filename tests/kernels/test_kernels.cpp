@@ -225,57 +225,63 @@ void PrintTo(const Format& f, std::ostream* os) { *os << describe(f); }
 
 class KernelFormat : public ::testing::TestWithParam<Format> {};
 
+// Runs the quantize kernel on w [out, in] in format f and expects the reference's codes, scales
+// and zero points bit for bit, and no scale flagged (codes not all zero unless in is 1).
+void expect_quantize_matches_reference(const std::vector<float>& w, int64_t out, int64_t in, const Format& f) {
+  const HostPacked ref = quantize_reference(w, out, in, f);
+  DeviceBuffer<float> dw(w.size());
+  DeviceBuffer<uint8_t> codes(ref.codes.size());
+  DeviceBuffer<uint8_t> scales(out * ref.n_groups * (f.fp16_scale ? 2 : 4));
+  DeviceBuffer<uint8_t> zeros(out * ref.n_groups);
+  DeviceBuffer<int> flag(1);
+  ASSERT_TRUE(dw.ok() && codes.ok() && scales.ok() && zeros.ok() && flag.ok());
+  ASSERT_CUDA(dw.upload(w));
+  // Two sentinels: a byte the kernel failed to write cannot match the reference under both.
+  for (int sentinel : {0x00, 0xff}) {
+    ASSERT_CUDA(codes.fill_bytes(sentinel));
+    ASSERT_CUDA(scales.fill_bytes(sentinel));
+    ASSERT_CUDA(zeros.fill_bytes(sentinel));
+    ASSERT_CUDA(flag.fill_bytes(0));
+    QuantizeParams p;
+    p.weight = dw.get();
+    p.codes = codes.get();
+    p.scales = scales.get();
+    p.zeros = f.symmetric ? nullptr : zeros.get();
+    p.nonfinite_scale = flag.get();
+    p.out_features = out;
+    p.in_features = in;
+    p.bits = f.bits;
+    p.group_size = f.group;
+    p.symmetric = f.symmetric;
+    p.fp16_scale = f.fp16_scale;
+    ASSERT_STATUS_OK(quantize_launch(p, nullptr));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_EQ(codes.download(), ref.codes) << "sentinel " << sentinel;
+    const std::vector<uint8_t> got_scales = scales.download();
+    if (f.fp16_scale) {
+      ASSERT_EQ(got_scales.size(), ref.scales_h.size() * 2);
+      EXPECT_EQ(std::memcmp(got_scales.data(), ref.scales_h.data(), got_scales.size()), 0) << "fp16 scales differ";
+    } else {
+      ASSERT_EQ(got_scales.size(), ref.scales_f.size() * 4);
+      EXPECT_EQ(std::memcmp(got_scales.data(), ref.scales_f.data(), got_scales.size()), 0) << "fp32 scales differ";
+    }
+    if (!f.symmetric) {
+      EXPECT_EQ(zeros.download(), ref.zeros);
+    }
+    EXPECT_EQ(flag.download(), std::vector<int>{0});
+  }
+  bool any_nonzero = false;  // all-zero codes would make the comparison weak
+  for (uint8_t c : ref.codes) any_nonzero |= c != 0;
+  EXPECT_TRUE(any_nonzero || in == 1);
+}
+
 TEST_P(KernelFormat, QuantizeMatchesReferenceBitForBit) {
   GRADQ_REQUIRE_GPU();
   const Format f = GetParam();
   for (const auto& [out, in] : kShapes) {
     SCOPED_TRACE("shape " + std::to_string(out) + " x " + std::to_string(in));
     const std::vector<float> w = make_weights(out, in, 1234u + static_cast<uint32_t>(in));
-    const HostPacked ref = quantize_reference(w, out, in, f);
-    DeviceBuffer<float> dw(w.size());
-    DeviceBuffer<uint8_t> codes(ref.codes.size());
-    DeviceBuffer<uint8_t> scales(out * ref.n_groups * (f.fp16_scale ? 2 : 4));
-    DeviceBuffer<uint8_t> zeros(out * ref.n_groups);
-    DeviceBuffer<int> flag(1);
-    ASSERT_TRUE(dw.ok() && codes.ok() && scales.ok() && zeros.ok() && flag.ok());
-    ASSERT_CUDA(dw.upload(w));
-    // Two sentinels: a byte the kernel failed to write cannot match the reference under both.
-    for (int sentinel : {0x00, 0xff}) {
-      ASSERT_CUDA(codes.fill_bytes(sentinel));
-      ASSERT_CUDA(scales.fill_bytes(sentinel));
-      ASSERT_CUDA(zeros.fill_bytes(sentinel));
-      ASSERT_CUDA(flag.fill_bytes(0));
-      QuantizeParams p;
-      p.weight = dw.get();
-      p.codes = codes.get();
-      p.scales = scales.get();
-      p.zeros = f.symmetric ? nullptr : zeros.get();
-      p.nonfinite_scale = flag.get();
-      p.out_features = out;
-      p.in_features = in;
-      p.bits = f.bits;
-      p.group_size = f.group;
-      p.symmetric = f.symmetric;
-      p.fp16_scale = f.fp16_scale;
-      ASSERT_STATUS_OK(quantize_launch(p, nullptr));
-      ASSERT_CUDA(cudaDeviceSynchronize());
-      EXPECT_EQ(codes.download(), ref.codes) << "sentinel " << sentinel;
-      const std::vector<uint8_t> got_scales = scales.download();
-      if (f.fp16_scale) {
-        ASSERT_EQ(got_scales.size(), ref.scales_h.size() * 2);
-        EXPECT_EQ(std::memcmp(got_scales.data(), ref.scales_h.data(), got_scales.size()), 0) << "fp16 scales differ";
-      } else {
-        ASSERT_EQ(got_scales.size(), ref.scales_f.size() * 4);
-        EXPECT_EQ(std::memcmp(got_scales.data(), ref.scales_f.data(), got_scales.size()), 0) << "fp32 scales differ";
-      }
-      if (!f.symmetric) {
-        EXPECT_EQ(zeros.download(), ref.zeros);
-      }
-      EXPECT_EQ(flag.download(), std::vector<int>{0});
-    }
-    bool any_nonzero = false;
-    for (uint8_t c : ref.codes) any_nonzero |= c != 0;
-    EXPECT_TRUE(any_nonzero || in == 1);
+    expect_quantize_matches_reference(w, out, in, f);
   }
 }
 
@@ -435,28 +441,9 @@ TEST(Quantize, FlagsScalesBeyondFp16) {
 // own (quant_math.h). On these weights a fused kernel gets every code but two per row wrong.
 TEST(Quantize, NoFusedMultiplyAddOnNearTies) {
   GRADQ_REQUIRE_GPU();
-  const int64_t out = 64, in = test::kNearTieGroup;
-  const std::vector<float> w = test::near_tie_weights(out);
+  const int64_t out = 64;
   const Format f{test::kNearTieBits, test::kNearTieGroup, /*symmetric=*/false, /*fp16_scale=*/true};
-  const HostPacked ref = quantize_reference(w, out, in, f);
-  DeviceBuffer<float> dw(w.size());
-  DeviceBuffer<uint8_t> codes(ref.codes.size()), zeros(out * ref.n_groups);
-  DeviceBuffer<uint16_t> scales(out * ref.n_groups);
-  ASSERT_TRUE(dw.ok() && codes.ok() && zeros.ok() && scales.ok());
-  ASSERT_CUDA(dw.upload(w));
-  QuantizeParams p;
-  p.weight = dw.get();
-  p.codes = codes.get();
-  p.scales = scales.get();
-  p.zeros = zeros.get();
-  p.out_features = out;
-  p.in_features = in;
-  p.bits = f.bits;
-  p.group_size = f.group;
-  ASSERT_STATUS_OK(quantize_launch(p, nullptr));
-  ASSERT_CUDA(cudaDeviceSynchronize());
-  EXPECT_EQ(codes.download(), ref.codes);
-  EXPECT_EQ(scales.download(), ref.scales_h);
+  expect_quantize_matches_reference(test::near_tie_weights(out), out, test::kNearTieGroup, f);
 }
 
 // ---- Argument validation: no device needed ------------------------------------------------------
