@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define GRADQ_HD __host__ __device__ __forceinline__
@@ -30,56 +31,58 @@ namespace gradq {
 GRADQ_HD int quant_max_code(int bits) { return (1 << bits) - 1; }
 
 // ---- fp16 storage of scales (IEEE binary16, round to nearest even) -----------------------------
-// Written with integer ops so host and device give the same bits without cuda_fp16.h.
+// Written with integer ops so host and device give the same bits without cuda_fp16.h, and without
+// branches (selects only), so that a loop over groups vectorizes: the quantizer computes every
+// group's parameters of a row in one such loop (row_params.cpp).
+
+GRADQ_HD uint32_t quant_float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+GRADQ_HD float quant_bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
 
 GRADQ_HD uint16_t float_to_half_bits(float f) {
-  uint32_t x;
-  {
-    union { float f; uint32_t u; } v{f};
-    x = v.u;
-  }
+  const uint32_t x = quant_float_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t abs = x & 0x7fffffffu;
-  if (abs >= 0x7f800000u) return static_cast<uint16_t>(sign | (abs > 0x7f800000u ? 0x7e00u : 0x7c00u));
-  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
-  if (abs < 0x38800000u) {                                               // below 2^-14: subnormal
-    if (abs < 0x33000000u) return static_cast<uint16_t>(sign);           // below 2^-25: zero
-    const uint32_t exp = abs >> 23;
-    const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
-    const uint32_t shift = 126u - exp;  // 14..24
-    uint32_t h = mant >> shift;
-    const uint32_t rem = mant & ((1u << shift) - 1u);
-    const uint32_t half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (h & 1u))) ++h;
-    return static_cast<uint16_t>(sign | h);
-  }
-  uint32_t h = ((abs - 0x38000000u) >> 13);  // rebias exponent 127 -> 15
-  const uint32_t rem = abs & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  // Normal halves (|f| >= 2^-14): drop 13 mantissa bits rounding half to even (a carry moves into
+  // the exponent, as it should), then rebias the exponent from 127 to 15.
+  const uint32_t normal = ((abs + 0xfffu + ((abs >> 13) & 1u)) >> 13) - (112u << 10);
+  // Subnormal halves (|f| < 2^-14) are multiples of 2^-24, the spacing of floats in [0.5, 1): adding
+  // 0.5 rounds |f| to that grid (half to even, the default rounding mode), and the bits above 0.5's
+  // count the multiples, up to 0x400, the smallest normal half.
+  const uint32_t subnormal = quant_float_bits(quant_bits_float(abs) + 0.5f) - 0x3f000000u;
+  uint32_t h = abs < 0x38800000u ? subnormal : normal;
+  h = abs >= 0x477ff000u ? 0x7c00u : h;  // rounds to >= 65520, or inf: inf
+  h = abs > 0x7f800000u ? 0x7e00u : h;   // NaN: a quiet NaN
   return static_cast<uint16_t>(sign | h);
 }
 
 GRADQ_HD float half_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  uint32_t x;
-  if (exp == 0x1fu) {
-    x = sign | 0x7f800000u | (mant << 13);
-  } else if (exp != 0) {
-    x = sign | ((exp + 112u) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    x = sign;
-  } else {  // subnormal half: normalize
-    exp = 113u;
-    while ((mant & 0x400u) == 0) {
-      mant <<= 1;
-      --exp;
-    }
-    x = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
-  }
-  union { uint32_t u; float f; } v{x};
-  return v.f;
+  const uint32_t exp = (static_cast<uint32_t>(h) >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  // Both cases are computed and one selected: a compiler may not if-convert a float operation it
+  // would have to move out of a branch (it could trap), and then the loop does not vectorize.
+  const uint32_t subnormal = quant_float_bits(static_cast<float>(mant) * 5.9604644775390625e-8f);  // mant * 2^-24
+  uint32_t x = ((exp + 112u) << 23) | (mant << 13);   // normal
+  x = exp == 0x1fu ? 0x7f800000u | (mant << 13) : x;  // inf, NaN
+  x = exp == 0u ? subnormal : x;                      // zero, subnormal
+  return quant_bits_float(sign | x);
 }
 
 /// The value a scale takes once stored: rounded through fp16, or kept as fp32.
@@ -104,12 +107,12 @@ GRADQ_HD GroupParams quant_asym_params(float lo, float hi, int bits, bool fp16_s
   hi = hi > 0.f ? hi : 0.f;
   const float max_code = static_cast<float>(quant_max_code(bits));
   const float scale = quant_round_scale((hi - lo) / max_code, fp16_scale);
-  float zero = 0.f;
-  if (scale > 0.f) {
-    zero = rintf(-lo / scale);
-    zero = zero < 0.f ? 0.f : (zero > max_code ? max_code : zero);
-  }
-  return {scale, zero};
+  // Selects, not branches, so that a loop over groups vectorizes; for a zero scale the quotient is
+  // NaN and not selected.
+  float zero = rintf(-lo / scale);
+  zero = zero > 0.f ? zero : 0.f;
+  zero = zero < max_code ? zero : max_code;
+  return {scale, scale > 0.f ? zero : 0.f};
 }
 
 /// The fixed zero point of the symmetric formats, 2^(bits-1); it is not stored.
@@ -151,7 +154,8 @@ GRADQ_HD float quant_rint(float x) {
 /// Code of one element: clamp(rint(w * inv_scale) + zero, 0, max_code). Where quant_rint is not
 /// exact (|w * inv_scale| > 2^22) the clamp gives the same end code, since zero <= 255. The integer
 /// conversion goes through int32, which SIMD units have. The clamp is written as max and min
-/// exactly (`a > b ? a : b`), so compilers emit SIMD max/min instead of compare-and-blend.
+/// exactly (`a > b ? a : b`), so compilers emit SIMD max/min instead of compare-and-blend (GCC
+/// does not when built with -fno-trapping-math: see row_params.h).
 GRADQ_HD uint32_t quant_code(float w, float inv_scale, float zero, int bits) {
   const float max_code = static_cast<float>(quant_max_code(bits));
 #if defined(__CUDA_ARCH__)

@@ -11,6 +11,7 @@
 
 #include "quant/cpu_clones.h"
 #include "quant/quant_math.h"
+#include "quant/row_params.h"
 
 namespace gradq {
 namespace {
@@ -58,11 +59,6 @@ void check_scale(float scale, int64_t r, int64_t g, const QuantSpec& spec) {
               spec.name(), "-f32)");
 }
 
-GroupParams rtn_params(float lo, float hi, const QuantSpec& spec) {
-  return spec.symmetric ? quant_sym_params(quant_sym_signed_absmax(lo, hi), spec.bits(), spec.fp16_scale)
-                        : quant_asym_params(lo, hi, spec.bits(), spec.fp16_scale);
-}
-
 // ---- Scalar reference --------------------------------------------------------------------------
 
 at::Tensor dequantize_ref_impl(const PackedWeight& w) {
@@ -88,90 +84,75 @@ at::Tensor dequantize_ref_impl(const PackedWeight& w) {
 }
 
 // ---- Parallel path -----------------------------------------------------------------------------
+// Hot loops are compiled per instruction set (cpu_clones.h); every clone gives the reference's
+// codes: min/max do not depend on the order in which lanes visit a group, and no FMA fuses a
+// rounding. The group parameters are in row_params.cpp.
 
-// Writes one group's stored parameters into a packed weight.
-struct ParamWriter {
-  uint16_t* scales_h = nullptr;
-  float* scales_f = nullptr;
-  uint8_t* zeros = nullptr;
-  int64_t n_groups = 0;
+// Where a row's per-group values go: its parameters, and scratch for its group ranges and codes.
+struct RowBuffers {
+  std::vector<GroupParams> params;
+  std::vector<float> lo, hi;
+  // 32-bit codes: narrowing them to bytes costs more than the wider buffer.
+  std::vector<uint32_t> codes;
 
-  explicit ParamWriter(PackedWeight& p) : n_groups(p.scales.size(1)) {
-    if (p.spec.fp16_scale) {
-      scales_h = reinterpret_cast<uint16_t*>(p.scales.data_ptr<at::Half>());
-    } else {
-      scales_f = p.scales.data_ptr<float>();
-    }
-    if (p.zeros.defined()) zeros = p.zeros.data_ptr<uint8_t>();
-  }
-
-  void store(int64_t r, int64_t g, GroupParams gp) const {
-    const int64_t i = r * n_groups + g;
-    // gp.scale is already rounded to fp16, so this conversion is exact.
-    if (scales_h) scales_h[i] = float_to_half_bits(gp.scale);
-    else scales_f[i] = gp.scale;
-    if (zeros) zeros[i] = static_cast<uint8_t>(gp.zero);
-  }
+  RowBuffers(int64_t groups, int64_t glen)
+      : params(static_cast<size_t>(groups)), lo(params.size()), hi(params.size()), codes(static_cast<size_t>(glen)) {}
 };
 
-// ---- Hot loops, compiled per instruction set (cpu_clones.h) -------------------------------------
-// Every clone gives the reference's codes: min/max do not depend on the order in which lanes visit
-// a group, and no FMA fuses a rounding (cpu_clones.h).
-
-// Min and max of a group, and whether it is all finite. The simd reduction lets the compiler
-// reorder min and max across lanes (without it, it keeps them in order, and scalar); the minimum
-// and maximum of a set do not depend on that order, up to the sign of zero, which the parameter
-// functions normalise. `finite` is false when the group holds a NaN (which the comparisons skip)
-// or an inf (which becomes lo or hi).
-struct GroupRange {
-  float lo, hi;
-  bool finite;
-};
-GRADQ_ALWAYS_INLINE GroupRange group_range(const float* w, int64_t n) {
-  float lo = w[0], hi = w[0];
-  int nan = 0;
-#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(| : nan)
-  for (int64_t i = 0; i < n; ++i) {
-    lo = w[i] < lo ? w[i] : lo;
-    hi = w[i] > hi ? w[i] : hi;
-    nan |= w[i] != w[i];
-  }
-  return {lo, hi, nan == 0 && std::isfinite(lo) && std::isfinite(hi)};
+// Codes of 16 weights of one group, 2, 4 or 8 bits each, packed into 16 * kBits / 8 bytes at `out`. A fixed count, so
+// that the compiler keeps the codes in one vector register and packs them there, whatever the
+// group size (a loop over a group of 32 codes is too short to vectorize).
+template <int kBits>
+GRADQ_ALWAYS_INLINE void encode16(const float* w, float inv, float zero, uint8_t* out) {
+  static_assert(8 % kBits == 0, "whole codes per byte (2, 4 or 8 bits)");
+  constexpr int kPerByte = 8 / kBits;
+  uint32_t codes[16];
+  for (int i = 0; i < 16; ++i) codes[i] = quant_code(w[i], inv, zero, kBits);
+  for (int j = 0; j < 16 / kPerByte; ++j) out[j] = quant_pack_byte(codes + j * kPerByte, kBits);
 }
 
-// Round-to-nearest parameters of every group of a row of `in` weights in groups of `glen`; false
-// when a group is not finite.
-GRADQ_CPU_CLONES bool rtn_row_params(const float* w, int64_t in, int64_t glen, const QuantSpec& spec,
-                                     GroupParams* params) {
-  bool finite = true;
-  for (int64_t g = 0, begin = 0; begin < in; ++g, begin += glen) {
-    const GroupRange r = group_range(w + begin, std::min(glen, in - begin));
-    params[g] = rtn_params(r.lo, r.hi, spec);
-    finite = finite && r.finite;
-  }
-  return finite;
-}
-
-// Codes of a row with the stored parameters of its groups, packed into `row`.
-// A group's codes go to `codes` first (a loop that vectorizes), then into bytes. Groups start at
-// multiples of 16 codes, so every group starts on a byte boundary; only a row's last codes that
-// do not fill 8 are packed one by one.
+// Codes of a row with the stored parameters of its groups, packed into `row`. Groups start at
+// multiples of 16 codes, so every group starts on a byte boundary. Three packers, the fastest that
+// fits (measured in docs/BENCHMARKS.md):
+//  * 2/4/8-bit groups of at least 64 packed bytes: one loop over the group's bytes, straight from
+//    the weights, which GCC vectorizes a full vector of bytes at a time;
+//  * shorter 2/4/8-bit groups: encode16, 16 codes at a time;
+//  * 3-bit groups, and whatever the above leave: codes into `codes`, then 8 at a time into 3
+//    bytes (quant_pack8), and the row's last codes that do not fill 8 one by one.
+// `next_row` (or null): the weights that the caller reads next. Each group asks for its part of
+// them ahead, so that their load from memory overlaps this row's arithmetic instead of following
+// it (quantize is otherwise a read stall, then compute, row after row).
 template <int kBits>
 GRADQ_ALWAYS_INLINE void encode_row_bits(const float* w, int64_t in, int64_t glen, const GroupParams* params,
-                                         uint32_t* codes, uint8_t* row) {
+                                         const float* next_row, uint32_t* codes, uint8_t* row) {
+  constexpr int64_t kFloatsPerLine = 64 / sizeof(float);
   for (int64_t g = 0, begin = 0; begin < in; ++g, begin += glen) {
     const int64_t len = std::min(glen, in - begin);
+    if (next_row) {
+      for (int64_t i = 0; i < len; i += kFloatsPerLine) __builtin_prefetch(next_row + begin + i, 0, 3);
+    }
     const float* wg = w + begin;
     const float inv = quant_inv_scale(params[g].scale), zero = params[g].zero;
-    for (int64_t i = 0; i < len; ++i) codes[i] = quant_code(wg[i], inv, zero, kBits);
     uint8_t* out = row + begin * kBits / 8;
     const int64_t full = len / 8 * 8;  // codes that fill whole bytes
+    int64_t done = 0;                  // codes packed by one of the vector packers
     if constexpr (8 % kBits == 0) {
       constexpr int kPerByte = 8 / kBits;
-      for (int64_t j = 0; j < full / kPerByte; ++j) out[j] = quant_pack_byte(codes + j * kPerByte, kBits);
-    } else {
-      for (int64_t c = 0; c < full / 8; ++c) quant_pack8(codes + 8 * c, kBits, out + c * kBits);
+      constexpr int64_t kLongGroupBytes = 64;  // an AVX-512 vector of bytes
+      if (len * kBits / 8 >= kLongGroupBytes) {
+        for (int64_t j = 0; j < full / kPerByte; ++j) {
+          uint32_t byte_codes[kPerByte];
+          for (int k = 0; k < kPerByte; ++k) byte_codes[k] = quant_code(wg[j * kPerByte + k], inv, zero, kBits);
+          out[j] = quant_pack_byte(byte_codes, kBits);
+        }
+        done = full;
+      } else {
+        done = len / 16 * 16;
+        for (int64_t i = 0; i < done; i += 16) encode16<kBits>(wg + i, inv, zero, out + i * kBits / 8);
+      }
     }
+    for (int64_t i = done; i < len; ++i) codes[i] = quant_code(wg[i], inv, zero, kBits);
+    for (int64_t c = done / 8; c < full / 8; ++c) quant_pack8(codes + 8 * c, kBits, out + c * kBits);
     if (full < len) {  // the row's last codes: clear their bytes, then OR them in
       uint8_t* tail = out + full * kBits / 8;
       std::fill(tail, tail + quant_row_bytes(len - full, kBits), uint8_t{0});
@@ -181,19 +162,19 @@ GRADQ_ALWAYS_INLINE void encode_row_bits(const float* w, int64_t in, int64_t gle
 }
 
 GRADQ_CPU_CLONES void encode_row(const float* w, int64_t in, int64_t glen, int bits, const GroupParams* params,
-                                 uint32_t* codes, uint8_t* row) {
+                                 const float* next_row, uint32_t* codes, uint8_t* row) {
   switch (bits) {
-    case 2: return encode_row_bits<2>(w, in, glen, params, codes, row);
-    case 3: return encode_row_bits<3>(w, in, glen, params, codes, row);
-    case 4: return encode_row_bits<4>(w, in, glen, params, codes, row);
-    case 8: return encode_row_bits<8>(w, in, glen, params, codes, row);
+    case 2: return encode_row_bits<2>(w, in, glen, params, next_row, codes, row);
+    case 3: return encode_row_bits<3>(w, in, glen, params, next_row, codes, row);
+    case 4: return encode_row_bits<4>(w, in, glen, params, next_row, codes, row);
+    case 8: return encode_row_bits<8>(w, in, glen, params, next_row, codes, row);
     default: TORCH_INTERNAL_ASSERT(false, "unsupported bits ", bits);
   }
 }
 
-// Quantizes every row of w [out, in] into p. `choose(row, w_row, params)` sets the parameters of
-// each group of the row; checking and storing them and the codes are shared. Row by row, so that
-// a row's weights are still in cache when its codes are computed.
+// Quantizes every row of w [out, in] into p. `choose(row, w_row, buf)` sets the parameters of
+// each group of the row in buf.params; checking and storing them and the codes are shared. Row by
+// row, so that a row's weights are still in cache when its codes are computed.
 template <typename ChooseRowParams>
 void quantize_rows(const float* w, PackedWeight& p, const ChooseRowParams& choose) {
   const int64_t in = p.in_features;
@@ -201,19 +182,20 @@ void quantize_rows(const float* w, PackedWeight& p, const ChooseRowParams& choos
   const int64_t groups = p.spec.n_groups(in);
   const int64_t row_bytes = p.codes.size(1);
   uint8_t* codes = p.codes.data_ptr<uint8_t>();
-  const ParamWriter writer(p);
+  uint16_t* scales_h = p.spec.fp16_scale ? reinterpret_cast<uint16_t*>(p.scales.data_ptr<at::Half>()) : nullptr;
+  float* scales_f = p.spec.fp16_scale ? nullptr : p.scales.data_ptr<float>();
+  uint8_t* zeros = p.zeros.defined() ? p.zeros.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, p.out_features, parallel_row_grain(in), [&](int64_t r0, int64_t r1) {
-    std::vector<GroupParams> params(static_cast<size_t>(groups));
-    // 32-bit codes: narrowing them to bytes costs more than the wider buffer.
-    std::vector<uint32_t> group_codes(static_cast<size_t>(glen));
+    RowBuffers buf(groups, glen);
     for (int64_t r = r0; r < r1; ++r) {
       const float* wr = w + r * in;
-      choose(wr, params.data());
-      for (int64_t g = 0; g < groups; ++g) {
-        check_scale(params[g].scale, r, g, p.spec);
-        writer.store(r, g, params[g]);
-      }
-      encode_row(wr, in, glen, p.spec.bits(), params.data(), group_codes.data(), codes + r * row_bytes);
+      choose(wr, buf);
+      for (int64_t g = 0; g < groups; ++g) check_scale(buf.params[g].scale, r, g, p.spec);
+      const int64_t first = r * groups;
+      store_row_params(buf.params.data(), groups, scales_h ? scales_h + first : nullptr,
+                       scales_f ? scales_f + first : nullptr, zeros ? zeros + first : nullptr);
+      encode_row(wr, in, glen, p.spec.bits(), buf.params.data(), r + 1 < r1 ? wr + in : nullptr, buf.codes.data(),
+                 codes + r * row_bytes);
     }
   });
 }
@@ -298,8 +280,9 @@ PackedWeight quantize(const at::Tensor& w, const QuantSpec& spec) {
   const at::Tensor wf = weight_as_float(w, "quantize", /*check_finite=*/false);
   const int64_t in = wf.size(1), glen = spec.group_len(in);
   PackedWeight p = allocate_packed(wf.size(0), in, spec, /*zero_codes=*/false);
-  quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, GroupParams* params) {
-    TORCH_CHECK(rtn_row_params(wr, in, glen, spec, params), "quantize", kNotFinite);
+  quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, RowBuffers& buf) {
+    TORCH_CHECK(rtn_row_params(wr, in, glen, spec, buf.lo.data(), buf.hi.data(), buf.params.data()), "quantize",
+                kNotFinite);
   });
   return p;
 }
@@ -342,9 +325,9 @@ PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const 
   const float* a = act.defined() ? act.data_ptr<float>() : nullptr;
   const int64_t glen = spec.group_len(in);
   PackedWeight p = allocate_packed(wf.size(0), in, spec, /*zero_codes=*/false);
-  quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, GroupParams* params) {
+  quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, RowBuffers& buf) {
     for (int64_t g = 0, begin = 0; begin < in; ++g, begin += glen)
-      params[g] = search_clip(wr + begin, a ? a + begin : nullptr, std::min(glen, in - begin), spec, opt);
+      buf.params[g] = search_clip(wr + begin, a ? a + begin : nullptr, std::min(glen, in - begin), spec, opt);
   });
   return p;
 }

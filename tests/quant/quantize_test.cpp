@@ -3,6 +3,7 @@
 // bound, packing layout and round trips, storage accounting, and the clipping search.
 
 #include <ATen/ATen.h>
+#include <c10/util/Half.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
@@ -10,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "quant/packed_weight.h"
@@ -73,7 +75,8 @@ struct FormatCase {
 };
 
 std::vector<FormatCase> all_format_cases() {
-  const int64_t shapes[][2] = {{1, 1}, {3, 7}, {17, 172}, {5, 64}, {64, 172}, {33, 17}};
+  // 300: a whole-row group long enough for the 2-bit packer's long-group loop (quantize.cpp).
+  const int64_t shapes[][2] = {{1, 1}, {3, 7}, {17, 172}, {5, 64}, {64, 172}, {33, 17}, {6, 300}};
   std::vector<FormatCase> cases;
   for (int bits : {2, 3, 4, 8})
     for (int64_t group : {int64_t{16}, int64_t{32}, int64_t{64}, int64_t{128}, kWholeRow})
@@ -255,6 +258,56 @@ TEST(QuantPacking, FourBitLowNibbleFirst) {
   const PackedWeight p = quantize(w, make_spec(4, kWholeRow, false, true));
   EXPECT_EQ(p.codes[0][0].item<int>(), 0xF0);
   EXPECT_EQ(p.codes[0][1].item<int>(), 0xC3);
+}
+
+// The quantizer vectorizes its fp16 rounding of scales across groups, which is why
+// float_to_half_bits is written with selects, not branches; c10's conversion (an independent
+// implementation, round to nearest even) is the oracle, on every one of the 2^32 floats.
+TEST(QuantMath, HalfConversionsMatchC10OnEveryFloat) {
+  const unsigned n_threads = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<uint64_t> mismatches(n_threads, 0);
+  std::vector<uint32_t> first_mismatch(n_threads, 0);
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < n_threads; ++t) {
+    threads.emplace_back([&, t] {
+      for (uint64_t u = t; u <= 0xffffffffull; u += n_threads) {
+        const uint32_t bits = static_cast<uint32_t>(u);
+        const float f = quant_bits_float(bits);
+        if (float_to_half_bits(f) != c10::detail::fp16_ieee_from_fp32_value(f) && mismatches[t]++ == 0)
+          first_mismatch[t] = bits;
+      }
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  for (unsigned t = 0; t < n_threads; ++t)
+    EXPECT_EQ(mismatches[t], 0u) << "first float bits 0x" << std::hex << first_mismatch[t];
+  for (uint32_t h = 0; h <= 0xffffu; ++h) {
+    const float got = half_bits_to_float(static_cast<uint16_t>(h));
+    const float want = c10::detail::fp16_ieee_to_fp32_value(static_cast<uint16_t>(h));
+    if (std::isnan(want)) {
+      EXPECT_TRUE(std::isnan(got)) << "half bits 0x" << std::hex << h;
+    } else {
+      ASSERT_EQ(quant_float_bits(got), quant_float_bits(want)) << "half bits 0x" << std::hex << h;
+    }
+  }
+}
+
+// The group parameters are computed in a vectorized loop (row_params.cpp); at the ends of the fp16
+// range (subnormal scales, scales that round to zero) it must still agree with the reference.
+TEST(QuantGroups, TinyWeightsMatchReferenceBitExact) {
+  for (double magnitude : {1e-3, 1e-5, 1e-7, 1e-9}) {
+    const at::Tensor w = gaussian(8, 300, 5) * magnitude;
+    for (int bits : {2, 4, 8}) {
+      for (bool sym : {false, true}) {
+        const QuantSpec spec = make_spec(bits, 32, sym, /*fp16_scale=*/true);
+        const PackedWeight ref = quantize_ref(w, spec);
+        const PackedWeight got = quantize(w, spec);
+        EXPECT_TRUE(bitwise_equal(got.codes, ref.codes)) << spec.name() << " at " << magnitude;
+        EXPECT_TRUE(bitwise_equal(got.scales, ref.scales)) << spec.name() << " at " << magnitude;
+        EXPECT_TRUE(bitwise_equal(got.zeros, ref.zeros)) << spec.name() << " at " << magnitude;
+      }
+    }
+  }
 }
 
 // quant_rint and quant_code avoid rintf so that they vectorize; they must agree with it exactly.
