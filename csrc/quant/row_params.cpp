@@ -11,10 +11,7 @@ namespace {
 template <bool kSymmetric, bool kFp16Scale>
 GRADQ_ALWAYS_INLINE void rtn_params_of_ranges(const float* lo, const float* hi, int64_t n, int bits,
                                               GroupParams* params) {
-  for (int64_t g = 0; g < n; ++g) {
-    params[g] = kSymmetric ? quant_sym_params(quant_sym_signed_absmax(lo[g], hi[g]), bits, kFp16Scale)
-                           : quant_asym_params(lo[g], hi[g], bits, kFp16Scale);
-  }
+  for (int64_t g = 0; g < n; ++g) params[g] = rtn_params(lo[g], hi[g], kSymmetric, bits, kFp16Scale);
 }
 
 }  // namespace

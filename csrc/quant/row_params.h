@@ -37,10 +37,14 @@ GRADQ_ALWAYS_INLINE GroupRange group_range(const float* w, int64_t n) {
   return {lo, hi, nan == 0 && std::isfinite(lo) && std::isfinite(hi)};
 }
 
-/// Round-to-nearest parameters of a group spanning [lo, hi], as the reference computes them.
+/// Round-to-nearest parameters of a group spanning [lo, hi].
+GRADQ_ALWAYS_INLINE GroupParams rtn_params(float lo, float hi, bool symmetric, int bits, bool fp16_scale) {
+  return symmetric ? quant_sym_params(quant_sym_signed_absmax(lo, hi), bits, fp16_scale)
+                   : quant_asym_params(lo, hi, bits, fp16_scale);
+}
+
 inline GroupParams rtn_params(float lo, float hi, const QuantSpec& spec) {
-  return spec.symmetric ? quant_sym_params(quant_sym_signed_absmax(lo, hi), spec.bits(), spec.fp16_scale)
-                        : quant_asym_params(lo, hi, spec.bits(), spec.fp16_scale);
+  return rtn_params(lo, hi, spec.symmetric, spec.bits(), spec.fp16_scale);
 }
 
 /// rtn_params of every group of a row of `in` weights in groups of `glen` into params[groups];
