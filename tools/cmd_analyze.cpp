@@ -79,6 +79,10 @@ int cmd_analyze(int argc, char** argv) {
       ("ctx", "window length in tokens", cxxopts::value<int64_t>()->default_value("128"))
       ("calib-fraction", "fraction of the text's tokens that is the calibration set", cxxopts::value<double>()->default_value("0.1"))
       ("batch", "windows per forward pass", cxxopts::value<int64_t>()->default_value("16"))
+      ("measure", "how probes of units in blocks are measured: local (block alone, its output error scaled by a "
+                  "factor calibrated per block against an exact probe; cost per unit independent of depth), exact "
+                  "(blocks from the unit's on, from cached block inputs) or whole (every probe a whole forward pass)",
+       cxxopts::value<std::string>()->default_value("local"))
       ("no-static", "skip the static signals (activation capture and gradient passes)");
   add_common_options(options);
   cxxopts::ParseResult args;
@@ -102,6 +106,7 @@ int cmd_analyze(int argc, char** argv) {
   opt.subsets = args["subsets"].as<int64_t>();
   opt.batch = args["batch"].as<int64_t>();
   opt.static_signals = !args.count("no-static");
+  opt.measurement = parse_measurement(args["measure"].as<std::string>());
   const int64_t calib_windows = args["calib-windows"].as<int64_t>();
   GRADQ_CHECK(calib_windows >= 1, "--calib-windows must be at least 1, got {}", calib_windows);
 
@@ -129,6 +134,8 @@ int cmd_analyze(int argc, char** argv) {
                            "of {} tokens ({} subsets)\n",
                            analyzer.units().size(), layers, analyzer.units().size() - layers, analyzer.planned_probes(),
                            analyzer.planned_passes(), windows.size(), spec.ctx, opt.subsets);
+  if (opt.measurement != Measurement::kWhole && !model.stages())
+    std::cerr << "the model is measured whole: " << model.stages_unavailable_reason() << "\n";
   ImportanceAnalysis analysis = analyzer.run();
   analysis.inputs = {{"model", inputs[0]}, {"tokenizer", inputs[1]}, {"text", inputs[2]}, {"config", config_path}};
 

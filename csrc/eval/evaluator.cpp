@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
@@ -73,16 +74,25 @@ GradualEvaluator::GradualEvaluator(Windows windows, EvaluatorOptions options)
   scored_mask_ = at::arange(ctx, at::kLong).unsqueeze(0) >= windows_.score_from.unsqueeze(1);
 }
 
-void GradualEvaluator::for_each_batch(const CausalLM& model, double* forward_seconds,
+LogitsSource GradualEvaluator::whole_model(const CausalLM& model) const {
+  return [this, &model](int64_t begin, int64_t end) { return model.logits(windows_.inputs.slice(0, begin, end)); };
+}
+
+void GradualEvaluator::for_each_batch(const LogitsSource& source, double* forward_seconds,
                                       const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const {
   double forward = 0;
+  int64_t vocab = -1;
   for (int64_t b = 0; b < windows_.size(); b += options_.batch) {
     const int64_t e = std::min(windows_.size(), b + options_.batch);
     auto t0 = Clock::now();
-    at::Tensor logits = model.logits(windows_.inputs.slice(0, b, e));
+    at::Tensor logits = source(b, e).to(at::kFloat);
     forward += seconds_since(t0);
-    GRADQ_CHECK(logits.size(-1) == model.vocab_size(), "model returned {} logits, expected {}", logits.size(-1),
-                model.vocab_size());
+    GRADQ_CHECK(logits.dim() == 3 && logits.size(0) == e - b && logits.size(1) == windows_.inputs.size(1),
+                "expected logits [{}, {}, vocab] for windows [{}, {}), got {}", e - b, windows_.inputs.size(1), b, e,
+                fmt::to_string(fmt::join(logits.sizes(), "x")));
+    GRADQ_CHECK(vocab < 0 || logits.size(-1) == vocab, "batch at window {} has {} logits per token, earlier ones {}", b,
+                logits.size(-1), vocab);
+    vocab = logits.size(-1);
     at::Tensor mask = scored_mask_.slice(0, b, e);
     consume(at::log_softmax(logits.index({mask}), -1), windows_.targets.slice(0, b, e).index({mask}));
   }
@@ -90,8 +100,12 @@ void GradualEvaluator::for_each_batch(const CausalLM& model, double* forward_sec
 }
 
 at::Tensor GradualEvaluator::scored_log_probs(const CausalLM& model, double* forward_seconds) const {
+  return scored_log_probs(whole_model(model), forward_seconds);
+}
+
+at::Tensor GradualEvaluator::scored_log_probs(const LogitsSource& source, double* forward_seconds) const {
   std::vector<at::Tensor> parts;
-  for_each_batch(model, forward_seconds, [&](const at::Tensor& lp, const at::Tensor&) { parts.push_back(lp); });
+  for_each_batch(source, forward_seconds, [&](const at::Tensor& lp, const at::Tensor&) { parts.push_back(lp); });
   return at::cat(parts);
 }
 
@@ -113,13 +127,15 @@ void GradualEvaluator::set_reference(Reference reference) {
   reference_ = std::move(reference);
 }
 
-EvalResult GradualEvaluator::evaluate(const CausalLM& model) const {
+EvalResult GradualEvaluator::evaluate(const CausalLM& model) const { return evaluate(whole_model(model)); }
+
+EvalResult GradualEvaluator::evaluate(const LogitsSource& source) const {
   const auto start = Clock::now();
   c10::InferenceMode guard;
   TokenRecords rec;
   double forward = 0;
   int64_t offset = 0;
-  for_each_batch(model, &forward, [&](const at::Tensor& lp, const at::Tensor& scored_targets) {
+  for_each_batch(source, &forward, [&](const at::Tensor& lp, const at::Tensor& scored_targets) {
     at::Tensor targets = scored_targets.unsqueeze(1);
     at::Tensor lp_target = lp.gather(1, targets).squeeze(1);
     rec.nll.push_back(-lp_target);

@@ -58,6 +58,11 @@ struct Reference {
   static Reference load(const std::string& path);
 };
 
+/// Logits [B, T, V] of windows [begin, end) of the evaluator's windows, computed however the caller
+/// likes (a whole forward pass, or the blocks after a cached state: eval/block_cache.h). The
+/// evaluator asks for consecutive batches of EvaluatorOptions::batch windows.
+using LogitsSource = std::function<at::Tensor(int64_t begin, int64_t end)>;
+
 struct EvaluatorOptions {
   int64_t batch = 8;  ///< windows per forward pass
 };
@@ -74,16 +79,21 @@ class GradualEvaluator {
 
   /// Perplexity of `model`, plus KL statistics when a reference is set.
   EvalResult evaluate(const CausalLM& model) const;
+  EvalResult evaluate(const LogitsSource& logits) const;
 
   /// Log-probabilities of the scored positions, [tokens, vocab] float32 (what the reference keeps).
   at::Tensor scored_log_probs(const CausalLM& model, double* forward_seconds = nullptr) const;
+  at::Tensor scored_log_probs(const LogitsSource& logits, double* forward_seconds = nullptr) const;
+  /// The logits of `model` by a whole forward pass per batch of this evaluator's windows.
+  LogitsSource whole_model(const CausalLM& model) const;
 
   const Windows& windows() const { return windows_; }
+  int64_t batch() const { return options_.batch; }
 
  private:
   /// Runs the windows through `model` in batches; calls `consume(log_probs [n, V], targets [n])`
   /// with the scored positions of each batch, in window order.
-  void for_each_batch(const CausalLM& model, double* forward_seconds,
+  void for_each_batch(const LogitsSource& logits, double* forward_seconds,
                       const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const;
 
   Windows windows_;

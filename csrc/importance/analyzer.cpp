@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 #include <numeric>
 
@@ -65,9 +66,14 @@ std::vector<double> normalize(const std::vector<double>& v, ScoreNormalization h
   return out;
 }
 
-json measure_json(const ProbeMeasure& m) { return {{"kl", m.kl}, {"delta_ppl", m.delta_ppl}, {"subset_kl", m.subset_kl}}; }
+json measure_json(const ProbeMeasure& m) {
+  json j{{"kl", m.kl}, {"delta_ppl", m.delta_ppl}, {"subset_kl", m.subset_kl}};
+  if (m.local_error >= 0) j["local_error"] = m.local_error;
+  return j;
+}
 ProbeMeasure measure_from(const json& j) {
-  return {j.at("kl").get<double>(), j.at("delta_ppl").get<double>(), j.at("subset_kl").get<std::vector<double>>()};
+  return {j.at("kl").get<double>(), j.at("delta_ppl").get<double>(), j.at("subset_kl").get<std::vector<double>>(),
+          j.value("local_error", -1.0)};
 }
 
 json stability_json(const StabilityReport& s) {
@@ -159,7 +165,11 @@ int64_t ImportanceAnalyzer::planned_probes() const {
 }
 
 int64_t ImportanceAnalyzer::planned_passes() const {
-  return 1 + planned_probes() + (options_.static_signals ? 2 : 0);
+  // Local measurement adds a calibration (exact + local) and a block-at-base probe per block.
+  int64_t calibration = 0;
+  if (options_.measurement == Measurement::kLocal && model_.stages())
+    for (const ImportanceUnit& u : units_) calibration += u.kind == UnitKind::kBlock && model_.block_position(u.block) >= 0 ? 2 : 0;
+  return 1 + planned_probes() + calibration + (options_.static_signals ? 2 : 0);
 }
 
 ImportanceAnalysis ImportanceAnalyzer::run() {
@@ -200,18 +210,53 @@ ImportanceAnalysis ImportanceAnalyzer::run() {
   a.baseline = probe_baseline(model_, evaluator, cache, base);
   progress(fmt::format("baseline all int{}", options_.upgrade_from_bits));
 
+  // How each probe is measured (the header comment): whole without stages or outside blocks.
+  const bool staged = evaluator.cache() != nullptr;
+  const Measurement mode = staged ? options_.measurement : Measurement::kWhole;
+  a.measurement = staged ? measurement_name(mode) : "whole (" + model_.stages_unavailable_reason() + ")";
+  auto where = [&](const ImportanceUnit& unit) {
+    const int64_t block = model_.block_position(unit.block);
+    return block >= 0 && mode != Measurement::kWhole ? MeasureAt{mode, block} : MeasureAt{};
+  };
+  const QuantSpec calibration_spec = int_spec(4, options_.group_size);
+  std::map<int64_t, ProbeMeasure> calibration;  // by block position: the block unit's exact RTN-4 probe
+  std::map<int64_t, ProbeMeasure> block_at_base;  // by block position: local prediction, block at `base`
+  if (mode == Measurement::kLocal) {
+    for (const ImportanceUnit& unit : units_) {
+      if (unit.kind != UnitKind::kBlock || where(unit).block < 0) continue;
+      const int64_t block = where(unit).block;
+      calibration[block] = calibrate_local(model_, evaluator, cache, unit, block, calibration_spec);
+      progress("calibrate " + unit.name);
+      block_at_base[block] = probe_rtn(model_, evaluator, cache, unit, base, where(unit));
+      progress(fmt::format("local int{} {}", options_.upgrade_from_bits, unit.name));
+      a.local_factors.push_back(evaluator.local_factor(block));
+    }
+  }
+
   for (const ImportanceUnit& unit : units_) {
     UnitImportance ui;
     ui.unit = unit;
-    ui.probes["noise"] = probe_noise(model_, evaluator, cache, unit, options_.noise_alpha, options_.seed);
+    const MeasureAt at = where(unit);
+    ui.probes["noise"] = probe_noise(model_, evaluator, cache, unit, options_.noise_alpha, options_.seed, at);
     progress("noise " + unit.name);
     for (int bits : kRtnProbeBits) {
-      ui.probes[rtn_key(bits)] = probe_rtn(model_, evaluator, cache, unit, int_spec(bits, options_.group_size));
+      const QuantSpec spec = int_spec(bits, options_.group_size);
+      ui.probes[rtn_key(bits)] = unit.kind == UnitKind::kBlock && calibration.count(at.block) && spec == calibration_spec
+                                     ? calibration.at(at.block)
+                                     : probe_rtn(model_, evaluator, cache, unit, spec, at);
       progress(fmt::format("rtn int{} {}", bits, unit.name));
     }
-    ui.probes["disable"] = probe_disable(model_, evaluator, unit);
+    ui.probes["disable"] = probe_disable(model_, evaluator, unit, at);
     progress("disable " + unit.name);
-    ui.probes["upgrade"] = probe_upgrade(model_, evaluator, cache, unit, base, upgraded);
+    ProbeMeasure upgrade = probe_upgrade(model_, evaluator, cache, unit, base, upgraded, at);
+    if (at.how == Measurement::kLocal) {
+      // Locally measured: what upgrading recovers in the block, taken off the measured baseline.
+      const ProbeMeasure& block_base = block_at_base.at(at.block);
+      upgrade.kl = a.baseline.kl - (block_base.kl - upgrade.kl);
+      for (size_t k = 0; k < K; ++k)
+        upgrade.subset_kl[k] = a.baseline.subset_kl[k] - (block_base.subset_kl[k] - upgrade.subset_kl[k]);
+    }
+    ui.probes["upgrade"] = upgrade;
     progress("upgrade " + unit.name);
 
     // Signals: {overall, subset 0..K-1}.
@@ -319,6 +364,7 @@ std::string analysis_json(const ImportanceAnalysis& a) {
                 {"upgrade_to_bits", o.upgrade_to_bits},
                 {"static_signals", o.static_signals},
                 {"batch", o.batch},
+                {"measurement", measurement_name(o.measurement)},
                 {"windows", a.windows},
                 {"ctx", a.ctx},
                 {"scored_tokens", a.scored_tokens},
@@ -354,6 +400,8 @@ std::string analysis_json(const ImportanceAnalysis& a) {
          {"inputs", a.inputs},
          {"settings", settings},
          {"reference_ppl", a.reference_ppl},
+         {"measured", a.measurement},
+         {"local_factors", a.local_factors},
          {"baseline", measure_json(a.baseline)},
          {"units", units},
          {"ranking", ranking},
@@ -404,12 +452,15 @@ ImportanceAnalysis analysis_from_json(const std::string& text) {
     o.upgrade_to_bits = s.at("upgrade_to_bits").get<int>();
     o.static_signals = s.at("static_signals").get<bool>();
     o.batch = s.at("batch").get<int64_t>();
+    o.measurement = parse_measurement(s.value("measurement", "whole"));
     o.config = config_from(s.at("config"));
     a.windows = s.at("windows").get<int64_t>();
     a.ctx = s.at("ctx").get<int64_t>();
     a.scored_tokens = s.at("scored_tokens").get<int64_t>();
     a.inputs = j.at("inputs").get<std::map<std::string, std::string>>();
     a.reference_ppl = j.at("reference_ppl").get<double>();
+    a.measurement = j.value("measured", "whole");
+    a.local_factors = j.value("local_factors", std::vector<double>{});
     a.baseline = measure_from(j.at("baseline"));
     for (const json& ju : j.at("units")) {
       UnitImportance u;
@@ -516,6 +567,8 @@ std::string format_analysis_table(const ImportanceAnalysis& a) {
   out += "\ndistribution of combined scores:\n";
   out += dist_line("layers", a.layer_distribution);
   out += dist_line("blocks", a.block_distribution);
+  out += fmt::format("\nmeasured: {}", a.measurement);
+  if (!a.local_factors.empty()) out += fmt::format(" (KL per unit of block output error: {:.3g})", fmt::join(a.local_factors, ", "));
   out += fmt::format("\npasses: {} forward ({:.3f} s per pass, of which forward {:.3f} s), {} gradient, {} capture; "
                      "total {:.1f} s\n",
                      a.timing.forward_passes, a.timing.seconds_per_pass(),

@@ -16,8 +16,16 @@
 //
 // Passes: 1 reference + 1 baseline + 6 per unit (+ 1 capture and 1 gradient pass for the static
 // signals). The model's weights are bit-identical after run() (every probe restores what it changed).
-// Block-input caching (recomputing only blocks >= b for a probe of block b) is not implemented: the
-// TorchScript forward is run whole, which works for any causal LM the adapter accepts.
+//
+// Measurement (AnalyzerOptions::measurement; ProbeEvaluator): when the model splits into stages the
+// reference pass caches every block's input, and a probe of a unit in block b is measured
+//   exact   from block b's cached input (the same KL as a whole pass, about (L - b) / L of its cost), or
+//   local   (the default) by block b alone: its output error times a factor calibrated once per block
+//           against an exact measurement of the block at RTN 4 bits (which also is that block unit's
+//           rtn_int4 probe). The upgrade probe is then the block's local prediction subtracted from
+//           the baseline. Cost per unit no longer grows with the model's depth.
+// Units outside every block, the baseline and the static signals are measured on the whole model,
+// and so is everything when the graph cannot be split (the reason is reported).
 
 #include <cstdint>
 #include <functional>
@@ -54,6 +62,7 @@ struct AnalyzerOptions {
   int upgrade_to_bits = 8;
   bool static_signals = true;  ///< false skips the capture and gradient passes (their signals read 0)
   int64_t batch = 8;           ///< windows per forward pass
+  Measurement measurement = Measurement::kLocal;  ///< how the probes of units in blocks are measured
   ImportanceConfig config;
   /// Called after every pass with the progress so far (on the calling thread).
   std::function<void(const AnalysisProgress&)> on_progress;
@@ -98,6 +107,9 @@ struct ImportanceAnalysis {
   std::string verdict;    ///< layer_stability's (blocks' when there are fewer than 2 layers)
   std::optional<Distribution> layer_distribution, block_distribution;  ///< of the combined scores
   AnalysisTiming timing;
+  /// How probes were measured: options.measurement, or "whole" with the reason the model has no stages.
+  std::string measurement;
+  std::vector<double> local_factors;  ///< per block, local measurement only
 
   /// Units of one kind in rank order (most important first).
   std::vector<const UnitImportance*> ranked(UnitKind kind) const;

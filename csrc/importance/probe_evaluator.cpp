@@ -1,11 +1,27 @@
 #include "importance/probe_evaluator.h"
 
 #include <cmath>
+#include <limits>
 
 #include "common/error.h"
 #include "common/timing.h"
 
 namespace gradq {
+
+const char* measurement_name(Measurement m) {
+  switch (m) {
+    case Measurement::kWhole: return "whole";
+    case Measurement::kExact: return "exact";
+    case Measurement::kLocal: return "local";
+  }
+  return "?";
+}
+
+Measurement parse_measurement(const std::string& name) {
+  for (Measurement m : {Measurement::kWhole, Measurement::kExact, Measurement::kLocal})
+    if (name == measurement_name(m)) return m;
+  throw Error(fmt::format("unknown measurement '{}' (expected whole, exact or local)", name));
+}
 
 ProbeEvaluator::ProbeEvaluator(const CausalLM& reference, Windows windows, int64_t subsets, EvaluatorOptions options)
     : evaluator_(std::move(windows), options) {
@@ -31,7 +47,19 @@ ProbeEvaluator::ProbeEvaluator(const CausalLM& reference, Windows windows, int64
   c10::InferenceMode guard;
   // The same reference GradualEvaluator::set_reference(model) computes, built here to time its pass.
   Reference computed;
-  computed.log_probs = evaluator_.scored_log_probs(reference, &forward_seconds_);
+  if (const ModelStages* stages = reference.stages()) {
+    // One pass fills the block-input cache and gives the reference from the head's cached input.
+    const auto t0 = Clock::now();
+    cache_ = std::make_shared<BlockInputCache>(*stages, w.inputs, options.batch);
+    const double cache_seconds = seconds_since(t0);
+    const int64_t head = cache_->num_blocks();
+    computed.log_probs = evaluator_.scored_log_probs(
+        [&](int64_t b, int64_t) { return cache_->logits_from(head, cache_->chunk_of(b)); }, &forward_seconds_);
+    forward_seconds_ += cache_seconds;
+    local_factors_.assign(cache_->num_blocks(), std::numeric_limits<double>::quiet_NaN());
+  } else {
+    computed.log_probs = evaluator_.scored_log_probs(reference, &forward_seconds_);
+  }
   computed.targets = w.targets.index({scored_mask_});
   computed.windows_fingerprint = w.inputs;
   evaluator_.set_reference(std::move(computed));
@@ -57,11 +85,7 @@ int64_t ProbeEvaluator::subset_tokens(int64_t k) const {
   return subset_token_begin_[k + 1] - subset_token_begin_[k];
 }
 
-ProbeMeasure ProbeEvaluator::measure(const CausalLM& model) const {
-  const auto start = Clock::now();
-  c10::InferenceMode guard;
-  double forward = 0;
-  at::Tensor lp = evaluator_.scored_log_probs(model, &forward);
+ProbeMeasure ProbeEvaluator::compare(const at::Tensor& lp) const {
   GRADQ_CHECK(lp.sizes() == ref_probs_.sizes(), "the probed model scored {} tokens x {} logits, the reference {} x {}",
               lp.size(0), lp.size(1), ref_probs_.size(0), ref_probs_.size(1));
   // KL(P_ref || P) = sum p_ref log p_ref - sum p_ref log p, per token (clamped: rounding can go below 0).
@@ -72,10 +96,86 @@ ProbeMeasure ProbeEvaluator::measure(const CausalLM& model) const {
   m.delta_ppl = std::exp(nll.mean().item<double>()) - reference_ppl_;
   for (int64_t k = 0; k < subsets(); ++k)
     m.subset_kl.push_back(kl.slice(0, subset_token_begin_[k], subset_token_begin_[k + 1]).mean().item<double>());
+  return m;
+}
+
+ProbeMeasure ProbeEvaluator::measure(const CausalLM& model) const {
+  const auto start = Clock::now();
+  c10::InferenceMode guard;
+  double forward = 0;
+  ProbeMeasure m = compare(evaluator_.scored_log_probs(model, &forward));
   ++passes_;
   forward_seconds_ += forward;
   seconds_ += seconds_since(start);
   return m;
+}
+
+ProbeMeasure ProbeEvaluator::measure_exact(int64_t block) const {
+  GRADQ_CHECK(cache_, "exact measurements need the model as stages; this model has none");
+  const auto start = Clock::now();
+  c10::InferenceMode guard;
+  double forward = 0;
+  ProbeMeasure m = compare(evaluator_.scored_log_probs(
+      [&](int64_t b, int64_t) { return cache_->logits_from(block, cache_->chunk_of(b)); }, &forward));
+  ++passes_;
+  forward_seconds_ += forward;
+  seconds_ += seconds_since(start);
+  return m;
+}
+
+double ProbeEvaluator::local_error(int64_t block) const {
+  GRADQ_CHECK(cache_, "local measurements need the model as stages; this model has none");
+  const auto start = Clock::now();
+  const double e = cache_->local_error(block).mean().item<double>();
+  ++passes_;
+  seconds_ += seconds_since(start);
+  return e;
+}
+
+double ProbeEvaluator::local_factor(int64_t block) const {
+  GRADQ_CHECK(cache_, "local measurements need the model as stages; this model has none");
+  GRADQ_CHECK(block >= 0 && block < static_cast<int64_t>(local_factors_.size()), "expected a block in [0, {}), got {}",
+              local_factors_.size(), block);
+  GRADQ_CHECK(!std::isnan(local_factors_[block]), "block {} has no calibrated local factor yet", block);
+  return local_factors_[block];
+}
+
+void ProbeEvaluator::set_local_factor(int64_t block, double factor) {
+  GRADQ_CHECK(cache_, "local measurements need the model as stages; this model has none");
+  GRADQ_CHECK(block >= 0 && block < static_cast<int64_t>(local_factors_.size()), "expected a block in [0, {}), got {}",
+              local_factors_.size(), block);
+  GRADQ_CHECK(std::isfinite(factor) && factor >= 0, "a local factor must be finite and >= 0, got {}", factor);
+  local_factors_[block] = factor;
+}
+
+ProbeMeasure ProbeEvaluator::measure_local(int64_t block) const {
+  const double factor = local_factor(block);
+  const auto start = Clock::now();
+  at::Tensor per_window = cache_->local_error(block);
+  // A window's tokens share its error: subsets weight their windows by the tokens they score, as
+  // the per-token KL means of the other modes do.
+  at::Tensor tokens = scored_mask_.sum(1).to(at::kDouble);
+  auto weighted = [&](int64_t begin, int64_t end) {
+    at::Tensor t = tokens.slice(0, begin, end);
+    return (per_window.slice(0, begin, end) * t).sum().item<double>() / t.sum().item<double>();
+  };
+  ProbeMeasure m;
+  m.local_error = weighted(0, per_window.size(0));
+  m.kl = factor * m.local_error;
+  m.delta_ppl = reference_ppl_ * std::expm1(m.kl);  // if the KL were all a shift of the target's NLL
+  for (int64_t k = 0; k < subsets(); ++k) {
+    const auto [b, e] = subset_windows(k);
+    m.subset_kl.push_back(factor * weighted(b, e));
+  }
+  ++passes_;
+  seconds_ += seconds_since(start);
+  return m;
+}
+
+ProbeMeasure ProbeEvaluator::measure(const CausalLM& model, Measurement how, int64_t block) const {
+  if (how == Measurement::kWhole) return measure(model);
+  GRADQ_CHECK(block >= 0, "{} measurements need a block, got {}", measurement_name(how), block);
+  return how == Measurement::kExact ? measure_exact(block) : measure_local(block);
 }
 
 }  // namespace gradq

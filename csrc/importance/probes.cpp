@@ -135,7 +135,7 @@ void WeightScope::restore() {
 // ---- Probes --------------------------------------------------------------------------------------
 
 ProbeMeasure probe_noise(CausalLM& model, const ProbeEvaluator& evaluator, const WeightCache& cache,
-                         const ImportanceUnit& unit, double alpha, uint64_t seed) {
+                         const ImportanceUnit& unit, double alpha, uint64_t seed, MeasureAt where) {
   GRADQ_CHECK(std::isfinite(alpha) && alpha >= 0, "noise alpha must be a finite number >= 0, got {}", alpha);
   WeightScope scope(model);
   for (const std::string& name : unit.weights) {
@@ -144,18 +144,19 @@ ProbeMeasure probe_noise(CausalLM& model, const ProbeEvaluator& evaluator, const
     const double sigma = alpha * w.to(at::kDouble).std().item<double>();
     scope.set_weight(name, w + at::randn(w.sizes(), gen, w.options()) * sigma);
   }
-  return evaluator.measure(model);
+  return evaluator.measure(model, where.how, where.block);
 }
 
 ProbeMeasure probe_rtn(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache, const ImportanceUnit& unit,
-                       const QuantSpec& spec) {
+                       const QuantSpec& spec, MeasureAt where) {
   spec.validate();
   WeightScope scope(model);
   for (const std::string& name : unit.weights) scope.set_weight(name, cache.fake_quant(name, spec));
-  return evaluator.measure(model);
+  return evaluator.measure(model, where.how, where.block);
 }
 
-ProbeMeasure probe_disable(CausalLM& model, const ProbeEvaluator& evaluator, const ImportanceUnit& unit) {
+ProbeMeasure probe_disable(CausalLM& model, const ProbeEvaluator& evaluator, const ImportanceUnit& unit,
+                           MeasureAt where) {
   WeightScope scope(model);
   auto zero_weight = [&](const WeightInfo& w) { scope.set_weight(w.name, at::zeros({w.out_features, w.in_features})); };
   if (unit.kind == UnitKind::kLayer) {
@@ -170,7 +171,7 @@ ProbeMeasure probe_disable(CausalLM& model, const ProbeEvaluator& evaluator, con
       if (bias && n.compare(0, prefix.size(), prefix) == 0) scope.zero_parameter(n);
     }
   }
-  return evaluator.measure(model);
+  return evaluator.measure(model, where.how, where.block);
 }
 
 ProbeMeasure probe_baseline(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache, const QuantSpec& base) {
@@ -181,15 +182,33 @@ ProbeMeasure probe_baseline(CausalLM& model, const ProbeEvaluator& evaluator, We
 }
 
 ProbeMeasure probe_upgrade(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache,
-                           const ImportanceUnit& unit, const QuantSpec& base, const QuantSpec& upgraded) {
+                           const ImportanceUnit& unit, const QuantSpec& base, const QuantSpec& upgraded,
+                           MeasureAt where) {
   base.validate();
   upgraded.validate();
   WeightScope scope(model);
+  const bool local = where.how == Measurement::kLocal;
   for (const WeightInfo& w : model.weights()) {
+    // Locally only the block runs, so only its weights need to change (which keeps the probe's cost
+    // independent of the model's depth).
+    if (local && model.block_position(w.block) != where.block) continue;
     const bool in_unit = std::find(unit.weights.begin(), unit.weights.end(), w.name) != unit.weights.end();
     scope.set_weight(w.name, cache.fake_quant(w.name, in_unit ? upgraded : base));
   }
-  return evaluator.measure(model);
+  // The other blocks are at `base` too, so exact measurement from the unit's block would start from
+  // full-precision inputs: anything but local is measured whole.
+  return local ? evaluator.measure_local(where.block) : evaluator.measure(model);
+}
+
+ProbeMeasure calibrate_local(CausalLM& model, ProbeEvaluator& evaluator, WeightCache& cache,
+                             const ImportanceUnit& block_unit, int64_t block, const QuantSpec& spec) {
+  spec.validate();
+  WeightScope scope(model);
+  for (const std::string& name : block_unit.weights) scope.set_weight(name, cache.fake_quant(name, spec));
+  ProbeMeasure exact = evaluator.measure_exact(block);
+  exact.local_error = evaluator.local_error(block);
+  evaluator.set_local_factor(block, exact.local_error > 0 ? exact.kl / exact.local_error : 0.0);
+  return exact;
 }
 
 // ---- Static signals -------------------------------------------------------------------------------

@@ -87,19 +87,35 @@ class WeightScope {
   std::map<std::string, at::Tensor> saved_parameters_;
 };
 
+/// Where a probe is measured: the whole model, or exact/local at the unit's block (block position in
+/// CausalLM::blocks(), -1 for whole). See ProbeEvaluator.
+struct MeasureAt {
+  Measurement how = Measurement::kWhole;
+  int64_t block = -1;
+};
+
 /// Gaussian noise of alpha * std(W) on every weight of the unit.
 ProbeMeasure probe_noise(CausalLM& model, const ProbeEvaluator& evaluator, const WeightCache& cache,
-                         const ImportanceUnit& unit, double alpha, uint64_t seed);
+                         const ImportanceUnit& unit, double alpha, uint64_t seed, MeasureAt where = {});
 /// The unit's weights round-to-nearest quantized with `spec` (an integer level, or prune).
 ProbeMeasure probe_rtn(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache, const ImportanceUnit& unit,
-                       const QuantSpec& spec);
+                       const QuantSpec& spec, MeasureAt where = {});
 /// The unit disabled (header comment).
-ProbeMeasure probe_disable(CausalLM& model, const ProbeEvaluator& evaluator, const ImportanceUnit& unit);
+ProbeMeasure probe_disable(CausalLM& model, const ProbeEvaluator& evaluator, const ImportanceUnit& unit,
+                           MeasureAt where = {});
 /// All quantizable weights at `base`: the baseline the upgrade probe recovers from.
 ProbeMeasure probe_baseline(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache, const QuantSpec& base);
-/// All quantizable weights at `base` except the unit's, which are at `upgraded`.
+/// All quantizable weights at `base` except the unit's, which are at `upgraded`. Measured locally
+/// (where.how == kLocal) only the weights of block where.block change, and the result is the block's
+/// local prediction for that state, not the whole model's KL (the analyzer turns it into one).
 ProbeMeasure probe_upgrade(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache,
-                           const ImportanceUnit& unit, const QuantSpec& base, const QuantSpec& upgraded);
+                           const ImportanceUnit& unit, const QuantSpec& base, const QuantSpec& upgraded,
+                           MeasureAt where = {});
+/// Calibrates local measurements of a block (ProbeEvaluator::set_local_factor): the block unit's
+/// weights at `spec`, measured exactly and by the block's local error; factor = KL / error. Returns
+/// the exact measurement (with its local_error), which is also the unit's RTN probe at `spec`.
+ProbeMeasure calibrate_local(CausalLM& model, ProbeEvaluator& evaluator, WeightCache& cache,
+                             const ImportanceUnit& block_unit, int64_t block, const QuantSpec& spec);
 
 /// Static signals of one quantizable weight; `*_subsets` hold the same signal computed on each
 /// calibration subset alone (weight magnitude does not depend on data).

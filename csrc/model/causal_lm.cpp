@@ -113,6 +113,7 @@ CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : m
 }
 
 void CausalLM::analyze(const AdapterOptions& options) {
+  split_stages_ = options.split_stages;
   const auto include = compile_patterns(options.include, "include");
   const auto exclude = compile_patterns(options.exclude, "exclude");
   const auto block_re = compile_patterns({options.block_pattern}, "block").front();
@@ -184,6 +185,31 @@ at::Tensor CausalLM::logits(const at::Tensor& tokens) const {
               c10::toString(tokens.scalar_type()), fmt::to_string(fmt::join(tokens.sizes(), "x")));
   c10::InferenceMode guard;
   return module_.forward({tokens}).toTensor().to(at::kFloat);
+}
+
+const ModelStages* CausalLM::stages() const {
+  if (!stages_reason_ && !split_stages_) stages_reason_ = "splitting into stages is turned off";
+  if (!stages_reason_) {
+    std::vector<std::string> prefixes;
+    for (const BlockInfo& b : blocks_) prefixes.push_back(b.name);
+    // A probe long enough for attention over several positions; token ids spread over the vocabulary.
+    at::Tensor probe = (at::arange(16, at::kLong) * 7919).remainder(vocab_size_).unsqueeze(0);
+    std::string why;
+    stages_ = GraphStages::split(module_, prefixes, probe, &why);
+    stages_reason_ = stages_ ? std::string() : why;
+  }
+  return stages_.get();
+}
+
+const std::string& CausalLM::stages_unavailable_reason() const {
+  stages();
+  return *stages_reason_;
+}
+
+int64_t CausalLM::block_position(const std::string& block) const {
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    if (blocks_[i].name == block) return static_cast<int64_t>(i);
+  return -1;
 }
 
 size_t CausalLM::weight_index(const std::string& name) const {

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "model/stages.h"
+
 namespace gradq {
 
 enum class WeightRole {
@@ -51,6 +53,8 @@ struct AdapterOptions {
   std::vector<std::string> exclude;
   /// Regex whose first capture group is the block prefix and second its number.
   std::string block_pattern = R"(^((?:.*\.)?(?:layers|h|blocks|layer)\.(\d+))\.)";
+  /// Split the forward into stages (CausalLM::stages()); false runs every measurement whole.
+  bool split_stages = true;
 };
 
 /// Per-input-channel statistics of the activations entering one weight's matmul.
@@ -98,6 +102,13 @@ class CausalLM {
   std::map<std::string, InputStats> capture_input_stats(const at::Tensor& tokens, int64_t batch,
                                                         bool with_xtx) const;
 
+  /// The model as stages (model/stages.h), split from the forward graph at the blocks on first use;
+  /// null when the graph cannot be split, with the reason in stages_unavailable_reason().
+  const ModelStages* stages() const;
+  const std::string& stages_unavailable_reason() const;
+  /// Position of a block (by its prefix, "layers.3") in blocks() and in the stages; -1 when unknown.
+  int64_t block_position(const std::string& block) const;
+
   torch::jit::Module& module() { return module_; }
   const torch::jit::Module& module() const { return module_; }
 
@@ -110,6 +121,9 @@ class CausalLM {
   std::vector<BlockInfo> blocks_;
   std::map<std::string, at::Tensor> originals_;
   int64_t vocab_size_ = 0;
+  bool split_stages_ = true;
+  mutable std::shared_ptr<ModelStages> stages_;
+  mutable std::optional<std::string> stages_reason_;  ///< set once a split was tried
 };
 
 }  // namespace gradq

@@ -6,6 +6,7 @@
 #include <fmt/ranges.h>
 
 #include "common/error.h"
+#include "eval/block_cache.h"
 #include "common/timing.h"
 
 namespace gradq {
@@ -83,7 +84,36 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     return budget_.target_memory_reduction && 1.0 - double(bytes) / fp16_bytes >= *budget_.target_memory_reduction;
   };
 
-  result.calibration = evaluator_.evaluate(model_);
+  // The block-input cache of the current weights (see the header); null: whole passes.
+  const ModelStages* stages = model_.stages();
+  std::unique_ptr<BlockInputCache> block_cache;
+  if (stages) {
+    block_cache = std::make_unique<BlockInputCache>(*stages, evaluator_.windows().inputs, evaluator_.batch());
+    result.measurement = "exact";
+  } else {
+    result.measurement = "whole (" + model_.stages_unavailable_reason() + ")";
+  }
+  const int64_t blocks = stages ? stages->num_blocks() : 0;
+  // The first stage a weight's value reaches: its block, the head, or (embeddings) everything.
+  auto first_stage = [&](const std::string& name) -> int64_t {
+    const WeightInfo& info = model_.weights()[model_.weight_index(name)];
+    const int64_t block = model_.block_position(info.block);
+    if (block >= 0) return block;
+    return info.role == WeightRole::kHead ? blocks : -1;
+  };
+  std::vector<BlockInputCache::Trial> trials;
+  auto evaluate_from = [&](int64_t from) {
+    result.blocks_whole += blocks;
+    if (!block_cache) return evaluator_.evaluate(model_);
+    result.blocks_run += blocks - std::max<int64_t>(from, 0);
+    trials.assign((evaluator_.windows().size() + evaluator_.batch() - 1) / evaluator_.batch(), {});
+    return evaluator_.evaluate([&](int64_t begin, int64_t) {
+      const int64_t chunk = block_cache->chunk_of(begin);
+      return block_cache->logits_from(from, chunk, trials[chunk]);
+    });
+  };
+
+  result.calibration = evaluate_from(blocks);
   ++result.passes;
   SearchProgress progress;
   progress.units = static_cast<int64_t>(order.size());
@@ -98,7 +128,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     step.method = method;
     step.kl_before = result.calibration.kl->mean.value;
     model_.set_weight(name, q.dequantize());
-    EvalResult r = evaluator_.evaluate(model_);
+    EvalResult r = evaluate_from(first_stage(name));
     ++result.passes;
     step.kl = r.kl->mean.value;
     step.ppl_increase = ppl_increase(r);
@@ -108,6 +138,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
       state[name] = q;
       result.history[name].push_back(q);
       result.calibration = std::move(r);
+      if (block_cache) block_cache->commit(std::move(trials));
     } else {
       model_.set_weight(name, state[name].dequantize());
     }

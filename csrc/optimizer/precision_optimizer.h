@@ -17,6 +17,12 @@
 // Passes by width rather than taking each unit as low as it goes: the budget then buys 4-bit for
 // many units before it buys 2-bit for a few.
 // The search stops when the memory target is met or every unit has been visited.
+//
+// Measurement: when the model splits into stages (model/stages.h), the state entering every block
+// is cached for the calibration windows and a candidate for a weight of block b reruns only blocks
+// b.. and the head; when it is kept, the states that run computed become the cache's. The KL is
+// bit for bit that of a whole pass (same batches, same operations), so the plan does not depend on
+// whether the model has stages; the work per candidate is (L - b) / L of a whole pass.
 
 #include <cstdint>
 #include <functional>
@@ -81,6 +87,11 @@ struct SearchResult {
   std::map<std::string, std::vector<QuantizedTensor>> history;  ///< per weight: each accepted state, oldest first
   EvalResult calibration;    ///< the final state on the calibration windows
   bool memory_target_met = false;
+  /// "exact": candidates measured from their block's cached input (the same KL as a whole pass);
+  /// otherwise "whole" and why the model has no stages.
+  std::string measurement;
+  /// Blocks computed by the search's passes, and what whole passes would have computed.
+  int64_t blocks_run = 0, blocks_whole = 0;
   int64_t passes = 0;
   double seconds = 0;
 };

@@ -188,6 +188,9 @@ QuantizeOutcome GradualQuantizer::run() {
     phase.add_passes(searched.passes);
   }
   out.search_steps = searched.steps;
+  out.search_measurement = searched.measurement;
+  out.search_blocks_run = searched.blocks_run;
+  out.search_blocks_whole = searched.blocks_whole;
   out.calibration = searched.calibration;
   out.weights = searched.weights;
   auto& history = searched.history;

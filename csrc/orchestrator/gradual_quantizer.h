@@ -80,6 +80,8 @@ struct QuantizeOutcome {
   std::optional<EvalResult> calibration;   ///< the plan on the calibration windows (search)
   std::vector<std::string> order;          ///< search order, least important first
   std::vector<SearchStep> search_steps;
+  std::string search_measurement;  ///< SearchResult::measurement ("exact", or "whole (why)")
+  int64_t search_blocks_run = 0, search_blocks_whole = 0;  ///< SearchResult::blocks_run / blocks_whole
   std::vector<ValidationStep> validation_steps;
   bool memory_target_met = false;
   std::vector<PhaseTiming> phases;

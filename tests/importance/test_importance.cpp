@@ -286,8 +286,11 @@ TEST(Analysis, CountsPassesAndReportsProgress) {
   StoriesAnalysis& s = stories();
   const ImportanceAnalysis& a = s.analysis;
   ASSERT_EQ(a.units.size(), 40u);
-  EXPECT_EQ(s.planned, 1 + 1 + 6 * 40 + 2);
-  EXPECT_EQ(a.timing.forward_passes, 1 + 1 + 6 * 40);
+  // Local measurement (the default): per block one exact calibration probe, which is also the block
+  // unit's RTN-4 probe, its local error, and the block's local error at the upgrade baseline.
+  EXPECT_EQ(a.measurement, "local");
+  EXPECT_EQ(s.planned, 1 + 1 + 6 * 40 + 2 + 2 * 5);
+  EXPECT_EQ(a.timing.forward_passes, 1 + 1 + 6 * 40 + 2 * 5);
   EXPECT_EQ(a.timing.gradient_passes, 1);
   EXPECT_EQ(a.timing.capture_passes, 1);
   EXPECT_GT(a.timing.seconds_per_pass(), 0);
@@ -300,6 +303,67 @@ TEST(Analysis, CountsPassesAndReportsProgress) {
   EXPECT_EQ(a.windows, 8);
   EXPECT_EQ(a.ctx, 64);
   EXPECT_EQ(a.scored_tokens, 8 * 64);
+}
+
+// ---- Measurement modes -------------------------------------------------------------------------
+
+TEST(Measurement, ExactFromTheBlockEqualsTheWholeModel) {
+  CausalLM model = CausalLM::load(test::stories_pt());
+  ProbeEvaluator evaluator(model, calibration(8, 64), 4);
+  ASSERT_NE(evaluator.cache(), nullptr) << model.stages_unavailable_reason();
+  WeightCache cache(model);
+  for (const char* name : {"layers.2.attention.wk.weight", "layers.4.feed_forward.w2.weight"}) {
+    const ImportanceUnit unit = importance_units(model)[model.weight_index(name)];
+    const int64_t block = model.block_position(unit.block);
+    const QuantSpec spec = parse_quant_spec("b2g64");
+    const ProbeMeasure whole = probe_rtn(model, evaluator, cache, unit, spec);
+    const ProbeMeasure exact = probe_rtn(model, evaluator, cache, unit, spec, {Measurement::kExact, block});
+    EXPECT_GT(whole.kl, 0) << name;
+    EXPECT_EQ(exact.kl, whole.kl) << name;
+    EXPECT_EQ(exact.delta_ppl, whole.delta_ppl) << name;
+    EXPECT_EQ(exact.subset_kl, whole.subset_kl) << name;
+  }
+}
+
+TEST(Measurement, LocalNeedsACalibratedBlockAndPredictsTheCalibrationExactly) {
+  CausalLM model = CausalLM::load(test::stories_pt());
+  ProbeEvaluator evaluator(model, calibration(8, 64), 4);
+  WeightCache cache(model);
+  const auto units = importance_units(model);
+  const ImportanceUnit& block_unit = units.back();  // layers.4
+  ASSERT_EQ(block_unit.kind, UnitKind::kBlock);
+  const int64_t block = model.block_position(block_unit.block);
+  GRADQ_EXPECT_THROW_MSG(evaluator.measure_local(block), "no calibrated local factor");
+  const QuantSpec spec = parse_quant_spec("b4g64");
+  const ProbeMeasure exact = calibrate_local(model, evaluator, cache, block_unit, block, spec);
+  EXPECT_GT(exact.local_error, 0);
+  EXPECT_GT(evaluator.local_factor(block), 0);
+  const ProbeMeasure local = probe_rtn(model, evaluator, cache, block_unit, spec, {Measurement::kLocal, block});
+  EXPECT_NEAR(local.kl, exact.kl, 1e-9 * exact.kl);
+  EXPECT_DOUBLE_EQ(local.local_error, exact.local_error);
+}
+
+// How well local measurement ranks the layers, against exact measurements of the same probes.
+TEST(Measurement, LocalRanksLayersLikeExact) {
+  CausalLM model = CausalLM::load(test::stories_pt());
+  AnalyzerOptions o = small_options();
+  o.static_signals = false;
+  o.measurement = Measurement::kExact;
+  const ImportanceAnalysis exact = ImportanceAnalyzer(model, calibration(8, 64), o).run();
+  EXPECT_EQ(exact.measurement, "exact");
+  const ImportanceAnalysis& local = stories().analysis;
+  std::vector<double> kl_exact, kl_local;
+  for (size_t i = 0; i < exact.units.size(); ++i) {
+    if (exact.units[i].unit.kind != UnitKind::kLayer) continue;
+    kl_exact.push_back(exact.units[i].probes.at("rtn_int4").kl);
+    kl_local.push_back(local.units[i].probes.at("rtn_int4").kl);
+    const double ratio = kl_local.back() / kl_exact.back();
+    EXPECT_GT(ratio, 0.2) << exact.units[i].unit.name;
+    EXPECT_LT(ratio, 5.0) << exact.units[i].unit.name;
+  }
+  const double rho = spearman(kl_exact, kl_local);
+  std::cout << "local vs exact rtn_int4 KL over " << kl_exact.size() << " layers: Spearman " << rho << "\n";
+  EXPECT_GT(rho, 0.8);
 }
 
 TEST(Analysis, RtnSensitivityOrdersByBits) {
@@ -520,7 +584,7 @@ TEST(Cli, AnalyzePrintsProbesRankingAndVerdict) {
                              " --calib-windows 8 --ctx 64 --batch 8 --group-size 64 --threads 1 -o " + dir +
                              "/a.json --chart " + dir + "/a.svg");
   ASSERT_EQ(rc, 0) << out;
-  for (const char* s : {"analyzing 40 units (35 layers, 5 blocks): 241 probes, 244 passes", "[####", "ETA",
+  for (const char* s : {"analyzing 40 units (35 layers, 5 blocks): 241 probes, 254 passes", "[####", "ETA",
                         "layers (35), most important first", "stability verdict: ", "wrote "})
     EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
   ImportanceAnalysis a = load_analysis(dir + "/a.json");

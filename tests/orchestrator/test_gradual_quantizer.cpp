@@ -87,6 +87,26 @@ TEST(GradualQuantizer, HarnessRunMeetsTheBudgetAndLeavesTheModelAsItWas) {
   for (const auto& [name, t] : out.weights) EXPECT_TRUE(bitwise_equal(replayed.weights.at(name).dequantize(), t.dequantize())) << name;
 }
 
+// The search measures candidates from cached block inputs: the same KL at every step, and so the
+// same plan, as whole passes, with fewer blocks computed.
+TEST(GradualQuantizer, StagedSearchEqualsTheWholeModelSearch) {
+  Fixture& f = fixture();
+  AdapterOptions whole_options;
+  whole_options.split_stages = false;
+  CausalLM whole_model(f.model.module(), whole_options);
+  QuantizerOptions q = f.options(0.05);
+  q.search.trained_fallback = false;
+  const QuantizeOutcome staged = f.run(q);
+  const QuantizeOutcome whole = GradualQuantizer(whole_model, f.data.calibration, f.data.evaluation, q).run();
+  EXPECT_EQ(staged.search_measurement, "exact");
+  EXPECT_NE(whole.search_measurement.find("turned off"), std::string::npos) << whole.search_measurement;
+  EXPECT_EQ(staged.plan.to_json(), whole.plan.to_json());
+  ASSERT_EQ(staged.search_steps.size(), whole.search_steps.size());
+  for (size_t i = 0; i < staged.search_steps.size(); ++i) EXPECT_EQ(staged.search_steps[i].kl, whole.search_steps[i].kl) << i;
+  EXPECT_LT(staged.search_blocks_run, 0.8 * staged.search_blocks_whole);
+  whole_model.restore_all();
+}
+
 // A trained entry of a plan is exported with exactly the codes train_rounding produced.
 TEST(GradualQuantizer, ExportedCodesAreTheTrainedOnes) {
   Fixture& f = fixture();

@@ -1,0 +1,116 @@
+#include "eval/block_cache.h"
+
+#include <algorithm>
+#include <unordered_set>
+
+#include "common/error.h"
+
+namespace gradq {
+
+BlockInputCache::BlockInputCache(const ModelStages& stages, const at::Tensor& inputs, int64_t batch)
+    : stages_(stages), inputs_(inputs), batch_(batch), windows_(inputs.size(0)) {
+  GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
+  GRADQ_CHECK(inputs.dim() == 2 && windows_ > 0, "expected tokens [N, T] with N > 0, got {} dimensions", inputs.dim());
+  c10::InferenceMode guard;
+  states_.assign(num_blocks() + 1, {});
+  for (int64_t b = 0; b < windows_; b += batch) {
+    StageState s = stages_.embed(inputs.slice(0, b, std::min(windows_, b + batch)));
+    for (int64_t i = 0; i < num_blocks(); ++i) {
+      StageState next = stages_.block(i, s);
+      states_[i].push_back(std::move(s));
+      s = std::move(next);
+    }
+    states_[num_blocks()].push_back(std::move(s));
+  }
+}
+
+int64_t BlockInputCache::chunk_of(int64_t begin) const {
+  GRADQ_CHECK(begin >= 0 && begin < windows_ && begin % batch_ == 0,
+              "expected a batch start (a multiple of {} below {}), got window {}", batch_, windows_, begin);
+  return begin / batch_;
+}
+
+const StageState& BlockInputCache::state(int64_t boundary, int64_t chunk) const {
+  GRADQ_CHECK(boundary >= 0 && boundary <= num_blocks(), "expected a boundary in [0, {}], got {}", num_blocks(), boundary);
+  GRADQ_CHECK(chunk >= 0 && chunk < static_cast<int64_t>(states_[boundary].size()), "expected a batch in [0, {}), got {}",
+              states_[boundary].size(), chunk);
+  return states_[boundary][chunk];
+}
+
+at::Tensor BlockInputCache::logits_from(int64_t from, int64_t chunk) const {
+  c10::InferenceMode guard;
+  return stages_.logits_from(from, state(from, chunk));
+}
+
+at::Tensor BlockInputCache::local_error(int64_t b) const {
+  GRADQ_CHECK(b >= 0 && b < num_blocks(), "expected a block in [0, {}), got {}", num_blocks(), b);
+  c10::InferenceMode guard;
+  std::vector<at::Tensor> per_window;
+  for (size_t c = 0; c < states_[b].size(); ++c) {
+    const StageState out = stages_.block(b, states_[b][c]);
+    const StageState& ref = states_[b + 1][c];
+    const int64_t rows = std::min(batch_, windows_ - static_cast<int64_t>(c) * batch_);
+    at::Tensor sum = at::zeros({rows}, at::kDouble);
+    int64_t per_row = 0;
+    for (size_t k = 0; k < out.size(); ++k) {
+      if (!out[k].isTensor()) continue;
+      const at::Tensor x = out[k].toTensor();
+      // Only values batched over windows carry a window's error (tables shared by all windows,
+      // such as rotary angles, pass through a block unchanged).
+      if (!x.is_floating_point() || x.dim() == 0 || x.size(0) != rows) continue;
+      const at::Tensor d = (x.to(at::kDouble) - ref[k].toTensor().to(at::kDouble)).reshape({rows, -1});
+      sum += d.pow(2).sum(1);
+      per_row += d.size(1);
+    }
+    per_window.push_back(per_row ? sum / static_cast<double>(per_row) : sum);
+  }
+  return at::cat(per_window);
+}
+
+void BlockInputCache::refresh(int64_t from) {
+  GRADQ_CHECK(from >= -1 && from < num_blocks(), "expected a block in [-1, {}), got {}", num_blocks(), from);
+  std::vector<Trial> trials(states_[0].size());
+  for (size_t c = 0; c < trials.size(); ++c) logits_from(from, static_cast<int64_t>(c), trials[c]);
+  commit(std::move(trials));
+}
+
+at::Tensor BlockInputCache::logits_from(int64_t from, int64_t chunk, Trial& trial) const {
+  GRADQ_CHECK(from >= -1 && from <= num_blocks(), "expected a block in [-1, {}], got {}", num_blocks(), from);
+  c10::InferenceMode guard;
+  trial.from = from;
+  trial.states.clear();
+  StageState s = from < 0 ? stages_.embed(inputs_.slice(0, chunk * batch_, std::min(windows_, (chunk + 1) * batch_)))
+                          : state(from, chunk);
+  if (from < 0) trial.states.push_back(s);  // the state entering block 0
+  for (int64_t i = std::max<int64_t>(from, 0); i < num_blocks(); ++i) {
+    s = stages_.block(i, s);
+    trial.states.push_back(s);
+  }
+  return stages_.head(s);
+}
+
+void BlockInputCache::commit(std::vector<Trial>&& trials) {
+  GRADQ_CHECK(trials.size() == states_[0].size(), "expected a trial for each of the {} batches, got {}",
+              states_[0].size(), trials.size());
+  for (size_t c = 0; c < trials.size(); ++c) {
+    Trial& t = trials[c];
+    GRADQ_CHECK(static_cast<int64_t>(t.states.size()) == num_blocks() - t.from,
+                "a trial from block {} must hold {} states, batch {} holds {}", t.from, num_blocks() - t.from, c,
+                t.states.size());
+    for (size_t k = 0; k < t.states.size(); ++k) states_[t.from + 1 + k][c] = std::move(t.states[k]);
+  }
+}
+
+int64_t BlockInputCache::bytes() const {
+  // Values handed on unchanged (rotary tables, masks) are one tensor in many states: count once.
+  std::unordered_set<const void*> seen;
+  int64_t total = 0;
+  for (const auto& boundary : states_)
+    for (const StageState& s : boundary)
+      for (const c10::IValue& v : s)
+        if (v.isTensor() && seen.insert(v.toTensor().storage().data()).second)
+          total += static_cast<int64_t>(v.toTensor().storage().nbytes());
+  return total;
+}
+
+}  // namespace gradq

@@ -1,0 +1,69 @@
+#pragma once
+// BlockInputCache: the state entering every block, for every batch of windows, computed once.
+//
+// With it a change inside block b is measured without recomputing blocks 0..b-1:
+//   exact   blocks b..L-1 and the head rerun from the cached input of block b: the same logits as a
+//           whole forward pass of the model, as long as the cached states match the weights of the
+//           blocks before b (refresh() re-establishes that after those weights changed);
+//   local   block b alone on its cached input, compared with the cached output: the mean squared
+//           change of the block's output (state_mse), per window. A probe turns it into a predicted
+//           KL with a factor calibrated per block against an exact measurement (ProbeEvaluator).
+// Memory: (L + 1) states per batch; for a residual stream of width d in dtype t that is about
+// (L + 1) * windows * ctx * d * sizeof(t) bytes (bytes() reports it).
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "model/stages.h"
+
+namespace gradq {
+
+class BlockInputCache {
+ public:
+  /// Runs `inputs` (tokens [N, T]) through `stages`, `batch` windows at a time, keeping every state.
+  BlockInputCache(const ModelStages& stages, const at::Tensor& inputs, int64_t batch);
+
+  int64_t num_blocks() const { return stages_.num_blocks(); }
+  int64_t batch() const { return batch_; }
+  int64_t windows() const { return windows_; }
+  /// Batch index of the batch that starts at window `begin` (a multiple of batch()).
+  int64_t chunk_of(int64_t begin) const;
+
+  /// State entering block `boundary` (num_blocks(): the head) for batch `chunk`.
+  const StageState& state(int64_t boundary, int64_t chunk) const;
+  /// Logits of batch `chunk` with blocks `from`.. rerun on the current weights.
+  at::Tensor logits_from(int64_t from, int64_t chunk) const;
+  /// Per window: state_mse between block `b` run on its cached input with the current weights and
+  /// its cached output, restricted to the state tensors batched over windows. float64 [windows()].
+  at::Tensor local_error(int64_t b) const;
+
+  /// Recomputes the states entering blocks from+1.. with the current weights (after weights of
+  /// block `from` or later changed, the cache describes the changed model from there on).
+  /// from == -1: the embedding changed, everything is recomputed.
+  void refresh(int64_t from);
+
+  /// States entering blocks from+1.. and the head of one batch, computed by a trial run.
+  struct Trial {
+    int64_t from = 0;
+    std::vector<StageState> states;  ///< [boundary - from - 1]
+  };
+  /// logits_from(from, chunk), also keeping the states the run passed through in `trial` (from ==
+  /// -1 starts at the embedding), so that commit() can adopt them if the change that was tried is
+  /// kept, without running the blocks again.
+  at::Tensor logits_from(int64_t from, int64_t chunk, Trial& trial) const;
+  /// Adopts the states of trials of every batch (trials[chunk]) as the cache's own.
+  void commit(std::vector<Trial>&& trials);
+
+  /// Bytes held by the cached tensors.
+  int64_t bytes() const;
+
+ private:
+  const ModelStages& stages_;
+  at::Tensor inputs_;
+  int64_t batch_ = 0, windows_ = 0;
+  std::vector<std::vector<StageState>> states_;  ///< [boundary][chunk]
+};
+
+}  // namespace gradq

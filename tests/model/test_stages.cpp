@@ -1,0 +1,173 @@
+// The model as stages (model/stages.h) and the block-input cache (eval/block_cache.h), on both
+// fixtures: the converted stories260K and the GPT-style model (Conv1D weights, learned positions).
+
+#include <gtest/gtest.h>
+
+#include "eval/block_cache.h"
+#include "model/causal_lm.h"
+#include "quant/quantize.h"
+#include "support/gpt_fixture.h"
+#include "support/test_support.h"
+
+namespace gradq {
+namespace {
+
+enum class Fixture { kStories, kGpt };
+
+CausalLM make(Fixture f) {
+  if (f == Fixture::kStories) return CausalLM::load(test::stories_pt());
+  return CausalLM(test::make_gpt_fixture());
+}
+
+at::Tensor sample_tokens(int64_t rows, int64_t len, uint64_t seed = 7) {
+  at::Generator g = at::detail::createCPUGenerator(seed);
+  return at::randint(3, 512, {rows, len}, g, at::kLong);
+}
+
+// A weight of block `block` perturbed enough to change the logits visibly.
+void perturb(CausalLM& lm, int64_t block) {
+  const size_t w = lm.blocks().at(block).weights.front();
+  const std::string name = lm.weights()[w].name;
+  lm.set_weight(name, lm.weight(name) * 1.5);
+}
+
+class Stages : public ::testing::TestWithParam<Fixture> {};
+
+TEST_P(Stages, SplitAtEveryBlockAndMatchTheWholeForwardBitExactly) {
+  CausalLM lm = make(GetParam());
+  const ModelStages* stages = lm.stages();
+  ASSERT_NE(stages, nullptr) << lm.stages_unavailable_reason();
+  EXPECT_EQ(lm.stages_unavailable_reason(), "");
+  EXPECT_EQ(stages->num_blocks(), static_cast<int64_t>(lm.blocks().size()));
+  at::Tensor tokens = sample_tokens(3, 40);
+  at::Tensor staged = stages->logits(tokens).to(at::kFloat);
+  EXPECT_TRUE(at::equal(staged, lm.logits(tokens)));
+  EXPECT_GT(staged.abs().sum().item<double>(), 0);
+}
+
+TEST_P(Stages, StatesCarryWhatIsLiveAcrossBoundaries) {
+  CausalLM lm = make(GetParam());
+  const auto* stages = dynamic_cast<const GraphStages*>(lm.stages());
+  ASSERT_NE(stages, nullptr);
+  // Every boundary hands on at least the residual stream, and the same values between blocks.
+  for (int64_t i = 0; i <= stages->num_blocks(); ++i) EXPECT_GE(stages->state_size(i), 1u) << i;
+  for (int64_t i = 2; i < stages->num_blocks(); ++i) EXPECT_EQ(stages->state_size(i), stages->state_size(1)) << i;
+  if (GetParam() == Fixture::kStories) EXPECT_GE(stages->state_size(1), 3u);  // x, rotary cos/sin, mask
+}
+
+TEST_P(Stages, ExactFromACachedBlockInputEqualsTheWholeModel) {
+  CausalLM lm = make(GetParam());
+  at::Tensor tokens = sample_tokens(5, 24);
+  BlockInputCache cache(*lm.stages(), tokens, 2);
+  ASSERT_EQ(cache.num_blocks(), static_cast<int64_t>(lm.blocks().size()));
+  const int64_t b = cache.num_blocks() / 2;
+  perturb(lm, b);
+  // Batch by batch, as the evaluator asks: a matmul's rounding may depend on how many rows it has.
+  for (int64_t begin = 0; begin < 5; begin += 2) {
+    at::Tensor whole = lm.logits(tokens.slice(0, begin, std::min<int64_t>(5, begin + 2)));
+    at::Tensor from_cache = cache.logits_from(b, cache.chunk_of(begin)).to(at::kFloat);
+    EXPECT_TRUE(at::equal(from_cache, whole)) << begin;
+  }
+  // The unperturbed reference is what blocks after b see from the cache: different logits.
+  EXPECT_FALSE(at::equal(cache.logits_from(b + 1, 0).to(at::kFloat), lm.logits(tokens.slice(0, 0, 2))));
+  lm.restore_all();
+}
+
+TEST_P(Stages, LocalErrorIsZeroUnchangedAndGrowsWithTheChange) {
+  CausalLM lm = make(GetParam());
+  BlockInputCache cache(*lm.stages(), sample_tokens(3, 16), 2);
+  const int64_t b = 1;
+  at::Tensor unchanged = cache.local_error(b);
+  ASSERT_EQ(unchanged.size(0), 3);
+  EXPECT_EQ(unchanged.abs().max().item<double>(), 0.0);
+  const size_t w = lm.blocks().at(b).weights.front();
+  const std::string name = lm.weights()[w].name;
+  const at::Tensor original = lm.weight(name);
+  lm.set_weight(name, original * 1.1);
+  const double small = cache.local_error(b).mean().item<double>();
+  lm.set_weight(name, original * 1.5);
+  const double large = cache.local_error(b).mean().item<double>();
+  EXPECT_GT(small, 0);
+  EXPECT_GT(large, 4 * small);  // about quadratic in the size of the change
+  EXPECT_EQ(cache.local_error(b + 1).abs().max().item<double>(), 0.0);  // other blocks see reference inputs
+  lm.restore_all();
+}
+
+TEST_P(Stages, RefreshFollowsChangedWeights) {
+  CausalLM lm = make(GetParam());
+  at::Tensor tokens = sample_tokens(2, 16);
+  BlockInputCache cache(*lm.stages(), tokens, 2);
+  perturb(lm, 0);
+  cache.refresh(0);
+  const int64_t last = cache.num_blocks() - 1;
+  EXPECT_TRUE(at::equal(cache.logits_from(last, 0).to(at::kFloat), lm.logits(tokens)));
+  EXPECT_GT(cache.bytes(), 0);
+  lm.restore_all();
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Stages, ::testing::Values(Fixture::kStories, Fixture::kGpt),
+                         [](const auto& info) { return info.param == Fixture::kStories ? "stories260K" : "gpt"; });
+
+// A forward that computes two blocks interleaved cannot be split: the reason names them, and the
+// model still runs whole.
+TEST(StagesFallback, InterleavedBlocksAreRefusedWithAReason) {
+  torch::jit::Module m("Interleaved");
+  m.register_parameter("emb", at::randn({512, 8}), false);
+  torch::jit::Module layers("Layers");
+  for (const char* i : {"0", "1"}) {
+    torch::jit::Module layer("Layer");
+    layer.register_parameter("a", at::randn({8, 8}), false);
+    layer.register_parameter("b", at::randn({8, 8}), false);
+    layers.register_module(i, layer);
+  }
+  m.register_module("layers", layers);
+  m.register_parameter("out", at::randn({512, 8}), false);
+  m.define(R"(
+def forward(self, tokens):
+    x = torch.embedding(self.emb, tokens)
+    h0 = torch.linear(x, getattr(self.layers, "0").a)
+    h1 = torch.linear(h0, getattr(self.layers, "1").a)
+    h2 = torch.linear(h1, getattr(self.layers, "0").b)
+    h3 = torch.linear(h2, getattr(self.layers, "1").b)
+    return torch.linear(h3, self.out)
+)");
+  CausalLM lm(m);
+  ASSERT_EQ(lm.blocks().size(), 2u);
+  EXPECT_EQ(lm.stages(), nullptr);
+  EXPECT_NE(lm.stages_unavailable_reason().find("interleaved"), std::string::npos) << lm.stages_unavailable_reason();
+  EXPECT_EQ(lm.logits(sample_tokens(1, 4)).size(2), 512);
+}
+
+// A block that adds into its input in place (x += f(x), as scripted Python models often do) must
+// not corrupt the cached states that later measurements reuse.
+TEST(StagesFallback, InPlaceUpdatesDoNotTouchCachedStates) {
+  torch::jit::Module m("InPlace");
+  m.register_parameter("emb", at::randn({512, 8}), false);
+  torch::jit::Module layers("Layers");
+  for (const char* i : {"0", "1", "2"}) {
+    torch::jit::Module layer("Layer");
+    layer.register_parameter("w", at::randn({8, 8}) * 0.1, false);
+    layer.define("def forward(self, x):\n    x += torch.linear(x, self.w)\n    return x\n");
+    layers.register_module(i, layer);
+  }
+  m.register_module("layers", layers);
+  m.register_parameter("out", at::randn({512, 8}), false);
+  m.define(R"(
+def forward(self, tokens):
+    x = torch.embedding(self.emb, tokens).clone()
+    x = getattr(self.layers, "0").forward(x)
+    x = getattr(self.layers, "1").forward(x)
+    x = getattr(self.layers, "2").forward(x)
+    return torch.linear(x, self.out)
+)");
+  CausalLM lm(m);
+  ASSERT_NE(lm.stages(), nullptr) << lm.stages_unavailable_reason();
+  at::Tensor tokens = sample_tokens(2, 6);
+  BlockInputCache cache(*lm.stages(), tokens, 2);
+  at::Tensor whole = lm.logits(tokens);
+  for (int repeat = 0; repeat < 3; ++repeat)
+    EXPECT_TRUE(at::equal(cache.logits_from(1, 0).to(at::kFloat), whole)) << repeat;
+}
+
+}  // namespace
+}  // namespace gradq
