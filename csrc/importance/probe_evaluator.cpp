@@ -99,28 +99,24 @@ ProbeMeasure ProbeEvaluator::compare(const at::Tensor& lp) const {
   return m;
 }
 
-ProbeMeasure ProbeEvaluator::measure(const CausalLM& model) const {
+ProbeMeasure ProbeEvaluator::measure_logits(const LogitsSource& source) const {
   const auto start = Clock::now();
   c10::InferenceMode guard;
   double forward = 0;
-  ProbeMeasure m = compare(evaluator_.scored_log_probs(model, &forward));
+  ProbeMeasure m = compare(evaluator_.scored_log_probs(source, &forward));
   ++passes_;
   forward_seconds_ += forward;
   seconds_ += seconds_since(start);
   return m;
 }
 
+ProbeMeasure ProbeEvaluator::measure(const CausalLM& model) const {
+  return measure_logits(evaluator_.whole_model(model));
+}
+
 ProbeMeasure ProbeEvaluator::measure_exact(int64_t block) const {
   GRADQ_CHECK(cache_, "exact measurements need the model as stages; this model has none");
-  const auto start = Clock::now();
-  c10::InferenceMode guard;
-  double forward = 0;
-  ProbeMeasure m = compare(evaluator_.scored_log_probs(
-      [&](int64_t b, int64_t) { return cache_->logits_from(block, cache_->chunk_of(b)); }, &forward));
-  ++passes_;
-  forward_seconds_ += forward;
-  seconds_ += seconds_since(start);
-  return m;
+  return measure_logits([&](int64_t b, int64_t) { return cache_->logits_from(block, cache_->chunk_of(b)); });
 }
 
 double ProbeEvaluator::local_error(int64_t block) const {

@@ -88,6 +88,8 @@ class ProbeEvaluator {
  private:
   /// KL and NLL of log-probabilities against the reference (the one comparison of every mode).
   ProbeMeasure compare(const at::Tensor& log_probs) const;
+  /// One pass over the windows with logits from `source`, compared and counted.
+  ProbeMeasure measure_logits(const LogitsSource& source) const;
 
   GradualEvaluator evaluator_;
   std::shared_ptr<BlockInputCache> cache_;
