@@ -142,7 +142,9 @@ TEST_P(Zoo, EveryCommand) {
 
   // The packed model computes what the fake-quant model computes. Both round the same weights once
   // to the model's dtype (the packed one at its linear outputs, the fake-quant one in its weights),
-  // so they agree to a few roundings per layer: tolerance 8 * layers * eps(dtype) * max |logit|.
+  // so they agree to a few roundings per layer: tolerance 2 * layers * eps(dtype) * max |logit|
+  // (measured: at most 0.29 of it, bf16 Hugging Face Llama; 0 where every quantized weight is read
+  // through gradq::dequantize, as GPT-2's Conv1D is).
   CausalLM adapter = CausalLM::load(model);
   const auto layers = static_cast<double>(adapter.blocks().size());
   const at::Tensor tokens = ((at::arange(96, at::kLong) * 37 + 11) % 511 + 1).view({2, 48});
@@ -152,7 +154,7 @@ TEST_P(Zoo, EveryCommand) {
     ASSERT_EQ(a.sizes(), b.sizes());
     const double scale = b.abs().max().item<double>();
     ASSERT_GT(scale, 0.0);
-    const double tolerance = 8.0 * layers * epsilon(z.dtype) * scale;
+    const double tolerance = 2.0 * layers * epsilon(z.dtype) * scale;
     const double err = (a - b).abs().max().item<double>();
     EXPECT_LE(err, tolerance) << packed << " vs " << fake << " (max |logit| " << scale << ")";
   }
