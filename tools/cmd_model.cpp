@@ -16,11 +16,12 @@ namespace gradq::cli {
 
 int cmd_convert(int argc, char** argv) {
   cxxopts::Options options("gradq convert", "Convert a checkpoint to a TorchScript causal LM "
-                                            "(forward: tokens int64 [B, T] -> logits float32 [B, T, vocab]).");
+                                            "(forward: tokens int64 [B, T] -> logits [B, T, vocab] in the parameters' dtype).");
   options.add_options()
       ("from", "input format (only llama2c: llama2.c legacy float32 checkpoints)", cxxopts::value<std::string>()->default_value("llama2c"))
       ("input", "input checkpoint", cxxopts::value<std::string>())
-      ("o,output", "output TorchScript file (written atomically; never the input)", cxxopts::value<std::string>());
+      ("o,output", "output TorchScript file (written atomically; never the input)", cxxopts::value<std::string>())
+      ("dtype", "parameter dtype of the output: fp32, fp16 or bf16", cxxopts::value<std::string>()->default_value("fp32"));
   options.parse_positional({"input"});
   options.positional_help("INPUT");
   add_common_options(options);
@@ -31,7 +32,10 @@ int cmd_convert(int argc, char** argv) {
   GRADQ_CHECK(args.count("output"), "-o/--output is required");
   Llama2cConfig config;
   load_llama2c(args["input"].as<std::string>(), &config);  // validates before anything is written
-  convert_llama2c(args["input"].as<std::string>(), args["output"].as<std::string>());
+  const std::string dtype = args["dtype"].as<std::string>();
+  GRADQ_CHECK(dtype == "fp32" || dtype == "fp16" || dtype == "bf16", "--dtype must be fp32, fp16 or bf16, got '{}'", dtype);
+  convert_llama2c(args["input"].as<std::string>(), args["output"].as<std::string>(),
+                  dtype == "fp32" ? at::kFloat : dtype == "fp16" ? at::kHalf : at::kBFloat16);
   std::cout << fmt::format("wrote {}: dim {}, hidden {}, {} layers, {} heads ({} kv), vocab {} ({} classifier), seq_len {}\n",
                            args["output"].as<std::string>(), config.dim, config.hidden_dim, config.n_layers, config.n_heads,
                            config.n_kv_heads, config.vocab_size, config.shared_classifier ? "tied" : "untied", config.seq_len);

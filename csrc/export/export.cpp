@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "common/files.h"
 #include "model/graph_utils.h"
+#include "model/model_loader.h"
 
 namespace gradq {
 using torch::jit::Graph;
@@ -43,8 +44,31 @@ std::string type_name_for(const std::string& path) {
   return "__torch__.gradq.packed." + name;
 }
 
-// The stored form of one quantized weight: attributes that replace it in its owner module.
-void register_quantized(Module& dst, const std::string& attr, const QuantizedTensor& q, bool transposed) {
+// A non-quantized attribute as the model's file has it (see CausalLM::stored_dtype).
+c10::IValue stored_form(const CausalLM& model, const std::string& path, const c10::IValue& value) {
+  if (!value.isTensor()) return value;
+  const at::Tensor& t = value.toTensor();
+  if (!t.is_floating_point()) return value;
+  const at::ScalarType dtype = model.stored_dtype(path, t.scalar_type());
+  return dtype == t.scalar_type() ? value : c10::IValue(t.to(dtype));
+}
+
+// The dtype a quantized weight is read back in: its parameter's in the model's file.
+at::ScalarType weight_dtype(const CausalLM& model, const std::string& name) {
+  return model.stored_dtype(name, model.parameter(name).scalar_type());
+}
+
+// Name of the empty buffer whose dtype a weight's reads convert to (see rewrite_packed_read). It
+// follows Module::to like any buffer, so a consumer that converts the packed model (for example an
+// fp16 model to float32 on a CPU) gets weights in the new dtype.
+std::string dtype_buffer(const std::string& attr) { return attr + "_dtype"; }
+
+// The stored form of one quantized weight: attributes that replace it in its owner module. `dtype`
+// is the weight's dtype in the model's file.
+void register_quantized(Module& dst, const std::string& attr, const QuantizedTensor& q, bool transposed,
+                        at::ScalarType dtype) {
+  if (dtype != at::kFloat && q.spec.level != QuantLevel::kPrune)
+    dst.register_buffer(dtype_buffer(attr), at::empty({0}, dtype));
   if (q.spec.is_integer()) {
     dst.register_buffer(attr + "_codes", q.packed.codes);
     dst.register_buffer(attr + "_scales", q.packed.scales);
@@ -53,7 +77,7 @@ void register_quantized(Module& dst, const std::string& attr, const QuantizedTen
     // One stored element broadcast to the weight's shape: the file holds 4 bytes for it.
     const std::vector<int64_t> shape = transposed ? std::vector<int64_t>{q.in_features, q.out_features}
                                                   : std::vector<int64_t>{q.out_features, q.in_features};
-    dst.register_buffer(attr, at::zeros({1}, at::kFloat).expand(shape));
+    dst.register_buffer(attr, at::zeros({1}, dtype).expand(shape));
   } else {
     dst.register_buffer(attr, transposed ? q.values.t().contiguous() : q.values);
   }
@@ -73,13 +97,12 @@ Module mirror(const Module& src, const std::string& path, const std::shared_ptr<
     if (auto cls = attr_type->cast<c10::ClassType>(); cls && cls->is_module()) {
       dst.register_module(name, mirror(Module(value.toObject()), full, cu, model, weights));
     } else if (auto it = weights.find(full); it != weights.end()) {
-      register_quantized(dst, name, it->second, matrix_weight_info(model, full).transposed);
-    } else if (type->is_parameter(i)) {
-      dst.register_parameter(name, value.toTensor(), /*is_buffer=*/false);
-    } else if (type->is_buffer(i)) {
-      dst.register_buffer(name, value.toTensor());
+      register_quantized(dst, name, it->second, matrix_weight_info(model, full).transposed, weight_dtype(model, full));
     } else {
-      dst.register_attribute(name, attr_type, value);
+      // The declared type and flags are copied as they are: a parameter slot may hold None (a
+      // scripted nn.Linear(bias=False) declares `bias: Optional[Tensor]` as a parameter).
+      dst.register_attribute(name, attr_type, stored_form(model, full, value), type->is_parameter(i),
+                             type->is_buffer(i));
     }
   }
   return dst;
@@ -102,7 +125,13 @@ Value* insert_get_attr(Graph& graph, Value* owner, const std::string& name) {
 // Replaces the read of an integer-quantized weight (`read`, a prim::GetAttr) by reads of its
 // packed buffers: aten::linear(x, W, b) becomes gradq::linear, every other use sees the dequantized
 // weight in its stored layout.
-void rewrite_packed_read(Graph& graph, Node* read, const QuantizedTensor& q, bool transposed) {
+// The dtype a weight's reads produce: float32, or the dtype of its `_dtype` buffer.
+Value* read_dtype(Graph& graph, Value* owner, const std::string& attr, at::ScalarType dtype) {
+  if (dtype == at::kFloat) return graph.insertConstant(c10::IValue(at::kFloat));
+  return graph.insert(c10::prim::dtype, {insert_get_attr(graph, owner, dtype_buffer(attr))});
+}
+
+void rewrite_packed_read(Graph& graph, Node* read, const QuantizedTensor& q, bool transposed, at::ScalarType dtype) {
   static const c10::Symbol kLinear = c10::Symbol::fromQualString("gradq::linear");
   static const c10::Symbol kDequantize = c10::Symbol::fromQualString("gradq::dequantize");
   const std::string attr = read->s(c10::attr::name);
@@ -127,6 +156,7 @@ void rewrite_packed_read(Graph& graph, Node* read, const QuantizedTensor& q, boo
     }
     if (!dequantized) {
       dequantized = graph.insert(kDequantize, {codes, scales, zeros, bits, group, in});
+      if (dtype != at::kFloat) dequantized = graph.insert(c10::aten::to, {dequantized, read_dtype(graph, owner, attr, dtype)});
       if (transposed) dequantized = graph.insert(c10::aten::t, {dequantized});
     }
     user->replaceInput(use.offset, dequantized);
@@ -134,12 +164,12 @@ void rewrite_packed_read(Graph& graph, Node* read, const QuantizedTensor& q, boo
   read->destroy();
 }
 
-// Float-type weights (fp16, bf16) are converted back to float32 where they are read.
-void convert_float_read(Graph& graph, Node* read) {
+// Float-level weights (fp16, bf16, fp32) are converted to the weight's dtype where they are read.
+void convert_float_read(Graph& graph, Node* read, at::ScalarType dtype) {
   const std::vector<torch::jit::Use> uses = read->output()->uses();
   torch::jit::WithInsertPoint after_read(read->next());
-  Value* as_float = graph.insert(c10::aten::to, {read->output(), NamedValue(c10::IValue(at::kFloat))});
-  for (const torch::jit::Use& use : uses) use.user->replaceInput(use.offset, as_float);
+  Value* converted = graph.insert(c10::aten::to, {read->output(), read_dtype(graph, read->input(0), read->s(c10::attr::name), dtype)});
+  for (const torch::jit::Use& use : uses) use.user->replaceInput(use.offset, converted);
 }
 
 }  // namespace
@@ -171,11 +201,13 @@ Module build_packed_module(const CausalLM& model, const QuantizedWeights& weight
     read->output()->setType(owner->getAttribute(read->s(c10::attr::name)));
   }
   for (auto [read, q] : quantized_reads) {
-    const bool transposed = matrix_weight_info(model, paths.at(read->output())).transposed;
+    const std::string& name = paths.at(read->output());
+    const bool transposed = matrix_weight_info(model, name).transposed;
+    const at::ScalarType dtype = weight_dtype(model, name);
     if (q->spec.is_integer()) {
-      rewrite_packed_read(*graph, read, *q, transposed);
-    } else if (q->spec.level == QuantLevel::kFp16 || q->spec.level == QuantLevel::kBf16) {
-      convert_float_read(*graph, read);
+      rewrite_packed_read(*graph, read, *q, transposed, dtype);
+    } else if (q->spec.level != QuantLevel::kPrune && q->values.scalar_type() != dtype) {
+      convert_float_read(*graph, read, dtype);
     }
   }
   torch::jit::EliminateDeadCode(graph);
@@ -196,18 +228,12 @@ void export_fake_quant(CausalLM& model, const QuantizedWeights& weights, const s
   for (const auto& [name, q] : weights) held[name] = model.weight(name).clone();
   try {
     for (const auto& [name, q] : weights) model.set_weight(name, q.dequantize());
-    save_module(model.module(), path);
+    save_module(model.stored_module(), path);
   } catch (...) {
     for (const auto& [name, w] : held) model.set_weight(name, w);
     throw;
   }
   for (const auto& [name, w] : held) model.set_weight(name, w);
-}
-
-void save_module(const Module& module, const std::string& path) {
-  std::ostringstream bytes;
-  module.save(bytes);
-  write_file_atomically(path, bytes.str());
 }
 
 }  // namespace gradq

@@ -8,8 +8,12 @@
 //                  and each aten::linear(x, W, b) that reads it becomes gradq::linear(x, codes,
 //                  scales, zeros, b, bits, group_size, in_features); any other use (an embedding
 //                  lookup, a Conv1D-style matmul) reads gradq::dequantize(...) instead;
-//   fp16 / bf16    is stored in that type and converted to float32 where it is read;
+//   fp16/bf16/fp32 is stored in that type and converted to the weight's dtype where it is read;
 //   prune          is stored as a broadcast zero (one element of storage).
+// Every quantized weight reads back in its dtype in the model's file (CausalLM::stored_dtype):
+// gradq::linear returns its input's dtype, and a weight that is not float32 gets an empty buffer
+// <name>_dtype whose dtype its reads convert to, so the packed model follows a conversion of its
+// floating tensors (Python module.float()).
 // Loading the file needs the gradq ops registered (libgradq_ops, torch.ops.load_library in Python).
 // Submodule methods are not carried over: the packed model is called through forward only.
 //
@@ -35,15 +39,11 @@ using QuantizedWeights = std::map<std::string, QuantizedTensor>;
 /// a matrix weight of the model or its shape differs from the model's.
 torch::jit::Module build_packed_module(const CausalLM& model, const QuantizedWeights& weights);
 
-/// build_packed_module + save_module.
+/// build_packed_module + save_module (model/model_loader.h).
 void export_packed(const CausalLM& model, const QuantizedWeights& weights, const std::string& path);
 
-/// Saves `model` with each weight of `weights` replaced by its dequantized values; `model` is
-/// unchanged afterwards.
+/// Saves `model` with each weight of `weights` replaced by its dequantized values, every tensor in
+/// its dtype in the model's file; `model` is unchanged afterwards.
 void export_fake_quant(CausalLM& model, const QuantizedWeights& weights, const std::string& path);
-
-/// Saves a module atomically with bytes that depend only on the module (Module::save(path) would
-/// embed the temporary file's name in the zip).
-void save_module(const torch::jit::Module& module, const std::string& path);
 
 }  // namespace gradq

@@ -99,6 +99,7 @@ CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : m
   configure_runtime();
   module_.eval();
   GRADQ_CHECK(module_.find_method("forward").has_value(), "the TorchScript module has no forward method");
+  hold_in_compute_dtype();
   at::Tensor probe;
   try {
     probe = logits(at::zeros({1, 2}, at::kLong));
@@ -178,6 +179,50 @@ void CausalLM::analyze(const AdapterOptions& options) {
     b.weights.push_back(i);
   }
   for (auto& [index, block] : blocks) blocks_.push_back(std::move(block));
+  if (!matrix_weights_.empty())
+    dtype_ = stored_dtype(matrix_weights_.front().name, params.at(matrix_weights_.front().name).scalar_type());
+}
+
+void CausalLM::hold_in_compute_dtype() {
+  std::map<std::string, at::ScalarType> floating;
+  bool cpu_half = false;
+  auto note = [&](const std::string& name, const at::Tensor& t) {
+    if (!t.defined() || !t.is_floating_point() || t.scalar_type() == at::kFloat) return;
+    floating.emplace(name, t.scalar_type());
+    cpu_half = cpu_half || (t.scalar_type() == at::kHalf && t.device().is_cpu());
+  };
+  for (const auto& p : module_.named_parameters(/*recurse=*/true)) note(p.name, p.value);
+  for (const auto& b : module_.named_buffers(/*recurse=*/true)) note(b.name, b.value);
+  if (!cpu_half) return;
+  // Converted one by one: the C++ Module::to would convert integer buffers (a packed model's codes)
+  // too. set_data keeps a tensor shared by two paths (a tied head) one tensor. The converted ones are
+  // remembered so that writing the model restores each one's own dtype.
+  torch::NoGradGuard no_grad;
+  auto convert = [&](const std::string& name, at::Tensor t) {
+    if (floating.count(name)) t.set_data(t.to(at::kFloat));
+  };
+  for (const auto& p : module_.named_parameters(/*recurse=*/true)) convert(p.name, p.value);
+  for (const auto& b : module_.named_buffers(/*recurse=*/true)) convert(b.name, b.value);
+  stored_dtypes_ = std::move(floating);
+}
+
+at::ScalarType CausalLM::stored_dtype(const std::string& path, at::ScalarType held) const {
+  auto it = stored_dtypes_.find(path);
+  return it == stored_dtypes_.end() ? held : it->second;
+}
+
+torch::jit::Module CausalLM::stored_module() const {
+  if (stored_dtypes_.empty()) return module_;
+  torch::jit::Module copy = module_.deepcopy();
+  // set_data converts in place, as Module::to does, so a tensor shared by two paths (a tied head)
+  // stays one tensor.
+  torch::NoGradGuard no_grad;
+  auto convert = [&](const std::string& path, at::Tensor t) {
+    if (auto it = stored_dtypes_.find(path); it != stored_dtypes_.end()) t.set_data(t.to(it->second));
+  };
+  for (const auto& p : copy.named_parameters(/*recurse=*/true)) convert(p.name, p.value);
+  for (const auto& b : copy.named_buffers(/*recurse=*/true)) convert(b.name, b.value);
+  return copy;
 }
 
 at::Tensor CausalLM::logits(const at::Tensor& tokens) const {

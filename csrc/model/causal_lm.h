@@ -1,6 +1,6 @@
 #pragma once
 // CausalLM: the adapter between gradq and any TorchScript causal LM whose forward maps
-// tokens int64 [B, T] to logits float [B, T, vocab].
+// tokens int64 [B, T] to logits [B, T, vocab] in any float dtype (parameters fp32, fp16 or bf16).
 //
 // TorchScript in C++ has no forward hooks, so everything that needs to know how a parameter is
 // used reads an inlined copy of the forward graph: a 2-D floating parameter is a matrix weight
@@ -112,14 +112,26 @@ class CausalLM {
   torch::jit::Module& module() { return module_; }
   const torch::jit::Module& module() const { return module_; }
 
+  /// The dtype of the model's matrix weights in its file: float32, float16 or bfloat16.
+  at::ScalarType dtype() const { return dtype_; }
+  /// The dtype a parameter or buffer (by path) has in the model's file. Tensors are held in that
+  /// dtype, except float16 ones on a CPU: libtorch 1.13 has no float16 CPU kernels for matmul, norms or
+  /// softmax, so they are computed in float32 and converted back wherever the model is written.
+  at::ScalarType stored_dtype(const std::string& path, at::ScalarType held) const;
+  /// module() with every tensor in its stored dtype: module() itself, or a converted deep copy.
+  torch::jit::Module stored_module() const;
+
  private:
   void analyze(const AdapterOptions& options);
+  void hold_in_compute_dtype();
 
   mutable torch::jit::Module module_;
   std::vector<WeightInfo> weights_;
   std::vector<WeightInfo> matrix_weights_;
   std::vector<BlockInfo> blocks_;
   std::map<std::string, at::Tensor> originals_;
+  std::map<std::string, at::ScalarType> stored_dtypes_;  ///< tensors held in another dtype than stored
+  at::ScalarType dtype_ = at::kFloat;
   int64_t vocab_size_ = 0;
   bool split_stages_ = true;
   mutable std::shared_ptr<ModelStages> stages_;

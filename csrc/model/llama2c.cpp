@@ -8,7 +8,7 @@
 
 #include "common/error.h"
 #include "common/files.h"
-#include "export/export.h"
+#include "model/model_loader.h"
 
 namespace gradq {
 namespace {
@@ -57,7 +57,9 @@ def forward(self, x):
     return self.w2.forward(gate * torch.sigmoid(gate) * self.w3.forward(x))
 )";
 
-// Rotary embedding on adjacent pairs (2i, 2i+1), as llama2.c's run.c applies it.
+// Rotary embedding on adjacent pairs (2i, 2i+1), as llama2.c's run.c applies it. The model's forward
+// computes the angles in float32 and hands the tables and the mask over in the activations' dtype,
+// so the module runs in whatever float dtype its parameters are converted to.
 std::string attention_source(const Llama2cConfig& c) {
   return fmt::format(R"(
 def rope(self, x, cos, sin):
@@ -109,8 +111,8 @@ def forward(self, tokens):
     x = torch.embedding(self.tok_embeddings.weight, tokens)
     inv_freq = 1.0 / torch.pow(10000.0, torch.arange(0, {hs}, 2).float() / {hs})
     angles = torch.outer(torch.arange(T).float(), inv_freq)
-    mask = torch.triu(torch.full([T, T], float("-inf")), 1)
-    x = self.layers.forward(x, torch.cos(angles), torch.sin(angles), mask)
+    mask = torch.triu(torch.full([T, T], float("-inf"), dtype=x.dtype), 1)
+    x = self.layers.forward(x, torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype), mask)
     return torch.linear(self.norm.forward(x), self.{head}.weight)
 )",
                      fmt::arg("seq_len", c.seq_len), fmt::arg("hs", c.head_size()),
@@ -267,9 +269,12 @@ torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_o
   return build_llama_module(c, weights);
 }
 
-void convert_llama2c(const std::string& input_path, const std::string& output_path) {
+void convert_llama2c(const std::string& input_path, const std::string& output_path, at::ScalarType dtype) {
+  GRADQ_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "convert: the dtype must be float32, float16 or bfloat16, got {}", c10::toString(dtype));
   check_output_is_not_input(output_path, {input_path});
   torch::jit::Module model = load_llama2c(input_path);
+  model.to(dtype);
   save_module(model, output_path);
 }
 

@@ -14,7 +14,7 @@
 //   layers.L.feed_forward.w3.weight        [hidden_dim, dim]   (up)
 //   norm.weight                            [dim]
 //   output.weight                          [vocab, dim]        only when the classifier is untied
-// forward(tokens: int64 [B, T]) -> logits float32 [B, T, vocab]; T <= seq_len.
+// forward(tokens: int64 [B, T]) -> logits [B, T, vocab] in the parameters' dtype; T <= seq_len.
 
 #include <cstdint>
 #include <string>
@@ -41,8 +41,10 @@ struct Llama2cConfig {
 /// oversized or corrupt file (non-finite weights) or an impossible header, naming the values.
 torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_out = nullptr);
 
-/// Converts and saves atomically; refuses to write over the input.
-void convert_llama2c(const std::string& input_path, const std::string& output_path);
+/// Converts and saves atomically with parameters in `dtype` (float32, float16 or bfloat16); refuses to
+/// write over the input.
+void convert_llama2c(const std::string& input_path, const std::string& output_path,
+                     at::ScalarType dtype = at::kFloat);
 
 /// Builds the TorchScript Llama from a config and its tensors (used by the converter and by tests
 /// that need a Llama of another shape). `weights` holds every name listed above.

@@ -1,5 +1,8 @@
 #include "model/model_loader.h"
 
+#include <sstream>
+
+#include "common/files.h"
 #include "common/runtime.h"
 #include "model/llama2c.h"
 
@@ -9,6 +12,12 @@ CausalLM load_model(const std::string& path, const AdapterOptions& options) {
   const bool llama2c = path.size() >= 4 && path.compare(path.size() - 4, 4, ".bin") == 0;
   if (llama2c) return CausalLM(load_llama2c(path), options);
   return CausalLM::load(path, options);
+}
+
+void save_module(const torch::jit::Module& module, const std::string& path) {
+  std::ostringstream bytes;
+  module.save(bytes);
+  write_file_atomically(path, bytes.str());
 }
 
 std::string default_model_path() { return assets_dir() + "/stories260K/stories260K.bin"; }

@@ -98,12 +98,23 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c
 }
 
 at::Tensor linear(const at::Tensor& x, const PackedWeight& w, const c10::optional<at::Tensor>& bias) {
+  // The op has no derivative; a model whose parameters require grad (any scripted or traced
+  // nn.Module) still runs it outside no_grad, and the out= GEMM below refuses inputs that require grad.
+  at::NoGradGuard no_grad;
   w.validate();
   TORCH_CHECK(x.defined() && x.dim() >= 1 && x.size(-1) == w.in_features,
               "gradq::linear: x must be [..., in_features] with in_features = ", w.in_features, ", got ",
               x.defined() ? x.sizes() : c10::IntArrayRef{});
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "gradq::linear: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "gradq::linear: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), "gradq::linear (CPU): x must be on the CPU, got ", x.device());
+  if (x.scalar_type() != at::kFloat) {
+    // Models in fp16 or bf16: the kernels compute in float32 (the weight is dequantized to float32
+    // anyway) and the result comes back in the model's dtype.
+    const c10::optional<at::Tensor> bias_float =
+        bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
+    return linear(x.to(at::kFloat), w, bias_float).to(x.scalar_type());
+  }
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (b.defined()) {
     TORCH_CHECK(b.dim() == 1 && b.size(0) == w.out_features && b.scalar_type() == at::kFloat,

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <iostream>
 
@@ -133,6 +134,48 @@ TEST(PackedExportMixed, EveryLevelOfTheLadderInOneModel) {
       }
     }
   }
+}
+
+// A scripted Python model (tests/zoo) in bf16: nn.Linear(bias=False) declares a parameter slot that
+// holds None (issue 13: export failed with "Expected Tensor but got None"), and every level of the
+// ladder reads back in bf16, so the packed model computes what the fake-quant model computes up to
+// bf16 rounding (2 roundings per layer).
+TEST(PackedExportMixed, EveryLevelInABfloat16ScriptedModelWithNoneBiases) {
+  CausalLM model = CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/zoo/models/hf_llama_tied_bf16.pt");
+  ASSERT_EQ(model.dtype(), at::kBFloat16);
+  Plan plan;
+  const char* specs[] = {"b4g32", "b8grow", "b2g16", "b3g64s", "fp16", "bf16", "prune", "fp32"};
+  size_t i = 0;
+  for (const WeightInfo& w : model.weights()) plan.entries.push_back({w.name, parse_quant_spec(specs[i++ % 8])});
+  ASSERT_GE(plan.entries.size(), 8u);
+  const QuantizedWeights q = apply_plan(model, plan);
+  const std::string path = test::temp_dir("export_bf16") + "/packed.pt";
+  export_packed(model, q, path);
+  torch::jit::Module loaded = torch::jit::load(path);
+  const torch::jit::Module head = loaded.attr("lm_head").toModule();
+  EXPECT_TRUE(head.attr("bias").isNone());
+  EXPECT_TRUE(head.type()->is_parameter(head.type()->getAttributeSlot("bias")));
+  // Unquantized tensors keep bf16; each weight that is read back carries its dtype in <name>_dtype.
+  for (const auto& p : loaded.named_parameters()) EXPECT_EQ(p.value.scalar_type(), at::kBFloat16) << p.name;
+  int64_t dtype_buffers = 0;
+  for (const auto& b : loaded.named_buffers()) {
+    if (b.name.size() < 6 || b.name.compare(b.name.size() - 6, 6, "_dtype") != 0) continue;
+    EXPECT_EQ(b.value.scalar_type(), at::kBFloat16) << b.name;
+    EXPECT_EQ(b.value.numel(), 0) << b.name;
+    ++dtype_buffers;
+  }
+  EXPECT_EQ(dtype_buffers, static_cast<int64_t>(plan.entries.size()) -
+                               std::count_if(plan.entries.begin(), plan.entries.end(),
+                                             [](const PlanEntry& e) { return e.spec.level == QuantLevel::kPrune; }));
+  CausalLM packed = CausalLM::load(path);
+  const at::Tensor batch = sample_tokens(2, 33, model.vocab_size(), 5);
+  const at::Tensor want = fake_quant_logits(model, q, batch);
+  const at::Tensor got = packed.logits(batch);
+  const double scale = want.abs().max().item<double>();
+  ASSERT_GT(scale, 0.0);
+  const double tolerance = 2.0 * static_cast<double>(model.blocks().size()) * std::ldexp(1.0, -7) * scale;
+  EXPECT_LE((got - want).abs().max().item<double>(), tolerance);
+  EXPECT_GT((got - want).abs().max().item<double>(), 0.0);  // bf16 reads really differ from float32 ones
 }
 
 TEST(PackedExport, ConvOneDWeightsOfTheGptFixture) {

@@ -199,12 +199,41 @@ def dequantize(self, c, s, z):
   GRADQ_EXPECT_THROW_MSG(loaded.forward({gaussian(3, 100, 5), w.codes, w.scales, w.zeros}), "in_features = 172");
 }
 
+// fp16 and bf16 models: the op computes in float32 and returns the input's dtype, so its result is
+// the float32 result rounded once to that dtype, on both CPU paths (decode-sized and batched).
+TEST(OpsLinear, HalfAndBfloat16InputsReturnTheirDtype) {
+  const PackedWeight w = quantize(gaussian(kOut, kIn, 8), make_spec(4, 32, false, true));
+  const at::Tensor bias = gaussian(1, kOut, 9).view({kOut});
+  for (at::ScalarType dtype : {at::kHalf, at::kBFloat16}) {
+    for (int64_t rows : {int64_t{1}, ops::kLinearFusedMaxRows + 5}) {
+      const at::Tensor x = gaussian(rows, kIn, 10).to(dtype);
+      const at::Tensor y = call_linear(x, w, bias.to(dtype));
+      ASSERT_EQ(y.scalar_type(), dtype);
+      const at::Tensor want = call_linear(x.to(at::kFloat), w, bias.to(dtype).to(at::kFloat)).to(dtype);
+      EXPECT_TRUE(bitwise_equal(y, want)) << c10::toString(dtype) << " rows " << rows;
+      EXPECT_GT(y.to(at::kFloat).abs().sum().item<double>(), 0.0);
+    }
+  }
+}
+
+// Scripted and traced nn.Modules run with parameters that require grad: the op must accept such
+// inputs on both CPU paths (the batched one's out= GEMM refuses them unless run without grad).
+TEST(OpsLinear, InputThatRequiresGrad) {
+  const PackedWeight w = quantize(gaussian(kOut, kIn, 11), make_spec(4, 32, false, true));
+  for (int64_t rows : {int64_t{1}, ops::kLinearFusedMaxRows + 5}) {
+    const at::Tensor x = gaussian(rows, kIn, 12);
+    const at::Tensor y = call_linear(x.clone().requires_grad_(), w, c10::nullopt);
+    EXPECT_TRUE(bitwise_equal(y, call_linear(x, w, c10::nullopt))) << "rows " << rows;
+  }
+}
+
 TEST(OpsErrors, MismatchedTensorsNameWhatWasExpected) {
   const PackedWeight w = quantize(gaussian(kOut, kIn, 6), make_spec(4, 32, false, true));
   const at::Tensor x = gaussian(2, kIn, 7);
   GRADQ_EXPECT_THROW_MSG(call_linear(gaussian(2, 100, 7), w, c10::nullopt),
                          "x must be [..., in_features] with in_features = 172, got [2, 100]");
-  GRADQ_EXPECT_THROW_MSG(call_linear(x.to(at::kDouble), w, c10::nullopt), "x must be float32, got Double");
+  GRADQ_EXPECT_THROW_MSG(call_linear(x.to(at::kDouble), w, c10::nullopt),
+                         "x must be float32, float16 or bfloat16, got Double");
   GRADQ_EXPECT_THROW_MSG(call_linear(x, w, at::ones({kOut + 1})), "bias must be float32 [33]");
   PackedWeight bad = w;
   bad.scales = w.scales.slice(1, 0, 5);
