@@ -86,6 +86,28 @@ TEST(GradualQuantizer, HarnessRunMeetsTheBudgetAndLeavesTheModelAsItWas) {
   for (const auto& [name, t] : out.weights) EXPECT_TRUE(bitwise_equal(replayed.weights.at(name).dequantize(), t.dequantize())) << name;
 }
 
+// GPTQ as the search's candidate method: the statistics phase captures X^T X for it, the plan names
+// it for every integer weight, and replaying the plan gives the same quantized tensors.
+TEST(GradualQuantizer, SearchWithGptqCandidates) {
+  Fixture& f = fixture();
+  QuantizerOptions q = f.options(0.05);
+  q.search.method = RoundingMethod::kGptq;
+  q.search.trained_fallback = false;
+  const QuantizeOutcome out = f.run(q);
+  ASSERT_EQ(out.status, QuantizeStatus::kMet) << fmt::format("{}", fmt::join(out.messages, "; "));
+  int gptq_entries = 0;
+  for (const PlanEntry& e : out.plan.entries) {
+    if (!e.spec.is_integer()) continue;
+    EXPECT_EQ(e.method, RoundingMethod::kGptq) << e.name;
+    ++gptq_entries;
+  }
+  EXPECT_GT(gptq_entries, 0);
+  QuantizerOptions replay;
+  replay.plan = Plan::from_json(out.plan.to_json());
+  const QuantizeOutcome replayed = f.run(replay);
+  for (const auto& [name, t] : out.weights) EXPECT_TRUE(bitwise_equal(replayed.weights.at(name).dequantize(), t.dequantize())) << name;
+}
+
 // A trained entry of a plan is exported with exactly the codes train_rounding produced.
 TEST(GradualQuantizer, ExportedCodesAreTheTrainedOnes) {
   Fixture& f = fixture();
