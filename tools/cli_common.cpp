@@ -55,7 +55,8 @@ void add_search_options(cxxopts::Options& options) {
       ("safety", "the search uses the quality limits divided by this (held-out validation then checks the full limits)", cxxopts::value<double>()->default_value("1.5"))
       ("bits", "bit widths to try, high to low (add 3 for 3-bit)", cxxopts::value<std::string>()->default_value("8,4,2"))
       ("group-sizes", "group sizes to try, cheapest first", cxxopts::value<std::string>()->default_value("128,64,32,16"))
-      ("method", "rounding: rtn (round to nearest) or clip (activation-weighted clipping search)", cxxopts::value<std::string>()->default_value("clip"))
+      ("method", "rounding: rtn (round to nearest), clip (activation-weighted clipping search), gptq (GPTQ with clipped static groups) or trained (learned rounding)", cxxopts::value<std::string>()->default_value("clip"))
+      ("gptq-damp", "GPTQ's dampening, a fraction of the mean diagonal of the Hessian", cxxopts::value<double>()->default_value("0.01"))
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
       ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
       ("allow-prune", "let the search remove a weight entirely after its lowest bit width")
@@ -85,11 +86,14 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
   q.search.bits.clear();
   for (int64_t bits : parse_int_list(args["bits"].as<std::string>(), "--bits")) q.search.bits.push_back(static_cast<int>(bits));
   q.search.group_sizes = parse_int_list(args["group-sizes"].as<std::string>(), "--group-sizes");
-  const std::string method = args["method"].as<std::string>();
-  GRADQ_CHECK(method == "rtn" || method == "clip", "--method must be rtn or clip, got '{}'", method);
-  q.search.method = parse_rounding_method(method);
+  try {
+    q.search.method = parse_rounding_method(args["method"].as<std::string>());
+  } catch (const Error& e) {
+    throw Error(fmt::format("--method: {}", e.what()));
+  }
   q.search.trained_fallback = !args.count("no-trained-fallback");
-  q.search.trained.iterations = args["trained-iterations"].as<int>();
+  q.search.rounding.trained.iterations = args["trained-iterations"].as<int>();
+  q.search.rounding.gptq.damp = args["gptq-damp"].as<double>();
   q.search.allow_prune = args.count("allow-prune") > 0;
   q.analyzer.seed = args["seed"].as<uint64_t>();
   if (args.count("policy")) q.policy = PrecisionPolicy::load(args["policy"].as<std::string>());

@@ -4,7 +4,10 @@
 #include <cstring>
 #include <iostream>
 
+#include <ATen/Parallel.h>
+
 #include "bench/kernel_bench.h"
+#include "bench/rounding_bench.h"
 #include "cli.h"
 #include "common/error.h"
 #include "common/files.h"
@@ -62,6 +65,36 @@ int bench_kernels(int argc, char** argv) {
   return 0;
 }
 
+int bench_rounding(int argc, char** argv) {
+  cxxopts::Options options(
+      "gradq bench rounding",
+      "Time (wall and process CPU seconds) and layer output error trace(dW XtX dW^T) of each rounding method on "
+      "Gaussian weights with a synthetic calibration XtX (channels of unequal magnitude). Shapes are "
+      "out_features x in_features.");
+  options.add_options()
+      ("spec", "integer formats, comma-separated", cxxopts::value<std::string>()->default_value("b4g128"))
+      ("shapes", "weight shapes OUTxIN, comma-separated", cxxopts::value<std::string>()->default_value("768x768,256x688"))
+      ("method", "rounding methods, comma-separated (rtn, clip, gptq, trained)", cxxopts::value<std::string>()->default_value("rtn,clip,gptq,trained"))
+      ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
+      ("rows", "calibration rows behind XtX", cxxopts::value<int64_t>()->default_value("2048"))
+      ("seed", "seed of the weights and activations", cxxopts::value<uint64_t>()->default_value("0"));
+  add_common_options(options);
+  cxxopts::ParseResult args;
+  if (!parse(options, argc, argv, args)) return 0;
+  bench::RoundingBenchOptions o;
+  o.specs = bench::parse_bench_specs(args["spec"].as<std::string>());
+  o.shapes = bench::parse_bench_shapes(args["shapes"].as<std::string>());
+  o.methods.clear();
+  for (const std::string& m : split_commas(args["method"].as<std::string>())) o.methods.push_back(parse_rounding_method(m));
+  o.rounding.trained.iterations = args["trained-iterations"].as<int>();
+  o.rows = args["rows"].as<int64_t>();
+  GRADQ_CHECK(o.rows >= 1, "--rows must be >= 1, got {}", o.rows);
+  o.seed = args["seed"].as<uint64_t>();
+  const std::vector<bench::RoundingBenchRow> rows = bench::run_rounding_bench(o, &std::cerr);
+  std::cout << bench::format_rounding_bench(rows, at::get_num_threads()) << std::flush;
+  return 0;
+}
+
 struct BenchTarget {
   const char* name;
   const char* summary;
@@ -70,6 +103,7 @@ struct BenchTarget {
 
 const BenchTarget kBenchTargets[] = {
     {"kernels", "quantize, dequantize and quantized linear vs copy bandwidth and the float linear", bench_kernels},
+    {"rounding", "time and layer output error of the rounding methods (rtn, clip, gptq, trained)", bench_rounding},
 };
 
 void print_bench_usage() {

@@ -32,9 +32,6 @@
 
 namespace gradq {
 
-/// Quantized weights by parameter name (CausalLM::weights() names).
-using QuantizedWeights = std::map<std::string, QuantizedTensor>;
-
 /// The packed module for `model` with `weights` (see above). Throws gradq::Error when a name is not
 /// a matrix weight of the model or its shape differs from the model's.
 torch::jit::Module build_packed_module(const CausalLM& model, const QuantizedWeights& weights);

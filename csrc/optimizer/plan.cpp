@@ -43,10 +43,11 @@ Plan Plan::from_json(const std::string& text) {
     PlanEntry e;
     e.name = w["name"].get<std::string>();
     e.spec = parse_quant_spec(w["spec"].get<std::string>());
-    const std::string method = w.value("method", "rtn");
-    GRADQ_CHECK(method == "rtn" || method == "clip" || method == "trained",
-                "plan entry '{}': method must be rtn, clip or trained, got '{}'", e.name, method);
-    e.method = parse_rounding_method(method);
+    try {
+      e.method = parse_rounding_method(w.value("method", "rtn"));
+    } catch (const Error& err) {
+      throw Error(fmt::format("plan entry '{}': {}", e.name, err.what()));
+    }
     if (w.contains("kl") && w["kl"].is_number()) e.measured_kl = w["kl"].get<double>();
     plan.entries.push_back(e);
   }
@@ -71,20 +72,20 @@ Plan uniform_plan(const CausalLM& model, const QuantSpec& spec, RoundingMethod m
 }
 
 QuantizedTensor quantize_weight(const at::Tensor& w, const std::string& name, const QuantSpec& spec,
-                                RoundingMethod method, const InputStats* stats, const TrainedRoundingOptions& trained) {
-  if (method == RoundingMethod::kTrained && spec.is_integer()) {
-    GRADQ_CHECK(stats && stats->xtx.defined(), "trained rounding of '{}' needs the calibration X^T X of its input", name);
-    return quantized_tensor_from_packed(train_rounding(w, spec, stats->xtx, trained).packed);
-  }
-  return quantize_tensor(w, spec, method, stats ? stats->sq_mean() : at::Tensor());
+                                RoundingMethod method, const InputStats* stats, const RoundingOptions& rounding) {
+  GRADQ_CHECK(!spec.is_integer() || !rounding_needs_xtx(method) || (stats && stats->xtx.defined()),
+              "{} rounding of '{}' needs the calibration X^T X of its input", rounding_method_name(method), name);
+  return quantize_tensor(w, spec, method, stats ? stats->sq_mean() : at::Tensor(), stats ? stats->xtx : at::Tensor(),
+                         rounding);
 }
 
 QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::map<std::string, InputStats>& stats,
-                            const TrainedRoundingOptions& trained) {
+                            const RoundingOptions& rounding) {
   QuantizedWeights out;
   for (const PlanEntry& e : plan.entries) {
     const auto it = stats.find(e.name);
-    out[e.name] = quantize_weight(model.weight(e.name), e.name, e.spec, e.method, it == stats.end() ? nullptr : &it->second, trained);
+    out[e.name] = quantize_weight(model.weight(e.name), e.name, e.spec, e.method, it == stats.end() ? nullptr : &it->second,
+                                  rounding);
   }
   return out;
 }
@@ -94,7 +95,7 @@ bool plan_needs_stats(const Plan& plan, bool* with_xtx) {
   for (const PlanEntry& e : plan.entries) {
     if (!e.spec.is_integer()) continue;
     needs |= e.method != RoundingMethod::kRtn;
-    xtx |= e.method == RoundingMethod::kTrained;
+    xtx |= rounding_needs_xtx(e.method);
   }
   if (with_xtx) *with_xtx = xtx;
   return needs;

@@ -8,9 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "export/export.h"
 #include "model/causal_lm.h"
-#include "optimizer/trained_rounding.h"
 #include "quant/quantized_tensor.h"
 
 namespace gradq {
@@ -36,21 +34,21 @@ struct Plan {
 /// Every quantizable weight of `model` at `spec` with `method`.
 Plan uniform_plan(const CausalLM& model, const QuantSpec& spec, RoundingMethod method);
 
-/// `w` (the full-precision weight named `name`, logical [out, in]) in `spec` with `method`.
-/// `stats`: the weight's input statistics or null; kClip weights its search by stats->sq_mean()
-/// (unweighted without), kTrained needs stats->xtx and throws gradq::Error without it.
+/// `w` (the full-precision weight named `name`, logical [out, in]) in `spec` with `method`
+/// (quantize_tensor). `stats`: the weight's input statistics or null; kClip weights its search by
+/// stats->sq_mean() (unweighted without), kTrained and kGptq need stats->xtx and throw gradq::Error
+/// naming the weight without it.
 QuantizedTensor quantize_weight(const at::Tensor& w, const std::string& name, const QuantSpec& spec,
-                                RoundingMethod method, const InputStats* stats,
-                                const TrainedRoundingOptions& trained = {});
+                                RoundingMethod method, const InputStats* stats, const RoundingOptions& rounding = {});
 
 /// quantize_weight for every entry of `plan` from `model`'s current weights, with the statistics of
 /// `stats` (by weight name).
 /// Throws gradq::Error when a name is not a matrix weight of the model.
 QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::map<std::string, InputStats>& stats = {},
-                            const TrainedRoundingOptions& trained = {});
+                            const RoundingOptions& rounding = {});
 
-/// True when some entry's method needs activation statistics (kClip, kTrained); `with_xtx` is set
-/// when one needs X^T X (kTrained).
+/// True when some entry's method needs activation statistics (kClip, kTrained, kGptq); `with_xtx` is
+/// set when one needs X^T X (kTrained, kGptq).
 bool plan_needs_stats(const Plan& plan, bool* with_xtx = nullptr);
 
 /// Storage accounting of a plan on a model: bytes of the planned weights before (as fp32 and as

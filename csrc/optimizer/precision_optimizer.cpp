@@ -59,7 +59,7 @@ const QuantizedTensor& PrecisionOptimizer::candidate(const std::string& name, co
   if (it == cache_->end()) {
     const auto stats = stats_.find(name);
     it = cache_->emplace(key, quantize_weight(originals_.at(name), name, spec, method, stats == stats_.end() ? nullptr : &stats->second,
-                                             options_.trained)).first;
+                                             options_.rounding)).first;
   }
   return it->second;
 }

@@ -12,7 +12,7 @@
 //     not, the most accurate (smallest group) decides whether the width is feasible at all; only
 //     then the ones in between, cheapest first, and the first that fits is kept.
 //   * Trainable fallback: when no rounded candidate fits at 4 bits or fewer, trained rounding
-//     (trained_rounding.h) gets the same treatment before the width is given up.
+//     (quant/trained_rounding.h) gets the same treatment before the width is given up.
 //   * A unit for which a width is given up keeps its state for the rest of the search.
 // Passes by width rather than taking each unit as low as it goes: the budget then buys 4-bit for
 // many units before it buys 2-bit for a few.
@@ -37,7 +37,6 @@
 #include "optimizer/budget.h"
 #include "optimizer/plan.h"
 #include "optimizer/policy.h"
-#include "optimizer/trained_rounding.h"
 
 namespace gradq {
 
@@ -52,7 +51,7 @@ struct SearchOptions {
   bool allow_prune = false;                            ///< try removing a weight after its lowest width
   RoundingMethod method = RoundingMethod::kClip;       ///< rounding of the ordinary candidates
   bool trained_fallback = true;
-  TrainedRoundingOptions trained;
+  RoundingOptions rounding;                            ///< options of the rounding methods
   /// Candidates shared with other searches of the same model, statistics and options (null: the
   /// search keeps its own). Not thread-safe: one search at a time.
   std::shared_ptr<CandidateCache> shared_candidates;

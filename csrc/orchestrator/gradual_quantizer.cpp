@@ -140,7 +140,7 @@ QuantizeOutcome GradualQuantizer::run() {
     if (plan_needs_stats(out.plan, &with_xtx)) capture_stats(with_xtx);
     PhaseTimer phase(out, "validation");
     progress("validation", 0, 1, "quantizing and evaluating on held-out text");
-    out.weights = apply_plan(model_, out.plan, stats, options_.search.trained);
+    out.weights = apply_plan(model_, out.plan, stats, options_.search.rounding);
     finish(phase);
     out.seconds = seconds_since(start);
     return out;
@@ -172,7 +172,7 @@ QuantizeOutcome GradualQuantizer::run() {
 
   out.order = importance_order();
   const bool needs_stats = options_.search.method != RoundingMethod::kRtn || options_.search.trained_fallback;
-  if (needs_stats) capture_stats(options_.search.trained_fallback);
+  if (needs_stats) capture_stats(options_.search.trained_fallback || rounding_needs_xtx(options_.search.method));
 
   SearchResult searched;
   {
@@ -182,7 +182,7 @@ QuantizeOutcome GradualQuantizer::run() {
       const SearchStep& s = *p.last;
       progress("search", p.unit, p.units,
                fmt::format("{} {} -> {}{} {} (KL {:.4f}, {:.2f} bits/weight)", s.weight, s.from, s.to,
-                           s.method == RoundingMethod::kTrained ? " trained" : "", s.accepted ? "kept" : "rolled back",
+                           s.method == RoundingMethod::kRtn || s.method == RoundingMethod::kClip ? "" : std::string(" ") + rounding_method_name(s.method), s.accepted ? "kept" : "rolled back",
                            s.kl, s.bits_per_weight));
     });
     phase.add_passes(searched.passes);

@@ -332,4 +332,42 @@ PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const 
   return p;
 }
 
+PackedWeight pack_codes(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
+                        const QuantSpec& spec) {
+  check_integer_spec(spec, "pack_codes");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "pack_codes: expected uint8 codes [out, in], got ",
+              codes.scalar_type(), " ", codes.sizes());
+  const int64_t out = codes.size(0), in = codes.size(1), groups = spec.n_groups(in);
+  TORCH_CHECK(in > 0, "pack_codes: expected in_features > 0, got [", out, ", ", in, "]");
+  TORCH_CHECK(scales.sizes() == at::IntArrayRef({out, groups}) && scales.scalar_type() == at::kFloat,
+              "pack_codes: expected float32 scales [", out, ", ", groups, "], got ", scales.scalar_type(), " ",
+              scales.sizes());
+  TORCH_CHECK(spec.symmetric || (zeros.sizes() == at::IntArrayRef({out, groups}) && zeros.scalar_type() == at::kFloat),
+              "pack_codes: expected float32 zero points [", out, ", ", groups, "]");
+  const at::Tensor c = codes.cpu().contiguous();
+  const at::Tensor s = scales.cpu().contiguous();
+  TORCH_CHECK(c.max().item<int64_t>() <= quant_max_code(spec.bits()), "pack_codes: expected codes <= ",
+              quant_max_code(spec.bits()), ", got ", c.max().item<int64_t>());
+  TORCH_CHECK(at::isfinite(s).all().item<bool>(), "pack_codes: the scales hold NaN or inf values");
+  TORCH_CHECK(!spec.fp16_scale || at::equal(s, s.to(at::kHalf).to(at::kFloat)),
+              "pack_codes: expected scales already rounded to fp16 for ", spec.name());
+  PackedWeight p = allocate_packed(out, in, spec, /*zero_codes=*/true);
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  uint8_t* row = p.codes.data_ptr<uint8_t>();
+  const int64_t row_bytes = p.codes.size(1);
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t i = 0; i < in; ++i) quant_pack_code(row + r * row_bytes, i, spec.bits(), cp[r * in + i]);
+  // The scales are already rounded to their storage type, so this conversion is exact.
+  p.scales.copy_(s);
+  if (!spec.symmetric) {
+    const at::Tensor z = zeros.cpu();
+    TORCH_CHECK(at::equal(z, z.round()) && (z >= 0).all().item<bool>() &&
+                    (z <= quant_max_code(spec.bits())).all().item<bool>(),
+                "pack_codes: expected integer zero points in 0..", quant_max_code(spec.bits()));
+    p.zeros.copy_(z.to(at::kByte));
+  }
+  p.validate();
+  return p;
+}
+
 }  // namespace gradq

@@ -46,4 +46,12 @@ struct ClipSearchOptions {
 PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& act_sq_mean,
                               const ClipSearchOptions& opt = {});
 
+/// Packs codes chosen elsewhere (trained rounding, GPTQ) into spec's layout, with quant_math.h.
+/// `codes`: uint8 [out, in], each at most quant_max_code(bits); `scales`: float32 [out, n_groups],
+/// already rounded to their storage type (quant_round_scale), finite; `zeros`: float32 [out,
+/// n_groups] integer zero points (read only for asymmetric specs). Any device; the result is on the
+/// CPU. Throws c10::Error naming the expected and the actual shape or value.
+PackedWeight pack_codes(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
+                        const QuantSpec& spec);
+
 }  // namespace gradq

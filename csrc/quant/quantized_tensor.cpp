@@ -3,20 +3,27 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "common/error.h"
+
 namespace gradq {
 
 const char* rounding_method_name(RoundingMethod method) {
   switch (method) {
     case RoundingMethod::kClip: return "clip";
     case RoundingMethod::kTrained: return "trained";
+    case RoundingMethod::kGptq: return "gptq";
     default: return "rtn";
   }
 }
 
 RoundingMethod parse_rounding_method(const std::string& name) {
-  for (RoundingMethod m : {RoundingMethod::kRtn, RoundingMethod::kClip, RoundingMethod::kTrained})
+  for (RoundingMethod m : {RoundingMethod::kRtn, RoundingMethod::kClip, RoundingMethod::kTrained, RoundingMethod::kGptq})
     if (name == rounding_method_name(m)) return m;
-  TORCH_CHECK(false, "rounding method must be rtn, clip or trained, got '", name, "'");
+  throw Error(fmt::format("rounding method must be rtn, clip, trained or gptq, got '{}'", name));
+}
+
+bool rounding_needs_xtx(RoundingMethod method) {
+  return method == RoundingMethod::kTrained || method == RoundingMethod::kGptq;
 }
 
 at::Tensor QuantizedTensor::dequantize() const {
@@ -26,10 +33,10 @@ at::Tensor QuantizedTensor::dequantize() const {
 }
 
 QuantizedTensor quantize_tensor(const at::Tensor& w, const QuantSpec& spec, RoundingMethod method,
-                                const at::Tensor& act_sq_mean, const ClipSearchOptions& clip) {
+                                const at::Tensor& act_sq_mean, const at::Tensor& xtx, const RoundingOptions& options) {
   spec.validate();
-  TORCH_CHECK(method != RoundingMethod::kTrained || !spec.is_integer(),
-              "quantize_tensor: trained rounding needs calibration statistics; use apply_plan or train_rounding");
+  GRADQ_CHECK(!spec.is_integer() || !rounding_needs_xtx(method) || xtx.defined(),
+              "{} rounding needs the calibration X^T X of the weight's input, got none", rounding_method_name(method));
   TORCH_CHECK(w.dim() == 2, "quantize_tensor: weight must be 2-D [out, in], got ", w.sizes());
   QuantizedTensor q;
   q.spec = spec;
@@ -41,7 +48,12 @@ QuantizedTensor quantize_tensor(const at::Tensor& w, const QuantSpec& spec, Roun
     case QuantLevel::kBf16: q.values = w.to(at::kBFloat16).contiguous(); break;
     case QuantLevel::kFp32: q.values = w.to(at::kFloat).contiguous().clone(); break;
     default:
-      q.packed = method == RoundingMethod::kClip ? quantize_clipped(w, spec, act_sq_mean, clip) : quantize(w, spec);
+      switch (method) {
+        case RoundingMethod::kRtn: q.packed = quantize(w, spec); break;
+        case RoundingMethod::kClip: q.packed = quantize_clipped(w, spec, act_sq_mean, options.clip); break;
+        case RoundingMethod::kTrained: q.packed = train_rounding(w, spec, xtx, options.trained).packed; break;
+        case RoundingMethod::kGptq: q.packed = quantize_gptq(w, spec, xtx, options.gptq, options.clip); break;
+      }
   }
   return q;
 }

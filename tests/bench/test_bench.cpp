@@ -13,6 +13,7 @@
 #include <string>
 
 #include "bench/kernel_bench.h"
+#include "bench/rounding_bench.h"
 #include "quant/quantize.h"
 #include "support/test_helpers.h"
 #include "support/test_support.h"
@@ -234,6 +235,36 @@ TEST(KernelBench, CliRejectsBadOptionsWithOneClearLine) {
               std::string::npos)
         << gpu_out;
   }
+}
+
+// gradq bench rounding: one row per method x spec x shape, every number positive and finite, round
+// to nearest at ratio 1 to itself, GPTQ below it and trained rounding not above it (the output
+// error is what they minimise); the CLI prints the table and rejects an unknown method.
+TEST(RoundingBench, RowsPerMethodAndErrorsAgainstRoundToNearest) {
+  bench::RoundingBenchOptions o;
+  o.specs = bench::parse_bench_specs("b4g32,b3g64s");
+  o.shapes = {{24, 96}, {5, 40}};
+  o.rounding.trained.iterations = 20;
+  o.rows = 256;
+  const std::vector<bench::RoundingBenchRow> rows = bench::run_rounding_bench(o);
+  ASSERT_EQ(rows.size(), o.specs.size() * o.shapes.size() * o.methods.size());
+  for (const bench::RoundingBenchRow& r : rows) {
+    EXPECT_TRUE(positive_finite(r.wall_seconds));
+    EXPECT_TRUE(std::isfinite(r.cpu_seconds) && r.cpu_seconds >= 0);
+    EXPECT_TRUE(positive_finite(r.output_error));
+    if (r.method == RoundingMethod::kRtn) EXPECT_EQ(r.error_vs_rtn, 1.0);
+    if (r.method == RoundingMethod::kGptq) EXPECT_LT(r.error_vs_rtn, 1.0);
+    // Trained rounding keeps round-to-nearest when no iterate beats it (20 steps on these small layers).
+    if (r.method == RoundingMethod::kTrained) EXPECT_LE(r.error_vs_rtn, 1.0);
+  }
+  const std::string table = bench::format_rounding_bench(rows, 1);
+  EXPECT_NE(table.find("| gptq | b4g32 | 24x96 |"), std::string::npos) << table;
+  auto [rc, out] = test::run(test::cli() + " bench rounding --shapes 8x32 --spec b4g16 --method rtn,gptq --threads 1");
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("| gptq | b4g16 | 8x32 |"), std::string::npos) << out;
+  auto [brc, bout] = test::run(test::cli() + " bench rounding --method round 2>&1");
+  EXPECT_EQ(brc, 1) << bout;
+  EXPECT_NE(bout.find("got 'round'"), std::string::npos) << bout;
 }
 
 }  // namespace

@@ -9,7 +9,6 @@
 
 #include "common/files.h"
 #include "export/export.h"
-#include "optimizer/trained_rounding.h"
 #include "orchestrator/gradual_quantizer.h"
 #include "report/quantize_report.h"
 #include "support/test_helpers.h"
@@ -33,7 +32,7 @@ struct Fixture {
     q.budget.max_ppl_increase = max_ppl_increase;
     q.order = order;
     q.search.group_sizes = {128, 32};  // fewer candidates: the tests are about the flow, not the plan
-    q.search.trained.iterations = 20;
+    q.search.rounding.trained.iterations = 20;
     return q;
   }
   QuantizeOutcome run(const QuantizerOptions& q) {
@@ -82,7 +81,29 @@ TEST(GradualQuantizer, HarnessRunMeetsTheBudgetAndLeavesTheModelAsItWas) {
   EXPECT_EQ(again.plan.to_json(), out.plan.to_json());
   QuantizerOptions replay;
   replay.plan = Plan::from_json(out.plan.to_json());
-  replay.search.trained.iterations = 20;
+  replay.search.rounding.trained.iterations = 20;
+  const QuantizeOutcome replayed = f.run(replay);
+  for (const auto& [name, t] : out.weights) EXPECT_TRUE(bitwise_equal(replayed.weights.at(name).dequantize(), t.dequantize())) << name;
+}
+
+// GPTQ as the search's candidate method: the statistics phase captures X^T X for it, the plan names
+// it for every integer weight, and replaying the plan gives the same quantized tensors.
+TEST(GradualQuantizer, SearchWithGptqCandidates) {
+  Fixture& f = fixture();
+  QuantizerOptions q = f.options(0.05);
+  q.search.method = RoundingMethod::kGptq;
+  q.search.trained_fallback = false;
+  const QuantizeOutcome out = f.run(q);
+  ASSERT_EQ(out.status, QuantizeStatus::kMet) << fmt::format("{}", fmt::join(out.messages, "; "));
+  int gptq_entries = 0;
+  for (const PlanEntry& e : out.plan.entries) {
+    if (!e.spec.is_integer()) continue;
+    EXPECT_EQ(e.method, RoundingMethod::kGptq) << e.name;
+    ++gptq_entries;
+  }
+  EXPECT_GT(gptq_entries, 0);
+  QuantizerOptions replay;
+  replay.plan = Plan::from_json(out.plan.to_json());
   const QuantizeOutcome replayed = f.run(replay);
   for (const auto& [name, t] : out.weights) EXPECT_TRUE(bitwise_equal(replayed.weights.at(name).dequantize(), t.dequantize())) << name;
 }
@@ -112,14 +133,14 @@ TEST(GradualQuantizer, ExportedCodesAreTheTrainedOnes) {
   Fixture& f = fixture();
   const std::string name = f.model.weights()[3].name;
   const auto stats = f.model.capture_input_stats(f.data.calibration.inputs, 4, /*with_xtx=*/true);
-  TrainedRoundingOptions trained;
-  trained.iterations = 30;
+  RoundingOptions rounding;
+  rounding.trained.iterations = 30;
   const QuantSpec spec = parse_quant_spec("b2g32");
-  const TrainedRoundingResult direct = train_rounding(f.model.weight(name), spec, stats.at(name).xtx, trained);
+  const TrainedRoundingResult direct = train_rounding(f.model.weight(name), spec, stats.at(name).xtx, rounding.trained);
   ASSERT_GT(direct.best_iteration, 0) << "training should improve on round-to-nearest here";
   Plan plan;
   plan.entries.push_back({name, spec, RoundingMethod::kTrained});
-  const QuantizedWeights q = apply_plan(f.model, plan, stats, trained);
+  const QuantizedWeights q = apply_plan(f.model, plan, stats, rounding);
   const std::string path = test::temp_dir("quantizer_trained") + "/q.pt";
   export_packed(f.model, q, path);
   at::Tensor codes;

@@ -36,7 +36,7 @@ struct Fixture {
     s.shard = shard;
     s.quantizer.order = order;
     s.quantizer.search.group_sizes = {128};  // fewer candidates: the tests are about the sweep, not the plans
-    s.quantizer.search.trained.iterations = 20;
+    s.quantizer.search.rounding.trained.iterations = 20;
     return s;
   }
   SweepResult run(const SweepOptions& s, const std::string& dir) {

@@ -23,7 +23,7 @@
 // Backward: straight-through estimator for every rounding (the code rint, the zero point's rint and
 // the fp16 rounding of the scale have derivative 1); clamps pass the gradient only inside their
 // range, as torch.clamp does. The gradients are derived by hand (trained_rounding.cpp), not by
-// autograd, so the loop has no graph overhead and a fixed summation order.
+// autograd, so the loop has no graph overhead.
 // Update: signed gradient descent, p -= lr_k * sign(dL/dp), then p is clamped to its range; lr_k
 // decays linearly from lr to 0 (lr_k = lr * (1 - k / iterations)), SignRound's schedule, and
 // lr = 1 / iterations by default, so an offset can travel about half its range in total.
@@ -35,9 +35,22 @@
 // bit-identical to quantize(w, spec). The rule matters: the loss is not monotone in k, because every
 // offset moves by the same step at once and the straight-through gradient ignores the cost of a
 // whole-step flip, so correlated flips overshoot; at 3-4 bits the best iterate is often an early one.
-// Determinism: the same inputs give the same bits whatever the thread count (the only parallel
-// loop runs over output rows, each computed serially, and the row losses are summed in order).
-// Cost per iteration: one [out, in] x [in, in] product in double plus O(out * in) element work.
+// Implementation: tensor operations on the weight's device (CPU, or CUDA when libtorch has it).
+// The element math (group parameters, codes, W_q) is float32 with the operations of quant_math.h
+// one by one (each ATen op rounds once, so nothing is fused; divisions are by tensors, never by a
+// scalar, which CUDA would turn into a multiply by its reciprocal), so the iterates are exactly the
+// stored format's. The loss and the gradients are float64: D = W - W_q, E = D XtX (one GEMM), loss =
+// sum of the row sums of D * E, added up in row order on the host.
+// Against the scalar loop this replaced (kept as tests/support/trained_rounding_ref.h), only the
+// order of floating-point summation differs (BLAS GEMM, per-group sums), so losses agree to about
+// 1e-12 relative; a signed step can still differ where a gradient is within rounding of 0, after
+// which the trajectories part. tests/quant/trained_rounding_test.cpp states and checks the
+// tolerance.
+// Determinism: the same inputs on the same device give the same bits. On the CPU the thread count
+// does not change them either (tested at 64x172): OpenBLAS partitions a GEMM's output, not its sums,
+// and ATen reduces each row on one thread; only a weight with a single output row, whose one row sum
+// ATen may split across threads, could differ in the last bit of its loss.
+// Cost per iteration: one [out, in] x [in, in] GEMM in float64 plus O(out * in) element work.
 
 #include <ATen/core/Tensor.h>
 
@@ -61,9 +74,10 @@ struct TrainedRoundingResult {
 };
 
 /// Learned rounding (and clipping) for one weight, minimising trace((W - W_q) XtX (W - W_q)^T).
-/// `w`: floating [out, in] CPU, finite, logical layout. `spec`: an integer QuantSpec.
-/// `xtx`: float32 or float64 [in, in] CPU, finite: the sum over calibration rows of x^T x of the
-/// layer's input (only its symmetric part matters). Throws gradq::Error naming the expected and the
+/// `w`: floating [out, in], finite, logical layout, on any device (the work runs there).
+/// `spec`: an integer QuantSpec. `xtx`: float32 or float64 [in, in], finite, on any device: the sum
+/// over calibration rows of x^T x of the layer's input (only its symmetric part matters). The
+/// result's tensors are on the CPU, as every PackedWeight. Throws gradq::Error naming the expected and the
 /// actual value for bad input, and when a group needs a scale beyond the fp16 range.
 TrainedRoundingResult train_rounding(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx,
                                      const TrainedRoundingOptions& options = {});

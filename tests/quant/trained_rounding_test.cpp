@@ -1,30 +1,29 @@
-// Tests of trained rounding (csrc/optimizer/trained_rounding.h): with no iterations it is
-// quantize() bit for bit; trained, its reported loss is the loss of exactly the packed weight it
-// returns (the exported codes are the trained ones) and is below round-to-nearest's, on synthetic
-// layers and on real stories260K layers with their calibration XtX; it is deterministic across
-// runs and thread counts; bad input is rejected with the expected and the actual value.
+// Tests of trained rounding (csrc/quant/trained_rounding.h): with no iterations it is quantize()
+// bit for bit; trained, its reported loss is the loss of exactly the packed weight it returns (the
+// exported codes are the trained ones) and is below round-to-nearest's; it agrees with the scalar
+// implementation it replaced (tests/support/trained_rounding_ref.h) within the tolerance stated
+// below; it is deterministic across runs and thread counts; bad input is rejected with the expected
+// and the actual value. On real stories260K layers: tests/export/test_rounding_on_model.cpp.
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
-#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <iomanip>
 #include <iostream>
-#include <map>
 #include <string>
 #include <vector>
 
-#include "data/dataset.h"
-#include "model/causal_lm.h"
-#include "optimizer/trained_rounding.h"
 #include "quant/quant_math.h"
 #include "quant/quantize.h"
 #include "quant/quantized_tensor.h"
+#include "quant/trained_rounding.h"
+#include "support/gptq_ref.h"
 #include "support/test_helpers.h"
-#include "support/test_support.h"
+#include "support/trained_rounding_ref.h"
 
 namespace gradq {
 namespace {
@@ -32,6 +31,7 @@ namespace {
 using test::bitwise_equal;
 using test::expect_error;
 using test::gaussian;
+using test::unpack_codes;
 
 // sum over calibration rows x of |x (W - W_q)^T|^2 = trace(dW X^T X dW^T), in double.
 double output_error(const at::Tensor& w, const at::Tensor& w_q, const at::Tensor& xtx) {
@@ -56,19 +56,6 @@ at::Tensor synthetic_weight(int64_t out, int64_t in, uint64_t seed) {
     w[1].slice(0, 16, 32).fill_(0.03f);
   }
   return w;
-}
-
-// Codes of a packed weight, one per element: int32 [out, in].
-at::Tensor unpack_codes(const PackedWeight& p) {
-  at::Tensor out = at::empty({p.out_features, p.in_features}, at::kInt);
-  const int bits = p.spec.bits();
-  for (int64_t r = 0; r < p.out_features; ++r) {
-    const uint8_t* row = p.codes.data_ptr<uint8_t>() + r * p.codes.size(1);
-    for (int64_t i = 0; i < p.in_features; ++i) {
-      out[r][i] = static_cast<int32_t>(quant_unpack_code(row, i, bits));
-    }
-  }
-  return out;
 }
 
 void expect_same_packed(const PackedWeight& a, const PackedWeight& b) {
@@ -99,7 +86,7 @@ struct Case {
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-  std::string name = fmt::format("{}_{}x{}", info.param.spec, info.param.out, info.param.in);
+  std::string name = info.param.spec + "_" + std::to_string(info.param.out) + "x" + std::to_string(info.param.in);
   std::replace(name.begin(), name.end(), '-', '_');
   return name;
 }
@@ -159,70 +146,39 @@ TEST_P(TrainedRoundingFormat, OffsetsAloneKeepTheRangeAndMoveCodesAtMostOneStep)
   expect_loss_of_packed(r, w, xtx);
 }
 
+// The tensor implementation against the scalar loop it replaced. Both compute the same iterates
+// with the same float32 element math; only float64 summation orders differ (a BLAS GEMM and
+// per-group sums against sequential loops), so the round-to-nearest loss agrees to 1e-12 relative.
+// A signed step sees the sign of a gradient; where one is within rounding of 0 the two can step
+// differently and their trajectories part, so the trained result is held to: the loss of the
+// packed weight within 2% of the reference's and at most 5% of the codes different. Measured
+// (2026-12-01): identical codes, losses and best iterates on every case here and on the four real
+// layers of tests/export/test_rounding_on_model.cpp; the test prints any case that differs.
+TEST_P(TrainedRoundingFormat, AgreesWithTheScalarReference) {
+  const Case& c = GetParam();
+  const QuantSpec spec = parse_quant_spec(c.spec);
+  const at::Tensor w = synthetic_weight(c.out, c.in, 41);
+  const at::Tensor xtx = synthetic_xtx(c.in, 42);
+  TrainedRoundingOptions opt;
+  opt.iterations = 60;
+  const TrainedRoundingResult r = train_rounding(w, spec, xtx, opt);
+  const TrainedRoundingResult ref = test::train_rounding_ref(w, spec, xtx, opt);
+  EXPECT_NEAR(r.rtn_loss, ref.rtn_loss, 1e-12 * ref.rtn_loss);
+  EXPECT_NEAR(r.loss, ref.loss, 0.02 * ref.loss);
+  const double differ = (unpack_codes(r.packed) != unpack_codes(ref.packed)).sum().item<double>() / double(c.out * c.in);
+  if (differ > 0 || r.best_iteration != ref.best_iteration)
+    std::cout << c.spec << " " << c.out << "x" << c.in << ": loss " << std::setprecision(9) << r.loss << " reference "
+              << ref.loss << ", best iterate " << r.best_iteration << " vs " << ref.best_iteration << ", "
+              << 100 * differ << "% of codes differ\n";
+  EXPECT_LE(differ, 0.05);
+}
+
 INSTANTIATE_TEST_SUITE_P(Specs, TrainedRoundingFormat,
                          ::testing::Values(Case{"b4g128", 17, 172}, Case{"b4g32", 17, 172}, Case{"b3g32", 7, 172},
                                            Case{"b2g64", 5, 172}, Case{"b8g16", 3, 17}, Case{"b4grow", 3, 7},
                                            Case{"b4g32s", 17, 172}, Case{"b3g32s-f32", 7, 172},
                                            Case{"b4g64-f32", 9, 172}, Case{"b2g16s", 1, 3}, Case{"b3g128", 1, 1}),
                          case_name);
-
-// ---- stories260K --------------------------------------------------------------------------------
-
-struct Stories {
-  CausalLM model;
-  std::map<std::string, InputStats> stats;
-};
-
-const Stories& stories() {
-  static const Stories s = [] {
-    CausalLM model = CausalLM::load(test::stories_pt());
-    DataOptions data;
-    data.calib_windows = 8;
-    data.eval_windows = 1;
-    const DataSplit split = test::stories_data(data);
-    auto stats = model.capture_input_stats(split.calibration.inputs, 8, /*with_xtx=*/true);
-    return Stories{std::move(model), std::move(stats)};
-  }();
-  return s;
-}
-
-// The largest quantizable weight, the one with the longest rows among equals (172 inputs).
-const WeightInfo& largest_weight(const CausalLM& model) {
-  const WeightInfo* best = &model.weights().front();
-  for (const WeightInfo& w : model.weights()) {
-    if (w.numel() > best->numel() || (w.numel() == best->numel() && w.in_features > best->in_features)) best = &w;
-  }
-  return *best;
-}
-
-class TrainedRoundingStories : public ::testing::TestWithParam<std::string> {};
-
-TEST_P(TrainedRoundingStories, BeatsRoundToNearestOnRealLayers) {
-  const Stories& s = stories();
-  const QuantSpec spec = parse_quant_spec(GetParam());
-  const std::string largest = largest_weight(s.model).name;
-  // The largest layer (in = 172) and an attention projection of the last block (64 x 64).
-  std::string last_wq;
-  for (const WeightInfo& w : s.model.weights()) {
-    if (w.name.find("wq") != std::string::npos) last_wq = w.name;
-  }
-  ASSERT_FALSE(last_wq.empty());
-  for (const std::string& name : {largest, last_wq}) {
-    const at::Tensor w = s.model.weight(name);
-    const at::Tensor& xtx = s.stats.at(name).xtx;
-    const TrainedRoundingResult r = train_rounding(w, spec, xtx);
-    std::cout << fmt::format("{} {} [{}x{}]: output error rtn {:.5g} trained {:.5g} ({:.1f}% lower, best iterate {})\n",
-                             GetParam(), name, w.size(0), w.size(1), r.rtn_loss, r.loss,
-                             100 * (1 - r.loss / r.rtn_loss), r.best_iteration);
-    expect_loss_of_packed(r, w, xtx);
-    EXPECT_LT(r.loss, 0.85 * r.rtn_loss) << name;
-    EXPECT_GT(r.best_iteration, 0) << name;
-    EXPECT_GT(dequantize(r.packed).abs().sum().item<double>(), 0.0) << name;
-  }
-}
-
-INSTANTIATE_TEST_SUITE_P(Specs, TrainedRoundingStories, ::testing::Values("b2g64", "b3g128"),
-                         [](const auto& info) { return info.param; });
 
 // ---- Determinism and errors ---------------------------------------------------------------------
 

@@ -1,19 +1,24 @@
-#include "optimizer/trained_rounding.h"
+#pragma once
+// The scalar trained rounding that csrc/quant/trained_rounding.cpp replaced (gradq 5c8907e, a triple
+// loop, O(out * in^2) per iteration), kept only as the tests' reference: same documented algorithm,
+// written element by element with quant_math.h, serial, loss summed row by row in order. Never
+// optimized; the tensor implementation is tested against it. Its input checks throw c10::Error
+// (the quant suite links no fmt).
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "common/error.h"
+#include <c10/util/Exception.h>
 #include "quant/packed_weight.h"
 #include "quant/quant_math.h"
+#include "quant/trained_rounding.h"
 
-namespace gradq {
-namespace {
+namespace gradq::test {
+namespace trained_rounding_ref_detail {
 
 // The weight, its grouping and XtX, fixed for the whole optimisation.
 struct Problem {
@@ -31,7 +36,6 @@ struct Problem {
 
   int64_t group_begin(int64_t g) const { return g * glen; }
   int64_t group_end(int64_t g) const { return std::min(in, (g + 1) * glen); }
-  int64_t row_grain() const { return parallel_row_grain(in); }
 };
 
 // Learned parameters. Symmetric formats use only clip_lo, the factor on the signed absmax.
@@ -47,33 +51,33 @@ struct Iterate {
   std::vector<GroupParams> groups;   // [out * groups], scale as stored, integer zero point
 };
 
-at::Tensor checked_weight(const at::Tensor& w) {
-  GRADQ_CHECK(w.defined() && w.dim() == 2, "train_rounding: expected a 2-D weight [out_features, in_features], got {}",
+inline at::Tensor checked_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.defined() && w.dim() == 2, "train_rounding: expected a 2-D weight [out_features, in_features], got {}",
               w.defined() ? std::to_string(w.dim()) + "-D" : std::string("an undefined tensor"));
-  GRADQ_CHECK(w.is_floating_point(), "train_rounding: expected a floating-point weight, got {}",
+  TORCH_CHECK(w.is_floating_point(), "train_rounding: expected a floating-point weight, got {}",
               c10::toString(w.scalar_type()));
-  GRADQ_CHECK(w.device().is_cpu(), "train_rounding: expected a CPU weight, got one on {}", w.device().str());
-  GRADQ_CHECK(w.size(1) > 0, "train_rounding: expected in_features > 0, got [{}, {}]", w.size(0), w.size(1));
+  TORCH_CHECK(w.device().is_cpu(), "train_rounding: expected a CPU weight, got one on {}", w.device().str());
+  TORCH_CHECK(w.size(1) > 0, "train_rounding: expected in_features > 0, got [{}, {}]", w.size(0), w.size(1));
   at::Tensor wf = w.to(at::kFloat).contiguous();
-  GRADQ_CHECK(at::isfinite(wf).all().item<bool>(), "train_rounding: the weight holds NaN or inf values");
+  TORCH_CHECK(at::isfinite(wf).all().item<bool>(), "train_rounding: the weight holds NaN or inf values");
   return wf;
 }
 
-at::Tensor checked_xtx(const at::Tensor& xtx, int64_t in) {
-  GRADQ_CHECK(xtx.defined(), "train_rounding: expected XtX [{}, {}], got an undefined tensor", in, in);
-  GRADQ_CHECK(xtx.dim() == 2 && xtx.size(0) == in && xtx.size(1) == in,
+inline at::Tensor checked_xtx(const at::Tensor& xtx, int64_t in) {
+  TORCH_CHECK(xtx.defined(), "train_rounding: expected XtX [{}, {}], got an undefined tensor", in, in);
+  TORCH_CHECK(xtx.dim() == 2 && xtx.size(0) == in && xtx.size(1) == in,
               "train_rounding: expected XtX [in_features, in_features] = [{}, {}], got {}", in, in,
               c10::str(xtx.sizes()));
-  GRADQ_CHECK(xtx.scalar_type() == at::kFloat || xtx.scalar_type() == at::kDouble,
+  TORCH_CHECK(xtx.scalar_type() == at::kFloat || xtx.scalar_type() == at::kDouble,
               "train_rounding: expected XtX float32 or float64, got {}", c10::toString(xtx.scalar_type()));
-  GRADQ_CHECK(xtx.device().is_cpu(), "train_rounding: expected XtX on the CPU, got one on {}", xtx.device().str());
+  TORCH_CHECK(xtx.device().is_cpu(), "train_rounding: expected XtX on the CPU, got one on {}", xtx.device().str());
   const at::Tensor h = xtx.to(at::kDouble);
-  GRADQ_CHECK(at::isfinite(h).all().item<bool>(), "train_rounding: XtX holds NaN or inf values");
+  TORCH_CHECK(at::isfinite(h).all().item<bool>(), "train_rounding: XtX holds NaN or inf values");
   // trace(D H D^T) = trace(D H_sym D^T) for any D, and the gradient of the loss is -2 D H_sym.
   return ((h + h.t()) * 0.5).contiguous();
 }
 
-Problem make_problem(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx) {
+inline Problem make_problem(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx) {
   Problem p;
   p.w_owner = checked_weight(w);
   p.out = p.w_owner.size(0);
@@ -107,7 +111,7 @@ Problem make_problem(const at::Tensor& w, const QuantSpec& spec, const at::Tenso
 // Stored parameters of group `k` under the clip factors: with factors 1 exactly the parameters
 // quantize() computes (quantize.cpp rtn_params), with others those quantize_clipped() would for
 // the same shrunken range.
-GroupParams clipped_params(const Problem& p, int64_t k, float clip_lo, float clip_hi) {
+inline GroupParams clipped_params(const Problem& p, int64_t k, float clip_lo, float clip_hi) {
   return p.symmetric ? quant_sym_params(quant_sym_signed_absmax(p.lo[k], p.hi[k]) * clip_lo, p.bits, p.fp16_scale)
                      : quant_asym_params(p.lo[k] * clip_lo, p.hi[k] * clip_hi, p.bits, p.fp16_scale);
 }
@@ -116,13 +120,13 @@ GroupParams clipped_params(const Problem& p, int64_t k, float clip_lo, float cli
 // The code is quant_code(w * inv_scale + v, 1, zero): multiplying by 1 is exact, so with v = 0 it
 // is bit for bit quant_code(w, inv_scale, zero), the round-to-nearest code. `in_range` marks the
 // elements whose code was not clamped; only they pass a gradient to their offset.
-void quantize_iterate(const Problem& p, const Params& params, Iterate& it, float* w_q, uint8_t* in_range) {
-  at::parallel_for(0, p.out, p.row_grain(), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+inline void quantize_iterate(const Problem& p, const Params& params, Iterate& it, float* w_q, uint8_t* in_range) {
+  {
+    for (int64_t r = 0; r < p.out; ++r) {
       for (int64_t g = 0; g < p.groups; ++g) {
         const int64_t k = r * p.groups + g;
         const GroupParams gp = clipped_params(p, k, params.clip_lo[k], params.clip_hi[k]);
-        GRADQ_CHECK(std::isfinite(gp.scale),
+        TORCH_CHECK(std::isfinite(gp.scale),
                     "train_rounding: group {} of row {} needs a scale beyond the fp16 range (weights too large); "
                     "use fp32 scales",
                     g, r);
@@ -138,17 +142,17 @@ void quantize_iterate(const Problem& p, const Params& params, Iterate& it, float
         }
       }
     }
-  });
+  }
 }
 
 // Loss trace(D H D^T) with D = W - W_q, and E = D H (the loss gradient is -2 E). Each row is
 // computed serially and the row losses are summed in row order, so the result does not depend
 // on the thread count.
-double output_error(const Problem& p, const float* w_q, double* d, double* e) {
+inline double output_error(const Problem& p, const float* w_q, double* d, double* e) {
   std::vector<double> row_loss(p.out, 0.0);
   const int64_t in = p.in;
-  at::parallel_for(0, p.out, p.row_grain(), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  {
+    for (int64_t r = 0; r < p.out; ++r) {
       double* dr = d + r * in;
       double* er = e + r * in;
       for (int64_t j = 0; j < in; ++j) {
@@ -165,13 +169,13 @@ double output_error(const Problem& p, const float* w_q, double* d, double* e) {
       for (int64_t j = 0; j < in; ++j) loss += dr[j] * er[j];
       row_loss[r] = loss;
     }
-  });
+  }
   double loss = 0.0;
   for (double l : row_loss) loss += l;
   return loss;
 }
 
-float sign_of(double g) { return g > 0.0 ? 1.f : (g < 0.0 ? -1.f : 0.f); }
+inline float sign_of(double g) { return g > 0.0 ? 1.f : (g < 0.0 ? -1.f : 0.f); }
 
 // One signed-gradient step from the iterate `it` (whose E = D H is `e`), straight-through:
 //   in range:  W_q = s * rint(w / s + v)            dW_q/dv = s, dW_q/ds = (q - z) - w / s
@@ -181,10 +185,10 @@ float sign_of(double g) { return g > 0.0 ? 1.f : (g < 0.0 ? -1.f : 0.f); }
 //   asymmetric: lo' = min(c_lo * lo, 0), hi' = max(c_hi * hi, 0), s = (hi' - lo') / max_code,
 //               z = clamp(rint(-lo' / s), 0, max_code)
 //   symmetric:  s = c * signed_absmax / -2^(bits-1), z fixed.
-void signed_step(const Problem& p, const Iterate& it, const uint8_t* in_range, const double* e, float lr,
+inline void signed_step(const Problem& p, const Iterate& it, const uint8_t* in_range, const double* e, float lr,
                  const TrainedRoundingOptions& options, Params& params) {
-  at::parallel_for(0, p.out, p.row_grain(), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  {
+    for (int64_t r = 0; r < p.out; ++r) {
       for (int64_t g = 0; g < p.groups; ++g) {
         const int64_t k = r * p.groups + g;
         const GroupParams gp = it.groups[k];
@@ -231,11 +235,11 @@ void signed_step(const Problem& p, const Iterate& it, const uint8_t* in_range, c
         params.clip_hi[k] = std::clamp(params.clip_hi[k] - lr * sign_of(g_clip_hi), options.min_clip, 1.f);
       }
     }
-  });
+  }
 }
 
 // The iterate in spec's stored layout (quant_spec.h), packed with quant_math.h.
-PackedWeight pack_iterate(const Problem& p, const QuantSpec& spec, const Iterate& it) {
+inline PackedWeight pack_iterate(const Problem& p, const QuantSpec& spec, const Iterate& it) {
   PackedWeight packed;
   packed.out_features = p.out;
   packed.in_features = p.in;
@@ -262,17 +266,18 @@ PackedWeight pack_iterate(const Problem& p, const QuantSpec& spec, const Iterate
   return packed;
 }
 
-}  // namespace
+}  // namespace trained_rounding_ref_detail
 
-TrainedRoundingResult train_rounding(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx,
-                                     const TrainedRoundingOptions& options) {
-  GRADQ_CHECK(spec.is_integer(), "train_rounding: expected an integer level (int2, int3, int4, int8), got {}",
+inline TrainedRoundingResult train_rounding_ref(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx,
+                                              const TrainedRoundingOptions& options = {}) {
+  using namespace trained_rounding_ref_detail;
+  TORCH_CHECK(spec.is_integer(), "train_rounding: expected an integer level (int2, int3, int4, int8), got {}",
               quant_level_name(spec.level));
   spec.validate();
-  GRADQ_CHECK(options.iterations >= 0, "train_rounding: expected iterations >= 0, got {}", options.iterations);
-  GRADQ_CHECK(std::isfinite(options.learning_rate) && options.learning_rate >= 0.0,
+  TORCH_CHECK(options.iterations >= 0, "train_rounding: expected iterations >= 0, got {}", options.iterations);
+  TORCH_CHECK(std::isfinite(options.learning_rate) && options.learning_rate >= 0.0,
               "train_rounding: expected a learning rate >= 0 (0: 1 / iterations), got {}", options.learning_rate);
-  GRADQ_CHECK(options.min_clip > 0.f && options.min_clip <= 1.f, "train_rounding: expected min_clip in (0, 1], got {}",
+  TORCH_CHECK(options.min_clip > 0.f && options.min_clip <= 1.f, "train_rounding: expected min_clip in (0, 1], got {}",
               options.min_clip);
   const Problem p = make_problem(w, spec, xtx);
 
@@ -309,4 +314,4 @@ TrainedRoundingResult train_rounding(const at::Tensor& w, const QuantSpec& spec,
   return result;
 }
 
-}  // namespace gradq
+}  // namespace gradq::test

@@ -1,0 +1,123 @@
+#include "quant/gptq.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "common/error.h"
+#include "quant/quant_math.h"
+
+namespace gradq {
+namespace {
+
+at::Tensor checked_weight(const at::Tensor& w) {
+  GRADQ_CHECK(w.defined() && w.dim() == 2, "quantize_gptq: expected a 2-D weight [out_features, in_features], got {}",
+              w.defined() ? std::to_string(w.dim()) + "-D" : std::string("an undefined tensor"));
+  GRADQ_CHECK(w.is_floating_point(), "quantize_gptq: expected a floating-point weight, got {}",
+              c10::toString(w.scalar_type()));
+  GRADQ_CHECK(w.size(1) > 0, "quantize_gptq: expected in_features > 0, got [{}, {}]", w.size(0), w.size(1));
+  at::Tensor wf = w.to(at::kFloat).contiguous();
+  GRADQ_CHECK(at::isfinite(wf).all().item<bool>(), "quantize_gptq: the weight holds NaN or inf values");
+  return wf;
+}
+
+// H = 2 * the symmetric part of XtX, float64 on `device`.
+at::Tensor checked_hessian(const at::Tensor& xtx, int64_t in, const at::Device& device) {
+  GRADQ_CHECK(xtx.defined(), "quantize_gptq: expected XtX [{}, {}], got an undefined tensor", in, in);
+  GRADQ_CHECK(xtx.dim() == 2 && xtx.size(0) == in && xtx.size(1) == in,
+              "quantize_gptq: expected XtX [in_features, in_features] = [{}, {}], got {}", in, in,
+              c10::str(xtx.sizes()));
+  GRADQ_CHECK(xtx.scalar_type() == at::kFloat || xtx.scalar_type() == at::kDouble,
+              "quantize_gptq: expected XtX float32 or float64, got {}", c10::toString(xtx.scalar_type()));
+  const at::Tensor h = xtx.to(device, at::kDouble);
+  GRADQ_CHECK(at::isfinite(h).all().item<bool>(), "quantize_gptq: XtX holds NaN or inf values");
+  return h + h.t();
+}
+
+}  // namespace
+
+at::Tensor gptq_column_order(const at::Tensor& xtx, bool act_order) {
+  const int64_t in = xtx.size(0);
+  if (!act_order) return at::arange(in, xtx.options().dtype(at::kLong));
+  // Stable, so that equal diagonals (dead inputs, duplicated channels) keep index order on every
+  // device.
+  return std::get<1>(at::sort(xtx.diagonal().to(at::kDouble), /*stable=*/true, /*dim=*/0, /*descending=*/true));
+}
+
+PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx,
+                           const GptqOptions& options, const ClipSearchOptions& clip) {
+  GRADQ_CHECK(spec.is_integer(), "quantize_gptq: expected an integer level (int2, int3, int4, int8), got {}",
+              quant_level_name(spec.level));
+  spec.validate();
+  GRADQ_CHECK(std::isfinite(options.damp) && options.damp >= 0.0,
+              "quantize_gptq: expected a dampening >= 0 (a fraction of the mean diagonal), got {}", options.damp);
+  GRADQ_CHECK(options.block_size >= 1, "quantize_gptq: expected block_size >= 1, got {}", options.block_size);
+  const at::Tensor wf = checked_weight(w);
+  const int64_t out = wf.size(0), in = wf.size(1);
+  at::Tensor h = checked_hessian(xtx, in, wf.device());
+  const at::Tensor diag = h.diagonal();
+  GRADQ_CHECK((diag >= 0).all().item<bool>(), "quantize_gptq: expected XtX with a diagonal >= 0 (sums of squares), got {}",
+              diag.min().item<double>());
+
+  // Static groups: the stored parameters of every group, from the original weight. The search is
+  // quantize_clipped's, weighted by diag(XtX) (proportional to the mean of x^2 that kClip uses).
+  const at::Tensor w_cpu = wf.cpu();
+  const PackedWeight grid = options.clip_search
+                                ? quantize_clipped(w_cpu, spec, xtx.diagonal().to(at::kFloat).cpu(), clip)
+                                : quantize(w_cpu, spec);
+  const at::Tensor scales = grid.scales.to(wf.device(), at::kFloat);  // exact: fp16 -> fp32
+  const at::Tensor zeros = spec.symmetric ? at::full_like(scales, quant_sym_zero(spec.bits()))
+                                          : grid.zeros.to(wf.device(), at::kFloat);
+
+  const at::Tensor perm = gptq_column_order(xtx.to(wf.device()), options.act_order);
+  // An input that is always 0 gets diag 1: its column is rounded with no error passed on (H is
+  // block diagonal there, so no error reaches it either, wherever it is in the order).
+  h.diagonal().masked_fill_(h.diagonal() == 0, 1.0);
+  h = h.index_select(0, perm).index_select(1, perm);
+  h.diagonal().add_(options.damp * h.diagonal().mean().item<double>());
+  const auto [chol, info] = at::linalg_cholesky_ex(h);
+  GRADQ_CHECK(info.item<int64_t>() == 0,
+              "quantize_gptq: H + dampening is not positive definite (leading minor {} of {}); expected a larger "
+              "dampening than {}",
+              info.item<int64_t>(), in, options.damp);
+  // U: upper Cholesky factor of H^-1 (H^-1 = U^T U).
+  const at::Tensor u = at::linalg_cholesky(at::cholesky_inverse(chol), /*upper=*/true);
+
+  // Work on W^T [in, out] in column order, so that a column is a contiguous row.
+  at::Tensor wt = wf.t().index_select(0, perm).to(at::kDouble).contiguous();
+  const at::Tensor group_of = perm.div(spec.group_len(in), "floor");
+  const at::Tensor scale_t = scales.t().index_select(0, group_of).contiguous();  // [in, out] in column order
+  const at::Tensor zero_t = zeros.t().index_select(0, group_of).contiguous();
+  const at::Tensor inv_t = at::where(scale_t != 0, at::ones_like(scale_t) / scale_t, at::zeros_like(scale_t));
+  const double max_code = quant_max_code(spec.bits());
+  at::Tensor codes_t = at::empty({in, out}, wf.options());
+
+  for (int64_t i1 = 0; i1 < in; i1 += options.block_size) {
+    const int64_t count = std::min(options.block_size, in - i1);
+    at::Tensor block = wt.narrow(0, i1, count).clone();  // [count, out]
+    at::Tensor err = at::empty_like(block);
+    const at::Tensor u_block = u.narrow(0, i1, count).narrow(1, i1, count);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t c = i1 + i;
+      const at::Tensor col = block[i];
+      // quant_code of the float32 value, operation for operation; then quant_dequant.
+      const at::Tensor code =
+          at::clamp(at::round(col.to(at::kFloat) * inv_t[c]) + zero_t[c], 0.0, max_code);
+      codes_t[c].copy_(code);
+      const at::Tensor q = (scale_t[c] * (code - zero_t[c])).to(at::kDouble);
+      const at::Tensor e = (col - q) / u_block[i][i];
+      err[i].copy_(e);
+      if (i + 1 < count) {
+        block.narrow(0, i + 1, count - i - 1)
+            .sub_(u_block[i].narrow(0, i + 1, count - i - 1).unsqueeze(1) * e.unsqueeze(0));
+      }
+    }
+    const int64_t rest = in - i1 - count;
+    if (rest > 0) wt.narrow(0, i1 + count, rest).sub_(u.narrow(0, i1, count).narrow(1, i1 + count, rest).t().matmul(err));
+  }
+  // Back to [out, in] in index order.
+  const at::Tensor codes = at::empty_like(codes_t).index_copy_(0, perm, codes_t).t();
+  return pack_codes(codes.to(at::kByte), scales, zeros, spec);
+}
+
+}  // namespace gradq

@@ -1,0 +1,60 @@
+#pragma once
+// GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+// Transformers", 2023; IST-DASLab/gptq) for one weight W [out, in] in one integer QuantSpec.
+//
+// It minimises the layer's output error over the calibration rows x,
+//   L = sum_x |x (W - W_q)^T|^2 = trace((W - W_q) XtX (W - W_q)^T),
+// by quantizing W one input column at a time and moving each column's rounding error onto the
+// columns not yet quantized, weighted by the inverse Hessian H^-1, H = 2 XtX:
+//  * dampening: H += damp * mean(diag(H)) * I, so that H is positive definite even when some inputs
+//    are (nearly) collinear; an input that is always 0 (diag 0) gets diag 1 first, so its column is
+//    rounded to nearest with no error passed on (GPTQ also zeroes such a column of W; gradq keeps
+//    it, since nothing in the calibration data says it is unused elsewhere);
+//  * activation order: columns in descending diag(H) (stable sort), the most used inputs first,
+//    while their errors can still be absorbed by many columns;
+//  * static groups: every group's scale and zero point are chosen from the ORIGINAL weight's
+//    contiguous group along in_features, before any error feedback, so the stored format is the
+//    ordinary one (quant_spec.h) whatever the column order; the range of each group comes from
+//    quantize_clipped's search (weighted by diag(XtX), as the clip method weights it by the mean
+//    of x^2) or, with clip_search off, from the min-max range as quantize() takes it;
+//  * codes: column c is rounded with quant_code of its current (error-corrected) values, as float32,
+//    and the group's stored parameters, so dequantize(result) is exactly the W_q that GPTQ feeds
+//    back and the exported codes are exactly GPTQ's;
+//  * lazy batches: the Cholesky factor U of H^-1 (H^-1 = U^T U, upper) gives the updates; within a
+//    block of block_size columns the updates are rank-1, the rest of W is updated once per block with
+//    one GEMM (mathematically the same as updating it after every column).
+// Everything runs as tensor operations in float64 on the weight's device; the parameter search of
+// the static groups (quantize_clipped) runs on the CPU. Cost: O(in^3) for the factorisations plus
+// O(out * in^2) for the updates, once (no iterations).
+// Determinism: the same inputs on the same device give the same bits.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "quant/packed_weight.h"
+#include "quant/quant_spec.h"
+#include "quant/quantize.h"
+
+namespace gradq {
+
+struct GptqOptions {
+  double damp = 0.01;           ///< added to diag(H), as a fraction of its mean, >= 0
+  int64_t block_size = 128;     ///< columns per lazy batch, >= 1 (speed only)
+  bool act_order = true;        ///< columns in descending diag(H); false: in index order
+  bool clip_search = true;      ///< group ranges from quantize_clipped's search (`clip`); false: min-max
+};
+
+/// GPTQ of `w` (floating [out, in], finite, any device) in `spec` (an integer level) with the
+/// calibration `xtx` (float32 or float64 [in, in], finite, the sum of x^T x over the layer's input
+/// rows). Throws gradq::Error naming the expected and the actual value for bad input, when H plus
+/// the dampening is not positive definite, and when a group needs a scale beyond the fp16 range.
+/// `clip`: the grid of the range search (options.clip_search only).
+PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx,
+                           const GptqOptions& options = {}, const ClipSearchOptions& clip = {});
+
+/// The column order GPTQ uses for `xtx` (int64 [in], a permutation, on xtx's device): descending
+/// diag(xtx), ties in index order, or 0 .. in-1 without act_order.
+at::Tensor gptq_column_order(const at::Tensor& xtx, bool act_order);
+
+}  // namespace gradq

@@ -1,0 +1,199 @@
+// Tests of GPTQ (csrc/quant/gptq.h) on synthetic layers: its codes are exactly those of a
+// straightforward column-by-column GPTQ (tests/support/gptq_ref.h), whatever the lazy-batch size;
+// the group parameters are the static ones of the clipping search on the original weight; its
+// layer output error is below round-to-nearest's and the clipping search's; dead inputs, the
+// options and bad input.
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <string>
+
+#include "quant/gptq.h"
+#include "quant/quantize.h"
+#include "support/gptq_ref.h"
+#include "support/test_helpers.h"
+
+namespace gradq {
+namespace {
+
+using test::bitwise_equal;
+using test::expect_error;
+using test::gaussian;
+using test::gptq_ref;
+using test::unpack_codes;
+
+// sum over calibration rows x of |x (W - W_q)^T|^2 = trace(dW X^T X dW^T), in double.
+double output_error(const at::Tensor& w, const at::Tensor& w_q, const at::Tensor& xtx) {
+  const at::Tensor dw = w.to(at::kDouble) - w_q.to(at::kDouble);
+  return (dw.matmul(xtx.to(at::kDouble)) * dw).sum().item<double>();
+}
+
+// XtX of 512 rows with unequal channel magnitudes and correlated channels, as LLM activations:
+// correlation is what GPTQ's error feedback exploits.
+at::Tensor synthetic_xtx(int64_t in, uint64_t seed) {
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  const at::Tensor channel_scale = at::exp(at::randn({in}, gen, at::kFloat) * 0.7);
+  const at::Tensor mix = at::eye(in) + at::randn({in, in}, gen, at::kFloat) * (0.3 / std::sqrt(double(in)));
+  const at::Tensor x = (at::randn({512, in}, gen, at::kFloat).matmul(mix) * channel_scale).to(at::kDouble);
+  return x.t().matmul(x);
+}
+
+struct Case {
+  std::string spec;
+  int64_t out;
+  int64_t in;
+};
+
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  std::string name = info.param.spec + "_" + std::to_string(info.param.out) + "x" + std::to_string(info.param.in);
+  std::replace(name.begin(), name.end(), '-', '_');
+  return name;
+}
+
+class GptqFormat : public ::testing::TestWithParam<Case> {};
+
+TEST_P(GptqFormat, CodesAreTheReferenceGptqsForEveryBlockSize) {
+  const Case& c = GetParam();
+  const QuantSpec spec = parse_quant_spec(c.spec);
+  const at::Tensor w = gaussian(c.out, c.in, 71);
+  const at::Tensor xtx = synthetic_xtx(c.in, 72);
+  const test::GptqRef ref = gptq_ref(w, spec, xtx);
+  for (int64_t block : {int64_t{1}, int64_t{5}, int64_t{128}}) {
+    GptqOptions opt;
+    opt.block_size = block;
+    const PackedWeight p = quantize_gptq(w, spec, xtx, opt);
+    p.validate();
+    EXPECT_TRUE(at::equal(unpack_codes(p), ref.codes)) << "block " << block << ": "
+        << (unpack_codes(p) != ref.codes).sum().item<int64_t>() << " codes differ";
+    // Static groups: the stored parameters are the clipping search's on the original weight.
+    EXPECT_TRUE(bitwise_equal(p.scales, ref.grid.scales));
+    EXPECT_TRUE(bitwise_equal(p.zeros, ref.grid.zeros));
+  }
+}
+
+TEST_P(GptqFormat, WithoutActOrderOrClipSearchStillTheReferences) {
+  const Case& c = GetParam();
+  const QuantSpec spec = parse_quant_spec(c.spec);
+  const at::Tensor w = gaussian(c.out, c.in, 81);
+  const at::Tensor xtx = synthetic_xtx(c.in, 82).to(at::kFloat);  // float32 XtX is accepted too
+  GptqOptions opt;
+  opt.act_order = false;
+  opt.clip_search = false;
+  opt.damp = 0.1;
+  const PackedWeight p = quantize_gptq(w, spec, xtx, opt);
+  const test::GptqRef ref = gptq_ref(w, spec, xtx, 0.1, false, false);
+  EXPECT_TRUE(at::equal(unpack_codes(p), ref.codes));
+  EXPECT_TRUE(bitwise_equal(p.scales, quantize(w, spec).scales));
+}
+
+TEST_P(GptqFormat, LowerOutputErrorThanRoundToNearestAndClipping) {
+  const Case& c = GetParam();
+  const QuantSpec spec = parse_quant_spec(c.spec);
+  const at::Tensor w = gaussian(c.out, c.in, 91);
+  const at::Tensor xtx = synthetic_xtx(c.in, 92);
+  const PackedWeight p = quantize_gptq(w, spec, xtx);
+  const at::Tensor w_q = dequantize(p);
+  EXPECT_GT(w_q.abs().sum().item<double>(), 0.0);
+  const double e_gptq = output_error(w, w_q, xtx);
+  const double e_rtn = output_error(w, dequantize(quantize(w, spec)), xtx);
+  const double e_clip = output_error(w, dequantize(quantize_clipped(w, spec, xtx.diagonal().to(at::kFloat))), xtx);
+  // One row of few inputs leaves GPTQ little to trade; layers of some size always gain.
+  if (c.in >= 64 && spec.bits() < 8) {
+    EXPECT_LT(e_gptq, 0.9 * e_rtn);
+    EXPECT_LT(e_gptq, e_clip);
+  } else {
+    EXPECT_LE(e_gptq, 1.0001 * e_rtn);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Specs, GptqFormat,
+                         ::testing::Values(Case{"b4g128", 17, 172}, Case{"b4g32", 17, 172}, Case{"b3g32", 7, 172},
+                                           Case{"b2g64", 5, 172}, Case{"b8g16", 3, 17}, Case{"b4grow", 3, 7},
+                                           Case{"b4g32s", 17, 172}, Case{"b3g32s-f32", 7, 172},
+                                           Case{"b4g64-f32", 9, 172}, Case{"b2g16s", 1, 3}, Case{"b3g128", 1, 1},
+                                           Case{"b4g16", 16, 256}),
+                         case_name);
+
+TEST(Gptq, DeadInputsAreRoundedToNearestAndPassNoError) {
+  const int64_t in = 96;
+  const at::Tensor w = gaussian(24, in, 101);
+  at::Tensor xtx = synthetic_xtx(in, 102);
+  for (int64_t j : {3, 40, 95}) {  // inputs that are always 0 in calibration
+    xtx.select(0, j).zero_();
+    xtx.select(1, j).zero_();
+  }
+  const QuantSpec spec = parse_quant_spec("b3g32");
+  const PackedWeight p = quantize_gptq(w, spec, xtx);
+  EXPECT_TRUE(at::equal(unpack_codes(p), gptq_ref(w, spec, xtx).codes));
+  // A dead column keeps its own weights (GPTQ does not zero it) and gets round-to-nearest's codes
+  // with the static parameters.
+  const at::Tensor codes = unpack_codes(p);
+  const PackedWeight grid = quantize_clipped(w, spec, xtx.diagonal().to(at::kFloat));
+  for (int64_t j : {3, 40, 95}) EXPECT_TRUE(at::equal(codes.select(1, j), unpack_codes(grid).select(1, j))) << j;
+  EXPECT_TRUE(at::isfinite(dequantize(p)).all().item<bool>());
+}
+
+TEST(Gptq, DeterministicAcrossRunsAndThreadCounts) {
+  const at::Tensor w = gaussian(64, 172, 111);
+  const at::Tensor xtx = synthetic_xtx(172, 112);
+  const QuantSpec spec = parse_quant_spec("b3g32");
+  const PackedWeight a = quantize_gptq(w, spec, xtx);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const PackedWeight b = quantize_gptq(w, spec, xtx);
+  at::set_num_threads(threads);
+  EXPECT_TRUE(bitwise_equal(a.codes, b.codes));
+  EXPECT_TRUE(bitwise_equal(a.scales, b.scales));
+  EXPECT_TRUE(bitwise_equal(a.zeros, b.zeros));
+}
+
+TEST(Gptq, ColumnOrderIsDescendingDiagonalWithTiesInIndexOrder) {
+  at::Tensor xtx = at::zeros({5, 5}, at::kDouble);
+  xtx.diagonal().copy_(at::tensor({2.0, 7.0, 2.0, 0.0, 7.0}, at::kDouble));
+  EXPECT_TRUE(at::equal(gptq_column_order(xtx, true), at::tensor({1, 4, 0, 2, 3}, at::kLong)));
+  EXPECT_TRUE(at::equal(gptq_column_order(xtx, false), at::arange(5, at::kLong)));
+}
+
+TEST(Gptq, BadInputsNameExpectedAndActual) {
+  const at::Tensor w = gaussian(8, 172, 121);
+  const at::Tensor xtx = synthetic_xtx(172, 122);
+  const QuantSpec b4 = parse_quant_spec("b4g32");
+  auto has = [](const std::string& msg, const std::string& part) {
+    EXPECT_NE(msg.find(part), std::string::npos) << "message: " << msg;
+  };
+  std::string msg = expect_error([&] { quantize_gptq(w, parse_quant_spec("bf16"), xtx); });
+  has(msg, "integer level");
+  msg = expect_error([&] { quantize_gptq(w, b4, synthetic_xtx(64, 123)); });
+  has(msg, "[172, 172]");
+  has(msg, "[64, 64]");
+  msg = expect_error([&] { quantize_gptq(w, b4, xtx.to(at::kHalf)); });
+  has(msg, "Half");
+  at::Tensor bad = xtx.clone();
+  bad[1][2] = std::nan("");
+  msg = expect_error([&] { quantize_gptq(w, b4, bad); });
+  has(msg, "NaN");
+  msg = expect_error([&] { quantize_gptq(w.reshape({8, 172, 1}), b4, xtx); });
+  has(msg, "3-D");
+  GptqOptions opt;
+  opt.damp = -0.5;
+  msg = expect_error([&] { quantize_gptq(w, b4, xtx, opt); });
+  has(msg, "got -0.5");
+  opt = {};
+  opt.block_size = 0;
+  msg = expect_error([&] { quantize_gptq(w, b4, xtx, opt); });
+  has(msg, "block_size >= 1, got 0");
+  // Not positive definite without dampening: an indefinite XtX.
+  opt = {};
+  opt.damp = 0.0;
+  at::Tensor indefinite = at::eye(172, at::kDouble);
+  indefinite[0][1] = indefinite[1][0] = 2.0;
+  msg = expect_error([&] { quantize_gptq(w, b4, indefinite, opt); });
+  has(msg, "not positive definite");
+}
+
+}  // namespace
+}  // namespace gradq
