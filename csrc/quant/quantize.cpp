@@ -37,21 +37,6 @@ at::Tensor weight_as_float(const at::Tensor& w, const char* fn, bool check_finit
   return wf;
 }
 
-// `zero_codes`: for writers that OR codes into place (quant_pack_code); quantize_rows writes every
-// byte itself.
-PackedWeight allocate_packed(int64_t out, int64_t in, const QuantSpec& spec, bool zero_codes) {
-  PackedWeight p;
-  const int64_t groups = spec.n_groups(in);
-  const int64_t row_bytes = quant_row_bytes(in, spec.bits());
-  p.codes = zero_codes ? at::zeros({out, row_bytes}, at::kByte) : at::empty({out, row_bytes}, at::kByte);
-  p.scales = at::empty({out, groups}, spec.fp16_scale ? at::kHalf : at::kFloat);
-  if (!spec.symmetric) p.zeros = at::empty({out, groups}, at::kByte);
-  p.out_features = out;
-  p.in_features = in;
-  p.spec = spec;
-  return p;
-}
-
 // A scale that overflows fp16 becomes inf and would dequantize to NaN; say so instead.
 void check_scale(float scale, int64_t r, int64_t g, const QuantSpec& spec) {
   TORCH_CHECK(std::isfinite(scale), "quantize ", spec.name(), ": group ", g, " of row ", r,
@@ -67,17 +52,23 @@ at::Tensor dequantize_ref_impl(const PackedWeight& w) {
   const int64_t glen = w.spec.group_len(w.in_features);
   const at::Tensor scales = w.scales.to(at::kFloat);  // fp16 -> fp32 is exact
   const auto S = scales.accessor<float, 2>();
-  // Symmetric formats store no zero points: use the fixed one for every group.
-  const at::Tensor zeros = w.spec.symmetric ? at::full(w.scales.sizes(), quant_sym_zero(bits), at::kFloat)
-                                            : w.zeros.to(at::kFloat);
-  const auto Z = zeros.accessor<float, 2>();
+  const int sub_bits = w.spec.sub_scale_bits, zero_bits = w.spec.zero_bits();
   at::Tensor out = at::empty({w.out_features, w.in_features}, at::kFloat);
   auto O = out.accessor<float, 2>();
   for (int64_t r = 0; r < w.out_features; ++r) {
     const uint8_t* row = w.codes.data_ptr<uint8_t>() + r * w.codes.size(1);
     for (int64_t i = 0; i < w.in_features; ++i) {
       const int64_t g = i / glen;
-      O[r][i] = quant_dequant(quant_unpack_code(row, i, bits), S[r][g], Z[r][g]);
+      // k formats: the group's scale is its sub-scale times the super-scale of its super-group.
+      const float scale =
+          sub_bits == 0 ? S[r][g]
+                        : quant_sub_scale_value(quant_unpack_code(w.sub_scales.data_ptr<uint8_t>() + r * w.sub_scales.size(1), g, sub_bits),
+                                                S[r][i / kSuperGroup]);
+      // Symmetric formats store no zero points: the fixed one for every group.
+      const float zero =
+          zero_bits == 0 ? quant_sym_zero(bits)
+                         : static_cast<float>(quant_unpack_code(w.zeros.data_ptr<uint8_t>() + r * w.zeros.size(1), g, zero_bits));
+      O[r][i] = quant_dequant(quant_unpack_code(row, i, bits), scale, zero);
     }
   }
   return out;
@@ -181,19 +172,28 @@ void quantize_rows(const float* w, PackedWeight& p, const ChooseRowParams& choos
   const int64_t glen = p.spec.group_len(in);
   const int64_t groups = p.spec.n_groups(in);
   const int64_t row_bytes = p.codes.size(1);
+  const int64_t scale_cols = p.spec.scale_cols(in);
+  const bool sub = p.spec.sub_scale_bits != 0;
   uint8_t* codes = p.codes.data_ptr<uint8_t>();
   uint16_t* scales_h = p.spec.fp16_scale ? reinterpret_cast<uint16_t*>(p.scales.data_ptr<at::Half>()) : nullptr;
   float* scales_f = p.spec.fp16_scale ? nullptr : p.scales.data_ptr<float>();
+  uint8_t* sub_scales = sub ? p.sub_scales.data_ptr<uint8_t>() : nullptr;
   uint8_t* zeros = p.zeros.defined() ? p.zeros.data_ptr<uint8_t>() : nullptr;
+  const int64_t sub_row_bytes = sub ? p.sub_scales.size(1) : 0;
+  const int64_t zero_row_bytes = zeros ? p.zeros.size(1) : 0;
   at::parallel_for(0, p.out_features, parallel_row_grain(in), [&](int64_t r0, int64_t r1) {
     RowBuffers buf(groups, glen);
     for (int64_t r = r0; r < r1; ++r) {
       const float* wr = w + r * in;
       choose(wr, buf);
+      if (sub) {
+        store_row_sub_scales(buf.params.data(), buf.lo.data(), groups, kSuperGroup / glen, p.spec,
+                             scales_h + r * scale_cols, sub_scales + r * sub_row_bytes);
+      }
       for (int64_t g = 0; g < groups; ++g) check_scale(buf.params[g].scale, r, g, p.spec);
-      const int64_t first = r * groups;
-      store_row_params(buf.params.data(), groups, scales_h ? scales_h + first : nullptr,
-                       scales_f ? scales_f + first : nullptr, zeros ? zeros + first : nullptr);
+      store_row_params(buf.params.data(), groups, scales_h && !sub ? scales_h + r * scale_cols : nullptr,
+                       scales_f ? scales_f + r * scale_cols : nullptr, zeros ? zeros + r * zero_row_bytes : nullptr,
+                       p.spec.zero_bits());
       encode_row(wr, in, glen, p.spec.bits(), buf.params.data(), r + 1 < r1 ? wr + in : nullptr, buf.codes.data(),
                  codes + r * row_bytes);
     }
@@ -213,8 +213,11 @@ double group_error(const float* w, const float* act, int64_t n, GroupParams gp, 
   return err;
 }
 
+// The clipped parameters of one group, chosen with `spec` (group_choice_spec: fp32 scales for k
+// formats, whose stored scale store_row_sub_scales sets afterwards from `*chosen_lo`, the lower end
+// of the chosen range).
 GroupParams search_clip(const float* w, const float* act, int64_t n, const QuantSpec& spec,
-                        const ClipSearchOptions& opt) {
+                        const ClipSearchOptions& opt, float* chosen_lo) {
   const GroupRange range = group_range(w, n);  // finiteness: quantize_clipped checked it
   const float lo = range.lo, hi = range.hi;
   const float signed_absmax = quant_sym_signed_absmax(lo, hi);
@@ -230,6 +233,7 @@ GroupParams search_clip(const float* w, const float* act, int64_t n, const Quant
     if (err < best_err) {
       best_err = err;
       best = gp;
+      *chosen_lo = lo * ratio;
     }
   }
   return best;
@@ -243,15 +247,16 @@ PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec) {
   const int64_t out = wf.size(0), in = wf.size(1);
   const int bits = spec.bits();
   const int64_t glen = spec.group_len(in);
-  PackedWeight p = allocate_packed(out, in, spec, /*zero_codes=*/true);
+  const int64_t groups = spec.n_groups(in);
+  const QuantSpec choice = group_choice_spec(spec);
+  PackedWeight p = allocate_packed_weight(out, in, spec, /*zero_fill=*/true);
   const auto W = wf.accessor<float, 2>();
-  at::Tensor scales = at::empty({out, spec.n_groups(in)}, at::kFloat);
+  at::Tensor scales = at::empty({out, groups}, at::kFloat);
   auto S = scales.accessor<float, 2>();
-  at::Tensor zeros = at::zeros({out, spec.n_groups(in)}, at::kByte);
-  auto Z = zeros.accessor<uint8_t, 2>();
+  std::vector<GroupParams> params(static_cast<size_t>(groups));
+  std::vector<float> los(params.size());
   for (int64_t r = 0; r < out; ++r) {
-    uint8_t* row = p.codes.data_ptr<uint8_t>() + r * p.codes.size(1);
-    for (int64_t g = 0; g < spec.n_groups(in); ++g) {
+    for (int64_t g = 0; g < groups; ++g) {
       const int64_t begin = g * glen;
       const int64_t end = std::min(begin + glen, in);
       float lo = W[r][begin], hi = W[r][begin];
@@ -259,17 +264,32 @@ PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec) {
         lo = std::min(lo, W[r][i]);
         hi = std::max(hi, W[r][i]);
       }
-      const GroupParams gp = rtn_params(lo, hi, spec);
+      params[g] = rtn_params(lo, hi, choice);
+      los[g] = lo;
+    }
+    if (spec.sub_scale_bits != 0) {
+      store_row_sub_scales(params.data(), los.data(), groups, kSuperGroup / glen, spec,
+                           reinterpret_cast<uint16_t*>(p.scales.data_ptr<at::Half>()) + r * p.scales.size(1),
+                           p.sub_scales.data_ptr<uint8_t>() + r * p.sub_scales.size(1));
+    }
+    uint8_t* row = p.codes.data_ptr<uint8_t>() + r * p.codes.size(1);
+    for (int64_t g = 0; g < groups; ++g) {
+      const GroupParams gp = params[g];
       check_scale(gp.scale, r, g, spec);
       S[r][g] = gp.scale;
-      Z[r][g] = static_cast<uint8_t>(gp.zero);
+      if (!spec.symmetric) {
+        quant_pack_code(p.zeros.data_ptr<uint8_t>() + r * p.zeros.size(1), g, spec.zero_bits(),
+                        static_cast<uint32_t>(gp.zero));
+      }
       const float inv = quant_inv_scale(gp.scale);
+      const int64_t begin = g * glen;
+      const int64_t end = std::min(begin + glen, in);
       for (int64_t i = begin; i < end; ++i) quant_pack_code(row, i, bits, quant_code(W[r][i], inv, gp.zero, bits));
     }
   }
-  // The scales are already rounded to fp16, so this conversion is exact.
-  p.scales.copy_(scales);
-  if (!spec.symmetric) p.zeros.copy_(zeros);
+  // The scales are already rounded to fp16, so this conversion is exact. k formats wrote their
+  // super-scales and sub-scales above.
+  if (spec.sub_scale_bits == 0) p.scales.copy_(scales);
   return p;
 }
 
@@ -279,9 +299,10 @@ PackedWeight quantize(const at::Tensor& w, const QuantSpec& spec) {
   check_integer_spec(spec, "quantize");
   const at::Tensor wf = weight_as_float(w, "quantize", /*check_finite=*/false);
   const int64_t in = wf.size(1), glen = spec.group_len(in);
-  PackedWeight p = allocate_packed(wf.size(0), in, spec, /*zero_codes=*/false);
+  const QuantSpec choice = group_choice_spec(spec);
+  PackedWeight p = allocate_packed_weight(wf.size(0), in, spec, /*zero_fill=*/false);
   quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, RowBuffers& buf) {
-    TORCH_CHECK(rtn_row_params(wr, in, glen, spec, buf.lo.data(), buf.hi.data(), buf.params.data()), "quantize",
+    TORCH_CHECK(rtn_row_params(wr, in, glen, choice, buf.lo.data(), buf.hi.data(), buf.params.data()), "quantize",
                 kNotFinite);
   });
   return p;
@@ -324,10 +345,11 @@ PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const 
   }
   const float* a = act.defined() ? act.data_ptr<float>() : nullptr;
   const int64_t glen = spec.group_len(in);
-  PackedWeight p = allocate_packed(wf.size(0), in, spec, /*zero_codes=*/false);
+  const QuantSpec choice = group_choice_spec(spec);
+  PackedWeight p = allocate_packed_weight(wf.size(0), in, spec, /*zero_fill=*/false);
   quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, RowBuffers& buf) {
     for (int64_t g = 0, begin = 0; begin < in; ++g, begin += glen)
-      buf.params[g] = search_clip(wr + begin, a ? a + begin : nullptr, std::min(glen, in - begin), spec, opt);
+      buf.params[g] = search_clip(wr + begin, a ? a + begin : nullptr, std::min(glen, in - begin), choice, opt, &buf.lo[g]);
   });
   return p;
 }
