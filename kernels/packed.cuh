@@ -27,8 +27,8 @@ inline constexpr const char* kSupportedFormats =
 struct PackedWeightView {
   const uint8_t* codes = nullptr;  // [out_features, quant_row_bytes(in_features, bits)] bit stream per row
   const void* scales = nullptr;    // [out_features, n_groups] fp16 bits (uint16_t) if fp16_scale, else fp32
-  const uint8_t* zeros = nullptr;  // [out_features, quant_row_bytes(n_groups, zero_bits)]; null: symmetric,
-                                   // fixed zero 2^(bits-1)
+  const uint8_t* zeros = nullptr;  // [quant_row_bytes(out_features * n_groups, zero_bits)] stream; null:
+                                   // symmetric, fixed zero 2^(bits-1)
   int64_t out_features = 0;
   int64_t in_features = 0;
   int bits = 4;

@@ -159,7 +159,7 @@ DevicePacked allocate_packed(const QuantSpec& spec, const BenchShape& s) {
   p.codes = DeviceMemory(static_cast<size_t>(s.out_features * quant_row_bytes(s.in_features, spec.bits())));
   p.scales = DeviceMemory(static_cast<size_t>(s.out_features * spec.scale_cols(s.in_features) * (spec.fp16_scale ? 2 : 4)));
   if (!spec.symmetric) {
-    p.zeros = DeviceMemory(static_cast<size_t>(s.out_features * quant_row_bytes(spec.n_groups(s.in_features), spec.zero_bits())));
+    p.zeros = DeviceMemory(static_cast<size_t>(quant_row_bytes(s.out_features * spec.n_groups(s.in_features), spec.zero_bits())));
   }
   return p;
 }

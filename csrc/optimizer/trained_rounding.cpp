@@ -241,15 +241,16 @@ PackedWeight pack_iterate(const Problem& p, const QuantSpec& spec, const Iterate
   PackedWeight packed = allocate_packed_weight(p.out, p.in, spec, /*zero_fill=*/true);
   uint8_t* codes = packed.codes.data_ptr<uint8_t>();
   const int64_t row_bytes = packed.codes.size(1);
-  const int64_t zero_row_bytes = p.symmetric ? 0 : packed.zeros.size(1);
+  std::vector<uint8_t> zeros(p.symmetric ? 0 : p.out * p.groups);  // a byte each, then packed
   for (int64_t r = 0; r < p.out; ++r) {
     for (int64_t i = 0; i < p.in; ++i) quant_pack_code(codes + r * row_bytes, i, p.bits, it.codes[r * p.in + i]);
     // The scales are already rounded to their storage type, so their conversion is exact.
     store_row_params(it.groups.data() + r * p.groups, p.groups,
                      p.fp16_scale ? reinterpret_cast<uint16_t*>(packed.scales.data_ptr<at::Half>()) + r * p.groups : nullptr,
                      p.fp16_scale ? nullptr : packed.scales.data_ptr<float>() + r * p.groups,
-                     p.symmetric ? nullptr : packed.zeros.data_ptr<uint8_t>() + r * zero_row_bytes, spec.zero_bits());
+                     p.symmetric ? nullptr : zeros.data() + r * p.groups);
   }
+  if (!p.symmetric) pack_side_fields(zeros.data(), p.out * p.groups, spec.zero_bits(), packed.zeros.data_ptr<uint8_t>());
   packed.validate();
   return packed;
 }

@@ -31,6 +31,14 @@ void check_tensor(const at::Tensor& t, const char* what, at::ScalarType dtype, i
   TORCH_CHECK(t.is_contiguous(), "packed weight ", spec.name(), ": ", what, " must be contiguous");
 }
 
+// A side-information stream: uint8 [bytes].
+void check_stream(const at::Tensor& t, const char* what, int64_t bytes, const QuantSpec& spec) {
+  const bool ok = t.defined() && t.scalar_type() == at::kByte && t.dim() == 1 && t.size(0) == bytes;
+  TORCH_CHECK(ok, "packed weight ", spec.name(), ": ", what, " must be Byte [", bytes, "], got ",
+              t.defined() ? c10::toString(t.scalar_type()) : "", " ", shape_str(t));
+  TORCH_CHECK(t.is_contiguous(), "packed weight ", spec.name(), ": ", what, " must be contiguous");
+}
+
 // The loops below are instantiated per bit width so that the shifts and masks inside
 // quant_unpack_code become constants (4- and 8-bit codes never straddle a byte).
 template <int kBits>
@@ -82,13 +90,15 @@ void PackedWeight::validate() const {
     TORCH_CHECK(!sub_scales.defined(), "packed weight ", spec.name(),
                 ": formats with direct scales store no sub-scales, got sub_scales ", shape_str(sub_scales));
   } else {
-    check_tensor(sub_scales, "sub_scales", at::kByte, out_features, quant_row_bytes(groups, spec.sub_scale_bits), spec);
+    check_stream(sub_scales, "sub_scales", quant_row_bytes(out_features * groups, spec.sub_scale_bits), spec);
   }
   if (spec.symmetric) {
     TORCH_CHECK(!zeros.defined(), "packed weight ", spec.name(),
                 ": symmetric formats store no zero points, got zeros ", shape_str(zeros));
+  } else if (spec.zero_bits() == kZeroBits8) {
+    check_tensor(zeros, "zeros", at::kByte, out_features, groups, spec);
   } else {
-    check_tensor(zeros, "zeros", at::kByte, out_features, quant_row_bytes(groups, spec.zero_bits()), spec);
+    check_stream(zeros, "zeros", quant_row_bytes(out_features * groups, spec.zero_bits()), spec);
   }
   const int64_t held = codes.nbytes() + scales.nbytes() + (sub_scales.defined() ? sub_scales.nbytes() : 0) +
                        (zeros.defined() ? zeros.nbytes() : 0);
@@ -101,12 +111,23 @@ PackedWeight allocate_packed_weight(int64_t out, int64_t in, const QuantSpec& sp
   const int64_t row_bytes = quant_row_bytes(in, spec.bits());
   p.codes = zero_fill ? at::zeros({out, row_bytes}, at::kByte) : at::empty({out, row_bytes}, at::kByte);
   p.scales = at::empty({out, spec.scale_cols(in)}, spec.fp16_scale ? at::kHalf : at::kFloat);
-  if (spec.sub_scale_bits != 0) p.sub_scales = at::zeros({out, quant_row_bytes(groups, spec.sub_scale_bits)}, at::kByte);
-  if (!spec.symmetric) p.zeros = at::zeros({out, quant_row_bytes(groups, spec.zero_bits())}, at::kByte);
+  if (spec.sub_scale_bits != 0) p.sub_scales = at::zeros({quant_row_bytes(out * groups, spec.sub_scale_bits)}, at::kByte);
+  if (!spec.symmetric) {
+    p.zeros = spec.zero_bits() == kZeroBits8 ? at::zeros({out, groups}, at::kByte)
+                                             : at::zeros({quant_row_bytes(out * groups, spec.zero_bits())}, at::kByte);
+  }
   p.out_features = out;
   p.in_features = in;
   p.spec = spec;
   return p;
+}
+
+void pack_side_fields(const uint8_t* fields, int64_t n, int bits, uint8_t* stream) {
+  if (bits == 8) {
+    std::copy(fields, fields + n, stream);
+    return;
+  }
+  for (int64_t k = 0; k < n; ++k) quant_pack_code(stream, k, bits, fields[k]);
 }
 
 PackedWeight packed_weight_from_tensors(const at::Tensor& codes, const at::Tensor& scales,
@@ -151,8 +172,6 @@ PackedView::PackedView(const PackedWeight& w)
       in_features(w.in_features),
       scale_cols(w.spec.scale_cols(w.in_features)),
       groups_per_super(w.spec.sub_scale_bits ? kSuperGroup / w.spec.group_len(w.in_features) : 0),
-      sub_row_bytes(quant_row_bytes(n_groups, w.spec.sub_scale_bits)),
-      zero_row_bytes(quant_row_bytes(n_groups, w.spec.zero_bits())),
       bits(w.spec.bits()),
       sub_bits(w.spec.sub_scale_bits),
       zero_bits(w.spec.zero_bits()),
@@ -173,7 +192,7 @@ PackedView::PackedView(const PackedWeight& w)
 float PackedView::scale(int64_t r, int64_t g) const {
   if (sub_scales) {
     const float d = half_bits_to_float(scales_h[r * scale_cols + g / groups_per_super]);
-    return quant_sub_scale_value(quant_unpack_code(sub_scales + r * sub_row_bytes, g, sub_bits), d);
+    return quant_sub_scale_value(quant_unpack_code(sub_scales, r * n_groups + g, sub_bits), d);
   }
   const int64_t i = r * n_groups + g;
   return scales_h ? half_bits_to_float(scales_h[i]) : scales_f[i];

@@ -55,8 +55,8 @@ int64_t QuantSpec::storage_bytes(int64_t out_features, int64_t in_features) cons
   const int64_t groups = n_groups(in_features);
   const int64_t codes = out_features * quant_row_bytes(in_features, bits());
   const int64_t scales = out_features * scale_cols(in_features) * (fp16_scale ? 2 : 4);
-  const int64_t sub_scales = out_features * quant_row_bytes(groups, sub_scale_bits);
-  const int64_t zeros = out_features * quant_row_bytes(groups, zero_bits());
+  const int64_t sub_scales = quant_row_bytes(out_features * groups, sub_scale_bits);
+  const int64_t zeros = quant_row_bytes(out_features * groups, zero_bits());
   return codes + scales + sub_scales + zeros;
 }
 

@@ -5,9 +5,9 @@
 //   codes      uint8 [out, quant_row_bytes(in_features, bits)]       bit stream per row (quant_math.h)
 //   scales     fp16 or fp32 [out, n_groups]                         direct scales (the default), or
 //              fp16 [out, n_super_groups]                           super-scales (k6/k8 formats)
-//   sub_scales uint8 [out, quant_row_bytes(n_groups, sub_scale_bits)] k6/k8 formats only
-//   zeros      uint8 [out, quant_row_bytes(n_groups, zero_bits)]    asymmetric only; symmetric uses
-//                                                                   the fixed 2^(bits-1)
+//   sub_scales uint8 [quant_row_bytes(out * n_groups, sub_scale_bits)]  k6/k8 formats only
+//   zeros      uint8 [quant_row_bytes(out * n_groups, zero_bits)]   asymmetric only; symmetric uses
+//              (8-bit zero points: [out, n_groups], the same bytes)   the fixed 2^(bits-1)
 // Groups run along in_features; n_groups = ceil(in_features / group_size) and the last group may
 // be partial (172 inputs with group 32: five groups of 32 and one of 12). Nothing is padded except
 // each packed row to a whole byte.
@@ -24,16 +24,20 @@
 //              scale = super_scale * sub_scale. Asymmetric, zero points at the code width.
 //   -f32       suffix: fp32 scales instead of fp16 (not with k6/k8, whose super-scale is fp16).
 //
-// Zero points and sub-scales are little-endian bit streams per row like the codes: field g of a row
-// occupies bits [g*w, g*w + w) from bit 0 of byte 0, w = zero_bits or sub_scale_bits, each row padded
-// to a whole byte. One row of b3g32k6 with in_features = 172 (6 groups, 1 super-group):
+// Zero points and sub-scales are little-endian bit streams over the whole tensor, one field per
+// group in row-major order: the field of group g of row r occupies bits [k*w, k*w + w) from bit 0 of
+// byte 0, k = r * n_groups + g, w = zero_bits or sub_scale_bits, padded to a whole byte once per
+// tensor, not per row: on rows of 64 inputs with one group (b4g64) a per-row byte would cost a 4-bit
+// zero point 8 bits. With w = 8 this is the [out, n_groups] byte array of earlier checkpoints, whose
+// shape z8 tensors keep. One row of b3g32k6 with in_features = 172 (6 groups, 1 super-group):
 //
 //   codes       65 bytes   byte0 = c2[1:0] c1[2:0] c0[2:0], ...  (msb .. lsb, as quant_math.h draws)
 //   scales       2 bytes   fp16 super-scale d of inputs 0..171
 //   sub_scales   5 bytes   byte0 = q1[1:0] q0[5:0], byte1 = q2[3:0] q1[5:2], byte2 = q3[5:0] q2[5:4], ...
 //   zeros        3 bytes   byte0 = z2[1:0] z1[2:0] z0[2:0], byte1 = z5[0] z4 z3 z2[2], byte2 = 000000 z5[2:1]
 //   group g: w_i = d * q_g * (c_i - z_g); 65 + 2 + 5 + 3 = 75 bytes for 172 weights, 3.49 bits each
-//
+// (a second row's zero points would continue in byte2 at bit 2: z6[2:0] at bits 2..4, ...)
+
 // The level ladder a search walks: prune < int2 < int3 < int4 < int8 < fp16/bf16 < fp32.
 
 #include <cstdint>

@@ -50,6 +50,7 @@ at::Tensor dequantize_ref_impl(const PackedWeight& w) {
   w.validate();
   const int bits = w.spec.bits();
   const int64_t glen = w.spec.group_len(w.in_features);
+  const int64_t groups = w.spec.n_groups(w.in_features);
   const at::Tensor scales = w.scales.to(at::kFloat);  // fp16 -> fp32 is exact
   const auto S = scales.accessor<float, 2>();
   const int sub_bits = w.spec.sub_scale_bits, zero_bits = w.spec.zero_bits();
@@ -62,12 +63,12 @@ at::Tensor dequantize_ref_impl(const PackedWeight& w) {
       // k formats: the group's scale is its sub-scale times the super-scale of its super-group.
       const float scale =
           sub_bits == 0 ? S[r][g]
-                        : quant_sub_scale_value(quant_unpack_code(w.sub_scales.data_ptr<uint8_t>() + r * w.sub_scales.size(1), g, sub_bits),
+                        : quant_sub_scale_value(quant_unpack_code(w.sub_scales.data_ptr<uint8_t>(), r * groups + g, sub_bits),
                                                 S[r][i / kSuperGroup]);
       // Symmetric formats store no zero points: the fixed one for every group.
       const float zero =
           zero_bits == 0 ? quant_sym_zero(bits)
-                         : static_cast<float>(quant_unpack_code(w.zeros.data_ptr<uint8_t>() + r * w.zeros.size(1), g, zero_bits));
+                         : static_cast<float>(quant_unpack_code(w.zeros.data_ptr<uint8_t>(), r * groups + g, zero_bits));
       O[r][i] = quant_dequant(quant_unpack_code(row, i, bits), scale, zero);
     }
   }
@@ -177,10 +178,12 @@ void quantize_rows(const float* w, PackedWeight& p, const ChooseRowParams& choos
   uint8_t* codes = p.codes.data_ptr<uint8_t>();
   uint16_t* scales_h = p.spec.fp16_scale ? reinterpret_cast<uint16_t*>(p.scales.data_ptr<at::Half>()) : nullptr;
   float* scales_f = p.spec.fp16_scale ? nullptr : p.scales.data_ptr<float>();
-  uint8_t* sub_scales = sub ? p.sub_scales.data_ptr<uint8_t>() : nullptr;
-  uint8_t* zeros = p.zeros.defined() ? p.zeros.data_ptr<uint8_t>() : nullptr;
-  const int64_t sub_row_bytes = sub ? p.sub_scales.size(1) : 0;
-  const int64_t zero_row_bytes = zeros ? p.zeros.size(1) : 0;
+  // Zero points and sub-scale codes a byte per group first: rows share the bytes of the packed
+  // streams, so they are packed after the parallel loop (pack_side_fields).
+  const int zero_bits = p.spec.zero_bits();
+  std::vector<uint8_t> zero_codes(zero_bits != 0 && zero_bits != kZeroBits8 ? p.out_features * groups : 0);
+  uint8_t* zeros = zero_bits == 0 ? nullptr : zero_bits == kZeroBits8 ? p.zeros.data_ptr<uint8_t>() : zero_codes.data();
+  std::vector<uint8_t> sub_codes(sub ? p.out_features * groups : 0);
   at::parallel_for(0, p.out_features, parallel_row_grain(in), [&](int64_t r0, int64_t r1) {
     RowBuffers buf(groups, glen);
     for (int64_t r = r0; r < r1; ++r) {
@@ -188,16 +191,17 @@ void quantize_rows(const float* w, PackedWeight& p, const ChooseRowParams& choos
       choose(wr, buf);
       if (sub) {
         store_row_sub_scales(buf.params.data(), buf.lo.data(), groups, kSuperGroup / glen, p.spec,
-                             scales_h + r * scale_cols, sub_scales + r * sub_row_bytes);
+                             scales_h + r * scale_cols, sub_codes.data() + r * groups);
       }
       for (int64_t g = 0; g < groups; ++g) check_scale(buf.params[g].scale, r, g, p.spec);
       store_row_params(buf.params.data(), groups, scales_h && !sub ? scales_h + r * scale_cols : nullptr,
-                       scales_f ? scales_f + r * scale_cols : nullptr, zeros ? zeros + r * zero_row_bytes : nullptr,
-                       p.spec.zero_bits());
+                       scales_f ? scales_f + r * scale_cols : nullptr, zeros ? zeros + r * groups : nullptr);
       encode_row(wr, in, glen, p.spec.bits(), buf.params.data(), r + 1 < r1 ? wr + in : nullptr, buf.codes.data(),
                  codes + r * row_bytes);
     }
   });
+  if (!zero_codes.empty()) pack_side_fields(zero_codes.data(), p.out_features * groups, zero_bits, p.zeros.data_ptr<uint8_t>());
+  if (sub) pack_side_fields(sub_codes.data(), p.out_features * groups, p.spec.sub_scale_bits, p.sub_scales.data_ptr<uint8_t>());
 }
 
 // Weighted squared error of quantizing one group with `gp`. Accumulated in double, in index
@@ -255,6 +259,7 @@ PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec) {
   auto S = scales.accessor<float, 2>();
   std::vector<GroupParams> params(static_cast<size_t>(groups));
   std::vector<float> los(params.size());
+  std::vector<uint8_t> sub_codes(params.size());
   for (int64_t r = 0; r < out; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t begin = g * glen;
@@ -270,7 +275,9 @@ PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec) {
     if (spec.sub_scale_bits != 0) {
       store_row_sub_scales(params.data(), los.data(), groups, kSuperGroup / glen, spec,
                            reinterpret_cast<uint16_t*>(p.scales.data_ptr<at::Half>()) + r * p.scales.size(1),
-                           p.sub_scales.data_ptr<uint8_t>() + r * p.sub_scales.size(1));
+                           sub_codes.data());
+      for (int64_t g = 0; g < groups; ++g)
+        quant_pack_code(p.sub_scales.data_ptr<uint8_t>(), r * groups + g, spec.sub_scale_bits, sub_codes[g]);
     }
     uint8_t* row = p.codes.data_ptr<uint8_t>() + r * p.codes.size(1);
     for (int64_t g = 0; g < groups; ++g) {
@@ -278,8 +285,7 @@ PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec) {
       check_scale(gp.scale, r, g, spec);
       S[r][g] = gp.scale;
       if (!spec.symmetric) {
-        quant_pack_code(p.zeros.data_ptr<uint8_t>() + r * p.zeros.size(1), g, spec.zero_bits(),
-                        static_cast<uint32_t>(gp.zero));
+        quant_pack_code(p.zeros.data_ptr<uint8_t>(), r * groups + g, spec.zero_bits(), static_cast<uint32_t>(gp.zero));
       }
       const float inv = quant_inv_scale(gp.scale);
       const int64_t begin = g * glen;

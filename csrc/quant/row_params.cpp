@@ -42,17 +42,14 @@ GRADQ_CPU_CLONES bool rtn_row_params(const float* w, int64_t in, int64_t glen, c
 }
 
 GRADQ_CPU_CLONES void store_row_params(const GroupParams* params, int64_t groups, uint16_t* scales_h,
-                                       float* scales_f, uint8_t* zeros, int zero_bits) {
+                                       float* scales_f, uint8_t* zeros) {
   if (scales_h) {
     for (int64_t g = 0; g < groups; ++g) scales_h[g] = float_to_half_bits(params[g].scale);
   } else if (scales_f) {
     for (int64_t g = 0; g < groups; ++g) scales_f[g] = params[g].scale;
   }
-  if (!zeros) return;
-  if (zero_bits == kZeroBits8) {
+  if (zeros) {
     for (int64_t g = 0; g < groups; ++g) zeros[g] = static_cast<uint8_t>(params[g].zero);
-  } else {
-    for (int64_t g = 0; g < groups; ++g) quant_pack_code(zeros, g, zero_bits, static_cast<uint32_t>(params[g].zero));
   }
 }
 
@@ -66,7 +63,7 @@ QuantSpec group_choice_spec(const QuantSpec& spec) {
 }
 
 void store_row_sub_scales(GroupParams* params, const float* lo, int64_t groups, int64_t groups_per_super,
-                          const QuantSpec& spec, uint16_t* super_h, uint8_t* sub_row) {
+                          const QuantSpec& spec, uint16_t* super_h, uint8_t* sub_codes) {
   const int bits = spec.bits(), sub_bits = spec.sub_scale_bits;
   for (int64_t first = 0, s = 0; first < groups; first += groups_per_super, ++s) {
     const int64_t last = std::min(first + groups_per_super, groups);
@@ -76,7 +73,7 @@ void store_row_sub_scales(GroupParams* params, const float* lo, int64_t groups, 
     super_h[s] = float_to_half_bits(d);  // exact: d is already fp16
     for (int64_t g = first; g < last; ++g) {
       const uint32_t q = quant_sub_scale_code(params[g].scale, d, sub_bits);
-      quant_pack_code(sub_row, g, sub_bits, q);
+      sub_codes[g] = static_cast<uint8_t>(q);
       const float scale = quant_sub_scale_value(q, d);
       params[g] = {scale, quant_asym_zero(lo[g], scale, bits)};
     }

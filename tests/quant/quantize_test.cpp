@@ -56,7 +56,8 @@ float stored_scale(const PackedWeight& p, int64_t r, int64_t g) {
   const at::Tensor scales = p.scales.to(at::kFloat);
   if (p.spec.sub_scale_bits == 0) return scales[r][g].item<float>();
   const int64_t super = g * p.spec.group_size / kSuperGroup;
-  const uint32_t q = quant_unpack_code(p.sub_scales.data_ptr<uint8_t>() + r * p.sub_scales.size(1), g, p.spec.sub_scale_bits);
+  const int64_t k = r * p.spec.n_groups(p.in_features) + g;  // streams run over the tensor in (row, group) order
+  const uint32_t q = quant_unpack_code(p.sub_scales.data_ptr<uint8_t>(), k, p.spec.sub_scale_bits);
   return scales[r][super].item<float>() * static_cast<float>(q);
 }
 
@@ -64,7 +65,8 @@ float stored_scale(const PackedWeight& p, int64_t r, int64_t g) {
 float stored_zero(const PackedWeight& p, int64_t r, int64_t g) {
   if (p.spec.symmetric) return static_cast<float>(1 << (p.spec.bits() - 1));
   const int zb = p.spec.zero_bits();
-  return static_cast<float>(quant_unpack_code(p.zeros.data_ptr<uint8_t>() + r * p.zeros.size(1), g, zb));
+  const int64_t k = r * p.spec.n_groups(p.in_features) + g;
+  return static_cast<float>(quant_unpack_code(p.zeros.data_ptr<uint8_t>(), k, zb));
 }
 
 // ---- Format x shape sweep -----------------------------------------------------------------------
@@ -103,8 +105,10 @@ struct FormatCase {
            "_" + side_name(side) + (fp16_scale ? "_f16" : "_f32") + "_" + std::to_string(out) + "x" +
            std::to_string(in);
   }
+  // The symmetric and asymmetric cases keep the seeds they had before z8/k6/k8 cases existed.
   uint64_t seed() const {
-    return static_cast<uint64_t>(bits * 1000003 + group * 101 + out * 7 + in + static_cast<int>(side));
+    const int salt = side == Side::kZeroB ? 0 : side == Side::kSym ? 1 : 1 + static_cast<int>(side);
+    return static_cast<uint64_t>(bits * 1000003 + group * 101 + out * 7 + in + salt);
   }
 };
 
@@ -249,11 +253,14 @@ TEST_P(QuantFormat, StorageMatchesSpec) {
   const int64_t held = p.codes.nbytes() + p.scales.nbytes() + (p.zeros.defined() ? p.zeros.nbytes() : 0) +
                        (p.sub_scales.defined() ? p.sub_scales.nbytes() : 0);
   EXPECT_EQ(held, spec.storage_bytes(c.out, c.in));
-  // Zero points and sub-scales are packed at their width: ceil(groups * width / 8) bytes a row.
-  const int64_t groups = spec.n_groups(c.in);
-  if (!spec.symmetric) EXPECT_EQ(p.zeros.size(1), (groups * (c.side == Side::kZero8 ? 8 : c.bits) + 7) / 8);
+  // Zero points and sub-scales are packed at their width over the whole tensor: ceil(out * groups *
+  // width / 8) bytes; 8-bit zero points keep the [out, groups] shape of earlier checkpoints.
+  const int64_t fields = c.out * spec.n_groups(c.in);
+  const int zero_width = c.side == Side::kZero8 || c.bits == 8 ? 8 : c.bits;
+  if (!spec.symmetric) EXPECT_EQ(p.zeros.numel(), (fields * zero_width + 7) / 8);
+  if (!spec.symmetric) EXPECT_EQ(p.zeros.dim(), zero_width == 8 ? 2 : 1);
   if (spec.sub_scale_bits) {
-    EXPECT_EQ(p.sub_scales.size(1), (groups * spec.sub_scale_bits + 7) / 8);
+    EXPECT_EQ(p.sub_scales.numel(), (fields * spec.sub_scale_bits + 7) / 8);
     EXPECT_EQ(p.scales.size(1), (c.in + 255) / 256);
   }
   EXPECT_EQ(p.storage_bytes(), spec.storage_bytes(c.out, c.in));
@@ -291,14 +298,15 @@ TEST_P(QuantFormat, CodesRoundTrip) {
     const int m = (1 << spec.sub_scale_bits) - 1;
     scale = static_cast<float>(m);
     p.scales = at::ones({c.out, spec.n_super_groups(c.in)}, at::kHalf);
-    p.sub_scales = at::zeros({c.out, (groups * spec.sub_scale_bits + 7) / 8}, at::kByte);
-    for (int64_t r = 0; r < c.out; ++r)
-      for (int64_t g = 0; g < groups; ++g)
-        quant_pack_code(p.sub_scales.data_ptr<uint8_t>() + r * p.sub_scales.size(1), g, spec.sub_scale_bits, m);
+    p.sub_scales = at::zeros({(c.out * groups * spec.sub_scale_bits + 7) / 8}, at::kByte);
+    for (int64_t k = 0; k < c.out * groups; ++k) quant_pack_code(p.sub_scales.data_ptr<uint8_t>(), k, spec.sub_scale_bits, m);
   } else {
     p.scales = at::ones({c.out, groups}, c.fp16_scale ? at::kHalf : at::kFloat);
   }
-  if (!c.symmetric()) p.zeros = at::zeros({c.out, (groups * spec.zero_bits() + 7) / 8}, at::kByte);
+  if (!c.symmetric()) {
+    p.zeros = spec.zero_bits() == 8 ? at::zeros({c.out, groups}, at::kByte)
+                                    : at::zeros({(c.out * groups * spec.zero_bits() + 7) / 8}, at::kByte);
+  }
   const float zero = c.symmetric() ? static_cast<float>(1 << (c.bits - 1)) : 0.f;
 
   const at::Tensor dq = dequantize(p);
@@ -487,13 +495,16 @@ TEST(QuantStorage, HandCountedBytes) {
   EXPECT_EQ(parse_quant_spec("b4g32z8").storage_bytes(17, 172), 17 * 86 + 17 * 6 * 2 + 17 * 6);
   // 3x7 b3, one group, symmetric, fp32 scales: ceil(21 / 8) = 3 bytes a row.
   EXPECT_EQ(make_spec(3, 128, true, false).storage_bytes(3, 7), 3 * 3 + 3 * 4);
-  // 5x64 b2 whole row: 16 bytes a row, one fp16 scale and one 2-bit zero (a byte, padded).
-  EXPECT_EQ(make_spec(2, kWholeRow, false, true).storage_bytes(5, 64), 5 * 16 + 5 * 2 + 5);
+  // 5x64 b2 whole row: 16 bytes a row, one fp16 scale and one 2-bit zero (10 bits in all: 2 bytes).
+  EXPECT_EQ(make_spec(2, kWholeRow, false, true).storage_bytes(5, 64), 5 * 16 + 5 * 2 + 2);
   EXPECT_DOUBLE_EQ(make_spec(4, 128, true, true).bits_per_weight(1, 128), 4.125);
   // The row drawn in quant_spec.h: b3g32k6, 172 inputs: 65 + 2 + 5 + 3 bytes.
   EXPECT_EQ(parse_quant_spec("b3g32k6").storage_bytes(1, 172), 75);
-  // 2x600 b4g16k8: 300 bytes of codes, 3 super-scales, 38 sub-scale bytes, 19 zero bytes a row.
-  EXPECT_EQ(parse_quant_spec("b4g16k8").storage_bytes(2, 600), 2 * (300 + 3 * 2 + 38 + 19));
+  // 2x600 b4g16k8: 300 bytes of codes and 3 super-scales a row, 76 groups of 8-bit sub-scale and
+  // 4-bit zero.
+  EXPECT_EQ(parse_quant_spec("b4g16k8").storage_bytes(2, 600), 2 * (300 + 3 * 2) + 76 + 38);
+  // Odd counts pad once per tensor: 3x40 b3g16 has 9 groups, 27 bits of zero points: 4 bytes.
+  EXPECT_EQ(parse_quant_spec("b3g16").storage_bytes(3, 40), 3 * 15 + 9 * 2 + 4);
   // A row of 64 (stories260K): b4g64 = 4 + (16 + 4) / 64 = 4.3125 bits; z8 4.375; k6 4 + 10/64 + 16/64.
   EXPECT_DOUBLE_EQ(parse_quant_spec("b4g64").bits_per_weight(8, 64), 4.3125);
   EXPECT_DOUBLE_EQ(parse_quant_spec("b4g64z8").bits_per_weight(8, 64), 4.375);
@@ -537,7 +548,7 @@ TEST(QuantGroups, BitZeroPointsGiveTheValuesOfByteZeroPoints) {
       const PackedWeight pb = quantize(w, b), p8 = quantize(w, z8);
       EXPECT_TRUE(bitwise_equal(pb.codes, p8.codes));
       EXPECT_TRUE(bitwise_equal(dequantize(pb), dequantize(p8))) << b.name();
-      EXPECT_LT(pb.storage_bytes(), p8.storage_bytes());
+      EXPECT_LT(pb.storage_bytes(), p8.storage_bytes());  // 9 rows: a byte per row saved at least
       for (int64_t g = 0; g < b.n_groups(172); ++g) {
         EXPECT_EQ(stored_zero(pb, 0, g), 0.f);                               // all positive: lowest code
         EXPECT_EQ(stored_zero(pb, 1, g), static_cast<float>((1 << bits) - 1));  // all negative: highest
@@ -555,7 +566,7 @@ TEST(QuantGroups, SubScalesKeepSmallGroupsAndClampToTheirGrid) {
   const QuantSpec spec = parse_quant_spec("b4g16k6");
   const PackedWeight p = quantize(w, spec);
   EXPECT_TRUE(bitwise_equal(p.codes, quantize_ref(w, spec).codes));
-  const uint32_t q0 = quant_unpack_code(p.sub_scales.data_ptr<uint8_t>(), 0, 6);
+  const uint32_t q0 = quant_unpack_code(p.sub_scales.data_ptr<uint8_t>(), 0, 6);  // row 0, group 0
   EXPECT_EQ(q0, 1u);
   EXPECT_GT(stored_scale(p, 0, 0), 0.f);
   const at::Tensor dq = dequantize(p);
@@ -623,14 +634,14 @@ TEST(QuantErrors, PackedWeightValidation) {
   GRADQ_EXPECT_THROW_MSG(dequantize(bad), "symmetric formats store no zero points");
   bad = p;
   bad.zeros = at::Tensor();
-  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "zeros must be Byte [3, 2], got  undefined");
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "zeros must be Byte [5], got  undefined");
   bad = p;
   bad.zeros = at::zeros({3, 3}, at::kByte);  // a byte per group: the z8 layout, not this spec's
-  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "zeros must be Byte [3, 2], got Byte [3, 3]");
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "zeros must be Byte [5], got Byte [3, 3]");
   PackedWeight k = quantize(gaussian(3, 40, 2), parse_quant_spec("b4g16k6"));
   bad = k;
   bad.sub_scales = at::Tensor();
-  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "sub_scales must be Byte [3, 3]");
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "sub_scales must be Byte [7]");
   bad = k;
   bad.scales = p.scales;
   GRADQ_EXPECT_THROW_MSG(dequantize(bad), "super-scales must be Half [3, 1], got Half [3, 3]");
