@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kDequantizeThreads) dequantize_kernel(Dequanti
     const int64_t first = (t - r * chunks_per_row) * Traits::kChunkCodes;
     const int64_t g = kGroupSize == kWholeRowGroup ? 0 : first / kGroupSize;
     const float scale = load_scale(w.scales, w.fp16_scale, r * n_groups + g);
-    const float zero = load_zero(w.zeros, kBits, r * n_groups + g);
+    const float zero = load_zero(w.zeros, kBits, w.zero_bits, r * n_groups + g);
     const uint8_t* row = w.codes + r * row_bytes;
     const int64_t out0 = r * in + first;
 #pragma unroll

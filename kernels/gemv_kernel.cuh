@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * 32) gemv_kernel(GemvParam
     const int64_t first = c * Traits::kChunkCodes;
     const int64_t g = kGroupSize == kWholeRowGroup ? 0 : first / kGroupSize;
     const float scale = load_scale(w.scales, w.fp16_scale, r * n_groups + g);
-    const float zero = load_zero(w.zeros, kBits, r * n_groups + g);
+    const float zero = load_zero(w.zeros, kBits, w.zero_bits, r * n_groups + g);
     const bool full = first + Traits::kChunkCodes <= in;
 
     uint8_t bytes[Traits::kChunkBytes];

@@ -19,18 +19,23 @@ namespace gradq::kernels {
 constexpr int kWholeRowGroup = 0;
 
 /// The bit widths and group sizes the kernels are compiled for.
-inline constexpr const char* kSupportedFormats = "bits 2, 3, 4, 8 x group size 16, 32, 64, 128, 0 (whole row)";
+inline constexpr const char* kSupportedFormats =
+    "bits 2, 3, 4, 8 x group size 16, 32, 64, 128, 0 (whole row), with direct fp16/fp32 scales (no k6/k8 "
+    "sub-scales) and zero points of 8 bits or of the code width";
 
 /// A quantized weight W [out_features, in_features] on the device, laid out as quant_spec.h says.
 struct PackedWeightView {
   const uint8_t* codes = nullptr;  // [out_features, quant_row_bytes(in_features, bits)] bit stream per row
   const void* scales = nullptr;    // [out_features, n_groups] fp16 bits (uint16_t) if fp16_scale, else fp32
-  const uint8_t* zeros = nullptr;  // [out_features, n_groups]; null: symmetric, fixed zero 2^(bits-1)
+  const uint8_t* zeros = nullptr;  // [quant_row_bytes(out_features * n_groups, zero_bits)] stream; null:
+                                   // symmetric, fixed zero 2^(bits-1)
   int64_t out_features = 0;
   int64_t in_features = 0;
   int bits = 4;
   int64_t group_size = 128;  // 16, 32, 64, 128 or kWholeRowGroup
   bool fp16_scale = true;
+  int zero_bits = 8;       // 8 (z8 formats, checkpoints before b-bit zero points) or bits (the default formats)
+  int sub_scale_bits = 0;  // k6/k8 formats (6, 8) are not supported by the kernels: must be 0
 };
 
 inline int64_t packed_n_groups(int64_t in_features, int64_t group_size) {
@@ -67,8 +72,24 @@ inline KernelStatus check_packed_format(const char* op, int bits, int64_t group_
   return KernelStatus::success();
 }
 
+/// The side information the kernels read: zero points of 8 bits or of the code width, direct scales.
+inline KernelStatus check_side_info(const char* op, int bits, int zero_bits, int sub_scale_bits) {
+  if (sub_scale_bits != 0) {
+    return KernelStatus::invalid(std::string(op) + ": k" + std::to_string(sub_scale_bits) +
+                                 " sub-scale formats are not supported by the CUDA kernels; supported: " +
+                                 kSupportedFormats);
+  }
+  if (zero_bits != 8 && zero_bits != bits) {
+    return KernelStatus::invalid(std::string(op) + ": zero_bits must be 8 or bits (" + std::to_string(bits) +
+                                 "), got " + std::to_string(zero_bits) + "; supported: " + kSupportedFormats);
+  }
+  return KernelStatus::success();
+}
+
 inline KernelStatus check_packed_view(const char* op, const PackedWeightView& w) {
   KernelStatus s = check_packed_format(op, w.bits, w.group_size, w.out_features, w.in_features);
+  if (!s.ok()) return s;
+  s = check_side_info(op, w.bits, w.zero_bits, w.sub_scale_bits);
   if (!s.ok()) return s;
   if (w.codes == nullptr || w.scales == nullptr) {
     return KernelStatus::invalid(std::string(op) + ": expected non-null codes and scales pointers");

@@ -28,9 +28,10 @@ __device__ __forceinline__ float load_scale(const void* scales, bool fp16_scale,
                     : static_cast<const float*>(scales)[index];
 }
 
-/// Zero point of a group: stored (asymmetric) or the fixed 2^(bits-1) (symmetric).
-__device__ __forceinline__ float load_zero(const uint8_t* zeros, int bits, int64_t index) {
-  return zeros ? static_cast<float>(zeros[index]) : quant_sym_zero(bits);
+/// Zero point of the group at `index` ([out, n_groups] row-major): stored (asymmetric; a bit stream
+/// of zero_bits-wide fields over the tensor, quant_spec.h) or the fixed 2^(bits-1) (symmetric).
+__device__ __forceinline__ float load_zero(const uint8_t* zeros, int bits, int zero_bits, int64_t index) {
+  return zeros ? static_cast<float>(quant_unpack_code(zeros, index, zero_bits)) : quant_sym_zero(bits);
 }
 
 }  // namespace gradq::kernels

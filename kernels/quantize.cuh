@@ -17,7 +17,8 @@ struct QuantizeParams {
   const float* weight = nullptr;  // [out_features, in_features] fp32, row-major, finite
   uint8_t* codes = nullptr;       // [out_features, quant_row_bytes(in_features, bits)], fully written
   void* scales = nullptr;         // [out_features, n_groups] fp16 bits (uint16_t) if fp16_scale, else fp32
-  uint8_t* zeros = nullptr;       // [out_features, n_groups]; must be null when symmetric, set otherwise
+  uint8_t* zeros = nullptr;       // [out_features, n_groups] one byte each (zero_bits 8); must be null when
+                                  // symmetric, set otherwise
   /// Optional device int, set to 1 when some group's scale is not finite (an fp16 scale overflow:
   /// the CPU quantizer rejects such weights; the caller checks this flag to do the same). Null: unchecked.
   int* nonfinite_scale = nullptr;
@@ -27,6 +28,10 @@ struct QuantizeParams {
   int64_t group_size = 128;  // 16, 32, 64, 128 or kWholeRowGroup (0)
   bool symmetric = false;
   bool fp16_scale = true;
+  /// Zero points are written one byte each, by the warp of their group: 8 only (z8 formats, or
+  /// 8-bit codes). b-bit zero points share bytes between groups that different warps write.
+  int zero_bits = 8;
+  int sub_scale_bits = 0;  // must be 0: k6/k8 formats are not supported
 };
 
 /// Quantizes `p.weight` on `stream`. Returns a failed status (nothing launched) for an unsupported

@@ -55,6 +55,7 @@ void add_search_options(cxxopts::Options& options) {
       ("safety", "the search uses the quality limits divided by this (held-out validation then checks the full limits)", cxxopts::value<double>()->default_value("1.5"))
       ("bits", "bit widths to try, high to low (add 3 for 3-bit)", cxxopts::value<std::string>()->default_value("8,4,2"))
       ("group-sizes", "group sizes to try, cheapest first", cxxopts::value<std::string>()->default_value("128,64,32,16"))
+      ("encodings", "side information of the candidates, each with every group size: asym (b-bit zero points), z8 (8-bit zero points), s (symmetric), k6, k8 (sub-scales)", cxxopts::value<std::string>()->default_value("asym"))
       ("method", "rounding: rtn (round to nearest), clip (activation-weighted clipping search), gptq (GPTQ with clipped static groups) or trained (learned rounding)", cxxopts::value<std::string>()->default_value("clip"))
       ("gptq-damp", "GPTQ's dampening, a fraction of the mean diagonal of the Hessian", cxxopts::value<double>()->default_value("0.01"))
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
@@ -86,6 +87,7 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
   q.search.bits.clear();
   for (int64_t bits : parse_int_list(args["bits"].as<std::string>(), "--bits")) q.search.bits.push_back(static_cast<int>(bits));
   q.search.group_sizes = parse_int_list(args["group-sizes"].as<std::string>(), "--group-sizes");
+  q.search.encodings = split_commas(args["encodings"].as<std::string>());
   try {
     q.search.method = parse_rounding_method(args["method"].as<std::string>());
   } catch (const Error& e) {

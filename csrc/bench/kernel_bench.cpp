@@ -200,6 +200,7 @@ std::vector<PackedWeight> packed_copies(const PackedWeight& p, int n) {
     c.codes = p.codes.clone();
     c.scales = p.scales.clone();
     if (p.zeros.defined()) c.zeros = p.zeros.clone();
+    if (p.sub_scales.defined()) c.sub_scales = p.sub_scales.clone();
     v.push_back(std::move(c));
   }
   return v;

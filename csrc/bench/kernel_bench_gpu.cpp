@@ -26,6 +26,7 @@
 #include "dequantize.cuh"
 #include "linear.cuh"
 #include "quant/quant_math.h"
+#include "quant/quantize.h"
 #include "quantize.cuh"
 #endif
 
@@ -147,16 +148,19 @@ struct DevicePacked {
     v.bits = spec.bits();
     v.group_size = spec.group_size;
     v.fp16_scale = spec.fp16_scale;
+    v.zero_bits = spec.symmetric ? 8 : spec.zero_bits();
+    v.sub_scale_bits = spec.sub_scale_bits;
     return v;
   }
 };
 
 DevicePacked allocate_packed(const QuantSpec& spec, const BenchShape& s) {
-  const int64_t groups = s.out_features * spec.n_groups(s.in_features);
   DevicePacked p;
   p.codes = DeviceMemory(static_cast<size_t>(s.out_features * quant_row_bytes(s.in_features, spec.bits())));
-  p.scales = DeviceMemory(static_cast<size_t>(groups * (spec.fp16_scale ? 2 : 4)));
-  if (!spec.symmetric) p.zeros = DeviceMemory(static_cast<size_t>(groups));
+  p.scales = DeviceMemory(static_cast<size_t>(s.out_features * spec.scale_cols(s.in_features) * (spec.fp16_scale ? 2 : 4)));
+  if (!spec.symmetric) {
+    p.zeros = DeviceMemory(static_cast<size_t>(quant_row_bytes(s.out_features * spec.n_groups(s.in_features), spec.zero_bits())));
+  }
   return p;
 }
 
@@ -245,6 +249,10 @@ void run_gpu_kernel_bench(const KernelBenchOptions& o, DeviceBench& out, std::os
     }
 
     for (const QuantSpec& spec : o.specs) {
+      if (spec.sub_scale_bits != 0) {  // the kernels reject k formats (kernels/packed.cuh)
+        if (log) *log << fmt::format("gpu: {}: skipped, the CUDA kernels do not read k sub-scales\n", spec.name());
+        continue;
+      }
       const int64_t packed = spec.storage_bytes(shape.out_features, shape.in_features);
       const int n_packed = rotation_copies(packed, o.rotate_bytes);
       std::vector<DevicePacked> p;
@@ -261,19 +269,33 @@ void run_gpu_kernel_bench(const KernelBenchOptions& o, DeviceBench& out, std::os
         q.group_size = spec.group_size;
         q.symmetric = spec.symmetric;
         q.fp16_scale = spec.fp16_scale;
+        q.zero_bits = spec.symmetric ? 8 : spec.zero_bits();
         check_status(kn::quantize_launch(q, ctx.stream));
       };
-      // Call i reads fp32 copy i % n_f32 and writes packed copy i % n_packed: with n_f32 inputs
-      // cycling, consecutive calls never find their input in L2.
-      int64_t next = 0;
-      auto secs = ctx.time_calls(o.warmup, o.repeat, n_f32, [&](int i) {
-        quantize_into(i, static_cast<int>(next++ % n_packed));
-      });
-      out.ops.push_back(make_op_result("gpu", "quantize", spec.name(), shape, 0, packed, quantize_bytes(spec, shape),
-                                       n_f32, secs));
-      for (int i = 0; i < n_packed; ++i) quantize_into(0, i);  // every copy holds the codes of w
+      // The GPU quantizer writes one byte per zero point (kernels/quantize.cuh): formats with b-bit
+      // zero points are quantized on the CPU and uploaded, and their quantize is not timed here.
+      const bool gpu_quantizes = spec.symmetric || spec.zero_bits() == 8;
+      if (gpu_quantizes) {
+        // Call i reads fp32 copy i % n_f32 and writes packed copy i % n_packed: with n_f32 inputs
+        // cycling, consecutive calls never find their input in L2.
+        int64_t next = 0;
+        auto secs = ctx.time_calls(o.warmup, o.repeat, n_f32, [&](int i) {
+          quantize_into(i, static_cast<int>(next++ % n_packed));
+        });
+        out.ops.push_back(make_op_result("gpu", "quantize", spec.name(), shape, 0, packed, quantize_bytes(spec, shape),
+                                         n_f32, secs));
+        for (int i = 0; i < n_packed; ++i) quantize_into(0, i);  // every copy holds the codes of w
+      } else {
+        if (log) *log << fmt::format("gpu: {}: quantize not timed (b-bit zero points: CPU quantizer)\n", spec.name());
+        const PackedWeight host = gradq::quantize(w, spec);
+        for (int i = 0; i < n_packed; ++i) {
+          GRADQ_BENCH_CUDA(cudaMemcpy(p[i].codes.as<void>(), host.codes.data_ptr(), host.codes.nbytes(), cudaMemcpyHostToDevice));
+          GRADQ_BENCH_CUDA(cudaMemcpy(p[i].scales.as<void>(), host.scales.data_ptr(), host.scales.nbytes(), cudaMemcpyHostToDevice));
+          GRADQ_BENCH_CUDA(cudaMemcpy(p[i].zeros.as<void>(), host.zeros.data_ptr(), host.zeros.nbytes(), cudaMemcpyHostToDevice));
+        }
+      }
 
-      secs = ctx.time_calls(o.warmup, o.repeat, n_packed, [&](int i) {
+      auto secs = ctx.time_calls(o.warmup, o.repeat, n_packed, [&](int i) {
         kn::DequantizeParams d;
         d.weight = p[i].view(spec, shape);
         d.out_fp16 = w_f16[i % n_f16].as<__half>();

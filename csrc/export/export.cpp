@@ -72,6 +72,7 @@ void register_quantized(Module& dst, const std::string& attr, const QuantizedTen
   if (q.spec.is_integer()) {
     dst.register_buffer(attr + "_codes", q.packed.codes);
     dst.register_buffer(attr + "_scales", q.packed.scales);
+    if (q.spec.sub_scale_bits != 0) dst.register_buffer(attr + "_sub_scales", q.packed.sub_scales);
     if (!q.spec.symmetric) dst.register_buffer(attr + "_zeros", q.packed.zeros);
   } else if (q.spec.level == QuantLevel::kPrune) {
     // One stored element broadcast to the weight's shape: the file holds 4 bytes for it.
@@ -143,19 +144,25 @@ void rewrite_packed_read(Graph& graph, Node* read, const QuantizedTensor& q, boo
   const NamedValue bits(c10::IValue(static_cast<int64_t>(q.spec.bits())));
   const NamedValue group(c10::IValue(q.spec.group_size));
   const NamedValue in(c10::IValue(q.in_features));
+  // The schema's defaults (8-bit zero points, direct scales) read checkpoints written before these
+  // arguments existed; a new export always names its format.
+  const NamedValue zero_bits(c10::IValue(static_cast<int64_t>(q.spec.symmetric ? kZeroBits8 : q.spec.zero_bits())));
+  Value* sub_scales = q.spec.sub_scale_bits == 0 ? graph.insertConstant(c10::IValue())
+                                                 : insert_get_attr(graph, owner, attr + "_sub_scales");
+  const NamedValue sub_bits(c10::IValue(static_cast<int64_t>(q.spec.sub_scale_bits)));
   Value* dequantized = nullptr;
   const std::vector<torch::jit::Use> uses = read->output()->uses();
   for (const torch::jit::Use& use : uses) {
     Node* user = use.user;
     if (!transposed && user->kind() == c10::aten::linear && use.offset == 1) {
       torch::jit::WithInsertPoint at_user(user);
-      Value* y = graph.insert(kLinear, {user->input(0), codes, scales, zeros, user->input(2), bits, group, in});
+      Value* y = graph.insert(kLinear, {user->input(0), codes, scales, zeros, user->input(2), bits, group, in, zero_bits, sub_scales, sub_bits});
       user->output()->replaceAllUsesWith(y);
       user->destroy();
       continue;
     }
     if (!dequantized) {
-      dequantized = graph.insert(kDequantize, {codes, scales, zeros, bits, group, in});
+      dequantized = graph.insert(kDequantize, {codes, scales, zeros, bits, group, in, zero_bits, sub_scales, sub_bits});
       if (dtype != at::kFloat) dequantized = graph.insert(c10::aten::to, {dequantized, read_dtype(graph, owner, attr, dtype)});
       if (transposed) dequantized = graph.insert(c10::aten::t, {dequantized});
     }

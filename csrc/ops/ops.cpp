@@ -14,6 +14,10 @@
 namespace gradq::ops {
 namespace {
 
+c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
 // Dot product in eight independent lanes: GCC vectorizes independent accumulators without
 // -ffast-math (it may not reorder one accumulator).
 float dot(const float* a, const float* b, int64_t n) {
@@ -89,11 +93,11 @@ at::Tensor linear_batched(const at::Tensor& x, const PackedWeight& w, int64_t bl
 }  // namespace detail
 
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
-                      int64_t bits, int64_t group_size, int64_t in_features) {
-  const PackedWeight w = packed_weight_from_tensors(codes.contiguous(), scales.contiguous(),
-                                                    zeros.has_value() ? c10::optional<at::Tensor>(zeros->contiguous())
-                                                                      : c10::nullopt,
-                                                    bits, group_size, in_features);
+                      int64_t bits, int64_t group_size, int64_t in_features, int64_t zero_bits,
+                      const c10::optional<at::Tensor>& sub_scales, int64_t sub_scale_bits) {
+  const PackedWeight w = packed_weight_from_tensors(codes.contiguous(), scales.contiguous(), contiguous(zeros), bits,
+                                                    group_size, in_features, zero_bits, contiguous(sub_scales),
+                                                    sub_scale_bits);
   return gradq::dequantize(w);
 }
 
@@ -146,27 +150,31 @@ at::Tensor linear(const at::Tensor& x, const PackedWeight& w, const c10::optiona
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                   const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
-                  int64_t group_size, int64_t in_features) {
-  const PackedWeight w = packed_weight_from_tensors(codes.contiguous(), scales.contiguous(),
-                                                    zeros.has_value() ? c10::optional<at::Tensor>(zeros->contiguous())
-                                                                      : c10::nullopt,
-                                                    bits, group_size, in_features);
+                  int64_t group_size, int64_t in_features, int64_t zero_bits,
+                  const c10::optional<at::Tensor>& sub_scales, int64_t sub_scale_bits) {
+  const PackedWeight w = packed_weight_from_tensors(codes.contiguous(), scales.contiguous(), contiguous(zeros), bits,
+                                                    group_size, in_features, zero_bits, contiguous(sub_scales),
+                                                    sub_scale_bits);
   return linear(x, w, bias);
 }
 
 }  // namespace gradq::ops
 
 TORCH_LIBRARY(gradq, m) {
-  m.def("dequantize(Tensor codes, Tensor scales, Tensor? zeros, int bits, int group_size, int in_features) -> Tensor");
+  // zero_bits, sub_scales and sub_scale_bits came later: their defaults (8-bit zero points, direct
+  // scales) are the layout of the checkpoints written before, which keep loading.
+  m.def("dequantize(Tensor codes, Tensor scales, Tensor? zeros, int bits, int group_size, int in_features, "
+        "int zero_bits=8, Tensor? sub_scales=None, int sub_scale_bits=0) -> Tensor");
   m.def("linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias, int bits, int group_size, "
-        "int in_features) -> Tensor");
+        "int in_features, int zero_bits=8, Tensor? sub_scales=None, int sub_scale_bits=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gradq, CPU, m) {
   m.impl("dequantize", &gradq::ops::dequantize);
   m.impl("linear", static_cast<at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                               const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                                              int64_t, int64_t, int64_t)>(&gradq::ops::linear));
+                                              int64_t, int64_t, int64_t, int64_t, const c10::optional<at::Tensor>&,
+                                              int64_t)>(&gradq::ops::linear));
 }
 
 // Guarded twice: GRADQ_WITH_CUDA_KERNELS (kernels/ was built) and a libtorch with CUDA (Debian's

@@ -16,17 +16,23 @@ namespace gradq::ops {
 constexpr int64_t kLinearFusedMaxRows = 4;
 
 /// gradq::dequantize: float32 [out, in_features] from the packed tensors.
-/// codes uint8 [out, row_bytes]; scales fp16/fp32 [out, n_groups]; zeros uint8 [out, n_groups] or
-/// none (symmetric); bits in {2, 3, 4, 8}; group_size in {16, 32, 64, 128} or 0 (whole row).
+/// Tensors as quant_spec.h lays them out: codes uint8 [out, row_bytes]; scales fp16/fp32
+/// [out, n_groups] (k formats: fp16 super-scales [out, n_super_groups]); zeros uint8
+/// [out, quant_row_bytes(n_groups, zero_bits)] or none (symmetric); bits in {2, 3, 4, 8};
+/// group_size in {16, 32, 64, 128} or 0 (whole row); zero_bits 8 (checkpoints before b-bit zero
+/// points, z8 formats) or bits; sub_scales uint8 [out, quant_row_bytes(n_groups, sub_scale_bits)]
+/// with sub_scale_bits 6 or 8 for k formats, none and 0 otherwise.
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
-                      int64_t bits, int64_t group_size, int64_t in_features);
+                      int64_t bits, int64_t group_size, int64_t in_features, int64_t zero_bits = kZeroBits8,
+                      const c10::optional<at::Tensor>& sub_scales = c10::nullopt, int64_t sub_scale_bits = 0);
 
 /// gradq::linear: x float32 [..., in_features] -> [..., out]; equals
 /// at::linear(x, dequantize(codes, scales, zeros, ...), bias) up to float summation order.
 /// bias: none or float32 [out].
 at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                   const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
-                  int64_t group_size, int64_t in_features);
+                  int64_t group_size, int64_t in_features, int64_t zero_bits = kZeroBits8,
+                  const c10::optional<at::Tensor>& sub_scales = c10::nullopt, int64_t sub_scale_bits = 0);
 
 /// linear() on a PackedWeight.
 at::Tensor linear(const at::Tensor& x, const PackedWeight& w, const c10::optional<at::Tensor>& bias = c10::nullopt);

@@ -22,6 +22,35 @@ QuantSpec integer_spec(int bits, int64_t group_size) {
 
 }  // namespace
 
+QuantSpec search_spec(int bits, int64_t group_size, const std::string& encoding) {
+  QuantSpec spec = integer_spec(bits, group_size);
+  if (encoding == "asym") {
+  } else if (encoding == "z8") {
+    spec.zero_8bit = bits != 8;  // 8-bit codes store 8-bit zero points already
+  } else if (encoding == "s") {
+    spec.symmetric = true;
+  } else if (encoding == "k6" || encoding == "k8") {
+    spec.sub_scale_bits = encoding == "k6" ? kSubScaleBits6 : kSubScaleBits8;
+  } else {
+    throw Error(fmt::format("unknown side-information encoding '{}': expected asym, z8, s, k6 or k8", encoding));
+  }
+  spec.validate();
+  return spec;
+}
+
+std::vector<QuantSpec> SearchOptions::candidates(int bits, int64_t out_features, int64_t in_features) const {
+  std::vector<QuantSpec> specs;
+  for (int64_t g : group_sizes)
+    for (const std::string& e : encodings) {
+      const QuantSpec s = search_spec(bits, g, e);
+      if (std::find(specs.begin(), specs.end(), s) == specs.end()) specs.push_back(s);
+    }
+  std::stable_sort(specs.begin(), specs.end(), [&](const QuantSpec& a, const QuantSpec& b) {
+    return a.storage_bytes(out_features, in_features) < b.storage_bytes(out_features, in_features);
+  });
+  return specs;
+}
+
 QuantSpec search_start_spec() { return QuantSpec{QuantLevel::kFp16}; }
 
 void SearchOptions::validate() const {
@@ -37,6 +66,10 @@ void SearchOptions::validate() const {
     GRADQ_CHECK(i == 0 || group_sizes[i] < group_sizes[i - 1],
                 "group sizes must be listed large to small (cheapest first), got {}", fmt::join(group_sizes, ","));
   }
+  GRADQ_CHECK(!encodings.empty(), "the search needs at least one side-information encoding");
+  for (int b : bits)
+    for (int64_t g : group_sizes)
+      for (const std::string& e : encodings) search_spec(b, g, e);
 }
 
 PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& evaluator, Budget budget,
@@ -189,10 +222,15 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
         continue;
       }
       if (!policy_.allows(name, level)) continue;  // above the policy's max: wait for a lower width
-      std::vector<QuantSpec> specs;
-      for (int64_t g : options_.group_sizes) specs.push_back(integer_spec(bits, g));
+      const std::vector<QuantSpec> specs =
+          options_.candidates(bits, state[name].out_features, state[name].in_features);
       bool fitted = lower_to(name, specs, options_.method);
-      if (!fitted && options_.trained_fallback && bits <= 4) fitted = lower_to(name, specs, RoundingMethod::kTrained);
+      if (!fitted && options_.trained_fallback && bits <= 4) {
+        std::vector<QuantSpec> trainable;  // trained rounding needs a scale per group (not k6/k8)
+        for (const QuantSpec& s : specs)
+          if (s.sub_scale_bits == 0) trainable.push_back(s);
+        fitted = lower_to(name, trainable, RoundingMethod::kTrained);
+      }
       if (!fitted) {
         settled.insert(name);
       } else if (bits == options_.bits.back() && options_.allow_prune && policy_.allows(name, QuantLevel::kPrune)) {

@@ -3,8 +3,9 @@
 //
 // Every weight starts at fp16 (the memory reference). The search lowers precision progressively:
 // one pass over the units per bit width (8, then 4, [3,] then 2 [then prune]), least important
-// first within a pass. For a unit, the group sizes of the width (128 -> 64 -> 32 -> 16) are the
-// candidates, cheapest first. A candidate is measured by one pass over the calibration windows with
+// first within a pass. For a unit, the group sizes of the width (128 -> 64 -> 32 -> 16) in each
+// side-information encoding of SearchOptions::encodings are the candidates, cheapest first (by the
+// unit's storage). A candidate is measured by one pass over the calibration windows with
 // the unit at the candidate and every other weight at its current state; it is kept when the whole
 // model stays within the budget divided by the safety factor, otherwise the unit is rolled back to
 // exactly its previous state.
@@ -48,6 +49,11 @@ using CandidateCache = std::map<std::string, QuantizedTensor>;
 struct SearchOptions {
   std::vector<int> bits = {8, 4, 2};                   ///< widths tried, high to low (3 optional)
   std::vector<int64_t> group_sizes = {128, 64, 32, 16};  ///< cheapest first
+  /// Side information of the candidates (quant_spec.h): "asym" (zero points at the code width, fp16
+  /// scales), "z8" (8-bit zero points), "s" (symmetric), "k6" / "k8" (sub-scales of a fp16
+  /// super-scale). Every group size in every encoding is a candidate; k6/k8 ones are not tried by
+  /// trained rounding, which needs a scale per group.
+  std::vector<std::string> encodings = {"asym"};
   bool allow_prune = false;                            ///< try removing a weight after its lowest width
   RoundingMethod method = RoundingMethod::kClip;       ///< rounding of the ordinary candidates
   bool trained_fallback = true;
@@ -55,9 +61,16 @@ struct SearchOptions {
   /// Candidates shared with other searches of the same model, statistics and options (null: the
   /// search keeps its own). Not thread-safe: one search at a time.
   std::shared_ptr<CandidateCache> shared_candidates;
-  /// Throws gradq::Error for unsupported widths or group sizes, or an unordered list.
+  /// Throws gradq::Error for unsupported widths, group sizes or encodings, or an unordered list.
   void validate() const;
+  /// The candidates at `bits` for a [out, in] weight: every group size in every encoding, cheapest
+  /// first (stable: ties keep the order of group_sizes, then encodings).
+  std::vector<QuantSpec> candidates(int bits, int64_t out_features, int64_t in_features) const;
 };
+
+/// The spec of `bits`, `group_size` and a SearchOptions encoding; throws gradq::Error naming the
+/// encodings for an unknown one.
+QuantSpec search_spec(int bits, int64_t group_size, const std::string& encoding);
 
 /// One measured candidate of the search.
 struct SearchStep {

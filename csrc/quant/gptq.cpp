@@ -65,9 +65,10 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at:
   const PackedWeight grid = options.clip_search
                                 ? quantize_clipped(w_cpu, spec, xtx.diagonal().to(at::kFloat).cpu(), clip)
                                 : quantize(w_cpu, spec);
-  const at::Tensor scales = grid.scales.to(wf.device(), at::kFloat);  // exact: fp16 -> fp32
-  const at::Tensor zeros = spec.symmetric ? at::full_like(scales, quant_sym_zero(spec.bits()))
-                                          : grid.zeros.to(wf.device(), at::kFloat);
+  // Stored scales (exact in fp32; k formats' effective ones) and zero points, per group.
+  auto [group_scales, group_zeros] = group_scales_and_zeros(grid);
+  const at::Tensor scales = group_scales.to(wf.device());
+  const at::Tensor zeros = group_zeros.to(wf.device());
 
   const at::Tensor perm = gptq_column_order(xtx.to(wf.device()), options.act_order);
   // An input that is always 0 gets diag 1: its column is rounded with no error passed on (H is
@@ -117,7 +118,7 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at:
   }
   // Back to [out, in] in index order.
   const at::Tensor codes = at::empty_like(codes_t).index_copy_(0, perm, codes_t).t();
-  return pack_codes(codes.to(at::kByte), scales, zeros, spec);
+  return with_codes(grid, codes.to(at::kByte));
 }
 
 }  // namespace gradq

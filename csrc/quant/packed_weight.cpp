@@ -31,6 +31,14 @@ void check_tensor(const at::Tensor& t, const char* what, at::ScalarType dtype, i
   TORCH_CHECK(t.is_contiguous(), "packed weight ", spec.name(), ": ", what, " must be contiguous");
 }
 
+// A side-information stream: uint8 [bytes].
+void check_stream(const at::Tensor& t, const char* what, int64_t bytes, const QuantSpec& spec) {
+  const bool ok = t.defined() && t.scalar_type() == at::kByte && t.dim() == 1 && t.size(0) == bytes;
+  TORCH_CHECK(ok, "packed weight ", spec.name(), ": ", what, " must be Byte [", bytes, "], got ",
+              t.defined() ? c10::toString(t.scalar_type()) : "", " ", shape_str(t));
+  TORCH_CHECK(t.is_contiguous(), "packed weight ", spec.name(), ": ", what, " must be contiguous");
+}
+
 // The loops below are instantiated per bit width so that the shifts and masks inside
 // quant_unpack_code become constants (4- and 8-bit codes never straddle a byte).
 template <int kBits>
@@ -76,35 +84,79 @@ void PackedWeight::validate() const {
               ": expected in_features > 0 and out_features >= 0, got ", shape_str(out_features, in_features));
   const int64_t groups = spec.n_groups(in_features);
   check_tensor(codes, "codes", at::kByte, out_features, quant_row_bytes(in_features, spec.bits()), spec);
-  check_tensor(scales, "scales", spec.fp16_scale ? at::kHalf : at::kFloat, out_features, groups, spec);
+  check_tensor(scales, spec.sub_scale_bits ? "super-scales" : "scales", spec.fp16_scale ? at::kHalf : at::kFloat,
+               out_features, spec.scale_cols(in_features), spec);
+  if (spec.sub_scale_bits == 0) {
+    TORCH_CHECK(!sub_scales.defined(), "packed weight ", spec.name(),
+                ": formats with direct scales store no sub-scales, got sub_scales ", shape_str(sub_scales));
+  } else {
+    check_stream(sub_scales, "sub_scales", quant_row_bytes(out_features * groups, spec.sub_scale_bits), spec);
+  }
   if (spec.symmetric) {
     TORCH_CHECK(!zeros.defined(), "packed weight ", spec.name(),
                 ": symmetric formats store no zero points, got zeros ", shape_str(zeros));
-  } else {
+  } else if (spec.zero_bits() == kZeroBits8) {
     check_tensor(zeros, "zeros", at::kByte, out_features, groups, spec);
+  } else {
+    check_stream(zeros, "zeros", quant_row_bytes(out_features * groups, spec.zero_bits()), spec);
   }
-  const int64_t held = codes.nbytes() + scales.nbytes() + (zeros.defined() ? zeros.nbytes() : 0);
+  const int64_t held = codes.nbytes() + scales.nbytes() + (sub_scales.defined() ? sub_scales.nbytes() : 0) +
+                       (zeros.defined() ? zeros.nbytes() : 0);
   TORCH_INTERNAL_ASSERT(held == storage_bytes(), "tensors hold ", held, " bytes, spec says ", storage_bytes());
+}
+
+PackedWeight allocate_packed_weight(int64_t out, int64_t in, const QuantSpec& spec, bool zero_fill) {
+  PackedWeight p;
+  const int64_t groups = spec.n_groups(in);
+  const int64_t row_bytes = quant_row_bytes(in, spec.bits());
+  p.codes = zero_fill ? at::zeros({out, row_bytes}, at::kByte) : at::empty({out, row_bytes}, at::kByte);
+  p.scales = at::empty({out, spec.scale_cols(in)}, spec.fp16_scale ? at::kHalf : at::kFloat);
+  if (spec.sub_scale_bits != 0) p.sub_scales = at::zeros({quant_row_bytes(out * groups, spec.sub_scale_bits)}, at::kByte);
+  if (!spec.symmetric) {
+    p.zeros = spec.zero_bits() == kZeroBits8 ? at::zeros({out, groups}, at::kByte)
+                                             : at::zeros({quant_row_bytes(out * groups, spec.zero_bits())}, at::kByte);
+  }
+  p.out_features = out;
+  p.in_features = in;
+  p.spec = spec;
+  return p;
+}
+
+void pack_side_fields(const uint8_t* fields, int64_t n, int bits, uint8_t* stream) {
+  if (bits == 8) {
+    std::copy(fields, fields + n, stream);
+    return;
+  }
+  for (int64_t k = 0; k < n; ++k) quant_pack_code(stream, k, bits, fields[k]);
 }
 
 PackedWeight packed_weight_from_tensors(const at::Tensor& codes, const at::Tensor& scales,
                                         const c10::optional<at::Tensor>& zeros, int64_t bits,
-                                        int64_t group_size, int64_t in_features) {
+                                        int64_t group_size, int64_t in_features, int64_t zero_bits,
+                                        const c10::optional<at::Tensor>& sub_scales, int64_t sub_scale_bits) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be one of 2, 3, 4, 8, got ", bits);
   TORCH_CHECK(codes.defined() && codes.dim() == 2, "codes must be a 2-D uint8 tensor [out, row_bytes], got ",
               shape_str(codes));
   TORCH_CHECK(scales.defined() && (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat),
               "scales must be float16 or float32, got ",
               scales.defined() ? c10::toString(scales.scalar_type()) : "undefined");
+  TORCH_CHECK(!zeros.has_value() || zero_bits == kZeroBits8 || zero_bits == bits,
+              "zero_bits must be 8 or bits (", bits, "), got ", zero_bits);
+  TORCH_CHECK(sub_scales.has_value() == (sub_scale_bits != 0),
+              "sub_scales and sub_scale_bits go together: got sub_scales ", sub_scales.has_value() ? "present" : "absent",
+              " and sub_scale_bits ", sub_scale_bits);
   PackedWeight w;
   w.codes = codes;
   w.scales = scales;
   w.zeros = zeros.has_value() ? *zeros : at::Tensor();
+  w.sub_scales = sub_scales.has_value() ? *sub_scales : at::Tensor();
   w.out_features = codes.size(0);
   w.in_features = in_features;
   w.spec.level = quant_level_for_bits(static_cast<int>(bits));
   w.spec.group_size = group_size;
   w.spec.symmetric = !w.zeros.defined();
+  w.spec.zero_8bit = w.zeros.defined() && zero_bits == kZeroBits8 && bits != kZeroBits8;
+  w.spec.sub_scale_bits = static_cast<int>(sub_scale_bits);
   w.spec.fp16_scale = scales.scalar_type() == at::kHalf;
   w.validate();
   return w;
@@ -112,15 +164,21 @@ PackedWeight packed_weight_from_tensors(const at::Tensor& codes, const at::Tenso
 
 PackedView::PackedView(const PackedWeight& w)
     : codes(w.codes.data_ptr<uint8_t>()),
+      sub_scales(w.sub_scales.defined() ? w.sub_scales.data_ptr<uint8_t>() : nullptr),
       zeros(w.zeros.defined() ? w.zeros.data_ptr<uint8_t>() : nullptr),
       row_bytes(w.codes.size(1)),
       n_groups(w.spec.n_groups(w.in_features)),
       group_len(w.spec.group_len(w.in_features)),
       in_features(w.in_features),
+      scale_cols(w.spec.scale_cols(w.in_features)),
+      groups_per_super(w.spec.sub_scale_bits ? kSuperGroup / w.spec.group_len(w.in_features) : 0),
       bits(w.spec.bits()),
+      sub_bits(w.spec.sub_scale_bits),
+      zero_bits(w.spec.zero_bits()),
       sym_zero(quant_sym_zero(w.spec.bits())) {
   TORCH_CHECK(w.codes.device().is_cpu() && w.scales.device().is_cpu() &&
-                  (!w.zeros.defined() || w.zeros.device().is_cpu()),
+                  (!w.zeros.defined() || w.zeros.device().is_cpu()) &&
+                  (!w.sub_scales.defined() || w.sub_scales.device().is_cpu()),
               "packed weight ", w.spec.name(), ": the CPU path needs CPU tensors, got codes on ",
               w.codes.device(), ", scales on ", w.scales.device());
   if (w.spec.fp16_scale) {
@@ -132,6 +190,10 @@ PackedView::PackedView(const PackedWeight& w)
 }
 
 float PackedView::scale(int64_t r, int64_t g) const {
+  if (sub_scales) {
+    const float d = half_bits_to_float(scales_h[r * scale_cols + g / groups_per_super]);
+    return quant_sub_scale_value(quant_unpack_code(sub_scales, r * n_groups + g, sub_bits), d);
+  }
   const int64_t i = r * n_groups + g;
   return scales_h ? half_bits_to_float(scales_h[i]) : scales_f[i];
 }

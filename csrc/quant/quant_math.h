@@ -102,17 +102,29 @@ struct GroupParams {
 /// Asymmetric (min-max) parameters for a group whose values span [lo, hi]. The range is widened to
 /// include 0 (as GPTQ does) so that an all-constant group is reproduced exactly and a zero scale
 /// only happens for an all-zero group. Clipping searches pass a shrunken [lo, hi].
-GRADQ_HD GroupParams quant_asym_params(float lo, float hi, int bits, bool fp16_scale) {
+/// The zero point of a group whose values span [lo, hi] (lo as given to quant_asym_params) when
+/// its scale is `scale` as stored: rint(-min(lo, 0) / scale), clamped to the codes 0 .. max_code.
+/// With the min-max scale the clamp never acts (-lo <= hi - lo = max_code * scale, up to the
+/// scale's rounding); with a scale rounded below the range (a k-format sub-scale) it keeps the
+/// zero point a code, and the codes then clamp the end of the range that does not fit. A zero
+/// point in 0 .. max_code is what lets the default formats store it in `bits` bits.
+GRADQ_HD float quant_asym_zero(float lo, float scale, int bits) {
   lo = lo < 0.f ? lo : 0.f;
-  hi = hi > 0.f ? hi : 0.f;
   const float max_code = static_cast<float>(quant_max_code(bits));
-  const float scale = quant_round_scale((hi - lo) / max_code, fp16_scale);
   // Selects, not branches, so that a loop over groups vectorizes; for a zero scale the quotient is
   // NaN and not selected.
   float zero = rintf(-lo / scale);
   zero = zero > 0.f ? zero : 0.f;
   zero = zero < max_code ? zero : max_code;
-  return {scale, scale > 0.f ? zero : 0.f};
+  return scale > 0.f ? zero : 0.f;
+}
+
+GRADQ_HD GroupParams quant_asym_params(float lo, float hi, int bits, bool fp16_scale) {
+  lo = lo < 0.f ? lo : 0.f;
+  hi = hi > 0.f ? hi : 0.f;
+  const float max_code = static_cast<float>(quant_max_code(bits));
+  const float scale = quant_round_scale((hi - lo) / max_code, fp16_scale);
+  return {scale, quant_asym_zero(lo, scale, bits)};
 }
 
 /// The fixed zero point of the symmetric formats, 2^(bits-1); it is not stored.
@@ -137,6 +149,34 @@ GRADQ_HD float quant_sym_signed_absmax(float lo, float hi) {
   hi = hi > 0.f ? hi : 0.f;
   return hi >= -lo ? hi : lo;
 }
+
+// ---- Sub-scales (k6/k8 formats, quant_spec.h) --------------------------------------------------
+// A group's scale is stored as an unsigned sub-scale code q (sub_bits wide) of its super-group's
+// fp16 super-scale d: scale = d * q. d maps the super-group's largest min-max scale to the largest
+// code, so sub-scales are relative to it as llama.cpp's Q4_K 6-bit scales are. d * q is exact in
+// float (11 significant bits times at most 8), so every implementation gets the same scale.
+
+/// Largest sub-scale code of a `sub_bits`-wide sub-scale.
+GRADQ_HD int quant_max_sub_scale(int sub_bits) { return (1 << sub_bits) - 1; }
+
+/// Super-scale of a super-group whose largest group scale (unrounded) is `max_scale`, as stored (fp16).
+GRADQ_HD float quant_super_scale(float max_scale, int sub_bits) {
+  return quant_round_scale(max_scale / static_cast<float>(quant_max_sub_scale(sub_bits)), /*fp16_scale=*/true);
+}
+
+/// Sub-scale code of a group scale `scale` (unrounded, >= 0) against the stored super-scale `d`:
+/// rint(scale / d) clamped to 1 .. max (a nonzero scale never becomes 0, which would zero the whole
+/// group); 0 for a zero scale or a zero d (an all-zero super-group).
+GRADQ_HD uint32_t quant_sub_scale_code(float scale, float d, int sub_bits) {
+  const float max_sub = static_cast<float>(quant_max_sub_scale(sub_bits));
+  float q = rintf(scale / d);
+  q = q > 1.f ? q : 1.f;
+  q = q < max_sub ? q : max_sub;
+  return scale > 0.f && d > 0.f ? static_cast<uint32_t>(static_cast<int32_t>(q)) : 0u;
+}
+
+/// The scale a sub-scale code stands for.
+GRADQ_HD float quant_sub_scale_value(uint32_t code, float d) { return d * static_cast<float>(code); }
 
 /// 1 / scale, or 0 for a zero scale (every element of such a group is 0 and maps to the zero point).
 GRADQ_HD float quant_inv_scale(float scale) { return scale != 0.f ? 1.0f / scale : 0.f; }

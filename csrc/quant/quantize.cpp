@@ -37,21 +37,6 @@ at::Tensor weight_as_float(const at::Tensor& w, const char* fn, bool check_finit
   return wf;
 }
 
-// `zero_codes`: for writers that OR codes into place (quant_pack_code); quantize_rows writes every
-// byte itself.
-PackedWeight allocate_packed(int64_t out, int64_t in, const QuantSpec& spec, bool zero_codes) {
-  PackedWeight p;
-  const int64_t groups = spec.n_groups(in);
-  const int64_t row_bytes = quant_row_bytes(in, spec.bits());
-  p.codes = zero_codes ? at::zeros({out, row_bytes}, at::kByte) : at::empty({out, row_bytes}, at::kByte);
-  p.scales = at::empty({out, groups}, spec.fp16_scale ? at::kHalf : at::kFloat);
-  if (!spec.symmetric) p.zeros = at::empty({out, groups}, at::kByte);
-  p.out_features = out;
-  p.in_features = in;
-  p.spec = spec;
-  return p;
-}
-
 // A scale that overflows fp16 becomes inf and would dequantize to NaN; say so instead.
 void check_scale(float scale, int64_t r, int64_t g, const QuantSpec& spec) {
   TORCH_CHECK(std::isfinite(scale), "quantize ", spec.name(), ": group ", g, " of row ", r,
@@ -65,19 +50,26 @@ at::Tensor dequantize_ref_impl(const PackedWeight& w) {
   w.validate();
   const int bits = w.spec.bits();
   const int64_t glen = w.spec.group_len(w.in_features);
+  const int64_t groups = w.spec.n_groups(w.in_features);
   const at::Tensor scales = w.scales.to(at::kFloat);  // fp16 -> fp32 is exact
   const auto S = scales.accessor<float, 2>();
-  // Symmetric formats store no zero points: use the fixed one for every group.
-  const at::Tensor zeros = w.spec.symmetric ? at::full(w.scales.sizes(), quant_sym_zero(bits), at::kFloat)
-                                            : w.zeros.to(at::kFloat);
-  const auto Z = zeros.accessor<float, 2>();
+  const int sub_bits = w.spec.sub_scale_bits, zero_bits = w.spec.zero_bits();
   at::Tensor out = at::empty({w.out_features, w.in_features}, at::kFloat);
   auto O = out.accessor<float, 2>();
   for (int64_t r = 0; r < w.out_features; ++r) {
     const uint8_t* row = w.codes.data_ptr<uint8_t>() + r * w.codes.size(1);
     for (int64_t i = 0; i < w.in_features; ++i) {
       const int64_t g = i / glen;
-      O[r][i] = quant_dequant(quant_unpack_code(row, i, bits), S[r][g], Z[r][g]);
+      // k formats: the group's scale is its sub-scale times the super-scale of its super-group.
+      const float scale =
+          sub_bits == 0 ? S[r][g]
+                        : quant_sub_scale_value(quant_unpack_code(w.sub_scales.data_ptr<uint8_t>(), r * groups + g, sub_bits),
+                                                S[r][i / kSuperGroup]);
+      // Symmetric formats store no zero points: the fixed one for every group.
+      const float zero =
+          zero_bits == 0 ? quant_sym_zero(bits)
+                         : static_cast<float>(quant_unpack_code(w.zeros.data_ptr<uint8_t>(), r * groups + g, zero_bits));
+      O[r][i] = quant_dequant(quant_unpack_code(row, i, bits), scale, zero);
     }
   }
   return out;
@@ -181,23 +173,35 @@ void quantize_rows(const float* w, PackedWeight& p, const ChooseRowParams& choos
   const int64_t glen = p.spec.group_len(in);
   const int64_t groups = p.spec.n_groups(in);
   const int64_t row_bytes = p.codes.size(1);
+  const int64_t scale_cols = p.spec.scale_cols(in);
+  const bool sub = p.spec.sub_scale_bits != 0;
   uint8_t* codes = p.codes.data_ptr<uint8_t>();
   uint16_t* scales_h = p.spec.fp16_scale ? reinterpret_cast<uint16_t*>(p.scales.data_ptr<at::Half>()) : nullptr;
   float* scales_f = p.spec.fp16_scale ? nullptr : p.scales.data_ptr<float>();
-  uint8_t* zeros = p.zeros.defined() ? p.zeros.data_ptr<uint8_t>() : nullptr;
+  // Zero points and sub-scale codes a byte per group first: rows share the bytes of the packed
+  // streams, so they are packed after the parallel loop (pack_side_fields).
+  const int zero_bits = p.spec.zero_bits();
+  std::vector<uint8_t> zero_codes(zero_bits != 0 && zero_bits != kZeroBits8 ? p.out_features * groups : 0);
+  uint8_t* zeros = zero_bits == 0 ? nullptr : zero_bits == kZeroBits8 ? p.zeros.data_ptr<uint8_t>() : zero_codes.data();
+  std::vector<uint8_t> sub_codes(sub ? p.out_features * groups : 0);
   at::parallel_for(0, p.out_features, parallel_row_grain(in), [&](int64_t r0, int64_t r1) {
     RowBuffers buf(groups, glen);
     for (int64_t r = r0; r < r1; ++r) {
       const float* wr = w + r * in;
       choose(wr, buf);
+      if (sub) {
+        store_row_sub_scales(buf.params.data(), buf.lo.data(), groups, kSuperGroup / glen, p.spec,
+                             scales_h + r * scale_cols, sub_codes.data() + r * groups);
+      }
       for (int64_t g = 0; g < groups; ++g) check_scale(buf.params[g].scale, r, g, p.spec);
-      const int64_t first = r * groups;
-      store_row_params(buf.params.data(), groups, scales_h ? scales_h + first : nullptr,
-                       scales_f ? scales_f + first : nullptr, zeros ? zeros + first : nullptr);
+      store_row_params(buf.params.data(), groups, scales_h && !sub ? scales_h + r * scale_cols : nullptr,
+                       scales_f ? scales_f + r * scale_cols : nullptr, zeros ? zeros + r * groups : nullptr);
       encode_row(wr, in, glen, p.spec.bits(), buf.params.data(), r + 1 < r1 ? wr + in : nullptr, buf.codes.data(),
                  codes + r * row_bytes);
     }
   });
+  if (!zero_codes.empty()) pack_side_fields(zero_codes.data(), p.out_features * groups, zero_bits, p.zeros.data_ptr<uint8_t>());
+  if (sub) pack_side_fields(sub_codes.data(), p.out_features * groups, p.spec.sub_scale_bits, p.sub_scales.data_ptr<uint8_t>());
 }
 
 // Weighted squared error of quantizing one group with `gp`. Accumulated in double, in index
@@ -213,8 +217,11 @@ double group_error(const float* w, const float* act, int64_t n, GroupParams gp, 
   return err;
 }
 
+// The clipped parameters of one group, chosen with `spec` (group_choice_spec: fp32 scales for k
+// formats, whose stored scale store_row_sub_scales sets afterwards from `*chosen_lo`, the lower end
+// of the chosen range).
 GroupParams search_clip(const float* w, const float* act, int64_t n, const QuantSpec& spec,
-                        const ClipSearchOptions& opt) {
+                        const ClipSearchOptions& opt, float* chosen_lo) {
   const GroupRange range = group_range(w, n);  // finiteness: quantize_clipped checked it
   const float lo = range.lo, hi = range.hi;
   const float signed_absmax = quant_sym_signed_absmax(lo, hi);
@@ -230,6 +237,7 @@ GroupParams search_clip(const float* w, const float* act, int64_t n, const Quant
     if (err < best_err) {
       best_err = err;
       best = gp;
+      *chosen_lo = lo * ratio;
     }
   }
   return best;
@@ -243,15 +251,17 @@ PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec) {
   const int64_t out = wf.size(0), in = wf.size(1);
   const int bits = spec.bits();
   const int64_t glen = spec.group_len(in);
-  PackedWeight p = allocate_packed(out, in, spec, /*zero_codes=*/true);
+  const int64_t groups = spec.n_groups(in);
+  const QuantSpec choice = group_choice_spec(spec);
+  PackedWeight p = allocate_packed_weight(out, in, spec, /*zero_fill=*/true);
   const auto W = wf.accessor<float, 2>();
-  at::Tensor scales = at::empty({out, spec.n_groups(in)}, at::kFloat);
+  at::Tensor scales = at::empty({out, groups}, at::kFloat);
   auto S = scales.accessor<float, 2>();
-  at::Tensor zeros = at::zeros({out, spec.n_groups(in)}, at::kByte);
-  auto Z = zeros.accessor<uint8_t, 2>();
+  std::vector<GroupParams> params(static_cast<size_t>(groups));
+  std::vector<float> los(params.size());
+  std::vector<uint8_t> sub_codes(params.size());
   for (int64_t r = 0; r < out; ++r) {
-    uint8_t* row = p.codes.data_ptr<uint8_t>() + r * p.codes.size(1);
-    for (int64_t g = 0; g < spec.n_groups(in); ++g) {
+    for (int64_t g = 0; g < groups; ++g) {
       const int64_t begin = g * glen;
       const int64_t end = std::min(begin + glen, in);
       float lo = W[r][begin], hi = W[r][begin];
@@ -259,17 +269,33 @@ PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec) {
         lo = std::min(lo, W[r][i]);
         hi = std::max(hi, W[r][i]);
       }
-      const GroupParams gp = rtn_params(lo, hi, spec);
+      params[g] = rtn_params(lo, hi, choice);
+      los[g] = lo;
+    }
+    if (spec.sub_scale_bits != 0) {
+      store_row_sub_scales(params.data(), los.data(), groups, kSuperGroup / glen, spec,
+                           reinterpret_cast<uint16_t*>(p.scales.data_ptr<at::Half>()) + r * p.scales.size(1),
+                           sub_codes.data());
+      for (int64_t g = 0; g < groups; ++g)
+        quant_pack_code(p.sub_scales.data_ptr<uint8_t>(), r * groups + g, spec.sub_scale_bits, sub_codes[g]);
+    }
+    uint8_t* row = p.codes.data_ptr<uint8_t>() + r * p.codes.size(1);
+    for (int64_t g = 0; g < groups; ++g) {
+      const GroupParams gp = params[g];
       check_scale(gp.scale, r, g, spec);
       S[r][g] = gp.scale;
-      Z[r][g] = static_cast<uint8_t>(gp.zero);
+      if (!spec.symmetric) {
+        quant_pack_code(p.zeros.data_ptr<uint8_t>(), r * groups + g, spec.zero_bits(), static_cast<uint32_t>(gp.zero));
+      }
       const float inv = quant_inv_scale(gp.scale);
+      const int64_t begin = g * glen;
+      const int64_t end = std::min(begin + glen, in);
       for (int64_t i = begin; i < end; ++i) quant_pack_code(row, i, bits, quant_code(W[r][i], inv, gp.zero, bits));
     }
   }
-  // The scales are already rounded to fp16, so this conversion is exact.
-  p.scales.copy_(scales);
-  if (!spec.symmetric) p.zeros.copy_(zeros);
+  // The scales are already rounded to fp16, so this conversion is exact. k formats wrote their
+  // super-scales and sub-scales above.
+  if (spec.sub_scale_bits == 0) p.scales.copy_(scales);
   return p;
 }
 
@@ -279,9 +305,10 @@ PackedWeight quantize(const at::Tensor& w, const QuantSpec& spec) {
   check_integer_spec(spec, "quantize");
   const at::Tensor wf = weight_as_float(w, "quantize", /*check_finite=*/false);
   const int64_t in = wf.size(1), glen = spec.group_len(in);
-  PackedWeight p = allocate_packed(wf.size(0), in, spec, /*zero_codes=*/false);
+  const QuantSpec choice = group_choice_spec(spec);
+  PackedWeight p = allocate_packed_weight(wf.size(0), in, spec, /*zero_fill=*/false);
   quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, RowBuffers& buf) {
-    TORCH_CHECK(rtn_row_params(wr, in, glen, spec, buf.lo.data(), buf.hi.data(), buf.params.data()), "quantize",
+    TORCH_CHECK(rtn_row_params(wr, in, glen, choice, buf.lo.data(), buf.hi.data(), buf.params.data()), "quantize",
                 kNotFinite);
   });
   return p;
@@ -324,19 +351,40 @@ PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const 
   }
   const float* a = act.defined() ? act.data_ptr<float>() : nullptr;
   const int64_t glen = spec.group_len(in);
-  PackedWeight p = allocate_packed(wf.size(0), in, spec, /*zero_codes=*/false);
+  const QuantSpec choice = group_choice_spec(spec);
+  PackedWeight p = allocate_packed_weight(wf.size(0), in, spec, /*zero_fill=*/false);
   quantize_rows(wf.data_ptr<float>(), p, [&](const float* wr, RowBuffers& buf) {
     for (int64_t g = 0, begin = 0; begin < in; ++g, begin += glen)
-      buf.params[g] = search_clip(wr + begin, a ? a + begin : nullptr, std::min(glen, in - begin), spec, opt);
+      buf.params[g] = search_clip(wr + begin, a ? a + begin : nullptr, std::min(glen, in - begin), choice, opt, &buf.lo[g]);
   });
   return p;
 }
 
+namespace {
+
+// Checks codes for spec and a [out, in] shape, and packs them into a zeroed codes tensor's rows.
+void pack_code_rows(const at::Tensor& codes, const QuantSpec& spec, at::Tensor& packed_codes, const char* who) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, who, ": expected uint8 codes [out, in], got ",
+              codes.scalar_type(), " ", codes.sizes());
+  const int64_t out = codes.size(0), in = codes.size(1);
+  const at::Tensor c = codes.cpu().contiguous();
+  TORCH_CHECK(c.max().item<int64_t>() <= quant_max_code(spec.bits()), who, ": expected codes <= ",
+              quant_max_code(spec.bits()), ", got ", c.max().item<int64_t>());
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  uint8_t* row = packed_codes.data_ptr<uint8_t>();
+  const int64_t row_bytes = packed_codes.size(1);
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t i = 0; i < in; ++i) quant_pack_code(row + r * row_bytes, i, spec.bits(), cp[r * in + i]);
+}
+
+}  // namespace
+
 PackedWeight pack_codes(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
                         const QuantSpec& spec) {
   check_integer_spec(spec, "pack_codes");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "pack_codes: expected uint8 codes [out, in], got ",
-              codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK(spec.sub_scale_bits == 0, "pack_codes: expected a format with a scale per group, got ", spec.name(),
+              " (k formats: with_codes on a grid)");
+  TORCH_CHECK(codes.dim() == 2, "pack_codes: expected codes [out, in], got ", codes.sizes());
   const int64_t out = codes.size(0), in = codes.size(1), groups = spec.n_groups(in);
   TORCH_CHECK(in > 0, "pack_codes: expected in_features > 0, got [", out, ", ", in, "]");
   TORCH_CHECK(scales.sizes() == at::IntArrayRef({out, groups}) && scales.scalar_type() == at::kFloat,
@@ -344,30 +392,49 @@ PackedWeight pack_codes(const at::Tensor& codes, const at::Tensor& scales, const
               scales.sizes());
   TORCH_CHECK(spec.symmetric || (zeros.sizes() == at::IntArrayRef({out, groups}) && zeros.scalar_type() == at::kFloat),
               "pack_codes: expected float32 zero points [", out, ", ", groups, "]");
-  const at::Tensor c = codes.cpu().contiguous();
   const at::Tensor s = scales.cpu().contiguous();
-  TORCH_CHECK(c.max().item<int64_t>() <= quant_max_code(spec.bits()), "pack_codes: expected codes <= ",
-              quant_max_code(spec.bits()), ", got ", c.max().item<int64_t>());
   TORCH_CHECK(at::isfinite(s).all().item<bool>(), "pack_codes: the scales hold NaN or inf values");
   TORCH_CHECK(!spec.fp16_scale || at::equal(s, s.to(at::kHalf).to(at::kFloat)),
               "pack_codes: expected scales already rounded to fp16 for ", spec.name());
-  PackedWeight p = allocate_packed(out, in, spec, /*zero_codes=*/true);
-  const uint8_t* cp = c.data_ptr<uint8_t>();
-  uint8_t* row = p.codes.data_ptr<uint8_t>();
-  const int64_t row_bytes = p.codes.size(1);
-  for (int64_t r = 0; r < out; ++r)
-    for (int64_t i = 0; i < in; ++i) quant_pack_code(row + r * row_bytes, i, spec.bits(), cp[r * in + i]);
+  PackedWeight p = allocate_packed_weight(out, in, spec, /*zero_fill=*/true);
+  pack_code_rows(codes, spec, p.codes, "pack_codes");
   // The scales are already rounded to their storage type, so this conversion is exact.
   p.scales.copy_(s);
   if (!spec.symmetric) {
-    const at::Tensor z = zeros.cpu();
-    TORCH_CHECK(at::equal(z, z.round()) && (z >= 0).all().item<bool>() &&
-                    (z <= quant_max_code(spec.bits())).all().item<bool>(),
-                "pack_codes: expected integer zero points in 0..", quant_max_code(spec.bits()));
-    p.zeros.copy_(z.to(at::kByte));
+    const int64_t max_zero = (int64_t{1} << spec.zero_bits()) - 1;
+    const at::Tensor z = zeros.cpu().contiguous();
+    TORCH_CHECK(at::equal(z, z.round()) && (z >= 0).all().item<bool>() && (z <= max_zero).all().item<bool>(),
+                "pack_codes: expected integer zero points in 0..", max_zero);
+    const at::Tensor fields = z.to(at::kByte).contiguous();
+    pack_side_fields(fields.data_ptr<uint8_t>(), out * groups, spec.zero_bits(), p.zeros.data_ptr<uint8_t>());
   }
   p.validate();
   return p;
+}
+
+PackedWeight with_codes(const PackedWeight& grid, const at::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.size(0) == grid.out_features && codes.size(1) == grid.in_features,
+              "with_codes: expected codes [", grid.out_features, ", ", grid.in_features, "], got ", codes.sizes());
+  PackedWeight p = grid;
+  p.codes = at::zeros_like(grid.codes);
+  pack_code_rows(codes, grid.spec, p.codes, "with_codes");
+  p.validate();
+  return p;
+}
+
+std::pair<at::Tensor, at::Tensor> group_scales_and_zeros(const PackedWeight& w) {
+  w.validate();
+  const PackedView v(w);
+  const int64_t out = w.out_features, groups = v.n_groups;
+  at::Tensor scales = at::empty({out, groups}, at::kFloat), zeros = at::empty({out, groups}, at::kFloat);
+  float* s = scales.data_ptr<float>();
+  float* z = zeros.data_ptr<float>();
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      s[r * groups + g] = v.scale(r, g);
+      z[r * groups + g] = v.zero(r, g);
+    }
+  return {scales, zeros};
 }
 
 }  // namespace gradq

@@ -46,12 +46,21 @@ struct ClipSearchOptions {
 PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& act_sq_mean,
                               const ClipSearchOptions& opt = {});
 
-/// Packs codes chosen elsewhere (trained rounding, GPTQ) into spec's layout, with quant_math.h.
+/// Packs codes chosen elsewhere (trained rounding) into spec's layout, with quant_math.h.
 /// `codes`: uint8 [out, in], each at most quant_max_code(bits); `scales`: float32 [out, n_groups],
 /// already rounded to their storage type (quant_round_scale), finite; `zeros`: float32 [out,
-/// n_groups] integer zero points (read only for asymmetric specs). Any device; the result is on the
-/// CPU. Throws c10::Error naming the expected and the actual shape or value.
+/// n_groups] integer zero points (read only for asymmetric specs), stored at spec.zero_bits(). Not for
+/// k formats (their scales are not free per group: use with_codes on a grid). Any device; the result
+/// is on the CPU. Throws c10::Error naming the expected and the actual shape or value.
 PackedWeight pack_codes(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
                         const QuantSpec& spec);
+
+/// `grid` with its codes replaced by `codes` (uint8 [out, in], each at most quant_max_code(bits)):
+/// codes chosen elsewhere (GPTQ) on the scales, sub-scales and zero points `grid` already stores.
+PackedWeight with_codes(const PackedWeight& grid, const at::Tensor& codes);
+
+/// The stored scale and zero point of every group of `w`, as float32 [out, n_groups] each (the
+/// effective scale of k formats; the fixed zero of symmetric ones), on the CPU.
+std::pair<at::Tensor, at::Tensor> group_scales_and_zeros(const PackedWeight& w);
 
 }  // namespace gradq

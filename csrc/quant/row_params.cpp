@@ -45,11 +45,38 @@ GRADQ_CPU_CLONES void store_row_params(const GroupParams* params, int64_t groups
                                        float* scales_f, uint8_t* zeros) {
   if (scales_h) {
     for (int64_t g = 0; g < groups; ++g) scales_h[g] = float_to_half_bits(params[g].scale);
-  } else {
+  } else if (scales_f) {
     for (int64_t g = 0; g < groups; ++g) scales_f[g] = params[g].scale;
   }
   if (zeros) {
     for (int64_t g = 0; g < groups; ++g) zeros[g] = static_cast<uint8_t>(params[g].zero);
+  }
+}
+
+QuantSpec group_choice_spec(const QuantSpec& spec) {
+  QuantSpec s = spec;
+  if (s.sub_scale_bits != 0) {
+    s.sub_scale_bits = 0;
+    s.fp16_scale = false;
+  }
+  return s;
+}
+
+void store_row_sub_scales(GroupParams* params, const float* lo, int64_t groups, int64_t groups_per_super,
+                          const QuantSpec& spec, uint16_t* super_h, uint8_t* sub_codes) {
+  const int bits = spec.bits(), sub_bits = spec.sub_scale_bits;
+  for (int64_t first = 0, s = 0; first < groups; first += groups_per_super, ++s) {
+    const int64_t last = std::min(first + groups_per_super, groups);
+    float max_scale = 0.f;
+    for (int64_t g = first; g < last; ++g) max_scale = std::max(max_scale, params[g].scale);
+    const float d = quant_super_scale(max_scale, sub_bits);
+    super_h[s] = float_to_half_bits(d);  // exact: d is already fp16
+    for (int64_t g = first; g < last; ++g) {
+      const uint32_t q = quant_sub_scale_code(params[g].scale, d, sub_bits);
+      sub_codes[g] = static_cast<uint8_t>(q);
+      const float scale = quant_sub_scale_value(q, d);
+      params[g] = {scale, quant_asym_zero(lo[g], scale, bits)};
+    }
   }
 }
 

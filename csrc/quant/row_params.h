@@ -53,9 +53,24 @@ bool rtn_row_params(const float* w, int64_t in, int64_t glen, const QuantSpec& s
                     GroupParams* params);
 
 /// Stores the parameters of a row's groups: scales as fp16 bits (`scales_h`) or fp32 (`scales_f`,
-/// the other one null), zero points (`zeros`, null for symmetric formats). The scales are already
-/// rounded to their storage type, so the conversion is exact. Cloned per ISA.
+/// or neither: a k format, whose scales store_row_sub_scales wrote), zero points a byte each
+/// (`zeros`, null for symmetric formats; pack_side_fields packs them to their width). The scales
+/// are already rounded to their storage type, so the conversion is exact. Cloned per ISA.
 void store_row_params(const GroupParams* params, int64_t groups, uint16_t* scales_h, float* scales_f,
                       uint8_t* zeros);
+
+/// The spec with which a quantizer chooses each group's range and scale: `spec` itself, or for k
+/// formats the same with fp32 scales, since a group's stored scale is known only once every group
+/// of its super-group has its range (store_row_sub_scales).
+QuantSpec group_choice_spec(const QuantSpec& spec);
+
+/// k formats: turns the unrounded scales of a row's groups (params[g].scale, chosen with
+/// group_choice_spec) into stored ones: per super-group of `groups_per_super` groups the fp16
+/// super-scale (into super_h[]) and each group's sub-scale code (a byte each into sub_codes[]),
+/// then params[g] = {stored scale, quant_asym_zero(lo[g], stored scale)}, lo[g] being the lower
+/// end of the range the group's scale was chosen for. The scalar reference and the parallel
+/// quantizer both call this.
+void store_row_sub_scales(GroupParams* params, const float* lo, int64_t groups, int64_t groups_per_super,
+                          const QuantSpec& spec, uint16_t* super_h, uint8_t* sub_codes);
 
 }  // namespace gradq

@@ -229,6 +229,10 @@ TrainedRoundingResult train_rounding(const at::Tensor& w, const QuantSpec& spec,
   GRADQ_CHECK(spec.is_integer(), "train_rounding: expected an integer level (int2, int3, int4, int8), got {}",
               quant_level_name(spec.level));
   spec.validate();
+  // Its ranges are trained per group against a scale stored per group; a k format's scale also
+  // depends on the other groups of its super-group.
+  GRADQ_CHECK(spec.sub_scale_bits == 0, "train_rounding: expected a format with direct scales (e.g. b4g32, b4g32s), got {}",
+              spec.name());
   GRADQ_CHECK(options.iterations >= 0, "train_rounding: expected iterations >= 0, got {}", options.iterations);
   GRADQ_CHECK(std::isfinite(options.learning_rate) && options.learning_rate >= 0.0,
               "train_rounding: expected a learning rate >= 0 (0: 1 / iterations), got {}", options.learning_rate);

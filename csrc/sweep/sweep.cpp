@@ -96,6 +96,8 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
           {"search",
            {{"bits", s.bits},
             {"group_sizes", s.group_sizes},
+            // Also marks sweeps whose accounting has b-bit zero points (older ones had 8-bit).
+            {"encodings", s.encodings},
             {"allow_prune", s.allow_prune},
             {"method", rounding_method_name(s.method)},
             {"trained_fallback", s.trained_fallback},

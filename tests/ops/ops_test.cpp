@@ -31,20 +31,28 @@ using test::gaussian;
 namespace {
 
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                            const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t);
+                            const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t,
+                            const c10::optional<at::Tensor>&, int64_t);
 using DequantizeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t,
-                                int64_t, int64_t);
+                                int64_t, int64_t, int64_t, const c10::optional<at::Tensor>&, int64_t);
+
+c10::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// The zero_bits argument for w's format (8, the schema's default, for symmetric ones).
+int64_t zero_bits_arg(const PackedWeight& w) { return w.spec.symmetric ? 8 : w.spec.zero_bits(); }
 
 at::Tensor call_linear(const at::Tensor& x, const PackedWeight& w, const c10::optional<at::Tensor>& bias) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gradq::linear", "").typed<LinearFn>();
-  const c10::optional<at::Tensor> zeros = w.zeros.defined() ? c10::optional<at::Tensor>(w.zeros) : c10::nullopt;
-  return op.call(x, w.codes, w.scales, zeros, bias, w.spec.bits(), w.spec.group_size, w.in_features);
+  return op.call(x, w.codes, w.scales, optional(w.zeros), bias, w.spec.bits(), w.spec.group_size, w.in_features,
+                 zero_bits_arg(w), optional(w.sub_scales), w.spec.sub_scale_bits);
 }
 
 at::Tensor call_dequantize(const PackedWeight& w) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gradq::dequantize", "").typed<DequantizeFn>();
-  const c10::optional<at::Tensor> zeros = w.zeros.defined() ? c10::optional<at::Tensor>(w.zeros) : c10::nullopt;
-  return op.call(w.codes, w.scales, zeros, w.spec.bits(), w.spec.group_size, w.in_features);
+  return op.call(w.codes, w.scales, optional(w.zeros), w.spec.bits(), w.spec.group_size, w.in_features,
+                 zero_bits_arg(w), optional(w.sub_scales), w.spec.sub_scale_bits);
 }
 
 QuantSpec make_spec(int bits, int64_t group, bool symmetric, bool fp16_scale) {
@@ -73,31 +81,25 @@ void expect_close_to_reference(const at::Tensor& y, const at::Tensor& x, const a
 }
 
 struct LinearCase {
-  int bits;
-  int64_t group;
-  bool symmetric;
-  bool fp16_scale;
+  std::string spec;
   int64_t batch;
   bool bias;
   std::string name() const {
-    return "b" + std::to_string(bits) + "_g" + (group == kWholeRow ? std::string("row") : std::to_string(group)) +
-           (symmetric ? "_sym" : "_asym") + (fp16_scale ? "_f16" : "_f32") + "_batch" + std::to_string(batch) +
-           (bias ? "_bias" : "_nobias");
+    std::string n = spec + "_batch" + std::to_string(batch) + (bias ? "_bias" : "_nobias");
+    for (char& ch : n)
+      if (ch == '-') ch = '_';
+    return n;
   }
 };
 
 std::vector<LinearCase> all_linear_cases() {
-  struct Format {
-    int bits;
-    int64_t group;
-    bool sym, fp16;
-  };
-  const Format formats[] = {{4, 32, false, true}, {3, 128, true, true}, {2, kWholeRow, false, false},
-                            {8, 16, true, false}, {4, 64, true, true}};
+  // Every kind of side information: b-bit and 8-bit zero points, symmetric, fp32 scales, k sub-scales.
+  const char* formats[] = {"b4g32", "b3g128s", "b2grow-f32", "b8g16s-f32", "b4g64s", "b4g32z8", "b3g16z8-f32",
+                           "b4g16k6", "b3g32k8", "b2g64k6"};
   std::vector<LinearCase> cases;
-  for (const Format& f : formats)
+  for (const char* f : formats)
     for (int64_t batch : {1, 2, 3, 4, 5, 17, 64})
-      for (bool bias : {false, true}) cases.push_back({f.bits, f.group, f.sym, f.fp16, batch, bias});
+      for (bool bias : {false, true}) cases.push_back({f, batch, bias});
   return cases;
 }
 
@@ -107,7 +109,8 @@ class OpsLinear : public ::testing::TestWithParam<LinearCase> {
  protected:
   void SetUp() override {
     const LinearCase& c = GetParam();
-    w_ = quantize(gaussian(kOut, kIn, 100 + c.bits), make_spec(c.bits, c.group, c.symmetric, c.fp16_scale));
+    const QuantSpec spec = parse_quant_spec(c.spec);
+    w_ = quantize(gaussian(kOut, kIn, 100 + spec.bits()), spec);
     x_ = gaussian(c.batch, kIn, 200 + c.batch, 1.0);
     // Bias large enough that every output is clearly nonzero.
     if (c.bias) bias_ = gaussian(1, kOut, 300, 1.0).squeeze(0).sign() * 3.0;
@@ -178,7 +181,9 @@ struct GradqResolver : torch::jit::NativeResolver {
 };
 
 TEST(OpsTorchScript, SavedModuleCallsTheOpsAfterLoad) {
-  const PackedWeight w = quantize(gaussian(kOut, kIn, 4), make_spec(4, 32, false, true));
+  // The calls of a checkpoint written before zero_bits and sub-scales existed: 8-bit zero points
+  // (z8) through the schema's defaults.
+  const PackedWeight w = quantize(gaussian(kOut, kIn, 4), parse_quant_spec("b4g32z8"));
   torch::jit::Module m("m");
   m.define(R"(
 def forward(self, x, c, s, z):
@@ -197,6 +202,27 @@ def dequantize(self, c, s, z):
   const at::Tensor dq = loaded.get_method("dequantize")({w.codes, w.scales, w.zeros}).toTensor();
   EXPECT_TRUE(bitwise_equal(dq, dequantize(w)));
   GRADQ_EXPECT_THROW_MSG(loaded.forward({gaussian(3, 100, 5), w.codes, w.scales, w.zeros}), "in_features = 172");
+  // The same weight in the default format (4-bit zero points) gives the same values from fewer bytes.
+  const PackedWeight wb = quantize(gaussian(kOut, kIn, 4), parse_quant_spec("b4g32"));
+  EXPECT_LT(wb.zeros.nbytes(), w.zeros.nbytes());
+  EXPECT_TRUE(bitwise_equal(call_dequantize(wb), dq));
+  // An old-style call on the new layout names the mismatch.
+  GRADQ_EXPECT_THROW_MSG(loaded.forward({x, wb.codes, wb.scales, wb.zeros}), "zeros must be Byte [33, 6], got Byte [99]");
+}
+
+TEST(OpsTorchScript, SubScaleFormatThroughTheSchema) {
+  const PackedWeight w = quantize(gaussian(kOut, kIn, 9), parse_quant_spec("b4g16k6"));
+  torch::jit::Module m("m");
+  m.define(R"(
+def forward(self, x, c, s, z, q):
+    return gradq.linear(x, c, s, z, None, 4, 16, 172, 4, q, 6)
+)",
+           std::make_shared<GradqResolver>());
+  std::stringstream saved;
+  m.save(saved);
+  torch::jit::Module loaded = torch::jit::load(saved);
+  const at::Tensor x = gaussian(2, kIn, 5, 1.0);
+  EXPECT_TRUE(bitwise_equal(loaded.forward({x, w.codes, w.scales, w.zeros, w.sub_scales}).toTensor(), ops::linear(x, w)));
 }
 
 // fp16 and bf16 models: the op computes in float32 and returns the input's dtype, so its result is
@@ -240,13 +266,18 @@ TEST(OpsErrors, MismatchedTensorsNameWhatWasExpected) {
   GRADQ_EXPECT_THROW_MSG(call_linear(x, bad, c10::nullopt), "scales must be Half [33, 6], got Half [33, 5]");
   bad = w;
   bad.zeros = w.zeros.to(at::kInt);
-  GRADQ_EXPECT_THROW_MSG(call_dequantize(bad), "zeros must be Byte [33, 6], got Int [33, 6]");
+  GRADQ_EXPECT_THROW_MSG(call_dequantize(bad), "zeros must be Byte [99], got Int [99]");
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gradq::linear", "").typed<LinearFn>();
-  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 5, 32, kIn),
+  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 5, 32, kIn, 4, c10::nullopt, 0),
                          "bits must be one of 2, 3, 4, 8, got 5");
-  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 32, 170),
+  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 32, 170, 4, c10::nullopt, 0),
                          "codes must be Byte [33, 85], got Byte [33, 86]");
-  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 48, kIn), "group size must be one of");
+  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 48, kIn, 4, c10::nullopt, 0),
+                         "group size must be one of");
+  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 32, kIn, 5, c10::nullopt, 0),
+                         "zero_bits must be 8 or bits (4), got 5");
+  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 32, kIn, 4, c10::nullopt, 6),
+                         "sub_scales and sub_scale_bits go together");
 }
 
 }  // namespace

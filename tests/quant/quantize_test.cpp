@@ -50,39 +50,82 @@ QuantSpec make_spec(int bits, int64_t group, bool symmetric, bool fp16_scale) {
   return s;
 }
 
-// Stored scale of group g of row r as a float.
+// Stored scale of group g of row r as a float, decoded from the tensors as quant_spec.h draws them
+// (k formats: fp16 super-scale of the group's super-group times its packed sub-scale).
 float stored_scale(const PackedWeight& p, int64_t r, int64_t g) {
-  return p.scales.to(at::kFloat)[r][g].item<float>();
+  const at::Tensor scales = p.scales.to(at::kFloat);
+  if (p.spec.sub_scale_bits == 0) return scales[r][g].item<float>();
+  const int64_t super = g * p.spec.group_size / kSuperGroup;
+  const int64_t k = r * p.spec.n_groups(p.in_features) + g;  // streams run over the tensor in (row, group) order
+  const uint32_t q = quant_unpack_code(p.sub_scales.data_ptr<uint8_t>(), k, p.spec.sub_scale_bits);
+  return scales[r][super].item<float>() * static_cast<float>(q);
+}
+
+// Zero point of group g of row r (the fixed 2^(bits-1) for symmetric formats).
+float stored_zero(const PackedWeight& p, int64_t r, int64_t g) {
+  if (p.spec.symmetric) return static_cast<float>(1 << (p.spec.bits() - 1));
+  const int zb = p.spec.zero_bits();
+  const int64_t k = r * p.spec.n_groups(p.in_features) + g;
+  return static_cast<float>(quant_unpack_code(p.zeros.data_ptr<uint8_t>(), k, zb));
 }
 
 // ---- Format x shape sweep -----------------------------------------------------------------------
 
+// How a case stores its side information (quant_spec.h).
+enum class Side { kZeroB, kZero8, kSym, kSub6, kSub8 };
+
+const char* side_name(Side s) {
+  switch (s) {
+    case Side::kZeroB: return "asym";
+    case Side::kZero8: return "asymz8";
+    case Side::kSym: return "sym";
+    case Side::kSub6: return "k6";
+    case Side::kSub8: return "k8";
+  }
+  return "?";
+}
+
 struct FormatCase {
   int bits;
   int64_t group;
-  bool symmetric;
+  Side side;
   bool fp16_scale;
   int64_t out;
   int64_t in;
 
-  QuantSpec spec() const { return make_spec(bits, group, symmetric, fp16_scale); }
+  QuantSpec spec() const {
+    QuantSpec s = make_spec(bits, group, side == Side::kSym, fp16_scale);
+    s.zero_8bit = side == Side::kZero8;
+    s.sub_scale_bits = side == Side::kSub6 ? 6 : side == Side::kSub8 ? 8 : 0;
+    return s;
+  }
+  bool symmetric() const { return side == Side::kSym; }
   std::string name() const {
     return "b" + std::to_string(bits) + "_g" + (group == kWholeRow ? std::string("row") : std::to_string(group)) +
-           (symmetric ? "_sym" : "_asym") + (fp16_scale ? "_f16" : "_f32") + "_" + std::to_string(out) + "x" +
+           "_" + side_name(side) + (fp16_scale ? "_f16" : "_f32") + "_" + std::to_string(out) + "x" +
            std::to_string(in);
   }
-  uint64_t seed() const { return static_cast<uint64_t>(bits * 1000003 + group * 101 + out * 7 + in + symmetric); }
+  // The symmetric and asymmetric cases keep the seeds they had before z8/k6/k8 cases existed.
+  uint64_t seed() const {
+    const int salt = side == Side::kZeroB ? 0 : side == Side::kSym ? 1 : 1 + static_cast<int>(side);
+    return static_cast<uint64_t>(bits * 1000003 + group * 101 + out * 7 + in + salt);
+  }
 };
 
 std::vector<FormatCase> all_format_cases() {
-  // 300: a whole-row group long enough for the 2-bit packer's long-group loop (quantize.cpp).
+  // 300: a whole-row group long enough for the 2-bit packer's long-group loop (quantize.cpp), and
+  // two super-groups of the k formats, the second partial.
   const int64_t shapes[][2] = {{1, 1}, {3, 7}, {17, 172}, {5, 64}, {64, 172}, {33, 17}, {6, 300}};
   std::vector<FormatCase> cases;
   for (int bits : {2, 3, 4, 8})
     for (int64_t group : {int64_t{16}, int64_t{32}, int64_t{64}, int64_t{128}, kWholeRow})
-      for (bool sym : {false, true})
-        for (bool fp16 : {true, false})
-          for (const auto& s : shapes) cases.push_back({bits, group, sym, fp16, s[0], s[1]});
+      for (Side side : {Side::kZeroB, Side::kZero8, Side::kSym, Side::kSub6, Side::kSub8})
+        for (bool fp16 : {true, false}) {
+          const bool sub = side == Side::kSub6 || side == Side::kSub8;
+          if (side == Side::kZero8 && bits == 8) continue;  // the same layout as kZeroB
+          if (sub && (group == kWholeRow || !fp16)) continue;  // not formats (QuantSpec::validate)
+          for (const auto& s : shapes) cases.push_back({bits, group, side, fp16, s[0], s[1]});
+        }
   return cases;
 }
 
@@ -104,7 +147,9 @@ TEST_P(QuantFormat, ParallelMatchesReferenceBitExact) {
   EXPECT_TRUE(bitwise_equal(got.codes, ref.codes));
   EXPECT_TRUE(bitwise_equal(got.scales, ref.scales));
   EXPECT_TRUE(bitwise_equal(got.zeros, ref.zeros));
+  EXPECT_TRUE(bitwise_equal(got.sub_scales, ref.sub_scales));
   EXPECT_EQ(got.zeros.defined(), !spec.symmetric);
+  EXPECT_EQ(got.sub_scales.defined(), spec.sub_scale_bits != 0);
   EXPECT_TRUE(bitwise_equal(dequantize(got), dequantize_ref(ref)));
 }
 
@@ -113,18 +158,36 @@ TEST_P(QuantFormat, GroupParamsMatchIndependentMinMax) {
   const QuantSpec spec = c.spec();
   const at::Tensor w = weight();
   const PackedWeight p = quantize(w, spec);
-  const int64_t glen = spec.group_len(c.in);
-  ASSERT_EQ(p.scales.size(1), (c.in + glen - 1) / glen);
+  const int64_t glen = spec.group_len(c.in), groups = spec.n_groups(c.in);
+  ASSERT_EQ(groups, (c.in + glen - 1) / glen);
+  const bool sub = spec.sub_scale_bits != 0;
   for (int64_t r = 0; r < c.out; ++r) {
-    for (int64_t g = 0; g < p.scales.size(1); ++g) {
+    // k formats: the min-max scale of every group first (fp32), then the super-scale of each
+    // super-group from their maximum.
+    std::vector<float> lo(groups), hi(groups), raw(groups);
+    for (int64_t g = 0; g < groups; ++g) {
       // The last group may be partial: its parameters come from its own elements only.
       const at::Tensor slice = w[r].slice(0, g * glen, std::min((g + 1) * glen, c.in));
-      const float lo = slice.min().item<float>(), hi = slice.max().item<float>();
-      const GroupParams want = c.symmetric
-                                   ? quant_sym_params(quant_sym_signed_absmax(lo, hi), c.bits, c.fp16_scale)
-                                   : quant_asym_params(lo, hi, c.bits, c.fp16_scale);
+      lo[g] = slice.min().item<float>();
+      hi[g] = slice.max().item<float>();
+      raw[g] = quant_asym_params(lo[g], hi[g], c.bits, /*fp16_scale=*/false).scale;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      GroupParams want = c.symmetric() ? quant_sym_params(quant_sym_signed_absmax(lo[g], hi[g]), c.bits, c.fp16_scale)
+                                       : quant_asym_params(lo[g], hi[g], c.bits, c.fp16_scale);
+      if (sub) {
+        const int64_t per_super = kSuperGroup / glen, first = g / per_super * per_super;
+        float max_raw = 0.f;
+        for (int64_t k = first; k < std::min(first + per_super, groups); ++k) max_raw = std::max(max_raw, raw[k]);
+        const float d = quant_super_scale(max_raw, spec.sub_scale_bits);
+        ASSERT_EQ(p.scales.to(at::kFloat)[r][g / per_super].item<float>(), d) << "row " << r << " group " << g;
+        want.scale = d * static_cast<float>(quant_sub_scale_code(raw[g], d, spec.sub_scale_bits));
+        want.zero = quant_asym_zero(lo[g], want.scale, c.bits);
+        // A nonzero range keeps a nonzero scale, however small against its super-group.
+        if (hi[g] > 0.f || lo[g] < 0.f) ASSERT_GT(want.scale, 0.f);
+      }
       ASSERT_EQ(stored_scale(p, r, g), want.scale) << "row " << r << " group " << g;
-      if (!c.symmetric) ASSERT_EQ(p.zeros[r][g].item<int64_t>(), static_cast<int64_t>(want.zero));
+      ASSERT_EQ(stored_zero(p, r, g), c.symmetric() ? quant_sym_zero(c.bits) : want.zero) << "row " << r << " group " << g;
     }
   }
 }
@@ -137,13 +200,11 @@ TEST_P(QuantFormat, DequantizeWritesEveryElementFromItsCode) {
   ASSERT_EQ(dq.scalar_type(), at::kFloat);
   ASSERT_EQ(dq.sizes(), (std::vector<int64_t>{c.out, c.in}));
   const int64_t glen = spec.group_len(c.in);
-  const at::Tensor scales = p.scales.to(at::kFloat);
   for (int64_t r = 0; r < c.out; ++r) {
     const uint8_t* row = p.codes.data_ptr<uint8_t>() + r * p.codes.size(1);
     for (int64_t i = 0; i < c.in; ++i) {
       const int64_t g = i / glen;
-      const float zero = c.symmetric ? static_cast<float>(1 << (c.bits - 1)) : p.zeros[r][g].item<float>();
-      const float want = scales[r][g].item<float>() * (static_cast<float>(quant_unpack_code(row, i, c.bits)) - zero);
+      const float want = stored_scale(p, r, g) * (static_cast<float>(quant_unpack_code(row, i, c.bits)) - stored_zero(p, r, g));
       ASSERT_EQ(dq[r][i].item<float>(), want) << "element " << r << "," << i;
     }
   }
@@ -160,14 +221,10 @@ TEST_P(QuantFormat, ErrorWithinHalfStepInsideTheGrid) {
   const float max_code = static_cast<float>((1 << c.bits) - 1);
   const auto W = w.accessor<float, 2>();
   const auto D = dq.accessor<float, 2>();
-  const at::Tensor scales = p.scales.to(at::kFloat);
-  const at::Tensor zeros = c.symmetric ? at::full_like(scales, static_cast<float>(1 << (c.bits - 1)))
-                                       : p.zeros.to(at::kFloat);
-  const auto S = scales.accessor<float, 2>();
-  const auto Z = zeros.accessor<float, 2>();
+  const bool sub = spec.sub_scale_bits != 0;
   for (int64_t r = 0; r < c.out; ++r) {
     for (int64_t i = 0; i < c.in; ++i) {
-      const float s = S[r][i / glen], z = Z[r][i / glen];
+      const float s = stored_scale(p, r, i / glen), z = stored_zero(p, r, i / glen);
       const float step = std::fabs(s);
       // Product and rounding of w * (1/scale) in float: a few ulps of the values involved.
       const float tol = 8 * std::numeric_limits<float>::epsilon() * (std::fabs(W[r][i]) + step * max_code);
@@ -177,11 +234,13 @@ TEST_P(QuantFormat, ErrorWithinHalfStepInsideTheGrid) {
       if (W[r][i] >= grid_lo && W[r][i] <= grid_hi) {
         ASSERT_LE(err, step / 2 + tol) << "element " << r << "," << i << " w=" << W[r][i];
       } else {
-        // Outside the grid (fp16 scale rounding, or the short side of a symmetric grid): the code
-        // is clamped to the nearest end, and that end is at most one step away.
+        // Outside the grid (fp16 scale rounding, the short side of a symmetric grid, or a k
+        // format's sub-scale rounded below the group's range): the code is clamped to the
+        // nearest end. With a direct scale that end is at most one step away; a sub-scale may
+        // be off by half a super-scale step, which is many code steps for a small group.
         const float end = W[r][i] < grid_lo ? grid_lo : grid_hi;
         ASSERT_LE(std::fabs(D[r][i] - end), tol) << "element " << r << "," << i;
-        ASSERT_LE(err, step + tol) << "element " << r << "," << i;
+        if (!sub) ASSERT_LE(err, step + tol) << "element " << r << "," << i;
       }
     }
   }
@@ -191,8 +250,19 @@ TEST_P(QuantFormat, StorageMatchesSpec) {
   const FormatCase& c = GetParam();
   const QuantSpec spec = c.spec();
   const PackedWeight p = quantize(weight(), spec);
-  const int64_t held = p.codes.nbytes() + p.scales.nbytes() + (p.zeros.defined() ? p.zeros.nbytes() : 0);
+  const int64_t held = p.codes.nbytes() + p.scales.nbytes() + (p.zeros.defined() ? p.zeros.nbytes() : 0) +
+                       (p.sub_scales.defined() ? p.sub_scales.nbytes() : 0);
   EXPECT_EQ(held, spec.storage_bytes(c.out, c.in));
+  // Zero points and sub-scales are packed at their width over the whole tensor: ceil(out * groups *
+  // width / 8) bytes; 8-bit zero points keep the [out, groups] shape of earlier checkpoints.
+  const int64_t fields = c.out * spec.n_groups(c.in);
+  const int zero_width = c.side == Side::kZero8 || c.bits == 8 ? 8 : c.bits;
+  if (!spec.symmetric) EXPECT_EQ(p.zeros.numel(), (fields * zero_width + 7) / 8);
+  if (!spec.symmetric) EXPECT_EQ(p.zeros.dim(), zero_width == 8 ? 2 : 1);
+  if (spec.sub_scale_bits) {
+    EXPECT_EQ(p.sub_scales.numel(), (fields * spec.sub_scale_bits + 7) / 8);
+    EXPECT_EQ(p.scales.size(1), (c.in + 255) / 256);
+  }
   EXPECT_EQ(p.storage_bytes(), spec.storage_bytes(c.out, c.in));
   EXPECT_DOUBLE_EQ(p.bits_per_weight(), 8.0 * static_cast<double>(held) / static_cast<double>(c.out * c.in));
   EXPECT_EQ(p.codes.size(1), (c.in * c.bits + 7) / 8);
@@ -200,7 +270,7 @@ TEST_P(QuantFormat, StorageMatchesSpec) {
 
 TEST_P(QuantFormat, CodesRoundTrip) {
   // Random codes with 0 and the largest code in every group make a weight whose quantization has
-  // scale 1 (zero 0 asymmetric; the fixed 2^(bits-1) symmetric), so codes -> dequantize ->
+  // scale 1 (k formats: see below; zero 0 asymmetric; the fixed 2^(bits-1) symmetric), so codes -> dequantize ->
   // quantize must reproduce the codes exactly, through both paths.
   const FormatCase& c = GetParam();
   const QuantSpec spec = c.spec();
@@ -221,12 +291,26 @@ TEST_P(QuantFormat, CodesRoundTrip) {
     for (int64_t i = 0; i < c.in; ++i)
       quant_pack_code(p.codes.data_ptr<uint8_t>() + r * p.codes.size(1), i, c.bits,
                       static_cast<uint32_t>(raw[r][i].item<int>()));
-  p.scales = at::ones({c.out, groups}, c.fp16_scale ? at::kHalf : at::kFloat);
-  if (!c.symmetric) p.zeros = at::zeros({c.out, groups}, at::kByte);
-  const float zero = c.symmetric ? static_cast<float>(1 << (c.bits - 1)) : 0.f;
+  // k formats: super-scale 1 and every sub-scale at its largest code m, so each group's scale is m,
+  // which its min-max range (m * max_code) reproduces exactly (d = m / m = 1).
+  float scale = 1.f;
+  if (spec.sub_scale_bits) {
+    const int m = (1 << spec.sub_scale_bits) - 1;
+    scale = static_cast<float>(m);
+    p.scales = at::ones({c.out, spec.n_super_groups(c.in)}, at::kHalf);
+    p.sub_scales = at::zeros({(c.out * groups * spec.sub_scale_bits + 7) / 8}, at::kByte);
+    for (int64_t k = 0; k < c.out * groups; ++k) quant_pack_code(p.sub_scales.data_ptr<uint8_t>(), k, spec.sub_scale_bits, m);
+  } else {
+    p.scales = at::ones({c.out, groups}, c.fp16_scale ? at::kHalf : at::kFloat);
+  }
+  if (!c.symmetric()) {
+    p.zeros = spec.zero_bits() == 8 ? at::zeros({c.out, groups}, at::kByte)
+                                    : at::zeros({(c.out * groups * spec.zero_bits() + 7) / 8}, at::kByte);
+  }
+  const float zero = c.symmetric() ? static_cast<float>(1 << (c.bits - 1)) : 0.f;
 
   const at::Tensor dq = dequantize(p);
-  ASSERT_TRUE(at::equal(dq, raw.to(at::kFloat) - zero));
+  ASSERT_TRUE(at::equal(dq, (raw.to(at::kFloat) - zero) * scale));
   EXPECT_TRUE(bitwise_equal(quantize(dq, spec).codes, p.codes));
   EXPECT_TRUE(bitwise_equal(quantize_ref(dq, spec).codes, p.codes));
 }
@@ -405,15 +489,98 @@ TEST(QuantGroups, PartialLastGroupUsesOnlyItsOwnElements) {
 }
 
 TEST(QuantStorage, HandCountedBytes) {
-  // 17x172 b4g32: rows of 86 bytes, 6 groups of fp16 scale + uint8 zero.
-  EXPECT_EQ(make_spec(4, 32, false, true).storage_bytes(17, 172), 17 * 86 + 17 * 6 * 2 + 17 * 6);
+  // 17x172 b4g32: rows of 86 bytes, 6 groups of fp16 scale + 4-bit zero (24 bits: 3 bytes a row).
+  EXPECT_EQ(make_spec(4, 32, false, true).storage_bytes(17, 172), 17 * 86 + 17 * 6 * 2 + 17 * 3);
+  // The same with 8-bit zero points (z8): a byte per group.
+  EXPECT_EQ(parse_quant_spec("b4g32z8").storage_bytes(17, 172), 17 * 86 + 17 * 6 * 2 + 17 * 6);
   // 3x7 b3, one group, symmetric, fp32 scales: ceil(21 / 8) = 3 bytes a row.
   EXPECT_EQ(make_spec(3, 128, true, false).storage_bytes(3, 7), 3 * 3 + 3 * 4);
-  // 5x64 b2 whole row: 16 bytes a row, one fp16 scale and one zero.
-  EXPECT_EQ(make_spec(2, kWholeRow, false, true).storage_bytes(5, 64), 5 * 16 + 5 * 2 + 5);
+  // 5x64 b2 whole row: 16 bytes a row, one fp16 scale and one 2-bit zero (10 bits in all: 2 bytes).
+  EXPECT_EQ(make_spec(2, kWholeRow, false, true).storage_bytes(5, 64), 5 * 16 + 5 * 2 + 2);
   EXPECT_DOUBLE_EQ(make_spec(4, 128, true, true).bits_per_weight(1, 128), 4.125);
-  const PackedWeight p = quantize(gaussian(17, 172, 1), make_spec(4, 32, false, true));
-  EXPECT_EQ(p.storage_bytes(), 17 * 86 + 17 * 6 * 2 + 17 * 6);
+  // The row drawn in quant_spec.h: b3g32k6, 172 inputs: 65 + 2 + 5 + 3 bytes.
+  EXPECT_EQ(parse_quant_spec("b3g32k6").storage_bytes(1, 172), 75);
+  // 2x600 b4g16k8: 300 bytes of codes and 3 super-scales a row, 76 groups of 8-bit sub-scale and
+  // 4-bit zero.
+  EXPECT_EQ(parse_quant_spec("b4g16k8").storage_bytes(2, 600), 2 * (300 + 3 * 2) + 76 + 38);
+  // Odd counts pad once per tensor: 3x40 b3g16 has 9 groups, 27 bits of zero points: 4 bytes.
+  EXPECT_EQ(parse_quant_spec("b3g16").storage_bytes(3, 40), 3 * 15 + 9 * 2 + 4);
+  // A row of 64 (stories260K): b4g64 = 4 + (16 + 4) / 64 = 4.3125 bits; z8 4.375; k6 4 + 10/64 + 16/64.
+  EXPECT_DOUBLE_EQ(parse_quant_spec("b4g64").bits_per_weight(8, 64), 4.3125);
+  EXPECT_DOUBLE_EQ(parse_quant_spec("b4g64z8").bits_per_weight(8, 64), 4.375);
+  EXPECT_DOUBLE_EQ(parse_quant_spec("b4g64k6").bits_per_weight(8, 64), 4.40625);
+  for (const char* name : {"b4g32", "b4g32z8", "b4g32s", "b4g16k6", "b3g32k8"}) {
+    const QuantSpec spec = parse_quant_spec(name);
+    const PackedWeight p = quantize(gaussian(17, 172, 1), spec);
+    EXPECT_EQ(p.storage_bytes(), spec.storage_bytes(17, 172)) << name;
+  }
+}
+
+TEST(QuantSpecNames, SideInformationSuffixesRoundTrip) {
+  for (const char* name : {"b4g32", "b4g32z8", "b3g16s", "b2g128z8-f32", "b4g16k6", "b3g64k8", "b8g128k6", "b4grow"}) {
+    EXPECT_EQ(parse_quant_spec(name).name(), name);
+  }
+  EXPECT_EQ(parse_quant_spec("b4g32z8").zero_bits(), 8);
+  EXPECT_EQ(parse_quant_spec("b4g32").zero_bits(), 4);
+  EXPECT_EQ(parse_quant_spec("b3g32k6").zero_bits(), 3);
+  EXPECT_EQ(parse_quant_spec("b3g32s").zero_bits(), 0);
+  EXPECT_NE(parse_quant_spec("b4g32"), parse_quant_spec("b4g32z8"));
+  EXPECT_NE(parse_quant_spec("b4g32k6"), parse_quant_spec("b4g32k8"));
+  GRADQ_EXPECT_THROW_MSG(parse_quant_spec("b4g32sk6"), "need an asymmetric format");
+  GRADQ_EXPECT_THROW_MSG(parse_quant_spec("b4g32k6-f32"), "-f32 does not combine");
+  GRADQ_EXPECT_THROW_MSG(parse_quant_spec("b4growk6"), "whole-row groups");
+  GRADQ_EXPECT_THROW_MSG(parse_quant_spec("b8g32z8"), "write b8g32 without z8");
+  GRADQ_EXPECT_THROW_MSG(parse_quant_spec("b4g32k4"), "expected b<bits>g<16|32|64|128|row>[s|z8|k6|k8][-f32]");
+}
+
+TEST(QuantGroups, BitZeroPointsGiveTheValuesOfByteZeroPoints) {
+  // Groups whose range does not include 0 (all positive, all negative, far from 0) and mixed ones:
+  // the zero point stays a code (0 .. max_code), so b bits hold the z8 value exactly.
+  at::Tensor w = gaussian(9, 172, 21);
+  w[0] += 5.f;
+  w[1] -= 5.f;
+  w[2] = w[2].abs() + 0.5f;
+  for (int bits : {2, 3, 4}) {
+    for (int64_t group : {int64_t{16}, int64_t{32}, kWholeRow}) {
+      const QuantSpec b = make_spec(bits, group, false, true);
+      QuantSpec z8 = b;
+      z8.zero_8bit = true;
+      const PackedWeight pb = quantize(w, b), p8 = quantize(w, z8);
+      EXPECT_TRUE(bitwise_equal(pb.codes, p8.codes));
+      EXPECT_TRUE(bitwise_equal(dequantize(pb), dequantize(p8))) << b.name();
+      EXPECT_LT(pb.storage_bytes(), p8.storage_bytes());  // 9 rows: a byte per row saved at least
+      for (int64_t g = 0; g < b.n_groups(172); ++g) {
+        EXPECT_EQ(stored_zero(pb, 0, g), 0.f);                               // all positive: lowest code
+        EXPECT_EQ(stored_zero(pb, 1, g), static_cast<float>((1 << bits) - 1));  // all negative: highest
+      }
+    }
+  }
+}
+
+TEST(QuantGroups, SubScalesKeepSmallGroupsAndClampToTheirGrid) {
+  // One row whose first group is 1000x smaller than the others: its 6-bit sub-scale rounds to the
+  // smallest nonzero code, not to 0, and its values stay within the grid of that scale.
+  at::Tensor w = gaussian(2, 128, 5);
+  w[0].slice(0, 0, 16) *= 1e-3f;
+  w[1] = w[1].abs() + 2.f;  // a row whose groups do not include 0
+  const QuantSpec spec = parse_quant_spec("b4g16k6");
+  const PackedWeight p = quantize(w, spec);
+  EXPECT_TRUE(bitwise_equal(p.codes, quantize_ref(w, spec).codes));
+  const uint32_t q0 = quant_unpack_code(p.sub_scales.data_ptr<uint8_t>(), 0, 6);  // row 0, group 0
+  EXPECT_EQ(q0, 1u);
+  EXPECT_GT(stored_scale(p, 0, 0), 0.f);
+  const at::Tensor dq = dequantize(p);
+  // Row 1: zero points clamped to code 0, every weight represented within half a step or, above
+  // the grid of a sub-scale rounded down, at its top.
+  for (int64_t g = 0; g < 8; ++g) {
+    EXPECT_EQ(stored_zero(p, 1, g), 0.f);
+    const float s = stored_scale(p, 1, g);
+    for (int64_t i = g * 16; i < (g + 1) * 16; ++i) {
+      const float wi = w[1][i].item<float>(), di = dq[1][i].item<float>();
+      EXPECT_LE(std::fabs(wi - di), std::max(s / 2 * 1.0001f, wi - 15 * s + 1e-6f)) << i;
+    }
+  }
+  EXPECT_GT(dq.abs().max().item<float>(), 0.f);
 }
 
 TEST(QuantFake, FloatLevelsAndDtype) {
@@ -467,7 +634,17 @@ TEST(QuantErrors, PackedWeightValidation) {
   GRADQ_EXPECT_THROW_MSG(dequantize(bad), "symmetric formats store no zero points");
   bad = p;
   bad.zeros = at::Tensor();
-  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "zeros must be Byte [3, 3], got  undefined");
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "zeros must be Byte [5], got  undefined");
+  bad = p;
+  bad.zeros = at::zeros({3, 3}, at::kByte);  // a byte per group: the z8 layout, not this spec's
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "zeros must be Byte [5], got Byte [3, 3]");
+  PackedWeight k = quantize(gaussian(3, 40, 2), parse_quant_spec("b4g16k6"));
+  bad = k;
+  bad.sub_scales = at::Tensor();
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "sub_scales must be Byte [7]");
+  bad = k;
+  bad.scales = p.scales;
+  GRADQ_EXPECT_THROW_MSG(dequantize(bad), "super-scales must be Half [3, 1], got Half [3, 3]");
 }
 
 // ---- Clipping search ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@
 #include "quant/packed_weight.h"
 #include "quant/quant_math.h"
 #include "quant/trained_rounding.h"
+#include "quant/row_params.h"
 
 namespace gradq::test {
 namespace trained_rounding_ref_detail {
@@ -240,28 +241,20 @@ inline void signed_step(const Problem& p, const Iterate& it, const uint8_t* in_r
 
 // The iterate in spec's stored layout (quant_spec.h), packed with quant_math.h.
 inline PackedWeight pack_iterate(const Problem& p, const QuantSpec& spec, const Iterate& it) {
-  PackedWeight packed;
-  packed.out_features = p.out;
-  packed.in_features = p.in;
-  packed.spec = spec;
   // Zero-filled because quant_pack_code ORs codes into place.
-  packed.codes = at::zeros({p.out, quant_row_bytes(p.in, p.bits)}, at::kByte);
-  packed.scales = at::empty({p.out, p.groups}, p.fp16_scale ? at::kHalf : at::kFloat);
-  if (!p.symmetric) packed.zeros = at::empty({p.out, p.groups}, at::kByte);
+  PackedWeight packed = allocate_packed_weight(p.out, p.in, spec, /*zero_fill=*/true);
   uint8_t* codes = packed.codes.data_ptr<uint8_t>();
   const int64_t row_bytes = packed.codes.size(1);
+  std::vector<uint8_t> zeros(p.symmetric ? 0 : p.out * p.groups);  // a byte each, then packed
   for (int64_t r = 0; r < p.out; ++r) {
     for (int64_t i = 0; i < p.in; ++i) quant_pack_code(codes + r * row_bytes, i, p.bits, it.codes[r * p.in + i]);
+    // The scales are already rounded to their storage type, so their conversion is exact.
+    store_row_params(it.groups.data() + r * p.groups, p.groups,
+                     p.fp16_scale ? reinterpret_cast<uint16_t*>(packed.scales.data_ptr<at::Half>()) + r * p.groups : nullptr,
+                     p.fp16_scale ? nullptr : packed.scales.data_ptr<float>() + r * p.groups,
+                     p.symmetric ? nullptr : zeros.data() + r * p.groups);
   }
-  for (int64_t k = 0; k < p.out * p.groups; ++k) {
-    // The scale is already rounded to its storage type, so these conversions are exact.
-    if (p.fp16_scale) {
-      reinterpret_cast<uint16_t*>(packed.scales.data_ptr<at::Half>())[k] = float_to_half_bits(it.groups[k].scale);
-    } else {
-      packed.scales.data_ptr<float>()[k] = it.groups[k].scale;
-    }
-    if (!p.symmetric) packed.zeros.data_ptr<uint8_t>()[k] = static_cast<uint8_t>(it.groups[k].zero);
-  }
+  if (!p.symmetric) pack_side_fields(zeros.data(), p.out * p.groups, spec.zero_bits(), packed.zeros.data_ptr<uint8_t>());
   packed.validate();
   return packed;
 }
@@ -274,6 +267,10 @@ inline TrainedRoundingResult train_rounding_ref(const at::Tensor& w, const Quant
   TORCH_CHECK(spec.is_integer(), "train_rounding: expected an integer level (int2, int3, int4, int8), got {}",
               quant_level_name(spec.level));
   spec.validate();
+  // Its ranges are trained per group against a scale stored per group; a k format's scale also
+  // depends on the other groups of its super-group.
+  TORCH_CHECK(spec.sub_scale_bits == 0, "train_rounding: expected a format with direct scales (e.g. b4g32, b4g32s), got {}",
+              spec.name());
   TORCH_CHECK(options.iterations >= 0, "train_rounding: expected iterations >= 0, got {}", options.iterations);
   TORCH_CHECK(std::isfinite(options.learning_rate) && options.learning_rate >= 0.0,
               "train_rounding: expected a learning rate >= 0 (0: 1 / iterations), got {}", options.learning_rate);
