@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
@@ -73,7 +74,7 @@ GradualEvaluator::GradualEvaluator(Windows windows, EvaluatorOptions options)
   scored_mask_ = at::arange(ctx, at::kLong).unsqueeze(0) >= windows_.score_from.unsqueeze(1);
 }
 
-void GradualEvaluator::for_each_batch(const CausalLM& model, double* forward_seconds,
+void GradualEvaluator::for_each_batch(const CausalLM& model, double* forward_seconds, bool check_finite,
                                       const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const {
   double forward = 0;
   for (int64_t b = 0; b < windows_.size(); b += options_.batch) {
@@ -81,8 +82,15 @@ void GradualEvaluator::for_each_batch(const CausalLM& model, double* forward_sec
     auto t0 = Clock::now();
     at::Tensor logits = model.logits(windows_.inputs.slice(0, b, e));
     forward += seconds_since(t0);
-    GRADQ_CHECK(logits.size(-1) == model.vocab_size(), "model returned {} logits, expected {}", logits.size(-1),
-                model.vocab_size());
+    GRADQ_CHECK(logits.dim() == 3 && logits.size(0) == e - b && logits.size(1) == windows_.inputs.size(1) &&
+                    logits.size(-1) == model.vocab_size(),
+                "forward returned logits of shape {} for windows {}..{}, expected [{}, {}, {}]",
+                fmt::to_string(fmt::join(logits.sizes(), "x")), b, e - 1, e - b, windows_.inputs.size(1), model.vocab_size());
+    if (check_finite) {
+      const at::Tensor bad = (~at::isfinite(logits)).any(2).any(1).nonzero();
+      GRADQ_CHECK(bad.numel() == 0, "the model's logits hold NaN or infinite values in window {} (of {}): expected "
+                  "finite logits", b + (bad.numel() ? bad[0][0].item<int64_t>() : 0), windows_.size());
+    }
     at::Tensor mask = scored_mask_.slice(0, b, e);
     consume(at::log_softmax(logits.index({mask}), -1), windows_.targets.slice(0, b, e).index({mask}));
   }
@@ -91,13 +99,17 @@ void GradualEvaluator::for_each_batch(const CausalLM& model, double* forward_sec
 
 at::Tensor GradualEvaluator::scored_log_probs(const CausalLM& model, double* forward_seconds) const {
   std::vector<at::Tensor> parts;
-  for_each_batch(model, forward_seconds, [&](const at::Tensor& lp, const at::Tensor&) { parts.push_back(lp); });
+  for_each_batch(model, forward_seconds, options_.check_finite,
+                 [&](const at::Tensor& lp, const at::Tensor&) { parts.push_back(lp); });
   return at::cat(parts);
 }
 
 void GradualEvaluator::set_reference(const CausalLM& reference) {
   Reference ref;
-  ref.log_probs = scored_log_probs(reference);
+  // The reference pass is every run's first look at the model's outputs: always checked.
+  std::vector<at::Tensor> parts;
+  for_each_batch(reference, nullptr, true, [&](const at::Tensor& lp, const at::Tensor&) { parts.push_back(lp); });
+  ref.log_probs = at::cat(parts);
   ref.targets = windows_.targets.index({scored_mask_});
   ref.windows_fingerprint = windows_.inputs;
   reference_ = std::move(ref);
@@ -119,7 +131,7 @@ EvalResult GradualEvaluator::evaluate(const CausalLM& model) const {
   TokenRecords rec;
   double forward = 0;
   int64_t offset = 0;
-  for_each_batch(model, &forward, [&](const at::Tensor& lp, const at::Tensor& scored_targets) {
+  for_each_batch(model, &forward, options_.check_finite, [&](const at::Tensor& lp, const at::Tensor& scored_targets) {
     at::Tensor targets = scored_targets.unsqueeze(1);
     at::Tensor lp_target = lp.gather(1, targets).squeeze(1);
     rec.nll.push_back(-lp_target);
