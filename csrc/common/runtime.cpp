@@ -28,9 +28,10 @@ int hardware_threads() { return static_cast<int>(std::max(1u, std::thread::hardw
 int default_threads() {
   // libgomp's workers spin-wait between parallel regions (OMP_WAIT_POLICY=active is its default,
   // and it is read before main, so gradq cannot change it). On a machine whose cores are already
-  // busy the spinning thread steals the core the other one needs: gradq eval took 3.3x the CPU time
-  // with 2 threads as with 1 on the loaded 2-core machine (docs/BENCHMARKS.md). So only the cores
-  // the one-minute load average leaves idle are used, at least one.
+  // busy the spinning thread steals the core the other one needs: gradq eval took 3.3-6.3x the
+  // wall time (3.6-8x the CPU time) with 2 threads as with 1 on the loaded 2-core machine, and
+  // OMP_DYNAMIC was worse still (docs/BENCHMARKS.md). So only the cores the one-minute load
+  // average leaves idle are used, at least one.
   const int cores = hardware_threads();
   double load[1] = {0};
   if (::getloadavg(load, 1) != 1) return cores;
