@@ -55,6 +55,7 @@ void ProgressDisplay::update(const std::string& phase, int64_t done, int64_t tot
     finish();
     phase_ = phase;
     phase_start_ = now;
+    phase_start_done_ = done;
     last_done_ = -1;
   }
   std::string line = phase;
@@ -63,7 +64,11 @@ void ProgressDisplay::update(const std::string& phase, int64_t done, int64_t tot
     const double frac = std::clamp(static_cast<double>(done) / static_cast<double>(total), 0.0, 1.0);
     const int filled = static_cast<int>(frac * kWidth);
     const double elapsed = now - phase_start_;
-    const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(total - done) : NAN;
+    // The rate since the phase's first update: a phase may first report with units already done.
+    const int64_t progressed = done - phase_start_done_;
+    const double eta = progressed > 0 && elapsed > 0
+                           ? elapsed / static_cast<double>(progressed) * static_cast<double>(total - done)
+                           : NAN;
     line += fmt::format(" [{}{}] {}/{} {:3.0f}% ETA {}", std::string(filled, '#'), std::string(kWidth - filled, '.'),
                         done, total, 100 * frac, done >= total ? "0 s" : format_duration(eta));
   }

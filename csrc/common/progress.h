@@ -40,6 +40,7 @@ class ProgressDisplay {
   bool open_ = false;
   std::string phase_;
   double phase_start_ = 0;
+  int64_t phase_start_done_ = 0;
   double last_line_ = -1e300;
   int64_t last_done_ = -1;
 };

@@ -51,6 +51,16 @@ TEST(Progress, MilestonesAndNewPhasesAlwaysPrint) {
   EXPECT_EQ(f.out.str().find("rolled back"), std::string::npos);
 }
 
+TEST(Progress, EtaIsUnknownUntilThePhaseHasProgressed) {
+  Fixture f(false);
+  f.display.update("analysis", 1, 244, "reference");  // the first report already counts one unit
+  f.now = 10;
+  f.display.update("analysis", 11, 244, "probe");  // 10 units in 10 s: 233 s left
+  const std::string text = f.out.str();
+  EXPECT_NE(text.find("1/244   0% ETA ?: reference"), std::string::npos) << text;
+  EXPECT_NE(text.find("11/244   5% ETA 3m53s: probe"), std::string::npos) << text;
+}
+
 TEST(Progress, OnATerminalTheLineIsRedrawnInPlace) {
   Fixture f(true);
   f.display.update("analysis", 5, 10, "probe");
@@ -60,7 +70,7 @@ TEST(Progress, OnATerminalTheLineIsRedrawnInPlace) {
   const std::string text = f.out.str();
   EXPECT_EQ(std::count(text.begin(), text.end(), '\r'), 2);
   EXPECT_EQ(f.lines(), 1);
-  EXPECT_NE(text.find("6/10  60% ETA 3.3 s"), std::string::npos) << text;
+  EXPECT_NE(text.find("6/10  60% ETA 20.0 s"), std::string::npos) << text;  // 1 unit in 5 s, 4 left
 }
 
 }  // namespace
