@@ -3,10 +3,10 @@
 
 #include <cxxopts.hpp>
 
-#include <chrono>
 #include <string>
 #include <vector>
 
+#include "common/progress.h"
 #include "data/dataset.h"
 #include "model/causal_lm.h"
 #include "orchestrator/gradual_quantizer.h"
@@ -40,6 +40,12 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q);
 /// The input files the options name (model, tokenizer, text, analysis, policy): never outputs.
 std::vector<std::string> input_paths(const cxxopts::ParseResult& args);
 
+/// Checks the "data" options' values (window length, counts, batch, fraction) before any loading.
+void check_input_options(const cxxopts::ParseResult& args);
+
+/// The final line of a command that wrote files: every path, in order.
+void print_written(const std::vector<std::string>& paths);
+
 struct Inputs {
   CausalLM model;
   DataSplit split;
@@ -47,21 +53,6 @@ struct Inputs {
 /// Loads the model and the tokenizer, checks they fit, and splits the text; prints one line saying
 /// what was loaded.
 Inputs load_inputs(const cxxopts::ParseResult& args);
-
-/// One progress line per event; on a terminal the line is rewritten in place.
-class ProgressDisplay {
- public:
-  ProgressDisplay();
-  void operator()(const std::string& phase, int64_t done, int64_t total, const std::string& detail);
-  /// Ends an in-place line so that what follows starts on its own line.
-  void finish();
-
- private:
-  bool tty_;
-  bool open_ = false;
-  std::string phase_;
-  std::chrono::steady_clock::time_point start_;
-};
 
 int cmd_convert(int argc, char** argv);
 int cmd_generate(int argc, char** argv);

@@ -1,4 +1,4 @@
-#include <unistd.h>
+#include <fmt/ranges.h>
 
 #include <iostream>
 #include <sstream>
@@ -6,14 +6,18 @@
 #include "cli.h"
 #include "common/error.h"
 #include "common/runtime.h"
+#include "model/context_check.h"
 #include "model/model_loader.h"
 #include "tokenizer/tokenizer.h"
 
 namespace gradq::cli {
 
 void add_common_options(cxxopts::Options& options) {
+  static const std::string threads_help =
+      fmt::format("CPU threads for libtorch, 1 to {} ({} cores x {}); 0 = the cores the load average leaves idle",
+                  kMaxThreadsPerCore * hardware_threads(), hardware_threads(), kMaxThreadsPerCore);
   options.add_options("general")
-      ("threads", "CPU threads for libtorch (0 = all cores)", cxxopts::value<int>()->default_value("0"))
+      ("threads", threads_help, cxxopts::value<int>()->default_value("0"))
       ("h,help", "show this help");
 }
 
@@ -110,6 +114,20 @@ std::vector<std::string> input_paths(const cxxopts::ParseResult& args) {
   return inputs;
 }
 
+void check_input_options(const cxxopts::ParseResult& args) {
+  const int64_t ctx = args["ctx"].as<int64_t>();
+  GRADQ_CHECK(ctx >= 2, "--ctx must be at least 2 tokens, got {}", ctx);
+  for (const char* count : {"calib-windows", "eval-windows"})
+    GRADQ_CHECK(args[count].as<int64_t>() >= 0, "--{} must be >= 0 (0 = all), got {}", count, args[count].as<int64_t>());
+  GRADQ_CHECK(args["batch"].as<int64_t>() >= 1, "--batch must be at least 1, got {}", args["batch"].as<int64_t>());
+  const double fraction = args["calib-fraction"].as<double>();
+  GRADQ_CHECK(fraction > 0 && fraction < 1, "--calib-fraction must be in (0, 1), got {}", fraction);
+}
+
+void print_written(const std::vector<std::string>& paths) {
+  if (!paths.empty()) std::cout << "wrote " << fmt::format("{}", fmt::join(paths, ", ")) << "\n";
+}
+
 Inputs load_inputs(const cxxopts::ParseResult& args) {
   AdapterOptions adapter;
   if (args.count("include")) adapter.include = args["include"].as<std::vector<std::string>>();
@@ -117,6 +135,7 @@ Inputs load_inputs(const cxxopts::ParseResult& args) {
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
   CausalLM model = load_model(args["model"].as<std::string>(), adapter);
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  check_context(model, args["ctx"].as<int64_t>(), "--ctx");
   DataOptions data;
   data.calib_fraction = args["calib-fraction"].as<double>();
   data.ctx = args["ctx"].as<int64_t>();
@@ -127,30 +146,6 @@ Inputs load_inputs(const cxxopts::ParseResult& args) {
   std::cerr << fmt::format("{} quantizable weights; {} calibration and {} held-out windows of {} tokens\n",
                            model.weights().size(), split.calibration.size(), split.evaluation.size(), data.ctx);
   return {std::move(model), std::move(split)};
-}
-
-ProgressDisplay::ProgressDisplay() : tty_(::isatty(STDERR_FILENO) != 0), start_(std::chrono::steady_clock::now()) {}
-
-void ProgressDisplay::finish() {
-  if (open_) std::cerr << "\n";
-  open_ = false;
-}
-
-void ProgressDisplay::operator()(const std::string& phase, int64_t done, int64_t total, const std::string& detail) {
-  const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  std::string line = fmt::format("[{:6.1f}s] {}", t, phase);
-  if (total > 0) line += fmt::format(" {}/{}", done, total);
-  if (!detail.empty()) line += ": " + detail;
-  if (tty_) {
-    if (phase != phase_) finish();
-    std::cerr << "\r\033[K" << line.substr(0, 160) << std::flush;
-    open_ = true;
-  } else if (phase != phase_ || detail.find("kept") != std::string::npos ||
-             phase.find("validation") != std::string::npos || phase == "sweep") {
-    // Without a terminal: each phase's first line, accepted steps, validation and finished points.
-    std::cerr << line << "\n";
-  }
-  phase_ = phase;
 }
 
 }  // namespace gradq::cli

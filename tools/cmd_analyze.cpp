@@ -1,8 +1,5 @@
 // gradq analyze: per-layer and per-block importance (csrc/importance/analyzer.h).
 
-#include <unistd.h>
-
-#include <cmath>
 #include <iostream>
 
 #include "cli.h"
@@ -10,50 +7,12 @@
 #include "common/files.h"
 #include "data/dataset.h"
 #include "importance/analyzer.h"
+#include "model/context_check.h"
 #include "model/model_loader.h"
 #include "report/svg_chart.h"
 #include "tokenizer/tokenizer.h"
 
 namespace gradq::cli {
-namespace {
-
-std::string duration(double s) {
-  if (!std::isfinite(s) || s < 0) return "?";
-  if (s < 60) return fmt::format("{:.1f} s", s);
-  return fmt::format("{}m{:02d}s", static_cast<int64_t>(s) / 60, static_cast<int>(std::fmod(s, 60.0)));
-}
-
-// A progress bar on stderr: redrawn in place on a terminal, one line per tenth of the work otherwise
-// (so logs stay short).
-class ProgressBar {
- public:
-  ProgressBar() : tty_(::isatty(STDERR_FILENO) == 1) {}
-  void update(const AnalysisProgress& p) {
-    const double frac = p.total ? static_cast<double>(p.done) / static_cast<double>(p.total) : 1.0;
-    const double eta = p.done ? p.seconds / static_cast<double>(p.done) * static_cast<double>(p.total - p.done) : NAN;
-    constexpr int kWidth = 30;
-    const int filled = static_cast<int>(frac * kWidth);
-    const std::string line = fmt::format("[{}{}] {:>4}/{} {:>3.0f}%  {} elapsed, ETA {}", std::string(filled, '#'),
-                                         std::string(kWidth - filled, '.'), p.done, p.total, 100 * frac,
-                                         duration(p.seconds), duration(eta));
-    if (tty_) {
-      std::string what = p.what.size() > 40 ? p.what.substr(0, 37) + "..." : p.what;
-      std::cerr << "\r" << line << "  " << fmt::format("{:<40}", what) << (p.done == p.total ? "\n" : "") << std::flush;
-      return;
-    }
-    const int64_t tenth = p.total ? p.done * 10 / p.total : 10;
-    if (tenth > last_tenth_ || p.done == p.total) {
-      last_tenth_ = tenth;
-      std::cerr << line << "\n";
-    }
-  }
-
- private:
-  bool tty_;
-  int64_t last_tenth_ = 0;
-};
-
-}  // namespace
 
 int cmd_analyze(int argc, char** argv) {
   cxxopts::Options options(
@@ -92,11 +51,8 @@ int cmd_analyze(int argc, char** argv) {
   const std::string config_path = args["config"].as<std::string>();
   const std::vector<std::string> inputs = {args["model"].as<std::string>(), args["tokenizer"].as<std::string>(),
                                            args["text"].as<std::string>(), config_path};
-  check_output_is_not_input(output, inputs);
-  if (args.count("chart")) {
-    check_output_is_not_input(args["chart"].as<std::string>(), inputs);
-    check_output_is_not_input(args["chart"].as<std::string>(), {output});
-  }
+  std::vector<std::string> outputs = {output};
+  if (args.count("chart")) outputs.push_back(args["chart"].as<std::string>());
 
   AnalyzerOptions opt;
   opt.config = load_importance_config(config_path);
@@ -108,11 +64,16 @@ int cmd_analyze(int argc, char** argv) {
   opt.static_signals = !args.count("no-static");
   opt.measurement = parse_measurement(args["measure"].as<std::string>());
   const int64_t calib_windows = args["calib-windows"].as<int64_t>();
-  GRADQ_CHECK(calib_windows >= 1, "--calib-windows must be at least 1, got {}", calib_windows);
+  GRADQ_CHECK(calib_windows >= opt.subsets,
+              "--calib-windows must be at least --subsets ({}): each subset needs a window; got {}", opt.subsets,
+              calib_windows);
+  GRADQ_CHECK(args["ctx"].as<int64_t>() >= 2, "--ctx must be at least 2 tokens, got {}", args["ctx"].as<int64_t>());
+  OutputSet output_set(outputs, inputs);
 
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
   CausalLM model = load_model(args["model"].as<std::string>());
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  check_context(model, args["ctx"].as<int64_t>(), "--ctx");
   const TokenSplit split =
       split_tokens(tokenizer->encode(read_text_file(args["text"].as<std::string>())), args["calib-fraction"].as<double>());
   WindowSpec spec;
@@ -125,8 +86,8 @@ int cmd_analyze(int argc, char** argv) {
               "the calibration split ({} tokens) holds only {} windows of {} tokens, --calib-windows asks for {}",
               split.calibration.size(), windows.size(), spec.ctx, calib_windows);
 
-  ProgressBar bar;
-  opt.on_progress = [&](const AnalysisProgress& p) { bar.update(p); };
+  ProgressDisplay display;
+  opt.on_progress = [&](const AnalysisProgress& p) { display.update("analysis", p.done, p.total, p.what); };
   ImportanceAnalyzer analyzer(model, windows, opt);
   int64_t layers = 0;
   for (const auto& u : analyzer.units()) layers += u.kind == UnitKind::kLayer;
@@ -137,15 +98,13 @@ int cmd_analyze(int argc, char** argv) {
   if (opt.measurement != Measurement::kWhole && !model.stages())
     std::cerr << "the model is measured whole: " << model.stages_unavailable_reason() << "\n";
   ImportanceAnalysis analysis = analyzer.run();
+  display.finish();
   analysis.inputs = {{"model", inputs[0]}, {"tokenizer", inputs[1]}, {"text", inputs[2]}, {"config", config_path}};
 
   std::cout << format_analysis_table(analysis) << std::flush;
   save_analysis(output, analysis);
-  std::cerr << "wrote " << output << "\n";
-  if (args.count("chart")) {
-    write_svg(args["chart"].as<std::string>(), analysis_chart_svg(analysis));
-    std::cerr << "wrote " << args["chart"].as<std::string>() << "\n";
-  }
+  if (args.count("chart")) write_svg(args["chart"].as<std::string>(), analysis_chart_svg(analysis));
+  print_written(output_set.commit());
   return 0;
 }
 

@@ -8,6 +8,7 @@
 #include "data/dataset.h"
 #include "eval/evaluator.h"
 #include "model/generate.h"
+#include "model/context_check.h"
 #include "model/llama2c.h"
 #include "model/model_loader.h"
 #include "tokenizer/tokenizer.h"
@@ -30,12 +31,14 @@ int cmd_convert(int argc, char** argv) {
   GRADQ_CHECK(args["from"].as<std::string>() == "llama2c", "--from must be llama2c, got '{}'", args["from"].as<std::string>());
   GRADQ_CHECK(args.count("input"), "an input checkpoint is required");
   GRADQ_CHECK(args.count("output"), "-o/--output is required");
-  Llama2cConfig config;
-  load_llama2c(args["input"].as<std::string>(), &config);  // validates before anything is written
   const std::string dtype = args["dtype"].as<std::string>();
   GRADQ_CHECK(dtype == "fp32" || dtype == "fp16" || dtype == "bf16", "--dtype must be fp32, fp16 or bf16, got '{}'", dtype);
+  OutputSet output_set({args["output"].as<std::string>()}, {args["input"].as<std::string>()});
+  Llama2cConfig config;
+  load_llama2c(args["input"].as<std::string>(), &config);  // validates before anything is written
   convert_llama2c(args["input"].as<std::string>(), args["output"].as<std::string>(),
                   dtype == "fp32" ? at::kFloat : dtype == "fp16" ? at::kHalf : at::kBFloat16);
+  output_set.commit();
   std::cout << fmt::format("wrote {}: dim {}, hidden {}, {} layers, {} heads ({} kv), vocab {} ({} classifier), seq_len {}\n",
                            args["output"].as<std::string>(), config.dim, config.hidden_dim, config.n_layers, config.n_heads,
                            config.n_kv_heads, config.vocab_size, config.shared_classifier ? "tied" : "untied", config.seq_len);
@@ -54,6 +57,9 @@ int cmd_generate(int argc, char** argv) {
   add_common_options(options);
   cxxopts::ParseResult args;
   if (!parse(options, argc, argv, args)) return 0;
+  GRADQ_CHECK(args["steps"].as<int64_t>() >= 0, "--steps must be >= 0, got {}", args["steps"].as<int64_t>());
+  GRADQ_CHECK(args["max-context"].as<int64_t>() >= 0, "--max-context must be >= 0 (0 = all), got {}",
+              args["max-context"].as<int64_t>());
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
   CausalLM model = load_model(args["model"].as<std::string>());
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
@@ -63,6 +69,17 @@ int cmd_generate(int argc, char** argv) {
   GenerateOptions gen;
   gen.steps = args["steps"].as<int64_t>();
   gen.max_context = args["max-context"].as<int64_t>();
+  if (gen.steps > 0) {
+    // The longest input generation feeds the model, checked before any text is printed.
+    const int64_t needed = static_cast<int64_t>(prompt.size()) + gen.steps - 1;
+    const int64_t fed = gen.max_context > 0 ? std::min(gen.max_context, needed) : needed;
+    const int64_t longest = accepted_context(model, fed);
+    if (args.count("max-context") || gen.max_context == 0)
+      GRADQ_CHECK(longest == fed, "--max-context {}: generation would feed the model up to {} tokens, but its forward "
+                  "works up to {}: give --max-context {} or less", gen.max_context, fed, longest, longest);
+    gen.max_context = longest;  // the default bound adapts to a model with a shorter context
+    GRADQ_CHECK(gen.max_context > 0, "the model's forward fails on every input of 1 to {} tokens", fed);
+  }
   if (!args.count("no-stop"))
     for (int64_t id : {tokenizer->bos_id(), tokenizer->eos_id()})
       if (id >= 0) gen.stop_ids.push_back(id);
@@ -105,14 +122,23 @@ int cmd_eval(int argc, char** argv) {
   GRADQ_CHECK(!(args.count("reference") && args.count("load-reference")), "give --reference or --load-reference, not both");
   std::vector<std::string> inputs = {args["model"].as<std::string>(), args["text"].as<std::string>(), args["tokenizer"].as<std::string>()};
   if (args.count("reference")) inputs.push_back(args["reference"].as<std::string>());
+  const int64_t ctx = args["ctx"].as<int64_t>();
+  GRADQ_CHECK(ctx >= 2, "--ctx must be at least 2 tokens, got {}", ctx);
+  GRADQ_CHECK(args["batch"].as<int64_t>() >= 1, "--batch must be at least 1, got {}", args["batch"].as<int64_t>());
+  GRADQ_CHECK(args["max-windows"].as<int64_t>() >= 0, "--max-windows must be >= 0 (0 = all), got {}",
+              args["max-windows"].as<int64_t>());
+  GRADQ_CHECK(!args.count("save-reference") || args.count("reference"), "--save-reference needs --reference");
+  std::vector<std::string> outputs;
   for (const char* out : {"json", "save-reference"})
-    if (args.count(out)) check_output_is_not_input(args[out].as<std::string>(), inputs);
+    if (args.count(out)) outputs.push_back(args[out].as<std::string>());
+  OutputSet output_set(outputs, inputs);
 
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
   CausalLM model = load_model(args["model"].as<std::string>());
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  check_context(model, ctx, "--ctx");
   WindowSpec spec;
-  spec.ctx = args["ctx"].as<int64_t>();
+  spec.ctx = ctx;
   spec.stride = args.count("stride") ? args["stride"].as<int64_t>() : spec.ctx;
   spec.bos_id = tokenizer->bos_id();
   spec.max_windows = args["max-windows"].as<int64_t>();
@@ -124,19 +150,18 @@ int cmd_eval(int argc, char** argv) {
     CausalLM reference = load_model(args["reference"].as<std::string>());
     GRADQ_CHECK(reference.vocab_size() == model.vocab_size(), "reference vocabulary {} differs from the model's {}",
                 reference.vocab_size(), model.vocab_size());
+    check_context(reference, ctx, "--ctx (for the reference)");
     evaluator.set_reference(reference);
   } else if (args.count("load-reference")) {
     evaluator.set_reference(Reference::load(args["load-reference"].as<std::string>()));
   }
-  if (args.count("save-reference")) {
-    GRADQ_CHECK(evaluator.reference().has_value(), "--save-reference needs --reference");
-    evaluator.reference()->save(args["save-reference"].as<std::string>());
-  }
+  if (args.count("save-reference")) evaluator.reference()->save(args["save-reference"].as<std::string>());
   std::cerr << fmt::format("evaluating {} windows of {} tokens ({} scored tokens)\n", windows.size(), spec.ctx,
                            windows.scored_tokens());
   EvalResult result = evaluator.evaluate(model);
   std::cout << format_eval_table(result);
   if (args.count("json")) write_file_atomically(args["json"].as<std::string>(), eval_result_json(result));
+  print_written(output_set.commit());
   return 0;
 }
 

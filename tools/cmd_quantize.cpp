@@ -2,6 +2,8 @@
 // (--plan) or the dynamic policy (--dynamic-policy). All of it is GradualQuantizer; this file
 // parses options, shows progress and writes the outputs.
 
+#include <fmt/ranges.h>
+
 #include <filesystem>
 #include <iostream>
 
@@ -19,6 +21,19 @@ std::string sibling(const std::string& json_path, const std::string& suffix) {
   std::string base = json_path;
   if (base.size() > 5 && base.compare(base.size() - 5, 5, ".json") == 0) base.resize(base.size() - 5);
   return base + suffix;
+}
+
+// A --plan must name every quantizable weight unless the user accepts leaving some in floating
+// point: a plan cut short by an editor or written for another model should not pass quietly.
+void check_plan_covers_model(const CausalLM& model, const Plan& plan, bool allow_partial) {
+  const std::vector<std::string> missing = weights_outside_plan(model, plan);
+  if (missing.empty()) return;
+  const std::string listed = missing.size() <= 5 ? fmt::format("{}", fmt::join(missing, ", "))
+                                                 : fmt::format("{}, ... ({} more)", fmt::join(missing.begin(), missing.begin() + 5, ", "), missing.size() - 5);
+  GRADQ_CHECK(allow_partial,
+              "the plan names {} of the model's {} quantizable weights; {} would stay in floating point ({}): give "
+              "--allow-partial-plan to accept that",
+              model.weights().size() - missing.size(), model.weights().size(), missing.size(), listed);
 }
 
 }  // namespace
@@ -52,7 +67,8 @@ int cmd_quantize(int argc, char** argv) {
       ("o,output", "packed TorchScript output (written atomically; never an input)", cxxopts::value<std::string>())
       ("fake-quant", "also write a fake-quant TorchScript (dequantized weights in the original graph; runs without gradq)", cxxopts::value<std::string>())
       ("save-plan", "write the plan JSON here", cxxopts::value<std::string>())
-      ("report", "write the JSON report here, and beside it <name>-blocks.svg and <name>-levels.svg", cxxopts::value<std::string>());
+      ("report", "write the JSON report here, and beside it <name>-blocks.svg and <name>-levels.svg", cxxopts::value<std::string>())
+      ("allow-partial-plan", "with --plan: accept a plan that leaves some quantizable weights in floating point (the summary names them)");
   add_common_options(options);
   cxxopts::ParseResult args;
   if (!parse(options, argc, argv, args)) return 0;
@@ -63,6 +79,31 @@ int cmd_quantize(int argc, char** argv) {
   for (const char* in : {"plan", "dynamic-policy"})
     if (args.count(in)) inputs.push_back(args[in].as<std::string>());
   GRADQ_CHECK(args.count("output"), "-o/--output is required");
+
+  // Everything that can be checked without the model is checked here, before the slow loading.
+  QuantizerOptions q;
+  if (args.count("max-ppl-increase")) q.budget.max_ppl_increase = args["max-ppl-increase"].as<double>();
+  if (args.count("max-kl")) q.budget.max_kl = args["max-kl"].as<double>();
+  if (args.count("target-memory-reduction")) q.budget.target_memory_reduction = args["target-memory-reduction"].as<double>();
+  const bool searching = !args.count("uniform") && !args.count("plan") && !args.count("dynamic-policy");
+  if (searching && !q.budget.max_ppl_increase && !q.budget.max_kl) q.budget.max_ppl_increase = 0.05;
+  check_input_options(args);
+  read_search_options(args, q);
+  if (searching || q.budget.max_ppl_increase || q.budget.max_kl) q.budget.validate();
+  if (searching) q.search.validate();
+  GRADQ_CHECK(!args.count("allow-partial-plan") || args.count("plan"), "--allow-partial-plan applies only to --plan");
+  if (args.count("plan")) q.plan = Plan::load(args["plan"].as<std::string>());
+  if (args.count("dynamic-policy")) q.dynamic = DynamicPolicy::load(args["dynamic-policy"].as<std::string>());
+  const int64_t calib_windows = args["calib-windows"].as<int64_t>();
+  if ((searching || q.dynamic) && !q.analysis_path)
+    GRADQ_CHECK(calib_windows == 0 || calib_windows >= q.analyzer.subsets,
+                "--calib-windows must be at least {} (the importance analysis compares {} subsets of them) or 0 for "
+                "all, got {}; or give a saved analysis with --analysis",
+                q.analyzer.subsets, q.analyzer.subsets, calib_windows);
+
+  std::optional<QuantSpec> uniform;  // parsed before the slow loading, so a typo fails at once
+  if (args.count("uniform")) uniform = parse_quant_spec(args["uniform"].as<std::string>());
+
   std::vector<std::string> outputs;
   for (const char* out : {"output", "fake-quant", "save-plan", "report"})
     if (args.count(out)) outputs.push_back(args[out].as<std::string>());
@@ -70,23 +111,11 @@ int cmd_quantize(int argc, char** argv) {
     outputs.push_back(sibling(args["report"].as<std::string>(), "-blocks.svg"));
     outputs.push_back(sibling(args["report"].as<std::string>(), "-levels.svg"));
   }
-  for (const std::string& out : outputs) check_output_is_not_input(out, inputs);
-
-  QuantizerOptions q;
-  if (args.count("max-ppl-increase")) q.budget.max_ppl_increase = args["max-ppl-increase"].as<double>();
-  if (args.count("max-kl")) q.budget.max_kl = args["max-kl"].as<double>();
-  if (args.count("target-memory-reduction")) q.budget.target_memory_reduction = args["target-memory-reduction"].as<double>();
-  const bool searching = !args.count("uniform") && !args.count("plan") && !args.count("dynamic-policy");
-  if (searching && !q.budget.max_ppl_increase && !q.budget.max_kl) q.budget.max_ppl_increase = 0.05;
-  read_search_options(args, q);
-  if (args.count("plan")) q.plan = Plan::load(args["plan"].as<std::string>());
-  if (args.count("dynamic-policy")) q.dynamic = DynamicPolicy::load(args["dynamic-policy"].as<std::string>());
-
-  std::optional<QuantSpec> uniform;  // parsed before the slow loading, so a typo fails at once
-  if (args.count("uniform")) uniform = parse_quant_spec(args["uniform"].as<std::string>());
+  OutputSet output_set(outputs, inputs);
 
   auto [model, split] = load_inputs(args);
   if (uniform) q.plan = uniform_plan(model, *uniform, q.search.method);
+  if (args.count("plan")) check_plan_covers_model(model, *q.plan, args.count("allow-partial-plan") > 0);
   std::cerr << "budget: " << (q.budget.describe().empty() ? "none" : q.budget.describe()) << "\n";
 
   ProgressDisplay display;
@@ -103,7 +132,7 @@ int cmd_quantize(int argc, char** argv) {
   if (met) {
     files.output = args["output"].as<std::string>();
     export_outcome(model, outcome, files.output, args.count("fake-quant") ? args["fake-quant"].as<std::string>() : "");
-    files.output_bytes = static_cast<int64_t>(std::filesystem::file_size(files.output));
+    files.output_bytes = static_cast<int64_t>(std::filesystem::file_size(output_set.staged_path(files.output)));
     if (args.count("save-plan")) outcome.plan.save(args["save-plan"].as<std::string>());
   }
   std::cout << format_quantize_summary(model, outcome, files);
@@ -113,11 +142,11 @@ int cmd_quantize(int argc, char** argv) {
     write_svg(sibling(report, "-blocks.svg"), bits_per_block_svg(model, outcome));
     write_svg(sibling(report, "-levels.svg"), level_distribution_svg(model, outcome));
   }
+  print_written(output_set.commit());
   if (!met) {
     std::cerr << "gradq quantize: budget not met: " << outcome.messages.front() << "\n";
     return kExitBudgetUnmet;
   }
-  std::cout << "wrote " << files.output << "\n";
   return 0;
 }
 

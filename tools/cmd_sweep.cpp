@@ -54,8 +54,11 @@ int finish(const cxxopts::ParseResult& args, const std::string& dir, const Sweep
     GRADQ_CHECK(!previous, "--compare-to needs the complete sweep: give it to `gradq sweep merge`");
     return 0;
   }
+  OutputSet report({dir + "/sweep.json", dir + "/sweep.csv", dir + "/sweep.md", dir + "/pareto.svg"}, {});
   write_sweep_report(dir, result);
-  std::cout << sweep_markdown(result) << fmt::format("\nwrote {0}/sweep.json, sweep.csv, sweep.md and pareto.svg\n", dir);
+  const std::vector<std::string> written = report.commit();
+  std::cout << sweep_markdown(result) << "\n";
+  print_written(written);
   if (!previous) return 0;
   RegressionTolerance tolerance;
   tolerance.ppl = args["tolerance"].as<double>();
@@ -141,8 +144,24 @@ int cmd_sweep(int argc, char** argv) {
   sweep.points = sweep_points(parse_budgets(args["budgets"].as<std::string>()),
                               parse_baselines(args["baselines"].as<std::string>()));
   sweep.shard = Shard::parse(args["shard"].as<std::string>());
+  check_input_options(args);
   read_search_options(args, sweep.quantizer);
   const std::optional<SweepResult> previous = read_previous(args);
+  // The directory is created and proven writable now, not after the shared analysis; one this run
+  // created is removed again if the run fails before a point is written.
+  std::error_code ec;
+  const bool created = !std::filesystem::exists(dir, ec);
+  GRADQ_CHECK(std::filesystem::create_directory(dir, ec) || std::filesystem::is_directory(dir, ec),
+              "cannot create the sweep directory '{}': {}", dir, ec ? ec.message() : "a file of that name exists");
+  struct RemoveIfEmpty {
+    std::string dir;
+    bool armed;
+    ~RemoveIfEmpty() {
+      std::error_code ignored;
+      if (armed && std::filesystem::is_empty(dir, ignored)) std::filesystem::remove(dir, ignored);
+    }
+  } cleanup{dir, created};
+  check_output_location(dir + "/sweep.json");
 
   auto [model, split] = load_inputs(args);
   ProgressDisplay display;

@@ -7,6 +7,7 @@
 
 #include "cli.h"
 #include "common/error.h"
+#include "common/error_text.h"
 #include "common/files.h"
 #include "common/runtime.h"
 
@@ -56,12 +57,9 @@ int main(int argc, char** argv) {
     } catch (const gradq::Error& e) {
       std::cerr << "gradq " << c.name << ": error: " << e.what() << "\n";
     } catch (const c10::Error& e) {
-      // Torch messages may start with blank lines; print the first line that says something.
-      std::string msg = e.what_without_backtrace();
-      msg.erase(0, msg.find_first_not_of(" \n"));
-      std::cerr << "gradq " << c.name << ": error: " << msg.substr(0, msg.find('\n')) << "\n";
-    } catch (const std::exception& e) {
-      std::cerr << "gradq " << c.name << ": error: " << e.what() << "\n";
+      std::cerr << "gradq " << c.name << ": error: " << gradq::essential_error_line(e.what_without_backtrace()) << "\n";
+    } catch (const std::exception& e) {  // torch::jit::JITException among others: multi-line tracebacks
+      std::cerr << "gradq " << c.name << ": error: " << gradq::essential_error_line(e.what()) << "\n";
     }
     return gradq::cli::kExitError;
   }

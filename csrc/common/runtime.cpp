@@ -4,6 +4,8 @@
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <dlfcn.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <thread>
@@ -21,9 +23,30 @@ void configure_runtime() {
   torch::jit::setGraphExecutorOptimize(false);
 }
 
-void set_threads(int threads) {
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+int hardware_threads() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
+
+int default_threads() {
+  // libgomp's workers spin-wait between parallel regions (OMP_WAIT_POLICY=active is its default,
+  // and it is read before main, so gradq cannot change it). On a machine whose cores are already
+  // busy the spinning thread steals the core the other one needs: gradq eval took 3.3-6.3x the
+  // wall time (3.6-8x the CPU time) with 2 threads as with 1 on the loaded 2-core machine, and
+  // OMP_DYNAMIC was worse still (docs/BENCHMARKS.md). So only the cores the one-minute load
+  // average leaves idle are used, at least one.
+  const int cores = hardware_threads();
+  double load[1] = {0};
+  if (::getloadavg(load, 1) != 1) return cores;
+  const int idle = static_cast<int>(std::floor(cores - load[0] + 0.5));
+  return std::clamp(idle, 1, cores);
+}
+
+int set_threads(int threads) {
+  const int cores = hardware_threads();
+  GRADQ_CHECK(threads >= 0 && threads <= kMaxThreadsPerCore * cores,
+              "--threads must be between 1 and {} ({} cores x {}), or 0 for the default; got {}",
+              kMaxThreadsPerCore * cores, cores, kMaxThreadsPerCore, threads);
+  if (threads == 0) threads = default_threads();
   at::set_num_threads(threads);
+  return threads;
 }
 
 std::string assets_dir() {

@@ -8,9 +8,19 @@ namespace gradq {
 /// Process-wide TorchScript executor settings gradq relies on; called by CausalLM, idempotent.
 void configure_runtime();
 
-/// Sets intra-op threads for libtorch. Debian's libtorch starts at 1 thread, so gradq always sets
-/// it; `threads <= 0` means all hardware cores.
-void set_threads(int threads);
+/// Upper bound of set_threads(): more threads than this per core only cost memory and switches.
+constexpr int kMaxThreadsPerCore = 4;
+
+/// The hardware threads (cores) this process may run on.
+int hardware_threads();
+
+/// The cores the one-minute load average leaves idle, at least 1 and at most hardware_threads().
+int default_threads();
+
+/// Sets intra-op threads for libtorch and returns the count set. Debian's libtorch starts at 1
+/// thread, so gradq always sets it; 0 means default_threads(). Throws gradq::Error outside
+/// [0, kMaxThreadsPerCore x hardware_threads()].
+int set_threads(int threads);
 
 /// Directory holding the embedded default model, tokenizer and text (third_party/assets in the
 /// source tree, share/gradq/assets when installed). Overridable with GRADQ_ASSETS.

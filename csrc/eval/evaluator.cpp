@@ -78,7 +78,7 @@ LogitsSource GradualEvaluator::whole_model(const CausalLM& model) const {
   return [this, &model](int64_t begin, int64_t end) { return model.logits(windows_.inputs.slice(0, begin, end)); };
 }
 
-void GradualEvaluator::for_each_batch(const LogitsSource& source, double* forward_seconds,
+void GradualEvaluator::for_each_batch(const LogitsSource& source, double* forward_seconds, bool check_finite,
                                       const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const {
   double forward = 0;
   int64_t vocab = -1;
@@ -87,12 +87,17 @@ void GradualEvaluator::for_each_batch(const LogitsSource& source, double* forwar
     auto t0 = Clock::now();
     at::Tensor logits = source(b, e).to(at::kFloat);
     forward += seconds_since(t0);
-    GRADQ_CHECK(logits.dim() == 3 && logits.size(0) == e - b && logits.size(1) == windows_.inputs.size(1),
-                "expected logits [{}, {}, vocab] for windows [{}, {}), got {}", e - b, windows_.inputs.size(1), b, e,
-                fmt::to_string(fmt::join(logits.sizes(), "x")));
-    GRADQ_CHECK(vocab < 0 || logits.size(-1) == vocab, "batch at window {} has {} logits per token, earlier ones {}", b,
-                logits.size(-1), vocab);
+    GRADQ_CHECK(logits.dim() == 3 && logits.size(0) == e - b && logits.size(1) == windows_.inputs.size(1) &&
+                    (vocab < 0 || logits.size(-1) == vocab),
+                "forward returned logits of shape {} for windows {}..{}, expected [{}, {}, {}]",
+                fmt::to_string(fmt::join(logits.sizes(), "x")), b, e - 1, e - b, windows_.inputs.size(1),
+                vocab < 0 ? std::string("vocab") : std::to_string(vocab));
     vocab = logits.size(-1);
+    if (check_finite) {
+      const at::Tensor bad = (~at::isfinite(logits)).any(2).any(1).nonzero();
+      GRADQ_CHECK(bad.numel() == 0, "the model's logits hold NaN or infinite values in window {} (of {}): expected "
+                  "finite logits", b + (bad.numel() ? bad[0][0].item<int64_t>() : 0), windows_.size());
+    }
     at::Tensor mask = scored_mask_.slice(0, b, e);
     consume(at::log_softmax(logits.index({mask}), -1), windows_.targets.slice(0, b, e).index({mask}));
   }
@@ -105,13 +110,17 @@ at::Tensor GradualEvaluator::scored_log_probs(const CausalLM& model, double* for
 
 at::Tensor GradualEvaluator::scored_log_probs(const LogitsSource& source, double* forward_seconds) const {
   std::vector<at::Tensor> parts;
-  for_each_batch(source, forward_seconds, [&](const at::Tensor& lp, const at::Tensor&) { parts.push_back(lp); });
+  for_each_batch(source, forward_seconds, options_.check_finite,
+                 [&](const at::Tensor& lp, const at::Tensor&) { parts.push_back(lp); });
   return at::cat(parts);
 }
 
 void GradualEvaluator::set_reference(const CausalLM& reference) {
   Reference ref;
-  ref.log_probs = scored_log_probs(reference);
+  // The reference pass is every run's first look at the model's outputs: always checked.
+  std::vector<at::Tensor> parts;
+  for_each_batch(whole_model(reference), nullptr, true, [&](const at::Tensor& lp, const at::Tensor&) { parts.push_back(lp); });
+  ref.log_probs = at::cat(parts);
   ref.targets = windows_.targets.index({scored_mask_});
   ref.windows_fingerprint = windows_.inputs;
   reference_ = std::move(ref);
@@ -135,7 +144,7 @@ EvalResult GradualEvaluator::evaluate(const LogitsSource& source) const {
   TokenRecords rec;
   double forward = 0;
   int64_t offset = 0;
-  for_each_batch(source, &forward, [&](const at::Tensor& lp, const at::Tensor& scored_targets) {
+  for_each_batch(source, &forward, options_.check_finite, [&](const at::Tensor& lp, const at::Tensor& scored_targets) {
     at::Tensor targets = scored_targets.unsqueeze(1);
     at::Tensor lp_target = lp.gather(1, targets).squeeze(1);
     rec.nll.push_back(-lp_target);

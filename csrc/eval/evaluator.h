@@ -65,6 +65,10 @@ using LogitsSource = std::function<at::Tensor(int64_t begin, int64_t end)>;
 
 struct EvaluatorOptions {
   int64_t batch = 8;  ///< windows per forward pass
+  /// evaluate() throws naming the window when logits are NaN or infinite. The reference pass always
+  /// checks; the quantizer turns this off for its candidates, whose non-finite results fail the
+  /// budget instead.
+  bool check_finite = true;
 };
 
 class GradualEvaluator {
@@ -93,7 +97,8 @@ class GradualEvaluator {
  private:
   /// Runs the windows through `model` in batches; calls `consume(log_probs [n, V], targets [n])`
   /// with the scored positions of each batch, in window order.
-  void for_each_batch(const LogitsSource& logits, double* forward_seconds,
+  /// `check_finite`: throw naming the window when logits are NaN or infinite.
+  void for_each_batch(const LogitsSource& logits, double* forward_seconds, bool check_finite,
                       const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const;
 
   Windows windows_;

@@ -82,6 +82,8 @@ at::Tensor InputStats::sq_mean() const {
 
 CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) {
   GRADQ_CHECK(std::filesystem::exists(path), "model '{}' does not exist", path);
+  GRADQ_CHECK(!std::filesystem::is_directory(path), "model '{}' is a directory, expected a TorchScript file (.pt) or a "
+              "llama2.c checkpoint (.bin)", path);
   torch::jit::Module module;
   try {
     module = torch::jit::load(path);
@@ -229,7 +231,14 @@ at::Tensor CausalLM::logits(const at::Tensor& tokens) const {
   GRADQ_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong, "tokens must be int64 [B, T], got {} {}",
               c10::toString(tokens.scalar_type()), fmt::to_string(fmt::join(tokens.sizes(), "x")));
   c10::InferenceMode guard;
-  return module_.forward({tokens}).toTensor().to(at::kFloat);
+  const c10::IValue out = module_.forward({tokens});
+  GRADQ_CHECK(out.isTensor(), "forward must return the logits as one tensor [B, T, vocab], it returns a {}",
+              out.type()->str());
+  const at::Tensor logits = out.toTensor();
+  // float64 (and fp16/bf16) logits are converted to float32, which everything downstream uses.
+  GRADQ_CHECK(at::isFloatingType(logits.scalar_type()), "forward must return floating-point logits, it returns {}",
+              c10::toString(logits.scalar_type()));
+  return logits.to(at::kFloat);
 }
 
 const ModelStages* CausalLM::stages() const {

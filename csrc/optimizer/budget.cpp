@@ -23,10 +23,11 @@ double ppl_increase(const EvalResult& result) {
 }
 
 bool Budget::quality_met(const EvalResult& result, double divisor) const {
-  if (max_ppl_increase && ppl_increase(result) > *max_ppl_increase / divisor) return false;
+  // Written as !(x <= limit) so that a NaN result (non-finite logits) fails the budget.
+  if (max_ppl_increase && !(ppl_increase(result) <= *max_ppl_increase / divisor)) return false;
   if (max_kl) {
     GRADQ_CHECK(result.kl.has_value(), "a KL budget needs a result evaluated against a reference");
-    if (result.kl->mean.value > *max_kl / divisor) return false;
+    if (!(result.kl->mean.value <= *max_kl / divisor)) return false;
   }
   return true;
 }

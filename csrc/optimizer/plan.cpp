@@ -2,6 +2,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <set>
+
 #include "common/error.h"
 #include "common/files.h"
 #include "quant/quantize.h"
@@ -36,6 +38,7 @@ Plan Plan::from_json(const std::string& text) {
   GRADQ_CHECK(j.value("version", 0) == 1, "unsupported plan version {}, expected 1", j.value("version", 0));
   GRADQ_CHECK(j.contains("weights") && j["weights"].is_array(), "plan has no \"weights\" array");
   Plan plan;
+  std::map<std::string, std::string> seen;  // name -> spec of its first entry
   for (const auto& w : j["weights"]) {
     GRADQ_CHECK(w.is_object() && w.contains("name") && w["name"].is_string() && w.contains("spec") &&
                     w["spec"].is_string(),
@@ -43,6 +46,10 @@ Plan Plan::from_json(const std::string& text) {
     PlanEntry e;
     e.name = w["name"].get<std::string>();
     e.spec = parse_quant_spec(w["spec"].get<std::string>());
+    // Two entries for one weight are a broken plan whichever wins, even when they agree.
+    const auto [first, fresh] = seen.emplace(e.name, w["spec"].get<std::string>());
+    GRADQ_CHECK(fresh, "plan lists weight '{}' twice (as {} and as {}): expected one entry per weight", e.name,
+                first->second, w["spec"].get<std::string>());
     try {
       e.method = parse_rounding_method(w.value("method", "rtn"));
     } catch (const Error& err) {
@@ -105,7 +112,12 @@ PlanSize plan_size(const CausalLM& model, const Plan& plan) {
   std::map<std::string, const PlanEntry*> by_name;
   for (const PlanEntry& e : plan.entries) by_name[e.name] = &e;
   PlanSize size;
-  for (const WeightInfo& w : model.weights()) {
+  // Every quantizable weight, and every other matrix weight the plan quantizes (an embedding
+  // named in a --plan without --include is still stored quantized).
+  std::set<std::string> quantizable;
+  for (const WeightInfo& w : model.weights()) quantizable.insert(w.name);
+  for (const WeightInfo& w : model.matrix_weights()) {
+    if (!quantizable.count(w.name) && !by_name.count(w.name)) continue;
     size.weights += w.numel();
     size.fp32_bytes += 4 * w.numel();
     size.fp16_bytes += 2 * w.numel();
@@ -113,6 +125,15 @@ PlanSize plan_size(const CausalLM& model, const Plan& plan) {
     size.quantized_bytes += it == by_name.end() ? 2 * w.numel() : it->second->spec.storage_bytes(w.out_features, w.in_features);
   }
   return size;
+}
+
+std::vector<std::string> weights_outside_plan(const CausalLM& model, const Plan& plan) {
+  std::set<std::string> planned;
+  for (const PlanEntry& e : plan.entries) planned.insert(e.name);
+  std::vector<std::string> out;
+  for (const WeightInfo& w : model.weights())
+    if (!planned.count(w.name)) out.push_back(w.name);
+  return out;
 }
 
 }  // namespace gradq

@@ -60,6 +60,10 @@ struct PlanSize {
   int64_t quantized_bytes = 0;  ///< their size as planned (unplanned weights counted at fp16)
   double bits_per_weight() const { return weights ? 8.0 * quantized_bytes / weights : 0.0; }
 };
+/// Counts every quantizable weight and every other matrix weight `plan` names.
 PlanSize plan_size(const CausalLM& model, const Plan& plan);
+
+/// The quantizable weights of `model` that `plan` does not name: they stay in floating point.
+std::vector<std::string> weights_outside_plan(const CausalLM& model, const Plan& plan);
 
 }  // namespace gradq

@@ -66,6 +66,7 @@ QuantizeOutcome GradualQuantizer::run() {
     if (options_.on_progress) options_.on_progress(phase, done, total, detail);
   };
   EvaluatorOptions eval_options;
+  eval_options.check_finite = false;  // a candidate with non-finite logits fails the budget (budget.cpp)
   eval_options.batch = options_.batch;
   GradualEvaluator calibration(calibration_, eval_options), heldout(evaluation_, eval_options);
   {

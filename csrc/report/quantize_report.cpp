@@ -1,6 +1,7 @@
 #include "report/quantize_report.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include <map>
@@ -44,7 +45,8 @@ std::string level_color(QuantLevel level) {
 
 std::vector<LevelShare> level_distribution(const CausalLM& model, const QuantizeOutcome& outcome) {
   std::map<QuantLevel, LevelShare> by_level;
-  for (const WeightInfo& w : model.weights()) {
+  // matrix_weights(): an embedding a --plan quantizes counts although it is not quantizable by default.
+  for (const WeightInfo& w : model.matrix_weights()) {
     auto it = outcome.weights.find(w.name);
     if (it == outcome.weights.end()) continue;
     LevelShare& s = by_level[it->second.spec.level];
@@ -148,6 +150,12 @@ std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome
                      r.tokens, r.reference_ppl->value, r.ppl.value, 100 * ppl_increase(r), r.kl->mean.value,
                      r.kl->percentiles.size() > 1 ? r.kl->percentiles[1] : 0.0, 100 * r.kl->same_top_rate);
   }
+  std::vector<std::string> unquantized;
+  for (const WeightInfo& w : model.weights())
+    if (!outcome.weights.count(w.name)) unquantized.push_back(w.name);
+  if (!unquantized.empty())
+    s += fmt::format("kept in floating point: {} of {} quantizable weights ({})\n", unquantized.size(),
+                     model.weights().size(), fmt::join(unquantized, ", "));
   if (!outcome.validation_steps.empty())
     s += fmt::format("validation upgraded {} unit(s) to meet the budget on held-out text\n", outcome.validation_steps.size());
   s += "\nphase          passes   seconds  s/pass\n";

@@ -360,7 +360,7 @@ SweepResult SweepRunner::run(const std::string& dir) {
   auto progress = [&](const std::string& phase, int64_t done, int64_t total, const std::string& detail) {
     if (options_.on_progress) options_.on_progress(phase, done, total, detail);
   };
-  fs::create_directories(dir + "/points");
+  fs::create_directories(dir);  // points/ only once a point is written: a failed run leaves no empty one
   SharedState shared;
   shared.config = sweep_config(model_, calibration_, evaluation_, options_.quantizer);
   shared.config_hash = Fingerprint().text(shared.config.dump()).hex();
@@ -393,6 +393,7 @@ SweepResult SweepRunner::run(const std::string& dir) {
   const auto shared_start = Clock::now();
   const QuantizerOptions& base = options_.quantizer;
   EvaluatorOptions eval_options;
+  eval_options.check_finite = false;  // a candidate with non-finite logits fails the budget (budget.cpp)
   eval_options.batch = base.batch;
   GradualEvaluator calibration(calibration_, eval_options), heldout(evaluation_, eval_options);
   progress("reference", 0, 2, "full-precision log-probabilities, once for every point");
@@ -433,6 +434,7 @@ SweepResult SweepRunner::run(const std::string& dir) {
     const QuantizeOutcome outcome = GradualQuantizer(model_, calibration_, evaluation_, q).run();
     const SweepPointResult result = point_result(spec, outcome);
     // The plan first: a point counts as finished once its result file exists.
+    fs::create_directories(dir + "/points");
     outcome.plan.save(plan_path(dir, spec.id));
     const json file = {{"format", "gradq-sweep-point"},
                        {"config_hash", shared.config_hash},

@@ -2,14 +2,20 @@
 
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
 #include <nlohmann/json.hpp>
+#include <sys/file.h>
 #include <torch/script.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <set>
 
 #include "common/files.h"
+#include "support/gpt_fixture.h"
 #include "support/test_support.h"
 
 namespace gradq {
@@ -113,6 +119,150 @@ TEST(Cli, QuantizeUniformAndReapplyPlan) {
   auto [src, sout] = test::run(test::cli() + " quantize --plan " + dir + "/plan.json -o " + dir + "/plan.json" + common);
   EXPECT_EQ(src, 1) << sout;
   EXPECT_EQ(read_file(dir + "/plan.json"), plan_before);
+}
+
+// What a failed command prints: one error line, exit 1.
+void expect_one_line_error(const std::string& args, const std::string& expected) {
+  auto [rc, out] = test::run(test::cli() + " " + args);
+  EXPECT_EQ(rc, 1) << args << ": " << out;
+  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << args << ": " << out;
+  EXPECT_NE(out.find(expected), std::string::npos) << args << ": expected '" << expected << "' in: " << out;
+}
+
+// Every output option of every command is checked before the model is loaded: the one line is the
+// error (load_inputs' "N quantizable weights; ..." line would come first otherwise), and nothing
+// of the other outputs is written.
+TEST(Cli, OutputLocationsAreCheckedBeforeLoading) {
+  const std::string dir = test::temp_dir("cli_outputs");
+  const std::string ok = " -o " + dir + "/q.pt";
+  for (const std::string missing : {"/nonexistent_dir/x", "/proc/gradq_not_writable"}) {
+    for (const std::string& args :
+         {"quantize -o " + missing + ".pt", "quantize" + ok + " --report " + missing + ".json",
+          "quantize" + ok + " --save-plan " + missing + ".json", "quantize" + ok + " --fake-quant " + missing + ".pt",
+          "quantize --uniform b4g32" + ok + " --report " + missing + ".json", "eval --json " + missing + ".json",
+          "eval --reference " + test::stories_bin() + " --save-reference " + missing + ".ref",
+          "analyze -o " + missing + ".json", "analyze -o " + dir + "/a.json --chart " + missing + ".svg",
+          "convert " + test::stories_bin() + " -o " + missing + ".pt", "sweep --out " + missing + "/sweep"})
+      expect_one_line_error(args, "cannot ");
+  }
+  expect_one_line_error("quantize -o " + dir, "is a directory");
+  expect_one_line_error("quantize" + ok + " --save-plan " + dir + "/q.pt", "two different outputs");
+  EXPECT_TRUE(fs::is_empty(dir)) << "a failed command left files in " << dir;
+}
+
+TEST(Cli, OptionsAreCheckedBeforeLoading) {
+  expect_one_line_error("quantize --max-ppl-increase 0 -o /tmp/x.pt", "--max-ppl-increase must be > 0, got 0");
+  expect_one_line_error("quantize --calib-windows 2 -o /tmp/x.pt", "--calib-windows must be at least 4");
+  auto [rc, out] = test::run(test::cli() + " quantize --calib-windows 2 -o /tmp/x.pt");
+  EXPECT_EQ(out.find("--subsets"), std::string::npos) << out;  // an analyze option quantize does not have
+  expect_one_line_error("analyze -o /tmp/a.json --calib-windows 2", "--calib-windows must be at least --subsets (4)");
+  for (const char* threads : {"-1", "100000"})
+    expect_one_line_error(std::string("eval --threads ") + threads, "--threads must be between 1 and");
+  expect_one_line_error("eval --model " + test::temp_dir("cli_model_dir"), "is a directory, expected a TorchScript file");
+  expect_one_line_error("generate --steps -1", "--steps must be >= 0");
+}
+
+TEST(Cli, BadLogitsAreRejected) {
+  const std::string dir = test::temp_dir("cli_logits");
+  const std::string shape = "tokens.size(0), tokens.size(1), 512";
+  test::scripted_module("    return torch.zeros([" + shape + "]).long() + 1000\n").save(dir + "/int64.pt");
+  test::scripted_module("    return torch.full([" + shape + "], float('nan'))\n").save(dir + "/nan.pt");
+  test::scripted_module("    x = torch.zeros([" + shape + "])\n    return (x, x)\n").save(dir + "/tuple.pt");
+  const std::string common = " --max-windows 2 --ctx 64 --threads 1";
+  expect_one_line_error("eval --model " + dir + "/int64.pt" + common, "floating-point logits, it returns Long");
+  // Alone, the model's first pass is the evaluation itself (after its "evaluating ..." line).
+  auto [rc, out] = test::run(test::cli() + " eval --model " + dir + "/nan.pt" + common);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find("error: the model's logits hold NaN or infinite values in window 0 (of 2)"), std::string::npos) << out;
+  EXPECT_EQ(out.find("PPL"), std::string::npos) << out;
+  expect_one_line_error("eval --model " + test::stories_bin() + " --reference " + dir + "/nan.pt" + common,
+                        "NaN or infinite values in window 0");
+  expect_one_line_error("eval --model " + dir + "/tuple.pt" + common, "logits as one tensor");
+}
+
+TEST(Cli, ContextIsCheckedAgainstTheModel) {
+  expect_one_line_error("eval --ctx 1024 --threads 1", "--ctx 1024 is longer than the model accepts: its forward works up to 512 tokens");
+  expect_one_line_error("quantize --ctx 1024 -o /tmp/x.pt --threads 1", "works up to 512 tokens");
+  const std::string dir = test::temp_dir("cli_context");
+  test::GptConfig config;  // 128 learned positions
+  config.layers = 2;
+  test::make_gpt_fixture(config).save(dir + "/gpt.pt");
+  expect_one_line_error("eval --model " + dir + "/gpt.pt --ctx 256 --threads 1", "works up to 128 tokens");
+  // generate: an explicit --max-context beyond the model fails before any text; the default adapts.
+  expect_one_line_error("generate --model " + dir + "/gpt.pt --steps 200 --max-context 512 --no-stop --threads 1",
+                        "--max-context 512: generation would feed the model up to 200 tokens, but its forward works up to 128");
+  auto [rc, out] = test::run(test::cli() + " generate --model " + dir + "/gpt.pt --steps 200 --no-stop --threads 1");
+  EXPECT_EQ(rc, 0) << out;
+}
+
+TEST(Cli, PlansAreValidated) {
+  const std::string dir = test::temp_dir("cli_plans");
+  const std::string common = " --threads 1 --calib-windows 4 --eval-windows 4";
+  auto plan = [&](const std::string& name, const std::string& weights) {
+    std::ofstream(dir + "/" + name) << R"({"format": "gradq-plan", "version": 1, "weights": [)" << weights << "]}";
+    return dir + "/" + name;
+  };
+  const std::string wq = R"({"name": "layers.0.attention.wq.weight", "spec": "b4g32"})";
+  expect_one_line_error("quantize -o " + dir + "/q.pt --plan " +
+                            plan("dup.json", wq + R"(, {"name": "layers.0.attention.wq.weight", "spec": "b8g32"})"),
+                        "plan lists weight 'layers.0.attention.wq.weight' twice (as b4g32 and as b8g32)");
+  expect_one_line_error("quantize -o " + dir + "/q.pt --plan " +
+                            plan("level.json", R"({"name": "layers.0.attention.wq.weight", "spec": "b5g32"})"),
+                        "bits must be one of 2, 3, 4, 8, got 5");
+  const std::string partial = plan("partial.json", wq + R"(, {"name": "tok_embeddings.weight", "spec": "b8g32"})");
+  // Checked once the model's weights are known: after loading, before any quantization.
+  auto [prc, pout] = test::run(test::cli() + " quantize -o " + dir + "/q.pt --plan " + partial + common);
+  EXPECT_EQ(prc, 1) << pout;
+  EXPECT_NE(pout.find("error: the plan names 1 of the model's 35 quantizable weights; 34 would stay in floating point"),
+            std::string::npos) << pout;
+  EXPECT_FALSE(fs::exists(dir + "/q.pt"));
+  auto [rc, out] = test::run(test::cli() + " quantize -o " + dir + "/q.pt --allow-partial-plan --plan " + partial + common);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("kept in floating point: 34 of 35 quantizable weights (layers.0.attention.wk.weight"),
+            std::string::npos) << out;
+  // Both planned weights are counted: the embedding (512 x 64) at 8 bits and wq (64 x 64) at 4.
+  EXPECT_NE(out.find("int8          1"), std::string::npos) << out;
+  EXPECT_NE(out.find("int4          1"), std::string::npos) << out;
+}
+
+// The outputs of a command are one set: a failing output leaves none of the others, stale
+// temporaries of killed runs are removed, a live writer of the same output is refused, and the
+// summary lists every file written.
+TEST(Cli, OutputsAreOneSet) {
+  const std::string dir = test::temp_dir("cli_outset");
+  const std::string common = " --uniform b4g32 --threads 1 --calib-windows 4 --eval-windows 4 -o " + dir + "/q.pt";
+  expect_one_line_error("quantize" + common + " --report /proc/gradq_report.json", "cannot write");
+  EXPECT_TRUE(fs::is_empty(dir));
+
+  std::ofstream(dir + "/.q.pt.tmp.999999") << "left by a killed run";
+  auto [rc, out] = test::run(test::cli() + " quantize" + common + " --save-plan " + dir + "/plan.json --fake-quant " +
+                             dir + "/fq.pt --report " + dir + "/report.json");
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("wrote " + dir + "/q.pt, " + dir + "/fq.pt, " + dir + "/plan.json, " + dir + "/report.json, " +
+                     dir + "/report-blocks.svg, " + dir + "/report-levels.svg\n"),
+            std::string::npos) << out;
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.insert(e.path().filename().string());
+  EXPECT_EQ(names, (std::set<std::string>{"q.pt", "fq.pt", "plan.json", "report.json", "report-blocks.svg",
+                                          "report-levels.svg"}));
+
+  const std::string before = read_file(dir + "/q.pt");
+  const int fd = ::open((dir + "/.q.pt.tmp.4242").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);  // another gradq writing q.pt
+  expect_one_line_error("quantize" + common, "another process (pid 4242) is writing");
+  ::close(fd);
+  EXPECT_EQ(read_file(dir + "/q.pt"), before);
+}
+
+TEST(Cli, FailedSweepLeavesNoDirectory) {
+  const std::string dir = test::temp_dir("cli_sweep_fail");
+  test::GptConfig config;
+  config.layers = 2;
+  test::make_gpt_fixture(config).save(dir + "/gpt.pt");
+  expect_one_line_error("sweep --out " + dir + "/sweep --model " + dir + "/gpt.pt --ctx 256 --threads 1",
+                        "works up to 128 tokens");
+  EXPECT_FALSE(fs::exists(dir + "/sweep"));
 }
 
 }  // namespace

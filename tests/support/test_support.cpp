@@ -56,4 +56,10 @@ const std::string& stories_pt() {
   return path;
 }
 
+torch::jit::Module scripted_module(const std::string& body) {
+  torch::jit::Module m("Misbehaving");
+  m.define("def forward(self, tokens):\n" + body);
+  return m;
+}
+
 }  // namespace gradq::test

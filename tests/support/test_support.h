@@ -30,6 +30,10 @@ DataSplit stories_data(const DataOptions& options);
 /// The small split the quantizer suites run on: 4 calibration and 8 held-out windows of 128 tokens.
 DataSplit small_stories_data();
 
+/// A parameter-free TorchScript module whose forward is `def forward(self, tokens):` + `body` (indented
+/// TorchScript code), for models that misbehave on purpose (int64, NaN or tuple logits, a short context).
+torch::jit::Module scripted_module(const std::string& body);
+
 /// stories260K converted to TorchScript once per test process (cached at a temp path).
 const std::string& stories_pt();
 

@@ -1,0 +1,82 @@
+// What gradq checks about a model before trusting it: its logits (type, dtype, finiteness) and the
+// longest window its forward accepts.
+
+#include <gtest/gtest.h>
+
+#include "common/error.h"
+#include "eval/evaluator.h"
+#include "model/context_check.h"
+#include "model/model_loader.h"
+#include "support/gpt_fixture.h"
+#include "support/test_support.h"
+
+namespace gradq {
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+const char* kShape = "tokens.size(0), tokens.size(1), 512";
+
+TEST(ModelChecks, LogitsMustBeOneFloatingTensor) {
+  const std::string int64 = error_of([] {
+    CausalLM m(test::scripted_module(fmt::format("    return torch.zeros([{}]).long()\n", kShape)));
+  });
+  EXPECT_NE(int64.find("floating-point logits, it returns Long"), std::string::npos) << int64;
+  const std::string tuple = error_of([] {
+    CausalLM m(test::scripted_module(fmt::format("    x = torch.zeros([{}])\n    return (x, x)\n", kShape)));
+  });
+  EXPECT_NE(tuple.find("one tensor"), std::string::npos) << tuple;
+  EXPECT_EQ(tuple.find("does not accept int64 tokens"), std::string::npos) << tuple;
+  // float64 logits are converted to float32.
+  CausalLM f64(test::scripted_module(fmt::format("    return torch.zeros([{}]).double()\n", kShape)));
+  EXPECT_EQ(f64.logits(at::zeros({2, 5}, at::kLong)).scalar_type(), at::kFloat);
+}
+
+TEST(ModelChecks, NonFiniteLogitsNameTheWindow) {
+  // Finite except in the third window (its first token is 7): -log(1 - 1) = +inf there.
+  CausalLM m(test::scripted_module(fmt::format(
+      "    x = torch.zeros([{}])\n    x[:, :, 3] = -torch.log(1.0 - (tokens[:, :1] == 7).float())\n    return x\n",
+      kShape)));
+  Windows w;
+  w.inputs = at::zeros({4, 8}, at::kLong);
+  w.inputs[2][0] = 7;
+  w.targets = at::zeros({4, 8}, at::kLong);
+  w.score_from = at::zeros({4}, at::kLong);
+  GradualEvaluator evaluator(w, EvaluatorOptions{2});
+  const std::string msg = error_of([&] { evaluator.set_reference(m); });
+  EXPECT_NE(msg.find("NaN or infinite values in window 2 (of 4)"), std::string::npos) << msg;
+  EXPECT_NE(error_of([&] { evaluator.evaluate(m); }).find("window 2"), std::string::npos);
+  EvaluatorOptions unchecked{2};
+  unchecked.check_finite = false;
+  EXPECT_TRUE(std::isnan(GradualEvaluator(w, unchecked).evaluate(m).ppl.value));
+}
+
+TEST(ModelChecks, ContextLimitIsFoundAndNamed) {
+  test::GptConfig config;
+  config.layers = 2;
+  CausalLM gpt(test::make_gpt_fixture(config));  // learned positions: 128
+  EXPECT_EQ(accepted_context(gpt, 100), 100);
+  EXPECT_EQ(accepted_context(gpt, 500), config.positions);
+  EXPECT_NO_THROW(check_context(gpt, config.positions, "--ctx"));
+  const std::string msg = error_of([&] { check_context(gpt, 256, "--ctx"); });
+  EXPECT_NE(msg.find("--ctx 256 is longer than the model accepts: its forward works up to 128 tokens"),
+            std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  CausalLM stories = load_model(test::stories_bin());
+  EXPECT_EQ(accepted_context(stories, 4096), 512);
+}
+
+TEST(ModelChecks, DirectoryAsModel) {
+  const std::string msg = error_of([] { load_model(test::temp_dir("model_dir")); });
+  EXPECT_NE(msg.find("is a directory, expected a TorchScript file"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace gradq
