@@ -62,6 +62,7 @@ void add_search_options(cxxopts::Options& options) {
       ("encodings", "side information of the candidates, each with every group size: asym (b-bit zero points), z8 (8-bit zero points), s (symmetric), k6, k8 (sub-scales)", cxxopts::value<std::string>()->default_value("asym"))
       ("method", "rounding: rtn (round to nearest), clip (activation-weighted clipping search), gptq (GPTQ with clipped static groups) or trained (learned rounding)", cxxopts::value<std::string>()->default_value("clip"))
       ("gptq-damp", "GPTQ's dampening, a fraction of the mean diagonal of the Hessian", cxxopts::value<double>()->default_value("0.01"))
+      ("search-measure", "how candidates are measured on a model split into blocks: local (its block's output error predicts the KL; accepted changes confirmed together by exact passes) or exact (every candidate from its block to the logits)", cxxopts::value<std::string>()->default_value("exact"))
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
       ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
       ("allow-prune", "let the search remove a weight entirely after its lowest bit width")
@@ -96,6 +97,11 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
     q.search.method = parse_rounding_method(args["method"].as<std::string>());
   } catch (const Error& e) {
     throw Error(fmt::format("--method: {}", e.what()));
+  }
+  try {
+    q.search.measurement = parse_candidate_measurement(args["search-measure"].as<std::string>());
+  } catch (const Error& e) {
+    throw Error(fmt::format("--search-measure: {}", e.what()));
   }
   q.search.trained_fallback = !args.count("no-trained-fallback");
   q.search.rounding.trained.iterations = args["trained-iterations"].as<int>();

@@ -101,6 +101,15 @@ void BlockInputCache::commit(std::vector<Trial>&& trials) {
   }
 }
 
+double token_weighted_mean(const at::Tensor& per_window, const at::Tensor& tokens, int64_t begin, int64_t end) {
+  GRADQ_CHECK(per_window.dim() == 1 && per_window.sizes() == tokens.sizes() && begin >= 0 && begin < end &&
+                  end <= per_window.size(0),
+              "token_weighted_mean: expected [N] errors and token counts and 0 <= begin < end <= N, got {} and {}, "
+              "[{}, {})", per_window.size(0), tokens.size(0), begin, end);
+  const at::Tensor t = tokens.slice(0, begin, end);
+  return (per_window.slice(0, begin, end) * t).sum().item<double>() / t.sum().item<double>();
+}
+
 int64_t BlockInputCache::bytes() const {
   // Values handed on unchanged (rotary tables, masks) are one tensor in many states: count once.
   std::unordered_set<const void*> seen;

@@ -20,6 +20,11 @@
 
 namespace gradq {
 
+/// Mean of `per_window` (local_error) over windows [begin, end), each weighted by the tokens it
+/// scores (`tokens`, float64 [N]): a window's tokens share its error, so the mean is per token like
+/// the KL means it predicts.
+double token_weighted_mean(const at::Tensor& per_window, const at::Tensor& tokens, int64_t begin, int64_t end);
+
 class BlockInputCache {
  public:
   /// Runs `inputs` (tokens [N, T]) through `stages`, `batch` windows at a time, keeping every state.

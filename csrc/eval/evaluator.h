@@ -93,6 +93,8 @@ class GradualEvaluator {
 
   const Windows& windows() const { return windows_; }
   int64_t batch() const { return options_.batch; }
+  /// Tokens scored in each window, float64 [N] (local errors are weighted by them, block_cache.h).
+  at::Tensor scored_tokens_per_window() const { return scored_mask_.sum(1).to(at::kDouble); }
 
  private:
   /// Runs the windows through `model` in batches; calls `consume(log_probs [n, V], targets [n])`

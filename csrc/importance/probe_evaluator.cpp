@@ -147,14 +147,9 @@ void ProbeEvaluator::set_local_factor(int64_t block, double factor) {
 ProbeMeasure ProbeEvaluator::measure_local(int64_t block) const {
   const double factor = local_factor(block);
   const auto start = Clock::now();
-  at::Tensor per_window = cache_->local_error(block);
-  // A window's tokens share its error: subsets weight their windows by the tokens they score, as
-  // the per-token KL means of the other modes do.
-  at::Tensor tokens = scored_mask_.sum(1).to(at::kDouble);
-  auto weighted = [&](int64_t begin, int64_t end) {
-    at::Tensor t = tokens.slice(0, begin, end);
-    return (per_window.slice(0, begin, end) * t).sum().item<double>() / t.sum().item<double>();
-  };
+  const at::Tensor per_window = cache_->local_error(block);
+  const at::Tensor tokens = evaluator_.scored_tokens_per_window();
+  auto weighted = [&](int64_t begin, int64_t end) { return token_weighted_mean(per_window, tokens, begin, end); };
   ProbeMeasure m;
   m.local_error = weighted(0, per_window.size(0));
   m.kl = factor * m.local_error;

@@ -23,12 +23,14 @@ double ppl_increase(const EvalResult& result) {
 }
 
 bool Budget::quality_met(const EvalResult& result, double divisor) const {
+  GRADQ_CHECK(!max_kl || result.kl.has_value(), "a KL budget needs a result evaluated against a reference");
+  return quality_met(result.kl ? result.kl->mean.value : 0.0, max_ppl_increase ? ppl_increase(result) : 0.0, divisor);
+}
+
+bool Budget::quality_met(double kl, double ppl_increase, double divisor) const {
   // Written as !(x <= limit) so that a NaN result (non-finite logits) fails the budget.
-  if (max_ppl_increase && !(ppl_increase(result) <= *max_ppl_increase / divisor)) return false;
-  if (max_kl) {
-    GRADQ_CHECK(result.kl.has_value(), "a KL budget needs a result evaluated against a reference");
-    if (!(result.kl->mean.value <= *max_kl / divisor)) return false;
-  }
+  if (max_ppl_increase && !(ppl_increase <= *max_ppl_increase / divisor)) return false;
+  if (max_kl && !(kl <= *max_kl / divisor)) return false;
   return true;
 }
 

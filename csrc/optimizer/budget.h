@@ -27,6 +27,8 @@ struct Budget {
   void validate() const;
   /// True when `result` (evaluated with a reference) is within the quality limits / divisor.
   bool quality_met(const EvalResult& result, double divisor = 1.0) const;
+  /// The same judgement of a predicted mean KL and perplexity increase.
+  bool quality_met(double kl, double ppl_increase, double divisor = 1.0) const;
   /// "ppl +5.00%, KL 0.0100" style description of the limits.
   std::string describe() const;
 };

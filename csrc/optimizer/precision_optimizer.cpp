@@ -1,6 +1,8 @@
 #include "optimizer/precision_optimizer.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <set>
 
 #include <fmt/ranges.h>
@@ -51,6 +53,16 @@ std::vector<QuantSpec> SearchOptions::candidates(int bits, int64_t out_features,
   return specs;
 }
 
+std::string candidate_measurement_name(CandidateMeasurement m) {
+  return m == CandidateMeasurement::kExact ? "exact" : "local";
+}
+
+CandidateMeasurement parse_candidate_measurement(const std::string& name) {
+  if (name == "exact") return CandidateMeasurement::kExact;
+  if (name == "local") return CandidateMeasurement::kLocal;
+  throw Error(fmt::format("unknown candidate measurement '{}': expected exact or local", name));
+}
+
 QuantSpec search_start_spec() { return QuantSpec{QuantLevel::kFp16}; }
 
 void SearchOptions::validate() const {
@@ -66,6 +78,11 @@ void SearchOptions::validate() const {
     GRADQ_CHECK(i == 0 || group_sizes[i] < group_sizes[i - 1],
                 "group sizes must be listed large to small (cheapest first), got {}", fmt::join(group_sizes, ","));
   }
+  GRADQ_CHECK(confirm_share > 0 && confirm_share <= 1, "confirm_share must be in (0, 1], got {}", confirm_share);
+  GRADQ_CHECK(exact_band >= 1, "exact_band must be >= 1, got {}", exact_band);
+  for (size_t b = 0; b < local_factors.size(); ++b)
+    GRADQ_CHECK(std::isnan(local_factors[b]) || (std::isfinite(local_factors[b]) && local_factors[b] >= 0),
+                "local factor of block {} must be finite and >= 0 (or NaN: calibrate), got {}", b, local_factors[b]);
   GRADQ_CHECK(!encodings.empty(), "the search needs at least one side-information encoding");
   for (int b : bits)
     for (int64_t g : group_sizes)
@@ -122,10 +139,11 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   std::unique_ptr<BlockInputCache> block_cache;
   if (stages) {
     block_cache = std::make_unique<BlockInputCache>(*stages, evaluator_.windows().inputs, evaluator_.batch());
-    result.measurement = "exact";
+    result.measurement = candidate_measurement_name(options_.measurement);
   } else {
     result.measurement = "whole (" + model_.stages_unavailable_reason() + ")";
   }
+  const bool local = block_cache && options_.measurement == CandidateMeasurement::kLocal;
   const int64_t blocks = stages ? stages->num_blocks() : 0;
   // The first stage a weight's value reaches: its block, the head, or (embeddings) everything.
   auto first_stage = [&](const std::string& name) -> int64_t {
@@ -136,6 +154,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   };
   std::vector<BlockInputCache::Trial> trials;
   auto evaluate_from = [&](int64_t from) {
+    ++result.passes;
     result.blocks_whole += blocks;
     if (!block_cache) return evaluator_.evaluate(model_);
     result.blocks_run += blocks - std::max<int64_t>(from, 0);
@@ -147,34 +166,9 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   };
 
   result.calibration = evaluate_from(blocks);
-  ++result.passes;
   SearchProgress progress;
   progress.units = static_cast<int64_t>(order.size());
-  // Measures `name` at `q` with everything else as it is; accepts (keeps it) or rolls back.
-  auto try_candidate = [&](const std::string& name, const QuantizedTensor& q, RoundingMethod method,
-                           double quantize_seconds) {
-    const auto t = Clock::now();
-    SearchStep step;
-    step.weight = name;
-    step.from = state[name].spec.name();
-    step.to = q.spec.name();
-    step.method = method;
-    step.kl_before = result.calibration.kl->mean.value;
-    model_.set_weight(name, q.dequantize());
-    EvalResult r = evaluate_from(first_stage(name));
-    ++result.passes;
-    step.kl = r.kl->mean.value;
-    step.ppl_increase = ppl_increase(r);
-    step.accepted = budget_.quality_met(r, budget_.safety);
-    if (step.accepted) {
-      bytes += q.storage_bytes() - state[name].storage_bytes();
-      state[name] = q;
-      result.history[name].push_back(q);
-      result.calibration = std::move(r);
-      if (block_cache) block_cache->commit(std::move(trials));
-    } else {
-      model_.set_weight(name, state[name].dequantize());
-    }
+  auto record = [&](SearchStep step, const Clock::time_point& t, double quantize_seconds) {
     step.bits_per_weight = 8.0 * double(bytes) / weights;
     step.seconds = quantize_seconds + seconds_since(t);
     result.steps.push_back(step);
@@ -182,6 +176,178 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     progress.seconds = seconds_since(start);
     progress.last = &result.steps.back();
     if (on_progress) on_progress(progress);
+    return step.accepted;
+  };
+  auto keep = [&](const std::string& name, const QuantizedTensor& q) {
+    bytes += q.storage_bytes() - state[name].storage_bytes();
+    state[name] = q;
+    result.history[name].push_back(q);
+  };
+  // Measures `name` at `q` (already in the model) exactly with everything else as it is; keeps it or
+  // rolls it back.
+  auto decide_exact = [&](const std::string& name, const QuantizedTensor& q, RoundingMethod method,
+                          const Clock::time_point& t, double quantize_seconds) {
+    SearchStep step;
+    step.weight = name;
+    step.from = state[name].spec.name();
+    step.to = q.spec.name();
+    step.method = method;
+    step.kl_before = result.calibration.kl->mean.value;
+    EvalResult r = evaluate_from(first_stage(name));
+    step.kl = r.kl->mean.value;
+    step.ppl_increase = ppl_increase(r);
+    step.accepted = budget_.quality_met(r, budget_.safety);
+    if (step.accepted) {
+      keep(name, q);
+      result.calibration = std::move(r);
+      if (block_cache) block_cache->commit(std::move(trials));
+    } else {
+      model_.set_weight(name, state[name].dequantize());
+    }
+    return record(step, t, quantize_seconds);
+  };
+
+  // Local measurement (CandidateMeasurement::kLocal). Predictions are made against the cache, which
+  // holds the model as of the last confirmation: a block's local error covers all its unconfirmed
+  // changes, and the candidate adds its error beyond them.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  std::vector<double> factors(blocks, nan);
+  if (static_cast<int64_t>(options_.local_factors.size()) == blocks) factors = options_.local_factors;
+  const at::Tensor window_tokens = evaluator_.scored_tokens_per_window();
+  std::vector<double> pending_error(blocks, 0.0);  // local error of each block's unconfirmed changes
+  struct Pending {
+    std::string name;
+    QuantizedTensor before, after;
+    RoundingMethod method;
+    size_t step;
+  };
+  std::vector<Pending> pending;
+  double kl_scale = 1.0;     // measured / predicted, updated at every confirmation
+  double nll_per_kl = 1.0;   // log(PPL / PPL_ref) per nat of KL, from the last confirmation
+  auto block_error = [&](int64_t b) {
+    ++result.local_measurements;
+    ++result.blocks_run;
+    result.blocks_whole += blocks;
+    return token_weighted_mean(block_cache->local_error(b), window_tokens, 0, window_tokens.size(0));
+  };
+  auto pending_kl = [&] {
+    double kl = 0;
+    for (int64_t b = 0; b < blocks; ++b)
+      if (pending_error[b] != 0) kl += factors[b] * pending_error[b];
+    return kl_scale * kl;
+  };
+  // KL that still fits under the limits after the last confirmation (a perplexity limit read as KL
+  // through nll_per_kl).
+  auto headroom = [&] {
+    const double kl = result.calibration.kl->mean.value;
+    double room = std::numeric_limits<double>::infinity();
+    if (budget_.max_kl) room = std::min(room, *budget_.max_kl / budget_.safety - kl);
+    if (budget_.max_ppl_increase)
+      room = std::min(room, (std::log1p(*budget_.max_ppl_increase / budget_.safety) -
+                             std::log1p(ppl_increase(result.calibration))) / nll_per_kl);
+    return room;
+  };
+  auto confirm = [&]() {
+    if (pending.empty()) return;
+    int64_t from = blocks;
+    for (const Pending& p : pending) from = std::min(from, first_stage(p.name));
+    Confirmation c;
+    c.changes = static_cast<int64_t>(pending.size());
+    c.kl_before = result.calibration.kl->mean.value;
+    c.predicted_kl = c.kl_before + pending_kl();
+    EvalResult r = evaluate_from(from);
+    c.measured_kl = r.kl->mean.value;
+    const double predicted = c.predicted_kl - c.kl_before, measured = c.measured_kl - c.kl_before;
+    // Rescale the predictions for what one block's error does not see (errors of several blocks
+    // compound); bounded, since one confirmation of small changes is mostly noise.
+    if (predicted > 0 && measured > 0) kl_scale *= std::clamp(measured / predicted, 0.5, 2.0);
+    if (c.measured_kl > 0 && ppl_increase(r) > 0)
+      nll_per_kl = std::clamp(std::log1p(ppl_increase(r)) / c.measured_kl, 0.25, 4.0);
+    std::fill(pending_error.begin(), pending_error.end(), 0.0);
+    c.kept = budget_.quality_met(r, budget_.safety);
+    result.confirmations.push_back(c);
+    std::vector<Pending> changes = std::move(pending);
+    pending.clear();
+    if (c.kept) {
+      result.calibration = std::move(r);
+      block_cache->commit(std::move(trials));
+      return;
+    }
+    // Over budget: back to the confirmed model (the cache still describes it), then each change
+    // again, measured exactly, in the order it was accepted.
+    for (auto it = changes.rbegin(); it != changes.rend(); ++it) {
+      bytes += it->before.storage_bytes() - state[it->name].storage_bytes();
+      state[it->name] = it->before;
+      result.history[it->name].pop_back();
+      model_.set_weight(it->name, it->before.dequantize());
+      result.steps[it->step].accepted = false;
+      result.steps[it->step].taken_back = true;
+    }
+    for (const Pending& p : changes) {
+      model_.set_weight(p.name, p.after.dequantize());
+      decide_exact(p.name, p.after, p.method, Clock::now(), 0.0);
+    }
+  };
+
+  // Measures `name` at `q` with everything else as it is; accepts (keeps it) or rolls back.
+  auto try_candidate = [&](const std::string& name, const QuantizedTensor& q, RoundingMethod method,
+                           double quantize_seconds) {
+    const auto t = Clock::now();
+    const int64_t b = first_stage(name);
+    if (!local || b < 0 || b >= blocks) {
+      confirm();  // exact measurements start from a confirmed model
+      model_.set_weight(name, q.dequantize());
+      return decide_exact(name, q, method, t, quantize_seconds);
+    }
+    if (std::isnan(factors[b])) {
+      // Calibration: this change alone, measured exactly and locally.
+      confirm();
+      model_.set_weight(name, q.dequantize());
+      const double error = block_error(b);
+      const double kl_before = result.calibration.kl->mean.value;
+      const bool accepted = decide_exact(name, q, method, t, quantize_seconds);
+      const double added = result.steps.back().kl - kl_before;
+      if (error > 0 && added > 0) factors[b] = added / error / kl_scale;
+      return accepted;
+    }
+    SearchStep step;
+    step.weight = name;
+    step.from = state[name].spec.name();
+    step.to = q.spec.name();
+    step.method = method;
+    step.predicted = true;
+    model_.set_weight(name, q.dequantize());
+    double error = block_error(b);
+    auto predict = [&] {
+      step.kl_before = result.calibration.kl->mean.value + pending_kl();
+      step.kl = step.kl_before + kl_scale * factors[b] * (error - pending_error[b]);
+      step.ppl_increase = (1.0 + ppl_increase(result.calibration)) *
+                              std::exp(nll_per_kl * (step.kl - result.calibration.kl->mean.value)) - 1.0;
+      step.accepted = budget_.quality_met(step.kl, step.ppl_increase, budget_.safety);
+    };
+    predict();
+    if (!step.accepted && budget_.quality_met(step.kl, step.ppl_increase, budget_.safety / options_.exact_band)) {
+      // Near the limit a prediction is not good enough to say no (perplexity above all moves apart
+      // from KL): on the confirmed model, predicted again, and measured exactly if still near.
+      if (!pending.empty()) {
+        model_.set_weight(name, state[name].dequantize());
+        confirm();
+        model_.set_weight(name, q.dequantize());
+        error = block_error(b);
+        predict();
+      }
+      if (!step.accepted && budget_.quality_met(step.kl, step.ppl_increase, budget_.safety / options_.exact_band))
+        return decide_exact(name, q, method, t, quantize_seconds);
+    }
+    if (step.accepted) {
+      pending.push_back({name, state[name], q, method, result.steps.size()});
+      pending_error[b] = error;
+      keep(name, q);
+    } else {
+      model_.set_weight(name, state[name].dequantize());
+    }
+    record(step, t, quantize_seconds);
+    if (step.accepted && pending_kl() >= options_.confirm_share * headroom()) confirm();
     return step.accepted;
   };
   // The cheapest of `specs` (cheapest first) that fits, measuring the most accurate one first.
@@ -237,7 +403,9 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
         lower_to(name, {QuantSpec{QuantLevel::kPrune}}, RoundingMethod::kRtn);
       }
     }
+    confirm();  // every width ends on an exactly measured model
   }
+  GRADQ_CHECK(pending.empty(), "internal: the search ended with {} unconfirmed changes", pending.size());
 
   result.memory_target_met = target_met();
   for (const WeightInfo& w : model_.weights()) {
@@ -245,10 +413,10 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     e.name = w.name;
     e.spec = state[w.name].spec;
     e.method = RoundingMethod::kRtn;
-    for (const SearchStep& s : result.steps)
+    for (const SearchStep& s : result.steps)  // the last accepted step set the final state
       if (s.weight == w.name && s.accepted) {
         e.method = s.method;
-        e.measured_kl = s.kl;
+        e.measured_kl = s.predicted ? std::nan("") : s.kl;
       }
     result.plan.entries.push_back(e);
     result.weights[w.name] = state[w.name];

@@ -46,6 +46,23 @@ namespace gradq {
 /// one, so a candidate (trained rounding above all) is computed once for all of them.
 using CandidateCache = std::map<std::string, QuantizedTensor>;
 
+/// How the search measures a candidate inside a block when the model has stages (block_cache.h).
+enum class CandidateMeasurement {
+  /// Blocks b.. and the head rerun from the cached input of the candidate's block b: every decision
+  /// on the exact calibration KL. Cost per candidate grows with the blocks after b.
+  kExact,
+  /// Block b alone: its output error times a per-block factor (KL per unit of error) predicts the
+  /// KL the candidate adds. Accepted changes stay unconfirmed until their predicted KL reaches a
+  /// share of the budget's headroom (and at the end of every width); then one exact pass from the
+  /// first changed block measures them together. Within budget they are kept and the prediction is
+  /// rescaled by measured / predicted; over budget they are all taken back and measured again one
+  /// by one, exactly. Cost per candidate: one block, plus a few passes per width.
+  kLocal,
+};
+std::string candidate_measurement_name(CandidateMeasurement m);
+/// "exact" or "local"; throws gradq::Error naming both otherwise.
+CandidateMeasurement parse_candidate_measurement(const std::string& name);
+
 struct SearchOptions {
   std::vector<int> bits = {8, 4, 2};                   ///< widths tried, high to low (3 optional)
   std::vector<int64_t> group_sizes = {128, 64, 32, 16};  ///< cheapest first
@@ -61,6 +78,20 @@ struct SearchOptions {
   /// Candidates shared with other searches of the same model, statistics and options (null: the
   /// search keeps its own). Not thread-safe: one search at a time.
   std::shared_ptr<CandidateCache> shared_candidates;
+  /// With stages (else whole passes). Exact is the default: on stories260K at +5% perplexity, local
+  /// gives 5.63 bits per weight against exact's 4.83 (perplexity moves apart from the KL that local
+  /// errors predict; docs/BENCHMARKS.md); with a KL budget both give the same plan.
+  CandidateMeasurement measurement = CandidateMeasurement::kExact;
+  /// Local measurement: KL per unit of block output error by block position (an analysis's
+  /// local_factors). Empty, or NaN for a block: calibrated on the block's first candidate, which is
+  /// then measured exactly.
+  std::vector<double> local_factors;
+  /// Local measurement: unconfirmed changes are confirmed once their predicted KL reaches this share
+  /// of the KL headroom left at the last confirmation.
+  double confirm_share = 0.5;
+  /// Local measurement: a candidate predicted over the limits but within exact_band times them is
+  /// measured exactly before it is rejected.
+  double exact_band = 2.0;
   /// Throws gradq::Error for unsupported widths, group sizes or encodings, or an unordered list.
   void validate() const;
   /// The candidates at `bits` for a [out, in] weight: every group size in every encoding, cheapest
@@ -72,6 +103,7 @@ struct SearchOptions {
 /// encodings for an unknown one.
 QuantSpec search_spec(int bits, int64_t group_size, const std::string& encoding);
 
+
 /// One measured candidate of the search.
 struct SearchStep {
   std::string weight;
@@ -82,7 +114,18 @@ struct SearchStep {
   double kl = 0;            ///< model KL on the calibration windows with the candidate
   double ppl_increase = 0;  ///< relative
   double bits_per_weight = 0;  ///< of the whole set of quantizable weights after the step (if accepted)
+  bool predicted = false;   ///< kl and ppl_increase are local predictions (CandidateMeasurement::kLocal)
+  bool taken_back = false;  ///< accepted on a prediction, taken back when the confirmation failed
   double seconds = 0;       ///< quantizing (or training) + measuring
+};
+
+/// One exact measurement of the changes accepted on predictions since the previous one.
+struct Confirmation {
+  int64_t changes = 0;
+  double kl_before = 0;      ///< exact KL at the previous confirmation
+  double predicted_kl = 0;   ///< what the predictions added up to
+  double measured_kl = 0;    ///< exact
+  bool kept = false;         ///< within budget; otherwise the changes were taken back
 };
 
 struct SearchProgress {
@@ -99,12 +142,13 @@ struct SearchResult {
   std::map<std::string, std::vector<QuantizedTensor>> history;  ///< per weight: each accepted state, oldest first
   EvalResult calibration;    ///< the final state on the calibration windows
   bool memory_target_met = false;
-  /// "exact": candidates measured from their block's cached input (the same KL as a whole pass);
-  /// otherwise "whole" and why the model has no stages.
+  /// "local" or "exact" (CandidateMeasurement); otherwise "whole" and why the model has no stages.
   std::string measurement;
+  std::vector<Confirmation> confirmations;  ///< local measurement only
+  int64_t local_measurements = 0;           ///< candidates measured on their block alone
   /// Blocks computed by the search's passes, and what whole passes would have computed.
   int64_t blocks_run = 0, blocks_whole = 0;
-  int64_t passes = 0;
+  int64_t passes = 0;  ///< exact or whole evaluations of the calibration windows
   double seconds = 0;
 };
 

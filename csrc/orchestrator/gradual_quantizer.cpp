@@ -14,16 +14,21 @@ namespace {
 // Times one phase and counts its passes into the outcome.
 class PhaseTimer {
  public:
-  PhaseTimer(QuantizeOutcome& outcome, std::string name) : outcome_(outcome), start_(Clock::now()) {
-    outcome_.phases.push_back({std::move(name), 0, 0});
+  PhaseTimer(QuantizeOutcome& outcome, std::string name)
+      : outcome_(outcome), start_(Clock::now()), cpu_start_(process_cpu_seconds()) {
+    outcome_.phases.push_back({std::move(name), 0, 0, 0});
     index_ = outcome_.phases.size() - 1;
   }
-  ~PhaseTimer() { outcome_.phases[index_].seconds = seconds_since(start_); }
+  ~PhaseTimer() {
+    outcome_.phases[index_].seconds = seconds_since(start_);
+    outcome_.phases[index_].cpu_seconds = process_cpu_seconds() - cpu_start_;
+  }
   void add_passes(int64_t n) { outcome_.phases[index_].passes += n; }
 
  private:
   QuantizeOutcome& outcome_;
   Clock::time_point start_;
+  double cpu_start_;
   size_t index_ = 0;
 };
 
@@ -97,7 +102,9 @@ QuantizeOutcome GradualQuantizer::run() {
     stats = model_.capture_input_stats(calibration_.inputs, options_.batch, with_xtx);
     phase.add_passes(1);
   };
-  // Layers, least important first.
+  // Layers, least important first. A local analysis also leaves its per-block KL factors, which the
+  // search's local measurement starts from.
+  std::vector<double> local_factors;
   auto importance_order = [&] {
     if (!options_.order.empty()) {
       std::set<std::string> given(options_.order.begin(), options_.order.end());
@@ -110,6 +117,7 @@ QuantizeOutcome GradualQuantizer::run() {
     const ImportanceAnalysis analysis = importance_analysis(model_, calibration_, options_);
     if (!options_.analysis_path)  // a loaded analysis ran its passes elsewhere
       phase.add_passes(analysis.timing.forward_passes + analysis.timing.gradient_passes + analysis.timing.capture_passes);
+    local_factors = analysis.local_factors;
     return search_order(model_, analysis);
   };
   auto finish = [&](PhaseTimer& phase) {
@@ -178,7 +186,11 @@ QuantizeOutcome GradualQuantizer::run() {
   SearchResult searched;
   {
     PhaseTimer phase(out, "search");
-    PrecisionOptimizer optimizer(model_, calibration, budget, options_.search, options_.policy, stats);
+    SearchOptions search = options_.search;
+    if (search.local_factors.empty() && model_.stages() &&
+        static_cast<int64_t>(local_factors.size()) == model_.stages()->num_blocks())
+      search.local_factors = local_factors;
+    PrecisionOptimizer optimizer(model_, calibration, budget, search, options_.policy, stats);
     searched = optimizer.search(out.order, [&](const SearchProgress& p) {
       const SearchStep& s = *p.last;
       progress("search", p.unit, p.units,
@@ -192,6 +204,8 @@ QuantizeOutcome GradualQuantizer::run() {
   out.search_measurement = searched.measurement;
   out.search_blocks_run = searched.blocks_run;
   out.search_blocks_whole = searched.blocks_whole;
+  out.search_confirmations = searched.confirmations;
+  out.search_local_measurements = searched.local_measurements;
   out.calibration = searched.calibration;
   out.weights = searched.weights;
   auto& history = searched.history;

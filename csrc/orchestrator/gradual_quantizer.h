@@ -59,7 +59,8 @@ enum class QuantizeStatus {
 struct PhaseTiming {
   std::string name;
   int64_t passes = 0;  ///< forward passes over calibration or held-out windows
-  double seconds = 0;
+  double seconds = 0;      ///< wall clock
+  double cpu_seconds = 0;  ///< CPU time of the whole process (every thread) during the phase
 };
 
 struct ValidationStep {
@@ -82,6 +83,8 @@ struct QuantizeOutcome {
   std::vector<SearchStep> search_steps;
   std::string search_measurement;  ///< SearchResult::measurement ("exact", or "whole (why)")
   int64_t search_blocks_run = 0, search_blocks_whole = 0;  ///< SearchResult::blocks_run / blocks_whole
+  std::vector<Confirmation> search_confirmations;          ///< SearchResult::confirmations
+  int64_t search_local_measurements = 0;                   ///< SearchResult::local_measurements
   std::vector<ValidationStep> validation_steps;
   bool memory_target_met = false;
   std::vector<PhaseTiming> phases;

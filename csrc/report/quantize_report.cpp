@@ -108,8 +108,18 @@ std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& o
   for (const SearchStep& s : outcome.search_steps)
     steps.push_back({{"weight", s.weight}, {"from", s.from}, {"to", s.to}, {"method", rounding_method_name(s.method)},
                      {"accepted", s.accepted}, {"kl_before", s.kl_before}, {"kl", s.kl},
-                     {"ppl_increase", s.ppl_increase}, {"bits_per_weight", s.bits_per_weight}, {"seconds", s.seconds}});
+                     {"ppl_increase", s.ppl_increase}, {"bits_per_weight", s.bits_per_weight}, {"seconds", s.seconds},
+                     {"predicted", s.predicted}, {"taken_back", s.taken_back}});
   j["search_steps"] = steps;
+  nlohmann::ordered_json confirmations = nlohmann::ordered_json::array();
+  for (const Confirmation& c : outcome.search_confirmations)
+    confirmations.push_back({{"changes", c.changes}, {"kl_before", c.kl_before}, {"predicted_kl", c.predicted_kl},
+                             {"measured_kl", c.measured_kl}, {"kept", c.kept}});
+  j["search"] = {{"measurement", outcome.search_measurement},
+                 {"blocks_run", outcome.search_blocks_run},
+                 {"blocks_whole", outcome.search_blocks_whole},
+                 {"local_measurements", outcome.search_local_measurements},
+                 {"confirmations", confirmations}};
   nlohmann::ordered_json validation = nlohmann::ordered_json::array();
   for (const ValidationStep& s : outcome.validation_steps)
     validation.push_back({{"weight", s.weight}, {"from", s.from}, {"to", s.to}, {"heldout_kl_before", s.kl_before},
@@ -118,7 +128,7 @@ std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& o
   nlohmann::ordered_json phases = nlohmann::ordered_json::array();
   for (const PhaseTiming& p : outcome.phases)
     phases.push_back({{"phase", p.name}, {"passes", p.passes}, {"seconds", p.seconds},
-                      {"seconds_per_pass", p.passes ? p.seconds / double(p.passes) : 0.0}});
+                      {"cpu_seconds", p.cpu_seconds}, {"seconds_per_pass", p.passes ? p.seconds / double(p.passes) : 0.0}});
   j["phases"] = phases;
   j["seconds"] = outcome.seconds;
   return j.dump(2) + "\n";
@@ -158,9 +168,19 @@ std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome
                      model.weights().size(), fmt::join(unquantized, ", "));
   if (!outcome.validation_steps.empty())
     s += fmt::format("validation upgraded {} unit(s) to meet the budget on held-out text\n", outcome.validation_steps.size());
-  s += "\nphase          passes   seconds  s/pass\n";
+  if (!outcome.search_measurement.empty()) {
+    s += fmt::format("search measured {}: {} of {} blocks a whole-pass search computes", outcome.search_measurement,
+                     outcome.search_blocks_run, outcome.search_blocks_whole);
+    int64_t kept = 0;
+    for (const Confirmation& c : outcome.search_confirmations) kept += c.kept;
+    if (!outcome.search_confirmations.empty())
+      s += fmt::format("; {} confirmations, {} within budget", outcome.search_confirmations.size(), kept);
+    s += "\n";
+  }
+  s += "\nphase          passes   seconds   CPU s  s/pass\n";
   for (const PhaseTiming& p : outcome.phases)
-    s += fmt::format("{:<12} {:>8} {:>9.2f} {:>7.3f}\n", p.name, p.passes, p.seconds, p.passes ? p.seconds / p.passes : 0.0);
+    s += fmt::format("{:<12} {:>8} {:>9.2f} {:>7.2f} {:>7.3f}\n", p.name, p.passes, p.seconds, p.cpu_seconds,
+                     p.passes ? p.seconds / p.passes : 0.0);
   s += fmt::format("total {:.1f} s\n", outcome.seconds);
   for (const std::string& m : outcome.messages) s += "note: " + m + "\n";
   return s;

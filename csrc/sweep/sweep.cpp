@@ -100,6 +100,7 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
             {"encodings", s.encodings},
             {"allow_prune", s.allow_prune},
             {"method", rounding_method_name(s.method)},
+            {"measurement", candidate_measurement_name(s.measurement)},
             {"trained_fallback", s.trained_fallback},
             {"trained_iterations", s.rounding.trained.iterations},
             {"trained_learning_rate", s.rounding.trained.learning_rate},

@@ -117,6 +117,7 @@ TEST(GradualQuantizer, StagedSearchEqualsTheWholeModelSearch) {
   CausalLM whole_model(f.model.module(), whole_options);
   QuantizerOptions q = f.options(0.05);
   q.search.trained_fallback = false;
+  q.search.measurement = CandidateMeasurement::kExact;
   const QuantizeOutcome staged = f.run(q);
   const QuantizeOutcome whole = GradualQuantizer(whole_model, f.data.calibration, f.data.evaluation, q).run();
   EXPECT_EQ(staged.search_measurement, "exact");
@@ -126,6 +127,93 @@ TEST(GradualQuantizer, StagedSearchEqualsTheWholeModelSearch) {
   for (size_t i = 0; i < staged.search_steps.size(); ++i) EXPECT_EQ(staged.search_steps[i].kl, whole.search_steps[i].kl) << i;
   EXPECT_LT(staged.search_blocks_run, 0.8 * staged.search_blocks_whole);
   whole_model.restore_all();
+}
+
+// The calibration KL of `weights` in `model`, by a whole-model evaluation.
+double whole_model_kl(CausalLM& model, const Windows& calibration, const QuantizedWeights& weights) {
+  GradualEvaluator evaluator(calibration, EvaluatorOptions{});
+  evaluator.set_reference(model);
+  for (const auto& [name, q] : weights) model.set_weight(name, q.dequantize());
+  const double kl = evaluator.evaluate(model).kl->mean.value;
+  model.restore_all();
+  return kl;
+}
+
+// A search of the fixture's model in its order, on the calibration windows.
+SearchResult search_fixture(Fixture& f, const Budget& budget, const SearchOptions& o) {
+  GradualEvaluator evaluator(f.data.calibration, EvaluatorOptions{});
+  evaluator.set_reference(f.model);
+  const auto stats = f.model.capture_input_stats(f.data.calibration.inputs, 4, /*with_xtx=*/false);
+  PrecisionOptimizer optimizer(f.model, evaluator, budget, o, PrecisionPolicy{}, stats);
+  return optimizer.search(f.order);
+}
+
+SearchOptions fixture_search_options(CandidateMeasurement how) {
+  SearchOptions o;
+  o.group_sizes = {128, 32};
+  o.trained_fallback = false;
+  o.measurement = how;
+  return o;
+}
+
+// Local measurement: candidates predicted from their block's output error, accepted changes
+// confirmed by exact passes. The search ends on an exactly measured model within the budget, with a
+// plan about as small as exact measurement of every candidate gives.
+TEST(PrecisionOptimizer, LocalSearchEndsOnAConfirmedModelWithFewerBlocks) {
+  Fixture& f = fixture();
+  Budget budget;
+  budget.max_kl = 0.05;  // what local errors predict (perplexity can move apart from it)
+  const SearchResult exact = search_fixture(f, budget, fixture_search_options(CandidateMeasurement::kExact));
+  const SearchResult local = search_fixture(f, budget, fixture_search_options(CandidateMeasurement::kLocal));
+  EXPECT_EQ(local.measurement, "local");
+  // The final state was measured, not predicted: the same KL as a whole pass over its weights.
+  EXPECT_NEAR(local.calibration.kl->mean.value, whole_model_kl(f.model, f.data.calibration, local.weights), 1e-6);
+  EXPECT_TRUE(budget.quality_met(local.calibration, budget.safety));
+  ASSERT_FALSE(local.confirmations.empty());
+  int64_t predicted_kept = 0, confirmed_kept = 0;
+  for (const SearchStep& s : local.steps) predicted_kept += s.predicted && s.accepted;
+  for (const Confirmation& c : local.confirmations) confirmed_kept += c.kept ? c.changes : 0;
+  EXPECT_GT(predicted_kept, 0);
+  EXPECT_EQ(predicted_kept, confirmed_kept) << "every change kept on a prediction was confirmed";
+  EXPECT_GT(local.local_measurements, 0);
+  // On 5 blocks the factor calibrations and confirmations cost about what they save against exact
+  // measurement (tools/bench_depth.sh measures deeper models); both stay below whole passes.
+  EXPECT_LT(local.blocks_run, 0.5 * local.blocks_whole);
+  const double exact_bits = plan_size(f.model, exact.plan).bits_per_weight();
+  const double local_bits = plan_size(f.model, local.plan).bits_per_weight();
+  EXPECT_LE(local_bits, 1.05 * exact_bits);
+}
+
+// Predictions that are far too optimistic (factors near 0) are caught by the confirmation: the
+// changes are taken back and measured again exactly, and the search still ends within budget, on
+// the KL its final weights really have.
+TEST(PrecisionOptimizer, LocalSearchTakesBackChangesAFailedConfirmationRejects) {
+  Fixture& f = fixture();
+  ASSERT_NE(f.model.stages(), nullptr);
+  Budget budget;
+  budget.max_kl = 0.02;
+  SearchOptions o = fixture_search_options(CandidateMeasurement::kLocal);
+  o.local_factors.assign(f.model.stages()->num_blocks(), 1e-9);
+  const SearchResult r = search_fixture(f, budget, o);
+  bool failed = false, taken_back = false;
+  for (const Confirmation& c : r.confirmations) failed |= !c.kept;
+  for (const SearchStep& s : r.steps) taken_back |= s.taken_back;
+  EXPECT_TRUE(failed);
+  EXPECT_TRUE(taken_back);
+  EXPECT_TRUE(budget.quality_met(r.calibration, budget.safety)) << r.calibration.kl->mean.value;
+  EXPECT_NEAR(r.calibration.kl->mean.value, whole_model_kl(f.model, f.data.calibration, r.weights), 1e-6);
+}
+
+TEST(SearchOptions, CandidateMeasurementNamesAndLimits) {
+  EXPECT_EQ(parse_candidate_measurement("local"), CandidateMeasurement::kLocal);
+  EXPECT_EQ(candidate_measurement_name(CandidateMeasurement::kExact), "exact");
+  GRADQ_EXPECT_THROW_MSG(parse_candidate_measurement("fast"), "expected exact or local");
+  SearchOptions o;
+  o.confirm_share = 0;
+  GRADQ_EXPECT_THROW_MSG(o.validate(), "confirm_share must be in (0, 1]");
+  o.confirm_share = 0.5;
+  o.local_factors = {1.0, -2.0};
+  GRADQ_EXPECT_THROW_MSG(o.validate(), "local factor of block 1");
 }
 
 // A trained entry of a plan is exported with exactly the codes train_rounding produced.

@@ -45,11 +45,10 @@ inline GptqRef gptq_ref(const at::Tensor& w, const QuantSpec& spec, const at::Te
 
   GptqRef r;
   r.grid = clip_search ? quantize_clipped(w, spec, xtx.diagonal().to(at::kFloat)) : quantize(w, spec);
-  const at::Tensor scales = r.grid.scales.to(at::kFloat);
-  const auto S = scales.accessor<float, 2>();
-  const at::Tensor zeros = spec.symmetric ? at::full(scales.sizes(), quant_sym_zero(spec.bits()), at::kFloat)
-                                          : r.grid.zeros.to(at::kFloat);
-  const auto Z = zeros.accessor<float, 2>();
+  // The grid's stored scales and zero points, read per group by the format's own reader.
+  const PackedView grid(r.grid);
+  const auto S = [&](int64_t row, int64_t g) { return grid.scale(row, g); };
+  const auto Z = [&](int64_t row, int64_t g) { return grid.zero(row, g); };
   at::Tensor wd = w.to(at::kDouble).contiguous();
   auto W = wd.accessor<double, 2>();
   r.codes = at::empty({out, in}, at::kInt);
@@ -58,7 +57,7 @@ inline GptqRef gptq_ref(const at::Tensor& w, const QuantSpec& spec, const at::Te
   for (int64_t i = 0; i < in; ++i) {
     const int64_t c = order[i], g = c / glen;
     for (int64_t row = 0; row < out; ++row) {
-      const float s = S[row][g], z = Z[row][g];
+      const float s = S(row, g), z = Z(row, g);
       const uint32_t code = quant_code(static_cast<float>(W[row][c]), quant_inv_scale(s), z, spec.bits());
       C[row][c] = static_cast<int32_t>(code);
       const double err = (W[row][c] - static_cast<double>(quant_dequant(code, s, z))) / U[i][i];

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Cost against depth and width (issue 13): random-weight llama2.c models of chosen shapes
+# (tools/make_random_llama2c.py), converted to TorchScript, then `gradq analyze` and, from that
+# analysis, `gradq quantize` (search, validation, export) on the embedded TinyStories text, one
+# thread. Prints one Markdown row per model and search measurement: CPU seconds of the analysis and
+# of the search phase (process CPU time, from GNU time and the report) per quantizable weight, the
+# blocks the search computed, peak RSS against the model's fp32 bytes, and the plan.
+#
+#   bash tools/bench_depth.sh                                  # depth: width 256, 4 8 16 32 layers
+#   SHAPES="256x4 512x4 1024x4" bash tools/bench_depth.sh      # width
+#   MEASURES="exact local" GRADQ=build/gradq WORK=/tmp/bd EXTRA="--max-kl 0.05" bash tools/bench_depth.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gradq=${GRADQ:-build/gradq}
+work=${WORK:-$(mktemp -d /tmp/gradq_bench_depth.XXXXXX)}
+shapes=${SHAPES:-"256x4 256x8 256x16 256x32"}
+measures=${MEASURES:-"exact local"}
+extra=${EXTRA:-}
+mkdir -p "$work"
+[ -x "$gradq" ] || { echo "bench_depth: $gradq not found (build first)" >&2; exit 1; }
+
+cpu_of() { awk -F': ' '/User time/{u=$2} /System time/{s=$2} END{printf "%.1f", u+s}' "$1"; }
+rss_of() { awk -F': ' '/Maximum resident/{printf "%.0f", $2/1024}' "$1"; }
+
+echo "| width x layers | weights | analyze CPU s (per weight) | analyze RSS MiB | search | search CPU s (per weight) | blocks run / whole | quantize RSS MiB | model fp32 MiB | bits/weight | held-out PPL | held-out KL |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+for shape in $shapes; do
+  dim=${shape%x*}; layers=${shape#*x}
+  bin=$work/r${dim}_l${layers}.bin; pt=$work/r${dim}_l${layers}.pt
+  [ -f "$bin" ] || python3 tools/make_random_llama2c.py --dim "$dim" --layers "$layers" -o "$bin" > /dev/null
+  [ -f "$pt" ] || "$gradq" convert "$bin" -o "$pt" > /dev/null
+  analysis=$work/a_$shape.json
+  if [ ! -f "$analysis" ]; then
+    /usr/bin/time -v "$gradq" analyze --model "$pt" --threads 1 -o "$analysis" $extra > "$work/analyze_$shape.out" 2> "$work/analyze_$shape.time"
+  fi
+  weights=$((7 * layers))
+  a_cpu=$(cpu_of "$work/analyze_$shape.time")
+  for m in $measures; do
+    report=$work/r_${shape}_$m.json
+    /usr/bin/time -v "$gradq" quantize --model "$pt" --threads 1 --analysis "$analysis" --search-measure "$m" \
+      -o "$work/q_${shape}_$m.pt" --report "$report" $extra > "$work/quantize_${shape}_$m.out" 2> "$work/quantize_${shape}_$m.time" || true
+    python3 - "$report" "$shape" "$weights" "$a_cpu" "$(rss_of "$work/analyze_$shape.time")" \
+      "$(rss_of "$work/quantize_${shape}_$m.time")" "$m" <<'EOF'
+import json, sys
+report, shape, weights, a_cpu, a_rss, q_rss, m = sys.argv[1:]
+r = json.load(open(report))
+weights = int(weights)
+s_cpu = sum(p.get("cpu_seconds", 0) for p in r["phases"] if p["phase"] == "search")
+mem, h = r["memory"], r["heldout"]
+w, l = shape.split("x")
+print(f"| {w} x {l} | {weights} | {float(a_cpu):.1f} ({float(a_cpu) / weights:.2f}) | {a_rss} | {m} | "
+      f"{s_cpu:.1f} ({s_cpu / weights:.2f}) | {r['search']['blocks_run']} / {r['search']['blocks_whole']} | {q_rss} | "
+      f"{mem['fp32_bytes'] / 2**20:.0f} | {mem['bits_per_weight']:.3f} | {100 * (h['ppl_ratio']['value'] - 1):+.2f}% | "
+      f"{h['kl']['mean']['value']:.4f} |")
+EOF
+  done
+done
+echo "(work files in $work)"
