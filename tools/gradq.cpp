@@ -1,7 +1,6 @@
 // gradq: the command-line front end. Each subcommand parses its options and calls the library.
 
 #include <c10/util/Exception.h>
-#include <malloc.h>
 
 #include <cstring>
 #include <iostream>
@@ -48,11 +47,6 @@ int main(int argc, char** argv) {
     std::cout << "gradq " << gradq::version() << "\n";
     return 0;
   }
-  // glibc raises its mmap threshold to the size of every large block freed (up to 32 MiB), after which
-  // libtorch's many short-lived large tensors come from the heap and are not returned: the peak RSS
-  // then holds freed memory. A fixed threshold keeps large blocks in mmap (docs/BENCHMARKS.md, "Peak
-  // memory"). The process's own choice, so made here and not in the library.
-  mallopt(M_MMAP_THRESHOLD, 1 << 20);
   for (const auto& c : kCommands) {
     if (std::strcmp(argv[1], c.name) != 0) continue;
     gradq::install_interrupt_cleanup();

@@ -84,7 +84,8 @@ uint64_t noise_seed(uint64_t seed, const std::string& name) { return splitmix64(
 
 // ---- WeightCache ---------------------------------------------------------------------------------
 
-WeightCache::WeightCache(const CausalLM& model) {
+WeightCache::WeightCache(const CausalLM& model, int64_t max_bytes) : max_bytes_(max_bytes) {
+  GRADQ_CHECK(max_bytes >= 0, "the weight cache's byte budget must be >= 0, got {}", max_bytes);
   for (const WeightInfo& w : model.weights()) originals_.emplace(w.name, model.weight(w.name));
 }
 
@@ -95,11 +96,24 @@ const at::Tensor& WeightCache::original(const std::string& name) const {
   return it->second;
 }
 
-const at::Tensor& WeightCache::fake_quant(const std::string& name, const QuantSpec& spec) {
-  auto key = std::make_pair(name, spec.name());
-  auto it = quantized_.find(key);
-  if (it == quantized_.end()) it = quantized_.emplace(key, fake_quantize(original(name), spec)).first;
-  return it->second;
+at::Tensor WeightCache::fake_quant(const std::string& name, const QuantSpec& spec) {
+  const Key key(name, spec.name());
+  if (auto it = quantized_.find(key); it != quantized_.end()) {
+    recent_.splice(recent_.begin(), recent_, it->second.second);
+    return it->second.first;
+  }
+  at::Tensor q = fake_quantize(original(name), spec);
+  const int64_t size = static_cast<int64_t>(q.nbytes());
+  while (!recent_.empty() && bytes_ + size > max_bytes_) {
+    auto oldest = quantized_.find(recent_.back());
+    bytes_ -= static_cast<int64_t>(oldest->second.first.nbytes());
+    quantized_.erase(oldest);
+    recent_.pop_back();
+  }
+  recent_.push_front(key);
+  quantized_.emplace(key, std::make_pair(q, recent_.begin()));
+  bytes_ += size;
+  return q;
 }
 
 // ---- WeightScope ---------------------------------------------------------------------------------
@@ -245,12 +259,13 @@ StaticSignals static_signals(CausalLM& model, const ProbeEvaluator& evaluator, W
     out.weights[w.name].activation_sq_mean = (sq_sum[w.name] / static_cast<double>(rows[w.name])).mean().item<double>();
 
   // Gradients of the mean NLL: one forward+backward pass, subset by subset.
-  std::map<std::string, at::Tensor> error;  // W - fake_quant(W), logical layout
+  // W - fake_quant(W), logical layout: made when needed rather than kept for every weight (a float64
+  // copy of the model).
+  auto error = [&](const std::string& name) {
+    return (cache.original(name) - cache.fake_quant(name, fisher_spec)).to(at::kDouble);
+  };
   std::map<std::string, at::Tensor> overall;
-  for (const WeightInfo& w : model.weights()) {
-    error[w.name] = (cache.original(w.name) - cache.fake_quant(w.name, fisher_spec)).to(at::kDouble);
-    overall[w.name] = at::zeros_like(error[w.name]);
-  }
+  for (const WeightInfo& w : model.weights()) overall[w.name] = at::zeros_like(cache.original(w.name), at::kDouble);
   {
     GradPass grad_pass(model);
     c10::AutoGradMode grad_mode(true);
@@ -275,7 +290,7 @@ StaticSignals static_signals(CausalLM& model, const ProbeEvaluator& evaluator, W
         g = (w.transposed ? g.t() : g).to(at::kDouble);
         WeightSignals& s = out.weights[w.name];
         s.gradient_magnitude_subsets.push_back(g.abs().mean().item<double>());
-        s.fisher_subsets.push_back((g * error[w.name]).abs().sum().item<double>());
+        s.fisher_subsets.push_back((g * error(w.name)).abs().sum().item<double>());
         overall[w.name] += g * (n_k / total_tokens);
       }
     }
@@ -284,7 +299,7 @@ StaticSignals static_signals(CausalLM& model, const ProbeEvaluator& evaluator, W
     WeightSignals& s = out.weights[w.name];
     const at::Tensor& g = overall[w.name];
     s.gradient_magnitude = g.abs().mean().item<double>();
-    s.fisher = (g * error[w.name]).abs().sum().item<double>();
+    s.fisher = (g * error(w.name)).abs().sum().item<double>();
   }
   out.seconds = seconds_since(start);
   return out;

@@ -79,7 +79,8 @@ void SearchOptions::validate() const {
                 "group sizes must be listed large to small (cheapest first), got {}", fmt::join(group_sizes, ","));
   }
   GRADQ_CHECK(confirm_share > 0 && confirm_share <= 1, "confirm_share must be in (0, 1], got {}", confirm_share);
-  GRADQ_CHECK(exact_band >= 1, "exact_band must be >= 1, got {}", exact_band);
+  GRADQ_CHECK(exact_band_kl >= 1 && exact_band_ppl >= 1, "exact bands must be >= 1, got {} (KL) and {} (perplexity)",
+              exact_band_kl, exact_band_ppl);
   for (size_t b = 0; b < local_factors.size(); ++b)
     GRADQ_CHECK(std::isnan(local_factors[b]) || (std::isfinite(local_factors[b]) && local_factors[b] >= 0),
                 "local factor of block {} must be finite and >= 0 (or NaN: calibrate), got {}", b, local_factors[b]);
@@ -326,7 +327,10 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
       step.accepted = budget_.quality_met(step.kl, step.ppl_increase, budget_.safety);
     };
     predict();
-    if (!step.accepted && budget_.quality_met(step.kl, step.ppl_increase, budget_.safety / options_.exact_band)) {
+    Budget near = budget_;  // the limits widened to where a prediction is not sure enough to say no
+    if (near.max_kl) *near.max_kl *= options_.exact_band_kl;
+    if (near.max_ppl_increase) *near.max_ppl_increase *= options_.exact_band_ppl;
+    if (!step.accepted && near.quality_met(step.kl, step.ppl_increase, budget_.safety)) {
       // Near the limit a prediction is not good enough to say no (perplexity above all moves apart
       // from KL): on the confirmed model, predicted again, and measured exactly if still near.
       if (!pending.empty()) {
@@ -336,7 +340,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
         error = block_error(b);
         predict();
       }
-      if (!step.accepted && budget_.quality_met(step.kl, step.ppl_increase, budget_.safety / options_.exact_band))
+      if (!step.accepted && near.quality_met(step.kl, step.ppl_increase, budget_.safety))
         return decide_exact(name, q, method, t, quantize_seconds);
     }
     if (step.accepted) {

@@ -89,9 +89,11 @@ struct SearchOptions {
   /// Local measurement: unconfirmed changes are confirmed once their predicted KL reaches this share
   /// of the KL headroom left at the last confirmation.
   double confirm_share = 0.5;
-  /// Local measurement: a candidate predicted over the limits but within exact_band times them is
-  /// measured exactly before it is rejected.
-  double exact_band = 2.0;
+  /// Local measurement: a candidate predicted over the limits but within these multiples of them is
+  /// measured exactly before it is rejected. KL predictions were within about 20% of the confirmed
+  /// KL (docs/BENCHMARKS.md); perplexity, predicted from KL, moves much further apart.
+  double exact_band_kl = 1.25;
+  double exact_band_ppl = 2.0;
   /// Throws gradq::Error for unsupported widths, group sizes or encodings, or an unordered list.
   void validate() const;
   /// The candidates at `bits` for a [out, in] weight: every group size in every encoding, cheapest

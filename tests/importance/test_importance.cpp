@@ -13,6 +13,7 @@
 #include "common/files.h"
 #include "data/dataset.h"
 #include "importance/analyzer.h"
+#include "quant/quantize.h"
 #include "report/svg_chart.h"
 #include "support/gpt_fixture.h"
 #include "support/test_helpers.h"
@@ -200,6 +201,26 @@ TEST(Probes, WeightScopeRestoresBitExactly) {
     EXPECT_EQ(model.weight(w).sum().item<double>(), static_cast<double>(model.weight(w).numel()));
   }
   before.expect_same(model);
+}
+
+// Fake-quantized weights are kept up to the byte budget, least recently used dropped first, and are
+// the same values whether they come from the cache or are made again.
+TEST(Probes, WeightCacheStaysWithinItsByteBudget) {
+  CausalLM model = CausalLM::load(test::stories_pt());
+  const std::string a = model.weights()[0].name, b = model.weights()[1].name;
+  const QuantSpec int4 = parse_quant_spec("b4g32");
+  const int64_t one = static_cast<int64_t>(fake_quantize(model.weight(a), int4).nbytes());
+  WeightCache cache(model, one);
+  const at::Tensor first = cache.fake_quant(a, int4);
+  EXPECT_EQ(cache.bytes(), one);
+  EXPECT_TRUE(test::bitwise_equal(first, fake_quantize(model.weight(a), int4)));
+  EXPECT_TRUE(cache.fake_quant(a, int4).is_same(first)) << "a hit returns the kept tensor";
+  cache.fake_quant(b, int4);  // a is dropped for b
+  EXPECT_LE(cache.bytes(), one);
+  const at::Tensor again = cache.fake_quant(a, int4);
+  EXPECT_FALSE(again.is_same(first)) << "a was dropped and made again";
+  EXPECT_TRUE(test::bitwise_equal(again, first));
+  GRADQ_EXPECT_THROW_MSG(WeightCache(model, -1), "byte budget must be >= 0");
 }
 
 TEST(Probes, EachProbeOnItsOwn) {
