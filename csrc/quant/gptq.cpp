@@ -5,32 +5,15 @@
 #include <cmath>
 
 #include "common/error.h"
+#include "quant/checked_inputs.h"
 #include "quant/quant_math.h"
 
 namespace gradq {
 namespace {
 
-at::Tensor checked_weight(const at::Tensor& w) {
-  GRADQ_CHECK(w.defined() && w.dim() == 2, "quantize_gptq: expected a 2-D weight [out_features, in_features], got {}",
-              w.defined() ? std::to_string(w.dim()) + "-D" : std::string("an undefined tensor"));
-  GRADQ_CHECK(w.is_floating_point(), "quantize_gptq: expected a floating-point weight, got {}",
-              c10::toString(w.scalar_type()));
-  GRADQ_CHECK(w.size(1) > 0, "quantize_gptq: expected in_features > 0, got [{}, {}]", w.size(0), w.size(1));
-  at::Tensor wf = w.to(at::kFloat).contiguous();
-  GRADQ_CHECK(at::isfinite(wf).all().item<bool>(), "quantize_gptq: the weight holds NaN or inf values");
-  return wf;
-}
-
 // H = 2 * the symmetric part of XtX, float64 on `device`.
 at::Tensor checked_hessian(const at::Tensor& xtx, int64_t in, const at::Device& device) {
-  GRADQ_CHECK(xtx.defined(), "quantize_gptq: expected XtX [{}, {}], got an undefined tensor", in, in);
-  GRADQ_CHECK(xtx.dim() == 2 && xtx.size(0) == in && xtx.size(1) == in,
-              "quantize_gptq: expected XtX [in_features, in_features] = [{}, {}], got {}", in, in,
-              c10::str(xtx.sizes()));
-  GRADQ_CHECK(xtx.scalar_type() == at::kFloat || xtx.scalar_type() == at::kDouble,
-              "quantize_gptq: expected XtX float32 or float64, got {}", c10::toString(xtx.scalar_type()));
-  const at::Tensor h = xtx.to(device, at::kDouble);
-  GRADQ_CHECK(at::isfinite(h).all().item<bool>(), "quantize_gptq: XtX holds NaN or inf values");
+  const at::Tensor h = checked_xtx(xtx, in, device, "quantize_gptq");
   return h + h.t();
 }
 
@@ -52,7 +35,7 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at:
   GRADQ_CHECK(std::isfinite(options.damp) && options.damp >= 0.0,
               "quantize_gptq: expected a dampening >= 0 (a fraction of the mean diagonal), got {}", options.damp);
   GRADQ_CHECK(options.block_size >= 1, "quantize_gptq: expected block_size >= 1, got {}", options.block_size);
-  const at::Tensor wf = checked_weight(w);
+  const at::Tensor wf = checked_weight(w, "quantize_gptq");
   const int64_t out = wf.size(0), in = wf.size(1);
   at::Tensor h = checked_hessian(xtx, in, wf.device());
   const at::Tensor diag = h.diagonal();

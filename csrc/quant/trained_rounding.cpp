@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "quant/checked_inputs.h"
 #include "quant/quant_math.h"
 #include "quant/quantize.h"
 
@@ -49,36 +50,19 @@ struct Iterate {
   at::Tensor w_q;          // float32, same shape: scale * (code - zero)
 };
 
-at::Tensor checked_weight(const at::Tensor& w) {
-  GRADQ_CHECK(w.defined() && w.dim() == 2, "train_rounding: expected a 2-D weight [out_features, in_features], got {}",
-              w.defined() ? std::to_string(w.dim()) + "-D" : std::string("an undefined tensor"));
-  GRADQ_CHECK(w.is_floating_point(), "train_rounding: expected a floating-point weight, got {}",
-              c10::toString(w.scalar_type()));
-  GRADQ_CHECK(w.size(1) > 0, "train_rounding: expected in_features > 0, got [{}, {}]", w.size(0), w.size(1));
-  at::Tensor wf = w.to(at::kFloat).contiguous();
-  GRADQ_CHECK(at::isfinite(wf).all().item<bool>(), "train_rounding: the weight holds NaN or inf values");
-  return wf;
-}
-
-at::Tensor checked_xtx(const at::Tensor& xtx, int64_t in, const at::Device& device) {
-  GRADQ_CHECK(xtx.defined(), "train_rounding: expected XtX [{}, {}], got an undefined tensor", in, in);
-  GRADQ_CHECK(xtx.dim() == 2 && xtx.size(0) == in && xtx.size(1) == in,
-              "train_rounding: expected XtX [in_features, in_features] = [{}, {}], got {}", in, in,
-              c10::str(xtx.sizes()));
-  GRADQ_CHECK(xtx.scalar_type() == at::kFloat || xtx.scalar_type() == at::kDouble,
-              "train_rounding: expected XtX float32 or float64, got {}", c10::toString(xtx.scalar_type()));
-  const at::Tensor h = xtx.to(device, at::kDouble);
-  GRADQ_CHECK(at::isfinite(h).all().item<bool>(), "train_rounding: XtX holds NaN or inf values");
-  // trace(D H D^T) = trace(D H_sym D^T) for any D, and the gradient of the loss is -2 D H_sym.
+// XtX's symmetric part: trace(D H D^T) = trace(D H_sym D^T) for any D, and the gradient of the loss
+// is -2 D H_sym.
+at::Tensor symmetric_xtx(const at::Tensor& xtx, int64_t in, const at::Device& device) {
+  const at::Tensor h = checked_xtx(xtx, in, device, "train_rounding");
   return ((h + h.t()) * 0.5).contiguous();
 }
 
 Problem make_problem(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx) {
   Problem p;
-  const at::Tensor wf = checked_weight(w);
+  const at::Tensor wf = checked_weight(w, "train_rounding");
   p.out = wf.size(0);
   p.in = wf.size(1);
-  p.h = checked_xtx(xtx, p.in, wf.device());
+  p.h = symmetric_xtx(xtx, p.in, wf.device());
   p.glen = spec.group_len(p.in);
   p.groups = spec.n_groups(p.in);
   p.bits = spec.bits();
