@@ -56,6 +56,8 @@ std::vector<int64_t> parse_int_list(const std::string& text, const char* flag) {
 
 void add_search_options(cxxopts::Options& options) {
   options.add_options("search")
+      ("search", "progressive (widths lowered one pass at a time, group-size search, rollback) or allocate (every weight measured alone at every candidate; an allocator picks the cheapest mix that meets the budget, corrected by whole-model measurements, then measured downgrades)", cxxopts::value<std::string>()->default_value("progressive"))
+      ("repair-confidence", "--search allocate: a downgrade on held-out text is kept only when the budget holds this many standard errors above its measurement (0: up to the limit, which is optimistic for other text)", cxxopts::value<double>()->default_value("1"))
       ("safety", "the search uses the quality limits divided by this (held-out validation then checks the full limits)", cxxopts::value<double>()->default_value("1.5"))
       ("bits", "bit widths to try, high to low (add 3 for 3-bit)", cxxopts::value<std::string>()->default_value("8,4,2"))
       ("group-sizes", "group sizes to try, cheapest first", cxxopts::value<std::string>()->default_value("128,64,32,16"))
@@ -99,10 +101,16 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
     throw Error(fmt::format("--method: {}", e.what()));
   }
   try {
+    q.search.strategy = parse_search_strategy(args["search"].as<std::string>());
+  } catch (const Error& e) {
+    throw Error(fmt::format("--search: {}", e.what()));
+  }
+  try {
     q.search.measurement = parse_candidate_measurement(args["search-measure"].as<std::string>());
   } catch (const Error& e) {
     throw Error(fmt::format("--search-measure: {}", e.what()));
   }
+  q.search.repair_confidence = args["repair-confidence"].as<double>();
   q.search.trained_fallback = !args.count("no-trained-fallback");
   q.search.rounding.trained.iterations = args["trained-iterations"].as<int>();
   q.search.rounding.gptq.damp = args["gptq-damp"].as<double>();

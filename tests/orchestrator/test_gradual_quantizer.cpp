@@ -18,6 +18,7 @@ namespace gradq {
 namespace {
 namespace fs = std::filesystem;
 using test::bitwise_equal;
+using test::whole_model_kl;
 
 struct Fixture {
   CausalLM model = CausalLM::load(test::stories_pt());
@@ -127,16 +128,6 @@ TEST(GradualQuantizer, StagedSearchEqualsTheWholeModelSearch) {
   for (size_t i = 0; i < staged.search_steps.size(); ++i) EXPECT_EQ(staged.search_steps[i].kl, whole.search_steps[i].kl) << i;
   EXPECT_LT(staged.search_blocks_run, 0.8 * staged.search_blocks_whole);
   whole_model.restore_all();
-}
-
-// The calibration KL of `weights` in `model`, by a whole-model evaluation.
-double whole_model_kl(CausalLM& model, const Windows& calibration, const QuantizedWeights& weights) {
-  GradualEvaluator evaluator(calibration, EvaluatorOptions{});
-  evaluator.set_reference(model);
-  for (const auto& [name, q] : weights) model.set_weight(name, q.dequantize());
-  const double kl = evaluator.evaluate(model).kl->mean.value;
-  model.restore_all();
-  return kl;
 }
 
 // A search of the fixture's model in its order, on the calibration windows.
