@@ -67,6 +67,7 @@ void add_search_options(cxxopts::Options& options) {
       ("search-measure", "how candidates are measured on a model split into blocks: local (its block's output error predicts the KL; accepted changes confirmed together by exact passes) or exact (every candidate from its block to the logits)", cxxopts::value<std::string>()->default_value("exact"))
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
       ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
+      ("candidate-cache-mb", "MiB of quantized candidates the search keeps for reuse (a sweep's points share them); least recently used dropped first", cxxopts::value<int64_t>()->default_value("256"))
       ("allow-prune", "let the search remove a weight entirely after its lowest bit width")
       ("seed", "seed of the importance analysis' noise probes", cxxopts::value<uint64_t>()->default_value("0"))
       ("analysis", "importance from this `gradq analyze` JSON instead of a fresh analysis", cxxopts::value<std::string>())
@@ -115,6 +116,9 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
   q.search.rounding.trained.iterations = args["trained-iterations"].as<int>();
   q.search.rounding.gptq.damp = args["gptq-damp"].as<double>();
   q.search.allow_prune = args.count("allow-prune") > 0;
+  const int64_t cache_mb = args["candidate-cache-mb"].as<int64_t>();
+  GRADQ_CHECK(cache_mb >= 0, "--candidate-cache-mb must be >= 0, got {}", cache_mb);
+  q.search.candidate_cache_bytes = cache_mb << 20;
   q.analyzer.seed = args["seed"].as<uint64_t>();
   if (args.count("policy")) q.policy = PrecisionPolicy::load(args["policy"].as<std::string>());
   if (args.count("analysis")) q.analysis_path = args["analysis"].as<std::string>();

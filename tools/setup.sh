@@ -6,7 +6,7 @@ set -euo pipefail
 # cores (docs/BENCHMARKS.md, "Batched linear"). Either OpenBLAS build is far faster than the
 # reference BLAS that libtorch-dev pulls in.
 packages=(cmake ninja-build g++ libtorch-dev libopenblas0-openmp libsentencepiece-dev libfmt-dev
-          libcxxopts-dev nlohmann-json3-dev libgtest-dev)
+          libcxxopts-dev nlohmann-json3-dev libgtest-dev libtcmalloc-minimal4)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()

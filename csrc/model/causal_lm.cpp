@@ -295,21 +295,49 @@ void CausalLM::set_weight(const std::string& name, const at::Tensor& value) {
   GRADQ_CHECK(value.dim() == 2 && value.size(0) == info->out_features && value.size(1) == info->in_features,
               "new value for '{}' must be [{}, {}], got {}", name, info->out_features, info->in_features,
               fmt::to_string(fmt::join(value.sizes(), "x")));
+  original_weight(name);  // snapshot before the first change
   at::Tensor p = parameter(name);
   torch::NoGradGuard no_grad;
-  if (!originals_.count(name)) originals_.emplace(name, p.detach().clone());
   p.copy_(info->transposed ? value.t() : value);
+  changed_.insert(name);
+}
+
+at::Tensor CausalLM::original_weight(const std::string& name) const {
+  const at::Tensor p = parameter(name).detach();
+  auto it = originals_.find(name);
+  if (it == originals_.end()) {
+    const WeightInfo* info = nullptr;
+    for (const auto& w : matrix_weights_)
+      if (w.name == name) info = &w;
+    GRADQ_CHECK(info, "'{}' is not a matrix weight of this model; quantizable ones are: {}", name, near_names(weights_));
+    at::Tensor snapshot = (info->transposed ? p.t() : p).to(stored_dtype(name, p.scalar_type())).contiguous();
+    if (snapshot.data_ptr() == p.data_ptr()) snapshot = snapshot.clone();
+    it = originals_.emplace(name, std::move(snapshot)).first;
+  }
+  // fp16 originals are held in fp16 (exact) and handed out in the dtype the model computes in.
+  return it->second.scalar_type() == p.scalar_type() ? it->second : it->second.to(p.scalar_type());
+}
+
+int64_t CausalLM::original_bytes() const {
+  int64_t total = 0;
+  for (const auto& [name, t] : originals_) total += static_cast<int64_t>(t.nbytes());
+  return total;
 }
 
 void CausalLM::restore(const std::string& name) {
   auto it = originals_.find(name);
   if (it == originals_.end()) return;
+  const WeightInfo* info = nullptr;
+  for (const auto& w : matrix_weights_)
+    if (w.name == name) info = &w;
   torch::NoGradGuard no_grad;
-  parameter(name).copy_(it->second);
+  parameter(name).copy_(info->transposed ? it->second.t() : it->second);
+  changed_.erase(name);
 }
 
 void CausalLM::restore_all() {
-  for (const auto& [name, original] : originals_) restore(name);
+  const std::set<std::string> changed = changed_;
+  for (const std::string& name : changed) restore(name);
 }
 
 std::map<std::string, InputStats> CausalLM::capture_input_stats(const at::Tensor& tokens, int64_t batch,

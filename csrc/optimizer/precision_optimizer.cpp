@@ -114,20 +114,18 @@ PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& 
   options_.validate();
   GRADQ_CHECK(evaluator_.reference().has_value(), "the search's evaluator needs the full-precision reference");
   policy_.bind(model_);
-  for (const WeightInfo& w : model_.weights()) originals_[w.name] = model_.weight(w.name);
-  cache_ = options_.shared_candidates ? options_.shared_candidates : std::make_shared<CandidateCache>();
+  cache_ = options_.shared_candidates ? options_.shared_candidates
+                                      : std::make_shared<CandidateCache>(options_.candidate_cache_bytes);
 }
 
-const QuantizedTensor& PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec,
-                                                     RoundingMethod method) {
+QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method) {
   const std::string key = name + "|" + spec.name() + "|" + rounding_method_name(method);
-  auto it = cache_->find(key);
-  if (it == cache_->end()) {
-    const auto stats = stats_.find(name);
-    it = cache_->emplace(key, quantize_weight(originals_.at(name), name, spec, method, stats == stats_.end() ? nullptr : &stats->second,
-                                             options_.rounding)).first;
-  }
-  return it->second;
+  if (const QuantizedTensor* cached = cache_->find(key)) return *cached;
+  const auto stats = stats_.find(name);
+  QuantizedTensor q = quantize_weight(model_.original_weight(name), name, spec, method,
+                                      stats == stats_.end() ? nullptr : &stats->second, options_.rounding);
+  cache_->insert(key, q);
+  return q;
 }
 
 int64_t PrecisionOptimizer::first_stage(const std::string& name) const {
@@ -382,7 +380,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     if (cheaper.empty()) return false;
     auto measure = [&](const QuantSpec& s) {
       const auto t = Clock::now();
-      const QuantizedTensor& q = candidate(name, s, method);
+      const QuantizedTensor q = candidate(name, s, method);
       return try_candidate(name, q, method, seconds_since(t));
     };
     // Cheapest first (it often fits); when it does not, the most accurate decides whether the width

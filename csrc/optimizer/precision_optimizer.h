@@ -38,15 +38,12 @@
 #include "model/causal_lm.h"
 #include "optimizer/allocator.h"
 #include "optimizer/budget.h"
+#include "optimizer/candidate_cache.h"
 #include "optimizer/plan.h"
 #include "optimizer/policy.h"
 
 namespace gradq {
 
-/// Quantized candidates by (weight, spec, method). A search fills one of its own; searches that
-/// share model, calibration statistics and trained-rounding options (a sweep's points) may share
-/// one, so a candidate (trained rounding above all) is computed once for all of them.
-using CandidateCache = std::map<std::string, QuantizedTensor>;
 
 /// How the search measures a candidate inside a block when the model has stages (block_cache.h).
 enum class CandidateMeasurement {
@@ -92,8 +89,10 @@ struct SearchOptions {
   bool trained_fallback = true;
   RoundingOptions rounding;                            ///< options of the rounding methods
   /// Candidates shared with other searches of the same model, statistics and options (null: the
-  /// search keeps its own). Not thread-safe: one search at a time.
+  /// search keeps its own, of candidate_cache_bytes). Not thread-safe: one search at a time.
   std::shared_ptr<CandidateCache> shared_candidates;
+  /// Byte budget of the search's own candidate cache (optimizer/candidate_cache.h).
+  int64_t candidate_cache_bytes = CandidateCache::kDefaultMaxBytes;
   /// With stages (else whole passes). Exact is the default: on stories260K at +5% perplexity, local
   /// gives 5.63 bits per weight against exact's 4.83 (perplexity moves apart from the KL that local
   /// errors predict; docs/BENCHMARKS.md); with a KL budget both give the same plan.
@@ -222,8 +221,8 @@ class PrecisionOptimizer {
                                                 const std::function<void(const ValidationStep&)>& on_step = {});
 
  private:
-  /// Quantized candidate, computed once per (weight, spec, method).
-  const QuantizedTensor& candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method);
+  /// Quantized candidate of (weight, spec, method), from the cache or computed.
+  QuantizedTensor candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method);
   /// The first stage a weight's value reaches: its block, the head (num_blocks()), or -1 (an
   /// embedding: everything).
   int64_t first_stage(const std::string& name) const;
@@ -239,7 +238,6 @@ class PrecisionOptimizer {
   SearchOptions options_;
   PrecisionPolicy policy_;
   const std::map<std::string, InputStats>& stats_;
-  std::map<std::string, at::Tensor> originals_;  ///< full-precision weights: every candidate starts from them
   std::shared_ptr<CandidateCache> cache_;
 };
 

@@ -421,7 +421,7 @@ SweepResult SweepRunner::run(const std::string& dir) {
 
   // Candidates depend on the weight, its format and the calibration statistics, never on the
   // budget: computed once for all points (the tight budgets' trained rounding, mostly).
-  const auto candidates = std::make_shared<CandidateCache>();
+  const auto candidates = std::make_shared<CandidateCache>(base.search.candidate_cache_bytes);
   for (size_t k = 0; k < todo.size(); ++k) {
     const SweepPointSpec& spec = todo[k];
     QuantizerOptions q = base;

@@ -175,6 +175,30 @@ TEST(PrecisionOptimizer, LocalSearchEndsOnAConfirmedModelWithFewerBlocks) {
   EXPECT_LE(local_bits, 1.05 * exact_bits);
 }
 
+// The candidate cache keeps at most its byte budget, and a candidate dropped from it is quantized
+// again with the same result: the bounded search makes the plan of the unbounded one, step by step.
+TEST(PrecisionOptimizer, CandidateCacheStaysWithinItsByteBudgetWithTheSamePlan) {
+  Fixture& f = fixture();
+  Budget budget;
+  budget.max_kl = 0.05;
+  SearchOptions o = fixture_search_options(CandidateMeasurement::kExact);
+  o.shared_candidates = std::make_shared<CandidateCache>(int64_t{1} << 40);
+  const SearchResult unbounded = search_fixture(f, budget, o);
+  const int64_t all = o.shared_candidates->bytes();
+  ASSERT_GT(all, 0);
+  o.shared_candidates = std::make_shared<CandidateCache>(all / 4);
+  const SearchResult bounded = search_fixture(f, budget, o);
+  EXPECT_LE(o.shared_candidates->bytes(), all / 4);
+  EXPECT_LT(o.shared_candidates->size(), unbounded.steps.size());
+  EXPECT_EQ(bounded.plan.to_json(), unbounded.plan.to_json());
+  ASSERT_EQ(bounded.steps.size(), unbounded.steps.size());
+  for (size_t i = 0; i < bounded.steps.size(); ++i) EXPECT_EQ(bounded.steps[i].kl, unbounded.steps[i].kl) << i;
+  // The search's own cache takes its budget from the options.
+  o.shared_candidates = nullptr;
+  o.candidate_cache_bytes = -1;
+  GRADQ_EXPECT_THROW_MSG(search_fixture(f, budget, o), "byte budget must be >= 0, got -1");
+}
+
 // Predictions that are far too optimistic (factors near 0) are caught by the confirmation: the
 // changes are taken back and measured again exactly, and the search still ends within budget, on
 // the KL its final weights really have.
