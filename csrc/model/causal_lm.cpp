@@ -114,7 +114,13 @@ CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) 
     msg = e.what();
   }
   if (loaded) return CausalLM(std::move(module), options);
-  const std::string first_line = msg.substr(0, msg.find('\n'));
+  // The first non-empty line: the TorchScript compiler's messages start with a line break.
+  std::string first_line;
+  for (size_t begin = 0; begin < msg.size() && first_line.empty();) {
+    const size_t end = std::min(msg.find('\n', begin), msg.size());
+    first_line = msg.substr(begin, end - begin);
+    begin = end + 1;
+  }
   if (msg.find("gradq::") != std::string::npos || msg.find("gradq.") != std::string::npos)
     throw Error(fmt::format("cannot load '{}': it calls gradq ops that are not registered; load libgradq_ops.so first "
                             "({})", path, first_line));
