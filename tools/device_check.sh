@@ -9,6 +9,8 @@
 # whatever happened before, so one run shows everything. Without a GPU the GPU steps report that
 # there is none (as a failure: this check exists to run them).
 #   OUT=/tmp/check bash tools/device_check.sh     (GRADQ_DEVICE_PYTHON: the Python with torch)
+# Rehearsal on a machine without a GPU: GRADQ_DEVICE_PREBUILT=1 GRADQ_DEVICE_BUILD_DIR=build-torch2
+# skips configure and build and runs the other steps with that build (tools/test.sh --torch2's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/device_check}
@@ -94,7 +96,13 @@ packed_on_gpu() {
 }
 
 step environment environment
-if step configure configure && step build build_targets; then
+if [ "${GRADQ_DEVICE_PREBUILT:-0}" = 1 ]; then
+  echo "- configure, build: skipped (GRADQ_DEVICE_PREBUILT=1: using $build as built)" >>"$summary"
+  built() { true; }
+else
+  built() { step configure configure && step build build_targets; }
+fi
+if built; then
   step gpu_tests gpu_tests
   step bench_kernels bench
   step quantize quantize && step packed_on_gpu packed_on_gpu
