@@ -1,6 +1,9 @@
 #include "model/causal_lm.h"
 
+#include <caffe2/serialize/inline_container.h>
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 #include <torch/csrc/jit/api/function_impl.h>
+#include <torch/version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -80,21 +83,54 @@ at::Tensor InputStats::sq_mean() const {
   return rows == 0 ? sq_sum.to(at::kFloat) : (sq_sum / static_cast<double>(rows)).to(at::kFloat);
 }
 
+namespace {
+
+// Whether a TorchScript archive was written by PyTorch 2.x: its torch.jit.save adds a "byteorder"
+// record (and ".data/serialization_id"; seen with 2.11), which 1.13's does not write.
+bool torchscript_written_by_torch2(const std::string& path) {
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    return reader.hasRecord("byteorder");
+  } catch (const std::exception&) {
+    return false;  // not a zip archive at all: the caller reports the loader's own error
+  }
+}
+
+}  // namespace
+
 CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) {
   GRADQ_CHECK(std::filesystem::exists(path), "model '{}' does not exist", path);
   GRADQ_CHECK(!std::filesystem::is_directory(path), "model '{}' is a directory, expected a TorchScript file (.pt) or a "
               "llama2.c checkpoint (.bin)", path);
   torch::jit::Module module;
+  std::string msg;
+  bool loaded = false;
   try {
     module = torch::jit::load(path);
+    loaded = true;
   } catch (const c10::Error& e) {
-    std::string msg = e.what_without_backtrace();
-    if (msg.find("gradq::") != std::string::npos || msg.find("gradq.") != std::string::npos)
-      throw Error(fmt::format("cannot load '{}': it calls gradq ops that are not registered; load libgradq_ops.so first "
-                              "({})", path, msg.substr(0, msg.find('\n'))));
-    throw Error(fmt::format("'{}' is not a loadable TorchScript module: {}", path, msg.substr(0, msg.find('\n'))));
+    msg = e.what_without_backtrace();
+  } catch (const std::exception& e) {  // the TorchScript compiler's ErrorReport (unknown ops, syntax)
+    msg = e.what();
   }
-  return CausalLM(std::move(module), options);
+  if (loaded) return CausalLM(std::move(module), options);
+  // The first non-empty line: the TorchScript compiler's messages start with a line break.
+  std::string first_line;
+  for (size_t begin = 0; begin < msg.size() && first_line.empty();) {
+    const size_t end = std::min(msg.find('\n', begin), msg.size());
+    first_line = msg.substr(begin, end - begin);
+    begin = end + 1;
+  }
+  if (msg.find("gradq::") != std::string::npos || msg.find("gradq.") != std::string::npos)
+    throw Error(fmt::format("cannot load '{}': it calls gradq ops that are not registered; load libgradq_ops.so first "
+                            "({})", path, first_line));
+  // PyTorch 2.x writes records that 1.x never wrote; what it compiles may call ops a 1.x libtorch lacks.
+  if (TORCH_VERSION_MAJOR < 2 && torchscript_written_by_torch2(path))
+    throw Error(fmt::format("cannot load '{}': it was written by PyTorch 2.x and this gradq is built against libtorch "
+                            "{}.{}, which cannot read it ({}); build gradq against PyTorch 2.x (README: With PyTorch "
+                            "2.x) or save the model with PyTorch {}.{}", path, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
+                            first_line, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR));
+  throw Error(fmt::format("'{}' is not a loadable TorchScript module: {}", path, first_line));
 }
 
 CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : module_(std::move(module)) {

@@ -3,6 +3,7 @@
 // ranking) where the analysis is not what a test is about; the CLI test runs the full default path.
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 #include <gtest/gtest.h>
 
 #include <filesystem>
