@@ -9,9 +9,6 @@
 namespace gradq {
 namespace {
 
-// KL recovered per byte by moving from a to b (b stores more).
-double rate(const CurvePoint& a, const CurvePoint& b) { return (a.kl - b.kl) / double(b.bytes - a.bytes); }
-
 // The greedy both allocations share: every weight at its cheapest hull point, then upgrades in
 // order of KL recovered per byte while `take(allocation, weight, next point)` says yes; a refused
 // upgrade ends that weight's upgrades (its later ones recover less per byte and cost more).
@@ -26,7 +23,7 @@ Allocation greedy(const ErrorCurves& curves, Take take, Done done) {
   auto push_next = [&](const std::string& name) {
     const auto& hull = a.hulls.at(name);
     const size_t i = a.choice.at(name);
-    if (i + 1 < hull.size()) upgrades.emplace(rate(hull[i], hull[i + 1]), name);
+    if (i + 1 < hull.size()) upgrades.emplace(kl_per_byte(hull[i], hull[i + 1]), name);
   };
   for (const auto& [name, points] : curves) {
     a.hulls[name] = lower_hull(points);
@@ -51,6 +48,10 @@ Allocation greedy(const ErrorCurves& curves, Take take, Done done) {
 
 }  // namespace
 
+double kl_per_byte(const CurvePoint& cheaper, const CurvePoint& dearer) {
+  return (cheaper.kl - dearer.kl) / double(dearer.bytes - cheaper.bytes);
+}
+
 std::vector<CurvePoint> lower_hull(std::vector<CurvePoint> points) {
   GRADQ_CHECK(!points.empty(), "a weight's error curve needs at least one point, got none");
   for (CurvePoint& p : points) p.kl = std::max(p.kl, 0.0);
@@ -65,7 +66,7 @@ std::vector<CurvePoint> lower_hull(std::vector<CurvePoint> points) {
   for (const CurvePoint& p : falling) {
     // The last hull point is not on the hull when the rate to p from the one before it is at least
     // the rate to the last point: its segment would then bend upward.
-    while (hull.size() >= 2 && rate(hull[hull.size() - 2], p) >= rate(hull[hull.size() - 2], hull.back())) hull.pop_back();
+    while (hull.size() >= 2 && kl_per_byte(hull[hull.size() - 2], p) >= kl_per_byte(hull[hull.size() - 2], hull.back())) hull.pop_back();
     hull.push_back(p);
   }
   return hull;

@@ -29,6 +29,9 @@ struct CurvePoint {
 /// Per weight name: its candidates (any order).
 using ErrorCurves = std::map<std::string, std::vector<CurvePoint>>;
 
+/// KL recovered per byte by moving from `cheaper` to `dearer` (which stores more).
+double kl_per_byte(const CurvePoint& cheaper, const CurvePoint& dearer);
+
 /// The lower convex hull of `points` in (bytes, kl), cheapest first: bytes rise and KL falls along
 /// it, and KL recovered per byte falls from each segment to the next. Equal bytes keep the lower KL
 /// (the earlier point on a tie). Throws gradq::Error when `points` is empty.

@@ -252,7 +252,7 @@ std::vector<ValidationStep> PrecisionOptimizer::verify_and_repair(
       const auto& hull = a.hulls.at(name);
       if (i + 1 >= hull.size()) continue;
       ++candidates;
-      const double rate = (hull[i].kl - hull[i + 1].kl) / double(hull[i + 1].bytes - hull[i].bytes);
+      const double rate = kl_per_byte(hull[i], hull[i + 1]);
       if (rate > best_rate) best_rate = rate, best = name;
     }
     if (best.empty()) break;  // every weight at its most accurate point
@@ -277,7 +277,7 @@ std::vector<ValidationStep> PrecisionOptimizer::verify_and_repair(
       const size_t i = a.choice.at(name);
       if (i == 0) return;
       const auto& hull = a.hulls.at(name);
-      queue.emplace((hull[i - 1].kl - hull[i].kl) / double(hull[i].bytes - hull[i - 1].bytes), name);
+      queue.emplace(kl_per_byte(hull[i - 1], hull[i]), name);
     };
     for (const auto& [name, i] : a.choice) push_next(name);
     int64_t failures = 0;
