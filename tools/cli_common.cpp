@@ -56,13 +56,13 @@ std::vector<int64_t> parse_int_list(const std::string& text, const char* flag) {
 
 void add_search_options(cxxopts::Options& options) {
   options.add_options("search")
-      ("search", "progressive (widths lowered one pass at a time, group-size search, rollback) or allocate (every weight measured alone at every candidate; an allocator picks the cheapest mix that meets the budget, corrected by whole-model measurements, then measured downgrades)", cxxopts::value<std::string>()->default_value("progressive"))
+      ("search", "progressive (widths lowered one pass at a time, group-size search, rollback) or allocate (every weight measured alone at every candidate; an allocator picks the cheapest mix that meets the budget, corrected by whole-model measurements, then measured downgrades)", cxxopts::value<std::string>()->default_value(search_strategy_name(SearchOptions{}.strategy)))
       ("repair-confidence", "--search allocate: a downgrade on held-out text is kept only when the budget holds this many standard errors above its measurement (0: up to the limit, which is optimistic for other text)", cxxopts::value<double>()->default_value("1"))
       ("safety", "the search uses the quality limits divided by this (held-out validation then checks the full limits)", cxxopts::value<double>()->default_value("1.5"))
       ("bits", "bit widths to try, high to low (add 3 for 3-bit)", cxxopts::value<std::string>()->default_value("8,4,2"))
       ("group-sizes", "group sizes to try, cheapest first", cxxopts::value<std::string>()->default_value("128,64,32,16"))
       ("encodings", "side information of the candidates, each with every group size: asym (b-bit zero points), z8 (8-bit zero points), s (symmetric), k6, k8 (sub-scales)", cxxopts::value<std::string>()->default_value("asym"))
-      ("method", "rounding: rtn (round to nearest), clip (activation-weighted clipping search), gptq (GPTQ with clipped static groups) or trained (learned rounding)", cxxopts::value<std::string>()->default_value("clip"))
+      ("method", "rounding: rtn (round to nearest), clip (activation-weighted clipping search), gptq (GPTQ with clipped static groups) or trained (learned rounding)", cxxopts::value<std::string>()->default_value(rounding_method_name(SearchOptions{}.method)))
       ("gptq-damp", "GPTQ's dampening, a fraction of the mean diagonal of the Hessian", cxxopts::value<double>()->default_value("0.01"))
       ("search-measure", "how candidates are measured on a model split into blocks: local (its block's output error predicts the KL; accepted changes confirmed together by exact passes) or exact (every candidate from its block to the logits)", cxxopts::value<std::string>()->default_value("exact"))
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")

@@ -4,6 +4,7 @@
 
 #include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
 
@@ -115,9 +116,10 @@ int cmd_sweep(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "merge") return cmd_sweep_merge(argc - 1, argv + 1);
   cxxopts::Options options(
       "gradq sweep",
-      "Run `gradq quantize` for each perplexity budget in --budgets, and evaluate each uniform format in --baselines, "
-      "on the same model and text. The references and the importance analysis are measured once and shared by "
-      "every point.\n\n"
+      "Run `gradq quantize` for each perplexity budget in --budgets, once with --search and once with each other "
+      "strategy in --compare-search, and evaluate each uniform format in --baselines, on the same model and text. "
+      "The references, the importance analysis (when a progressive point needs it) and the quantized candidates "
+      "are computed once and shared by every point.\n\n"
       "Everything goes to --out DIR: shared.json, analysis.json, points/<id>.json (+ .plan.json, which `gradq "
       "quantize --plan` re-applies), and once every point is there the report: sweep.json, sweep.csv, sweep.md and "
       "pareto.svg (bits per weight vs perplexity change).\n"
@@ -130,6 +132,9 @@ int cmd_sweep(int argc, char** argv) {
   options.add_options("sweep")
       ("out", "sweep directory (created; a re-run resumes it)", cxxopts::value<std::string>())
       ("budgets", "relative held-out perplexity increases, one point each", cxxopts::value<std::string>()->default_value("0.01,0.02,0.05,0.1,0.2"))
+      ("compare-search", "search strategies whose budget points are added for comparison, comma-separated (points "
+                         "budget-<b>-<strategy>; the one --search uses is not repeated; 'none' for none)",
+       cxxopts::value<std::string>()->default_value("allocate,progressive"))
       ("baselines", "uniform formats to place beside them ('none' for none)", cxxopts::value<std::string>()->default_value("b8g128,b4g128,b4g32,b4g16,b3g32,b2g32"))
       ("shard", "run only shard i of n (1-based), e.g. 2/4", cxxopts::value<std::string>()->default_value("1/1"));
   add_gate_options(options);
@@ -143,11 +148,23 @@ int cmd_sweep(int argc, char** argv) {
   check_output_is_not_input(dir, input_paths(args));
 
   SweepOptions sweep;
-  sweep.points = sweep_points(parse_budgets(args["budgets"].as<std::string>()),
-                              parse_baselines(args["baselines"].as<std::string>()));
-  sweep.shard = Shard::parse(args["shard"].as<std::string>());
   check_input_options(args);
   read_search_options(args, sweep.quantizer);
+  std::vector<SearchStrategy> compare;
+  for (const std::string& name : split_commas(args["compare-search"].as<std::string>())) {
+    if (name == "none") continue;
+    SearchStrategy s;
+    try {
+      s = parse_search_strategy(name);
+    } catch (const Error& e) {
+      throw Error(fmt::format("--compare-search: {}", e.what()));
+    }
+    if (s != sweep.quantizer.search.strategy && std::find(compare.begin(), compare.end(), s) == compare.end())
+      compare.push_back(s);
+  }
+  sweep.points = sweep_points(parse_budgets(args["budgets"].as<std::string>()),
+                              parse_baselines(args["baselines"].as<std::string>()), compare);
+  sweep.shard = Shard::parse(args["shard"].as<std::string>());
   const std::optional<SweepResult> previous = read_previous(args);
   // The directory is created and proven writable now, not after the shared analysis; one this run
   // created is removed again if the run fails before a point is written.

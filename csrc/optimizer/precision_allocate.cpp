@@ -74,7 +74,16 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   int64_t total = 0, done = 0;
   for (const auto& [name, opts] : options) total += static_cast<int64_t>(opts.size());
   progress.units = total;
+  const bool reuse_curves = options_.shared_curves && !options_.shared_curves->empty();
+  if (reuse_curves) {
+    result.curves = *options_.shared_curves;
+    GRADQ_CHECK(result.curves.size() == model_.weights().size(),
+                "shared error curves cover {} weights, the model has {}", result.curves.size(), model_.weights().size());
+    progress.unit = total;
+    report("curves: measured by an earlier search with the same model, windows and options");
+  }
   for (const WeightInfo& w : model_.weights()) {
+    if (reuse_curves) break;
     const QuantizedTensor& start_state = candidate(w.name, fp16, RoundingMethod::kRtn);
     std::vector<CurvePoint>& curve = result.curves[w.name];
     curve.push_back({fp16, RoundingMethod::kRtn, start_state.storage_bytes(), 0.0});
@@ -89,6 +98,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     }
     model_.set_weight(w.name, start_state.dequantize());
   }
+  if (options_.shared_curves && !reuse_curves) *options_.shared_curves = result.curves;
 
   // The model with `a`'s weights.
   auto set_allocation = [&](const Allocation& a) {

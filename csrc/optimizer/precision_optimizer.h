@@ -76,7 +76,9 @@ std::string search_strategy_name(SearchStrategy s);
 SearchStrategy parse_search_strategy(const std::string& name);
 
 struct SearchOptions {
-  SearchStrategy strategy = SearchStrategy::kProgressive;
+  /// The default is the one that measured better at every budget of the default sweep (+2%, +5%,
+  /// +10% on stories260K, held-out text; docs/BENCHMARKS.md, "The budget allocator").
+  SearchStrategy strategy = SearchStrategy::kAllocate;
   std::vector<int> bits = {8, 4, 2};                   ///< widths tried, high to low (3 optional)
   std::vector<int64_t> group_sizes = {128, 64, 32, 16};  ///< cheapest first
   /// Side information of the candidates (quant_spec.h): "asym" (zero points at the code width, fp16
@@ -85,12 +87,18 @@ struct SearchOptions {
   /// trained rounding, which needs a scale per group.
   std::vector<std::string> encodings = {"asym"};
   bool allow_prune = false;                            ///< try removing a weight after its lowest width
-  RoundingMethod method = RoundingMethod::kClip;       ///< rounding of the ordinary candidates
+  /// Rounding of the ordinary candidates (and of --uniform formats). GPTQ: fewer bits than clipping
+  /// at every budget measured, and the best uniform format (docs/BENCHMARKS.md).
+  RoundingMethod method = RoundingMethod::kGptq;
   bool trained_fallback = true;
   RoundingOptions rounding;                            ///< options of the rounding methods
   /// Candidates shared with other searches of the same model, statistics and options (null: the
   /// search keeps its own, of candidate_cache_bytes). Not thread-safe: one search at a time.
   std::shared_ptr<CandidateCache> shared_candidates;
+  /// Allocation: error curves shared with other allocations of the same model, statistics,
+  /// calibration windows and options (a sweep's budget points), which differ only in their budget:
+  /// the first measures them, the rest reuse them. Null: measured for this search alone.
+  std::shared_ptr<ErrorCurves> shared_curves;
   /// Byte budget of the search's own candidate cache (optimizer/candidate_cache.h).
   int64_t candidate_cache_bytes = CandidateCache::kDefaultMaxBytes;
   /// With stages (else whole passes). Exact is the default: on stories260K at +5% perplexity, local

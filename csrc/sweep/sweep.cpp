@@ -69,12 +69,14 @@ std::string order_hash(const std::vector<std::string>& order) {
 // Everything a point's result depends on except its own budget or format: a directory made with
 // one configuration refuses a run with another.
 json sweep_config(const CausalLM& model, const Windows& calibration, const Windows& evaluation,
-                  const QuantizerOptions& q) {
+                  const QuantizerOptions& q, bool needs_order) {
   json policy = json::array();
   for (const PolicyRule& r : q.policy.rules())
     policy.push_back({{"pattern", r.pattern}, {"min", quant_level_name(r.min)}, {"max", quant_level_name(r.max)}});
   std::string order_source;
-  if (!q.order.empty()) {
+  if (!needs_order) {
+    order_source = "the model's (no point searches progressively)";
+  } else if (!q.order.empty()) {
     order_source = "given order " + order_hash(q.order);
   } else if (q.analysis_path) {
     order_source = "analysis file " + Fingerprint().text(read_file(*q.analysis_path)).hex();
@@ -146,6 +148,7 @@ json point_spec_json(const SweepPointSpec& p) {
   json j = {{"id", p.id}};
   if (p.budget) j["budget"] = *p.budget;
   if (p.uniform) j["uniform"] = p.uniform->name();
+  if (p.search) j["search"] = search_strategy_name(*p.search);
   return j;
 }
 
@@ -154,6 +157,7 @@ SweepPointSpec point_spec_from_json(const json& j) {
   p.id = j.at("id").get<std::string>();
   if (j.contains("budget")) p.budget = j.at("budget").get<double>();
   if (j.contains("uniform")) p.uniform = parse_quant_spec(j.at("uniform").get<std::string>());
+  if (j.contains("search")) p.search = parse_search_strategy(j.at("search").get<std::string>());
   return p;
 }
 
@@ -161,6 +165,7 @@ json point_json(const SweepPointResult& p) {
   json j = {{"id", p.id}, {"kind", p.kind}};
   j["budget"] = p.budget ? json(*p.budget) : json(nullptr);
   j["spec"] = p.spec;
+  j["search"] = p.search;
   j["met"] = p.met;
   j["messages"] = p.messages;
   j["bits_per_weight"] = p.bits_per_weight;
@@ -185,6 +190,7 @@ SweepPointResult point_from_json(const json& j) {
   p.kind = j.at("kind").get<std::string>();
   if (!j.at("budget").is_null()) p.budget = j.at("budget").get<double>();
   p.spec = j.at("spec").get<std::string>();
+  p.search = j.value("search", "");  // absent from sweeps before the strategies were compared
   p.met = j.at("met").get<bool>();
   p.messages = j.at("messages").get<std::vector<std::string>>();
   p.bits_per_weight = j.at("bits_per_weight").get<double>();
@@ -262,6 +268,7 @@ SweepPointResult point_result(const SweepPointSpec& spec, const QuantizeOutcome&
   p.kind = spec.budget ? "budget" : "uniform";
   p.budget = spec.budget;
   p.spec = spec.uniform ? spec.uniform->name() : "";
+  p.search = spec.budget ? out.search_strategy : "";
   p.met = out.status == QuantizeStatus::kMet;
   p.messages = out.messages;
   p.bits_per_weight = out.size.bits_per_weight();
@@ -306,15 +313,19 @@ std::string percent(double v) { return fmt::format("{:+.2f}%", 100 * v); }
 }  // namespace
 
 // --- Point lists and shards ---------------------------------------------------------------------
-std::vector<SweepPointSpec> sweep_points(std::vector<double> budgets, const std::vector<QuantSpec>& baselines) {
+std::vector<SweepPointSpec> sweep_points(std::vector<double> budgets, const std::vector<QuantSpec>& baselines,
+                                         const std::vector<SearchStrategy>& compare_searches) {
   std::sort(budgets.begin(), budgets.end());
   std::vector<SweepPointSpec> points;
   std::set<std::string> ids;
   for (double b : budgets) {
     GRADQ_CHECK(std::isfinite(b) && b > 0 && b <= 10, "a budget is a relative perplexity increase in (0, 10], got {}", b);
-    points.push_back({fmt::format("budget-{}", b), b, std::nullopt});
+    points.push_back({fmt::format("budget-{}", b), b, std::nullopt, std::nullopt});
   }
-  for (const QuantSpec& spec : baselines) points.push_back({"uniform-" + spec.name(), std::nullopt, spec});
+  for (SearchStrategy search : compare_searches)
+    for (double b : budgets)
+      points.push_back({fmt::format("budget-{}-{}", b, search_strategy_name(search)), b, std::nullopt, search});
+  for (const QuantSpec& spec : baselines) points.push_back({"uniform-" + spec.name(), std::nullopt, spec, std::nullopt});
   for (const SweepPointSpec& p : points) GRADQ_CHECK(ids.insert(p.id).second, "the sweep lists point '{}' twice", p.id);
   GRADQ_CHECK(!points.empty(), "a sweep needs at least one budget or baseline");
   return points;
@@ -367,8 +378,14 @@ SweepResult SweepRunner::run(const std::string& dir) {
     if (options_.on_progress) options_.on_progress(phase, done, total, detail);
   };
   fs::create_directories(dir);  // points/ only once a point is written: a failed run leaves no empty one
+  // Only the progressive search reads the order of importance; without such a point the model's
+  // own order stands in and no analysis runs.
+  const QuantizerOptions& base = options_.quantizer;
+  const bool needs_order = std::any_of(options_.points.begin(), options_.points.end(), [&](const SweepPointSpec& p) {
+    return p.budget && p.search.value_or(base.search.strategy) == SearchStrategy::kProgressive;
+  });
   SharedState shared;
-  shared.config = sweep_config(model_, calibration_, evaluation_, options_.quantizer);
+  shared.config = sweep_config(model_, calibration_, evaluation_, base, needs_order);
   shared.config_hash = Fingerprint().text(shared.config.dump()).hex();
   shared.points = options_.points;
   if (std::optional<SharedState> earlier = read_shared(dir)) {
@@ -397,7 +414,6 @@ SweepResult SweepRunner::run(const std::string& dir) {
   // The shared work: the references (every run: cheap, and too large to keep for real models) and
   // the search order (once per directory).
   const auto shared_start = Clock::now();
-  const QuantizerOptions& base = options_.quantizer;
   EvaluatorOptions eval_options;
   eval_options.check_finite = false;  // a candidate with non-finite logits fails the budget (budget.cpp)
   eval_options.batch = base.batch;
@@ -406,7 +422,9 @@ SweepResult SweepRunner::run(const std::string& dir) {
   calibration.set_reference(model_);
   heldout.set_reference(model_);
   if (shared.order.empty()) {
-    if (!base.order.empty()) {
+    if (!needs_order) {
+      for (const WeightInfo& w : model_.weights()) shared.order.push_back(w.name);
+    } else if (!base.order.empty()) {
       shared.order = base.order;
     } else {
       QuantizerOptions analysis_options = base;
@@ -421,8 +439,10 @@ SweepResult SweepRunner::run(const std::string& dir) {
   write_file_atomically(dir + "/" + kSharedFile, shared_json(shared).dump(2) + "\n");
 
   // Candidates depend on the weight, its format and the calibration statistics, never on the
-  // budget: computed once for all points (the tight budgets' trained rounding, mostly).
+  // budget: computed once for all points (the tight budgets' trained rounding and GPTQ, mostly).
   const auto candidates = std::make_shared<CandidateCache>(base.search.candidate_cache_bytes);
+  // Likewise the allocator's error curves (the candidates measured one at a time).
+  const auto curves = std::make_shared<ErrorCurves>();
   for (size_t k = 0; k < todo.size(); ++k) {
     const SweepPointSpec& spec = todo[k];
     QuantizerOptions q = base;
@@ -431,7 +451,9 @@ SweepResult SweepRunner::run(const std::string& dir) {
     q.calibration_reference = *calibration.reference();
     q.heldout_reference = *heldout.reference();
     q.search.shared_candidates = candidates;
+    q.search.shared_curves = curves;
     if (spec.budget) q.budget.max_ppl_increase = *spec.budget;
+    if (spec.search) q.search.strategy = *spec.search;
     if (spec.uniform) q.plan = uniform_plan(model_, *spec.uniform, q.search.method);
     const std::string prefix = fmt::format("{} ({}/{})", spec.id, k + 1, todo.size());
     q.on_progress = [&](const std::string& phase, int64_t done, int64_t total, const std::string& detail) {
@@ -541,13 +563,13 @@ SweepResult sweep_from_json(const std::string& text) {
 
 std::string sweep_csv(const SweepResult& result) {
   std::string out =
-      "id,kind,budget,spec,met,bits_per_weight,quantized_bytes,fp16_bytes,reduction_vs_fp16,ppl,reference_ppl,"
+      "id,kind,budget,spec,search,met,bits_per_weight,quantized_bytes,fp16_bytes,reduction_vs_fp16,ppl,reference_ppl,"
       "ppl_increase,kl_mean,kl_median,kl_p99,kl_max,same_top_rate,passes,seconds,pareto\n";
   const std::vector<bool> pareto = result.pareto();
   for (size_t i = 0; i < result.points.size(); ++i) {
     const SweepPointResult& p = result.points[i];
-    out += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", p.id, p.kind,
-                       p.budget ? fmt::format("{}", *p.budget) : "", p.spec, p.met ? 1 : 0, p.bits_per_weight,
+    out += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", p.id, p.kind,
+                       p.budget ? fmt::format("{}", *p.budget) : "", p.spec, p.search, p.met ? 1 : 0, p.bits_per_weight,
                        p.quantized_bytes, p.fp16_bytes, 1.0 - double(p.quantized_bytes) / double(p.fp16_bytes), p.ppl,
                        p.reference_ppl, p.ppl_increase, p.kl_mean, p.kl_median, p.kl_p99, p.kl_max, p.same_top_rate,
                        p.passes, p.seconds, pareto[i] ? 1 : 0);
@@ -558,12 +580,13 @@ std::string sweep_csv(const SweepResult& result) {
 std::string sweep_markdown(const SweepResult& result) {
   const json config = json::parse(result.config_json);
   std::string md = "# gradq sweep\n\n";
-  md += fmt::format("Model {} · {} calibration and {} held-out windows of {} tokens · search bits {} groups {} ({}) "
-                    "· safety {}\n\n",
+  md += fmt::format("Model {} · {} calibration and {} held-out windows of {} tokens · {} search, bits {} groups {} "
+                    "({}) · safety {}\n\n",
                     config.at("model").get<std::string>(), config.at("calibration").at("windows").get<int64_t>(),
                     config.at("evaluation").at("windows").get<int64_t>(), config.at("evaluation").at("ctx").get<int64_t>(),
-                    config.at("search").at("bits").dump(), config.at("search").at("group_sizes").dump(),
-                    config.at("search").at("method").get<std::string>(), config.at("safety").get<double>());
+                    config.at("search").at("strategy").get<std::string>(), config.at("search").at("bits").dump(),
+                    config.at("search").at("group_sizes").dump(), config.at("search").at("method").get<std::string>(),
+                    config.at("safety").get<double>());
   md += "| point | budget | status | bits/weight | bytes | vs fp16 | held-out ppl | ppl change | KL mean | KL p99 | "
         "same top | seconds |\n";
   md += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
@@ -601,21 +624,35 @@ std::string pareto_svg(const SweepResult& result) {
   chart.title = "Held-out perplexity change vs size";
   chart.x_label = "bits per weight (scales and zero points included)";
   chart.y_label = "perplexity change (%)";
-  ScatterSeries searched{"gradq (budget search)", {}, kChartPalette[0], true, true};
+  // One frontier line per search strategy, in the order the points list them (the sweep's own first).
+  std::vector<ScatterSeries> searched;
   ScatterSeries unmet{"gradq, budget not met", {}, "#9e9e9e", false, true};
   ScatterSeries uniform{"uniform baselines", {}, kChartPalette[1], false, false};
   double largest_budget = 0;
   for (const SweepPointResult& p : result.points) {
     const ScatterPoint point{p.bits_per_weight, 100 * p.ppl_increase,
                              p.budget ? fmt::format("{:+g}%", 100 * *p.budget) : p.spec};
-    (p.kind == "uniform" ? uniform : p.met ? searched : unmet).points.push_back(point);
     if (p.budget) largest_budget = std::max({largest_budget, 100 * *p.budget, 100 * p.ppl_increase});
+    if (p.kind == "uniform" || !p.met) {
+      (p.kind == "uniform" ? uniform : unmet).points.push_back(point);
+      continue;
+    }
+    const std::string name = p.search.empty() ? "gradq (budget search)" : "gradq (" + p.search + " search)";
+    auto series = std::find_if(searched.begin(), searched.end(), [&](const ScatterSeries& s) { return s.name == name; });
+    if (series == searched.end()) {
+      // Palette colour 1 is the baselines'.
+      const size_t color = std::min(searched.empty() ? size_t{0} : searched.size() + 1, kChartPalette.size() - 1);
+      series = searched.insert(searched.end(), ScatterSeries{name, {}, kChartPalette[color], true, true});
+    }
+    series->points.push_back(point);
   }
   // Baselines far beyond every budget (2-bit ones reach +1000%) would flatten the frontier.
   if (largest_budget > 0) chart.y_max = 2 * largest_budget;
-  std::sort(searched.points.begin(), searched.points.end(),
-            [](const ScatterPoint& a, const ScatterPoint& b) { return a.x < b.x; });
-  for (ScatterSeries* s : {&searched, &unmet, &uniform})
+  for (ScatterSeries& s : searched) {
+    std::sort(s.points.begin(), s.points.end(), [](const ScatterPoint& a, const ScatterPoint& b) { return a.x < b.x; });
+    chart.series.push_back(s);
+  }
+  for (ScatterSeries* s : {&unmet, &uniform})
     if (!s->points.empty()) chart.series.push_back(*s);
   return render_scatter_chart(chart);
 }

@@ -32,11 +32,15 @@ struct SweepPointSpec {
   std::string id;                 ///< "budget-0.05", "uniform-b4g128": file names and report keys
   std::optional<double> budget;   ///< relative perplexity increase allowed
   std::optional<QuantSpec> uniform;
+  /// Budget points: searched with this strategy instead of the quantizer options' one, to compare
+  /// the two ("budget-0.05-progressive"); none: the options' strategy ("budget-0.05").
+  std::optional<SearchStrategy> search;
 };
 
-/// The points of `budgets` (ascending) then `baselines`, in report order; throws on duplicates or a
-/// budget outside (0, 10].
-std::vector<SweepPointSpec> sweep_points(std::vector<double> budgets, const std::vector<QuantSpec>& baselines);
+/// The points of `budgets` (ascending), the same budgets again for each of `compare_searches`, then
+/// `baselines`, in report order; throws on duplicates or a budget outside (0, 10].
+std::vector<SweepPointSpec> sweep_points(std::vector<double> budgets, const std::vector<QuantSpec>& baselines,
+                                         const std::vector<SearchStrategy>& compare_searches = {});
 
 /// Shard `index` of `count` (0-based): every count-th point starting at index.
 struct Shard {
@@ -52,6 +56,7 @@ struct SweepPointResult {
   std::string kind;                ///< "budget" or "uniform"
   std::optional<double> budget;    ///< kind "budget"
   std::string spec;                ///< kind "uniform": the format
+  std::string search;              ///< kind "budget": the search strategy ("allocate", "progressive")
   bool met = true;                 ///< budget points: the plan meets the budget on held-out text
   std::vector<std::string> messages;
   double bits_per_weight = 0;      ///< over the quantizable weights, scales and zero points included

@@ -33,6 +33,9 @@ struct Fixture {
     QuantizerOptions q;
     q.budget.max_ppl_increase = max_ppl_increase;
     q.order = order;
+    // These tests are about the progressive search's flow (test_allocator.cpp has the allocator's).
+    q.search.strategy = SearchStrategy::kProgressive;
+    q.search.method = RoundingMethod::kClip;
     q.search.group_sizes = {128, 32};  // fewer candidates: the tests are about the flow, not the plan
     q.search.rounding.trained.iterations = 20;
     return q;
@@ -83,6 +86,7 @@ TEST(GradualQuantizer, HarnessRunMeetsTheBudgetAndLeavesTheModelAsItWas) {
   EXPECT_EQ(again.plan.to_json(), out.plan.to_json());
   QuantizerOptions replay;
   replay.plan = Plan::from_json(out.plan.to_json());
+  replay.search.method = RoundingMethod::kClip;  // the plan names each entry's method; this must not matter
   replay.search.rounding.trained.iterations = 20;
   const QuantizeOutcome replayed = f.run(replay);
   for (const auto& [name, t] : out.weights) EXPECT_TRUE(bitwise_equal(replayed.weights.at(name).dequantize(), t.dequantize())) << name;
@@ -142,6 +146,7 @@ SearchResult search_fixture(Fixture& f, const Budget& budget, const SearchOption
 
 SearchOptions fixture_search_options(CandidateMeasurement how) {
   SearchOptions o;
+  o.method = RoundingMethod::kClip;  // the statistics have no X^T X
   o.group_sizes = {128, 32};
   o.trained_fallback = false;
   o.measurement = how;
@@ -352,16 +357,20 @@ TEST(PrecisionPolicy, ShippedPoliciesLoad) {
   EXPECT_GE(loaded, 3);
 }
 
-// The CLI's default path end to end (fresh analysis included), on small data; then exit code 2
-// with a report and no model for a budget nothing meets.
+// The CLI's default path end to end (the allocator with GPTQ candidates), on small data; then exit
+// code 2 with a report and no model for a budget nothing meets.
 TEST(QuantizeCli, DefaultSearchAndUnmeetableBudget) {
   const std::string dir = test::temp_dir("quantize_cli");
   const std::string data = " --threads 1 --ctx 128 --calib-windows 4 --eval-windows 8 --trained-iterations 20";
   auto [rc, out] = test::run(test::cli() + " quantize -o " + dir + "/q.pt --report " + dir + "/r.json --save-plan " +
                              dir + "/plan.json" + data);
   ASSERT_EQ(rc, 0) << out;
-  for (const char* s : {"analysis", "search", "validation", "bits per weight", "held-out", "wrote"})
+  for (const char* s : {"statistics", "search", "validation", "bits per weight", "held-out", "wrote"})
     EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
+  EXPECT_EQ(out.find("analysis"), std::string::npos) << "the default search needs no importance analysis: " << out;
+  const std::string report = read_file(dir + "/r.json");
+  EXPECT_NE(report.find("\"strategy\": \"allocate\""), std::string::npos) << "the default search";
+  EXPECT_NE(read_file(dir + "/plan.json").find("\"gptq\""), std::string::npos) << "the default rounding";
   for (const char* f : {"q.pt", "r.json", "r-blocks.svg", "r-levels.svg", "plan.json"})
     EXPECT_TRUE(fs::exists(dir + "/" + f)) << f;
   auto [grc, gout] = test::run(test::cli() + " generate --model " + dir + "/q.pt --steps 10 --threads 1");
