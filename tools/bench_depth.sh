@@ -20,7 +20,9 @@ extra=${EXTRA:-}
 # search gets a KL budget. Trained rounding is left out: its cost is per weight whatever the depth
 # (docs/BENCHMARKS.md, rounding), and under this budget it ran for most weights at 2 bits, hiding
 # what the depth costs.
-search=${SEARCH:---max-kl 0.05 --no-trained-fallback}
+# The progressive search with clipped rounding is what the tables in docs/BENCHMARKS.md measured (the
+# default became the allocator with GPTQ later): SEARCH="--search allocate --method gptq --max-kl 0.05" for that.
+search=${SEARCH:---search progressive --method clip --max-kl 0.05 --no-trained-fallback}
 mkdir -p "$work"
 [ -x "$gradq" ] || { echo "bench_depth: $gradq not found (build first)" >&2; exit 1; }
 

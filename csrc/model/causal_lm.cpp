@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <regex>
 #include <set>
@@ -28,6 +29,20 @@ struct TapCollector {
 };
 std::mutex g_tap_mutex;
 TapCollector g_collector;
+
+// Runs `run` with the taps recording into `stats` (indexed by quantizable weight).
+void collect_taps(std::vector<InputStats>& stats, bool with_xtx, const std::function<void()>& run) {
+  std::lock_guard<std::mutex> lock(g_tap_mutex);
+  g_collector = {&stats, with_xtx};
+  try {
+    c10::InferenceMode guard;
+    run();
+  } catch (...) {
+    g_collector = {};
+    throw;
+  }
+  g_collector = {};
+}
 
 at::Tensor tap(const at::Tensor& x, int64_t slot) {
   if (g_collector.stats && slot >= 0 && slot < static_cast<int64_t>(g_collector.stats->size())) {
@@ -285,7 +300,13 @@ const ModelStages* CausalLM::stages() const {
     // A probe long enough for attention over several positions; token ids spread over the vocabulary.
     at::Tensor probe = (at::arange(16, at::kLong) * 7919).remainder(vocab_size_).unsqueeze(0);
     std::string why;
-    stages_ = GraphStages::split(module_, prefixes, probe, &why);
+    // Split from the instrumented graph: its taps are identities except while statistics are
+    // collected, which lets capture_block_input_stats() run one block alone.
+    try {
+      stages_ = GraphStages::split(module_, instrumented_forward_graph(), prefixes, probe, &why);
+    } catch (const c10::Error& e) {
+      why = fmt::format("its forward cannot be inlined: {}", std::string(e.what_without_backtrace()).substr(0, 200));
+    }
     stages_reason_ = stages_ ? std::string() : why;
   }
   return stages_.get();
@@ -379,6 +400,41 @@ void CausalLM::restore_all() {
 std::map<std::string, InputStats> CausalLM::capture_input_stats(const at::Tensor& tokens, int64_t batch,
                                                                  bool with_xtx) const {
   GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
+  torch::jit::GraphFunction instrumented("gradq_instrumented_forward", instrumented_forward_graph(), nullptr);
+  std::vector<InputStats> stats(weights_.size());
+  collect_taps(stats, with_xtx, [&] {
+    for (int64_t b = 0; b < tokens.size(0); b += batch) {
+      at::Tensor chunk = tokens.slice(0, b, std::min(tokens.size(0), b + batch));
+      instrumented({module_._ivalue(), chunk});
+    }
+  });
+  std::map<std::string, InputStats> out;
+  for (size_t i = 0; i < weights_.size(); ++i) out.emplace(weights_[i].name, std::move(stats[i]));
+  return out;
+}
+
+std::map<std::string, InputStats> CausalLM::capture_block_input_stats(int64_t block, const std::vector<StageState>& inputs,
+                                                                       bool with_xtx) const {
+  const ModelStages* staged = stages();
+  GRADQ_CHECK(staged, "block input statistics need the model split into blocks, which failed: {}",
+              stages_unavailable_reason());
+  GRADQ_CHECK(block >= 0 && block < staged->num_blocks(), "expected a block in [0, {}), got {}", staged->num_blocks(),
+              block);
+  // Only block `block`'s stage runs, so only its weights' taps record.
+  std::vector<InputStats> stats(weights_.size());
+  collect_taps(stats, with_xtx, [&] {
+    for (const StageState& in : inputs) staged->block(block, in);
+  });
+  std::map<std::string, InputStats> out;
+  for (size_t i : blocks_.at(static_cast<size_t>(block)).weights) {
+    GRADQ_CHECK(stats[i].rows > 0 || inputs.empty(), "internal: block {} ran without reading its weight '{}'", block,
+                weights_[i].name);
+    out.emplace(weights_[i].name, std::move(stats[i]));
+  }
+  return out;
+}
+
+std::shared_ptr<torch::jit::Graph> CausalLM::instrumented_forward_graph() const {
   auto graph = inlined_forward_graph(module_);
   auto paths = attribute_paths(*graph);
   std::map<std::string, size_t> slot_of;
@@ -400,27 +456,7 @@ std::map<std::string, InputStats> CausalLM::capture_input_stats(const at::Tensor
       use.node->replaceInput(use.activation_input, tap_node->output());
     }
   }
-  torch::jit::GraphFunction instrumented("gradq_instrumented_forward", graph, nullptr);
-
-  std::vector<InputStats> stats(weights_.size());
-  {
-    std::lock_guard<std::mutex> lock(g_tap_mutex);
-    g_collector = {&stats, with_xtx};
-    try {
-      c10::InferenceMode guard;
-      for (int64_t b = 0; b < tokens.size(0); b += batch) {
-        at::Tensor chunk = tokens.slice(0, b, std::min(tokens.size(0), b + batch));
-        instrumented({module_._ivalue(), chunk});
-      }
-    } catch (...) {
-      g_collector = {};
-      throw;
-    }
-    g_collector = {};
-  }
-  std::map<std::string, InputStats> out;
-  for (size_t i = 0; i < weights_.size(); ++i) out.emplace(weights_[i].name, std::move(stats[i]));
-  return out;
+  return graph;
 }
 
 }  // namespace gradq

@@ -111,6 +111,13 @@ class CausalLM {
   /// weight name. Model outputs are unaffected.
   std::map<std::string, InputStats> capture_input_stats(const at::Tensor& tokens, int64_t batch,
                                                         bool with_xtx) const;
+  /// The input statistics of block `block`'s quantizable weights (by position in blocks()), from the
+  /// states entering it (eval/block_cache.h), accumulated in the order given. Only that block runs,
+  /// so a search can collect X^T X one block at a time instead of for the whole model up front; with
+  /// the states of the same windows and batches the numbers are exactly capture_input_stats's.
+  /// Throws when the model cannot be split into stages.
+  std::map<std::string, InputStats> capture_block_input_stats(int64_t block, const std::vector<StageState>& inputs,
+                                                              bool with_xtx) const;
 
   /// The model as stages (model/stages.h), split from the forward graph at the blocks on first use;
   /// null when the graph cannot be split, with the reason in stages_unavailable_reason().
@@ -133,6 +140,9 @@ class CausalLM {
 
  private:
   void analyze(const AdapterOptions& options);
+  /// The inlined forward graph with a tap (an identity that records its input while statistics are
+  /// collected) in front of every matmul a quantizable weight feeds.
+  std::shared_ptr<torch::jit::Graph> instrumented_forward_graph() const;
   void hold_in_compute_dtype();
 
   mutable torch::jit::Module module_;

@@ -59,6 +59,12 @@ class GraphStages : public ModelStages {
   static std::unique_ptr<GraphStages> split(const torch::jit::Module& module,
                                             const std::vector<std::string>& block_prefixes,
                                             const at::Tensor& probe_tokens, std::string* why);
+  /// As above, splitting `forward`: the module's inlined forward graph (graph_utils.h) with
+  /// operations added that leave its values unchanged, such as CausalLM's input taps.
+  static std::unique_ptr<GraphStages> split(const torch::jit::Module& module,
+                                            std::shared_ptr<torch::jit::Graph> forward,
+                                            const std::vector<std::string>& block_prefixes,
+                                            const at::Tensor& probe_tokens, std::string* why);
 
   int64_t num_blocks() const override { return static_cast<int64_t>(stages_.size()) - 2; }
   StageState embed(const at::Tensor& tokens) const override;

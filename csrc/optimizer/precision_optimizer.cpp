@@ -105,6 +105,11 @@ void SearchOptions::validate() const {
       for (const std::string& e : encodings) search_spec(b, g, e);
 }
 
+bool collects_xtx_per_block(const CausalLM& model) {
+  return model.stages() && std::all_of(model.weights().begin(), model.weights().end(),
+                                       [&](const WeightInfo& w) { return model.block_position(w.block) >= 0; });
+}
+
 PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& evaluator, Budget budget,
                                        SearchOptions options, PrecisionPolicy policy,
                                        const std::map<std::string, InputStats>& stats)
@@ -116,16 +121,51 @@ PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& 
   policy_.bind(model_);
   cache_ = options_.shared_candidates ? options_.shared_candidates
                                       : std::make_shared<CandidateCache>(options_.candidate_cache_bytes);
+  const bool uses_xtx = rounding_needs_xtx(options_.method) ||
+                        (options_.trained_fallback && options_.strategy == SearchStrategy::kProgressive);
+  const bool given_xtx = std::all_of(stats_.begin(), stats_.end(), [](const auto& s) { return s.second.xtx.defined(); });
+  if (uses_xtx && !given_xtx && collects_xtx_per_block(model_)) {
+    for (const WeightInfo& w : model_.weights())
+      GRADQ_CHECK(model_.holds_original(w.name), "the search starts from the full-precision model, but '{}' was changed",
+                  w.name);
+    original_inputs_ = std::make_unique<BlockInputCache>(*model_.stages(), evaluator_.windows().inputs, evaluator_.batch());
+  }
 }
 
 QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method) {
   const std::string key = name + "|" + spec.name() + "|" + rounding_method_name(method);
   if (const QuantizedTensor* cached = cache_->find(key)) return *cached;
-  const auto stats = stats_.find(name);
-  QuantizedTensor q = quantize_weight(model_.original_weight(name), name, spec, method,
-                                      stats == stats_.end() ? nullptr : &stats->second, options_.rounding);
+  const bool with_xtx = spec.is_integer() && rounding_needs_xtx(method);
+  QuantizedTensor q = quantize_weight(model_.original_weight(name), name, spec, method, input_stats(name, with_xtx),
+                                      options_.rounding);
   cache_->insert(key, q);
   return q;
+}
+
+const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool with_xtx) {
+  const auto given = stats_.find(name);
+  const InputStats* found = given == stats_.end() ? nullptr : &given->second;
+  if (!with_xtx || (found && found->xtx.defined()) || !original_inputs_) return found;
+  const int64_t block = model_.block_position(model_.weights()[model_.weight_index(name)].block);
+  GRADQ_CHECK(block >= 0, "internal: '{}' is outside every block, so its X^T X cannot be collected per block", name);
+  if (block != block_stats_of_) {
+    // The block's weights as loaded while it runs: its later weights' inputs depend on its earlier ones.
+    std::vector<std::pair<std::string, at::Tensor>> changed;
+    for (size_t i : model_.blocks()[static_cast<size_t>(block)].weights) {
+      const std::string& w = model_.weights()[i].name;
+      if (model_.holds_original(w)) continue;
+      changed.emplace_back(w, model_.weight(w));
+      model_.restore(w);
+    }
+    std::vector<StageState> inputs;
+    for (int64_t chunk = 0; chunk * original_inputs_->batch() < original_inputs_->windows(); ++chunk)
+      inputs.push_back(original_inputs_->state(block, chunk));
+    block_stats_.clear();  // one block's X^T X at a time
+    block_stats_ = model_.capture_block_input_stats(block, inputs, /*with_xtx=*/true);
+    block_stats_of_ = block;
+    for (const auto& [w, value] : changed) model_.set_weight(w, value);
+  }
+  return &block_stats_.at(name);
 }
 
 int64_t PrecisionOptimizer::first_stage(const std::string& name) const {

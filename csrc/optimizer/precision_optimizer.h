@@ -203,8 +203,11 @@ struct SearchResult {
 class PrecisionOptimizer {
  public:
   /// `evaluator`: calibration windows with the full-precision reference set. `stats`: input
-  /// statistics of the quantizable weights (with X^T X when the trained fallback is on). `model` is
-  /// changed during search() and restored to its full-precision weights at the end.
+  /// statistics of the quantizable weights, captured over the evaluator's windows and batches. The
+  /// X^T X that GPTQ and trained rounding need may be left out of it when the model splits into
+  /// stages and every quantizable weight is in a block: it is then collected one block at a time
+  /// (input_stats()). `model` must hold its full-precision weights; it is changed during search()
+  /// and restored to them at the end.
   PrecisionOptimizer(CausalLM& model, const GradualEvaluator& evaluator, Budget budget, SearchOptions options,
                      PrecisionPolicy policy, const std::map<std::string, InputStats>& stats);
 
@@ -231,6 +234,10 @@ class PrecisionOptimizer {
  private:
   /// Quantized candidate of (weight, spec, method), from the cache or computed.
   QuantizedTensor candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method);
+  /// The input statistics of a weight, with X^T X when `with_xtx`: the given ones, or else those of
+  /// its whole block collected from the full-precision block inputs (the weights of that block
+  /// briefly restored), kept until another block's are needed. Null when there are none.
+  const InputStats* input_stats(const std::string& name, bool with_xtx);
   /// The first stage a weight's value reaches: its block, the head (num_blocks()), or -1 (an
   /// embedding: everything).
   int64_t first_stage(const std::string& name) const;
@@ -246,10 +253,20 @@ class PrecisionOptimizer {
   SearchOptions options_;
   PrecisionPolicy policy_;
   const std::map<std::string, InputStats>& stats_;
+  /// The full-precision states entering each block on the calibration windows, when X^T X is
+  /// collected per block: (L + 1) states instead of every weight's [in, in] matrix up front.
+  std::unique_ptr<BlockInputCache> original_inputs_;
+  int64_t block_stats_of_ = -1;                      ///< the block block_stats_ describes
+  std::map<std::string, InputStats> block_stats_;  ///< with X^T X, of one block
   std::shared_ptr<CandidateCache> cache_;
 };
 
 /// The state every weight starts from: its values rounded to fp16.
 QuantSpec search_start_spec();
+
+/// Whether a search of `model` collects X^T X one block at a time (PrecisionOptimizer) instead of
+/// needing it for every weight up front: the model splits into stages and every quantizable
+/// weight is inside a block.
+bool collects_xtx_per_block(const CausalLM& model);
 
 }  // namespace gradq

@@ -185,7 +185,9 @@ QuantizeOutcome GradualQuantizer::run() {
   if (!allocating) out.order = importance_order();
   const bool trained = !allocating && options_.search.trained_fallback;
   const bool needs_stats = options_.search.method != RoundingMethod::kRtn || trained;
-  if (needs_stats) capture_stats(trained || rounding_needs_xtx(options_.search.method));
+  // X^T X ([in, in] per weight) is collected by the search one block at a time where it can be.
+  const bool needs_xtx = trained || rounding_needs_xtx(options_.search.method);
+  if (needs_stats) capture_stats(needs_xtx && !collects_xtx_per_block(model_));
 
   SearchResult searched;
   std::optional<PrecisionOptimizer> optimizer;

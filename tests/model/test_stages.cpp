@@ -7,6 +7,7 @@
 #include "model/causal_lm.h"
 #include "quant/quantize.h"
 #include "support/gpt_fixture.h"
+#include "support/test_helpers.h"
 #include "support/test_support.h"
 
 namespace gradq {
@@ -103,6 +104,36 @@ TEST_P(Stages, RefreshFollowsChangedWeights) {
   EXPECT_TRUE(at::equal(cache.logits_from(last, 0).to(at::kFloat), lm.logits(tokens)));
   EXPECT_GT(cache.bytes(), 0);
   lm.restore_all();
+}
+
+// Statistics collected one block at a time from cached block inputs are exactly those of the
+// whole-model capture over the same windows and batches (what lets a search hold one block's X^T X).
+TEST_P(Stages, BlockInputStatsEqualTheWholeCapture) {
+  CausalLM lm = make(GetParam());
+  at::Tensor tokens = sample_tokens(5, 24);
+  const auto whole = lm.capture_input_stats(tokens, 2, /*with_xtx=*/true);
+  BlockInputCache cache(*lm.stages(), tokens, 2);
+  size_t seen = 0;
+  for (int64_t b = 0; b < cache.num_blocks(); ++b) {
+    std::vector<StageState> inputs;
+    for (int64_t chunk = 0; chunk * cache.batch() < cache.windows(); ++chunk) inputs.push_back(cache.state(b, chunk));
+    const auto block = lm.capture_block_input_stats(b, inputs, /*with_xtx=*/true);
+    EXPECT_EQ(block.size(), lm.blocks()[b].weights.size());
+    for (const auto& [name, s] : block) {
+      SCOPED_TRACE(name);
+      const InputStats& w = whole.at(name);
+      EXPECT_EQ(s.rows, w.rows);
+      EXPECT_TRUE(at::equal(s.sq_sum, w.sq_sum));
+      EXPECT_TRUE(at::equal(s.xtx, w.xtx));
+      ++seen;
+    }
+  }
+  size_t in_blocks = 0;
+  for (const WeightInfo& w : lm.weights()) in_blocks += w.block_index >= 0;
+  EXPECT_EQ(seen, in_blocks);
+  // The taps are identities while nothing collects: the staged forward is still the model's.
+  EXPECT_TRUE(at::equal(lm.stages()->logits(tokens).to(at::kFloat), lm.logits(tokens)));
+  GRADQ_EXPECT_THROW_MSG(lm.capture_block_input_stats(cache.num_blocks(), {}, false), "expected a block in [0, ");
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Stages, ::testing::Values(Fixture::kStories, Fixture::kGpt),

@@ -166,6 +166,31 @@ TEST(PrecisionOptimizer, VerifyAndRepairGoesBothWays) {
   }
 }
 
+// GPTQ's X^T X collected one block at a time from the full-precision block inputs gives the
+// allocation that X^T X captured for every weight up front gives: the same curves and plan.
+TEST(PrecisionOptimizer, GptqWithXtxPerBlockEqualsXtxUpFront) {
+  Stories& s = stories();
+  ASSERT_TRUE(collects_xtx_per_block(s.model));
+  Budget budget;
+  budget.max_kl = 0.05;
+  SearchOptions o;
+  o.strategy = SearchStrategy::kAllocate;
+  o.method = RoundingMethod::kGptq;
+  o.group_sizes = {128};
+  GradualEvaluator evaluator(s.data.calibration, EvaluatorOptions{});
+  evaluator.set_reference(s.model);
+  const auto batch = evaluator.batch();
+  const auto with_xtx = s.model.capture_input_stats(s.data.calibration.inputs, batch, /*with_xtx=*/true);
+  const auto without = s.model.capture_input_stats(s.data.calibration.inputs, batch, /*with_xtx=*/false);
+  const SearchResult up_front = PrecisionOptimizer(s.model, evaluator, budget, o, PrecisionPolicy{}, with_xtx).allocate();
+  const SearchResult per_block = PrecisionOptimizer(s.model, evaluator, budget, o, PrecisionPolicy{}, without).allocate();
+  EXPECT_EQ(per_block.plan.to_json(), up_front.plan.to_json());
+  for (const auto& [name, curve] : up_front.curves)
+    for (size_t i = 0; i < curve.size(); ++i) EXPECT_EQ(per_block.curves.at(name)[i].kl, curve[i].kl) << name << " " << i;
+  for (const auto& [name, t] : up_front.weights)
+    EXPECT_TRUE(test::bitwise_equal(per_block.weights.at(name).dequantize(), t.dequantize())) << name;
+}
+
 // A memory target within a loose quality budget: the least predicted KL that fits it (the dual).
 TEST(PrecisionOptimizer, AllocationForAMemoryTargetFitsIt) {
   Stories& s = stories();
