@@ -97,8 +97,13 @@ int cmd_quantize(int argc, char** argv) {
   GRADQ_CHECK(!args.count("allow-partial-plan") || args.count("plan"), "--allow-partial-plan applies only to --plan");
   if (args.count("plan")) q.plan = Plan::load(args["plan"].as<std::string>());
   if (args.count("dynamic-policy")) q.dynamic = DynamicPolicy::load(args["dynamic-policy"].as<std::string>());
+  // Only the progressive search and the dynamic policy rank layers by importance.
+  const bool analyzing = (searching && q.search.strategy == SearchStrategy::kProgressive) || q.dynamic;
+  if (searching && !analyzing && q.analysis_path)
+    std::cerr << "gradq quantize: note: --search allocate reads no importance analysis, so --analysis "
+              << *q.analysis_path << " is not used (--search progressive uses it)\n";
   const int64_t calib_windows = args["calib-windows"].as<int64_t>();
-  if ((searching || q.dynamic) && !q.analysis_path)
+  if (analyzing && !q.analysis_path)
     GRADQ_CHECK(calib_windows == 0 || calib_windows >= q.analyzer.subsets,
                 "--calib-windows must be at least {} (the importance analysis compares {} subsets of them) or 0 for "
                 "all, got {}; or give a saved analysis with --analysis",

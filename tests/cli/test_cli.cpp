@@ -154,8 +154,10 @@ TEST(Cli, OutputLocationsAreCheckedBeforeLoading) {
 
 TEST(Cli, OptionsAreCheckedBeforeLoading) {
   expect_one_line_error("quantize --max-ppl-increase 0 -o /tmp/x.pt", "--max-ppl-increase must be > 0, got 0");
-  expect_one_line_error("quantize --calib-windows 2 -o /tmp/x.pt", "--calib-windows must be at least 4");
-  auto [rc, out] = test::run(test::cli() + " quantize --calib-windows 2 -o /tmp/x.pt");
+  // The progressive search analyzes importance over subsets of the calibration windows (the default
+  // allocate search does not).
+  expect_one_line_error("quantize --search progressive --calib-windows 2 -o /tmp/x.pt", "--calib-windows must be at least 4");
+  auto [rc, out] = test::run(test::cli() + " quantize --search progressive --calib-windows 2 -o /tmp/x.pt");
   EXPECT_EQ(out.find("--subsets"), std::string::npos) << out;  // an analyze option quantize does not have
   expect_one_line_error("analyze -o /tmp/a.json --calib-windows 2", "--calib-windows must be at least --subsets (4)");
   for (const char* threads : {"-1", "100000"})
