@@ -144,6 +144,7 @@ int cmd_sweep(int argc, char** argv) {
   sweep.points = sweep_points(parse_budgets(args["budgets"].as<std::string>()),
                               parse_baselines(args["baselines"].as<std::string>()));
   sweep.shard = Shard::parse(args["shard"].as<std::string>());
+  sweep.model_name = args["model"].as<std::string>();
   check_input_options(args);
   read_search_options(args, sweep.quantizer);
   const std::optional<SweepResult> previous = read_previous(args);

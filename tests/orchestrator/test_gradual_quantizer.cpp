@@ -74,7 +74,7 @@ TEST(GradualQuantizer, HarnessRunMeetsTheBudgetAndLeavesTheModelAsItWas) {
   EXPECT_DOUBLE_EQ(heldout.evaluate(packed).ppl.value, out.heldout->ppl.value);
   const std::string report = quantize_report_json(f.model, out, {});
   EXPECT_NE(report.find("\"bits_per_weight\""), std::string::npos);
-  EXPECT_NE(bits_per_block_svg(f.model, out).find("<svg"), std::string::npos);
+  EXPECT_NE(bits_per_block_svg(f.model, out, {}).find("<svg"), std::string::npos);
 
   // Same inputs, same plan; re-applying the plan gives the same quantized tensors.
   const QuantizeOutcome again = f.run(f.options(0.05));
@@ -346,7 +346,7 @@ TEST(QuantizeCli, DefaultSearchAndUnmeetableBudget) {
   ASSERT_EQ(rc, 0) << out;
   for (const char* s : {"analysis", "search", "validation", "bits per weight", "held-out", "wrote"})
     EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
-  for (const char* f : {"q.pt", "r.json", "r-blocks.svg", "r-levels.svg", "plan.json"})
+  for (const char* f : {"q.pt", "r.json", "r-blocks.svg", "r-levels.svg", "r-formats.svg", "plan.json"})
     EXPECT_TRUE(fs::exists(dir + "/" + f)) << f;
   auto [grc, gout] = test::run(test::cli() + " generate --model " + dir + "/q.pt --steps 10 --threads 1");
   EXPECT_EQ(grc, 0) << gout;
