@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Installs what gradq needs from Debian's packages (bookworm). Quick when everything is present.
+# --fuzz also installs what the fuzz build needs (tools/fuzz.sh): clang 14 and its libFuzzer and
+# sanitizer runtimes (libclang-rt-14-dev).
 set -euo pipefail
+fuzz=0
+for arg in "$@"; do
+  case "$arg" in
+    --fuzz) fuzz=1 ;;
+    *) echo "setup: unknown option '$arg' (expected --fuzz)" >&2; exit 1 ;;
+  esac
+done
 # OpenBLAS built for OpenMP: libtorch's loops run in the OpenMP pool, and a BLAS in the same pool
 # lets gradq::linear alternate the two without the pthreads build's idle threads competing for the
 # cores (docs/BENCHMARKS.md, "Batched linear"). Either OpenBLAS build is far faster than the
 # reference BLAS that libtorch-dev pulls in.
 packages=(cmake ninja-build g++ libtorch-dev libopenblas0-openmp libsentencepiece-dev libfmt-dev
           libcxxopts-dev nlohmann-json3-dev libgtest-dev)
+[ "$fuzz" -eq 0 ] || packages+=(clang-14 libclang-rt-14-dev)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()

@@ -80,21 +80,36 @@ at::Tensor InputStats::sq_mean() const {
   return rows == 0 ? sq_sum.to(at::kFloat) : (sq_sum / static_cast<double>(rows)).to(at::kFloat);
 }
 
+namespace {
+
+// torch::jit::load's errors, as gradq::Error naming `path`.
+template <typename Load>
+torch::jit::Module load_module(const std::string& path, Load load) {
+  std::string msg;
+  try {
+    return load();
+  } catch (const c10::Error& e) {
+    msg = e.what_without_backtrace();
+  } catch (const std::exception& e) {  // the archive and pickle readers also throw std:: exceptions
+    msg = e.what();
+  }
+  if (msg.find("gradq::") != std::string::npos || msg.find("gradq.") != std::string::npos)
+    throw Error(fmt::format("cannot load '{}': it calls gradq ops that are not registered; load libgradq_ops.so first "
+                            "({})", path, msg.substr(0, msg.find('\n'))));
+  throw Error(fmt::format("'{}' is not a loadable TorchScript module: {}", path, msg.substr(0, msg.find('\n'))));
+}
+
+}  // namespace
+
 CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) {
   GRADQ_CHECK(std::filesystem::exists(path), "model '{}' does not exist", path);
   GRADQ_CHECK(!std::filesystem::is_directory(path), "model '{}' is a directory, expected a TorchScript file (.pt) or a "
               "llama2.c checkpoint (.bin)", path);
-  torch::jit::Module module;
-  try {
-    module = torch::jit::load(path);
-  } catch (const c10::Error& e) {
-    std::string msg = e.what_without_backtrace();
-    if (msg.find("gradq::") != std::string::npos || msg.find("gradq.") != std::string::npos)
-      throw Error(fmt::format("cannot load '{}': it calls gradq ops that are not registered; load libgradq_ops.so first "
-                              "({})", path, msg.substr(0, msg.find('\n'))));
-    throw Error(fmt::format("'{}' is not a loadable TorchScript module: {}", path, msg.substr(0, msg.find('\n'))));
-  }
-  return CausalLM(std::move(module), options);
+  return CausalLM(load_module(path, [&] { return torch::jit::load(path); }), options);
+}
+
+CausalLM CausalLM::load(std::istream& in, const std::string& path, const AdapterOptions& options) {
+  return CausalLM(load_module(path, [&] { return torch::jit::load(in); }), options);
 }
 
 CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : module_(std::move(module)) {
