@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what gradq needs from Debian's packages (bookworm). Quick when everything is present.
-# --fuzz also installs what the fuzz build needs (tools/fuzz.sh): clang 14 and its libFuzzer and
-# sanitizer runtimes (libclang-rt-14-dev).
+# --fuzz also installs what the fuzz build needs (tools/fuzz.sh): clang 14, its libFuzzer and
+# sanitizer runtimes (libclang-rt-14-dev) and lld.
 set -euo pipefail
 fuzz=0
 for arg in "$@"; do
@@ -16,7 +16,7 @@ done
 # reference BLAS that libtorch-dev pulls in.
 packages=(cmake ninja-build g++ libtorch-dev libopenblas0-openmp libsentencepiece-dev libfmt-dev
           libcxxopts-dev nlohmann-json3-dev libgtest-dev)
-[ "$fuzz" -eq 0 ] || packages+=(clang-14 libclang-rt-14-dev)
+[ "$fuzz" -eq 0 ] || packages+=(clang-14 libclang-rt-14-dev lld)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()
