@@ -1,6 +1,7 @@
 // The charts a run writes: each weight's chosen format by block, the model, budget and achieved
 // change on every quantize chart, and the sweep's Pareto plot with its frontier and token count.
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -20,11 +21,11 @@ bool has(const std::string& svg, const std::string& text) { return svg.find(text
 
 // A run's outcome built by hand: stories260K with every weight at b4g32 except two, and a held-out
 // result of +4.69% perplexity on 1234 tokens.
-struct Run {
+struct QuantizeRun {
   CausalLM model = load_model(test::stories_bin());
   QuantizeOutcome outcome;
   ReportFiles files;
-  Run() {
+  QuantizeRun() {
     outcome.plan = uniform_plan(model, parse_quant_spec("b4g32"), RoundingMethod::kRtn);
     for (PlanEntry& e : outcome.plan.entries) {
       if (e.name == "layers.1.feed_forward.w2.weight") e.spec = parse_quant_spec("b8g128");
@@ -45,7 +46,7 @@ struct Run {
 };
 
 TEST(QuantizeCharts, FormatsChartShowsEachWeightsBitsAndGroupSizeByBlock) {
-  Run run;
+  QuantizeRun run;
   const std::string svg = weight_formats_svg(run.model, run.outcome, run.files);
   for (const WeightInfo& w : run.model.weights()) {
     const std::string spec = run.outcome.plan.entries.front().spec.name();  // b4g32 unless changed below
@@ -66,7 +67,7 @@ TEST(QuantizeCharts, FormatsChartShowsEachWeightsBitsAndGroupSizeByBlock) {
 }
 
 TEST(QuantizeCharts, EveryChartNamesModelBudgetAndAchievedChange) {
-  Run run;
+  QuantizeRun run;
   for (const std::string& svg : {weight_formats_svg(run.model, run.outcome, run.files),
                                  bits_per_block_svg(run.model, run.outcome, run.files),
                                  level_distribution_svg(run.model, run.outcome, run.files)}) {
