@@ -23,12 +23,13 @@ for f in "${fuzzers[@]}"; do
   mkdir -p "$scratch"
   # libtorch's archive and pickle readers leak a few hundred bytes on every input they reject
   # (allocated and lost inside libtorch_cpu). libFuzzer then checks for leaks after every input,
-  # which runs those two fuzzers at 4 executions per second: they run without leak checking.
+  # which runs those two fuzzers at 4 executions per second: they run without leak checking, during
+  # the run (-detect_leaks) and at exit (ASan's own check).
   leaks=1
   case "$f" in fuzz_reference|fuzz_torchscript) leaks=0 ;; esac
   start=$(date +%s)
   # -rss_limit_mb / -malloc_limit_mb: a reader must refuse an input that asks for absurd memory.
-  if ! "$build/tests/fuzz/$f" "${limit[@]}" -rss_limit_mb=2560 -malloc_limit_mb=1024 -timeout=20 \
+  if ! ASAN_OPTIONS=detect_leaks=$leaks "$build/tests/fuzz/$f" "${limit[@]}" -rss_limit_mb=2560 -malloc_limit_mb=1024 -timeout=20 \
        -detect_leaks=$leaks -print_final_stats=1 -artifact_prefix="$build/artifacts/$f-" "$scratch" "$corpus" >"$build/$f.log" 2>&1; then
     tail -n 60 "$build/$f.log" >&2
     echo "fuzz: $f found a problem (input in $build/artifacts, log $build/$f.log)" >&2
