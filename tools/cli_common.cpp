@@ -56,6 +56,8 @@ std::vector<int64_t> parse_int_list(const std::string& text, const char* flag) {
 
 void add_search_options(cxxopts::Options& options) {
   options.add_options("search")
+      ("search", "progressive (widths lowered one pass at a time, group-size search, rollback) or allocate (every weight measured alone at every candidate; an allocator picks the cheapest mix that meets the budget, corrected by whole-model measurements, then measured downgrades)", cxxopts::value<std::string>()->default_value("progressive"))
+      ("repair-confidence", "--search allocate: a downgrade on held-out text is kept only when the budget holds this many standard errors above its measurement (0: up to the limit, which is optimistic for other text)", cxxopts::value<double>()->default_value("1"))
       ("safety", "the search uses the quality limits divided by this (held-out validation then checks the full limits)", cxxopts::value<double>()->default_value("1.5"))
       ("bits", "bit widths to try, high to low (add 3 for 3-bit)", cxxopts::value<std::string>()->default_value("8,4,2"))
       ("group-sizes", "group sizes to try, cheapest first", cxxopts::value<std::string>()->default_value("128,64,32,16"))
@@ -65,6 +67,7 @@ void add_search_options(cxxopts::Options& options) {
       ("search-measure", "how candidates are measured on a model split into blocks: local (its block's output error predicts the KL; accepted changes confirmed together by exact passes) or exact (every candidate from its block to the logits)", cxxopts::value<std::string>()->default_value("exact"))
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
       ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
+      ("candidate-cache-mb", "MiB of quantized candidates the search keeps for reuse (a sweep's points share them); least recently used dropped first", cxxopts::value<int64_t>()->default_value("256"))
       ("allow-prune", "let the search remove a weight entirely after its lowest bit width")
       ("seed", "seed of the importance analysis' noise probes", cxxopts::value<uint64_t>()->default_value("0"))
       ("analysis", "importance from this `gradq analyze` JSON instead of a fresh analysis", cxxopts::value<std::string>())
@@ -99,14 +102,23 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
     throw Error(fmt::format("--method: {}", e.what()));
   }
   try {
+    q.search.strategy = parse_search_strategy(args["search"].as<std::string>());
+  } catch (const Error& e) {
+    throw Error(fmt::format("--search: {}", e.what()));
+  }
+  try {
     q.search.measurement = parse_candidate_measurement(args["search-measure"].as<std::string>());
   } catch (const Error& e) {
     throw Error(fmt::format("--search-measure: {}", e.what()));
   }
+  q.search.repair_confidence = args["repair-confidence"].as<double>();
   q.search.trained_fallback = !args.count("no-trained-fallback");
   q.search.rounding.trained.iterations = args["trained-iterations"].as<int>();
   q.search.rounding.gptq.damp = args["gptq-damp"].as<double>();
   q.search.allow_prune = args.count("allow-prune") > 0;
+  const int64_t cache_mb = args["candidate-cache-mb"].as<int64_t>();
+  GRADQ_CHECK(cache_mb >= 0, "--candidate-cache-mb must be >= 0, got {}", cache_mb);
+  q.search.candidate_cache_bytes = cache_mb << 20;
   q.analyzer.seed = args["seed"].as<uint64_t>();
   if (args.count("policy")) q.policy = PrecisionPolicy::load(args["policy"].as<std::string>());
   if (args.count("analysis")) q.analysis_path = args["analysis"].as<std::string>();

@@ -2,6 +2,8 @@
 // shared work done once; resumable, shardable, and a regression gate for nightly runs.
 // gradq sweep merge: combines shard directories into one report. All of it is sweep/sweep.h.
 
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
+
 #include <filesystem>
 #include <iostream>
 

@@ -1,5 +1,7 @@
 // gradq: the command-line front end. Each subcommand parses its options and calls the library.
 
+#include <dlfcn.h>
+
 #include <c10/util/Exception.h>
 
 #include <cstring>
@@ -36,6 +38,13 @@ void print_usage() {
   std::cout << "\nWith no --model/--tokenizer/--text, commands use the embedded default: stories260K, its\n"
                "tokenizer and TinyStories text (" << gradq::assets_dir() << ").\n";
 }
+
+// The malloc this process runs on: tcmalloc when the build linked it first (GRADQ_ALLOCATOR), so
+// that it replaced the C library's; "system" otherwise.
+const char* heap_allocator() {
+  void* tc = dlsym(RTLD_DEFAULT, "tc_malloc");
+  return tc && tc == dlsym(RTLD_DEFAULT, "malloc") ? "tcmalloc" : "system";
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -44,7 +53,7 @@ int main(int argc, char** argv) {
     return argc < 2 ? gradq::cli::kExitError : 0;
   }
   if (!std::strcmp(argv[1], "--version")) {
-    std::cout << "gradq " << gradq::version() << "\n";
+    std::cout << "gradq " << gradq::version() << " (heap allocator: " << heap_allocator() << ")\n";
     return 0;
   }
   for (const auto& c : kCommands) {

@@ -104,6 +104,8 @@ class GradualEvaluator {
   /// `check_finite`: throw naming the window when logits are NaN or infinite.
   void for_each_batch(const LogitsSource& logits, double* forward_seconds, bool check_finite,
                       const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const;
+  /// The log-probabilities of every scored position, [tokens, vocab] float32.
+  at::Tensor gather_log_probs(const LogitsSource& logits, double* forward_seconds, bool check_finite) const;
 
   Windows windows_;
   EvaluatorOptions options_;

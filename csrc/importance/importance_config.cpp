@@ -1,5 +1,7 @@
 #include "importance/importance_config.h"
 
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>

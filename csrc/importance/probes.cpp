@@ -84,35 +84,18 @@ uint64_t noise_seed(uint64_t seed, const std::string& name) { return splitmix64(
 
 // ---- WeightCache ---------------------------------------------------------------------------------
 
-WeightCache::WeightCache(const CausalLM& model, int64_t max_bytes) : max_bytes_(max_bytes) {
-  GRADQ_CHECK(max_bytes >= 0, "the weight cache's byte budget must be >= 0, got {}", max_bytes);
-  for (const WeightInfo& w : model.weights()) originals_.emplace(w.name, model.weight(w.name));
-}
+WeightCache::WeightCache(const CausalLM& model, int64_t max_bytes) : model_(model), quantized_(max_bytes) {}
 
-const at::Tensor& WeightCache::original(const std::string& name) const {
-  auto it = originals_.find(name);
-  GRADQ_CHECK(it != originals_.end(), "'{}' is not a quantizable weight in the weight cache ({} weights)", name,
-              originals_.size());
-  return it->second;
+at::Tensor WeightCache::original(const std::string& name) const {
+  model_.weight_index(name);  // throws naming the quantizable weights
+  return model_.original_weight(name);
 }
 
 at::Tensor WeightCache::fake_quant(const std::string& name, const QuantSpec& spec) {
-  const Key key(name, spec.name());
-  if (auto it = quantized_.find(key); it != quantized_.end()) {
-    recent_.splice(recent_.begin(), recent_, it->second.second);
-    return it->second.first;
-  }
+  const std::pair<std::string, std::string> key(name, spec.name());
+  if (const at::Tensor* q = quantized_.find(key)) return *q;
   at::Tensor q = fake_quantize(original(name), spec);
-  const int64_t size = static_cast<int64_t>(q.nbytes());
-  while (!recent_.empty() && bytes_ + size > max_bytes_) {
-    auto oldest = quantized_.find(recent_.back());
-    bytes_ -= static_cast<int64_t>(oldest->second.first.nbytes());
-    quantized_.erase(oldest);
-    recent_.pop_back();
-  }
-  recent_.push_front(key);
-  quantized_.emplace(key, std::make_pair(q, recent_.begin()));
-  bytes_ += size;
+  quantized_.insert(key, q, static_cast<int64_t>(q.nbytes()));
   return q;
 }
 
@@ -127,7 +110,10 @@ WeightScope::~WeightScope() {
 }
 
 void WeightScope::set_weight(const std::string& name, const at::Tensor& value) {
-  if (!saved_weights_.count(name)) saved_weights_.emplace(name, model_.weight(name));
+  // A weight at its original is put back from the model's own snapshot (CausalLM::restore); only a
+  // weight that already held another value needs a copy of it.
+  if (!saved_weights_.count(name))
+    saved_weights_.emplace(name, model_.holds_original(name) ? at::Tensor() : model_.weight(name));
   model_.set_weight(name, value);
 }
 
@@ -139,7 +125,13 @@ void WeightScope::zero_parameter(const std::string& name) {
 }
 
 void WeightScope::restore() {
-  for (const auto& [name, value] : saved_weights_) model_.set_weight(name, value);
+  for (const auto& [name, value] : saved_weights_) {
+    if (value.defined()) {
+      model_.set_weight(name, value);
+    } else {
+      model_.restore(name);
+    }
+  }
   torch::NoGradGuard no_grad;
   for (const auto& [name, value] : saved_parameters_) model_.parameter(name).copy_(value);
   saved_weights_.clear();
@@ -153,7 +145,7 @@ ProbeMeasure probe_noise(CausalLM& model, const ProbeEvaluator& evaluator, const
   GRADQ_CHECK(std::isfinite(alpha) && alpha >= 0, "noise alpha must be a finite number >= 0, got {}", alpha);
   WeightScope scope(model);
   for (const std::string& name : unit.weights) {
-    const at::Tensor& w = cache.original(name);
+    const at::Tensor w = cache.original(name);
     at::Generator gen = at::detail::createCPUGenerator(noise_seed(seed, name));
     const double sigma = alpha * w.to(at::kDouble).std().item<double>();
     scope.set_weight(name, w + at::randn(w.sizes(), gen, w.options()) * sigma);

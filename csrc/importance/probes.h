@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "common/byte_lru.h"
 #include "importance/probe_evaluator.h"
 #include "model/causal_lm.h"
 #include "quant/quant_spec.h"
@@ -53,27 +54,25 @@ std::vector<ImportanceUnit> importance_units(const CausalLM& model);
 /// Seed of the noise for the weight `name` (see the header comment).
 uint64_t noise_seed(uint64_t seed, const std::string& name);
 
-/// The weights as they were before any probe, and their fake-quantized versions. Those are kept for
+/// The weights as they were before any probe (read from the model, their one owner), and their
+/// fake-quantized versions. Those are kept for
 /// reuse up to a byte budget, least recently used dropped first: probes go unit by unit, so a small
 /// budget catches the reuse, and keeping every weight at every probed width would cost several
 /// copies of the model (rounding a weight again costs far less than the pass it is probed with).
 class WeightCache {
  public:
   static constexpr int64_t kDefaultMaxBytes = int64_t{256} << 20;
-  /// Snapshots every quantizable weight of `model` in logical [out, in] layout.
+  /// Reads the originals from `model` (CausalLM::original_weight), which must outlive the cache.
   explicit WeightCache(const CausalLM& model, int64_t max_bytes = kDefaultMaxBytes);
-  const at::Tensor& original(const std::string& name) const;
+  at::Tensor original(const std::string& name) const;
   /// fake_quantize(original(name), spec): from the cache, or computed and cached.
   at::Tensor fake_quant(const std::string& name, const QuantSpec& spec);
   /// Bytes of the fake-quantized weights held now (at most max_bytes, or one weight if larger).
-  int64_t bytes() const { return bytes_; }
+  int64_t bytes() const { return quantized_.bytes(); }
 
  private:
-  using Key = std::pair<std::string, std::string>;  // weight, spec name
-  std::map<std::string, at::Tensor> originals_;
-  int64_t max_bytes_ = 0, bytes_ = 0;
-  std::list<Key> recent_;  // most recently used first
-  std::map<Key, std::pair<at::Tensor, std::list<Key>::iterator>> quantized_;
+  const CausalLM& model_;
+  ByteLru<std::pair<std::string, std::string>, at::Tensor> quantized_;  // by weight and spec name
 };
 
 /// Changes weights and parameters of a model for the duration of one probe; the destructor (or
@@ -93,7 +92,7 @@ class WeightScope {
 
  private:
   CausalLM& model_;
-  std::map<std::string, at::Tensor> saved_weights_;  ///< logical layout
+  std::map<std::string, at::Tensor> saved_weights_;  ///< logical layout; undefined: the model's original
   std::map<std::string, at::Tensor> saved_parameters_;
 };
 

@@ -1,6 +1,9 @@
 #include "model/causal_lm.h"
 
+#include <caffe2/serialize/inline_container.h>
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 #include <torch/csrc/jit/api/function_impl.h>
+#include <torch/version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -82,21 +85,47 @@ at::Tensor InputStats::sq_mean() const {
 
 namespace {
 
-// torch::jit::load's errors, as gradq::Error naming `path`.
-template <typename Load>
-torch::jit::Module load_module(const std::string& path, Load load) {
+// Whether a TorchScript archive was written by PyTorch 2.x: its torch.jit.save adds a "byteorder"
+// record (and ".data/serialization_id"; seen with 2.11), which 1.13's does not write.
+// `open_archive` returns a std::unique_ptr<caffe2::serialize::PyTorchStreamReader> of the archive.
+template <typename OpenArchive>
+bool torchscript_written_by_torch2(OpenArchive open_archive) {
+  try {
+    return open_archive()->hasRecord("byteorder");
+  } catch (const std::exception&) {
+    return false;  // not a zip archive at all: the caller reports the loader's own error
+  }
+}
+
+// torch::jit::load's errors (`load` calls it on a file or on a stream of its bytes), as gradq::Error
+// naming `path`; `open_archive` reopens the same bytes to tell a PyTorch 2.x file apart.
+template <typename Load, typename OpenArchive>
+torch::jit::Module load_module(const std::string& path, Load load, OpenArchive open_archive) {
   std::string msg;
   try {
     return load();
   } catch (const c10::Error& e) {
     msg = e.what_without_backtrace();
-  } catch (const std::exception& e) {  // the archive and pickle readers also throw std:: exceptions
-    msg = e.what();
+  } catch (const std::exception& e) {  // the TorchScript compiler's ErrorReport (unknown ops, syntax) and the
+    msg = e.what();                    // archive and pickle readers' std:: exceptions
+  }
+  // The first non-empty line: the TorchScript compiler's messages start with a line break.
+  std::string first_line;
+  for (size_t begin = 0; begin < msg.size() && first_line.empty();) {
+    const size_t end = std::min(msg.find('\n', begin), msg.size());
+    first_line = msg.substr(begin, end - begin);
+    begin = end + 1;
   }
   if (msg.find("gradq::") != std::string::npos || msg.find("gradq.") != std::string::npos)
     throw Error(fmt::format("cannot load '{}': it calls gradq ops that are not registered; load libgradq_ops.so first "
-                            "({})", path, msg.substr(0, msg.find('\n'))));
-  throw Error(fmt::format("'{}' is not a loadable TorchScript module: {}", path, msg.substr(0, msg.find('\n'))));
+                            "({})", path, first_line));
+  // PyTorch 2.x writes records that 1.x never wrote; what it compiles may call ops a 1.x libtorch lacks.
+  if (TORCH_VERSION_MAJOR < 2 && torchscript_written_by_torch2(open_archive))
+    throw Error(fmt::format("cannot load '{}': it was written by PyTorch 2.x and this gradq is built against libtorch "
+                            "{}.{}, which cannot read it ({}); build gradq against PyTorch 2.x (README: With PyTorch "
+                            "2.x) or save the model with PyTorch {}.{}", path, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
+                            first_line, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR));
+  throw Error(fmt::format("'{}' is not a loadable TorchScript module: {}", path, first_line));
 }
 
 }  // namespace
@@ -105,11 +134,20 @@ CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) 
   GRADQ_CHECK(std::filesystem::exists(path), "model '{}' does not exist", path);
   GRADQ_CHECK(!std::filesystem::is_directory(path), "model '{}' is a directory, expected a TorchScript file (.pt) or a "
               "llama2.c checkpoint (.bin)", path);
-  return CausalLM(load_module(path, [&] { return torch::jit::load(path); }), options);
+  return CausalLM(load_module(
+                      path, [&] { return torch::jit::load(path); },
+                      [&] { return std::make_unique<caffe2::serialize::PyTorchStreamReader>(path); }),
+                  options);
 }
 
 CausalLM CausalLM::load(std::istream& in, const std::string& path, const AdapterOptions& options) {
-  return CausalLM(load_module(path, [&] { return torch::jit::load(in); }), options);
+  return CausalLM(load_module(
+                      path, [&] { return torch::jit::load(in); },
+                      [&] {
+                        in.clear();  // the reader seeks to absolute offsets; a failed load may have set eofbit
+                        return std::make_unique<caffe2::serialize::PyTorchStreamReader>(&in);
+                      }),
+                  options);
 }
 
 CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : module_(std::move(module)) {
@@ -310,21 +348,49 @@ void CausalLM::set_weight(const std::string& name, const at::Tensor& value) {
   GRADQ_CHECK(value.dim() == 2 && value.size(0) == info->out_features && value.size(1) == info->in_features,
               "new value for '{}' must be [{}, {}], got {}", name, info->out_features, info->in_features,
               fmt::to_string(fmt::join(value.sizes(), "x")));
+  original_weight(name);  // snapshot before the first change
   at::Tensor p = parameter(name);
   torch::NoGradGuard no_grad;
-  if (!originals_.count(name)) originals_.emplace(name, p.detach().clone());
   p.copy_(info->transposed ? value.t() : value);
+  changed_.insert(name);
+}
+
+at::Tensor CausalLM::original_weight(const std::string& name) const {
+  const at::Tensor p = parameter(name).detach();
+  auto it = originals_.find(name);
+  if (it == originals_.end()) {
+    const WeightInfo* info = nullptr;
+    for (const auto& w : matrix_weights_)
+      if (w.name == name) info = &w;
+    GRADQ_CHECK(info, "'{}' is not a matrix weight of this model; quantizable ones are: {}", name, near_names(weights_));
+    at::Tensor snapshot = (info->transposed ? p.t() : p).to(stored_dtype(name, p.scalar_type())).contiguous();
+    if (snapshot.data_ptr() == p.data_ptr()) snapshot = snapshot.clone();
+    it = originals_.emplace(name, std::move(snapshot)).first;
+  }
+  // fp16 originals are held in fp16 (exact) and handed out in the dtype the model computes in.
+  return it->second.scalar_type() == p.scalar_type() ? it->second : it->second.to(p.scalar_type());
+}
+
+int64_t CausalLM::original_bytes() const {
+  int64_t total = 0;
+  for (const auto& [name, t] : originals_) total += static_cast<int64_t>(t.nbytes());
+  return total;
 }
 
 void CausalLM::restore(const std::string& name) {
   auto it = originals_.find(name);
   if (it == originals_.end()) return;
+  const WeightInfo* info = nullptr;
+  for (const auto& w : matrix_weights_)
+    if (w.name == name) info = &w;
   torch::NoGradGuard no_grad;
-  parameter(name).copy_(it->second);
+  parameter(name).copy_(info->transposed ? it->second.t() : it->second);
+  changed_.erase(name);
 }
 
 void CausalLM::restore_all() {
-  for (const auto& [name, original] : originals_) restore(name);
+  const std::set<std::string> changed = changed_;
+  for (const std::string& name : changed) restore(name);
 }
 
 std::map<std::string, InputStats> CausalLM::capture_input_stats(const at::Tensor& tokens, int64_t batch,

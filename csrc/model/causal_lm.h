@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -98,6 +99,15 @@ class CausalLM {
   void set_weight(const std::string& name, const at::Tensor& value);
   void restore(const std::string& name);
   void restore_all();
+  /// The weight as loaded, in logical [out, in] layout and the dtype the model computes in, whatever
+  /// set_weight() has written since. The model is the one owner of original weights: the search and
+  /// the probes read them here instead of keeping copies (the first call snapshots the weight as
+  /// set_weight() would; the tensor returned is never written to).
+  at::Tensor original_weight(const std::string& name) const;
+  /// Whether the weight holds its original value (never set, or restored since).
+  bool holds_original(const std::string& name) const { return !changed_.count(name); }
+  /// Bytes held by the snapshots of original weights.
+  int64_t original_bytes() const;
 
   /// Runs `tokens` ([N, T] windows, processed `batch` rows at a time) through an instrumented
   /// copy of the forward graph and returns each quantizable weight's input statistics, keyed by
@@ -132,7 +142,10 @@ class CausalLM {
   std::vector<WeightInfo> weights_;
   std::vector<WeightInfo> matrix_weights_;
   std::vector<BlockInfo> blocks_;
-  std::map<std::string, at::Tensor> originals_;
+  /// Originals of the weights changed or read through original_weight(), in logical [out, in]
+  /// layout and their file dtype (an fp16 weight held in float32 is kept in fp16, which is exact).
+  mutable std::map<std::string, at::Tensor> originals_;
+  std::set<std::string> changed_;  ///< weights set_weight() changed and restore() has not put back
   std::map<std::string, at::ScalarType> stored_dtypes_;  ///< tensors held in another dtype than stored
   at::ScalarType dtype_ = at::kFloat;
   int64_t vocab_size_ = 0;

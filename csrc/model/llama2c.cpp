@@ -103,15 +103,17 @@ std::string layers_source(int32_t n_layers) {
   return body + "    return x\n";
 }
 
+// The rotary angles and the mask are made on the tokens' device, so that the model (and its packed
+// export, which keeps this forward) runs where it is moved to, a GPU included.
 std::string model_source(const Llama2cConfig& c) {
   return fmt::format(R"(
 def forward(self, tokens):
     T = tokens.size(1)
     assert T <= {seq_len}, "sequence longer than the model's seq_len {seq_len}"
     x = torch.embedding(self.tok_embeddings.weight, tokens)
-    inv_freq = 1.0 / torch.pow(10000.0, torch.arange(0, {hs}, 2).float() / {hs})
-    angles = torch.outer(torch.arange(T).float(), inv_freq)
-    mask = torch.triu(torch.full([T, T], float("-inf"), dtype=x.dtype), 1)
+    inv_freq = 1.0 / torch.pow(10000.0, torch.arange(0, {hs}, 2, device=tokens.device).float() / {hs})
+    angles = torch.outer(torch.arange(T, device=tokens.device).float(), inv_freq)
+    mask = torch.triu(torch.full([T, T], float("-inf"), dtype=x.dtype, device=x.device), 1)
     x = self.layers.forward(x, torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype), mask)
     return torch.linear(self.norm.forward(x), self.{head}.weight)
 )",

@@ -71,6 +71,14 @@ bool blas_shares_openmp_pool() {
 
 namespace detail {
 
+PackedWeight packed_weight_from_op_args(const at::Tensor& codes, const at::Tensor& scales,
+                                        const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                                        int64_t in_features, int64_t zero_bits,
+                                        const c10::optional<at::Tensor>& sub_scales, int64_t sub_scale_bits) {
+  return packed_weight_from_tensors(codes.contiguous(), scales.contiguous(), contiguous(zeros), bits, group_size,
+                                    in_features, zero_bits, contiguous(sub_scales), sub_scale_bits);
+}
+
 // Blocks keep the float matrix from being materialised: as a fresh tensor per call it costs page
 // faults on every call (4096x4096 on this project's VM: 4 ms to dequantize into reused memory, over
 // 100 ms into fresh memory).
@@ -95,10 +103,8 @@ at::Tensor linear_batched(const at::Tensor& x, const PackedWeight& w, int64_t bl
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
                       int64_t bits, int64_t group_size, int64_t in_features, int64_t zero_bits,
                       const c10::optional<at::Tensor>& sub_scales, int64_t sub_scale_bits) {
-  const PackedWeight w = packed_weight_from_tensors(codes.contiguous(), scales.contiguous(), contiguous(zeros), bits,
-                                                    group_size, in_features, zero_bits, contiguous(sub_scales),
-                                                    sub_scale_bits);
-  return gradq::dequantize(w);
+  return gradq::dequantize(detail::packed_weight_from_op_args(codes, scales, zeros, bits, group_size, in_features,
+                                                            zero_bits, sub_scales, sub_scale_bits));
 }
 
 at::Tensor linear(const at::Tensor& x, const PackedWeight& w, const c10::optional<at::Tensor>& bias) {
@@ -152,10 +158,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
                   const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
                   int64_t group_size, int64_t in_features, int64_t zero_bits,
                   const c10::optional<at::Tensor>& sub_scales, int64_t sub_scale_bits) {
-  const PackedWeight w = packed_weight_from_tensors(codes.contiguous(), scales.contiguous(), contiguous(zeros), bits,
-                                                    group_size, in_features, zero_bits, contiguous(sub_scales),
-                                                    sub_scale_bits);
-  return linear(x, w, bias);
+  return linear(x,
+                detail::packed_weight_from_op_args(codes, scales, zeros, bits, group_size, in_features, zero_bits,
+                                                   sub_scales, sub_scale_bits),
+                bias);
 }
 
 }  // namespace gradq::ops
@@ -177,10 +183,5 @@ TORCH_LIBRARY_IMPL(gradq, CPU, m) {
                                               int64_t)>(&gradq::ops::linear));
 }
 
-// Guarded twice: GRADQ_WITH_CUDA_KERNELS (kernels/ was built) and a libtorch with CUDA (Debian's
-// CPU-only libtorch has no ATen/cuda headers).
-#if defined(GRADQ_WITH_CUDA_KERNELS) && __has_include(<ATen/cuda/CUDAContext.h>)
-// CUDA registration goes here: TORCH_LIBRARY_IMPL(gradq, CUDA, m) with torch glue that validates
-// the tensors (packed_weight_from_tensors) and calls the launchers of kernels/*.cuh on the current
-// stream.
-#endif
+// The CUDA implementations are registered in ops_cuda.cpp, which is compiled only against a
+// CUDA-enabled libtorch (Debian's LibTorch 1.13 and the CPU wheels have no ATen/cuda).

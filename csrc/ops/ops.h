@@ -38,6 +38,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 at::Tensor linear(const at::Tensor& x, const PackedWeight& w, const c10::optional<at::Tensor>& bias = c10::nullopt);
 
 namespace detail {
+/// The ops' tensor arguments as a validated PackedWeight of contiguous tensors, on any device (the
+/// CPU and the CUDA implementations read it).
+PackedWeight packed_weight_from_op_args(const at::Tensor& codes, const at::Tensor& scales,
+                                        const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                                        int64_t in_features, int64_t zero_bits,
+                                        const c10::optional<at::Tensor>& sub_scales, int64_t sub_scale_bits);
+
 /// linear()'s path for batches above kLinearFusedMaxRows, without bias: x [rows, in] contiguous;
 /// the weight is dequantized `block_rows` output rows at a time into one reused buffer, and each
 /// block's GEMM writes its columns of y. linear() picks the block size (ops.cpp); tests set it.

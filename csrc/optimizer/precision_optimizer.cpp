@@ -53,6 +53,16 @@ std::vector<QuantSpec> SearchOptions::candidates(int bits, int64_t out_features,
   return specs;
 }
 
+std::string search_strategy_name(SearchStrategy s) {
+  return s == SearchStrategy::kProgressive ? "progressive" : "allocate";
+}
+
+SearchStrategy parse_search_strategy(const std::string& name) {
+  if (name == "progressive") return SearchStrategy::kProgressive;
+  if (name == "allocate") return SearchStrategy::kAllocate;
+  throw Error(fmt::format("unknown search strategy '{}': expected progressive or allocate", name));
+}
+
 std::string candidate_measurement_name(CandidateMeasurement m) {
   return m == CandidateMeasurement::kExact ? "exact" : "local";
 }
@@ -84,6 +94,11 @@ void SearchOptions::validate() const {
   for (size_t b = 0; b < local_factors.size(); ++b)
     GRADQ_CHECK(std::isnan(local_factors[b]) || (std::isfinite(local_factors[b]) && local_factors[b] >= 0),
                 "local factor of block {} must be finite and >= 0 (or NaN: calibrate), got {}", b, local_factors[b]);
+  GRADQ_CHECK(std::isfinite(repair_confidence) && repair_confidence >= 0,
+              "repair_confidence must be finite and >= 0, got {}", repair_confidence);
+  GRADQ_CHECK(allocation_passes >= 1 && repair_failures >= 0,
+              "allocation_passes must be >= 1 and repair_failures >= 0, got {} and {}", allocation_passes,
+              repair_failures);
   GRADQ_CHECK(!encodings.empty(), "the search needs at least one side-information encoding");
   for (int b : bits)
     for (int64_t g : group_sizes)
@@ -99,20 +114,39 @@ PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& 
   options_.validate();
   GRADQ_CHECK(evaluator_.reference().has_value(), "the search's evaluator needs the full-precision reference");
   policy_.bind(model_);
-  for (const WeightInfo& w : model_.weights()) originals_[w.name] = model_.weight(w.name);
-  cache_ = options_.shared_candidates ? options_.shared_candidates : std::make_shared<CandidateCache>();
+  cache_ = options_.shared_candidates ? options_.shared_candidates
+                                      : std::make_shared<CandidateCache>(options_.candidate_cache_bytes);
 }
 
-const QuantizedTensor& PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec,
-                                                     RoundingMethod method) {
+QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method) {
   const std::string key = name + "|" + spec.name() + "|" + rounding_method_name(method);
-  auto it = cache_->find(key);
-  if (it == cache_->end()) {
-    const auto stats = stats_.find(name);
-    it = cache_->emplace(key, quantize_weight(originals_.at(name), name, spec, method, stats == stats_.end() ? nullptr : &stats->second,
-                                             options_.rounding)).first;
-  }
-  return it->second;
+  if (const QuantizedTensor* cached = cache_->find(key)) return *cached;
+  const auto stats = stats_.find(name);
+  QuantizedTensor q = quantize_weight(model_.original_weight(name), name, spec, method,
+                                      stats == stats_.end() ? nullptr : &stats->second, options_.rounding);
+  cache_->insert(key, q);
+  return q;
+}
+
+int64_t PrecisionOptimizer::first_stage(const std::string& name) const {
+  const WeightInfo& info = model_.weights()[model_.weight_index(name)];
+  const int64_t block = model_.block_position(info.block);
+  if (block >= 0) return block;
+  return info.role == WeightRole::kHead ? (model_.stages() ? model_.stages()->num_blocks() : 0) : -1;
+}
+
+EvalResult PrecisionOptimizer::evaluate_from(BlockInputCache* cache, int64_t from,
+                                             std::vector<BlockInputCache::Trial>& trials, SearchResult& result) const {
+  const int64_t blocks = model_.stages() ? model_.stages()->num_blocks() : 0;
+  ++result.passes;
+  result.blocks_whole += blocks;
+  if (!cache) return evaluator_.evaluate(model_);
+  result.blocks_run += blocks - std::max<int64_t>(from, 0);
+  trials.assign((evaluator_.windows().size() + evaluator_.batch() - 1) / evaluator_.batch(), {});
+  return evaluator_.evaluate([&](int64_t begin, int64_t) {
+    const int64_t chunk = cache->chunk_of(begin);
+    return cache->logits_from(from, chunk, trials[chunk]);
+  });
 }
 
 SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
@@ -146,25 +180,8 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   }
   const bool local = block_cache && options_.measurement == CandidateMeasurement::kLocal;
   const int64_t blocks = stages ? stages->num_blocks() : 0;
-  // The first stage a weight's value reaches: its block, the head, or (embeddings) everything.
-  auto first_stage = [&](const std::string& name) -> int64_t {
-    const WeightInfo& info = model_.weights()[model_.weight_index(name)];
-    const int64_t block = model_.block_position(info.block);
-    if (block >= 0) return block;
-    return info.role == WeightRole::kHead ? blocks : -1;
-  };
   std::vector<BlockInputCache::Trial> trials;
-  auto evaluate_from = [&](int64_t from) {
-    ++result.passes;
-    result.blocks_whole += blocks;
-    if (!block_cache) return evaluator_.evaluate(model_);
-    result.blocks_run += blocks - std::max<int64_t>(from, 0);
-    trials.assign((evaluator_.windows().size() + evaluator_.batch() - 1) / evaluator_.batch(), {});
-    return evaluator_.evaluate([&](int64_t begin, int64_t) {
-      const int64_t chunk = block_cache->chunk_of(begin);
-      return block_cache->logits_from(from, chunk, trials[chunk]);
-    });
-  };
+  auto evaluate_from = [&](int64_t from) { return this->evaluate_from(block_cache.get(), from, trials, result); };
 
   result.calibration = evaluate_from(blocks);
   SearchProgress progress;
@@ -363,7 +380,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     if (cheaper.empty()) return false;
     auto measure = [&](const QuantSpec& s) {
       const auto t = Clock::now();
-      const QuantizedTensor& q = candidate(name, s, method);
+      const QuantizedTensor q = candidate(name, s, method);
       return try_candidate(name, q, method, seconds_since(t));
     };
     // Cheapest first (it often fits); when it does not, the most accurate decides whether the width

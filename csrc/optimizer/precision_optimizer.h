@@ -33,18 +33,17 @@
 #include <string>
 #include <vector>
 
+#include "eval/block_cache.h"
 #include "eval/evaluator.h"
 #include "model/causal_lm.h"
+#include "optimizer/allocator.h"
 #include "optimizer/budget.h"
+#include "optimizer/candidate_cache.h"
 #include "optimizer/plan.h"
 #include "optimizer/policy.h"
 
 namespace gradq {
 
-/// Quantized candidates by (weight, spec, method). A search fills one of its own; searches that
-/// share model, calibration statistics and trained-rounding options (a sweep's points) may share
-/// one, so a candidate (trained rounding above all) is computed once for all of them.
-using CandidateCache = std::map<std::string, QuantizedTensor>;
 
 /// How the search measures a candidate inside a block when the model has stages (block_cache.h).
 enum class CandidateMeasurement {
@@ -63,7 +62,21 @@ std::string candidate_measurement_name(CandidateMeasurement m);
 /// "exact" or "local"; throws gradq::Error naming both otherwise.
 CandidateMeasurement parse_candidate_measurement(const std::string& name);
 
+/// How the plan is found (PrecisionOptimizer::search and ::allocate).
+enum class SearchStrategy {
+  /// The seed design: widths lowered one pass at a time with group-size search and rollback.
+  kProgressive,
+  /// Every weight measured alone at every candidate, the allocator (allocator.h) picks the mix, whole
+  /// passes correct its target for the non-additivity, then downgrades measured exactly fill what is
+  /// left of the budget.
+  kAllocate,
+};
+std::string search_strategy_name(SearchStrategy s);
+/// "progressive" or "allocate"; throws gradq::Error naming both otherwise.
+SearchStrategy parse_search_strategy(const std::string& name);
+
 struct SearchOptions {
+  SearchStrategy strategy = SearchStrategy::kProgressive;
   std::vector<int> bits = {8, 4, 2};                   ///< widths tried, high to low (3 optional)
   std::vector<int64_t> group_sizes = {128, 64, 32, 16};  ///< cheapest first
   /// Side information of the candidates (quant_spec.h): "asym" (zero points at the code width, fp16
@@ -76,8 +89,10 @@ struct SearchOptions {
   bool trained_fallback = true;
   RoundingOptions rounding;                            ///< options of the rounding methods
   /// Candidates shared with other searches of the same model, statistics and options (null: the
-  /// search keeps its own). Not thread-safe: one search at a time.
+  /// search keeps its own, of candidate_cache_bytes). Not thread-safe: one search at a time.
   std::shared_ptr<CandidateCache> shared_candidates;
+  /// Byte budget of the search's own candidate cache (optimizer/candidate_cache.h).
+  int64_t candidate_cache_bytes = CandidateCache::kDefaultMaxBytes;
   /// With stages (else whole passes). Exact is the default: on stories260K at +5% perplexity, local
   /// gives 5.63 bits per weight against exact's 4.83 (perplexity moves apart from the KL that local
   /// errors predict; docs/BENCHMARKS.md); with a KL budget both give the same plan.
@@ -94,6 +109,15 @@ struct SearchOptions {
   /// KL (docs/BENCHMARKS.md); perplexity, predicted from KL, moves much further apart.
   double exact_band_kl = 1.25;
   double exact_band_ppl = 2.0;
+  /// Allocation: whole-model passes spent finding the largest predicted-KL target whose plan meets
+  /// the budget, and downgrades in a row that may fail before verify_and_repair stops.
+  int64_t allocation_passes = 10;
+  int64_t repair_failures = 8;
+  /// Verify and repair keeps a downgrade only when the budget still holds this many standard errors
+  /// (of the held-out estimates, paired with the reference) above the measured values: every kept
+  /// downgrade is chosen by the windows that judge it, so a plan taken to the exact limit is over
+  /// it on other text (docs/BENCHMARKS.md, "The budget allocator"). 0 takes it to the limit.
+  double repair_confidence = 1.0;
   /// Throws gradq::Error for unsupported widths, group sizes or encodings, or an unordered list.
   void validate() const;
   /// The candidates at `bits` for a [out, in] weight: every group size in every encoding, cheapest
@@ -105,6 +129,15 @@ struct SearchOptions {
 /// encodings for an unknown one.
 QuantSpec search_spec(int bits, int64_t group_size, const std::string& encoding);
 
+
+/// One change the held-out validation measured (GradualQuantizer; PrecisionOptimizer::verify_and_repair).
+struct ValidationStep {
+  std::string weight, from, to;
+  double kl_before = 0, kl_after = 0;  ///< held-out KL
+  double extra_bits = 0;               ///< storage bits added (negative: a downgrade)
+  int64_t candidates = 0;              ///< changes measured to choose this one
+  bool kept = true;                    ///< false: a downgrade that broke the budget, undone
+};
 
 /// One measured candidate of the search.
 struct SearchStep {
@@ -134,7 +167,8 @@ struct SearchProgress {
   int64_t unit = 0, units = 0;  ///< units visited so far
   int64_t passes = 0;
   double seconds = 0;
-  const SearchStep* last = nullptr;
+  const SearchStep* last = nullptr;  ///< null while the allocator measures curves or whole plans
+  std::string detail;                ///< what the allocator did, when `last` is null
 };
 
 struct SearchResult {
@@ -146,7 +180,11 @@ struct SearchResult {
   bool memory_target_met = false;
   /// "local" or "exact" (CandidateMeasurement); otherwise "whole" and why the model has no stages.
   std::string measurement;
-  std::vector<Confirmation> confirmations;  ///< local measurement only
+  /// Local measurement: each confirmation. Allocation: each whole-plan measurement of the target
+  /// search (predicted = sum of the curves' KL over the all-fp16 model's).
+  std::vector<Confirmation> confirmations;
+  ErrorCurves curves;  ///< allocation only: KL added by each weight alone at each candidate
+  Allocation allocation;  ///< allocation only: the chosen hull point of every weight
   int64_t local_measurements = 0;           ///< candidates measured on their block alone
   /// Blocks computed by the search's passes, and what whole passes would have computed.
   int64_t blocks_run = 0, blocks_whole = 0;
@@ -166,9 +204,33 @@ class PrecisionOptimizer {
   SearchResult search(const std::vector<std::string>& order,
                       const std::function<void(const SearchProgress&)>& on_progress = {});
 
+  /// SearchStrategy::kAllocate (see there; optimizer/precision_allocate.cpp). The plan meets the
+  /// budget / safety on the calibration windows, as search()'s does.
+  SearchResult allocate(const std::function<void(const SearchProgress&)>& on_progress = {});
+
+  /// Verify and repair, both ways, of an allocate() result on `evaluator` (held-out windows with
+  /// their reference) against the full budget: while over it, the upgrade (next hull point) with the
+  /// most predicted KL per byte is measured and kept; then, while within it, downgrades with the
+  /// least predicted KL per byte saved are measured one by one and kept when the budget still holds
+  /// (SearchOptions::repair_confidence standard errors above the measurement), until
+  /// SearchOptions::repair_failures fail in a row. `searched`'s plan, weights and allocation
+  /// become the repaired ones; `measured` is set to the final plan's result. Returns every change
+  /// measured, in order.
+  std::vector<ValidationStep> verify_and_repair(SearchResult& searched, const GradualEvaluator& evaluator,
+                                                EvalResult& measured,
+                                                const std::function<void(const ValidationStep&)>& on_step = {});
+
  private:
-  /// Quantized candidate, computed once per (weight, spec, method).
-  const QuantizedTensor& candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method);
+  /// Quantized candidate of (weight, spec, method), from the cache or computed.
+  QuantizedTensor candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method);
+  /// The first stage a weight's value reaches: its block, the head (num_blocks()), or -1 (an
+  /// embedding: everything).
+  int64_t first_stage(const std::string& name) const;
+  /// The calibration windows evaluated with stages `from`.. rerun from `cache` (a whole pass when it
+  /// is null), counted into `result`; `trials` receives the states the run passed through, for
+  /// BlockInputCache::commit when the measured change is kept.
+  EvalResult evaluate_from(BlockInputCache* cache, int64_t from, std::vector<BlockInputCache::Trial>& trials,
+                           SearchResult& result) const;
 
   CausalLM& model_;
   const GradualEvaluator& evaluator_;
@@ -176,7 +238,6 @@ class PrecisionOptimizer {
   SearchOptions options_;
   PrecisionPolicy policy_;
   const std::map<std::string, InputStats>& stats_;
-  std::map<std::string, at::Tensor> originals_;  ///< full-precision weights: every candidate starts from them
   std::shared_ptr<CandidateCache> cache_;
 };
 

@@ -179,29 +179,38 @@ QuantizeOutcome GradualQuantizer::run() {
     }
   }
 
-  out.order = importance_order();
-  const bool needs_stats = options_.search.method != RoundingMethod::kRtn || options_.search.trained_fallback;
-  if (needs_stats) capture_stats(options_.search.trained_fallback || rounding_needs_xtx(options_.search.method));
+  // The allocator measures every weight at every candidate and needs no ranking; trained rounding
+  // is the progressive search's fallback only.
+  const bool allocating = options_.search.strategy == SearchStrategy::kAllocate;
+  if (!allocating) out.order = importance_order();
+  const bool trained = !allocating && options_.search.trained_fallback;
+  const bool needs_stats = options_.search.method != RoundingMethod::kRtn || trained;
+  if (needs_stats) capture_stats(trained || rounding_needs_xtx(options_.search.method));
 
   SearchResult searched;
+  std::optional<PrecisionOptimizer> optimizer;
   {
     PhaseTimer phase(out, "search");
     SearchOptions search = options_.search;
     if (search.local_factors.empty() && model_.stages() &&
         static_cast<int64_t>(local_factors.size()) == model_.stages()->num_blocks())
       search.local_factors = local_factors;
-    PrecisionOptimizer optimizer(model_, calibration, budget, search, options_.policy, stats);
-    searched = optimizer.search(out.order, [&](const SearchProgress& p) {
+    optimizer.emplace(model_, calibration, budget, search, options_.policy, stats);
+    auto on_search_progress = [&](const SearchProgress& p) {
+      if (!p.last) return progress("search", p.unit, p.units, p.detail);
       const SearchStep& s = *p.last;
       progress("search", p.unit, p.units,
                fmt::format("{} {} -> {}{} {} (KL {:.4f}, {:.2f} bits/weight)", s.weight, s.from, s.to,
                            s.method == RoundingMethod::kRtn || s.method == RoundingMethod::kClip ? "" : std::string(" ") + rounding_method_name(s.method), s.accepted ? "kept" : "rolled back",
                            s.kl, s.bits_per_weight));
-    });
+    };
+    searched = allocating ? optimizer->allocate(on_search_progress) : optimizer->search(out.order, on_search_progress);
     phase.add_passes(searched.passes);
   }
   out.search_steps = searched.steps;
+  out.search_strategy = search_strategy_name(options_.search.strategy);
   out.search_measurement = searched.measurement;
+  out.search_curves = searched.curves;
   out.search_blocks_run = searched.blocks_run;
   out.search_blocks_whole = searched.blocks_whole;
   out.search_confirmations = searched.confirmations;
@@ -212,8 +221,22 @@ QuantizeOutcome GradualQuantizer::run() {
 
   PhaseTimer phase(out, "validation");
   progress("validation", 0, 1, "the plan on held-out text");
-  out.heldout = evaluate_heldout(out.weights, phase);
-  while (!budget.quality_met(*out.heldout)) {
+  if (allocating) {
+    // Both ways on held-out text: upgrades while over the budget, downgrades while within it.
+    EvalResult measured;
+    out.validation_steps = optimizer->verify_and_repair(searched, heldout, measured, [&](const ValidationStep& s) {
+      phase.add_passes(1);
+      progress("validation", static_cast<int64_t>(out.validation_steps.size()), 0,
+               fmt::format("{} {} -> {} {} (held-out KL {:.4f} -> {:.4f})", s.weight, s.from, s.to,
+                           s.kept ? "kept" : "undone", s.kl_before, s.kl_after));
+    });
+    phase.add_passes(1);
+    out.weights = searched.weights;
+    out.heldout = measured;
+  } else {
+    out.heldout = evaluate_heldout(out.weights, phase);
+  }
+  while (!allocating && !budget.quality_met(*out.heldout)) {
     // Shortlist: the units whose last lowering cost the most calibration KL per bit it saved.
     std::vector<std::pair<double, std::string>> costly;
     for (const auto& [name, states] : history) {
@@ -253,12 +276,16 @@ QuantizeOutcome GradualQuantizer::run() {
              fmt::format("upgraded {} {} -> {} (held-out KL {:.4f} -> {:.4f})", best.weight, best.from, best.to,
                          best.kl_before, best.kl_after));
   }
-  for (const WeightInfo& w : model_.weights()) {
-    const QuantSpec& spec = out.weights.at(w.name).spec;
-    PlanEntry e{w.name, spec, method_of(out.search_steps, w.name, spec)};
-    for (const SearchStep& s : out.search_steps)
-      if (s.accepted && s.weight == w.name && s.to == spec.name()) e.measured_kl = s.kl;
-    out.plan.entries.push_back(e);
+  if (allocating) {
+    out.plan = searched.plan;
+  } else {
+    for (const WeightInfo& w : model_.weights()) {
+      const QuantSpec& spec = out.weights.at(w.name).spec;
+      PlanEntry e{w.name, spec, method_of(out.search_steps, w.name, spec)};
+      for (const SearchStep& s : out.search_steps)
+        if (s.accepted && s.weight == w.name && s.to == spec.name()) e.measured_kl = s.kl;
+      out.plan.entries.push_back(e);
+    }
   }
   // The loop ends within budget, or with nothing left to upgrade; finish() re-measures and judges.
   out.heldout.reset();

@@ -63,12 +63,6 @@ struct PhaseTiming {
   double cpu_seconds = 0;  ///< CPU time of the whole process (every thread) during the phase
 };
 
-struct ValidationStep {
-  std::string weight, from, to;
-  double kl_before = 0, kl_after = 0;  ///< held-out KL
-  double extra_bits = 0;               ///< storage bits added
-  int64_t candidates = 0;              ///< upgrades measured to choose this one
-};
 
 struct QuantizeOutcome {
   QuantizeStatus status = QuantizeStatus::kMet;
@@ -81,7 +75,9 @@ struct QuantizeOutcome {
   std::optional<EvalResult> calibration;   ///< the plan on the calibration windows (search)
   std::vector<std::string> order;          ///< search order, least important first
   std::vector<SearchStep> search_steps;
+  std::string search_strategy;     ///< search_strategy_name of the search that ran (empty: none ran)
   std::string search_measurement;  ///< SearchResult::measurement ("exact", or "whole (why)")
+  ErrorCurves search_curves;       ///< SearchResult::curves (allocation)
   int64_t search_blocks_run = 0, search_blocks_whole = 0;  ///< SearchResult::blocks_run / blocks_whole
   std::vector<Confirmation> search_confirmations;          ///< SearchResult::confirmations
   int64_t search_local_measurements = 0;                   ///< SearchResult::local_measurements

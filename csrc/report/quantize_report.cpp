@@ -133,15 +133,26 @@ std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& o
   for (const Confirmation& c : outcome.search_confirmations)
     confirmations.push_back({{"changes", c.changes}, {"kl_before", c.kl_before}, {"predicted_kl", c.predicted_kl},
                              {"measured_kl", c.measured_kl}, {"kept", c.kept}});
-  j["search"] = {{"measurement", outcome.search_measurement},
+  // Allocation: per weight, the KL each candidate adds alone (the allocator's input).
+  nlohmann::ordered_json curves = nlohmann::ordered_json::object();
+  for (const auto& [name, points] : outcome.search_curves) {
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const CurvePoint& p : points)
+      list.push_back({{"spec", p.spec.name()}, {"method", rounding_method_name(p.method)}, {"bytes", p.bytes}, {"kl", p.kl}});
+    curves[name] = list;
+  }
+  j["search"] = {{"strategy", outcome.search_strategy},
+                 {"measurement", outcome.search_measurement},
                  {"blocks_run", outcome.search_blocks_run},
                  {"blocks_whole", outcome.search_blocks_whole},
                  {"local_measurements", outcome.search_local_measurements},
-                 {"confirmations", confirmations}};
+                 {"confirmations", confirmations},
+                 {"curves", curves}};
   nlohmann::ordered_json validation = nlohmann::ordered_json::array();
   for (const ValidationStep& s : outcome.validation_steps)
     validation.push_back({{"weight", s.weight}, {"from", s.from}, {"to", s.to}, {"heldout_kl_before", s.kl_before},
-                          {"heldout_kl_after", s.kl_after}, {"extra_bits", s.extra_bits}, {"candidates", s.candidates}});
+                          {"heldout_kl_after", s.kl_after}, {"extra_bits", s.extra_bits}, {"candidates", s.candidates},
+                          {"kept", s.kept}});
   j["validation_steps"] = validation;
   nlohmann::ordered_json phases = nlohmann::ordered_json::array();
   for (const PhaseTiming& p : outcome.phases)
@@ -184,15 +195,24 @@ std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome
   if (!unquantized.empty())
     s += fmt::format("kept in floating point: {} of {} quantizable weights ({})\n", unquantized.size(),
                      model.weights().size(), fmt::join(unquantized, ", "));
-  if (!outcome.validation_steps.empty())
-    s += fmt::format("validation upgraded {} unit(s) to meet the budget on held-out text\n", outcome.validation_steps.size());
+  int64_t upgrades = 0, downgrades = 0, undone = 0;
+  for (const ValidationStep& v : outcome.validation_steps) {
+    upgrades += v.kept && v.extra_bits > 0;
+    downgrades += v.kept && v.extra_bits < 0;
+    undone += !v.kept;
+  }
+  if (upgrades) s += fmt::format("validation upgraded {} unit(s) to meet the budget on held-out text\n", upgrades);
+  if (downgrades || undone)
+    s += fmt::format("validation downgraded {} unit(s) within the budget on held-out text ({} downgrade(s) undone)\n",
+                     downgrades, undone);
   if (!outcome.search_measurement.empty()) {
-    s += fmt::format("search measured {}: {} of {} blocks a whole-pass search computes", outcome.search_measurement,
-                     outcome.search_blocks_run, outcome.search_blocks_whole);
+    s += fmt::format("search ({}) measured {}: {} of {} blocks a whole-pass search computes", outcome.search_strategy,
+                     outcome.search_measurement, outcome.search_blocks_run, outcome.search_blocks_whole);
     int64_t kept = 0;
     for (const Confirmation& c : outcome.search_confirmations) kept += c.kept;
     if (!outcome.search_confirmations.empty())
-      s += fmt::format("; {} confirmations, {} within budget", outcome.search_confirmations.size(), kept);
+      s += fmt::format("; {} {}, {} within budget", outcome.search_confirmations.size(),
+                       outcome.search_curves.empty() ? "confirmations" : "whole-plan measurements", kept);
     s += "\n";
   }
   s += "\nphase          passes   seconds   CPU s  s/pass\n";

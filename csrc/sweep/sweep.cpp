@@ -1,6 +1,7 @@
 #include "sweep/sweep.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -101,6 +102,10 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
             {"allow_prune", s.allow_prune},
             {"method", rounding_method_name(s.method)},
             {"measurement", candidate_measurement_name(s.measurement)},
+            {"strategy", search_strategy_name(s.strategy)},
+            {"allocation_passes", s.allocation_passes},
+            {"repair_failures", s.repair_failures},
+            {"repair_confidence", s.repair_confidence},
             {"trained_fallback", s.trained_fallback},
             {"trained_iterations", s.rounding.trained.iterations},
             {"trained_learning_rate", s.rounding.trained.learning_rate},
@@ -425,7 +430,7 @@ SweepResult SweepRunner::run(const std::string& dir) {
 
   // Candidates depend on the weight, its format and the calibration statistics, never on the
   // budget: computed once for all points (the tight budgets' trained rounding, mostly).
-  const auto candidates = std::make_shared<CandidateCache>();
+  const auto candidates = std::make_shared<CandidateCache>(base.search.candidate_cache_bytes);
   for (size_t k = 0; k < todo.size(); ++k) {
     const SweepPointSpec& spec = todo[k];
     QuantizerOptions q = base;

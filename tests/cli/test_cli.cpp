@@ -32,6 +32,8 @@ TEST(Cli, HelpAndVersion) {
   auto [vrc, vout] = test::run(test::cli() + " --version");
   EXPECT_EQ(vrc, 0);
   EXPECT_NE(vout.find("gradq 0."), std::string::npos);
+  // The allocator the build chose (GRADQ_ALLOCATOR) is the one the CLI's malloc resolves to.
+  EXPECT_NE(vout.find(std::string("(heap allocator: ") + GRADQ_TEST_CLI_ALLOCATOR + ")"), std::string::npos) << vout;
   for (const char* cmd : {"convert", "generate", "eval", "quantize"}) {
     auto [hrc, hout] = test::run(test::cli() + " " + cmd + " --help");
     EXPECT_EQ(hrc, 0) << cmd;

@@ -99,6 +99,58 @@ TEST_P(Adapter, SetAndRestoreAreBitExactOverManyCycles) {
   EXPECT_TRUE(at::equal(lm.logits(tokens), before));
 }
 
+// The model is the one owner of original weights: one snapshot per weight, taken at its first
+// change, whatever is set afterwards; what original_weight() hands out is never written to.
+TEST_P(Adapter, OriginalWeightsAreKeptOnceWhateverIsSet) {
+  CausalLM lm = make(GetParam());
+  std::map<std::string, at::Tensor> originals;
+  int64_t bytes = 0;
+  for (const auto& w : lm.weights()) {
+    originals[w.name] = lm.weight(w.name);
+    bytes += static_cast<int64_t>(originals[w.name].nbytes());
+    EXPECT_TRUE(lm.holds_original(w.name));
+  }
+  EXPECT_EQ(lm.original_bytes(), 0) << "nothing is copied before a weight changes";
+  const WeightInfo& first = lm.weights()[0];
+  const at::Tensor handed_out = lm.original_weight(first.name);
+  for (int round = 0; round < 3; ++round)
+    for (const auto& w : lm.weights()) lm.set_weight(w.name, at::full({w.out_features, w.in_features}, round + 1.0));
+  EXPECT_EQ(lm.original_bytes(), bytes) << "one copy of each weight, however often it is set";
+  EXPECT_TRUE(at::equal(handed_out, originals[first.name]));
+  for (const auto& w : lm.weights()) {
+    EXPECT_FALSE(lm.holds_original(w.name));
+    EXPECT_TRUE(at::equal(lm.original_weight(w.name), originals[w.name])) << w.name;
+    EXPECT_EQ(lm.original_weight(w.name).sizes(), (std::vector<int64_t>{w.out_features, w.in_features}));
+  }
+  lm.restore_all();
+  for (const auto& w : lm.weights()) {
+    EXPECT_TRUE(lm.holds_original(w.name));
+    EXPECT_TRUE(at::equal(lm.weight(w.name), originals[w.name])) << w.name;
+  }
+  EXPECT_THROW(lm.original_weight("no.such.weight"), Error);
+}
+
+// An fp16 model computes in float32 on a CPU; its originals are kept in fp16 (exact), half the bytes.
+TEST(AdapterOriginals, Fp16OriginalsAreKeptInFp16) {
+  CausalLM lm = CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/zoo/models/meta_bias_gelu_fp16.pt");
+  ASSERT_EQ(lm.dtype(), at::kHalf);
+  int64_t numel = 0;
+  std::map<std::string, at::Tensor> originals;
+  for (const auto& w : lm.weights()) {
+    originals[w.name] = lm.weight(w.name);
+    numel += w.numel();
+    lm.set_weight(w.name, at::zeros({w.out_features, w.in_features}));
+  }
+  EXPECT_EQ(lm.original_bytes(), 2 * numel);
+  for (const auto& w : lm.weights()) {
+    const at::Tensor o = lm.original_weight(w.name);
+    EXPECT_EQ(o.scalar_type(), originals[w.name].scalar_type()) << "handed out in the dtype the model computes in";
+    EXPECT_TRUE(at::equal(o, originals[w.name])) << w.name;
+  }
+  lm.restore_all();
+  for (const auto& w : lm.weights()) EXPECT_TRUE(at::equal(lm.weight(w.name), originals[w.name])) << w.name;
+}
+
 TEST_P(Adapter, SetWeightUsesLogicalLayoutAndChecksShape) {
   CausalLM lm = make(GetParam());
   const WeightInfo& w = lm.weights()[0];

@@ -3,6 +3,7 @@
 // ranking) where the analysis is not what a test is about; the CLI test runs the full default path.
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -18,6 +19,7 @@ namespace gradq {
 namespace {
 namespace fs = std::filesystem;
 using test::bitwise_equal;
+using test::whole_model_kl;
 
 struct Fixture {
   CausalLM model = CausalLM::load(test::stories_pt());
@@ -129,16 +131,6 @@ TEST(GradualQuantizer, StagedSearchEqualsTheWholeModelSearch) {
   whole_model.restore_all();
 }
 
-// The calibration KL of `weights` in `model`, by a whole-model evaluation.
-double whole_model_kl(CausalLM& model, const Windows& calibration, const QuantizedWeights& weights) {
-  GradualEvaluator evaluator(calibration, EvaluatorOptions{});
-  evaluator.set_reference(model);
-  for (const auto& [name, q] : weights) model.set_weight(name, q.dequantize());
-  const double kl = evaluator.evaluate(model).kl->mean.value;
-  model.restore_all();
-  return kl;
-}
-
 // A search of the fixture's model in its order, on the calibration windows.
 SearchResult search_fixture(Fixture& f, const Budget& budget, const SearchOptions& o) {
   GradualEvaluator evaluator(f.data.calibration, EvaluatorOptions{});
@@ -182,6 +174,30 @@ TEST(PrecisionOptimizer, LocalSearchEndsOnAConfirmedModelWithFewerBlocks) {
   const double exact_bits = plan_size(f.model, exact.plan).bits_per_weight();
   const double local_bits = plan_size(f.model, local.plan).bits_per_weight();
   EXPECT_LE(local_bits, 1.05 * exact_bits);
+}
+
+// The candidate cache keeps at most its byte budget, and a candidate dropped from it is quantized
+// again with the same result: the bounded search makes the plan of the unbounded one, step by step.
+TEST(PrecisionOptimizer, CandidateCacheStaysWithinItsByteBudgetWithTheSamePlan) {
+  Fixture& f = fixture();
+  Budget budget;
+  budget.max_kl = 0.05;
+  SearchOptions o = fixture_search_options(CandidateMeasurement::kExact);
+  o.shared_candidates = std::make_shared<CandidateCache>(int64_t{1} << 40);
+  const SearchResult unbounded = search_fixture(f, budget, o);
+  const int64_t all = o.shared_candidates->bytes();
+  ASSERT_GT(all, 0);
+  o.shared_candidates = std::make_shared<CandidateCache>(all / 4);
+  const SearchResult bounded = search_fixture(f, budget, o);
+  EXPECT_LE(o.shared_candidates->bytes(), all / 4);
+  EXPECT_LT(o.shared_candidates->size(), unbounded.steps.size());
+  EXPECT_EQ(bounded.plan.to_json(), unbounded.plan.to_json());
+  ASSERT_EQ(bounded.steps.size(), unbounded.steps.size());
+  for (size_t i = 0; i < bounded.steps.size(); ++i) EXPECT_EQ(bounded.steps[i].kl, unbounded.steps[i].kl) << i;
+  // The search's own cache takes its budget from the options.
+  o.shared_candidates = nullptr;
+  o.candidate_cache_bytes = -1;
+  GRADQ_EXPECT_THROW_MSG(search_fixture(f, budget, o), "byte budget must be >= 0, got -1");
 }
 
 // Predictions that are far too optimistic (factors near 0) are caught by the confirmation: the

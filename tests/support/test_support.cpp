@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "eval/evaluator.h"
 #include "model/llama2c.h"
 #include "tokenizer/tokenizer.h"
 
@@ -60,6 +61,15 @@ torch::jit::Module scripted_module(const std::string& body) {
   torch::jit::Module m("Misbehaving");
   m.define("def forward(self, tokens):\n" + body);
   return m;
+}
+
+double whole_model_kl(CausalLM& model, const Windows& windows, const QuantizedWeights& weights) {
+  GradualEvaluator evaluator(windows, EvaluatorOptions{});
+  evaluator.set_reference(model);
+  for (const auto& [name, q] : weights) model.set_weight(name, q.dequantize());
+  const double kl = evaluator.evaluate(model).kl->mean.value;
+  model.restore_all();
+  return kl;
 }
 
 }  // namespace gradq::test

@@ -7,6 +7,8 @@
 #include <utility>
 
 #include "data/dataset.h"
+#include "model/causal_lm.h"
+#include "quant/quantized_tensor.h"
 
 namespace gradq::test {
 
@@ -36,5 +38,9 @@ torch::jit::Module scripted_module(const std::string& body);
 
 /// stories260K converted to TorchScript once per test process (cached at a temp path).
 const std::string& stories_pt();
+
+/// The KL of `model` with `weights` against `model` itself on `windows`, by a whole-model
+/// evaluation; the model's original weights are restored.
+double whole_model_kl(CausalLM& model, const Windows& windows, const QuantizedWeights& weights);
 
 }  // namespace gradq::test

@@ -3,6 +3,7 @@
 // The search order is given (the analysis is the orchestrator's business), except in the CLI test.
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 #include <gtest/gtest.h>
 
 #include <filesystem>

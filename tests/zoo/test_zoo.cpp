@@ -6,10 +6,15 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <torch/version.h>
+
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
+#include "common/error.h"
 #include "common/files.h"
 #include "model/causal_lm.h"
 #include "support/test_support.h"
@@ -162,6 +167,63 @@ TEST_P(Zoo, EveryCommand) {
 
 INSTANTIATE_TEST_SUITE_P(UserModels, Zoo, ::testing::ValuesIn(kZoo),
                          [](const ::testing::TestParamInfo<ZooModel>& info) { return std::string(info.param.name); });
+
+// Files written by PyTorch 2.x (models_torch2/, PyTorch 2.11; tests/zoo/README.md), on either libtorch
+// line. make_zoo.py's models saved by 2.11 hold the same weights as those of models/ (saved by 1.13)
+// and must give gradq the same logits.
+std::string torch2_path(const std::string& name) {
+  return std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/zoo/models_torch2/" + name + ".pt";
+}
+
+TEST(ZooTorch2, ScriptedAndTracedFilesGiveTheLogitsOfThe113Files) {
+  const at::Tensor tokens = ((at::arange(96, at::kLong) * 37 + 11) % 511 + 1).view({2, 48});
+  for (const char* name : {"hf_llama_tied_bf16", "gpt2_tied_trace_bf16"}) {
+    SCOPED_TRACE(name);
+    const at::Tensor want = CausalLM::load(zoo_path(name)).logits(tokens);
+    const at::Tensor got = CausalLM::load(torch2_path(name)).logits(tokens);
+    ASSERT_EQ(got.sizes(), want.sizes());
+    EXPECT_TRUE(at::equal(got, want)) << "max difference " << (got - want).abs().max().item<double>();
+    EXPECT_GT(got.abs().max().item<double>(), 0.0);
+  }
+}
+
+// sdpa_script.pt calls aten::scaled_dot_product_attention, which PyTorch 2.0 introduced: gradq runs
+// it on the 2.x line and, on the 1.13 line, refuses it in one line that names the version problem.
+TEST(ZooTorch2, OpOfPyTorch2RunsOrFailsNamingTheVersion) {
+  const std::string command = test::cli() + " eval --model " + torch2_path("sdpa_script") + " --max-windows 2" + kData;
+  auto [rc, out] = test::run(command);
+  if (TORCH_VERSION_MAJOR >= 2) {
+    EXPECT_EQ(rc, 0) << command << "\n" << out;
+    EXPECT_NE(out.find("PPL"), std::string::npos) << out;
+  } else {
+    EXPECT_EQ(rc, 1) << command << "\n" << out;
+    EXPECT_NE(out.find("written by PyTorch 2.x and this gradq is built against libtorch 1.13"), std::string::npos)
+        << out;
+    EXPECT_NE(out.find("scaled_dot_product_attention"), std::string::npos) << out;  // what 1.13 lacks
+    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << "expected one line, got:\n" << out;
+  }
+}
+
+// CausalLM::load from a stream (what fuzz_torchscript calls) shares the file load's error path: on
+// the 1.13 line it too must tell a PyTorch 2.x file apart, which rereads the stream after the failed load.
+TEST(ZooTorch2, StreamLoadRunsOrFailsNamingTheVersion) {
+  const std::string path = torch2_path("sdpa_script");
+  std::ifstream in(path, std::ios::binary);
+  ASSERT_TRUE(in) << path;
+  if (TORCH_VERSION_MAJOR >= 2) {
+    const CausalLM model = CausalLM::load(in, path);
+    EXPECT_GT(model.logits(at::ones({1, 4}, at::kLong)).abs().max().item<double>(), 0.0);
+    return;
+  }
+  try {
+    CausalLM::load(in, path);
+    FAIL() << "loaded " << path << " on libtorch 1.x";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("written by PyTorch 2.x and this gradq is built against libtorch 1.13"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("scaled_dot_product_attention"), std::string::npos) << msg;
+  }
+}
 
 }  // namespace
 }  // namespace gradq

@@ -1,0 +1,204 @@
+// The budget allocator (optimizer/allocator.h) on made-up curves, and the search by allocation
+// (PrecisionOptimizer::allocate) on stories260K.
+
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "optimizer/allocator.h"
+#include "orchestrator/gradual_quantizer.h"
+#include "support/test_helpers.h"
+#include "support/test_support.h"
+
+namespace gradq {
+namespace {
+using test::whole_model_kl;
+
+CurvePoint point(int64_t bytes, double kl) {
+  CurvePoint p;
+  p.spec.level = QuantLevel::kInt4;
+  p.spec.group_size = bytes;  // tells the points apart in failure messages
+  p.bytes = bytes;
+  p.kl = kl;
+  return p;
+}
+
+TEST(Allocator, LowerHullDropsDominatedAndConcavePoints) {
+  // (10, 1.0) (20, 0.5) (30, 0.45) (40, 0.1) (50, 0.2) (25, 0.9): 50 is dominated by 40, 25 lies
+  // above the segment 20-40... no: (25, 0.9) is above the line from (20, 0.5); 30 lies above the
+  // segment from 20 to 40 (0.5 -> 0.1 passes 0.3 at 30).
+  const auto hull = lower_hull({point(10, 1.0), point(20, 0.5), point(30, 0.45), point(40, 0.1), point(50, 0.2),
+                                point(25, 0.9)});
+  ASSERT_EQ(hull.size(), 3u);
+  EXPECT_EQ(hull[0].bytes, 10);
+  EXPECT_EQ(hull[1].bytes, 20);
+  EXPECT_EQ(hull[2].bytes, 40);
+  EXPECT_THROW(lower_hull({}), Error);
+  // Negative KL (noise) counts as none.
+  EXPECT_EQ(lower_hull({point(10, -0.01)})[0].kl, 0.0);
+}
+
+// Every state of the greedy is a Lagrangian optimum: no combination of hull points stores at most
+// as many bytes with less predicted KL. Checked against every combination on random curves.
+TEST(Allocator, EveryGreedyPlanIsTheLeastKlForItsBytes) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (int trial = 0; trial < 20; ++trial) {
+    ErrorCurves curves;
+    for (int w = 0; w < 4; ++w) {
+      std::vector<CurvePoint> pts;
+      for (int i = 0; i < 5; ++i) pts.push_back(point(10 + 10 * i + static_cast<int64_t>(9 * u(rng)), u(rng)));
+      curves["w" + std::to_string(w)] = pts;
+    }
+    std::map<std::string, std::vector<CurvePoint>> hulls;
+    for (const auto& [name, pts] : curves) hulls[name] = lower_hull(pts);
+    // Every combination of hull points: (bytes, kl).
+    std::vector<std::pair<int64_t, double>> combos = {{0, 0.0}};
+    for (const auto& [name, hull] : hulls) {
+      std::vector<std::pair<int64_t, double>> next;
+      for (const auto& c : combos)
+        for (const CurvePoint& p : hull) next.emplace_back(c.first + p.bytes, c.second + p.kl);
+      combos = next;
+    }
+    for (double max_kl : {0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 5.0}) {
+      const Allocation a = allocate_for_kl(curves, max_kl);
+      double best = INFINITY;
+      for (const auto& [bytes, kl] : combos)
+        if (bytes <= a.bytes) best = std::min(best, kl);
+      EXPECT_NEAR(a.predicted_kl, best, 1e-12) << "trial " << trial << " max_kl " << max_kl;
+      double sum = 0;
+      int64_t bytes = 0;
+      for (const auto& [name, i] : a.choice) sum += a.chosen(name).kl, bytes += a.chosen(name).bytes;
+      EXPECT_NEAR(sum, a.predicted_kl, 1e-12);
+      EXPECT_EQ(bytes, a.bytes);
+      // Meets the limit unless every weight is already at its most accurate point.
+      bool all_top = true;
+      for (const auto& [name, i] : a.choice) all_top &= i + 1 == a.hulls.at(name).size();
+      EXPECT_TRUE(a.predicted_kl <= max_kl || all_top);
+    }
+    for (int64_t max_bytes : {0, 100, 150, 200, 400}) {
+      const Allocation a = allocate_for_bytes(curves, max_bytes);
+      int64_t cheapest = 0;
+      for (const auto& [name, hull] : hulls) cheapest += hull.front().bytes;
+      EXPECT_TRUE(a.bytes <= max_bytes || a.bytes == cheapest) << a.bytes << " > " << max_bytes;
+    }
+  }
+}
+
+struct Stories {
+  CausalLM model = CausalLM::load(test::stories_pt());
+  DataSplit data = test::small_stories_data();
+};
+Stories& stories() {
+  static Stories s;
+  return s;
+}
+
+SearchResult allocate_stories(const Budget& budget, SearchOptions o) {
+  Stories& s = stories();
+  GradualEvaluator evaluator(s.data.calibration, EvaluatorOptions{});
+  evaluator.set_reference(s.model);
+  const auto stats = s.model.capture_input_stats(s.data.calibration.inputs, 4, /*with_xtx=*/false);
+  o.strategy = SearchStrategy::kAllocate;
+  PrecisionOptimizer optimizer(s.model, evaluator, budget, o, PrecisionPolicy{}, stats);
+  return optimizer.allocate();
+}
+
+// The plan meets the budget on the KL its weights really have (a whole pass over them), every
+// weight has its measured curve, and the target search measured whole plans against predictions.
+TEST(PrecisionOptimizer, AllocationMeetsTheBudgetOnItsMeasuredKl) {
+  Stories& s = stories();
+  Budget budget;
+  budget.max_kl = 0.05;
+  SearchOptions o;
+  o.group_sizes = {128, 32};
+  const SearchResult r = allocate_stories(budget, o);
+  EXPECT_TRUE(budget.quality_met(r.calibration, budget.safety)) << r.calibration.kl->mean.value;
+  EXPECT_NEAR(r.calibration.kl->mean.value, whole_model_kl(s.model, s.data.calibration, r.weights), 1e-6);
+  ASSERT_EQ(r.curves.size(), s.model.weights().size());
+  for (const auto& [name, curve] : r.curves) EXPECT_EQ(curve.size(), 1u + 3 * 2) << name;  // fp16 + 3 widths x 2 groups
+  ASSERT_FALSE(r.confirmations.empty());
+  bool kept = false;
+  for (const Confirmation& c : r.confirmations) kept |= c.kept;
+  EXPECT_TRUE(kept);
+  EXPECT_EQ(r.plan.entries.size(), s.model.weights().size());
+  for (const PlanEntry& e : r.plan.entries) EXPECT_EQ(e.spec, r.weights.at(e.name).spec);
+  EXPECT_LT(plan_size(s.model, r.plan).bits_per_weight(), 8.0);
+  int64_t kept_bytes = 0;
+  for (const auto& [name, i] : r.allocation.choice) kept_bytes += r.allocation.chosen(name).bytes;
+  EXPECT_EQ(kept_bytes, r.allocation.bytes);
+}
+
+// Verify and repair on held-out windows: a budget tighter than the one allocated for makes it
+// upgrade until it holds; a looser one makes it downgrade while it holds. Either way the result is
+// what a whole pass over the final weights measures, and the plan names the final weights.
+TEST(PrecisionOptimizer, VerifyAndRepairGoesBothWays) {
+  Stories& s = stories();
+  SearchOptions o;
+  o.group_sizes = {128, 32};
+  o.strategy = SearchStrategy::kAllocate;
+  o.repair_failures = 3;
+  GradualEvaluator calibration(s.data.calibration, EvaluatorOptions{}), heldout(s.data.evaluation, EvaluatorOptions{});
+  calibration.set_reference(s.model);
+  heldout.set_reference(s.model);
+  const auto stats = s.model.capture_input_stats(s.data.calibration.inputs, 4, /*with_xtx=*/false);
+  Budget allocated_for;
+  allocated_for.max_kl = 0.04;
+  allocated_for.safety = 1.0;
+  const SearchResult base = PrecisionOptimizer(s.model, calibration, allocated_for, o, PrecisionPolicy{}, stats).allocate();
+  for (double limit : {0.01, 0.2}) {
+    Budget budget;
+    budget.max_kl = limit;
+    PrecisionOptimizer optimizer(s.model, calibration, budget, o, PrecisionPolicy{}, stats);
+    SearchResult r = base;
+    EvalResult measured;
+    const std::vector<ValidationStep> steps = optimizer.verify_and_repair(r, heldout, measured);
+    EXPECT_TRUE(budget.quality_met(measured)) << limit << ": " << measured.kl->mean.value;
+    EXPECT_NEAR(measured.kl->mean.value, whole_model_kl(s.model, s.data.evaluation, r.weights), 1e-6);
+    ASSERT_FALSE(steps.empty());
+    if (limit < 0.04) EXPECT_GT(steps.front().extra_bits, 0) << "over the budget: an upgrade first";
+    for (const ValidationStep& v : steps)
+      if (limit > 0.04) EXPECT_LT(v.extra_bits, 0) << v.weight << ": within the budget, only downgrades";
+    EXPECT_EQ(limit < 0.04, r.allocation.bytes > base.allocation.bytes);
+    for (const PlanEntry& e : r.plan.entries) EXPECT_EQ(e.spec, r.weights.at(e.name).spec) << e.name;
+  }
+}
+
+// A memory target within a loose quality budget: the least predicted KL that fits it (the dual).
+TEST(PrecisionOptimizer, AllocationForAMemoryTargetFitsIt) {
+  Stories& s = stories();
+  Budget budget;
+  budget.max_ppl_increase = 1.0;
+  budget.target_memory_reduction = 0.7;
+  SearchOptions o;
+  o.group_sizes = {128, 32};
+  const SearchResult r = allocate_stories(budget, o);
+  const PlanSize size = plan_size(s.model, r.plan);
+  EXPECT_TRUE(r.memory_target_met);
+  EXPECT_LE(double(size.quantized_bytes), 0.3 * size.fp16_bytes);
+  ASSERT_EQ(r.confirmations.size(), 1u) << "the plan at the target met the budget: no target search";
+  EXPECT_TRUE(r.confirmations[0].kept);
+}
+
+TEST(SearchOptions, SearchStrategyNames) {
+  EXPECT_EQ(parse_search_strategy("allocate"), SearchStrategy::kAllocate);
+  EXPECT_EQ(search_strategy_name(parse_search_strategy("progressive")), "progressive");
+  EXPECT_THROW(parse_search_strategy("greedy"), Error);
+}
+
+// Through the orchestrator: no analysis phase, a plan within budget on held-out text.
+TEST(GradualQuantizer, AllocationRunNeedsNoAnalysis) {
+  Stories& s = stories();
+  QuantizerOptions q;
+  q.budget.max_ppl_increase = 0.05;
+  q.search.strategy = SearchStrategy::kAllocate;
+  q.search.group_sizes = {128, 32};
+  const QuantizeOutcome out = GradualQuantizer(s.model, s.data.calibration, s.data.evaluation, q).run();
+  EXPECT_EQ(out.status, QuantizeStatus::kMet);
+  for (const PhaseTiming& p : out.phases) EXPECT_NE(p.name, "analysis");
+  EXPECT_EQ(out.search_strategy, "allocate");
+  EXPECT_FALSE(out.search_curves.empty());
+}
+
+}  // namespace
+}  // namespace gradq
