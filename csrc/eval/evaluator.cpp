@@ -7,6 +7,7 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include "common/archive_check.h"
 #include "common/error.h"
 #include "common/files.h"
 #include "common/timing.h"
@@ -56,7 +57,13 @@ Reference Reference::load(const std::string& path) { return from_bytes(read_file
 Reference Reference::from_bytes(const std::string& bytes, const std::string& path) {
   c10::IValue value;
   try {
+    {
+      caffe2::serialize::PyTorchStreamReader archive(std::make_shared<BytesReadAdapter>(bytes));
+      check_archive_pickles(archive, path);
+    }
     value = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+  } catch (const Error&) {
+    throw;
   } catch (const c10::Error& e) {
     throw Error(fmt::format("'{}' is not a gradq reference file: {}", path, std::string(e.what_without_backtrace()).substr(0, 200)));
   } catch (const std::exception& e) {  // the unpickler also throws std:: exceptions on some bad input

@@ -12,6 +12,7 @@
 #include <regex>
 #include <set>
 
+#include "common/archive_check.h"
 #include "common/error.h"
 #include "common/runtime.h"
 #include "model/graph_utils.h"
@@ -98,9 +99,18 @@ bool torchscript_written_by_torch2(OpenArchive open_archive) {
 }
 
 // torch::jit::load's errors (`load` calls it on a file or on a stream of its bytes), as gradq::Error
-// naming `path`; `open_archive` reopens the same bytes to tell a PyTorch 2.x file apart.
+// naming `path`; `open_archive` opens the same bytes as an archive, to check its pickles before the
+// load and to tell a PyTorch 2.x file apart after a failed one.
 template <typename Load, typename OpenArchive>
 torch::jit::Module load_module(const std::string& path, Load load, OpenArchive open_archive) {
+  // libtorch's unpickler trusts the lengths in the archive's pickles (archive_check.h); an input that
+  // is no archive at all is left to the loader, which names the problem.
+  try {
+    check_archive_pickles(*open_archive(), path);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception&) {  // not a readable archive
+  }
   std::string msg;
   try {
     return load();
@@ -142,9 +152,13 @@ CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) 
 
 CausalLM CausalLM::load(std::istream& in, const std::string& path, const AdapterOptions& options) {
   return CausalLM(load_module(
-                      path, [&] { return torch::jit::load(in); },
+                      path,
                       [&] {
-                        in.clear();  // the reader seeks to absolute offsets; a failed load may have set eofbit
+                        in.clear();  // the archive check before may have read to the end
+                        return torch::jit::load(in);
+                      },
+                      [&] {
+                        in.clear();  // the readers seek to absolute offsets; a failed read sets failbit
                         return std::make_unique<caffe2::serialize::PyTorchStreamReader>(&in);
                       }),
                   options);

@@ -9,6 +9,7 @@
 
 #include <string>
 
+#include "common/archive_check.h"
 #include "common/error.h"
 #include "data/dataset.h"
 #include "eval/evaluator.h"
@@ -104,6 +105,25 @@ TEST(Readers, ReferenceFilesAreCheckedForTypesShapesAndTargets) {
   const at::Tensor shifted = (targets + 1) % 7;
   GRADQ_EXPECT_THROW_MSG(evaluator.set_reference(Reference::from_bytes(dict(log_probs, shifted, w.inputs), "t.ref")),
                          "other targets");
+}
+
+// Before: libtorch 1.13's unpickler allocated and zero-filled whatever length a string's length field
+// declared before finding the record too short (3 GB for reference-long-string.ref, found by
+// fuzz_reference; up to 4 GiB from a 4-byte field, std::length_error from an 8-byte one).
+TEST(Readers, PickleLengthsBeyondTheRecordAreErrors) {
+  auto check = [](const std::string& pickle) {
+    check_pickle_lengths(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl");
+  };
+  EXPECT_NO_THROW(check(std::string("\x80\x02X\x02\x00\x00\x00" "ab.", 10)));
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02X\x00\x00\x00\xc0" "ab.", 10)),
+                         "p.pkl is corrupt: the pickle opcode 0x58 at byte 2 declares 3221225472 bytes, 3 are left");
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x04\x8e\xff\xff\xff\xff\xff\xff\xff\xff.", 12)),
+                         "declares 18446744073709551615 bytes, 1 are left");
+  // After a valid string, and after GLOBAL's two lines: the walk follows the opcodes.
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02X\x01\x00\x00\x00" "a" "ctorch\nT\n" "B\x0a\x00\x00\x00" "12345678.", 31)),
+                         "opcode 0x42 at byte 17 declares 10 bytes, 9 are left");
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-long-string.ref"),
+                         "(record data.pkl) is corrupt");
 }
 
 }  // namespace
