@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer fuzzers of tests/fuzz (clang 14, ASan + UBSan) and runs each on its corpus.
-#   bash tools/fuzz.sh                    every fuzzer for FUZZ_SECONDS (default 5) seconds: CI's smoke run
+#   bash tools/fuzz.sh                    every fuzzer for FUZZ_SECONDS (default 5) seconds: the smoke run
+#                                         that .ci/run makes with GRADQ_CI_FUZZ=1
 #   FUZZ_RUNS=1000000 bash tools/fuzz.sh  every fuzzer for that many executions (tests/fuzz/README.md)
 #   bash tools/fuzz.sh fuzz_plan ...      only these fuzzers
 # New inputs the fuzzers find go to a scratch corpus in the build directory, never into
