@@ -70,7 +70,7 @@ int cmd_quantize(int argc, char** argv) {
       ("o,output", "packed TorchScript output (written atomically; never an input)", cxxopts::value<std::string>())
       ("fake-quant", "also write a fake-quant TorchScript (dequantized weights in the original graph; runs without gradq)", cxxopts::value<std::string>())
       ("save-plan", "write the plan JSON here", cxxopts::value<std::string>())
-      ("report", "write the JSON report here, and beside it <name>-blocks.svg and <name>-levels.svg", cxxopts::value<std::string>())
+      ("report", "write the JSON report here, and beside it the charts <name>-blocks.svg, <name>-levels.svg and <name>-formats.svg", cxxopts::value<std::string>())
       ("allow-partial-plan", "with --plan: accept a plan that leaves some quantizable weights in floating point (the summary names them)");
   add_common_options(options);
   cxxopts::ParseResult args;
@@ -118,6 +118,7 @@ int cmd_quantize(int argc, char** argv) {
   if (args.count("report")) {
     outputs.push_back(sibling(args["report"].as<std::string>(), "-blocks.svg"));
     outputs.push_back(sibling(args["report"].as<std::string>(), "-levels.svg"));
+    outputs.push_back(sibling(args["report"].as<std::string>(), "-formats.svg"));
   }
   OutputSet output_set(outputs, inputs);
 
@@ -147,8 +148,9 @@ int cmd_quantize(int argc, char** argv) {
   if (args.count("report")) {
     const std::string report = args["report"].as<std::string>();
     write_file_atomically(report, quantize_report_json(model, outcome, files));
-    write_svg(sibling(report, "-blocks.svg"), bits_per_block_svg(model, outcome));
-    write_svg(sibling(report, "-levels.svg"), level_distribution_svg(model, outcome));
+    write_svg(sibling(report, "-blocks.svg"), bits_per_block_svg(model, outcome, files));
+    write_svg(sibling(report, "-levels.svg"), level_distribution_svg(model, outcome, files));
+    write_svg(sibling(report, "-formats.svg"), weight_formats_svg(model, outcome, files));
   }
   print_written(output_set.commit());
   if (!met) {

@@ -165,6 +165,7 @@ int cmd_sweep(int argc, char** argv) {
   sweep.points = sweep_points(parse_budgets(args["budgets"].as<std::string>()),
                               parse_baselines(args["baselines"].as<std::string>()), compare);
   sweep.shard = Shard::parse(args["shard"].as<std::string>());
+  sweep.model_name = args["model"].as<std::string>();
   const std::optional<SweepResult> previous = read_previous(args);
   // The directory is created and proven writable now, not after the shared analysis; one this run
   // created is removed again if the run fails before a point is written.

@@ -3,16 +3,22 @@
 #   bash tools/setup.sh            Debian's LibTorch 1.13 (the default line)
 #   bash tools/setup.sh --torch2   PyTorch 2.x's libtorch: the `torch` wheel in .venv-torch2 (pip),
 #                                  the other libraries from Debian. Prints the CMake prefix of torch.
-# GRADQ_TORCH2_VERSION picks the wheel (default 2.11.0, the version of the GPU machine that
-# tools/device_check.sh runs on, so that CI tests what the device check builds).
+#   bash tools/setup.sh --fuzz     also what the fuzz build needs (tools/fuzz.sh): clang 14, its
+#                                  libFuzzer and sanitizer runtimes (libclang-rt-14-dev) and lld.
+# The options combine (--torch2 --fuzz). GRADQ_TORCH2_VERSION picks the wheel (default 2.11.0, the
+# version of the GPU machine that tools/device_check.sh runs on, so that CI tests what the device
+# check builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 line=debian
-case "${1:-}" in
-  "") ;;
-  --torch2) line=torch2 ;;
-  *) echo "setup: unknown option '$1' (expected none or --torch2)" >&2; exit 1 ;;
-esac
+fuzz=0
+for arg in "$@"; do
+  case "$arg" in
+    --torch2) line=torch2 ;;
+    --fuzz) fuzz=1 ;;
+    *) echo "setup: unknown option '$arg' (expected --torch2 and/or --fuzz)" >&2; exit 1 ;;
+  esac
+done
 # OpenBLAS built for OpenMP: libtorch's loops run in the OpenMP pool, and a BLAS in the same pool
 # lets gradq::linear alternate the two without the pthreads build's idle threads competing for the
 # cores (docs/BENCHMARKS.md, "Batched linear"). Either OpenBLAS build is far faster than the
@@ -24,6 +30,7 @@ if [ "$line" = debian ]; then
 elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   packages+=(python3-venv)  # the torch wheel's BLAS is its own: no OpenBLAS to select
 fi
+[ "$fuzz" -eq 0 ] || packages+=(clang-14 libclang-rt-14-dev lld)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()

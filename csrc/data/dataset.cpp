@@ -54,7 +54,10 @@ bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' |
 std::string read_text_file(const std::string& path) {
   GRADQ_CHECK(fs::exists(path), "text file '{}' does not exist", path);
   GRADQ_CHECK(fs::is_regular_file(path), "text file '{}' is not a regular file", path);
-  std::string text = read_file(path);
+  return validate_text(read_file(path), path);
+}
+
+std::string validate_text(std::string text, const std::string& path) {
   GRADQ_CHECK(!text.empty(), "text file '{}' is empty (expected UTF-8 text)", path);
   const size_t nul = text.find('\0');
   GRADQ_CHECK(nul == std::string::npos, "text file '{}' looks binary: NUL byte at byte offset {} (expected UTF-8 text)",

@@ -26,6 +26,10 @@ namespace gradq {
 /// (or whitespace-only) file, or binary content (NUL bytes or invalid UTF-8, with the byte offset).
 std::string read_text_file(const std::string& path);
 
+/// The checks of read_text_file on text already in memory (`path` names it in errors); returns the
+/// text without a UTF-8 byte order mark.
+std::string validate_text(std::string text, const std::string& path);
+
 struct TokenSplit {
   std::vector<int64_t> calibration;
   std::vector<int64_t> evaluation;

@@ -7,6 +7,7 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include "common/archive_check.h"
 #include "common/error.h"
 #include "common/files.h"
 #include "common/timing.h"
@@ -51,19 +52,48 @@ void Reference::save(const std::string& path) const {
   write_file_atomically(path, std::string(bytes.begin(), bytes.end()));
 }
 
-Reference Reference::load(const std::string& path) {
-  const std::string bytes = read_file(path);
+Reference Reference::load(const std::string& path) { return from_bytes(read_file(path), path); }
+
+Reference Reference::from_bytes(const std::string& bytes, const std::string& path) {
   c10::IValue value;
   try {
+    {
+      caffe2::serialize::PyTorchStreamReader archive(std::make_shared<BytesReadAdapter>(bytes));
+      check_archive_pickles(archive, path);
+    }
     value = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+  } catch (const Error&) {
+    throw;
   } catch (const c10::Error& e) {
     throw Error(fmt::format("'{}' is not a gradq reference file: {}", path, std::string(e.what_without_backtrace()).substr(0, 200)));
+  } catch (const std::exception& e) {  // the unpickler also throws std:: exceptions on some bad input
+    throw Error(fmt::format("'{}' is not a gradq reference file: {}", path, std::string(e.what()).substr(0, 200)));
   }
   GRADQ_CHECK(value.isGenericDict(), "'{}' is not a gradq reference file (expected a dict)", path);
-  auto dict = c10::impl::toTypedDict<std::string, at::Tensor>(value.toGenericDict());
+  std::map<std::string, at::Tensor> entries;
+  for (const auto& item : value.toGenericDict()) {
+    GRADQ_CHECK(item.key().isString() && item.value().isTensor(),
+                "'{}' is not a gradq reference file: expected a dict of str to tensor, got an entry {} -> {}", path,
+                item.key().tagKind(), item.value().tagKind());
+    entries[item.key().toStringRef()] = item.value().toTensor();
+  }
   for (const char* key : {"log_probs", "targets", "windows"})
-    GRADQ_CHECK(dict.contains(key), "'{}' is not a gradq reference file: key '{}' missing", path, key);
-  return {dict.at("log_probs"), dict.at("targets"), dict.at("windows")};
+    GRADQ_CHECK(entries.count(key), "'{}' is not a gradq reference file: key '{}' missing", path, key);
+  Reference r{entries["log_probs"], entries["targets"], entries["windows"]};
+  auto shape = [](const at::Tensor& t) { return fmt::format("{} [{}]", c10::toString(t.scalar_type()), fmt::join(t.sizes(), ", ")); };
+  GRADQ_CHECK(r.log_probs.scalar_type() == at::kFloat && r.log_probs.dim() == 2 && r.log_probs.size(1) > 0 &&
+                  r.targets.scalar_type() == at::kLong && r.targets.dim() == 1 &&
+                  r.targets.size(0) == r.log_probs.size(0) && r.windows_fingerprint.scalar_type() == at::kLong &&
+                  r.windows_fingerprint.dim() == 2,
+              "'{}' is a corrupt gradq reference file: expected log_probs Float [tokens, vocab], targets Long [tokens] "
+              "and windows Long [windows, ctx], got {}, {} and {}",
+              path, shape(r.log_probs), shape(r.targets), shape(r.windows_fingerprint));
+  if (r.targets.numel() > 0) {
+    const int64_t lo = r.targets.min().item<int64_t>(), hi = r.targets.max().item<int64_t>();
+    GRADQ_CHECK(lo >= 0 && hi < r.log_probs.size(1), "'{}' is a corrupt gradq reference file: targets in [{}, {}], expected "
+                "[0, {})", path, lo, hi, r.log_probs.size(1));
+  }
+  return r;
 }
 
 GradualEvaluator::GradualEvaluator(Windows windows, EvaluatorOptions options)
@@ -139,12 +169,19 @@ void GradualEvaluator::set_reference(const CausalLM& reference) {
 }
 
 void GradualEvaluator::set_reference(Reference reference) {
-  GRADQ_CHECK(reference.windows_fingerprint.sizes() == windows_.inputs.sizes() &&
-                  at::equal(reference.windows_fingerprint, windows_.inputs),
+  const at::Tensor& fp = reference.windows_fingerprint;
+  GRADQ_CHECK(fp.sizes() == windows_.inputs.sizes() && fp.scalar_type() == windows_.inputs.scalar_type() &&
+                  at::equal(fp, windows_.inputs),
               "the reference was computed on other windows ({} windows of {} tokens) than this evaluation ({} of {}): "
               "recompute it with the same text, --ctx and --stride",
-              reference.windows_fingerprint.size(0), reference.windows_fingerprint.dim() > 1 ? reference.windows_fingerprint.size(1) : 0,
-              windows_.inputs.size(0), windows_.inputs.size(1));
+              fp.dim() > 0 ? fp.size(0) : 0, fp.dim() > 1 ? fp.size(1) : 0, windows_.inputs.size(0), windows_.inputs.size(1));
+  // Same windows, so its rows must be this evaluation's scored positions with their targets.
+  const at::Tensor scored_targets = windows_.targets.index({scored_mask_});
+  GRADQ_CHECK(reference.log_probs.dim() == 2 && reference.log_probs.size(0) == scored_targets.size(0) &&
+                  reference.targets.sizes() == scored_targets.sizes() && at::equal(reference.targets, scored_targets),
+              "the reference holds {} scored positions with other targets than this evaluation's {}: it is corrupt or "
+              "made with another --stride; recompute it with the same text, --ctx and --stride",
+              reference.targets.numel(), scored_targets.size(0));
   reference_ = std::move(reference);
 }
 

@@ -56,6 +56,8 @@ struct Reference {
   at::Tensor windows_fingerprint;  ///< the windows' inputs, to refuse a reference for other windows
   void save(const std::string& path) const;
   static Reference load(const std::string& path);
+  /// The reader of load() on bytes already in memory (`path` names them in errors).
+  static Reference from_bytes(const std::string& bytes, const std::string& path);
 };
 
 /// Logits [B, T, V] of windows [begin, end) of the evaluator's windows, computed however the caller

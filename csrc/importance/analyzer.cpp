@@ -436,12 +436,12 @@ ImportanceAnalysis analysis_from_json(const std::string& text) {
   } catch (const json::exception& e) {
     throw Error(fmt::format("not valid JSON: {}", e.what()));
   }
-  GRADQ_CHECK(j.is_object() && j.value("format", "") == kFormat, "not a gradq importance analysis (expected \"format\": \"{}\")",
-              kFormat);
-  GRADQ_CHECK(j.value("version", -1) == kFormatVersion, "unsupported analysis version {} (this gradq reads version {})",
-              j.value("version", -1), kFormatVersion);
   ImportanceAnalysis a;
   try {
+    GRADQ_CHECK(j.is_object() && j.value("format", "") == kFormat,
+                "not a gradq importance analysis (expected \"format\": \"{}\")", kFormat);
+    GRADQ_CHECK(j.value("version", -1) == kFormatVersion, "unsupported analysis version {} (this gradq reads version {})",
+                j.value("version", -1), kFormatVersion);
     const json& s = j.at("settings");
     AnalyzerOptions& o = a.options;
     o.noise_alpha = s.at("noise_alpha").get<double>();

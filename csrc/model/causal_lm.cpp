@@ -13,6 +13,7 @@
 #include <regex>
 #include <set>
 
+#include "common/archive_check.h"
 #include "common/error.h"
 #include "common/runtime.h"
 #include "model/graph_utils.h"
@@ -102,33 +103,37 @@ namespace {
 
 // Whether a TorchScript archive was written by PyTorch 2.x: its torch.jit.save adds a "byteorder"
 // record (and ".data/serialization_id"; seen with 2.11), which 1.13's does not write.
-bool torchscript_written_by_torch2(const std::string& path) {
+// `open_archive` returns a std::unique_ptr<caffe2::serialize::PyTorchStreamReader> of the archive.
+template <typename OpenArchive>
+bool torchscript_written_by_torch2(OpenArchive open_archive) {
   try {
-    caffe2::serialize::PyTorchStreamReader reader(path);
-    return reader.hasRecord("byteorder");
+    return open_archive()->hasRecord("byteorder");
   } catch (const std::exception&) {
     return false;  // not a zip archive at all: the caller reports the loader's own error
   }
 }
 
-}  // namespace
-
-CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) {
-  GRADQ_CHECK(std::filesystem::exists(path), "model '{}' does not exist", path);
-  GRADQ_CHECK(!std::filesystem::is_directory(path), "model '{}' is a directory, expected a TorchScript file (.pt) or a "
-              "llama2.c checkpoint (.bin)", path);
-  torch::jit::Module module;
-  std::string msg;
-  bool loaded = false;
+// torch::jit::load's errors (`load` calls it on a file or on a stream of its bytes), as gradq::Error
+// naming `path`; `open_archive` opens the same bytes as an archive, to check its pickles before the
+// load and to tell a PyTorch 2.x file apart after a failed one.
+template <typename Load, typename OpenArchive>
+torch::jit::Module load_module(const std::string& path, Load load, OpenArchive open_archive) {
+  // libtorch's unpickler trusts the lengths in the archive's pickles (archive_check.h); an input that
+  // is no archive at all is left to the loader, which names the problem.
   try {
-    module = torch::jit::load(path);
-    loaded = true;
+    check_archive_pickles(*open_archive(), path);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception&) {  // not a readable archive
+  }
+  std::string msg;
+  try {
+    return load();
   } catch (const c10::Error& e) {
     msg = e.what_without_backtrace();
-  } catch (const std::exception& e) {  // the TorchScript compiler's ErrorReport (unknown ops, syntax)
-    msg = e.what();
+  } catch (const std::exception& e) {  // the TorchScript compiler's ErrorReport (unknown ops, syntax) and the
+    msg = e.what();                    // archive and pickle readers' std:: exceptions
   }
-  if (loaded) return CausalLM(std::move(module), options);
   // The first non-empty line: the TorchScript compiler's messages start with a line break.
   std::string first_line;
   for (size_t begin = 0; begin < msg.size() && first_line.empty();) {
@@ -140,12 +145,38 @@ CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) 
     throw Error(fmt::format("cannot load '{}': it calls gradq ops that are not registered; load libgradq_ops.so first "
                             "({})", path, first_line));
   // PyTorch 2.x writes records that 1.x never wrote; what it compiles may call ops a 1.x libtorch lacks.
-  if (TORCH_VERSION_MAJOR < 2 && torchscript_written_by_torch2(path))
+  if (TORCH_VERSION_MAJOR < 2 && torchscript_written_by_torch2(open_archive))
     throw Error(fmt::format("cannot load '{}': it was written by PyTorch 2.x and this gradq is built against libtorch "
                             "{}.{}, which cannot read it ({}); build gradq against PyTorch 2.x (README: With PyTorch "
                             "2.x) or save the model with PyTorch {}.{}", path, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
                             first_line, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR));
   throw Error(fmt::format("'{}' is not a loadable TorchScript module: {}", path, first_line));
+}
+
+}  // namespace
+
+CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) {
+  GRADQ_CHECK(std::filesystem::exists(path), "model '{}' does not exist", path);
+  GRADQ_CHECK(!std::filesystem::is_directory(path), "model '{}' is a directory, expected a TorchScript file (.pt) or a "
+              "llama2.c checkpoint (.bin)", path);
+  return CausalLM(load_module(
+                      path, [&] { return torch::jit::load(path); },
+                      [&] { return std::make_unique<caffe2::serialize::PyTorchStreamReader>(path); }),
+                  options);
+}
+
+CausalLM CausalLM::load(std::istream& in, const std::string& path, const AdapterOptions& options) {
+  return CausalLM(load_module(
+                      path,
+                      [&] {
+                        in.clear();  // the archive check before may have read to the end
+                        return torch::jit::load(in);
+                      },
+                      [&] {
+                        in.clear();  // the readers seek to absolute offsets; a failed read sets failbit
+                        return std::make_unique<caffe2::serialize::PyTorchStreamReader>(&in);
+                      }),
+                  options);
 }
 
 CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : module_(std::move(module)) {

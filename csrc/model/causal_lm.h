@@ -11,6 +11,7 @@
 
 #include <torch/script.h>
 
+#include <istream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -72,6 +73,8 @@ class CausalLM {
   /// Loads a TorchScript file; throws gradq::Error if it is missing, not TorchScript, or its
   /// forward does not map int64 [B, T] tokens to [B, T, V] logits.
   static CausalLM load(const std::string& path, const AdapterOptions& options = {});
+  /// The same from a stream of the file's bytes (`path` names it in errors).
+  static CausalLM load(std::istream& in, const std::string& path, const AdapterOptions& options = {});
   explicit CausalLM(torch::jit::Module module, const AdapterOptions& options = {});
 
   /// Logits float32 [B, T, V] for tokens int64 [B, T], without autograd.

@@ -191,17 +191,12 @@ torch::jit::Module build_llama_module(const Llama2cConfig& c, const std::unorder
   return model;
 }
 
-torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_out) {
-  namespace fs = std::filesystem;
-  GRADQ_CHECK(fs::exists(path), "checkpoint '{}' does not exist", path);
-  GRADQ_CHECK(fs::is_regular_file(path), "checkpoint '{}' is not a regular file", path);
-  const int64_t file_bytes = static_cast<int64_t>(fs::file_size(path));
+Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path) {
+  const int64_t file_bytes = static_cast<int64_t>(bytes.size());
   GRADQ_CHECK(file_bytes >= kHeaderBytes, "'{}' is truncated: {} bytes, a llama2.c header alone needs {}", path,
               file_bytes, kHeaderBytes);
-  std::ifstream in(path, std::ios::binary);
   int32_t header[7];
-  in.read(reinterpret_cast<char*>(header), kHeaderBytes);
-  GRADQ_CHECK(in.good(), "cannot read the header of '{}'", path);
+  std::memcpy(header, bytes.data(), kHeaderBytes);
 
   Llama2cConfig c;
   c.dim = header[0];
@@ -230,16 +225,17 @@ torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_o
               c.shared_classifier ? " tied" : " untied", c.seq_len, expected_full,
               file_bytes < expected_full ? "truncated" : "oversized or not a llama2.c legacy checkpoint");
 
-  std::vector<float> data((file_bytes - kHeaderBytes) / 4);
-  in.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(data.size() * 4));
-  GRADQ_CHECK(in.good(), "failed reading {} bytes of weights from '{}'", data.size() * 4, path);
-
-  std::unordered_map<std::string, at::Tensor> weights;
+  Llama2cCheckpoint checkpoint;
+  checkpoint.config = c;
+  auto& weights = checkpoint.weights;
+  // The weights follow the 28-byte header, so they are 4-byte aligned at best: from_blob on a
+  // float pointer needs no more, and every tensor is cloned out of `bytes`.
+  const auto* data = reinterpret_cast<const float*>(bytes.data() + kHeaderBytes);
   int64_t offset = 0;
   auto take = [&](std::vector<int64_t> shape) {
     int64_t n = 1;
     for (int64_t s : shape) n *= s;
-    at::Tensor t = at::from_blob(data.data() + offset, shape, at::kFloat).clone();
+    at::Tensor t = at::from_blob(const_cast<float*>(data + offset), shape, at::kFloat).clone();
     offset += n;
     return t;
   };
@@ -266,9 +262,16 @@ torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_o
   }
   for (const auto& [name, t] : weights)
     GRADQ_CHECK(at::isfinite(t).all().item<bool>(), "'{}' is corrupt: weight '{}' holds non-finite values", path, name);
+  return checkpoint;
+}
 
-  if (config_out) *config_out = c;
-  return build_llama_module(c, weights);
+torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_out) {
+  namespace fs = std::filesystem;
+  GRADQ_CHECK(fs::exists(path), "checkpoint '{}' does not exist", path);
+  GRADQ_CHECK(fs::is_regular_file(path), "checkpoint '{}' is not a regular file", path);
+  const Llama2cCheckpoint checkpoint = parse_llama2c(read_file(path), path);
+  if (config_out) *config_out = checkpoint.config;
+  return build_llama_module(checkpoint.config, checkpoint.weights);
 }
 
 void convert_llama2c(const std::string& input_path, const std::string& output_path, at::ScalarType dtype) {

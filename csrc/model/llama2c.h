@@ -18,6 +18,8 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 
 #include <torch/script.h>
 
@@ -36,6 +38,17 @@ struct Llama2cConfig {
   int32_t head_size() const { return dim / n_heads; }
   int32_t kv_dim() const { return head_size() * n_kv_heads; }
 };
+
+/// A llama2.c checkpoint's header and its tensors under the names above.
+struct Llama2cCheckpoint {
+  Llama2cConfig config;
+  std::unordered_map<std::string, at::Tensor> weights;
+};
+
+/// Validates and splits the bytes of a llama2.c legacy checkpoint (`path` names it in errors); throws
+/// gradq::Error for a truncated, oversized or corrupt file (non-finite weights) or an impossible
+/// header, naming the values. The one reader of the format: load_llama2c calls it on the file.
+Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path);
 
 /// Reads and validates a llama2.c legacy checkpoint; throws gradq::Error for a truncated,
 /// oversized or corrupt file (non-finite weights) or an impossible header, naming the values.

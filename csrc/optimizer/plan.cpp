@@ -33,32 +33,37 @@ Plan Plan::from_json(const std::string& text) {
   } catch (const nlohmann::json::exception& e) {
     throw Error(fmt::format("plan is not valid JSON: {}", e.what()));
   }
-  GRADQ_CHECK(j.is_object() && j.value("format", "") == "gradq-plan",
-              "not a gradq plan: expected \"format\": \"gradq-plan\"");
-  GRADQ_CHECK(j.value("version", 0) == 1, "unsupported plan version {}, expected 1", j.value("version", 0));
-  GRADQ_CHECK(j.contains("weights") && j["weights"].is_array(), "plan has no \"weights\" array");
-  Plan plan;
-  std::map<std::string, std::string> seen;  // name -> spec of its first entry
-  for (const auto& w : j["weights"]) {
-    GRADQ_CHECK(w.is_object() && w.contains("name") && w["name"].is_string() && w.contains("spec") &&
-                    w["spec"].is_string(),
-                "each plan entry needs string fields \"name\" and \"spec\", got {}", w.dump());
-    PlanEntry e;
-    e.name = w["name"].get<std::string>();
-    e.spec = parse_quant_spec(w["spec"].get<std::string>());
-    // Two entries for one weight are a broken plan whichever wins, even when they agree.
-    const auto [first, fresh] = seen.emplace(e.name, w["spec"].get<std::string>());
-    GRADQ_CHECK(fresh, "plan lists weight '{}' twice (as {} and as {}): expected one entry per weight", e.name,
-                first->second, w["spec"].get<std::string>());
-    try {
-      e.method = parse_rounding_method(w.value("method", "rtn"));
-    } catch (const Error& err) {
-      throw Error(fmt::format("plan entry '{}': {}", e.name, err.what()));
+  try {
+    GRADQ_CHECK(j.is_object() && j.value("format", "") == "gradq-plan",
+                "not a gradq plan: expected \"format\": \"gradq-plan\"");
+    GRADQ_CHECK(j.value("version", 0) == 1, "unsupported plan version {}, expected 1", j.value("version", 0));
+    GRADQ_CHECK(j.contains("weights") && j["weights"].is_array(), "plan has no \"weights\" array");
+    Plan plan;
+    std::map<std::string, std::string> seen;  // name -> spec of its first entry
+    for (const auto& w : j["weights"]) {
+      GRADQ_CHECK(w.is_object() && w.contains("name") && w["name"].is_string() && w.contains("spec") &&
+                      w["spec"].is_string(),
+                  "each plan entry needs string fields \"name\" and \"spec\", got {}", w.dump());
+      PlanEntry e;
+      e.name = w["name"].get<std::string>();
+      e.spec = parse_quant_spec(w["spec"].get<std::string>());
+      // Two entries for one weight are a broken plan whichever wins, even when they agree.
+      const auto [first, fresh] = seen.emplace(e.name, w["spec"].get<std::string>());
+      GRADQ_CHECK(fresh, "plan lists weight '{}' twice (as {} and as {}): expected one entry per weight", e.name,
+                  first->second, w["spec"].get<std::string>());
+      try {
+        e.method = parse_rounding_method(w.value("method", "rtn"));
+      } catch (const Error& err) {
+        throw Error(fmt::format("plan entry '{}': {}", e.name, err.what()));
+      }
+      if (w.contains("kl") && w["kl"].is_number()) e.measured_kl = w["kl"].get<double>();
+      plan.entries.push_back(e);
     }
-    if (w.contains("kl") && w["kl"].is_number()) e.measured_kl = w["kl"].get<double>();
-    plan.entries.push_back(e);
+    return plan;
+  } catch (const nlohmann::json::exception& e) {
+    // A field of the wrong JSON type (a number for "method", a string for "version", ...).
+    throw Error(fmt::format("malformed gradq plan: {}", e.what()));
   }
-  return plan;
 }
 
 void Plan::save(const std::string& path) const { write_file_atomically(path, to_json()); }

@@ -25,6 +25,17 @@ void replace_all(std::string& s, const std::string& from, const std::string& to)
   for (size_t pos = s.find(from); pos != std::string::npos; pos = s.find(from, pos + to.size())) s.replace(pos, from.size(), to);
 }
 
+// Runs a reader over parsed JSON, turning a field of the wrong JSON type (a number where a level
+// name belongs, ...) into gradq::Error naming `what`.
+template <typename Read>
+auto reading(const char* what, Read read) {
+  try {
+    return read();
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(fmt::format("malformed {}: {}", what, e.what()));
+  }
+}
+
 template <typename T>
 T with_path(const std::string& path, T (*parse)(const std::string&)) {
   try {
@@ -47,22 +58,24 @@ PrecisionPolicy PrecisionPolicy::load(const std::string& path) { return with_pat
 
 PrecisionPolicy PrecisionPolicy::from_json(const std::string& text) {
   const nlohmann::json j = parse_json(text, "policy");
-  GRADQ_CHECK(j.is_object() && j.value("format", "") == "gradq-policy",
-              "not a constraint policy: expected \"format\": \"gradq-policy\"");
-  GRADQ_CHECK(j.contains("rules") && j["rules"].is_array(), "policy has no \"rules\" array");
-  PrecisionPolicy policy;
-  for (const auto& r : j["rules"]) {
-    GRADQ_CHECK(r.is_object() && r.contains("pattern") && r["pattern"].is_string(),
-                "each policy rule needs a string \"pattern\", got {}", r.dump());
-    PolicyRule rule;
-    rule.pattern = r["pattern"].get<std::string>();
-    if (r.contains("min")) rule.min = parse_quant_level(r["min"].get<std::string>());
-    if (r.contains("max")) rule.max = parse_quant_level(r["max"].get<std::string>());
-    GRADQ_CHECK(rule.min <= rule.max, "policy rule '{}': min {} is above max {}", rule.pattern,
-                quant_level_name(rule.min), quant_level_name(rule.max));
-    policy.rules_.push_back(rule);
-  }
-  return policy;
+  return reading("policy", [&] {
+    GRADQ_CHECK(j.is_object() && j.value("format", "") == "gradq-policy",
+                "not a constraint policy: expected \"format\": \"gradq-policy\"");
+    GRADQ_CHECK(j.contains("rules") && j["rules"].is_array(), "policy has no \"rules\" array");
+    PrecisionPolicy policy;
+    for (const auto& r : j["rules"]) {
+      GRADQ_CHECK(r.is_object() && r.contains("pattern") && r["pattern"].is_string(),
+                  "each policy rule needs a string \"pattern\", got {}", r.dump());
+      PolicyRule rule;
+      rule.pattern = r["pattern"].get<std::string>();
+      if (r.contains("min")) rule.min = parse_quant_level(r["min"].get<std::string>());
+      if (r.contains("max")) rule.max = parse_quant_level(r["max"].get<std::string>());
+      GRADQ_CHECK(rule.min <= rule.max, "policy rule '{}': min {} is above max {}", rule.pattern,
+                  quant_level_name(rule.min), quant_level_name(rule.max));
+      policy.rules_.push_back(rule);
+    }
+    return policy;
+  });
 }
 
 void PrecisionPolicy::bind(const CausalLM& model) {
@@ -103,17 +116,19 @@ DynamicPolicy DynamicPolicy::load(const std::string& path) { return with_path(pa
 
 DynamicPolicy DynamicPolicy::from_json(const std::string& text) {
   const nlohmann::json j = parse_json(text, "dynamic policy");
-  GRADQ_CHECK(j.is_object() && j.value("format", "") == "gradq-dynamic-policy",
-              "not a dynamic policy: expected \"format\": \"gradq-dynamic-policy\"");
-  DynamicPolicy p;
-  p.high_share = j.value("high_share", p.high_share);
-  p.low_share = j.value("low_share", p.low_share);
-  GRADQ_CHECK(p.high_share >= 0 && p.low_share >= 0 && p.high_share + p.low_share <= 1,
-              "dynamic policy shares must be >= 0 and sum to at most 1, got high {} + low {}", p.high_share, p.low_share);
-  if (j.contains("high")) p.high = parse_quant_spec(j["high"].get<std::string>());
-  if (j.contains("middle")) p.middle = parse_quant_spec(j["middle"].get<std::string>());
-  if (j.contains("low")) p.low = parse_quant_spec(j["low"].get<std::string>());
-  return p;
+  return reading("dynamic policy", [&] {
+    GRADQ_CHECK(j.is_object() && j.value("format", "") == "gradq-dynamic-policy",
+                "not a dynamic policy: expected \"format\": \"gradq-dynamic-policy\"");
+    DynamicPolicy p;
+    p.high_share = j.value("high_share", p.high_share);
+    p.low_share = j.value("low_share", p.low_share);
+    GRADQ_CHECK(p.high_share >= 0 && p.low_share >= 0 && p.high_share + p.low_share <= 1,
+                "dynamic policy shares must be >= 0 and sum to at most 1, got high {} + low {}", p.high_share, p.low_share);
+    if (j.contains("high")) p.high = parse_quant_spec(j["high"].get<std::string>());
+    if (j.contains("middle")) p.middle = parse_quant_spec(j["middle"].get<std::string>());
+    if (j.contains("low")) p.low = parse_quant_spec(j["low"].get<std::string>());
+    return p;
+  });
 }
 
 }  // namespace gradq

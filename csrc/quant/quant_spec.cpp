@@ -136,9 +136,11 @@ QuantSpec parse_quant_spec(const std::string& name) {
                                   : QuantLevel::kFp32;
     return spec;
   }
-  static const std::regex re("^b([0-9]+)g(16|32|64|128|row)(s?)(z8)?(k6|k8)?(-f32)?$");
+  // At most two digits of bits (std::stoi would throw its own exception beyond int), and a length
+  // check first: libstdc++'s regex matcher recurses once per character of the name.
+  static const std::regex re("^b([0-9]{1,2})g(16|32|64|128|row)(s?)(z8)?(k6|k8)?(-f32)?$");
   std::smatch m;
-  GRADQ_CHECK(std::regex_match(name, m, re),
+  GRADQ_CHECK(name.size() <= 32 && std::regex_match(name, m, re),
               "cannot parse quantization spec '{}': expected b<bits>g<16|32|64|128|row>[s|z8|k6|k8][-f32] "
               "(e.g. b4g128, b3g32s, b4g32z8, b4g16k6, b8grow) or one of fp16, bf16, fp32, prune",
               name);

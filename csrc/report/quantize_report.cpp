@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <map>
+#include <set>
 
 #include "report/svg_chart.h"
 
@@ -39,6 +40,23 @@ std::string level_color(QuantLevel level) {
     case QuantLevel::kBf16: return "#8c564b";
     default: return "#17becf";
   }
+}
+
+// What every chart of the run states under its title: the model, the budget and what was achieved.
+std::vector<std::string> run_notes(const QuantizeOutcome& outcome, const ReportFiles& files) {
+  std::vector<std::string> notes{fmt::format("model {}; budget {}", files.model.empty() ? "(unnamed)" : files.model,
+                                             files.budget.empty() ? "(none)" : files.budget)};
+  std::string achieved = fmt::format("{:.3f} bits per weight, {:.1f}% smaller than fp16", outcome.size.bits_per_weight(),
+                                     100 * reduction(outcome.size));
+  if (outcome.heldout && outcome.heldout->reference_ppl && outcome.heldout->kl) {
+    const EvalResult& r = *outcome.heldout;
+    achieved += fmt::format("; held-out ({} tokens): perplexity {:+.2f}%, KL mean {:.4f}", r.tokens,
+                            100 * ppl_increase(r), r.kl->mean.value);
+  } else {
+    achieved += "; not evaluated on held-out text";
+  }
+  notes.push_back("achieved: " + achieved);
+  return notes;
 }
 
 }  // namespace
@@ -206,9 +224,10 @@ std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome
   return s;
 }
 
-std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& outcome) {
+std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
   BarChart chart;
   chart.title = "Quantizable parameters per block by precision level";
+  chart.notes = run_notes(outcome, files);
   chart.value_label = "parameters";
   chart.horizontal = false;
   chart.stacked = true;
@@ -230,9 +249,10 @@ std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& out
   return render_bar_chart(chart);
 }
 
-std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome& outcome) {
+std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
   BarChart chart;
   chart.title = fmt::format("Precision levels ({:.3f} bits per weight)", outcome.size.bits_per_weight());
+  chart.notes = run_notes(outcome, files);
   chart.value_label = "% of quantizable parameters";
   BarSeries series{"parameters", {}, ""};
   for (const LevelShare& l : level_distribution(model, outcome)) {
@@ -241,6 +261,49 @@ std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome&
     chart.category_colors.push_back(level_color(l.level));
   }
   chart.series.push_back(series);
+  return render_bar_chart(chart);
+}
+
+std::string weight_formats_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
+  BarChart chart;
+  chart.title = "Chosen format per weight (bits per weight with scales and zero points), by block";
+  chart.notes = run_notes(outcome, files);
+  chart.value_label = "bits per weight";
+  BarSeries bits{"bits per weight", {}, ""};
+  std::vector<std::string> kept;
+  std::set<QuantLevel> levels;
+  // Block by block, then the weights outside every block ("other").
+  std::vector<const WeightInfo*> order;
+  std::set<const WeightInfo*> placed;
+  for (const BlockInfo& b : model.blocks())
+    for (size_t i : b.weights) order.push_back(&model.weights()[i]), placed.insert(order.back());
+  for (const WeightInfo& w : model.weights())
+    if (!placed.count(&w)) order.push_back(&w);
+  for (const WeightInfo* wp : order) {
+    const WeightInfo& w = *wp;
+    auto it = outcome.weights.find(w.name);
+    if (it == outcome.weights.end()) {
+      kept.push_back(w.name);
+      continue;
+    }
+    const QuantSpec& spec = it->second.spec;
+    const std::string block = w.block.empty() ? "other" : w.block;
+    const std::string local = w.block.empty() ? w.name : w.name.substr(w.block.size() + 1);
+    chart.categories.push_back(fmt::format("{} | {}: {}", block, local, spec.name()));
+    bits.values.push_back(spec.bits_per_weight(w.out_features, w.in_features));
+    chart.category_colors.push_back(level_color(spec.level));
+    levels.insert(spec.level);
+  }
+  if (chart.categories.empty()) {  // e.g. a budget not met: the report still has its charts
+    chart.categories.push_back("(no weight quantized)");
+    bits.values.push_back(0);
+    chart.category_colors.push_back(level_color(QuantLevel::kFp32));
+  }
+  if (!kept.empty())
+    chart.notes.push_back(fmt::format("kept in floating point (not drawn): {}", fmt::join(kept, ", ")));
+  chart.series.push_back(bits);
+  for (QuantLevel level : kLadder)
+    if (levels.count(level)) chart.legend.emplace_back(quant_level_name(level), level_color(level));
   return render_bar_chart(chart);
 }
 

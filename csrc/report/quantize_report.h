@@ -1,6 +1,6 @@
 #pragma once
-// The report of a quantization run: JSON for machines, a readable summary for people, and two
-// SVG images (bits per block, stacked by precision level; the level distribution).
+// The report of a quantization run: JSON for machines, a readable summary for people, and three
+// SVG images (bits per block, stacked by precision level; the level distribution; each weight's format).
 
 #include <string>
 
@@ -27,9 +27,15 @@ std::vector<LevelShare> level_distribution(const CausalLM& model, const Quantize
 
 std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
 std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
+// Every chart names under its title the model and the budget (`files`) and what the run achieved:
+// bits per weight, size against fp16 and, when validated, the held-out perplexity change and KL.
 /// Stacked bars: per block (and "other" for weights outside blocks), parameters at each level.
-std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& outcome);
+std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
 /// Bars: share of the quantizable parameters at each level.
-std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome& outcome);
+std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
+/// One bar per quantized weight, block by block: its bits per weight, labelled with its block, name
+/// and format (bits and group size, e.g. b4g32), coloured by level. Weights left in floating point
+/// are named in a note.
+std::string weight_formats_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
 
 }  // namespace gradq

@@ -123,6 +123,18 @@ std::string format_number(double v) {
 }
 
 namespace {
+// Height of the title and its notes (one line each) above a chart.
+double heading_height(const std::string& title, const std::vector<std::string>& notes, double pad) {
+  return (title.empty() ? pad : 30) + 16 * static_cast<double>(notes.size());
+}
+
+void draw_heading(SvgDocument& doc, const std::string& title, const std::vector<std::string>& notes) {
+  if (!title.empty()) doc.text(doc.width() / 2, 20, title, {15, "middle", "#222", true});
+  const double first = title.empty() ? 12 : 36;
+  for (size_t i = 0; i < notes.size(); ++i)
+    doc.text(doc.width() / 2, first + 16 * static_cast<double>(i), notes[i], {11, "middle", "#444"});
+}
+
 // One row of swatches with their labels, from (x, y).
 void draw_legend(SvgDocument& doc, const std::vector<std::pair<std::string, std::string>>& legend, double x, double y,
                  double font) {
@@ -168,7 +180,7 @@ std::string render_bar_chart(const BarChart& chart) {
     for (size_t s = 0; s < ns; ++s) legend.emplace_back(chart.series[s].name, color(s, 0));
 
   const double font = 12, pad = 12;
-  const double title_h = chart.title.empty() ? pad : 30;
+  const double title_h = heading_height(chart.title, chart.notes, pad);
   const double legend_h = legend.empty() ? 0 : 22;
   const double group = chart.bar_thickness * static_cast<double>(ns);
   const double step = group + std::max(4.0, chart.bar_thickness * 0.5);
@@ -185,7 +197,7 @@ std::string render_bar_chart(const BarChart& chart) {
     const double width = std::max(chart.width, left + right + 200);
     SvgDocument doc(width, top + plot_h + bottom);
     const LinearScale x{ticks.front(), ticks.back(), left, width - right};
-    if (!chart.title.empty()) doc.text(width / 2, 20, chart.title, {15, "middle", "#222", true});
+    draw_heading(doc, chart.title, chart.notes);
     draw_legend(doc, legend, left, title_h + 4, font);
     for (double t : ticks) {
       doc.line(x(t), top, x(t), top + plot_h, t == 0 ? "#888" : "#e0e0e0", 1);
@@ -222,7 +234,7 @@ std::string render_bar_chart(const BarChart& chart) {
   const double cstep = plot_w / static_cast<double>(n);
   SvgDocument doc(width, top + plot_h + bottom);
   const LinearScale y{ticks.front(), ticks.back(), top + plot_h, top};
-  if (!chart.title.empty()) doc.text(width / 2, 20, chart.title, {15, "middle", "#222", true});
+  draw_heading(doc, chart.title, chart.notes);
   draw_legend(doc, legend, left, title_h + 4, font);
   for (double t : ticks) {
     doc.line(left, y(t), left + plot_w, y(t), t == 0 ? "#888" : "#e0e0e0", 1);
@@ -294,14 +306,16 @@ std::string render_scatter_chart(const ScatterChart& chart) {
   for (size_t s = 0; s < chart.series.size(); ++s) legend.emplace_back(chart.series[s].name, color(s));
 
   const double font = 12, pad = 12;
-  const double top = (chart.title.empty() ? pad : 30) + (legend.empty() ? 0 : 22) + 8;
+  const double heading = heading_height(chart.title, chart.notes, pad);
+  const double top = heading + (legend.empty() ? 0 : 22) + 8;
   const double left = pad + text_width("0.0000", font) + (chart.y_label.empty() ? 0 : 22);
   const double right = pad + 90;  // room for the labels of the rightmost points
   const double bottom = pad + font + 6 + (chart.x_label.empty() ? 0 : 22);
-  SvgDocument doc(chart.width, chart.height);
+  // The notes add to the document's height: the plot keeps the size the chart asks for.
+  SvgDocument doc(chart.width, chart.height + 16 * static_cast<double>(chart.notes.size()));
   const LinearScale x{x_ticks.front(), x_ticks.back(), left, chart.width - right};
-  const LinearScale y{y_ticks.front(), y_ticks.back(), chart.height - bottom, top};
-  if (!chart.title.empty()) doc.text(chart.width / 2, 20, chart.title, {15, "middle", "#222", true});
+  const LinearScale y{y_ticks.front(), y_ticks.back(), doc.height() - bottom, top};
+  draw_heading(doc, chart.title, chart.notes);
   draw_legend(doc, legend, left, top - 26, font);
   for (double t : x_ticks) {
     doc.line(x(t), y.r0, x(t), y.r1, "#e0e0e0", 1);
@@ -321,6 +335,7 @@ std::string render_scatter_chart(const ScatterChart& chart) {
       doc.polyline(line, color(s), 1.5);
     }
     for (const ScatterPoint& p : series.points) {
+      if (!series.markers) break;
       const bool off_scale = p.y > top_value;
       const std::string tooltip = fmt::format("{}{}{}: ({}, {})", series.name, p.label.empty() ? "" : " ", p.label,
                                               format_number(p.x), format_number(p.y));
@@ -336,7 +351,7 @@ std::string render_scatter_chart(const ScatterChart& chart) {
   }
   doc.line(x.r0, y.r0, x.r1, y.r0, "#444", 1);
   doc.line(x.r0, y.r0, x.r0, y.r1, "#444", 1);
-  if (!chart.x_label.empty()) doc.text((x.r0 + x.r1) / 2, chart.height - pad, chart.x_label, {font, "middle"});
+  if (!chart.x_label.empty()) doc.text((x.r0 + x.r1) / 2, doc.height() - pad, chart.x_label, {font, "middle"});
   if (!chart.y_label.empty())
     doc.text(pad + 6, (y.r0 + y.r1) / 2, chart.y_label, {font, "middle", "#222", false, -90});
   return doc.str();

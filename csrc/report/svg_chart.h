@@ -66,6 +66,7 @@ struct BarSeries {
 
 struct BarChart {
   std::string title;
+  std::vector<std::string> notes;  ///< lines under the title (what was run, its budget and result)
   std::string value_label;     ///< axis title of the values
   std::string category_label;  ///< axis title of the categories
   std::vector<std::string> categories;
@@ -96,10 +97,12 @@ struct ScatterSeries {
   std::string color;     ///< empty: kChartPalette by series index
   bool connect = false;  ///< join the points in the given order (a frontier)
   bool labels_below = false;  ///< labels under the points (another series' above: fewer collisions)
+  bool markers = true;   ///< false: only the line (connect), e.g. a frontier through other series' points
 };
 
 struct ScatterChart {
   std::string title, x_label, y_label;
+  std::vector<std::string> notes;     ///< lines under the title; each adds 16 pixels to the height
   std::vector<ScatterSeries> series;  ///< one legend entry each
   /// Top of the y axis when set: a point above it is drawn on the top edge, hollow, with its value
   /// in its label ("b2g32: 1500"), so that one outlier does not flatten the rest.

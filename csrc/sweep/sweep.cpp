@@ -181,6 +181,7 @@ json point_json(const SweepPointResult& p) {
   j["same_top_rate"] = p.same_top_rate;
   j["passes"] = p.passes;
   j["seconds"] = p.seconds;
+  j["tokens"] = p.tokens;
   return j;
 }
 
@@ -206,6 +207,7 @@ SweepPointResult point_from_json(const json& j) {
   p.same_top_rate = j.at("same_top_rate").get<double>();
   p.passes = j.at("passes").get<int64_t>();
   p.seconds = j.at("seconds").get<double>();
+  p.tokens = j.value("tokens", int64_t{0});  // absent from points written before it was recorded
   return p;
 }
 
@@ -213,6 +215,7 @@ std::string point_path(const std::string& dir, const std::string& id) { return d
 std::string plan_path(const std::string& dir, const std::string& id) { return dir + "/points/" + id + ".plan.json"; }
 
 struct SharedState {
+  std::string model_name;
   json config;
   std::string config_hash;
   std::vector<std::string> order;
@@ -224,7 +227,7 @@ struct SharedState {
 json shared_json(const SharedState& s) {
   json points = json::array();
   for (const SweepPointSpec& p : s.points) points.push_back(point_spec_json(p));
-  return {{"format", "gradq-sweep-shared"}, {"config", s.config},   {"config_hash", s.config_hash},
+  return {{"format", "gradq-sweep-shared"}, {"model_name", s.model_name}, {"config", s.config}, {"config_hash", s.config_hash},
           {"order", s.order},               {"order_hash", s.order_hash}, {"points", points},
           {"shared_seconds", s.shared_seconds}};
 }
@@ -235,6 +238,7 @@ std::optional<SharedState> read_shared(const std::string& dir) {
   const json j = parse_json_file(path, "gradq-sweep-shared");
   SharedState s;
   try {
+    s.model_name = j.value("model_name", "");
     s.config = j.at("config");
     s.config_hash = j.at("config_hash").get<std::string>();
     s.order = j.at("order").get<std::vector<std::string>>();
@@ -285,11 +289,13 @@ SweepPointResult point_result(const SweepPointSpec& spec, const QuantizeOutcome&
   p.same_top_rate = r.kl->same_top_rate;
   for (const PhaseTiming& phase : out.phases) p.passes += phase.passes;
   p.seconds = out.seconds;
+  p.tokens = r.tokens;
   return p;
 }
 
 SweepResult result_of(const std::string& dir, const SharedState& shared, const std::vector<SweepPointSpec>& points) {
   SweepResult r;
+  r.model_name = shared.model_name;
   r.config_json = shared.config.dump();
   r.order_hash = shared.order_hash;
   r.shared_seconds = shared.shared_seconds;
@@ -388,7 +394,9 @@ SweepResult SweepRunner::run(const std::string& dir) {
   shared.config = sweep_config(model_, calibration_, evaluation_, base, needs_order);
   shared.config_hash = Fingerprint().text(shared.config.dump()).hex();
   shared.points = options_.points;
+  shared.model_name = options_.model_name;
   if (std::optional<SharedState> earlier = read_shared(dir)) {
+    if (!earlier->model_name.empty()) shared.model_name = earlier->model_name;
     const std::vector<std::string> keys = differing_keys(earlier->config, shared.config);
     GRADQ_CHECK(keys.empty(), "{} holds a sweep of another configuration (it differs in: {}); use another directory",
                 dir, fmt::join(keys, ", "));
@@ -535,6 +543,7 @@ std::string sweep_json(const SweepResult& result) {
   for (const SweepPointResult& p : result.points) point_seconds += p.seconds;
   json j = {{"format", "gradq-sweep"},
             {"gradq_version", version()},
+            {"model_name", result.model_name},
             {"config", json::parse(result.config_json)},
             {"order_hash", result.order_hash},
             {"shared_seconds", result.shared_seconds},
@@ -544,12 +553,31 @@ std::string sweep_json(const SweepResult& result) {
   return j.dump(2) + "\n";
 }
 
+namespace {
+
+// The report's line about the configuration. It reads every configuration field that the report
+// and the regression gate use, so sweep_from_json calls it to refuse a report lacking one.
+std::string config_line(const json& config) {
+  // Sweeps before the allocator have no strategy: they searched progressively.
+  return fmt::format("Model {} · {} calibration and {} held-out windows of {} tokens · {} search, bits {} groups {} "
+                     "({}) · safety {}\n\n",
+                     config.at("model").get<std::string>(), config.at("calibration").at("windows").get<int64_t>(),
+                     config.at("evaluation").at("windows").get<int64_t>(), config.at("evaluation").at("ctx").get<int64_t>(),
+                     config.at("search").value("strategy", "progressive"), config.at("search").at("bits").dump(),
+                     config.at("search").at("group_sizes").dump(), config.at("search").at("method").get<std::string>(),
+                     config.at("safety").get<double>());
+}
+
+}  // namespace
+
 SweepResult sweep_from_json(const std::string& text) {
   SweepResult r;
   try {
     const json j = json::parse(text);
     GRADQ_CHECK(j.value("format", "") == "gradq-sweep", "expected a 'gradq-sweep' report, got format '{}'",
                 j.value("format", ""));
+    r.model_name = j.value("model_name", "");
+    config_line(j.at("config"));
     r.config_json = j.at("config").dump();
     r.order_hash = j.at("order_hash").get<std::string>();
     r.shared_seconds = j.at("shared_seconds").get<double>();
@@ -578,15 +606,8 @@ std::string sweep_csv(const SweepResult& result) {
 }
 
 std::string sweep_markdown(const SweepResult& result) {
-  const json config = json::parse(result.config_json);
   std::string md = "# gradq sweep\n\n";
-  md += fmt::format("Model {} · {} calibration and {} held-out windows of {} tokens · {} search, bits {} groups {} "
-                    "({}) · safety {}\n\n",
-                    config.at("model").get<std::string>(), config.at("calibration").at("windows").get<int64_t>(),
-                    config.at("evaluation").at("windows").get<int64_t>(), config.at("evaluation").at("ctx").get<int64_t>(),
-                    config.at("search").at("strategy").get<std::string>(), config.at("search").at("bits").dump(),
-                    config.at("search").at("group_sizes").dump(), config.at("search").at("method").get<std::string>(),
-                    config.at("safety").get<double>());
+  md += config_line(json::parse(result.config_json));
   md += "| point | budget | status | bits/weight | bytes | vs fp16 | held-out ppl | ppl change | KL mean | KL p99 | "
         "same top | seconds |\n";
   md += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
@@ -628,11 +649,22 @@ std::string pareto_svg(const SweepResult& result) {
   std::vector<ScatterSeries> searched;
   ScatterSeries unmet{"gradq, budget not met", {}, "#9e9e9e", false, true};
   ScatterSeries uniform{"uniform baselines", {}, kChartPalette[1], false, false};
+  ScatterSeries frontier{"Pareto frontier (all points)", {}, "#222222", true, false, false};
+  const std::vector<bool> on_frontier = result.pareto();
   double largest_budget = 0;
-  for (const SweepPointResult& p : result.points) {
+  std::set<int64_t> tokens;
+  std::vector<std::string> budgets;
+  for (size_t i = 0; i < result.points.size(); ++i) {
+    const SweepPointResult& p = result.points[i];
     const ScatterPoint point{p.bits_per_weight, 100 * p.ppl_increase,
                              p.budget ? fmt::format("{:+g}%", 100 * *p.budget) : p.spec};
-    if (p.budget) largest_budget = std::max({largest_budget, 100 * *p.budget, 100 * p.ppl_increase});
+    if (on_frontier[i]) frontier.points.push_back({point.x, point.y, ""});
+    if (p.budget) {
+      largest_budget = std::max({largest_budget, 100 * *p.budget, 100 * p.ppl_increase});
+      const std::string label = fmt::format("{:+g}%", 100 * *p.budget);
+      if (std::find(budgets.begin(), budgets.end(), label) == budgets.end()) budgets.push_back(label);
+    }
+    tokens.insert(p.tokens);
     if (p.kind == "uniform" || !p.met) {
       (p.kind == "uniform" ? uniform : unmet).points.push_back(point);
       continue;
@@ -648,12 +680,23 @@ std::string pareto_svg(const SweepResult& result) {
   }
   // Baselines far beyond every budget (2-bit ones reach +1000%) would flatten the frontier.
   if (largest_budget > 0) chart.y_max = 2 * largest_budget;
+  auto by_x = [](const ScatterPoint& a, const ScatterPoint& b) { return a.x < b.x; };
+  std::sort(frontier.points.begin(), frontier.points.end(), by_x);
+  if (!frontier.points.empty()) chart.series.push_back(frontier);
   for (ScatterSeries& s : searched) {
-    std::sort(s.points.begin(), s.points.end(), [](const ScatterPoint& a, const ScatterPoint& b) { return a.x < b.x; });
+    std::sort(s.points.begin(), s.points.end(), by_x);
     chart.series.push_back(s);
   }
   for (ScatterSeries* s : {&unmet, &uniform})
     if (!s->points.empty()) chart.series.push_back(*s);
+  // Every point is evaluated on the same held-out windows; several counts mean mixed sweeps.
+  tokens.erase(0);
+  chart.notes.push_back(fmt::format("model {}; perplexity budgets {} (labels: budget or format)",
+                                    result.model_name.empty() ? "(unnamed)" : result.model_name,
+                                    budgets.empty() ? "none" : fmt::to_string(fmt::join(budgets, ", "))));
+  chart.notes.push_back(fmt::format("evaluated on {} held-out tokens per point; y: achieved change against the "
+                                    "full-precision model",
+                                    tokens.empty() ? "an unrecorded number of" : fmt::to_string(fmt::join(tokens, " / "))));
   return render_scatter_chart(chart);
 }
 

@@ -65,9 +65,11 @@ struct SweepPointResult {
   double kl_mean = 0, kl_median = 0, kl_p99 = 0, kl_max = 0, same_top_rate = 0;
   int64_t passes = 0;              ///< forward passes the point itself ran
   double seconds = 0;
+  int64_t tokens = 0;              ///< held-out tokens the point was evaluated on (0: not recorded)
 };
 
 struct SweepResult {
+  std::string model_name;    ///< SweepOptions::model_name of the run that made the directory
   std::string config_json;   ///< shared.json's "config" (compact JSON text)
   std::string order_hash;    ///< fingerprint of the search order every budget point used
   double shared_seconds = 0; ///< reference + analysis, measured once for the whole sweep
@@ -81,6 +83,9 @@ struct SweepResult {
 
 struct SweepOptions {
   std::vector<SweepPointSpec> points;
+  /// How the report and the Pareto plot name the model (the CLI: its path); not part of the
+  /// configuration, so a resumed run may name it otherwise (the first name is kept).
+  std::string model_name;
   Shard shard;
   /// Every point's quantizer options: budget.max_ppl_increase is set per point; a plan, dynamic
   /// policy or on_progress given here is refused. `order` or `analysis_path` replace the analysis.

@@ -1,8 +1,9 @@
 #pragma once
 // The C ABI between libgradq and libgradq_spm.so, the only code that links SentencePiece.
 //
-// Why a C ABI: the shim is dlopen()ed with RTLD_DEEPBIND so that Debian's libsentencepiece (which
-// exports its bundled protobuf) never binds to the protobuf libtorch loads. Nothing C++ crosses the
+// Why a C ABI: the shim is loaded into a link-map namespace of its own (dlmopen, tokenizer.cpp) so
+// that Debian's libsentencepiece (which exports its bundled protobuf) never binds to the protobuf
+// libtorch loads; the namespace has its own libc and libstdc++. Nothing C++ crosses the
 // boundary: no exceptions, no std:: types, and memory the shim allocates is freed by the shim.
 // Every function that can fail returns 0 on success, or non-zero with a NUL-terminated message in
 // the caller's `err` buffer (truncated to `err_len`).

@@ -65,10 +65,13 @@ SpmApi open_shim() {
       tried += fmt::format("\n  {}: no such file", path);
       continue;
     }
-    // RTLD_DEEPBIND: the shim and libsentencepiece resolve their own symbols (notably the bundled
-    // protobuf) before the global scope, where libtorch's protobuf lives. RTLD_LOCAL keeps theirs
-    // out of the global scope in turn.
-    void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+    // A link-map namespace of its own (dlmopen LM_ID_NEWLM): the shim, libsentencepiece and its
+    // bundled protobuf resolve symbols only among themselves and their own copies of libc and
+    // libstdc++, so they never bind to the protobuf libtorch loads (plain dlopen aborts in
+    // protobuf's version check) nor libtorch to theirs. This replaced RTLD_DEEPBIND, which gave the
+    // same isolation but which AddressSanitizer refuses; the namespace works in every build. Nothing
+    // but the C ABI crosses the boundary, and the shim frees what it allocates (spm_shim.h).
+    void* lib = dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
       const char* why = dlerror();
       tried += fmt::format("\n  {}: {}", path, why ? why : "dlopen failed");

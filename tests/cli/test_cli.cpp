@@ -243,12 +243,12 @@ TEST(Cli, OutputsAreOneSet) {
                              dir + "/fq.pt --report " + dir + "/report.json");
   ASSERT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("wrote " + dir + "/q.pt, " + dir + "/fq.pt, " + dir + "/plan.json, " + dir + "/report.json, " +
-                     dir + "/report-blocks.svg, " + dir + "/report-levels.svg\n"),
+                     dir + "/report-blocks.svg, " + dir + "/report-levels.svg, " + dir + "/report-formats.svg\n"),
             std::string::npos) << out;
   std::set<std::string> names;
   for (const auto& e : fs::directory_iterator(dir)) names.insert(e.path().filename().string());
   EXPECT_EQ(names, (std::set<std::string>{"q.pt", "fq.pt", "plan.json", "report.json", "report-blocks.svg",
-                                          "report-levels.svg"}));
+                                          "report-levels.svg", "report-formats.svg"}));
 
   const std::string before = read_file(dir + "/q.pt");
   const int fd = ::open((dir + "/.q.pt.tmp.4242").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);

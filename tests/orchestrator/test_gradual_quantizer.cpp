@@ -79,7 +79,7 @@ TEST(GradualQuantizer, HarnessRunMeetsTheBudgetAndLeavesTheModelAsItWas) {
   EXPECT_DOUBLE_EQ(heldout.evaluate(packed).ppl.value, out.heldout->ppl.value);
   const std::string report = quantize_report_json(f.model, out, {});
   EXPECT_NE(report.find("\"bits_per_weight\""), std::string::npos);
-  EXPECT_NE(bits_per_block_svg(f.model, out).find("<svg"), std::string::npos);
+  EXPECT_NE(bits_per_block_svg(f.model, out, {}).find("<svg"), std::string::npos);
 
   // Same inputs, same plan; re-applying the plan gives the same quantized tensors.
   const QuantizeOutcome again = f.run(f.options(0.05));
@@ -371,7 +371,7 @@ TEST(QuantizeCli, DefaultSearchAndUnmeetableBudget) {
   const std::string report = read_file(dir + "/r.json");
   EXPECT_NE(report.find("\"strategy\": \"allocate\""), std::string::npos) << "the default search";
   EXPECT_NE(read_file(dir + "/plan.json").find("\"gptq\""), std::string::npos) << "the default rounding";
-  for (const char* f : {"q.pt", "r.json", "r-blocks.svg", "r-levels.svg", "plan.json"})
+  for (const char* f : {"q.pt", "r.json", "r-blocks.svg", "r-levels.svg", "r-formats.svg", "plan.json"})
     EXPECT_TRUE(fs::exists(dir + "/" + f)) << f;
   auto [grc, gout] = test::run(test::cli() + " generate --model " + dir + "/q.pt --steps 10 --threads 1");
   EXPECT_EQ(grc, 0) << gout;

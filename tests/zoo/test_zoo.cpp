@@ -11,8 +11,10 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
+#include "common/error.h"
 #include "common/files.h"
 #include "model/causal_lm.h"
 #include "support/test_support.h"
@@ -199,6 +201,27 @@ TEST(ZooTorch2, OpOfPyTorch2RunsOrFailsNamingTheVersion) {
         << out;
     EXPECT_NE(out.find("scaled_dot_product_attention"), std::string::npos) << out;  // what 1.13 lacks
     EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << "expected one line, got:\n" << out;
+  }
+}
+
+// CausalLM::load from a stream (what fuzz_torchscript calls) shares the file load's error path: on
+// the 1.13 line it too must tell a PyTorch 2.x file apart, which rereads the stream after the failed load.
+TEST(ZooTorch2, StreamLoadRunsOrFailsNamingTheVersion) {
+  const std::string path = torch2_path("sdpa_script");
+  std::ifstream in(path, std::ios::binary);
+  ASSERT_TRUE(in) << path;
+  if (TORCH_VERSION_MAJOR >= 2) {
+    const CausalLM model = CausalLM::load(in, path);
+    EXPECT_GT(model.logits(at::ones({1, 4}, at::kLong)).abs().max().item<double>(), 0.0);
+    return;
+  }
+  try {
+    CausalLM::load(in, path);
+    FAIL() << "loaded " << path << " on libtorch 1.x";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("written by PyTorch 2.x and this gradq is built against libtorch 1.13"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("scaled_dot_product_attention"), std::string::npos) << msg;
   }
 }
 
