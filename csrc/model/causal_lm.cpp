@@ -331,13 +331,9 @@ const ModelStages* CausalLM::stages() const {
     // A probe long enough for attention over several positions; token ids spread over the vocabulary.
     at::Tensor probe = (at::arange(16, at::kLong) * 7919).remainder(vocab_size_).unsqueeze(0);
     std::string why;
-    // Split from the instrumented graph: its taps are identities except while statistics are
-    // collected, which lets capture_block_input_stats() run one block alone.
-    try {
-      stages_ = GraphStages::split(module_, instrumented_forward_graph(), prefixes, probe, &why);
-    } catch (const c10::Error& e) {
-      why = fmt::format("its forward cannot be inlined: {}", std::string(e.what_without_backtrace()).substr(0, 200));
-    }
+    // Split with the taps in: they are identities except while statistics are collected, which lets
+    // capture_block_input_stats() run one block alone.
+    stages_ = GraphStages::split(module_, prefixes, probe, &why, [this](torch::jit::Graph& g) { insert_taps(g); });
     stages_reason_ = stages_ ? std::string() : why;
   }
   return stages_.get();
@@ -431,7 +427,9 @@ void CausalLM::restore_all() {
 std::map<std::string, InputStats> CausalLM::capture_input_stats(const at::Tensor& tokens, int64_t batch,
                                                                  bool with_xtx) const {
   GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
-  torch::jit::GraphFunction instrumented("gradq_instrumented_forward", instrumented_forward_graph(), nullptr);
+  auto graph = inlined_forward_graph(module_);
+  insert_taps(*graph);
+  torch::jit::GraphFunction instrumented("gradq_instrumented_forward", graph, nullptr);
   std::vector<InputStats> stats(weights_.size());
   collect_taps(stats, with_xtx, [&] {
     for (int64_t b = 0; b < tokens.size(0); b += batch) {
@@ -465,9 +463,8 @@ std::map<std::string, InputStats> CausalLM::capture_block_input_stats(int64_t bl
   return out;
 }
 
-std::shared_ptr<torch::jit::Graph> CausalLM::instrumented_forward_graph() const {
-  auto graph = inlined_forward_graph(module_);
-  auto paths = attribute_paths(*graph);
+void CausalLM::insert_taps(torch::jit::Graph& graph) const {
+  auto paths = attribute_paths(graph);
   std::map<std::string, size_t> slot_of;
   for (size_t i = 0; i < weights_.size(); ++i) slot_of[weights_[i].name] = i;
 
@@ -481,13 +478,12 @@ std::shared_ptr<torch::jit::Graph> CausalLM::instrumented_forward_graph() const 
     for (const MatmulUse& use : matmul_uses(value)) {
       torch::jit::WithInsertPoint guard(use.node);
       torch::jit::Value* x = use.node->input(use.activation_input);
-      torch::jit::Value* slot_value = graph->insertConstant(static_cast<int64_t>(slot));
-      torch::jit::Node* tap_node = graph->insertNode(graph->create(tap_symbol, {x, slot_value}, 1));
+      torch::jit::Value* slot_value = graph.insertConstant(static_cast<int64_t>(slot));
+      torch::jit::Node* tap_node = graph.insertNode(graph.create(tap_symbol, {x, slot_value}, 1));
       tap_node->output()->setType(x->type());
       use.node->replaceInput(use.activation_input, tap_node->output());
     }
   }
-  return graph;
 }
 
 }  // namespace gradq

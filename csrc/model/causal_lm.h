@@ -143,9 +143,9 @@ class CausalLM {
 
  private:
   void analyze(const AdapterOptions& options);
-  /// The inlined forward graph with a tap (an identity that records its input while statistics are
-  /// collected) in front of every matmul a quantizable weight feeds.
-  std::shared_ptr<torch::jit::Graph> instrumented_forward_graph() const;
+  /// Inserts into an inlined forward graph a tap (an identity that records its input while
+  /// statistics are collected) in front of every matmul a quantizable weight feeds.
+  void insert_taps(torch::jit::Graph& graph) const;
   void hold_in_compute_dtype();
 
   mutable torch::jit::Module module_;

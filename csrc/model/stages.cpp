@@ -108,26 +108,20 @@ GraphStages::GraphStages(torch::jit::Module module, std::vector<std::shared_ptr<
 
 std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module,
                                                 const std::vector<std::string>& block_prefixes,
-                                                const at::Tensor& probe_tokens, std::string* why) {
-  std::shared_ptr<Graph> graph;
-  try {
-    graph = inlined_forward_graph(module);
-  } catch (const c10::Error& e) {
-    if (why)
-      *why = fmt::format("its forward cannot be inlined: {}", std::string(e.what_without_backtrace()).substr(0, 200));
-    return nullptr;
-  }
-  return split(module, std::move(graph), block_prefixes, probe_tokens, why);
-}
-
-std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module, std::shared_ptr<Graph> graph,
-                                                const std::vector<std::string>& block_prefixes,
-                                                const at::Tensor& probe_tokens, std::string* why) {
+                                                const at::Tensor& probe_tokens, std::string* why,
+                                                const std::function<void(Graph&)>& instrument) {
   auto fail = [&](std::string reason) {
     if (why) *why = std::move(reason);
     return std::unique_ptr<GraphStages>();
   };
   if (block_prefixes.empty()) return fail("the model has no numbered blocks");
+  std::shared_ptr<Graph> graph;
+  try {
+    graph = inlined_forward_graph(module);
+    if (instrument) instrument(*graph);
+  } catch (const c10::Error& e) {
+    return fail(fmt::format("its forward cannot be inlined: {}", std::string(e.what_without_backtrace()).substr(0, 200)));
+  }
   if (graph->inputs().size() != 2 || graph->outputs().size() != 1)
     return fail(fmt::format("forward takes {} inputs and returns {} values; expected (self, tokens) -> logits",
                             graph->inputs().size(), graph->outputs().size()));

@@ -13,6 +13,7 @@
 
 #include <torch/script.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -56,15 +57,12 @@ class GraphStages : public ModelStages {
   /// `block_prefixes[i]`: the attribute path of block i ("layers.3"); `probe_tokens`: an input the
   /// staged and whole forward are compared on. Returns null and sets `*why` (one line) when the
   /// graph cannot be split this way.
+  /// `instrument`, when given, is applied to the inlined graph before it is split; it may only add
+  /// operations that leave the graph's values unchanged (CausalLM's input taps).
   static std::unique_ptr<GraphStages> split(const torch::jit::Module& module,
                                             const std::vector<std::string>& block_prefixes,
-                                            const at::Tensor& probe_tokens, std::string* why);
-  /// As above, splitting `forward`: the module's inlined forward graph (graph_utils.h) with
-  /// operations added that leave its values unchanged, such as CausalLM's input taps.
-  static std::unique_ptr<GraphStages> split(const torch::jit::Module& module,
-                                            std::shared_ptr<torch::jit::Graph> forward,
-                                            const std::vector<std::string>& block_prefixes,
-                                            const at::Tensor& probe_tokens, std::string* why);
+                                            const at::Tensor& probe_tokens, std::string* why,
+                                            const std::function<void(torch::jit::Graph&)>& instrument = {});
 
   int64_t num_blocks() const override { return static_cast<int64_t>(stages_.size()) - 2; }
   StageState embed(const at::Tensor& tokens) const override;
