@@ -36,17 +36,21 @@ for shape in $shapes; do
   bin=$work/r${dim}_l${layers}.bin; pt=$work/r${dim}_l${layers}.pt
   [ -f "$bin" ] || python3 tools/make_random_llama2c.py --dim "$dim" --layers "$layers" -o "$bin" > /dev/null
   [ -f "$pt" ] || "$gradq" convert "$bin" -o "$pt" > /dev/null
-  analysis=$work/a_$shape.json
-  if [ ! -f "$analysis" ]; then
-    /usr/bin/time -v "$gradq" analyze --model "$pt" --threads 1 -o "$analysis" $extra > "$work/analyze_$shape.out" 2> "$work/analyze_$shape.time"
-  fi
   weights=$((7 * layers))
-  a_cpu=$(cpu_of "$work/analyze_$shape.time")
+  analysis_arg=() a_cpu=0 a_rss=-
+  if [[ $search == *progressive* ]]; then  # only the progressive search reads an analysis
+    analysis=$work/a_$shape.json
+    if [ ! -f "$analysis" ]; then
+      /usr/bin/time -v "$gradq" analyze --model "$pt" --threads 1 -o "$analysis" $extra > "$work/analyze_$shape.out" 2> "$work/analyze_$shape.time"
+    fi
+    analysis_arg=(--analysis "$analysis")
+    a_cpu=$(cpu_of "$work/analyze_$shape.time") a_rss=$(rss_of "$work/analyze_$shape.time")
+  fi
   for m in $measures; do
     report=$work/r_${shape}_$m.json
-    /usr/bin/time -v "$gradq" quantize --model "$pt" --threads 1 --analysis "$analysis" --search-measure "$m" \
+    /usr/bin/time -v "$gradq" quantize --model "$pt" --threads 1 "${analysis_arg[@]}" --search-measure "$m" \
       $search -o "$work/q_${shape}_$m.pt" --report "$report" $extra > "$work/quantize_${shape}_$m.out" 2> "$work/quantize_${shape}_$m.time" || true
-    python3 - "$report" "$shape" "$weights" "$a_cpu" "$(rss_of "$work/analyze_$shape.time")" \
+    python3 - "$report" "$shape" "$weights" "$a_cpu" "$a_rss" \
       "$(rss_of "$work/quantize_${shape}_$m.time")" "$m" <<'EOF'
 import json, sys
 report, shape, weights, a_cpu, a_rss, q_rss, m = sys.argv[1:]

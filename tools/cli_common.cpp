@@ -64,7 +64,7 @@ void add_search_options(cxxopts::Options& options) {
       ("encodings", "side information of the candidates, each with every group size: asym (b-bit zero points), z8 (8-bit zero points), s (symmetric), k6, k8 (sub-scales)", cxxopts::value<std::string>()->default_value("asym"))
       ("method", "rounding: rtn (round to nearest), clip (activation-weighted clipping search), gptq (GPTQ with clipped static groups) or trained (learned rounding)", cxxopts::value<std::string>()->default_value(rounding_method_name(SearchOptions{}.method)))
       ("gptq-damp", "GPTQ's dampening, a fraction of the mean diagonal of the Hessian", cxxopts::value<double>()->default_value("0.01"))
-      ("search-measure", "how candidates are measured on a model split into blocks: local (its block's output error predicts the KL; accepted changes confirmed together by exact passes) or exact (every candidate from its block to the logits)", cxxopts::value<std::string>()->default_value("exact"))
+      ("search-measure", "how candidates are measured on a model split into blocks: local (its block's output error times a per-block factor predicts the KL: one block per candidate, whatever the depth) or exact (every candidate from its block to the logits). Default: local for --search allocate (its curves; every plan is then measured whole), exact for progressive (whose steps are decided one by one; local ones are confirmed together by exact passes)", cxxopts::value<std::string>())
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
       ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
       ("candidate-cache-mb", "MiB of quantized candidates the search keeps for reuse (a sweep's points share them); least recently used dropped first", cxxopts::value<int64_t>()->default_value("256"))
@@ -107,7 +107,8 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
     throw Error(fmt::format("--search: {}", e.what()));
   }
   try {
-    q.search.measurement = parse_candidate_measurement(args["search-measure"].as<std::string>());
+    if (args.count("search-measure"))
+      q.search.measurement = parse_candidate_measurement(args["search-measure"].as<std::string>());
   } catch (const Error& e) {
     throw Error(fmt::format("--search-measure: {}", e.what()));
   }

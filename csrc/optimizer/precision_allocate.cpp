@@ -2,8 +2,12 @@
 // (SearchStrategy::kAllocate).
 //
 //   curves    every weight alone at every candidate (the search's widths x group sizes x encodings,
-//             its rounding method, prune when allowed), the rest at fp16: the KL it adds, measured
-//             exactly from its block (allocator.h)
+//             its rounding method, prune when allowed), the rest at fp16: the KL it adds (allocator.h),
+//             measured exactly from its block (kExact: a candidate reruns every block after its own,
+//             so the cost per weight grows with depth), or predicted from its block's output error
+//             (kLocal: the block alone, times a KL-per-error factor that one exact measurement per
+//             block calibrates, with all the block's weights at a middle width; the cost per weight
+//             stays flat in depth but for that one measurement per block)
 //   target    the allocator's plan for a predicted-KL target t, measured by a whole pass; t is
 //             bracketed and bisected (geometrically) for the largest t whose plan meets the budget /
 //             safety on the calibration windows. This corrects the sum of single-weight KLs for the
@@ -31,7 +35,9 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   const auto start = Clock::now();
   SearchResult result;
   const ModelStages* stages = model_.stages();
-  result.measurement = stages ? "exact" : "whole (" + model_.stages_unavailable_reason() + ")";
+  result.measurement = stages ? candidate_measurement_name(options_.measurement_used())
+                              : "whole (" + model_.stages_unavailable_reason() + ")";
+  const bool local = stages && options_.measurement_used() == CandidateMeasurement::kLocal;
   SearchProgress progress;
   auto report = [&](std::string detail) {
     progress.passes = result.passes;
@@ -82,16 +88,54 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     progress.unit = total;
     report("curves: measured by an earlier search with the same model, windows and options");
   }
+  // Local measurement: KL added per unit of block output error, by block (NaN: not calibrated yet).
+  const int64_t blocks = stages ? stages->num_blocks() : 0;
+  std::vector<double> factors(blocks, std::numeric_limits<double>::quiet_NaN());
+  if (static_cast<int64_t>(options_.local_factors.size()) == blocks) factors = options_.local_factors;
+  auto block_error = [&](int64_t b) { return this->block_error(*cache, b, result); };
+  // Block b's factor from one exact measurement: each of its weights that has an option at the
+  // middle width of the search (4 of 8, 4, 2) at its cheapest such option, all together, so that the
+  // KL is well above the noise of the windows. The factor is a ratio, so how far the calibration
+  // point is from the candidates matters only where KL stops growing in proportion to the error.
+  const int middle_bits = options_.bits[options_.bits.size() / 2];
+  auto calibrate = [&](int64_t b) {
+    std::vector<std::string> changed;
+    for (const WeightInfo& w : model_.weights()) {
+      if (first_stage(w.name) != b) continue;
+      const Option* pick = nullptr;
+      for (const Option& o : options.at(w.name))
+        if (o.spec.is_integer() && o.spec.bits() == middle_bits &&
+            (!pick || o.spec.storage_bytes(w.out_features, w.in_features) <
+                          pick->spec.storage_bytes(w.out_features, w.in_features)))
+          pick = &o;
+      if (!pick) continue;
+      model_.set_weight(w.name, candidate(w.name, pick->spec, pick->method).dequantize());
+      changed.push_back(w.name);
+    }
+    if (changed.empty()) return;
+    const double error = block_error(b);
+    const double added = evaluate_from(cache.get(), b, trials, result).kl->mean.value - base_kl;
+    if (error > 0 && added > 0) factors[b] = added / error;
+    for (const std::string& name : changed) model_.set_weight(name, candidate(name, fp16, RoundingMethod::kRtn).dequantize());
+    report(fmt::format("curves: block {} calibrated, {} weights at {} bits add KL {:.5f}, {:.3g} per unit of output error",
+                       b, changed.size(), middle_bits, added, factors[b]));
+  };
   for (const WeightInfo& w : model_.weights()) {
     if (reuse_curves) break;
     const QuantizedTensor& start_state = candidate(w.name, fp16, RoundingMethod::kRtn);
     std::vector<CurvePoint>& curve = result.curves[w.name];
     curve.push_back({fp16, RoundingMethod::kRtn, start_state.storage_bytes(), 0.0});
+    const int64_t b = first_stage(w.name);
+    const bool in_block = local && b >= 0 && b < blocks;
+    if (in_block && std::isnan(factors[b])) calibrate(b);
+    // Without a factor (its calibration measured no KL) the block is measured exactly.
+    const bool predict = in_block && !std::isnan(factors[b]);
     for (const Option& o : options.at(w.name)) {
       const QuantizedTensor& q = candidate(w.name, o.spec, o.method);
       model_.set_weight(w.name, q.dequantize());
-      const EvalResult r = evaluate_from(cache.get(), first_stage(w.name), trials, result);
-      curve.push_back({o.spec, o.method, q.storage_bytes(), r.kl->mean.value - base_kl});
+      const double kl = predict ? factors[b] * block_error(b)
+                                : evaluate_from(cache.get(), b, trials, result).kl->mean.value - base_kl;
+      curve.push_back({o.spec, o.method, q.storage_bytes(), kl});
       progress.unit = ++done;
       if (done % 16 == 0 || done == total)
         report(fmt::format("curves: {} at {} adds KL {:.5f}", w.name, o.spec.name(), curve.back().kl));
@@ -222,55 +266,68 @@ std::vector<ValidationStep> PrecisionOptimizer::verify_and_repair(
   std::vector<ValidationStep> steps;
   for (const auto& [name, q] : searched.weights) model_.set_weight(name, q.dequantize());
   measured = evaluator.evaluate(model_);
-  // Moves `name` to hull point `to` and measures; keeps it when `keep(result)` says so.
-  auto move = [&](const std::string& name, size_t to, int64_t candidates, auto keep) {
-    const CurvePoint& p = a.hulls.at(name)[to];
-    const QuantizedTensor before = searched.weights.at(name);
-    const QuantizedTensor& after = candidate(name, p.spec, p.method);
-    model_.set_weight(name, after.dequantize());
-    const bool down = to < a.choice.at(name);
-    EvalResult r = evaluator.evaluate(model_);
-    ValidationStep step{name, before.spec.name(), after.spec.name(), measured.kl->mean.value, r.kl->mean.value,
-                        8.0 * double(after.storage_bytes() - before.storage_bytes()), candidates, keep(r)};
-    if (step.kept) {
-      a.bytes += p.bytes - a.chosen(name).bytes;
-      a.predicted_kl += p.kl - a.chosen(name).kl;
-      a.choice[name] = to;
-      searched.weights[name] = after;
-      auto& history = searched.history[name];
-      if (down) {
-        history.push_back(after);
-      } else if (history.size() > 1) {
-        history.pop_back();
-      }
-      for (PlanEntry& e : searched.plan.entries)
-        if (e.name == name) e = {name, p.spec, p.method, std::nan("")};
-      measured = std::move(r);
-    } else {
-      model_.set_weight(name, before.dequantize());
+  int64_t passes = 0;
+  using Move = std::pair<std::string, size_t>;  // weight, hull point
+  // Makes `moves` together and measures once; keeps them all when `keep(result)` says so, else puts
+  // them all back.
+  auto apply = [&](const std::vector<Move>& moves, int64_t candidates, auto keep) {
+    std::vector<QuantizedTensor> before, after;
+    for (const auto& [name, to] : moves) {
+      const CurvePoint& p = a.hulls.at(name)[to];
+      before.push_back(searched.weights.at(name));
+      after.push_back(candidate(name, p.spec, p.method));
+      model_.set_weight(name, after.back().dequantize());
     }
-    steps.push_back(step);
-    if (on_step) on_step(step);
-    return step.kept;
+    EvalResult r = evaluator.evaluate(model_);
+    const bool kept = keep(r);
+    ++passes;
+    for (size_t i = 0; i < moves.size(); ++i) {
+      const auto& [name, to] = moves[i];
+      const CurvePoint& p = a.hulls.at(name)[to];
+      ValidationStep step{name, before[i].spec.name(), after[i].spec.name(), measured.kl->mean.value, r.kl->mean.value,
+                          8.0 * double(after[i].storage_bytes() - before[i].storage_bytes()), candidates, kept, passes};
+      if (kept) {
+        const bool down = to < a.choice.at(name);
+        a.bytes += p.bytes - a.chosen(name).bytes;
+        a.predicted_kl += p.kl - a.chosen(name).kl;
+        a.choice[name] = to;
+        searched.weights[name] = after[i];
+        auto& history = searched.history[name];
+        if (down) {
+          history.push_back(after[i]);
+        } else if (history.size() > 1) {
+          history.pop_back();
+        }
+        for (PlanEntry& e : searched.plan.entries)
+          if (e.name == name) e = {name, p.spec, p.method, std::nan("")};
+      } else {
+        model_.set_weight(name, before[i].dequantize());
+      }
+      steps.push_back(step);
+      if (on_step) on_step(step);
+    }
+    if (kept) measured = std::move(r);
+    return kept;
   };
-  // Over budget: upgrades, the most predicted KL recovered per byte first.
-  while (!budget_.quality_met(measured)) {
-    std::string best;
-    double best_rate = -INFINITY;
-    int64_t candidates = 0;
+  // Over budget: upgrades, the most predicted KL recovered per byte first, 1, 2, 4, ... per pass.
+  for (size_t group = 1; !budget_.quality_met(measured); group *= 2) {
+    std::vector<std::pair<double, std::string>> upgrades;
     for (const auto& [name, i] : a.choice) {
       const auto& hull = a.hulls.at(name);
-      if (i + 1 >= hull.size()) continue;
-      ++candidates;
-      const double rate = kl_per_byte(hull[i], hull[i + 1]);
-      if (rate > best_rate) best_rate = rate, best = name;
+      if (i + 1 < hull.size()) upgrades.emplace_back(kl_per_byte(hull[i], hull[i + 1]), name);
     }
-    if (best.empty()) break;  // every weight at its most accurate point
-    move(best, a.choice.at(best) + 1, candidates, [](const EvalResult&) { return true; });
+    if (upgrades.empty()) break;  // every weight at its most accurate point
+    std::stable_sort(upgrades.begin(), upgrades.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+    std::vector<Move> moves;
+    for (size_t i = 0; i < std::min(group, upgrades.size()); ++i)
+      moves.emplace_back(upgrades[i].second, a.choice.at(upgrades[i].second) + 1);
+    apply(moves, static_cast<int64_t>(upgrades.size()), [](const EvalResult&) { return true; });
   }
   // Within budget: downgrades, the least predicted KL per byte saved first, each kept only when the
-  // budget holds above the measurement by repair_confidence standard errors. None once a memory
-  // target is met (the plan is then the least KL at that size).
+  // budget holds above the measurement by repair_confidence standard errors. Groups double after a
+  // kept one until one fails, then halve after each failure and stop growing: past the first failure
+  // the plan is near the limit, where a larger group mostly fails and costs a pass. None once a
+  // memory target is met (the plan is then the least KL at that size).
   int64_t fp16_bytes = 0;
   for (const WeightInfo& w : model_.weights()) fp16_bytes += 2 * w.numel();
   const bool target_met = budget_.target_memory_reduction &&
@@ -291,14 +348,26 @@ std::vector<ValidationStep> PrecisionOptimizer::verify_and_repair(
     };
     for (const auto& [name, i] : a.choice) push_next(name);
     int64_t failures = 0;
+    size_t group = 1;
+    bool near_limit = false;  // a group has failed
     while (!queue.empty() && failures < options_.repair_failures) {
-      const std::string name = queue.top().second;
-      queue.pop();
-      if (move(name, a.choice.at(name) - 1, 1, [&](const EvalResult& r) { return within_with_margin(r); })) {
+      std::vector<Move> moves;
+      while (!queue.empty() && moves.size() < group) {
+        const std::string name = queue.top().second;
+        queue.pop();
+        moves.emplace_back(name, a.choice.at(name) - 1);
+      }
+      if (apply(moves, 1, within_with_margin)) {
         failures = 0;
-        push_next(name);
+        for (const Move& m : moves) push_next(m.first);
+        if (!near_limit) group *= 2;
+      } else if (moves.size() == 1) {
+        ++failures;  // this downgrade is dropped
+        near_limit = true;
       } else {
-        ++failures;
+        for (const Move& m : moves) push_next(m.first);  // tried again in smaller groups
+        group = moves.size() / 2;
+        near_limit = true;
       }
     }
   }

@@ -75,6 +75,11 @@ CandidateMeasurement parse_candidate_measurement(const std::string& name) {
 
 QuantSpec search_start_spec() { return QuantSpec{QuantLevel::kFp16}; }
 
+CandidateMeasurement SearchOptions::measurement_used() const {
+  if (measurement) return *measurement;
+  return strategy == SearchStrategy::kAllocate ? CandidateMeasurement::kLocal : CandidateMeasurement::kExact;
+}
+
 void SearchOptions::validate() const {
   GRADQ_CHECK(!bits.empty(), "the search needs at least one bit width");
   for (size_t i = 0; i < bits.size(); ++i) {
@@ -189,6 +194,14 @@ EvalResult PrecisionOptimizer::evaluate_from(BlockInputCache* cache, int64_t fro
   });
 }
 
+double PrecisionOptimizer::block_error(const BlockInputCache& cache, int64_t b, SearchResult& result) const {
+  ++result.local_measurements;
+  ++result.blocks_run;
+  result.blocks_whole += cache.num_blocks();
+  const at::Tensor window_tokens = evaluator_.scored_tokens_per_window();
+  return token_weighted_mean(cache.local_error(b), window_tokens, 0, window_tokens.size(0));
+}
+
 SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
                                         const std::function<void(const SearchProgress&)>& on_progress) {
   const auto start = Clock::now();
@@ -214,11 +227,11 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   std::unique_ptr<BlockInputCache> block_cache;
   if (stages) {
     block_cache = std::make_unique<BlockInputCache>(*stages, evaluator_.windows().inputs, evaluator_.batch());
-    result.measurement = candidate_measurement_name(options_.measurement);
+    result.measurement = candidate_measurement_name(options_.measurement_used());
   } else {
     result.measurement = "whole (" + model_.stages_unavailable_reason() + ")";
   }
-  const bool local = block_cache && options_.measurement == CandidateMeasurement::kLocal;
+  const bool local = block_cache && options_.measurement_used() == CandidateMeasurement::kLocal;
   const int64_t blocks = stages ? stages->num_blocks() : 0;
   std::vector<BlockInputCache::Trial> trials;
   auto evaluate_from = [&](int64_t from) { return this->evaluate_from(block_cache.get(), from, trials, result); };
@@ -271,7 +284,6 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::vector<double> factors(blocks, nan);
   if (static_cast<int64_t>(options_.local_factors.size()) == blocks) factors = options_.local_factors;
-  const at::Tensor window_tokens = evaluator_.scored_tokens_per_window();
   std::vector<double> pending_error(blocks, 0.0);  // local error of each block's unconfirmed changes
   struct Pending {
     std::string name;
@@ -282,12 +294,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   std::vector<Pending> pending;
   double kl_scale = 1.0;     // measured / predicted, updated at every confirmation
   double nll_per_kl = 1.0;   // log(PPL / PPL_ref) per nat of KL, from the last confirmation
-  auto block_error = [&](int64_t b) {
-    ++result.local_measurements;
-    ++result.blocks_run;
-    result.blocks_whole += blocks;
-    return token_weighted_mean(block_cache->local_error(b), window_tokens, 0, window_tokens.size(0));
-  };
+  auto block_error = [&](int64_t b) { return this->block_error(*block_cache, b, result); };
   auto pending_kl = [&] {
     double kl = 0;
     for (int64_t b = 0; b < blocks; ++b)

@@ -101,10 +101,15 @@ struct SearchOptions {
   std::shared_ptr<ErrorCurves> shared_curves;
   /// Byte budget of the search's own candidate cache (optimizer/candidate_cache.h).
   int64_t candidate_cache_bytes = CandidateCache::kDefaultMaxBytes;
-  /// With stages (else whole passes). Exact is the default: on stories260K at +5% perplexity, local
-  /// gives 5.63 bits per weight against exact's 4.83 (perplexity moves apart from the KL that local
-  /// errors predict; docs/BENCHMARKS.md); with a KL budget both give the same plan.
-  CandidateMeasurement measurement = CandidateMeasurement::kExact;
+  /// With stages (else whole passes). Unset: the strategy's own (measurement_used()). The progressive
+  /// search measures exactly: on stories260K at +5% perplexity, local gives it 5.63 bits per weight
+  /// against exact's 4.83 (each step is decided on a prediction; docs/BENCHMARKS.md). The allocator's
+  /// curves are local: only predictions either way, its decisions are whole-plan measurements, and
+  /// local curves cost one block per candidate instead of the blocks after it, for the same plan
+  /// within 0.003 bits per weight on stories260K (docs/BENCHMARKS.md, "Cost against depth").
+  std::optional<CandidateMeasurement> measurement;
+  /// `measurement`, or the default of `strategy`.
+  CandidateMeasurement measurement_used() const;
   /// Local measurement: KL per unit of block output error by block position (an analysis's
   /// local_factors). Empty, or NaN for a block: calibrated on the block's first candidate, which is
   /// then measured exactly.
@@ -145,6 +150,9 @@ struct ValidationStep {
   double extra_bits = 0;               ///< storage bits added (negative: a downgrade)
   int64_t candidates = 0;              ///< changes measured to choose this one
   bool kept = true;                    ///< false: a downgrade that broke the budget, undone
+  /// verify_and_repair's held-out pass that measured it (from 1; 0 elsewhere); changes measured
+  /// together share it, and their kl_after is the KL of all of them.
+  int64_t pass = 0;
 };
 
 /// One measured candidate of the search.
@@ -220,13 +228,16 @@ class PrecisionOptimizer {
   SearchResult allocate(const std::function<void(const SearchProgress&)>& on_progress = {});
 
   /// Verify and repair, both ways, of an allocate() result on `evaluator` (held-out windows with
-  /// their reference) against the full budget: while over it, the upgrade (next hull point) with the
-  /// most predicted KL per byte is measured and kept; then, while within it, downgrades with the
-  /// least predicted KL per byte saved are measured one by one and kept when the budget still holds
+  /// their reference) against the full budget: while over it, the upgrades (next hull points) with
+  /// the most predicted KL per byte are measured and kept; then, while within it, downgrades with
+  /// the least predicted KL per byte saved are measured and kept when the budget still holds
   /// (SearchOptions::repair_confidence standard errors above the measurement), until
-  /// SearchOptions::repair_failures fail in a row. `searched`'s plan, weights and allocation
-  /// become the repaired ones; `measured` is set to the final plan's result. Returns every change
-  /// measured, in order.
+  /// SearchOptions::repair_failures single downgrades fail in a row. Each held-out pass is a whole
+  /// model, so changes are measured in passes of 1, 2, 4, ... while they succeed (upgrades: while the
+  /// plan is still over), halving after a failed group: the passes grow with the log of the changes,
+  /// not with the changes, and the plan still ends locally optimal against single downgrades.
+  /// `searched`'s plan, weights and allocation become the repaired ones; `measured` is set to the
+  /// final plan's result. Returns every change measured, in order.
   std::vector<ValidationStep> verify_and_repair(SearchResult& searched, const GradualEvaluator& evaluator,
                                                 EvalResult& measured,
                                                 const std::function<void(const ValidationStep&)>& on_step = {});
@@ -246,6 +257,9 @@ class PrecisionOptimizer {
   /// BlockInputCache::commit when the measured change is kept.
   EvalResult evaluate_from(BlockInputCache* cache, int64_t from, std::vector<BlockInputCache::Trial>& trials,
                            SearchResult& result) const;
+  /// Block b's output error on the calibration windows with the current weights against `cache`'s
+  /// (BlockInputCache::local_error, a mean per scored token), counted into `result`.
+  double block_error(const BlockInputCache& cache, int64_t b, SearchResult& result) const;
 
   CausalLM& model_;
   const GradualEvaluator& evaluator_;

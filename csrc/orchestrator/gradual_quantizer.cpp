@@ -226,8 +226,10 @@ QuantizeOutcome GradualQuantizer::run() {
   if (allocating) {
     // Both ways on held-out text: upgrades while over the budget, downgrades while within it.
     EvalResult measured;
+    int64_t last_pass = 0;
     out.validation_steps = optimizer->verify_and_repair(searched, heldout, measured, [&](const ValidationStep& s) {
-      phase.add_passes(1);
+      if (s.pass != last_pass) phase.add_passes(1);
+      last_pass = s.pass;
       progress("validation", static_cast<int64_t>(out.validation_steps.size()), 0,
                fmt::format("{} {} -> {} {} (held-out KL {:.4f} -> {:.4f})", s.weight, s.from, s.to,
                            s.kept ? "kept" : "undone", s.kl_before, s.kl_after));

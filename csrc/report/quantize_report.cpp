@@ -152,7 +152,7 @@ std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& o
   for (const ValidationStep& s : outcome.validation_steps)
     validation.push_back({{"weight", s.weight}, {"from", s.from}, {"to", s.to}, {"heldout_kl_before", s.kl_before},
                           {"heldout_kl_after", s.kl_after}, {"extra_bits", s.extra_bits}, {"candidates", s.candidates},
-                          {"kept", s.kept}});
+                          {"kept", s.kept}, {"pass", s.pass}});
   j["validation_steps"] = validation;
   nlohmann::ordered_json phases = nlohmann::ordered_json::array();
   for (const PhaseTiming& p : outcome.phases)

@@ -103,7 +103,8 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
             {"encodings", s.encodings},
             {"allow_prune", s.allow_prune},
             {"method", rounding_method_name(s.method)},
-            {"measurement", candidate_measurement_name(s.measurement)},
+            // Unset: each point's strategy measures its own way.
+            {"measurement", s.measurement ? json(candidate_measurement_name(*s.measurement)) : json("per strategy")},
             {"strategy", search_strategy_name(s.strategy)},
             {"allocation_passes", s.allocation_passes},
             {"repair_failures", s.repair_failures},

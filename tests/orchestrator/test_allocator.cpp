@@ -3,7 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
+#include <set>
 
 #include "optimizer/allocator.h"
 #include "orchestrator/gradual_quantizer.h"
@@ -130,6 +132,50 @@ TEST(PrecisionOptimizer, AllocationMeetsTheBudgetOnItsMeasuredKl) {
   EXPECT_EQ(kept_bytes, r.allocation.bytes);
 }
 
+// Local curves: a candidate in a block is its block's output error times a factor calibrated by one
+// exact measurement per block, so each costs one block instead of the blocks after its own. The
+// predictions follow the exact curves (same order of magnitude, ranked alike), and the plan still
+// meets the budget on a whole pass, since the target search measures whole plans either way.
+TEST(PrecisionOptimizer, LocalCurvesPredictTheExactOnesAtOneBlockPerCandidate) {
+  Stories& s = stories();
+  Budget budget;
+  budget.max_kl = 0.05;
+  SearchOptions o;
+  o.group_sizes = {128, 32};
+  const SearchResult exact = allocate_stories(budget, o);
+  o.measurement = CandidateMeasurement::kLocal;
+  const SearchResult local = allocate_stories(budget, o);
+  EXPECT_EQ(local.measurement, "local");
+  EXPECT_EQ(exact.local_measurements, 0);
+  const int64_t blocks = s.model.stages()->num_blocks();
+  int64_t in_blocks = 0;  // candidates of weights inside blocks
+  for (const WeightInfo& w : s.model.weights()) in_blocks += (w.block_index >= 0) * 6;
+  EXPECT_EQ(local.local_measurements, in_blocks + blocks) << "one block per candidate, one per calibration";
+  EXPECT_LT(local.blocks_run, 0.6 * exact.blocks_run);
+
+  // Predicted against measured, over the candidates whose exact KL is above the windows' noise.
+  std::vector<std::pair<double, double>> pairs;
+  for (const auto& [name, curve] : exact.curves)
+    for (size_t i = 1; i < curve.size(); ++i)
+      if (curve[i].kl > 1e-3) pairs.emplace_back(curve[i].kl, local.curves.at(name)[i].kl);
+  ASSERT_GT(pairs.size(), 20u);
+  double log_ratio = 0;
+  int64_t concordant = 0, comparable = 0;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    log_ratio += std::abs(std::log(pairs[i].second / pairs[i].first));
+    for (size_t j = i + 1; j < pairs.size(); ++j) {
+      ++comparable;
+      concordant += (pairs[i].first < pairs[j].first) == (pairs[i].second < pairs[j].second);
+    }
+  }
+  EXPECT_LT(std::exp(log_ratio / pairs.size()), 2.0) << "geometric mean of predicted / exact, either way";
+  EXPECT_GT(double(concordant) / comparable, 0.8) << "pairs ranked alike";
+
+  EXPECT_TRUE(budget.quality_met(local.calibration, budget.safety)) << local.calibration.kl->mean.value;
+  EXPECT_NEAR(local.calibration.kl->mean.value, whole_model_kl(s.model, s.data.calibration, local.weights), 1e-6);
+  EXPECT_LT(plan_size(s.model, local.plan).bits_per_weight(), 8.0);
+}
+
 // Verify and repair on held-out windows: a budget tighter than the one allocated for makes it
 // upgrade until it holds; a looser one makes it downgrade while it holds. Either way the result is
 // what a whole pass over the final weights measures, and the plan names the final weights.
@@ -163,6 +209,21 @@ TEST(PrecisionOptimizer, VerifyAndRepairGoesBothWays) {
       if (limit > 0.04) EXPECT_LT(v.extra_bits, 0) << v.weight << ": within the budget, only downgrades";
     EXPECT_EQ(limit < 0.04, r.allocation.bytes > base.allocation.bytes);
     for (const PlanEntry& e : r.plan.entries) EXPECT_EQ(e.spec, r.weights.at(e.name).spec) << e.name;
+    // Changes are measured in groups: one held-out pass per group, its KL shared by its changes.
+    std::set<int64_t> passes;
+    int64_t kept = 0;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      passes.insert(steps[i].pass);
+      kept += steps[i].kept;
+      if (i > 0) EXPECT_GE(steps[i].pass, steps[i - 1].pass);
+      if (i > 0 && steps[i].pass == steps[i - 1].pass) EXPECT_EQ(steps[i].kl_after, steps[i - 1].kl_after);
+    }
+    EXPECT_EQ(*passes.begin(), 1);
+    EXPECT_EQ(*passes.rbegin(), static_cast<int64_t>(passes.size()));
+    if (limit > 0.04) {
+      ASSERT_GE(kept, 3) << "room for several downgrades";
+      EXPECT_LT(passes.size(), steps.size()) << "downgrades that succeed are measured in growing groups";
+    }
   }
 }
 
