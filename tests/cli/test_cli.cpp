@@ -168,8 +168,8 @@ TEST(Cli, OptionsAreCheckedBeforeLoading) {
 
 TEST(Cli, ReferenceStorageIsValidated) {
   const std::string out = test::temp_dir("cli_reference_storage");
-  for (const std::string cmd : {"eval", "analyze -o " + out + "/a.json", "quantize -o " + out + "/q.pt",
-                                "sweep --out " + out + "/sweep --budgets 0.05"}) {
+  for (const std::string& cmd : std::vector<std::string>{"eval", "analyze -o " + out + "/a.json", "quantize -o " + out + "/q.pt",
+                                                         "sweep --out " + out + "/sweep --budgets 0.05"}) {
     for (const char* bad : {"top0", "fp8", "top", "64"})
       expect_one_line_error(cmd + " --reference-storage " + bad,
                             std::string("--reference-storage: unknown reference storage '") + bad +
