@@ -34,6 +34,10 @@ std::vector<int64_t> parse_int_list(const std::string& text, const char* flag);
 /// Options groups "search" (how the plan is searched) and "files"/"data" (model, tokenizer, text
 /// and how the text becomes calibration and held-out windows).
 void add_search_options(cxxopts::Options& options);
+/// Adds --reference-storage to `group` of `options` (eval, analyze, quantize, sweep).
+void add_reference_storage_option(cxxopts::Options& options, const std::string& group = "");
+/// The value of --reference-storage; throws gradq::Error naming the option and the accepted forms.
+ReferenceStorage read_reference_storage_option(const cxxopts::ParseResult& args);
 void add_input_options(cxxopts::Options& options);
 /// Fills the search part of `q` (safety, search, analysis seed, policy, analysis file).
 void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q);

@@ -74,6 +74,24 @@ void add_search_options(cxxopts::Options& options) {
       ("policy", "constraint policy JSON: allowed levels by weight name (configs/policies/)", cxxopts::value<std::string>());
 }
 
+void add_reference_storage_option(cxxopts::Options& options, const std::string& group) {
+  options.add_options(group)
+      ("reference-storage", "how the full-precision reference log-probabilities are kept: fp16 (2 bytes x vocab per "
+                            "scored token; KL within 0.01% of fp32's on stories260K), fp32 (exact, twice that) or "
+                            "top<K> (the K most probable tokens and the tail mass, e.g. top64: 8 x K bytes; KL a "
+                            "lower bound, 0.3% under fp32's at top64 on stories260K, more on flat distributions). "
+                            "Perplexity, delta p and same-top are exact with each (docs/BENCHMARKS.md)",
+       cxxopts::value<std::string>()->default_value("fp16"));
+}
+
+ReferenceStorage read_reference_storage_option(const cxxopts::ParseResult& args) {
+  try {
+    return ReferenceStorage::parse(args["reference-storage"].as<std::string>());
+  } catch (const Error& e) {
+    throw Error(fmt::format("--reference-storage: {}", e.what()));
+  }
+}
+
 void add_input_options(cxxopts::Options& options) {
   options.add_options("files")
       ("model", "TorchScript model, or a llama2.c .bin", cxxopts::value<std::string>()->default_value(default_model_path()))
@@ -87,11 +105,13 @@ void add_input_options(cxxopts::Options& options) {
       ("calib-windows", "calibration windows (0 = all)", cxxopts::value<int64_t>()->default_value("8"))
       ("eval-windows", "held-out evaluation windows (0 = all)", cxxopts::value<int64_t>()->default_value("64"))
       ("batch", "windows per forward pass", cxxopts::value<int64_t>()->default_value("8"));
+  add_reference_storage_option(options, "data");
 }
 
 void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) {
   q.budget.safety = args["safety"].as<double>();
   q.batch = args["batch"].as<int64_t>();
+  q.reference_storage = read_reference_storage_option(args);
   q.search.bits.clear();
   for (int64_t bits : parse_int_list(args["bits"].as<std::string>(), "--bits")) q.search.bits.push_back(static_cast<int>(bits));
   q.search.group_sizes = parse_int_list(args["group-sizes"].as<std::string>(), "--group-sizes");

@@ -43,6 +43,7 @@ int cmd_analyze(int argc, char** argv) {
                   "(blocks from the unit's on, from cached block inputs) or whole (every probe a whole forward pass)",
        cxxopts::value<std::string>()->default_value("local"))
       ("no-static", "skip the static signals (activation capture and gradient passes)");
+  add_reference_storage_option(options);
   add_common_options(options);
   cxxopts::ParseResult args;
   if (!parse(options, argc, argv, args)) return 0;
@@ -63,6 +64,7 @@ int cmd_analyze(int argc, char** argv) {
   opt.batch = args["batch"].as<int64_t>();
   opt.static_signals = !args.count("no-static");
   opt.measurement = parse_measurement(args["measure"].as<std::string>());
+  opt.reference_storage = read_reference_storage_option(args);
   const int64_t calib_windows = args["calib-windows"].as<int64_t>();
   GRADQ_CHECK(calib_windows >= opt.subsets,
               "--calib-windows must be at least --subsets ({}): each subset needs a window; got {}", opt.subsets,

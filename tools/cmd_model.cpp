@@ -107,7 +107,7 @@ int cmd_eval(int argc, char** argv) {
   options.add_options()
       ("model", "TorchScript model, or a llama2.c .bin", cxxopts::value<std::string>()->default_value(default_model_path()))
       ("reference", "full-precision reference model for KL statistics", cxxopts::value<std::string>())
-      ("load-reference", "reference log-probabilities saved by --save-reference", cxxopts::value<std::string>())
+      ("load-reference", "reference log-probabilities saved by --save-reference (used as stored; a float32 one is converted when --reference-storage is given)", cxxopts::value<std::string>())
       ("save-reference", "save the reference log-probabilities to this file", cxxopts::value<std::string>())
       ("tokenizer", "SentencePiece model", cxxopts::value<std::string>()->default_value(default_tokenizer_path()))
       ("text", "UTF-8 text file to evaluate on", cxxopts::value<std::string>()->default_value(default_text_path()))
@@ -116,6 +116,7 @@ int cmd_eval(int argc, char** argv) {
       ("max-windows", "evaluate only the first N windows (0 = all)", cxxopts::value<int64_t>()->default_value("0"))
       ("batch", "windows per forward pass", cxxopts::value<int64_t>()->default_value("8"))
       ("json", "also write the numbers as JSON to this file", cxxopts::value<std::string>());
+  add_reference_storage_option(options);
   add_common_options(options);
   cxxopts::ParseResult args;
   if (!parse(options, argc, argv, args)) return 0;
@@ -128,6 +129,7 @@ int cmd_eval(int argc, char** argv) {
   GRADQ_CHECK(args["max-windows"].as<int64_t>() >= 0, "--max-windows must be >= 0 (0 = all), got {}",
               args["max-windows"].as<int64_t>());
   GRADQ_CHECK(!args.count("save-reference") || args.count("reference"), "--save-reference needs --reference");
+  const ReferenceStorage storage = read_reference_storage_option(args);
   std::vector<std::string> outputs;
   for (const char* out : {"json", "save-reference"})
     if (args.count(out)) outputs.push_back(args[out].as<std::string>());
@@ -145,6 +147,7 @@ int cmd_eval(int argc, char** argv) {
   Windows windows = make_windows(tokenizer->encode(read_text_file(args["text"].as<std::string>())), spec);
   EvaluatorOptions eval_options;
   eval_options.batch = args["batch"].as<int64_t>();
+  eval_options.reference_storage = storage;
   GradualEvaluator evaluator(windows, eval_options);
   if (args.count("reference")) {
     CausalLM reference = load_model(args["reference"].as<std::string>());
@@ -153,8 +156,14 @@ int cmd_eval(int argc, char** argv) {
     check_context(reference, ctx, "--ctx (for the reference)");
     evaluator.set_reference(reference);
   } else if (args.count("load-reference")) {
-    evaluator.set_reference(Reference::load(args["load-reference"].as<std::string>()));
+    // A saved reference is used as stored; a float32 one is converted when another storage is asked for.
+    Reference loaded = Reference::load(args["load-reference"].as<std::string>());
+    if (args.count("reference-storage") && storage != loaded.storage) loaded = loaded.to_storage(storage);
+    evaluator.set_reference(std::move(loaded));
   }
+  if (evaluator.reference())
+    std::cerr << fmt::format("reference log-probabilities: {}, {:.1f} MB\n", evaluator.reference()->storage.name(),
+                             static_cast<double>(evaluator.reference()->bytes()) / 1e6);
   if (args.count("save-reference")) evaluator.reference()->save(args["save-reference"].as<std::string>());
   std::cerr << fmt::format("evaluating {} windows of {} tokens ({} scored tokens)\n", windows.size(), spec.ctx,
                            windows.scored_tokens());

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
@@ -43,11 +44,156 @@ struct TokenRecords {
 at::Tensor cat(const std::vector<at::Tensor>& parts) { return at::cat(parts).to(at::kDouble); }
 }  // namespace
 
+ReferenceStorage ReferenceStorage::top_k(int64_t k) {
+  GRADQ_CHECK(k >= 1, "expected a top-k reference storage with k >= 1, got k = {}", k);
+  return {Kind::kTopK, k};
+}
+
+ReferenceStorage ReferenceStorage::parse(const std::string& name) {
+  if (name == "fp32") return float32();
+  if (name == "fp16") return float16();
+  if (name.size() > 3 && name.compare(0, 3, "top") == 0 && name.size() <= 12 &&
+      std::all_of(name.begin() + 3, name.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    const int64_t k = std::stoll(name.substr(3));
+    if (k >= 1) return top_k(k);
+  }
+  throw Error(fmt::format("unknown reference storage '{}': expected fp32, fp16 or top<K> with K >= 1 (e.g. top64)", name));
+}
+
+std::string ReferenceStorage::name() const {
+  switch (kind) {
+    case Kind::kFloat32: return "fp32";
+    case Kind::kFloat16: return "fp16";
+    case Kind::kTopK: return fmt::format("top{}", k);
+  }
+  return "?";
+}
+
+int64_t ReferenceStorage::bytes_per_token(int64_t vocab) const {
+  // targets (int64), target log-probability (float32), top token (int64)
+  const int64_t extras = 8 + 4 + 8;
+  switch (kind) {
+    case Kind::kFloat32: return 4 * vocab + extras;
+    case Kind::kFloat16: return 2 * vocab + extras;
+    case Kind::kTopK: return (4 + 4) * std::min(k, vocab) + 4 + extras;  // values, int32 indices, log tail
+  }
+  return 0;
+}
+
+Reference Reference::from_log_probs(const at::Tensor& lp, const at::Tensor& targets, ReferenceStorage storage) {
+  TORCH_INTERNAL_ASSERT(lp.dim() == 2 && lp.scalar_type() == at::kFloat && targets.dim() == 1 &&
+                        targets.size(0) == lp.size(0));
+  Reference r;
+  r.storage = storage;
+  r.vocab = lp.size(1);
+  r.targets = targets;
+  r.target_log_probs = lp.gather(1, targets.unsqueeze(1)).squeeze(1);
+  r.top_tokens = lp.argmax(-1);
+  switch (storage.kind) {
+    case ReferenceStorage::Kind::kFloat32: r.log_probs = lp.contiguous(); break;
+    case ReferenceStorage::Kind::kFloat16: r.log_probs = lp.to(at::kHalf); break;
+    case ReferenceStorage::Kind::kTopK: {
+      GRADQ_CHECK(storage.k <= r.vocab, "reference storage top{} keeps more tokens than the vocabulary has ({})",
+                  storage.k, r.vocab);
+      auto [values, indices] = lp.topk(storage.k, -1, /*largest=*/true, /*sorted=*/true);
+      // Column 0 is made the argmax (the first index of the maximum), so the same-top rate is exact even
+      // when more than k tokens tie for the top: topk's choice among equal values is unspecified. The
+      // values stay as they are: the swapped index holds the same (maximal) value.
+      const at::Tensor top = r.top_tokens.unsqueeze(1);
+      const at::Tensor column = (indices == top).to(at::kByte).argmax(1, /*keepdim=*/true);  // 0 when absent
+      indices.scatter_(1, column, indices.narrow(1, 0, 1).clone());
+      indices.narrow(1, 0, 1).copy_(top);
+      // The tail mass summed from the tokens outside the top k, not 1 - sum(kept): no cancellation when
+      // the tail is tiny.
+      r.log_tail = lp.scatter(1, indices, -std::numeric_limits<float>::infinity()).logsumexp(-1);
+      r.log_probs = values.contiguous();
+      r.top_indices = indices.to(at::kInt).contiguous();
+      break;
+    }
+  }
+  return r;
+}
+
+Reference Reference::to_storage(ReferenceStorage to) const {
+  if (to == storage) return *this;
+  GRADQ_CHECK(storage.kind == ReferenceStorage::Kind::kFloat32,
+              "a {} reference cannot be converted to {}: only a float32 reference converts", storage.name(), to.name());
+  Reference r = from_log_probs(log_probs, targets, to);
+  r.windows_fingerprint = windows_fingerprint;
+  return r;
+}
+
+int64_t Reference::bytes() const {
+  int64_t total = 0;
+  for (const at::Tensor* t : {&log_probs, &top_indices, &log_tail, &target_log_probs, &top_tokens, &targets,
+                              &windows_fingerprint})
+    if (t->defined()) total += t->numel() * static_cast<int64_t>(t->element_size());
+  return total;
+}
+
+at::Tensor Reference::token_kl(int64_t begin, const at::Tensor& lp) const {
+  const int64_t n = lp.size(0);
+  GRADQ_CHECK(lp.dim() == 2 && lp.size(1) == vocab && begin >= 0 && begin + n <= tokens(),
+              "the model's log-probabilities [{}] for reference rows {}..{} do not fit the reference ({} positions of "
+              "a vocabulary of {})", fmt::join(lp.sizes(), ", "), begin, begin + n, tokens(), vocab);
+  const at::Tensor rows = log_probs.slice(0, begin, begin + n);
+  switch (storage.kind) {
+    case ReferenceStorage::Kind::kFloat32: return (rows.exp() * (rows - lp)).sum(-1).clamp_min(0);
+    case ReferenceStorage::Kind::kFloat16: {
+      // Rounding log p_ref to fp16 moves each value by up to 2^-11 of itself, so the rounded
+      // probabilities no longer sum to 1; used as they are, a model against its own fp16 reference
+      // showed a mean KL of 3.2e-5 on stories260K (the first-order term sum p * rounding). Renormalized,
+      // only the second-order term is left. Measured errors in docs/BENCHMARKS.md ("Compact reference
+      // log-probabilities").
+      const at::Tensor ref = at::log_softmax(rows.to(at::kFloat), -1);
+      return (ref.exp() * (ref - lp)).sum(-1).clamp_min(0);
+    }
+    case ReferenceStorage::Kind::kTopK: {
+      // KL of P_ref and P_model coarsened to the k kept tokens plus one bucket holding everything else
+      // (P_tail from the reference pass, Q_tail = the model's mass outside the kept tokens). By the
+      // log-sum inequality, merging outcomes never raises a KL, so this is a lower bound of the full KL
+      // (up to float rounding); the gap is the KL the tail's internal shape contributes. Measured on
+      // stories260K (vocab 512, b4g32 against the full model, docs/BENCHMARKS.md): 6.5% of the mean KL
+      // at top16, 2.1% at top32, 0.32% at top64, 0.013% at top128. The gap grows with the tail's mass,
+      // so flat distributions (large vocabularies, random-init models) lose more. The reference is scattered into a dense row so that the kept terms are summed in
+      // vocabulary order, as float32 storage sums them: with k = vocab the result is float32's bit for bit.
+      const at::Tensor idx = top_indices.slice(0, begin, begin + n).to(at::kLong);
+      const at::Tensor kept = at::zeros_like(lp, lp.options().dtype(at::kBool)).scatter_(1, idx, true);
+      const at::Tensor ref = at::zeros_like(lp).scatter_(1, idx, rows);
+      const at::Tensor kept_terms = (ref.exp() * (ref - lp)).masked_fill(~kept, 0).sum(-1);
+      const at::Tensor p_tail_log = log_tail.slice(0, begin, begin + n);
+      const at::Tensor q_tail_log = lp.masked_fill(kept, -std::numeric_limits<float>::infinity()).logsumexp(-1);
+      // 0 log 0 = 0: an empty reference tail adds nothing, whatever the model's tail.
+      const at::Tensor tail_term = at::where(p_tail_log > -std::numeric_limits<float>::infinity(),
+                                             p_tail_log.exp() * (p_tail_log - q_tail_log), at::zeros_like(p_tail_log));
+      return (kept_terms + tail_term).clamp_min(0);
+    }
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown reference storage");
+}
+
+namespace {
+constexpr int64_t kStorageCodeFloat32 = 0, kStorageCodeFloat16 = 1, kStorageCodeTopK = 2;
+}  // namespace
+
 void Reference::save(const std::string& path) const {
   c10::Dict<std::string, at::Tensor> dict;
+  const int64_t code = storage.kind == ReferenceStorage::Kind::kFloat32   ? kStorageCodeFloat32
+                       : storage.kind == ReferenceStorage::Kind::kFloat16 ? kStorageCodeFloat16
+                                                                          : kStorageCodeTopK;
+  // [kind, k, vocab]; files without it are the float32 references of earlier versions.
+  dict.insert("storage", at::tensor(std::vector<int64_t>{code, storage.k, vocab}, at::kLong));
   dict.insert("log_probs", log_probs);
   dict.insert("targets", targets);
   dict.insert("windows", windows_fingerprint);
+  if (storage.kind != ReferenceStorage::Kind::kFloat32) {  // float32 derives them from log_probs
+    dict.insert("target_log_probs", target_log_probs);
+    dict.insert("top_tokens", top_tokens);
+  }
+  if (storage.kind == ReferenceStorage::Kind::kTopK) {
+    dict.insert("top_indices", top_indices);
+    dict.insert("log_tail", log_tail);
+  }
   std::vector<char> bytes = torch::pickle_save(c10::IValue(dict));
   write_file_atomically(path, std::string(bytes.begin(), bytes.end()));
 }
@@ -79,19 +225,89 @@ Reference Reference::from_bytes(const std::string& bytes, const std::string& pat
   }
   for (const char* key : {"log_probs", "targets", "windows"})
     GRADQ_CHECK(entries.count(key), "'{}' is not a gradq reference file: key '{}' missing", path, key);
-  Reference r{entries["log_probs"], entries["targets"], entries["windows"]};
   auto shape = [](const at::Tensor& t) { return fmt::format("{} [{}]", c10::toString(t.scalar_type()), fmt::join(t.sizes(), ", ")); };
-  GRADQ_CHECK(r.log_probs.scalar_type() == at::kFloat && r.log_probs.dim() == 2 && r.log_probs.size(1) > 0 &&
-                  r.targets.scalar_type() == at::kLong && r.targets.dim() == 1 &&
+
+  Reference r;
+  r.log_probs = entries["log_probs"];
+  r.targets = entries["targets"];
+  r.windows_fingerprint = entries["windows"];
+  int64_t code = kStorageCodeFloat32;
+  if (entries.count("storage")) {
+    const at::Tensor& s = entries["storage"];
+    GRADQ_CHECK(s.scalar_type() == at::kLong && s.dim() == 1 && s.numel() == 3,
+                "'{}' is a corrupt gradq reference file: expected storage Long [3], got {}", path, shape(s));
+    code = s[0].item<int64_t>();
+    r.vocab = s[2].item<int64_t>();
+    GRADQ_CHECK(code >= kStorageCodeFloat32 && code <= kStorageCodeTopK,
+                "'{}' is a corrupt gradq reference file: storage kind {}, expected 0 (fp32), 1 (fp16) or 2 (top-k)", path, code);
+    GRADQ_CHECK(r.vocab >= 1, "'{}' is a corrupt gradq reference file: vocabulary {}, expected >= 1", path, r.vocab);
+    if (code == kStorageCodeTopK) {
+      const int64_t k = s[1].item<int64_t>();
+      GRADQ_CHECK(k >= 1 && k <= r.vocab, "'{}' is a corrupt gradq reference file: top-k storage with k = {}, expected "
+                  "1 <= k <= vocabulary {}", path, k, r.vocab);
+      r.storage = ReferenceStorage::top_k(k);
+    } else if (code == kStorageCodeFloat16) {
+      r.storage = ReferenceStorage::float16();
+    }
+  }
+  const bool dense = code != kStorageCodeTopK;
+  const at::ScalarType value_type = code == kStorageCodeFloat16 ? at::kHalf : at::kFloat;
+  const int64_t columns = dense ? (r.vocab ? r.vocab : (r.log_probs.dim() == 2 ? r.log_probs.size(1) : -1)) : r.storage.k;
+  GRADQ_CHECK(r.log_probs.scalar_type() == value_type && r.log_probs.dim() == 2 && r.log_probs.size(1) > 0 &&
+                  r.log_probs.size(1) == columns && r.targets.scalar_type() == at::kLong && r.targets.dim() == 1 &&
                   r.targets.size(0) == r.log_probs.size(0) && r.windows_fingerprint.scalar_type() == at::kLong &&
                   r.windows_fingerprint.dim() == 2,
-              "'{}' is a corrupt gradq reference file: expected log_probs Float [tokens, vocab], targets Long [tokens] "
+              "'{}' is a corrupt gradq {} reference file: expected log_probs {} [tokens, {}], targets Long [tokens] "
               "and windows Long [windows, ctx], got {}, {} and {}",
-              path, shape(r.log_probs), shape(r.targets), shape(r.windows_fingerprint));
-  if (r.targets.numel() > 0) {
-    const int64_t lo = r.targets.min().item<int64_t>(), hi = r.targets.max().item<int64_t>();
-    GRADQ_CHECK(lo >= 0 && hi < r.log_probs.size(1), "'{}' is a corrupt gradq reference file: targets in [{}, {}], expected "
-                "[0, {})", path, lo, hi, r.log_probs.size(1));
+              path, r.storage.name(), c10::toString(value_type), dense ? "vocab" : std::to_string(r.storage.k),
+              shape(r.log_probs), shape(r.targets), shape(r.windows_fingerprint));
+  if (dense && r.vocab == 0) r.vocab = r.log_probs.size(1);
+  const int64_t tokens = r.targets.size(0);
+  auto check_range = [&](const at::Tensor& t, const char* name) {
+    if (t.numel() == 0) return;
+    const int64_t lo = t.min().item<int64_t>(), hi = t.max().item<int64_t>();
+    GRADQ_CHECK(lo >= 0 && hi < r.vocab, "'{}' is a corrupt gradq reference file: {} in [{}, {}], expected [0, {})", path,
+                name, lo, hi, r.vocab);
+  };
+  check_range(r.targets, "targets");
+  if (code == kStorageCodeFloat32) {
+    r.target_log_probs = r.log_probs.gather(1, r.targets.unsqueeze(1)).squeeze(1);
+    r.top_tokens = r.log_probs.argmax(-1);
+    return r;
+  }
+  // The compact kinds carry what their log_probs cannot give exactly.
+  std::vector<std::pair<const char*, std::string>> expected = {{"target_log_probs", "Float [tokens]"},
+                                                               {"top_tokens", "Long [tokens]"}};
+  if (!dense) {
+    expected.push_back({"top_indices", fmt::format("Int [tokens, {}]", r.storage.k)});
+    expected.push_back({"log_tail", "Float [tokens]"});
+  }
+  for (const auto& [key, what] : expected) {
+    GRADQ_CHECK(entries.count(key), "'{}' is a corrupt gradq {} reference file: key '{}' ({}) missing", path,
+                r.storage.name(), key, what);
+    const at::Tensor& t = entries[key];
+    const bool is_index = std::string(key) == "top_tokens" || std::string(key) == "top_indices";
+    const at::ScalarType type = std::string(key) == "top_tokens" ? at::kLong : is_index ? at::kInt : at::kFloat;
+    const bool matrix = std::string(key) == "top_indices";
+    GRADQ_CHECK(t.scalar_type() == type && t.dim() == (matrix ? 2 : 1) && t.size(0) == tokens &&
+                    (!matrix || t.size(1) == r.storage.k),
+                "'{}' is a corrupt gradq {} reference file: expected {} {} with tokens = {}, got {}", path,
+                r.storage.name(), key, what, tokens, shape(t));
+  }
+  r.target_log_probs = entries["target_log_probs"];
+  r.top_tokens = entries["top_tokens"];
+  check_range(r.top_tokens, "top_tokens");
+  if (!dense) {
+    r.top_indices = entries["top_indices"];
+    r.log_tail = entries["log_tail"];
+    check_range(r.top_indices, "top_indices");
+    if (tokens > 0 && r.storage.k > 1) {
+      // A repeated index would count a token twice in the KL.
+      const at::Tensor sorted = std::get<0>(r.top_indices.sort(1));
+      const int64_t repeats = (sorted.slice(1, 1) == sorted.slice(1, 0, -1)).any(1).sum().item<int64_t>();
+      GRADQ_CHECK(repeats == 0, "'{}' is a corrupt gradq {} reference file: {} positions keep a token twice, expected "
+                  "distinct top_indices per position", path, r.storage.name(), repeats);
+    }
   }
   return r;
 }
@@ -159,11 +375,45 @@ at::Tensor GradualEvaluator::gather_log_probs(const LogitsSource& source, double
   return out;
 }
 
-void GradualEvaluator::set_reference(const CausalLM& reference) {
+void GradualEvaluator::set_reference(const CausalLM& reference) { set_reference(whole_model(reference)); }
+
+void GradualEvaluator::set_reference(const LogitsSource& source, double* forward_seconds) {
+  const ReferenceStorage storage = options_.reference_storage;
+  const at::Tensor targets = windows_.targets.index({scored_mask_});
+  const int64_t tokens = targets.size(0);
+  // Each batch is compacted as it comes and written into tensors of the final size: the float32
+  // [tokens, vocab] log-probabilities exist whole only when they are the storage, and batches are
+  // never concatenated (that held the reference twice: 1.6 GB of a 2.7 GB peak over all of
+  // stories260K's held-out text).
   Reference ref;
+  int64_t offset = 0;
   // The reference pass is every run's first look at the model's outputs: always checked.
-  ref.log_probs = gather_log_probs(whole_model(reference), nullptr, true);
-  ref.targets = windows_.targets.index({scored_mask_});
+  for_each_batch(source, forward_seconds, true, [&](const at::Tensor& lp, const at::Tensor& batch_targets) {
+    Reference part = Reference::from_log_probs(lp, batch_targets, storage);
+    if (!ref.log_probs.defined()) {
+      ref.storage = storage;
+      ref.vocab = part.vocab;
+      auto rows_like = [&](const at::Tensor& t) {
+        std::vector<int64_t> sizes = t.sizes().vec();
+        sizes[0] = tokens;
+        return at::empty(sizes, t.options());
+      };
+      ref.log_probs = rows_like(part.log_probs);
+      ref.target_log_probs = rows_like(part.target_log_probs);
+      ref.top_tokens = rows_like(part.top_tokens);
+      if (part.top_indices.defined()) ref.top_indices = rows_like(part.top_indices);
+      if (part.log_tail.defined()) ref.log_tail = rows_like(part.log_tail);
+    }
+    const int64_t n = lp.size(0);
+    ref.log_probs.slice(0, offset, offset + n).copy_(part.log_probs);
+    ref.target_log_probs.slice(0, offset, offset + n).copy_(part.target_log_probs);
+    ref.top_tokens.slice(0, offset, offset + n).copy_(part.top_tokens);
+    if (part.top_indices.defined()) ref.top_indices.slice(0, offset, offset + n).copy_(part.top_indices);
+    if (part.log_tail.defined()) ref.log_tail.slice(0, offset, offset + n).copy_(part.log_tail);
+    offset += n;
+  });
+  GRADQ_CHECK(offset == tokens, "internal: scored {} tokens, the windows score {}", offset, tokens);
+  ref.targets = targets;
   ref.windows_fingerprint = windows_.inputs;
   reference_ = std::move(ref);
 }
@@ -198,12 +448,12 @@ EvalResult GradualEvaluator::evaluate(const LogitsSource& source) const {
     at::Tensor lp_target = lp.gather(1, targets).squeeze(1);
     rec.nll.push_back(-lp_target);
     if (reference_) {
-      at::Tensor ref = reference_->log_probs.slice(0, offset, offset + lp.size(0));
-      at::Tensor ref_target = ref.gather(1, targets).squeeze(1);
+      const int64_t n = lp.size(0);
+      at::Tensor ref_target = reference_->target_log_probs.slice(0, offset, offset + n);
       rec.nll_ref.push_back(-ref_target);
-      rec.kl.push_back((ref.exp() * (ref - lp)).sum(-1).clamp_min(0));
+      rec.kl.push_back(reference_->token_kl(offset, lp));
       rec.delta_p.push_back(lp_target.exp() - ref_target.exp());
-      rec.same_top.push_back((lp.argmax(-1) == ref.argmax(-1)).to(at::kDouble));
+      rec.same_top.push_back((lp.argmax(-1) == reference_->top_tokens.slice(0, offset, offset + n)).to(at::kDouble));
     }
     offset += lp.size(0);
   });
@@ -214,13 +464,14 @@ EvalResult GradualEvaluator::evaluate(const LogitsSource& source) const {
   r.nll = mean_estimate(nll);
   r.ppl = {std::exp(r.nll.value), std::exp(r.nll.value) * r.nll.stderr_};
   if (reference_) {
-    GRADQ_CHECK(offset == reference_->log_probs.size(0), "internal: scored {} tokens, reference has {}", offset,
-                reference_->log_probs.size(0));
+    GRADQ_CHECK(offset == reference_->tokens(), "internal: scored {} tokens, reference has {}", offset,
+                reference_->tokens());
     at::Tensor nll_ref = cat(rec.nll_ref), kl = cat(rec.kl), dp = cat(rec.delta_p);
     const double n = static_cast<double>(r.tokens);
     const Estimate ref_nll = mean_estimate(nll_ref);
     r.reference_ppl = Estimate{std::exp(ref_nll.value), std::exp(ref_nll.value) * ref_nll.stderr_};
     KlStats k;
+    k.storage = reference_->storage;
     k.mean = mean_estimate(kl);
     at::Tensor sorted = std::get<0>(kl.sort());
     k.min = sorted[0].item<double>();
@@ -261,6 +512,10 @@ std::string format_eval_table(const EvalResult& r) {
     row("delta PPL", pm(k.delta_ppl, 6));
     row("mean ln(PPL/PPL_ref)", pm(k.ln_ppl_ratio, 6));
     row("cor(ln PPL, ln PPL_ref)", fmt::format("{:.4f}", k.ln_ppl_correlation));
+    if (k.storage.kind != ReferenceStorage::Kind::kFloat32)
+      row("reference storage", k.storage.kind == ReferenceStorage::Kind::kTopK
+                                   ? k.storage.name() + " (KL rows: lower bounds, top tokens + tail)"
+                                   : k.storage.name() + " (KL rows from fp16 log-probabilities)");
     row("mean KL (nats)", pm(k.mean, 6));
     row("max KL", fmt::format("{:.6f}", k.max));
     for (size_t i = 0; i < kKlPercentiles.size(); ++i) {
@@ -286,6 +541,7 @@ std::string eval_result_json(const EvalResult& r) {
     json pct = json::object();
     for (size_t i = 0; i < kKlPercentiles.size(); ++i) pct[fmt::format("{}", kKlPercentiles[i])] = k.percentiles[i];
     j["reference_ppl"] = est(*r.reference_ppl);
+    j["reference_storage"] = k.storage.name();
     j["kl"] = {{"mean", est(k.mean)}, {"median", k.median}, {"max", k.max}, {"min", k.min}, {"percentiles", pct}};
     j["same_top_rate"] = k.same_top_rate;
     j["delta_p"] = {{"mean", est(k.delta_p_mean)}, {"rms", k.delta_p_rms}};

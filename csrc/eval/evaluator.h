@@ -5,7 +5,8 @@
 //
 // Only the targets a window scores (dataset.h: score_from) enter any statistic, so each token of the
 // evaluation stream counts once. The reference's log-probabilities over the whole vocabulary are
-// computed once and reused for every candidate; they can be saved and loaded.
+// computed once and reused for every candidate; they can be saved and loaded, and kept in float32,
+// float16 or as the top k per position plus the tail mass (ReferenceStorage).
 
 #include <ATen/ATen.h>
 
@@ -18,6 +19,27 @@
 
 namespace gradq {
 
+/// How a reference keeps its log-probabilities (`--reference-storage`). Every kind keeps the
+/// reference's log-probability of each scored target and its top token in full precision, so
+/// perplexity, the perplexity ratio, delta p and the same-top rate are exact with every kind; only
+/// the KL statistics depend on the kind.
+struct ReferenceStorage {
+  enum class Kind { kFloat32, kFloat16, kTopK };
+  Kind kind = Kind::kFloat32;
+  int64_t k = 0;  ///< kTopK only: tokens kept per position (>= 1)
+
+  static ReferenceStorage float32() { return {}; }
+  static ReferenceStorage float16() { return {Kind::kFloat16, 0}; }
+  static ReferenceStorage top_k(int64_t k);
+  /// "fp32", "fp16" or "top<K>" (K >= 1); throws gradq::Error naming the accepted forms otherwise.
+  static ReferenceStorage parse(const std::string& name);
+  std::string name() const;
+  /// Bytes per scored position for a vocabulary of `vocab` (the per-position extras included).
+  int64_t bytes_per_token(int64_t vocab) const;
+  bool operator==(const ReferenceStorage& o) const { return kind == o.kind && k == o.k; }
+  bool operator!=(const ReferenceStorage& o) const { return !(*this == o); }
+};
+
 /// A value with its standard error.
 struct Estimate {
   double value = 0;
@@ -25,6 +47,9 @@ struct Estimate {
 };
 
 struct KlStats {
+  /// How the reference was kept: with kTopK the KL rows (mean, median, max, min, percentiles) are
+  /// lower bounds, with kFloat16 approximations; every other statistic is exact with every kind.
+  ReferenceStorage storage;
   Estimate mean;
   double median = 0, max = 0, min = 0;
   /// KL percentiles 99.9, 99, 95, 90, 10, 5, 1, 0.1 (same order as kKlPercentiles).
@@ -49,12 +74,40 @@ struct EvalResult {
   double forward_seconds = 0;   ///< part of it spent in the model's forward passes
 };
 
-/// The reference's view of the evaluation windows: log-probabilities of every scored position.
+/// The reference's view of the evaluation windows: its log-probabilities at every scored position,
+/// stored as `storage` says.
 struct Reference {
-  at::Tensor log_probs;  ///< [tokens, vocab] float32
-  at::Tensor targets;    ///< [tokens] int64
+  ReferenceStorage storage;
+  /// kFloat32: [tokens, vocab] float32; kFloat16: [tokens, vocab] float16; kTopK: [tokens, k]
+  /// float32, the k largest log-probabilities of each position, descending.
+  at::Tensor log_probs;
+  at::Tensor top_indices;       ///< kTopK: [tokens, k] int32, the vocabulary index of each kept value
+  at::Tensor log_tail;          ///< kTopK: [tokens] float32, log of the mass outside the kept tokens (-inf: none)
+  at::Tensor target_log_probs;  ///< [tokens] float32: log p_ref(target), exact with every kind
+  at::Tensor top_tokens;        ///< [tokens] int64: the reference's argmax (first index of the maximum)
+  at::Tensor targets;           ///< [tokens] int64
   at::Tensor windows_fingerprint;  ///< the windows' inputs, to refuse a reference for other windows
+  int64_t vocab = 0;
+
+  /// The reference of full-precision log-probabilities `log_probs` [tokens, vocab] float32 with
+  /// their `targets` [tokens], kept as `storage` says (windows_fingerprint left for the caller).
+  static Reference from_log_probs(const at::Tensor& log_probs, const at::Tensor& targets, ReferenceStorage storage);
+  /// This reference in another storage; only a float32 reference converts (compact kinds lost what
+  /// the others need).
+  Reference to_storage(ReferenceStorage storage) const;
+  int64_t tokens() const { return targets.numel(); }
+  /// Bytes of the tensors this reference holds (the windows fingerprint included).
+  int64_t bytes() const;
+
+  /// KL(P_ref || P_model) of rows [begin, begin + n) against the model's log-probabilities
+  /// `log_probs` [n, vocab] float32, per position ([n] float32, clamped at 0): the one KL routine
+  /// of gradq. With kTopK it is the KL of the two distributions coarsened to the k kept tokens plus
+  /// one bucket for the rest, a lower bound of the full KL (evaluator.cpp says by how much).
+  at::Tensor token_kl(int64_t begin, const at::Tensor& log_probs) const;
+
+  /// Writes the reference with its storage kind (a dict of str -> tensor in a torch archive).
   void save(const std::string& path) const;
+  /// Reads what save() wrote, and the float32 files of earlier versions (no storage entry).
   static Reference load(const std::string& path);
   /// The reader of load() on bytes already in memory (`path` names them in errors).
   static Reference from_bytes(const std::string& bytes, const std::string& path);
@@ -71,15 +124,20 @@ struct EvaluatorOptions {
   /// checks; the quantizer turns this off for its candidates, whose non-finite results fail the
   /// budget instead.
   bool check_finite = true;
+  /// How set_reference(model) keeps the reference (full float32 by default).
+  ReferenceStorage reference_storage;
 };
 
 class GradualEvaluator {
  public:
   GradualEvaluator(Windows windows, EvaluatorOptions options = {});
 
-  /// Computes and keeps the reference from a full-precision model.
+  /// Computes and keeps the reference from a full-precision model, in
+  /// EvaluatorOptions::reference_storage, compacted batch by batch (the float32 [tokens, vocab]
+  /// log-probabilities are never held whole unless that is the storage).
   void set_reference(const CausalLM& reference);
-  /// Uses a saved reference; throws when it was computed for other windows.
+  void set_reference(const LogitsSource& reference, double* forward_seconds = nullptr);
+  /// Uses a saved reference as it is stored; throws when it was computed for other windows.
   void set_reference(Reference reference);
   const std::optional<Reference>& reference() const { return reference_; }
 

@@ -188,7 +188,10 @@ ImportanceAnalysis ImportanceAnalyzer::run() {
   a.windows = calibration_.size();
   a.ctx = calibration_.inputs.size(1);
 
-  ProbeEvaluator evaluator(model_, calibration_, options_.subsets, EvaluatorOptions{options_.batch});
+  EvaluatorOptions eval_options;
+  eval_options.batch = options_.batch;
+  eval_options.reference_storage = options_.reference_storage;
+  ProbeEvaluator evaluator(model_, calibration_, options_.subsets, eval_options);
   progress("reference");
   a.scored_tokens = evaluator.scored_tokens();
   a.reference_ppl = evaluator.reference_ppl();

@@ -62,6 +62,7 @@ struct AnalyzerOptions {
   int upgrade_to_bits = 8;
   bool static_signals = true;  ///< false skips the capture and gradient passes (their signals read 0)
   int64_t batch = 8;           ///< windows per forward pass
+  ReferenceStorage reference_storage;  ///< how the probes' reference is kept (evaluator.h)
   Measurement measurement = Measurement::kLocal;  ///< how the probes of units in blocks are measured
   ImportanceConfig config;
   /// Called after every pass with the progress so far (on the calling thread).

@@ -1,5 +1,6 @@
 #include "importance/probe_evaluator.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -45,31 +46,25 @@ ProbeEvaluator::ProbeEvaluator(const CausalLM& reference, Windows windows, int64
 
   const auto start = Clock::now();
   c10::InferenceMode guard;
-  // The same reference GradualEvaluator::set_reference(model) computes, built here to time its pass.
-  Reference computed;
+  // GradualEvaluator::set_reference(model)'s reference in options.reference_storage, from the head's
+  // cached input when the model splits into stages.
   if (const ModelStages* stages = reference.stages()) {
     // One pass fills the block-input cache and gives the reference from the head's cached input.
     const auto t0 = Clock::now();
     cache_ = std::make_shared<BlockInputCache>(*stages, w.inputs, options.batch);
     const double cache_seconds = seconds_since(t0);
     const int64_t head = cache_->num_blocks();
-    computed.log_probs = evaluator_.scored_log_probs(
-        [&](int64_t b, int64_t) { return cache_->logits_from(head, cache_->chunk_of(b)); }, &forward_seconds_);
+    evaluator_.set_reference([&](int64_t b, int64_t) { return cache_->logits_from(head, cache_->chunk_of(b)); },
+                             &forward_seconds_);
     forward_seconds_ += cache_seconds;
     local_factors_.assign(cache_->num_blocks(), std::numeric_limits<double>::quiet_NaN());
   } else {
-    computed.log_probs = evaluator_.scored_log_probs(reference, &forward_seconds_);
+    evaluator_.set_reference(evaluator_.whole_model(reference), &forward_seconds_);
   }
-  computed.targets = w.targets.index({scored_mask_});
-  computed.windows_fingerprint = w.inputs;
-  evaluator_.set_reference(std::move(computed));
   const Reference& ref = *evaluator_.reference();
-  GRADQ_CHECK(ref.log_probs.size(0) == tokens, "internal: reference has {} scored tokens, the subsets {}",
-              ref.log_probs.size(0), tokens);
-  ref_probs_ = ref.log_probs.exp();
-  ref_neg_entropy_ = (ref_probs_ * ref.log_probs).sum(-1);
+  GRADQ_CHECK(ref.tokens() == tokens, "internal: reference has {} scored tokens, the subsets {}", ref.tokens(), tokens);
   targets_ = ref.targets.unsqueeze(1);
-  ref_nll_ = -ref.log_probs.gather(1, targets_).squeeze(1);
+  ref_nll_ = -ref.target_log_probs;
   reference_ppl_ = std::exp(ref_nll_.to(at::kDouble).mean().item<double>());
   passes_ = 1;
   seconds_ = seconds_since(start);
@@ -86,10 +81,17 @@ int64_t ProbeEvaluator::subset_tokens(int64_t k) const {
 }
 
 ProbeMeasure ProbeEvaluator::compare(const at::Tensor& lp) const {
-  GRADQ_CHECK(lp.sizes() == ref_probs_.sizes(), "the probed model scored {} tokens x {} logits, the reference {} x {}",
-              lp.size(0), lp.size(1), ref_probs_.size(0), ref_probs_.size(1));
-  // KL(P_ref || P) = sum p_ref log p_ref - sum p_ref log p, per token (clamped: rounding can go below 0).
-  at::Tensor kl = (ref_neg_entropy_ - (ref_probs_ * lp).sum(-1)).clamp_min(0).to(at::kDouble);
+  const Reference& ref = *evaluator_.reference();
+  GRADQ_CHECK(lp.dim() == 2 && lp.size(0) == ref.tokens() && lp.size(1) == ref.vocab,
+              "the probed model scored {} tokens x {} logits, the reference {} x {}", lp.size(0),
+              lp.dim() > 1 ? lp.size(1) : 0, ref.tokens(), ref.vocab);
+  // The evaluator's KL routine, a chunk of rows at a time: a compact reference expands its rows to
+  // [rows, vocab] there.
+  constexpr int64_t kRows = 4096;
+  std::vector<at::Tensor> parts;
+  for (int64_t b = 0; b < lp.size(0); b += kRows)
+    parts.push_back(ref.token_kl(b, lp.slice(0, b, std::min(lp.size(0), b + kRows))));
+  at::Tensor kl = at::cat(parts).to(at::kDouble);
   at::Tensor nll = -lp.gather(1, targets_).squeeze(1).to(at::kDouble);
   ProbeMeasure m;
   m.kl = kl.mean().item<double>();

@@ -97,8 +97,6 @@ class ProbeEvaluator {
   std::vector<int64_t> subset_window_begin_;  ///< K + 1 window boundaries
   std::vector<int64_t> subset_token_begin_;   ///< K + 1 boundaries in the scored-token order
   at::Tensor scored_mask_;
-  at::Tensor ref_probs_;        ///< [tokens, V] p_ref
-  at::Tensor ref_neg_entropy_;  ///< [tokens] sum_v p_ref log p_ref
   at::Tensor ref_nll_;          ///< [tokens] -log p_ref(target)
   at::Tensor targets_;          ///< [tokens, 1]
   double reference_ppl_ = 0;

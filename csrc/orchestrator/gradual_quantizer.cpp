@@ -73,6 +73,7 @@ QuantizeOutcome GradualQuantizer::run() {
   EvaluatorOptions eval_options;
   eval_options.check_finite = false;  // a candidate with non-finite logits fails the budget (budget.cpp)
   eval_options.batch = options_.batch;
+  eval_options.reference_storage = options_.reference_storage;
   GradualEvaluator calibration(calibration_, eval_options), heldout(evaluation_, eval_options);
   {
     PhaseTimer phase(out, "reference");
@@ -313,6 +314,7 @@ ImportanceAnalysis importance_analysis(CausalLM& model, const Windows& calibrati
   }
   AnalyzerOptions analyzer = options.analyzer;
   analyzer.batch = options.batch;
+  analyzer.reference_storage = options.reference_storage;
   analyzer.on_progress = [&](const AnalysisProgress& p) { progress(p.done, p.total, p.what); };
   return ImportanceAnalyzer(model, calibration, analyzer).run();
 }

@@ -36,6 +36,8 @@ namespace gradq {
 struct QuantizerOptions {
   Budget budget;
   int64_t batch = 8;               ///< windows per forward pass
+  /// How the calibration and held-out references (and a fresh analysis's) are kept (evaluator.h).
+  ReferenceStorage reference_storage;
   SearchOptions search;
   PrecisionPolicy policy;          ///< constraints on the search
   std::optional<Plan> plan;        ///< re-apply this plan: no analysis, no search

@@ -87,7 +87,7 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
                                a.static_signals);
   }
   const SearchOptions& s = q.search;
-  return {{"model", model_fingerprint(model)},
+  json config = {{"model", model_fingerprint(model)},
           {"calibration", windows_json(calibration)},
           {"evaluation", windows_json(evaluation)},
           {"order_source", order_source},
@@ -121,6 +121,9 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
             {"clip_min_ratio", s.rounding.clip.min_ratio}}},
           {"policy", policy},
           {"upgrade_shortlist", q.upgrade_shortlist}};
+  // Only when compact: the configurations (and hashes) of float32 sweeps stay those of earlier versions.
+  if (q.reference_storage != ReferenceStorage::float32()) config["reference_storage"] = q.reference_storage.name();
+  return config;
 }
 
 std::vector<std::string> differing_keys(const json& a, const json& b) {
@@ -426,6 +429,7 @@ SweepResult SweepRunner::run(const std::string& dir) {
   EvaluatorOptions eval_options;
   eval_options.check_finite = false;  // a candidate with non-finite logits fails the budget (budget.cpp)
   eval_options.batch = base.batch;
+  eval_options.reference_storage = base.reference_storage;
   GradualEvaluator calibration(calibration_, eval_options), heldout(evaluation_, eval_options);
   progress("reference", 0, 2, "full-precision log-probabilities, once for every point");
   calibration.set_reference(model_);

@@ -166,6 +166,23 @@ TEST(Cli, OptionsAreCheckedBeforeLoading) {
   expect_one_line_error("generate --steps -1", "--steps must be >= 0");
 }
 
+TEST(Cli, ReferenceStorageIsValidated) {
+  const std::string out = test::temp_dir("cli_reference_storage");
+  for (const std::string& cmd : std::vector<std::string>{"eval", "analyze -o " + out + "/a.json", "quantize -o " + out + "/q.pt",
+                                                         "sweep --out " + out + "/sweep --budgets 0.05"}) {
+    for (const char* bad : {"top0", "fp8", "top", "64"})
+      expect_one_line_error(cmd + " --reference-storage " + bad,
+                            std::string("--reference-storage: unknown reference storage '") + bad +
+                                "': expected fp32, fp16 or top<K> with K >= 1");
+    auto [hrc, help] = test::run(test::cli() + " " + cmd.substr(0, cmd.find(' ')) + " --help");
+    EXPECT_NE(help.find("--reference-storage"), std::string::npos) << cmd;
+  }
+  EXPECT_TRUE(fs::is_empty(out)) << "a refused command left files in " << out;
+  // More tokens kept than stories260K's vocabulary has.
+  expect_one_line_error("eval --reference " + test::stories_bin() + " --max-windows 1 --threads 1 --reference-storage top513",
+                        "reference storage top513 keeps more tokens than the vocabulary has (512)");
+}
+
 TEST(Cli, BadLogitsAreRejected) {
   const std::string dir = test::temp_dir("cli_logits");
   const std::string shape = "tokens.size(0), tokens.size(1), 512";

@@ -19,15 +19,17 @@ gradq::Windows fuzz_windows() {
 
 }  // namespace
 
-// GRADQ_FUZZ_WRITE_SEED=<path> writes a valid reference for the fuzzer's windows (the seed in
-// tests/fuzz/corpus/reference) and exits, so the seed always matches the windows above.
+// GRADQ_FUZZ_WRITE_SEED=<path> writes a valid reference for the fuzzer's windows (the seeds in
+// tests/fuzz/corpus/reference) and exits, so the seeds always match the windows above;
+// GRADQ_FUZZ_SEED_STORAGE=fp16|top<K> writes one of that storage (default fp32).
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   if (const char* path = std::getenv("GRADQ_FUZZ_WRITE_SEED")) {
+    const char* storage = std::getenv("GRADQ_FUZZ_SEED_STORAGE");
     const gradq::Windows w = fuzz_windows();
     at::Tensor scored = at::arange(w.inputs.size(1)).unsqueeze(0) >= w.score_from.unsqueeze(1);
-    gradq::Reference r;
-    r.targets = w.targets.index({scored});
-    r.log_probs = at::log_softmax(at::randn({r.targets.size(0), 7}), -1);
+    at::Tensor targets = w.targets.index({scored});
+    gradq::Reference r = gradq::Reference::from_log_probs(at::log_softmax(at::randn({targets.size(0), 7}), -1), targets,
+                                                          gradq::ReferenceStorage::parse(storage ? storage : "fp32"));
     r.windows_fingerprint = w.inputs;
     r.save(path);
     std::printf("wrote %s\n", path);
