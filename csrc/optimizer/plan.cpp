@@ -1,11 +1,13 @@
 #include "optimizer/plan.h"
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include <set>
 
 #include "common/error.h"
 #include "common/files.h"
+#include "eval/block_cache.h"
 #include "quant/quantize.h"
 
 namespace gradq {
@@ -98,6 +100,53 @@ QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::
     const auto it = stats.find(e.name);
     out[e.name] = quantize_weight(model.weight(e.name), e.name, e.spec, e.method, it == stats.end() ? nullptr : &it->second,
                                   rounding);
+  }
+  return out;
+}
+
+namespace {
+
+// Position in model.blocks() of every quantizable weight that belongs to a block.
+std::map<std::string, int64_t> block_of_weights(const CausalLM& model) {
+  std::map<std::string, int64_t> out;
+  const auto& blocks = model.blocks();
+  for (size_t b = 0; b < blocks.size(); ++b)
+    for (size_t i : blocks[b].weights) out[model.weights()[i].name] = static_cast<int64_t>(b);
+  return out;
+}
+
+}  // namespace
+
+bool plan_in_blocks(const CausalLM& model, const Plan& plan) {
+  if (!model.stages()) return false;
+  const auto block_of = block_of_weights(model);
+  return std::all_of(plan.entries.begin(), plan.entries.end(),
+                     [&](const PlanEntry& e) { return block_of.count(e.name) > 0; });
+}
+
+QuantizedWeights apply_plan_by_block(const CausalLM& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
+                                     const RoundingOptions& rounding) {
+  GRADQ_CHECK(model.stages(), "statistics per block need a model split into stages: {}",
+              model.stages_unavailable_reason());
+  const auto block_of = block_of_weights(model);
+  std::vector<std::vector<const PlanEntry*>> entries(model.blocks().size());
+  for (const PlanEntry& e : plan.entries) {
+    const auto it = block_of.find(e.name);
+    GRADQ_CHECK(it != block_of.end(), "statistics per block: '{}' is not a quantizable weight of a block", e.name);
+    GRADQ_CHECK(model.holds_original(e.name), "statistics per block are the full-precision model's, but '{}' was changed",
+                e.name);
+    entries[static_cast<size_t>(it->second)].push_back(&e);
+  }
+  const BlockInputCache cache(*model.stages(), inputs, batch);
+  QuantizedWeights out;
+  for (size_t b = 0; b < entries.size(); ++b) {
+    if (entries[b].empty()) continue;
+    std::vector<StageState> states;
+    for (int64_t chunk = 0; chunk * cache.batch() < cache.windows(); ++chunk)
+      states.push_back(cache.state(static_cast<int64_t>(b), chunk));
+    const auto stats = model.capture_block_input_stats(static_cast<int64_t>(b), states, /*with_xtx=*/true);
+    for (const PlanEntry* e : entries[b])
+      out[e->name] = quantize_weight(model.weight(e->name), e->name, e->spec, e->method, &stats.at(e->name), rounding);
   }
   return out;
 }

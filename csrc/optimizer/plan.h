@@ -47,6 +47,20 @@ QuantizedTensor quantize_weight(const at::Tensor& w, const std::string& name, co
 QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::map<std::string, InputStats>& stats = {},
                             const RoundingOptions& rounding = {});
 
+/// True when `model` splits into stages and every entry of `plan` names a quantizable weight of a
+/// block: then apply_plan_by_block can collect the statistics one block at a time.
+bool plan_in_blocks(const CausalLM& model, const Plan& plan);
+
+/// apply_plan with each block's input statistics (X^T X included) collected from the states of the
+/// calibration windows `inputs` ([N, T], `batch` rows at a time) entering that block, one block's at
+/// a time, instead of every weight's up front: X^T X is [in, in] float64 per weight, 10 GB for a
+/// model of TinyLlama-1.1B's shapes against 0.45 GB for one of its blocks. The same weights as
+/// apply_plan(model, plan, model.capture_input_stats(inputs, batch, true), rounding) (the block
+/// capture equals the whole one). Costs two passes (the states, then each block once). Needs
+/// plan_in_blocks and the full-precision weights (the statistics are the original model's).
+QuantizedWeights apply_plan_by_block(const CausalLM& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
+                                     const RoundingOptions& rounding = {});
+
 /// True when some entry's method needs activation statistics (kClip, kTrained, kGptq); `with_xtx` is
 /// set when one needs X^T X (kTrained, kGptq).
 bool plan_needs_stats(const Plan& plan, bool* with_xtx = nullptr);

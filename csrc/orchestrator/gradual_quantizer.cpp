@@ -147,10 +147,19 @@ QuantizeOutcome GradualQuantizer::run() {
       }
     }
     bool with_xtx = false;
-    if (plan_needs_stats(out.plan, &with_xtx)) capture_stats(with_xtx);
+    const bool needs_stats = plan_needs_stats(out.plan, &with_xtx);
+    // X^T X one block at a time where the model splits into blocks (every weight's up front would
+    // be 5 times the bf16 weights at TinyLlama-1.1B's shapes).
+    const bool by_block = with_xtx && plan_in_blocks(model_, out.plan);
+    if (needs_stats && !by_block) capture_stats(with_xtx);
     PhaseTimer phase(out, "validation");
     progress("validation", 0, 1, "quantizing and evaluating on held-out text");
-    out.weights = apply_plan(model_, out.plan, stats, options_.search.rounding);
+    if (by_block) {
+      out.weights = apply_plan_by_block(model_, out.plan, calibration_.inputs, options_.batch, options_.search.rounding);
+      phase.add_passes(2);
+    } else {
+      out.weights = apply_plan(model_, out.plan, stats, options_.search.rounding);
+    }
     finish(phase);
     out.seconds = seconds_since(start);
     return out;

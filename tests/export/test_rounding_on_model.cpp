@@ -186,5 +186,38 @@ TEST(GptqStories, PlanRoundTripAndExportedCodes) {
   EXPECT_NE(msg.find("X^T X"), std::string::npos) << msg;
 }
 
+// A re-applied plan collects X^T X one block at a time (what keeps `gradq quantize --uniform`
+// within memory on a deep model): exactly the weights of the whole-model capture, same windows and
+// batches.
+TEST(GptqStories, PlanAppliedBlockByBlockEqualsTheWholeCapture) {
+  const Stories& s = stories();
+  DataOptions data;
+  data.calib_windows = 8;
+  data.eval_windows = 1;
+  const DataSplit split = test::stories_data(data);
+  Plan plan = uniform_plan(s.model, parse_quant_spec("b4g32"), RoundingMethod::kGptq);
+  plan.entries[1].spec = parse_quant_spec("b3g64");
+  plan.entries[2].method = RoundingMethod::kClip;
+  ASSERT_TRUE(plan_in_blocks(s.model, plan));
+  const QuantizedWeights whole = apply_plan(s.model, plan, s.stats);
+  const QuantizedWeights by_block = apply_plan_by_block(s.model, plan, split.calibration.inputs, 8);
+  ASSERT_EQ(by_block.size(), whole.size());
+  for (const auto& [n, t] : whole) {
+    SCOPED_TRACE(n);
+    ASSERT_TRUE(by_block.count(n));
+    EXPECT_TRUE(bitwise_equal(t.packed.codes, by_block.at(n).packed.codes));
+    EXPECT_TRUE(bitwise_equal(t.dequantize(), by_block.at(n).dequantize()));
+    EXPECT_GT(t.dequantize().abs().sum().item<double>(), 0.0);
+  }
+
+  // A weight outside every block (the embedding) keeps the whole capture.
+  Plan with_embedding = plan;
+  with_embedding.entries.push_back({"tok_embeddings.weight", parse_quant_spec("b8g128"), RoundingMethod::kRtn});
+  EXPECT_FALSE(plan_in_blocks(s.model, with_embedding));
+  const std::string msg =
+      test::expect_error([&] { apply_plan_by_block(s.model, with_embedding, split.calibration.inputs, 8); });
+  EXPECT_NE(msg.find("'tok_embeddings.weight' is not a quantizable weight of a block"), std::string::npos) << msg;
+}
+
 }  // namespace
 }  // namespace gradq
