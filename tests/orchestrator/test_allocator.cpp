@@ -142,6 +142,8 @@ TEST(PrecisionOptimizer, LocalCurvesPredictTheExactOnesAtOneBlockPerCandidate) {
   budget.max_kl = 0.05;
   SearchOptions o;
   o.group_sizes = {128, 32};
+  EXPECT_EQ(o.measurement_used(), CandidateMeasurement::kLocal) << "the allocator's default";
+  o.measurement = CandidateMeasurement::kExact;
   const SearchResult exact = allocate_stories(budget, o);
   o.measurement = CandidateMeasurement::kLocal;
   const SearchResult local = allocate_stories(budget, o);
