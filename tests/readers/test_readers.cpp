@@ -100,7 +100,7 @@ TEST(Readers, ReferenceFilesAreCheckedForTypesShapesAndTargets) {
   GRADQ_EXPECT_THROW_MSG(Reference::from_bytes(dict(log_probs, targets + 100, w.inputs), "vocab.ref"),
                          "targets in [");
   GRADQ_EXPECT_THROW_MSG(Reference::from_bytes(dict(log_probs.slice(0, 1), targets, w.inputs), "rows.ref"),
-                         "corrupt gradq reference file");
+                         "corrupt gradq fp32 reference file");
   // Same windows, other targets: refused by set_reference.
   const at::Tensor shifted = (targets + 1) % 7;
   GRADQ_EXPECT_THROW_MSG(evaluator.set_reference(Reference::from_bytes(dict(log_probs, shifted, w.inputs), "t.ref")),
