@@ -37,6 +37,13 @@ const StageState& BlockInputCache::state(int64_t boundary, int64_t chunk) const 
   return states_[boundary][chunk];
 }
 
+
+std::vector<StageState> BlockInputCache::states(int64_t boundary) const {
+  std::vector<StageState> out;
+  for (int64_t chunk = 0; chunk * batch_ < windows_; ++chunk) out.push_back(state(boundary, chunk));
+  return out;
+}
+
 at::Tensor BlockInputCache::logits_from(int64_t from, int64_t chunk) const {
   c10::InferenceMode guard;
   return stages_.logits_from(from, state(from, chunk));

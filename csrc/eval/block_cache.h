@@ -38,6 +38,8 @@ class BlockInputCache {
 
   /// State entering block `boundary` (num_blocks(): the head) for batch `chunk`.
   const StageState& state(int64_t boundary, int64_t chunk) const;
+  /// The states entering block `boundary` for every batch, in window order.
+  std::vector<StageState> states(int64_t boundary) const;
   /// Logits of batch `chunk` with blocks `from`.. rerun on the current weights.
   at::Tensor logits_from(int64_t from, int64_t chunk) const;
   /// Per window: state_mse between block `b` run on its cached input with the current weights and

@@ -141,10 +141,8 @@ QuantizedWeights apply_plan_by_block(const CausalLM& model, const Plan& plan, co
   QuantizedWeights out;
   for (size_t b = 0; b < entries.size(); ++b) {
     if (entries[b].empty()) continue;
-    std::vector<StageState> states;
-    for (int64_t chunk = 0; chunk * cache.batch() < cache.windows(); ++chunk)
-      states.push_back(cache.state(static_cast<int64_t>(b), chunk));
-    const auto stats = model.capture_block_input_stats(static_cast<int64_t>(b), states, /*with_xtx=*/true);
+    const auto stats = model.capture_block_input_stats(static_cast<int64_t>(b), cache.states(static_cast<int64_t>(b)),
+                                                       /*with_xtx=*/true);
     for (const PlanEntry* e : entries[b])
       out[e->name] = quantize_weight(model.weight(e->name), e->name, e->spec, e->method, &stats.at(e->name), rounding);
   }

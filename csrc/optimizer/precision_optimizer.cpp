@@ -162,11 +162,8 @@ const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool 
       changed.emplace_back(w, model_.weight(w));
       model_.restore(w);
     }
-    std::vector<StageState> inputs;
-    for (int64_t chunk = 0; chunk * original_inputs_->batch() < original_inputs_->windows(); ++chunk)
-      inputs.push_back(original_inputs_->state(block, chunk));
     block_stats_.clear();  // one block's X^T X at a time
-    block_stats_ = model_.capture_block_input_stats(block, inputs, /*with_xtx=*/true);
+    block_stats_ = model_.capture_block_input_stats(block, original_inputs_->states(block), /*with_xtx=*/true);
     block_stats_of_ = block;
     for (const auto& [w, value] : changed) model_.set_weight(w, value);
   }
