@@ -29,8 +29,8 @@ mkdir -p "$work"
 cpu_of() { awk -F': ' '/User time/{u=$2} /System time/{s=$2} END{printf "%.1f", u+s}' "$1"; }
 rss_of() { awk -F': ' '/Maximum resident/{printf "%.0f", $2/1024}' "$1"; }
 
-echo "| width x layers | weights | analyze CPU s (per weight) | analyze RSS MiB | search | search CPU s (per weight) | blocks run / whole | quantize RSS MiB | model fp32 MiB | bits/weight | held-out PPL | held-out KL |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| width x layers | weights | analyze CPU s (per weight) | analyze RSS MiB | search | search CPU s (per weight) | blocks run / whole | validation CPU s (per weight), held-out passes | quantize CPU s (per weight) | quantize RSS MiB | model fp32 MiB | bits/weight | held-out PPL | held-out KL |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for shape in $shapes; do
   dim=${shape%x*}; layers=${shape#*x}
   bin=$work/r${dim}_l${layers}.bin; pt=$work/r${dim}_l${layers}.pt
@@ -51,16 +51,20 @@ for shape in $shapes; do
     /usr/bin/time -v "$gradq" quantize --model "$pt" --threads 1 "${analysis_arg[@]}" --search-measure "$m" \
       $search -o "$work/q_${shape}_$m.pt" --report "$report" $extra > "$work/quantize_${shape}_$m.out" 2> "$work/quantize_${shape}_$m.time" || true
     python3 - "$report" "$shape" "$weights" "$a_cpu" "$a_rss" \
-      "$(rss_of "$work/quantize_${shape}_$m.time")" "$m" <<'EOF'
+      "$(rss_of "$work/quantize_${shape}_$m.time")" "$m" "$(cpu_of "$work/quantize_${shape}_$m.time")" <<'EOF'
 import json, sys
-report, shape, weights, a_cpu, a_rss, q_rss, m = sys.argv[1:]
+report, shape, weights, a_cpu, a_rss, q_rss, m, q_cpu = sys.argv[1:]
 r = json.load(open(report))
 weights = int(weights)
-s_cpu = sum(p.get("cpu_seconds", 0) for p in r["phases"] if p["phase"] == "search")
+def phase_cpu(name):
+    return sum(p.get("cpu_seconds", 0) for p in r["phases"] if p["phase"] == name)
+s_cpu, v_cpu, q_cpu = phase_cpu("search"), phase_cpu("validation"), float(q_cpu)
+passes = max([v.get("pass", 0) for v in r.get("validation_steps", [])] or [0])
 mem, h = r["memory"], r["heldout"]
 w, l = shape.split("x")
 print(f"| {w} x {l} | {weights} | {float(a_cpu):.1f} ({float(a_cpu) / weights:.2f}) | {a_rss} | {m} | "
-      f"{s_cpu:.1f} ({s_cpu / weights:.2f}) | {r['search']['blocks_run']} / {r['search']['blocks_whole']} | {q_rss} | "
+      f"{s_cpu:.1f} ({s_cpu / weights:.2f}) | {r['search']['blocks_run']} / {r['search']['blocks_whole']} | "
+      f"{v_cpu:.1f} ({v_cpu / weights:.2f}), {passes} | {q_cpu:.1f} ({q_cpu / weights:.2f}) | {q_rss} | "
       f"{mem['fp32_bytes'] / 2**20:.0f} | {mem['bits_per_weight']:.3f} | {100 * (h['ppl_ratio']['value'] - 1):+.2f}% | "
       f"{h['kl']['mean']['value']:.4f} |")
 EOF

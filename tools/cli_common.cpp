@@ -58,7 +58,8 @@ void add_search_options(cxxopts::Options& options) {
   options.add_options("search")
       ("search", "progressive (widths lowered one pass at a time, group-size search, rollback) or allocate (every weight measured alone at every candidate; an allocator picks the cheapest mix that meets the budget, corrected by whole-model measurements, then measured downgrades)", cxxopts::value<std::string>()->default_value(search_strategy_name(SearchOptions{}.strategy)))
       ("repair-confidence", "--search allocate: a downgrade on held-out text is kept only when the budget holds this many standard errors above its measurement (0: up to the limit, which is optimistic for other text)", cxxopts::value<double>()->default_value("1"))
-      ("safety", "the search uses the quality limits divided by this (held-out validation then checks the full limits)", cxxopts::value<double>()->default_value("1.5"))
+      ("safety", "the search uses the quality limits divided by this (held-out validation then checks the full "
+                 "limits); default 1 for --search allocate, 1.5 for progressive", cxxopts::value<double>())
       ("bits", "bit widths to try, high to low (add 3 for 3-bit)", cxxopts::value<std::string>()->default_value("8,4,2"))
       ("group-sizes", "group sizes to try, cheapest first", cxxopts::value<std::string>()->default_value("128,64,32,16"))
       ("encodings", "side information of the candidates, each with every group size: asym (b-bit zero points), z8 (8-bit zero points), s (symmetric), k6, k8 (sub-scales)", cxxopts::value<std::string>()->default_value("asym"))
@@ -104,12 +105,14 @@ void add_input_options(cxxopts::Options& options) {
       ("ctx", "window length in tokens", cxxopts::value<int64_t>()->default_value("256"))
       ("calib-windows", "calibration windows (0 = all)", cxxopts::value<int64_t>()->default_value("8"))
       ("eval-windows", "held-out evaluation windows (0 = all)", cxxopts::value<int64_t>()->default_value("64"))
+      ("fit-windows", "windows the rounding is fitted on (GPTQ's X^T X), the calibration part's next after the "
+                      "calibration windows (0 = fit on the calibration windows)", cxxopts::value<int64_t>()->default_value("32"))
       ("batch", "windows per forward pass", cxxopts::value<int64_t>()->default_value("8"));
   add_reference_storage_option(options, "data");
 }
 
 void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) {
-  q.budget.safety = args["safety"].as<double>();
+  if (args.count("safety")) q.budget.safety = args["safety"].as<double>();
   q.batch = args["batch"].as<int64_t>();
   q.reference_storage = read_reference_storage_option(args);
   q.search.bits.clear();
@@ -158,6 +161,8 @@ void check_input_options(const cxxopts::ParseResult& args) {
   GRADQ_CHECK(ctx >= 2, "--ctx must be at least 2 tokens, got {}", ctx);
   for (const char* count : {"calib-windows", "eval-windows"})
     GRADQ_CHECK(args[count].as<int64_t>() >= 0, "--{} must be >= 0 (0 = all), got {}", count, args[count].as<int64_t>());
+  GRADQ_CHECK(args["fit-windows"].as<int64_t>() >= 0,
+              "--fit-windows must be >= 0 (0 = fit on the calibration windows), got {}", args["fit-windows"].as<int64_t>());
   GRADQ_CHECK(args["batch"].as<int64_t>() >= 1, "--batch must be at least 1, got {}", args["batch"].as<int64_t>());
   const double fraction = args["calib-fraction"].as<double>();
   GRADQ_CHECK(fraction > 0 && fraction < 1, "--calib-fraction must be in (0, 1), got {}", fraction);
@@ -180,10 +185,13 @@ Inputs load_inputs(const cxxopts::ParseResult& args) {
   data.ctx = args["ctx"].as<int64_t>();
   data.calib_windows = args["calib-windows"].as<int64_t>();
   data.eval_windows = args["eval-windows"].as<int64_t>();
+  data.fit_windows = args["fit-windows"].as<int64_t>();
   DataSplit split = make_data_split(tokenizer->encode(read_text_file(args["text"].as<std::string>())),
                                     tokenizer->bos_id(), data);
-  std::cerr << fmt::format("{} quantizable weights; {} calibration and {} held-out windows of {} tokens\n",
-                           model.weights().size(), split.calibration.size(), split.evaluation.size(), data.ctx);
+  std::cerr << fmt::format("{} quantizable weights; {} calibration, {} and {} held-out windows of {} tokens\n",
+                           model.weights().size(), split.calibration.size(),
+                           split.fit.size() ? fmt::format("{} fit", split.fit.size()) : "no fit (fitted on calibration)",
+                           split.evaluation.size(), data.ctx);
   return {std::move(model), std::move(split)};
 }
 

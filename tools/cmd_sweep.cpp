@@ -184,6 +184,7 @@ int cmd_sweep(int argc, char** argv) {
   check_output_location(dir + "/sweep.json");
 
   auto [model, split] = load_inputs(args);
+  sweep.quantizer.search.fit_inputs = split.fit.inputs;
   ProgressDisplay display;
   sweep.on_progress = std::ref(display);
   SweepRunner runner(model, split.calibration, split.evaluation, sweep);

@@ -1,5 +1,6 @@
 #include "data/dataset.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 
@@ -160,6 +161,28 @@ DataSplit make_data_split(const std::vector<int64_t>& tokens, int64_t bos_id, co
   out.calibration = make_windows(split.calibration, spec);
   spec.max_windows = options.eval_windows;
   out.evaluation = make_windows(split.evaluation, spec);
+  GRADQ_CHECK(options.fit_windows >= 0, "expected fit_windows >= 0 (0: none), got {}", options.fit_windows);
+  if (options.fit_windows > 0) {
+    // The tokens after the calibration windows' targets (without BOS, the last target is also the
+    // first input: a shared input token, no shared target).
+    const int64_t bos = bos_id >= 0;
+    const auto n = static_cast<int64_t>(split.calibration.size());
+    const int64_t used = out.calibration.size() * options.ctx + (bos ? 0 : 1);
+    const int64_t first = used - (bos ? 0 : 1);
+    const int64_t need = bos ? options.ctx : options.ctx + 1;
+    // used > n: the calibration windows include one aligned to the end of the part, so no token is left.
+    GRADQ_CHECK(used <= n && n - first >= need,
+                "no text left for fit windows: the calibration part has {} tokens and its {} calibration windows of {} "
+                "use {}; expected at least {} more (raise the calibration fraction, lower the calibration windows, or "
+                "fit on the calibration windows with 0 fit windows)",
+                n, out.calibration.size(), options.ctx, std::min(used, n), need);
+    spec.max_windows = options.fit_windows;
+    spec.stride = options.ctx;
+    const std::vector<int64_t> rest(split.calibration.begin() + first, split.calibration.end());
+    out.fit = make_windows(rest, spec);
+    // make_windows aligns a last window to the end of `rest`; it stays within `rest`, so it shares
+    // no token with the calibration windows either.
+  }
   return out;
 }
 

@@ -62,16 +62,23 @@ Windows make_windows(const std::vector<int64_t>& tokens, const WindowSpec& spec)
 
 /// Calibration and held-out evaluation windows from one token stream: split_tokens at
 /// calib_fraction, then non-overlapping windows (stride = ctx) over each part, the first N of each.
+/// Fit windows, when asked for, are the calibration part's next windows after the calibration
+/// windows, sharing no token with them: the rounding is fitted on them (GPTQ's X^T X), so that
+/// the calibration windows that judge its candidates are text it was not fitted to.
 struct DataOptions {
   double calib_fraction = 0.1;
   int64_t ctx = 256;
   int64_t calib_windows = 16;  ///< 0: all
   int64_t eval_windows = 64;   ///< 0: all
+  int64_t fit_windows = 0;     ///< 0: none (the rounding is fitted on the calibration windows)
 };
 struct DataSplit {
   Windows calibration;
   Windows evaluation;
+  Windows fit;  ///< empty unless DataOptions::fit_windows > 0; then 1..fit_windows windows
 };
+/// Throws gradq::Error when fit windows are asked for and the calibration part has no full window
+/// left after the calibration windows.
 DataSplit make_data_split(const std::vector<int64_t>& tokens, int64_t bos_id, const DataOptions& options);
 
 /// Throws gradq::Error when the tokenizer can emit ids the model has no logits for.

@@ -37,13 +37,6 @@ const StageState& BlockInputCache::state(int64_t boundary, int64_t chunk) const 
   return states_[boundary][chunk];
 }
 
-
-std::vector<StageState> BlockInputCache::states(int64_t boundary) const {
-  std::vector<StageState> out;
-  for (int64_t chunk = 0; chunk * batch_ < windows_; ++chunk) out.push_back(state(boundary, chunk));
-  return out;
-}
-
 at::Tensor BlockInputCache::logits_from(int64_t from, int64_t chunk) const {
   c10::InferenceMode guard;
   return stages_.logits_from(from, state(from, chunk));
@@ -127,6 +120,30 @@ int64_t BlockInputCache::bytes() const {
         if (v.isTensor() && seen.insert(v.toTensor().storage().data()).second)
           total += static_cast<int64_t>(v.toTensor().storage().nbytes());
   return total;
+}
+
+BlockInputStream::BlockInputStream(const ModelStages& stages, const at::Tensor& inputs, int64_t batch)
+    : stages_(stages), inputs_(inputs), batch_(batch) {
+  GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
+  GRADQ_CHECK(inputs.dim() == 2 && inputs.size(0) > 0, "expected tokens [N, T] with N > 0, got {} dimensions",
+              inputs.dim());
+  rewind();
+}
+
+void BlockInputStream::rewind() {
+  c10::InferenceMode guard;
+  states_.clear();
+  const int64_t windows = inputs_.size(0);
+  for (int64_t b = 0; b < windows; b += batch_)
+    states_.push_back(stages_.embed(inputs_.slice(0, b, std::min(windows, b + batch_))));
+  block_ = 0;
+}
+
+void BlockInputStream::advance() {
+  GRADQ_CHECK(block_ < stages_.num_blocks(), "the stream is at the head already ({} blocks)", stages_.num_blocks());
+  c10::InferenceMode guard;
+  for (StageState& s : states_) s = stages_.block(block_, s);
+  ++block_;
 }
 
 }  // namespace gradq

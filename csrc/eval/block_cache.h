@@ -38,8 +38,6 @@ class BlockInputCache {
 
   /// State entering block `boundary` (num_blocks(): the head) for batch `chunk`.
   const StageState& state(int64_t boundary, int64_t chunk) const;
-  /// The states entering block `boundary` for every batch, in window order.
-  std::vector<StageState> states(int64_t boundary) const;
   /// Logits of batch `chunk` with blocks `from`.. rerun on the current weights.
   at::Tensor logits_from(int64_t from, int64_t chunk) const;
   /// Per window: state_mse between block `b` run on its cached input with the current weights and
@@ -71,6 +69,33 @@ class BlockInputCache {
   at::Tensor inputs_;
   int64_t batch_ = 0, windows_ = 0;
   std::vector<std::vector<StageState>> states_;  ///< [boundary][chunk]
+};
+
+/// The states entering one block at a time, for every batch of windows, carried forward from the
+/// embedding: memory for one boundary instead of BlockInputCache's L + 1, for work that visits the
+/// blocks in order (collecting the statistics the rounding is fitted on, block by block). Each
+/// advance() runs the current block with the model's weights at that moment; going back to an
+/// earlier block means rewind() and advancing again from the embedding.
+class BlockInputStream {
+ public:
+  /// Embeds `inputs` (tokens [N, T]), `batch` windows at a time: the stream stands at block 0.
+  BlockInputStream(const ModelStages& stages, const at::Tensor& inputs, int64_t batch);
+
+  /// The block whose input states() holds (num_blocks(): the head).
+  int64_t block() const { return block_; }
+  /// The states entering block(), one per batch, in window order.
+  const std::vector<StageState>& states() const { return states_; }
+  /// Runs block() on every batch: the stream then stands at the next block.
+  void advance();
+  /// Back to block 0: the embedding again.
+  void rewind();
+
+ private:
+  const ModelStages& stages_;
+  at::Tensor inputs_;
+  int64_t batch_ = 0;
+  int64_t block_ = 0;
+  std::vector<StageState> states_;
 };
 
 }  // namespace gradq

@@ -13,7 +13,7 @@ void Budget::validate() const {
   GRADQ_CHECK(!max_kl || *max_kl > 0, "--max-kl must be > 0 nats, got {}", *max_kl);
   GRADQ_CHECK(!target_memory_reduction || (*target_memory_reduction > 0 && *target_memory_reduction < 1),
               "--target-memory-reduction must be in (0, 1), got {}", *target_memory_reduction);
-  GRADQ_CHECK(safety >= 1, "--safety must be >= 1, got {}", safety);
+  GRADQ_CHECK(!safety || *safety >= 1, "--safety must be >= 1, got {}", safety.value_or(0));
   GRADQ_CHECK(max_ppl_increase || max_kl, "a quality budget is needed: --max-ppl-increase and/or --max-kl");
 }
 

@@ -19,9 +19,9 @@ struct Budget {
   std::optional<double> max_ppl_increase;         ///< relative, e.g. 0.05 for +5%
   std::optional<double> max_kl;                   ///< nats per token
   std::optional<double> target_memory_reduction;  ///< e.g. 0.6 for 60% smaller than fp16
-  /// The search divides the quality limits by this. 1.5 gave fewer bits than 2 and 1.25 at +2%, +5%
-  /// and +20% on stories260K (docs/BENCHMARKS.md, sweeps); held-out validation keeps the budget.
-  double safety = 1.5;
+  /// The search divides the quality limits by this; held-out validation keeps the budget. Unset:
+  /// the search strategy's own (SearchOptions::safety_used).
+  std::optional<double> safety;
 
   /// Throws gradq::Error for non-positive limits, a reduction outside (0, 1), or safety < 1.
   void validate() const;

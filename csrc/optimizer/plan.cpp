@@ -137,12 +137,12 @@ QuantizedWeights apply_plan_by_block(const CausalLM& model, const Plan& plan, co
                 e.name);
     entries[static_cast<size_t>(it->second)].push_back(&e);
   }
-  const BlockInputCache cache(*model.stages(), inputs, batch);
+  BlockInputStream stream(*model.stages(), inputs, batch);  // the model's weights are the originals
   QuantizedWeights out;
   for (size_t b = 0; b < entries.size(); ++b) {
     if (entries[b].empty()) continue;
-    const auto stats = model.capture_block_input_stats(static_cast<int64_t>(b), cache.states(static_cast<int64_t>(b)),
-                                                       /*with_xtx=*/true);
+    while (stream.block() < static_cast<int64_t>(b)) stream.advance();
+    const auto stats = model.capture_block_input_stats(static_cast<int64_t>(b), stream.states(), /*with_xtx=*/true);
     for (const PlanEntry* e : entries[b])
       out[e->name] = quantize_weight(model.weight(e->name), e->name, e->spec, e->method, &stats.at(e->name), rounding);
   }

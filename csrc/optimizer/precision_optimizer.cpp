@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <set>
 
@@ -80,8 +81,17 @@ CandidateMeasurement SearchOptions::measurement_used() const {
   return strategy == SearchStrategy::kAllocate ? CandidateMeasurement::kLocal : CandidateMeasurement::kExact;
 }
 
+double safety_used(const Budget& budget, SearchStrategy strategy) {
+  if (budget.safety) return *budget.safety;
+  return strategy == SearchStrategy::kAllocate ? 1.0 : 1.5;
+}
+
 void SearchOptions::validate() const {
   GRADQ_CHECK(!bits.empty(), "the search needs at least one bit width");
+  if (fit_inputs.defined())
+    GRADQ_CHECK(fit_inputs.dim() == 2 && fit_inputs.scalar_type() == at::kLong && fit_inputs.numel() > 0,
+                "expected fit inputs as int64 tokens [windows, ctx], neither 0, got {} [{}]",
+                c10::toString(fit_inputs.scalar_type()), fmt::join(fit_inputs.sizes(), ", "));
   for (size_t i = 0; i < bits.size(); ++i) {
     quant_level_for_bits(bits[i]);
     GRADQ_CHECK(i == 0 || bits[i] < bits[i - 1], "bit widths must be listed high to low without repeats, got {}",
@@ -128,12 +138,17 @@ PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& 
                                       : std::make_shared<CandidateCache>(options_.candidate_cache_bytes);
   const bool uses_xtx = rounding_needs_xtx(options_.method) ||
                         (options_.trained_fallback && options_.strategy == SearchStrategy::kProgressive);
-  const bool given_xtx = std::all_of(stats_.begin(), stats_.end(), [](const auto& s) { return s.second.xtx.defined(); });
+  // Every weight's X^T X given (an empty map gives none).
+  const bool given_xtx = std::all_of(model_.weights().begin(), model_.weights().end(), [&](const WeightInfo& w) {
+    const auto it = stats_.find(w.name);
+    return it != stats_.end() && it->second.xtx.defined();
+  });
   if (uses_xtx && !given_xtx && collects_xtx_per_block(model_)) {
     for (const WeightInfo& w : model_.weights())
       GRADQ_CHECK(model_.holds_original(w.name), "the search starts from the full-precision model, but '{}' was changed",
                   w.name);
-    original_inputs_ = std::make_unique<BlockInputCache>(*model_.stages(), evaluator_.windows().inputs, evaluator_.batch());
+    const at::Tensor& fit = options_.fit_inputs.defined() ? options_.fit_inputs : evaluator_.windows().inputs;
+    original_inputs_ = std::make_unique<BlockInputStream>(*model_.stages(), fit, evaluator_.batch());
   }
 }
 
@@ -154,18 +169,28 @@ const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool 
   const int64_t block = model_.block_position(model_.weights()[model_.weight_index(name)].block);
   GRADQ_CHECK(block >= 0, "internal: '{}' is outside every block, so its X^T X cannot be collected per block", name);
   if (block != block_stats_of_) {
-    // The block's weights as loaded while it runs: its later weights' inputs depend on its earlier ones.
-    std::vector<std::pair<std::string, at::Tensor>> changed;
-    for (size_t i : model_.blocks()[static_cast<size_t>(block)].weights) {
-      const std::string& w = model_.weights()[i].name;
-      if (model_.holds_original(w)) continue;
-      changed.emplace_back(w, model_.weight(w));
-      model_.restore(w);
-    }
+    // Runs `fn` with block b's weights as loaded: its own later weights' inputs depend on its earlier
+    // ones, and the stream carries the full-precision model's states.
+    auto with_original_block = [&](int64_t b, const std::function<void()>& fn) {
+      std::vector<std::pair<std::string, at::Tensor>> changed;
+      for (size_t i : model_.blocks()[static_cast<size_t>(b)].weights) {
+        const std::string& w = model_.weights()[i].name;
+        if (model_.holds_original(w)) continue;
+        changed.emplace_back(w, model_.weight(w));
+        model_.restore(w);
+      }
+      fn();
+      for (const auto& [w, value] : changed) model_.set_weight(w, value);
+    };
+    // Blocks are asked for in order but for candidates recomputed after the cache dropped them.
+    if (original_inputs_->block() > block) original_inputs_->rewind();
+    while (original_inputs_->block() < block)
+      with_original_block(original_inputs_->block(), [&] { original_inputs_->advance(); });
     block_stats_.clear();  // one block's X^T X at a time
-    block_stats_ = model_.capture_block_input_stats(block, original_inputs_->states(block), /*with_xtx=*/true);
+    with_original_block(block, [&] {
+      block_stats_ = model_.capture_block_input_stats(block, original_inputs_->states(), /*with_xtx=*/true);
+    });
     block_stats_of_ = block;
-    for (const auto& [w, value] : changed) model_.set_weight(w, value);
   }
   return &block_stats_.at(name);
 }
@@ -202,6 +227,7 @@ double PrecisionOptimizer::block_error(const BlockInputCache& cache, int64_t b, 
 SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
                                         const std::function<void(const SearchProgress&)>& on_progress) {
   const auto start = Clock::now();
+  safety_ = safety_used(budget_, SearchStrategy::kProgressive);
   SearchResult result;
   // Every weight starts at fp16; `state` is what the model holds for it between candidates.
   std::map<std::string, QuantizedTensor> state;
@@ -264,7 +290,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     EvalResult r = evaluate_from(first_stage(name));
     step.kl = r.kl->mean.value;
     step.ppl_increase = ppl_increase(r);
-    step.accepted = budget_.quality_met(r, budget_.safety);
+    step.accepted = budget_.quality_met(r, safety_);
     if (step.accepted) {
       keep(name, q);
       result.calibration = std::move(r);
@@ -303,9 +329,9 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   auto headroom = [&] {
     const double kl = result.calibration.kl->mean.value;
     double room = std::numeric_limits<double>::infinity();
-    if (budget_.max_kl) room = std::min(room, *budget_.max_kl / budget_.safety - kl);
+    if (budget_.max_kl) room = std::min(room, *budget_.max_kl / safety_ - kl);
     if (budget_.max_ppl_increase)
-      room = std::min(room, (std::log1p(*budget_.max_ppl_increase / budget_.safety) -
+      room = std::min(room, (std::log1p(*budget_.max_ppl_increase / safety_) -
                              std::log1p(ppl_increase(result.calibration))) / nll_per_kl);
     return room;
   };
@@ -326,7 +352,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     if (c.measured_kl > 0 && ppl_increase(r) > 0)
       nll_per_kl = std::clamp(std::log1p(ppl_increase(r)) / c.measured_kl, 0.25, 4.0);
     std::fill(pending_error.begin(), pending_error.end(), 0.0);
-    c.kept = budget_.quality_met(r, budget_.safety);
+    c.kept = budget_.quality_met(r, safety_);
     result.confirmations.push_back(c);
     std::vector<Pending> changes = std::move(pending);
     pending.clear();
@@ -385,13 +411,13 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
       step.kl = step.kl_before + kl_scale * factors[b] * (error - pending_error[b]);
       step.ppl_increase = (1.0 + ppl_increase(result.calibration)) *
                               std::exp(nll_per_kl * (step.kl - result.calibration.kl->mean.value)) - 1.0;
-      step.accepted = budget_.quality_met(step.kl, step.ppl_increase, budget_.safety);
+      step.accepted = budget_.quality_met(step.kl, step.ppl_increase, safety_);
     };
     predict();
     Budget near = budget_;  // the limits widened to where a prediction is not sure enough to say no
     if (near.max_kl) *near.max_kl *= options_.exact_band_kl;
     if (near.max_ppl_increase) *near.max_ppl_increase *= options_.exact_band_ppl;
-    if (!step.accepted && near.quality_met(step.kl, step.ppl_increase, budget_.safety)) {
+    if (!step.accepted && near.quality_met(step.kl, step.ppl_increase, safety_)) {
       // Near the limit a prediction is not good enough to say no (perplexity above all moves apart
       // from KL): on the confirmed model, predicted again, and measured exactly if still near.
       if (!pending.empty()) {
@@ -401,7 +427,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
         error = block_error(b);
         predict();
       }
-      if (!step.accepted && near.quality_met(step.kl, step.ppl_increase, budget_.safety))
+      if (!step.accepted && near.quality_met(step.kl, step.ppl_increase, safety_))
         return decide_exact(name, q, method, t, quantize_seconds);
     }
     if (step.accepted) {

@@ -96,11 +96,14 @@ QuantizeOutcome GradualQuantizer::run() {
     phase.add_passes(1);
     return r;
   };
+  // The rounding is fitted on the fit windows, or the calibration windows without them.
+  const at::Tensor& fit_inputs =
+      options_.search.fit_inputs.defined() ? options_.search.fit_inputs : calibration_.inputs;
   std::map<std::string, InputStats> stats;
   auto capture_stats = [&](bool with_xtx) {
     PhaseTimer phase(out, "statistics");
     progress("statistics", 0, 1, with_xtx ? "activation statistics and X^T X" : "activation statistics");
-    stats = model_.capture_input_stats(calibration_.inputs, options_.batch, with_xtx);
+    stats = model_.capture_input_stats(fit_inputs, options_.batch, with_xtx);
     phase.add_passes(1);
   };
   // Layers, least important first. A local analysis also leaves its per-block KL factors, which the
@@ -155,7 +158,7 @@ QuantizeOutcome GradualQuantizer::run() {
     PhaseTimer phase(out, "validation");
     progress("validation", 0, 1, "quantizing and evaluating on held-out text");
     if (by_block) {
-      out.weights = apply_plan_by_block(model_, out.plan, calibration_.inputs, options_.batch, options_.search.rounding);
+      out.weights = apply_plan_by_block(model_, out.plan, fit_inputs, options_.batch, options_.search.rounding);
       phase.add_passes(2);
     } else {
       out.weights = apply_plan(model_, out.plan, stats, options_.search.rounding);

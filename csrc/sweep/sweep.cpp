@@ -94,7 +94,8 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
           {"max_kl", q.budget.max_kl ? json(*q.budget.max_kl) : json(nullptr)},
           {"target_memory_reduction",
            q.budget.target_memory_reduction ? json(*q.budget.target_memory_reduction) : json(nullptr)},
-          {"safety", q.budget.safety},
+          // Unset: each point's strategy uses its own.
+          {"safety", q.budget.safety ? json(*q.budget.safety) : json("per strategy")},
           {"batch", q.batch},
           {"search",
            {{"bits", s.bits},
@@ -121,6 +122,12 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
             {"clip_min_ratio", s.rounding.clip.min_ratio}}},
           {"policy", policy},
           {"upgrade_shortlist", q.upgrade_shortlist}};
+  // Only when given: the configurations (and hashes) of sweeps fitted on their calibration windows
+  // stay those of earlier versions.
+  if (s.fit_inputs.defined())
+    config["fit"] = {{"windows", s.fit_inputs.size(0)},
+                     {"ctx", s.fit_inputs.size(1)},
+                     {"fingerprint", Fingerprint().tensor(s.fit_inputs).hex()}};
   // Only when compact: the configurations (and hashes) of float32 sweeps stay those of earlier versions.
   if (q.reference_storage != ReferenceStorage::float32()) config["reference_storage"] = q.reference_storage.name();
   return config;
@@ -570,7 +577,9 @@ std::string config_line(const json& config) {
                      config.at("evaluation").at("windows").get<int64_t>(), config.at("evaluation").at("ctx").get<int64_t>(),
                      config.at("search").value("strategy", "progressive"), config.at("search").at("bits").dump(),
                      config.at("search").at("group_sizes").dump(), config.at("search").at("method").get<std::string>(),
-                     config.at("safety").get<double>());
+                     // A number, or "per strategy".
+                     config.at("safety").is_number() ? fmt::format("{}", config.at("safety").get<double>())
+                                                     : config.at("safety").get<std::string>());
 }
 
 }  // namespace

@@ -164,6 +164,10 @@ TEST(Cli, OptionsAreCheckedBeforeLoading) {
     expect_one_line_error(std::string("eval --threads ") + threads, "--threads must be between 1 and");
   expect_one_line_error("eval --model " + test::temp_dir("cli_model_dir"), "is a directory, expected a TorchScript file");
   expect_one_line_error("generate --steps -1", "--steps must be >= 0");
+  expect_one_line_error("quantize --fit-windows -1 -o /tmp/x.pt",
+                        "--fit-windows must be >= 0 (0 = fit on the calibration windows), got -1");
+  // Fit windows come after the calibration windows: none are left when those take the whole part.
+  expect_one_line_error("quantize --calib-windows 0 -o /tmp/x.pt", "no text left for fit windows");
 }
 
 TEST(Cli, ReferenceStorageIsValidated) {

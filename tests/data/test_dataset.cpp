@@ -6,6 +6,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -315,6 +316,68 @@ TEST(Windows, SliceIsAViewOfARange) {
   expect_error([&] { w.slice(3, 2); });
   EXPECT_EQ(Windows{}.size(), 0);
   EXPECT_EQ(Windows{}.scored_tokens(), 0);
+}
+
+// ---- fit windows -------------------------------------------------------------------------------
+
+// Stream values of every target in `w`.
+std::set<int64_t> targets_of(const Windows& w) {
+  const at::Tensor t = w.targets.contiguous();
+  return {t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel()};
+}
+
+TEST(DataSplit, FitWindowsFollowTheCalibrationWindowsWithoutSharingATarget) {
+  // 1000 distinct tokens 10..1009: the calibration part is 10..509.
+  for (const int64_t bos : {int64_t{1}, int64_t{-1}}) {
+    SCOPED_TRACE(bos >= 0 ? "with BOS" : "without BOS");
+    DataOptions o;
+    o.calib_fraction = 0.5;
+    o.ctx = 16;
+    o.calib_windows = 4;
+    o.eval_windows = 2;
+    o.fit_windows = 3;
+    const DataSplit d = make_data_split(iota_stream(1000), bos, o);
+    ASSERT_EQ(d.fit.size(), 3);
+    ASSERT_EQ(d.calibration.size(), 4);
+    const std::set<int64_t> calibration = targets_of(d.calibration), fit = targets_of(d.fit);
+    EXPECT_EQ(fit.size(), 48u);  // strided: every fit window scores new tokens
+    for (int64_t t : fit) EXPECT_EQ(calibration.count(t), 0u) << "target " << t << " is also a calibration target";
+    // The first fit target is the token after the last calibration target, and all are in the
+    // calibration part.
+    EXPECT_EQ(*fit.begin(), *calibration.rbegin() + 1);
+    EXPECT_LT(*fit.rbegin(), 510);
+  }
+}
+
+TEST(DataSplit, FitWindowsTakeWhatTheCalibrationPartHolds) {
+  DataOptions o;
+  o.calib_fraction = 0.5;
+  o.ctx = 16;
+  o.calib_windows = 4;
+  o.fit_windows = 100;
+  const DataSplit d = make_data_split(iota_stream(1000), 1, o);
+  // 500 - 64 = 436 tokens left: 27 strided windows and one aligned to the end.
+  EXPECT_EQ(d.fit.size(), 28);
+  EXPECT_EQ(*targets_of(d.fit).rbegin(), 509);
+  o.fit_windows = 0;
+  EXPECT_EQ(make_data_split(iota_stream(1000), 1, o).fit.size(), 0);
+}
+
+TEST(DataSplit, FitWindowsWithoutTextLeftAreRefused) {
+  DataOptions o;
+  o.calib_fraction = 0.5;
+  o.ctx = 16;
+  o.calib_windows = 0;  // all of the calibration part
+  o.fit_windows = 2;
+  const std::string msg = expect_error([&] { make_data_split(iota_stream(1000), 1, o); });
+  expect_contains(msg, "no text left for fit windows");
+  expect_contains(msg, "500 tokens");
+  expect_contains(msg, "0 fit windows");
+  o.calib_windows = 31;  // 496 of 500 tokens: 4 left, a window needs 16
+  expect_contains(expect_error([&] { make_data_split(iota_stream(1000), 1, o); }), "at least 16 more");
+  o.fit_windows = -1;
+  o.calib_windows = 4;
+  expect_contains(expect_error([&] { make_data_split(iota_stream(1000), 1, o); }), "got -1");
 }
 
 // ---- vocabulary check and the real pipeline ----------------------------------------------------

@@ -106,18 +106,30 @@ TEST_P(Stages, RefreshFollowsChangedWeights) {
   lm.restore_all();
 }
 
-// Statistics collected one block at a time from cached block inputs are exactly those of the
-// whole-model capture over the same windows and batches (what lets a search hold one block's X^T X).
+// Statistics collected one block at a time from streamed block inputs are exactly those of the
+// whole-model capture over the same windows and batches (what lets a search hold one block's X^T X
+// and one boundary's states), and the stream's states are the cache's.
 TEST_P(Stages, BlockInputStatsEqualTheWholeCapture) {
   CausalLM lm = make(GetParam());
   at::Tensor tokens = sample_tokens(5, 24);
   const auto whole = lm.capture_input_stats(tokens, 2, /*with_xtx=*/true);
   BlockInputCache cache(*lm.stages(), tokens, 2);
+  BlockInputStream stream(*lm.stages(), tokens, 2);
+  auto expect_states_of = [&](int64_t b) {
+    ASSERT_EQ(stream.block(), b);
+    ASSERT_EQ(stream.states().size(), 3u);  // 5 windows in batches of 2
+    for (size_t chunk = 0; chunk < stream.states().size(); ++chunk) {
+      const StageState& cached = cache.state(b, static_cast<int64_t>(chunk));
+      ASSERT_EQ(stream.states()[chunk].size(), cached.size());
+      for (size_t i = 0; i < cached.size(); ++i)
+        if (cached[i].isTensor()) EXPECT_TRUE(at::equal(stream.states()[chunk][i].toTensor(), cached[i].toTensor()));
+    }
+  };
   size_t seen = 0;
   for (int64_t b = 0; b < cache.num_blocks(); ++b) {
-    std::vector<StageState> inputs;
-    for (int64_t chunk = 0; chunk * cache.batch() < cache.windows(); ++chunk) inputs.push_back(cache.state(b, chunk));
-    const auto block = lm.capture_block_input_stats(b, inputs, /*with_xtx=*/true);
+    expect_states_of(b);
+    const auto block = lm.capture_block_input_stats(b, stream.states(), /*with_xtx=*/true);
+    stream.advance();
     EXPECT_EQ(block.size(), lm.blocks()[b].weights.size());
     for (const auto& [name, s] : block) {
       SCOPED_TRACE(name);
@@ -128,6 +140,10 @@ TEST_P(Stages, BlockInputStatsEqualTheWholeCapture) {
       ++seen;
     }
   }
+  expect_states_of(cache.num_blocks());  // the head's input
+  GRADQ_EXPECT_THROW_MSG(stream.advance(), "at the head already");
+  stream.rewind();
+  expect_states_of(0);
   size_t in_blocks = 0;
   for (const WeightInfo& w : lm.weights()) in_blocks += w.block_index >= 0;
   EXPECT_EQ(seen, in_blocks);

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
 #include <random>
 #include <set>
 
@@ -116,7 +117,8 @@ TEST(PrecisionOptimizer, AllocationMeetsTheBudgetOnItsMeasuredKl) {
   SearchOptions o;
   o.group_sizes = {128, 32};
   const SearchResult r = allocate_stories(budget, o);
-  EXPECT_TRUE(budget.quality_met(r.calibration, budget.safety)) << r.calibration.kl->mean.value;
+  EXPECT_TRUE(budget.quality_met(r.calibration, safety_used(budget, SearchStrategy::kAllocate)))
+      << r.calibration.kl->mean.value;
   EXPECT_NEAR(r.calibration.kl->mean.value, whole_model_kl(s.model, s.data.calibration, r.weights), 1e-6);
   ASSERT_EQ(r.curves.size(), s.model.weights().size());
   for (const auto& [name, curve] : r.curves) EXPECT_EQ(curve.size(), 1u + 3 * 2) << name;  // fp16 + 3 widths x 2 groups
@@ -173,7 +175,8 @@ TEST(PrecisionOptimizer, LocalCurvesPredictTheExactOnesAtOneBlockPerCandidate) {
   EXPECT_LT(std::exp(log_ratio / pairs.size()), 2.0) << "geometric mean of predicted / exact, either way";
   EXPECT_GT(double(concordant) / comparable, 0.8) << "pairs ranked alike";
 
-  EXPECT_TRUE(budget.quality_met(local.calibration, budget.safety)) << local.calibration.kl->mean.value;
+  EXPECT_TRUE(budget.quality_met(local.calibration, safety_used(budget, SearchStrategy::kAllocate)))
+      << local.calibration.kl->mean.value;
   EXPECT_NEAR(local.calibration.kl->mean.value, whole_model_kl(s.model, s.data.calibration, local.weights), 1e-6);
   EXPECT_LT(plan_size(s.model, local.plan).bits_per_weight(), 8.0);
 }
@@ -225,6 +228,22 @@ TEST(PrecisionOptimizer, VerifyAndRepairGoesBothWays) {
     if (limit > 0.04) {
       ASSERT_GE(kept, 3) << "room for several downgrades";
       EXPECT_LT(passes.size(), steps.size()) << "downgrades that succeed are measured in growing groups";
+      // It stops after repair_failures failed groups in all (kept ones between them do not restart the
+      // count), or when nothing is left to try: every weight at its cheapest point but those whose
+      // single downgrade failed.
+      std::map<int64_t, std::vector<const ValidationStep*>> by_pass;
+      for (const ValidationStep& v : steps) by_pass[v.pass].push_back(&v);
+      int64_t failed = 0;
+      std::set<std::string> dropped;
+      for (const auto& [pass, changes] : by_pass) {
+        if (changes.front()->kept) continue;
+        ++failed;
+        if (changes.size() == 1) dropped.insert(changes.front()->weight);
+      }
+      EXPECT_LE(failed, o.repair_failures);
+      if (failed < o.repair_failures)
+        for (const auto& [name, i] : r.allocation.choice)
+          if (!dropped.count(name)) EXPECT_EQ(i, 0u) << name << " could still go down";
     }
   }
 }
@@ -252,6 +271,39 @@ TEST(PrecisionOptimizer, GptqWithXtxPerBlockEqualsXtxUpFront) {
     for (size_t i = 0; i < curve.size(); ++i) EXPECT_EQ(per_block.curves.at(name)[i].kl, curve[i].kl) << name << " " << i;
   for (const auto& [name, t] : up_front.weights)
     EXPECT_TRUE(test::bitwise_equal(per_block.weights.at(name).dequantize(), t.dequantize())) << name;
+}
+
+// With fit windows GPTQ's X^T X comes from them, not from the windows that measure the candidates:
+// the same weights as X^T X captured on the fit windows up front, other weights than the
+// calibration windows' own.
+TEST(PrecisionOptimizer, GptqIsFittedOnTheFitWindows) {
+  Stories& s = stories();
+  Budget budget;
+  budget.max_kl = 0.05;
+  SearchOptions o;
+  o.bits = {8, 4};
+  o.group_sizes = {128};
+  GradualEvaluator evaluator(s.data.calibration, EvaluatorOptions{});
+  evaluator.set_reference(s.model);
+  const Windows fit = s.data.evaluation.slice(0, 4);  // any text but the calibration windows
+  const auto fit_xtx = s.model.capture_input_stats(fit.inputs, evaluator.batch(), /*with_xtx=*/true);
+  const SearchResult up_front = PrecisionOptimizer(s.model, evaluator, budget, o, PrecisionPolicy{}, fit_xtx).allocate();
+  SearchOptions given = o;
+  given.fit_inputs = fit.inputs;
+  const SearchResult per_block = PrecisionOptimizer(s.model, evaluator, budget, given, PrecisionPolicy{}, {}).allocate();
+  const SearchResult on_calibration = PrecisionOptimizer(s.model, evaluator, budget, o, PrecisionPolicy{}, {}).allocate();
+  EXPECT_EQ(per_block.plan.to_json(), up_front.plan.to_json());
+  int64_t differ = 0;
+  for (const auto& [name, t] : up_front.weights) {
+    EXPECT_TRUE(test::bitwise_equal(per_block.weights.at(name).dequantize(), t.dequantize())) << name;
+    const QuantizedTensor& c = on_calibration.weights.at(name);
+    differ += c.spec == t.spec && !test::bitwise_equal(c.dequantize(), t.dequantize());
+  }
+  EXPECT_GT(differ, 0) << "weights of the same format fitted on other windows are other weights";
+  SearchOptions bad = o;
+  bad.fit_inputs = at::zeros({4}, at::kLong);
+  const std::string msg = test::expect_error([&] { bad.validate(); });
+  EXPECT_NE(msg.find("got Long [4]"), std::string::npos) << msg;
 }
 
 // A memory target within a loose quality budget: the least predicted KL that fits it (the dual).

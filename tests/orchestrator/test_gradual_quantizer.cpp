@@ -165,7 +165,7 @@ TEST(PrecisionOptimizer, LocalSearchEndsOnAConfirmedModelWithFewerBlocks) {
   EXPECT_EQ(local.measurement, "local");
   // The final state was measured, not predicted: the same KL as a whole pass over its weights.
   EXPECT_NEAR(local.calibration.kl->mean.value, whole_model_kl(f.model, f.data.calibration, local.weights), 1e-6);
-  EXPECT_TRUE(budget.quality_met(local.calibration, budget.safety));
+  EXPECT_TRUE(budget.quality_met(local.calibration, safety_used(budget, SearchStrategy::kProgressive)));
   ASSERT_FALSE(local.confirmations.empty());
   int64_t predicted_kept = 0, confirmed_kept = 0;
   for (const SearchStep& s : local.steps) predicted_kept += s.predicted && s.accepted;
@@ -221,7 +221,8 @@ TEST(PrecisionOptimizer, LocalSearchTakesBackChangesAFailedConfirmationRejects) 
   for (const SearchStep& s : r.steps) taken_back |= s.taken_back;
   EXPECT_TRUE(failed);
   EXPECT_TRUE(taken_back);
-  EXPECT_TRUE(budget.quality_met(r.calibration, budget.safety)) << r.calibration.kl->mean.value;
+  EXPECT_TRUE(budget.quality_met(r.calibration, safety_used(budget, SearchStrategy::kProgressive)))
+      << r.calibration.kl->mean.value;
   EXPECT_NEAR(r.calibration.kl->mean.value, whole_model_kl(f.model, f.data.calibration, r.weights), 1e-6);
 }
 
