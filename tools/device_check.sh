@@ -10,7 +10,8 @@
 # there is none (as a failure: this check exists to run them).
 #   OUT=/tmp/check bash tools/device_check.sh     (GRADQ_DEVICE_PYTHON: the Python with torch)
 # Rehearsal on a machine without a GPU: GRADQ_DEVICE_PREBUILT=1 GRADQ_DEVICE_BUILD_DIR=build-torch2
-# skips configure and build and runs the other steps with that build (tools/test.sh --torch2's).
+# skips configure and build and runs the other steps with that build (tools/test.sh --torch2 --all's:
+# plain --torch2 does not build test_kernels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/device_check}

@@ -62,12 +62,14 @@ if [ "$line" = torch2 ]; then
   if [ "$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" = "$version" ]; then
     echo "setup: torch $version present in $venv"
   else
-    # The CPU wheel (about 200 MB) where its index is reachable; otherwise PyPI's default wheel,
-    # which is CUDA-enabled and pulls about 3 GB of CUDA libraries, but also lets CI compile the
-    # CUDA op registration (csrc/ops/ops_cuda.cpp).
+    # With nvcc on the PATH, PyPI's default wheel: it is CUDA-enabled and pulls about 3 GB of CUDA
+    # libraries, but only against it does the CUDA op registration (csrc/ops/ops_cuda.cpp) compile,
+    # which is what CI checks on this line. Without nvcc, the CPU wheel (about 200 MB) where its
+    # index is reachable, otherwise PyPI's.
     index=()
     cpu_index=https://download.pytorch.org/whl/cpu
-    if "$venv/bin/pip" index versions torch --index-url "$cpu_index" --timeout 10 --retries 0 2>/dev/null |
+    if ! command -v nvcc >/dev/null &&
+        "$venv/bin/pip" index versions torch --index-url "$cpu_index" --timeout 10 --retries 0 2>/dev/null |
         grep -q "[ ,]$version[,+]"; then
       index=(--index-url "$cpu_index")
     fi
