@@ -51,6 +51,11 @@ void check_pickle_lengths(const uint8_t* data, size_t size, const std::string& w
       if (!skip_line()) return;
     if (fixed > 0) {
       if (static_cast<size_t>(fixed) > size - i) return;
+      if (op == 'r') {  // LONG_BINPUT: the unpickler grows its memo table to the index first
+        const uint64_t index = field(4);
+        GRADQ_CHECK(index < size, "{} is corrupt: the pickle opcode 0x{:02x} at byte {} stores memo entry {}, beyond "
+                    "the {} entries a pickle of {} bytes can make", what, op, at, index, size, size);
+      }
       i += fixed;
     }
     if (length > 0) {

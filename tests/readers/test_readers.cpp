@@ -126,5 +126,20 @@ TEST(Readers, PickleLengthsBeyondTheRecordAreErrors) {
                          "(record data.pkl) is corrupt");
 }
 
+// Before: libtorch 1.13's unpickler grew its memo table to whatever index LONG_BINPUT named (27 GB,
+// 16 bytes an entry, for reference-memo-index.ref, found by fuzz_reference; std::bad_alloc outside
+// the fuzzer, 64 GiB at most from the 4-byte index).
+TEST(Readers, PickleMemoIndicesBeyondThePickleAreErrors) {
+  auto check = [](const std::string& pickle) {
+    check_pickle_lengths(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl");
+  };
+  EXPECT_NO_THROW(check(std::string("\x80\x02Nr\x00\x00\x00\x00.", 9)));
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02Nr\x00\x00\x00\x80.", 9)),
+                         "p.pkl is corrupt: the pickle opcode 0x72 at byte 3 stores memo entry 2147483648, beyond the 9 "
+                         "entries a pickle of 9 bytes can make");
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-memo-index.ref"),
+                         "stores memo entry");
+}
+
 }  // namespace
 }  // namespace gradq
