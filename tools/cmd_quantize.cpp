@@ -44,7 +44,7 @@ int cmd_quantize(int argc, char** argv) {
       "Find the smallest mixed-precision plan within a quality budget and write the model as packed TorchScript "
       "(quantized linears call gradq::linear; load libgradq_ops to run it).\n\n"
       "Default (search, --search allocate): measure what each layer alone adds to the KL divergence at every "
-      "candidate format (8, 4, 2 bits; group sizes 128, 64, 32, 16; GPTQ rounding), let an allocator pick the "
+      "candidate format (8, 4, 3, 2 bits; group sizes 128, 64, 32, 16; GPTQ rounding), let an allocator pick the "
       "cheapest mix whose measured KL on the calibration windows meets the budget divided by --safety, then on "
       "held-out text upgrade layers while over the full budget and try downgrades while within it. "
       "--search progressive is the seed design: measure layer importance, then lower each layer 8 -> 4 -> 2 bits, "

@@ -39,6 +39,11 @@ const StageState& BlockInputCache::state(int64_t boundary, int64_t chunk) const 
 
 at::Tensor BlockInputCache::logits_from(int64_t from, int64_t chunk) const {
   c10::InferenceMode guard;
+  if (from < 0) {
+    GRADQ_CHECK(from == -1, "expected a block in [-1, {}], got {}", num_blocks(), from);
+    chunk_of(chunk * batch_);  // checks the batch
+    return stages_.logits_from(0, stages_.embed(inputs_.slice(0, chunk * batch_, std::min(windows_, (chunk + 1) * batch_))));
+  }
   return stages_.logits_from(from, state(from, chunk));
 }
 

@@ -38,7 +38,8 @@ class BlockInputCache {
 
   /// State entering block `boundary` (num_blocks(): the head) for batch `chunk`.
   const StageState& state(int64_t boundary, int64_t chunk) const;
-  /// Logits of batch `chunk` with blocks `from`.. rerun on the current weights.
+  /// Logits of batch `chunk` with blocks `from`.. rerun on the current weights (from == -1: the
+  /// embedding too).
   at::Tensor logits_from(int64_t from, int64_t chunk) const;
   /// Per window: state_mse between block `b` run on its cached input with the current weights and
   /// its cached output, restricted to the state tensors batched over windows. float64 [windows()].

@@ -230,17 +230,29 @@ void export_packed(const CausalLM& model, const QuantizedWeights& weights, const
 
 void export_fake_quant(CausalLM& model, const QuantizedWeights& weights, const std::string& path) {
   check_weights_fit(model, weights);
-  // Snapshot and put back exactly what the model held, which may itself be a candidate's weights.
+  // Put back exactly what the model held: its original (restored, nothing copied) or, for a weight
+  // that held something else (a candidate's weights), a copy of that.
   std::map<std::string, at::Tensor> held;
-  for (const auto& [name, q] : weights) held[name] = model.weight(name).clone();
+  for (const auto& [name, q] : weights)
+    if (!model.holds_original(name)) held[name] = model.weight(name);
+  auto put_back = [&] {
+    for (const auto& [name, q] : weights) {
+      const auto it = held.find(name);
+      if (it == held.end()) {
+        model.restore(name);
+      } else {
+        model.set_weight(name, it->second);
+      }
+    }
+  };
   try {
     for (const auto& [name, q] : weights) model.set_weight(name, q.dequantize());
     save_module(model.stored_module(), path);
   } catch (...) {
-    for (const auto& [name, w] : held) model.set_weight(name, w);
+    put_back();
     throw;
   }
-  for (const auto& [name, w] : held) model.set_weight(name, w);
+  put_back();
 }
 
 }  // namespace gradq

@@ -371,35 +371,43 @@ at::Tensor CausalLM::weight(const std::string& name) const {
   return info->transposed ? p.t().contiguous() : p.clone();
 }
 
-void CausalLM::set_weight(const std::string& name, const at::Tensor& value) {
-  const WeightInfo* info = nullptr;
+const WeightInfo& CausalLM::matrix_info(const std::string& name) const {
   for (const auto& w : matrix_weights_)
-    if (w.name == name) info = &w;
-  GRADQ_CHECK(info, "'{}' is not a matrix weight of this model; quantizable ones are: {}", name, near_names(weights_));
-  GRADQ_CHECK(value.dim() == 2 && value.size(0) == info->out_features && value.size(1) == info->in_features,
-              "new value for '{}' must be [{}, {}], got {}", name, info->out_features, info->in_features,
+    if (w.name == name) return w;
+  throw Error(fmt::format("'{}' is not a matrix weight of this model; quantizable ones are: {}", name,
+                          near_names(weights_)));
+}
+
+void CausalLM::set_weight(const std::string& name, const at::Tensor& value) {
+  const WeightInfo& info = matrix_info(name);
+  GRADQ_CHECK(value.dim() == 2 && value.size(0) == info.out_features && value.size(1) == info.in_features,
+              "new value for '{}' must be [{}, {}], got {}", name, info.out_features, info.in_features,
               fmt::to_string(fmt::join(value.sizes(), "x")));
-  original_weight(name);  // snapshot before the first change
-  at::Tensor p = parameter(name);
+  // Outside inference mode: the parameter's new storage must be usable by autograd (trained rounding).
+  c10::InferenceMode not_inference(false);
   torch::NoGradGuard no_grad;
-  p.copy_(info->transposed ? value.t() : value);
-  changed_.insert(name);
+  at::Tensor p = parameter(name);
+  at::Tensor fresh = at::empty(p.sizes(), p.options());
+  fresh.copy_(info.transposed ? value.t() : value);
+  if (!originals_.count(name)) {
+    // The loaded storage itself becomes the original: set_data below gives the parameter new storage
+    // (every path to a shared tensor, a tied head, sees it) and leaves the old one to this alias.
+    // fp16 weights held in float32 are kept in fp16 (exact, half the bytes).
+    at::Tensor original = p.detach();
+    const at::ScalarType stored = stored_dtype(name, p.scalar_type());
+    if (stored != p.scalar_type()) original = original.to(stored);
+    originals_.emplace(name, std::move(original));
+  }
+  p.set_data(fresh);
 }
 
 at::Tensor CausalLM::original_weight(const std::string& name) const {
+  const WeightInfo& info = matrix_info(name);
   const at::Tensor p = parameter(name).detach();
   auto it = originals_.find(name);
-  if (it == originals_.end()) {
-    const WeightInfo* info = nullptr;
-    for (const auto& w : matrix_weights_)
-      if (w.name == name) info = &w;
-    GRADQ_CHECK(info, "'{}' is not a matrix weight of this model; quantizable ones are: {}", name, near_names(weights_));
-    at::Tensor snapshot = (info->transposed ? p.t() : p).to(stored_dtype(name, p.scalar_type())).contiguous();
-    if (snapshot.data_ptr() == p.data_ptr()) snapshot = snapshot.clone();
-    it = originals_.emplace(name, std::move(snapshot)).first;
-  }
-  // fp16 originals are held in fp16 (exact) and handed out in the dtype the model computes in.
-  return it->second.scalar_type() == p.scalar_type() ? it->second : it->second.to(p.scalar_type());
+  // An unchanged weight is its own original (no copy); set_weight() never writes into its storage.
+  const at::Tensor stored = it == originals_.end() ? p : it->second.to(p.scalar_type());
+  return info.transposed ? stored.t().contiguous() : stored;
 }
 
 int64_t CausalLM::original_bytes() const {
@@ -411,17 +419,15 @@ int64_t CausalLM::original_bytes() const {
 void CausalLM::restore(const std::string& name) {
   auto it = originals_.find(name);
   if (it == originals_.end()) return;
-  const WeightInfo* info = nullptr;
-  for (const auto& w : matrix_weights_)
-    if (w.name == name) info = &w;
+  c10::InferenceMode not_inference(false);
   torch::NoGradGuard no_grad;
-  parameter(name).copy_(info->transposed ? it->second.t() : it->second);
-  changed_.erase(name);
+  at::Tensor p = parameter(name);
+  p.set_data(it->second.scalar_type() == p.scalar_type() ? it->second : it->second.to(p.scalar_type()));
+  originals_.erase(it);
 }
 
 void CausalLM::restore_all() {
-  const std::set<std::string> changed = changed_;
-  for (const std::string& name : changed) restore(name);
+  while (!originals_.empty()) restore(originals_.begin()->first);
 }
 
 std::map<std::string, InputStats> CausalLM::capture_input_stats(const at::Tensor& tokens, int64_t batch,

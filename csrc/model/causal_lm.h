@@ -94,19 +94,21 @@ class CausalLM {
   at::Tensor parameter(const std::string& name) const;
   /// The weight in logical [out, in] layout (a copy when stored transposed).
   at::Tensor weight(const std::string& name) const;
-  /// Overwrites a weight in place with `value` in logical [out, in] layout. The first time a
-  /// weight is changed its original is kept, so restore() is bit-exact however often it is called.
+  /// Sets a weight to `value` in logical [out, in] layout (converted to the weight's dtype). The
+  /// parameter gets new storage and keeps the loaded one as the weight's original until restore(),
+  /// so restore() is bit-exact however often it is called, and an unchanged model holds no copies.
   void set_weight(const std::string& name, const at::Tensor& value);
+  /// Puts the original back and drops the model's hold on the value that was set.
   void restore(const std::string& name);
   void restore_all();
   /// The weight as loaded, in logical [out, in] layout and the dtype the model computes in, whatever
   /// set_weight() has written since. The model is the one owner of original weights: the search and
-  /// the probes read them here instead of keeping copies (the first call snapshots the weight as
-  /// set_weight() would; the tensor returned is never written to).
+  /// the probes read them here instead of keeping copies. An unchanged weight hands out its own
+  /// storage (a transposed one, a transposed copy); it stays the original whatever is set later.
   at::Tensor original_weight(const std::string& name) const;
   /// Whether the weight holds its original value (never set, or restored since).
-  bool holds_original(const std::string& name) const { return !changed_.count(name); }
-  /// Bytes held by the snapshots of original weights.
+  bool holds_original(const std::string& name) const { return !originals_.count(name); }
+  /// Bytes held by the originals of the weights changed now (fp16 ones in fp16).
   int64_t original_bytes() const;
 
   /// Runs `tokens` ([N, T] windows, processed `batch` rows at a time) through an instrumented
@@ -143,6 +145,8 @@ class CausalLM {
 
  private:
   void analyze(const AdapterOptions& options);
+  /// The matrix weight `name`; throws listing the quantizable weights when there is none.
+  const WeightInfo& matrix_info(const std::string& name) const;
   /// Inserts into an inlined forward graph a tap (an identity that records its input while
   /// statistics are collected) in front of every matmul a quantizable weight feeds.
   void insert_taps(torch::jit::Graph& graph) const;
@@ -152,10 +156,10 @@ class CausalLM {
   std::vector<WeightInfo> weights_;
   std::vector<WeightInfo> matrix_weights_;
   std::vector<BlockInfo> blocks_;
-  /// Originals of the weights changed or read through original_weight(), in logical [out, in]
-  /// layout and their file dtype (an fp16 weight held in float32 is kept in fp16, which is exact).
-  mutable std::map<std::string, at::Tensor> originals_;
-  std::set<std::string> changed_;  ///< weights set_weight() changed and restore() has not put back
+  /// Originals of the weights set_weight() changed and restore() has not put back, in the stored
+  /// layout of their parameter and their file dtype (an fp16 weight held in float32 is kept in fp16,
+  /// which is exact).
+  std::map<std::string, at::Tensor> originals_;
   std::map<std::string, at::ScalarType> stored_dtypes_;  ///< tensors held in another dtype than stored
   at::ScalarType dtype_ = at::kFloat;
   int64_t vocab_size_ = 0;

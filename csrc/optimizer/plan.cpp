@@ -149,6 +149,53 @@ QuantizedWeights apply_plan_by_block(const CausalLM& model, const Plan& plan, co
   return out;
 }
 
+EvalResult evaluate_by_block(CausalLM& model, const QuantizedWeights& weights, const GradualEvaluator& evaluator) {
+  const ModelStages* stages = model.stages();
+  const auto block_of = block_of_weights(model);
+  std::vector<std::vector<std::string>> in_block(stages ? static_cast<size_t>(stages->num_blocks()) : 0);
+  std::vector<std::string> whole_pass;
+  for (const auto& [name, q] : weights) {
+    GRADQ_CHECK(model.holds_original(name), "evaluating new weights block by block: '{}' was changed already", name);
+    const auto it = block_of.find(name);
+    if (stages && it != block_of.end()) {
+      in_block[static_cast<size_t>(it->second)].push_back(name);
+    } else {
+      whole_pass.push_back(name);
+    }
+  }
+  auto set = [&](const std::vector<std::string>& names) {
+    for (const std::string& name : names) model.set_weight(name, weights.at(name).dequantize());
+  };
+  auto restore = [&](const std::vector<std::string>& names) {
+    for (const std::string& name : names) model.restore(name);
+  };
+  try {
+    set(whole_pass);
+    EvalResult result;
+    if (!stages) {
+      result = evaluator.evaluate(model);
+    } else {
+      BlockInputStream stream(*stages, evaluator.windows().inputs, evaluator.batch());
+      for (size_t b = 0; b < in_block.size(); ++b) {
+        set(in_block[b]);
+        stream.advance();
+        restore(in_block[b]);
+      }
+      result = evaluator.evaluate([&](int64_t begin, int64_t end) {
+        GRADQ_CHECK(begin % evaluator.batch() == 0 && end - begin <= evaluator.batch(),
+                    "the evaluator asked for windows [{}, {}), not one batch of {}", begin, end, evaluator.batch());
+        c10::InferenceMode guard;
+        return stages->head(stream.states().at(static_cast<size_t>(begin / evaluator.batch())));
+      });
+    }
+    restore(whole_pass);
+    return result;
+  } catch (...) {
+    for (const auto& [name, q] : weights) model.restore(name);
+    throw;
+  }
+}
+
 bool plan_needs_stats(const Plan& plan, bool* with_xtx) {
   bool needs = false, xtx = false;
   for (const PlanEntry& e : plan.entries) {

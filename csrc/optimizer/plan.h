@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "eval/evaluator.h"
 #include "model/causal_lm.h"
 #include "quant/quantized_tensor.h"
 
@@ -60,6 +61,16 @@ bool plan_in_blocks(const CausalLM& model, const Plan& plan);
 /// plan_in_blocks and the full-precision weights (the statistics are the original model's).
 QuantizedWeights apply_plan_by_block(const CausalLM& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
                                      const RoundingOptions& rounding = {});
+
+/// `evaluator`'s result for `model` with `weights` in place of their originals, run one block at a
+/// time over all of the evaluator's windows: a block's weights are set only while that block runs,
+/// then restored, so the model never holds more than one block's new values beside its originals
+/// (setting every weight for a whole pass holds two copies of the model's weights). The same numbers
+/// as set-all-then-evaluate (the stages compute what the forward does, bit for bit; tested). Weights
+/// outside the blocks (an embedding, the head) are set for the whole pass; a model without stages is
+/// evaluated whole. Memory: the windows' states at one boundary (windows x ctx x width). `weights`
+/// must hold their originals before; they hold them again after, also when this throws.
+EvalResult evaluate_by_block(CausalLM& model, const QuantizedWeights& weights, const GradualEvaluator& evaluator);
 
 /// True when some entry's method needs activation statistics (kClip, kTrained, kGptq); `with_xtx` is
 /// set when one needs X^T X (kTrained, kGptq).

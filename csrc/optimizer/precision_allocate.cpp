@@ -27,6 +27,7 @@
 
 #include "common/error.h"
 #include "common/timing.h"
+#include "optimizer/plan.h"
 #include "optimizer/precision_optimizer.h"
 
 namespace gradq {
@@ -55,10 +56,9 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     weights += w.numel();
     fp16_bytes += 2 * w.numel();
   }
-  std::vector<BlockInputCache::Trial> trials;
   std::unique_ptr<BlockInputCache> cache;
   if (stages) cache = std::make_unique<BlockInputCache>(*stages, evaluator_.windows().inputs, evaluator_.batch());
-  const EvalResult start_eval = evaluate_from(cache.get(), stages ? stages->num_blocks() : 0, trials, result);
+  const EvalResult start_eval = evaluate_from(cache.get(), stages ? stages->num_blocks() : 0, nullptr, result);
   const double base_kl = start_eval.kl->mean.value;
 
   // Curves, in the model's weight order.
@@ -115,7 +115,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     }
     if (changed.empty()) return;
     const double error = block_error(b);
-    const double added = evaluate_from(cache.get(), b, trials, result).kl->mean.value - base_kl;
+    const double added = evaluate_from(cache.get(), b, nullptr, result).kl->mean.value - base_kl;
     if (error > 0 && added > 0) factors[b] = added / error;
     for (const std::string& name : changed) model_.set_weight(name, candidate(name, fp16, RoundingMethod::kRtn).dequantize());
     report(fmt::format("curves: block {} calibrated, {} weights at {} bits add KL {:.5f}, {:.3g} per unit of output error",
@@ -135,7 +135,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       const QuantizedTensor& q = candidate(w.name, o.spec, o.method);
       model_.set_weight(w.name, q.dequantize());
       const double kl = predict ? factors[b] * block_error(b)
-                                : evaluate_from(cache.get(), b, trials, result).kl->mean.value - base_kl;
+                                : evaluate_from(cache.get(), b, nullptr, result).kl->mean.value - base_kl;
       curve.push_back({o.spec, o.method, q.storage_bytes(), kl});
       progress.unit = ++done;
       if (done % 16 == 0 || done == total)
@@ -163,7 +163,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   // One whole pass over `a`'s plan, recorded against its prediction; within the budget / safety?
   auto measure_plan = [&](const Allocation& a, EvalResult& r) {
     set_allocation(a);
-    r = evaluate_from(cache.get(), -1, trials, result);
+    r = evaluate_from(cache.get(), -1, nullptr, result);
     Confirmation c;
     c.changes = changed(a);
     c.kl_before = base_kl;
@@ -212,7 +212,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       // candidate measured no KL at all), which the held-out validation then judges.
       best = allocate_for_kl(result.curves, 0.0);
       set_allocation(best);
-      best_eval = evaluate_from(cache.get(), -1, trials, result);
+      best_eval = evaluate_from(cache.get(), -1, nullptr, result);
     }
   }
 
@@ -265,21 +265,22 @@ std::vector<ValidationStep> PrecisionOptimizer::verify_and_repair(
   Allocation& a = searched.allocation;
   GRADQ_CHECK(!a.choice.empty(), "verify_and_repair needs the result of allocate(), got a search without an allocation");
   std::vector<ValidationStep> steps;
-  for (const auto& [name, q] : searched.weights) model_.set_weight(name, q.dequantize());
-  measured = evaluator.evaluate(model_);
+  // Each plan is measured block by block: the model holds one block's new weights at a time.
+  model_.restore_all();
+  measured = evaluate_by_block(model_, searched.weights, evaluator);
   int64_t passes = 0;
   using Move = std::pair<std::string, size_t>;  // weight, hull point
-  // Makes `moves` together and measures once; keeps them all when `keep(result)` says so, else puts
-  // them all back.
+  // Makes `moves` together and measures once; keeps them all when `keep(result)` says so.
   auto apply = [&](const std::vector<Move>& moves, int64_t candidates, auto keep) {
     std::vector<QuantizedTensor> before, after;
+    QuantizedWeights trial = searched.weights;
     for (const auto& [name, to] : moves) {
       const CurvePoint& p = a.hulls.at(name)[to];
       before.push_back(searched.weights.at(name));
       after.push_back(candidate(name, p.spec, p.method));
-      model_.set_weight(name, after.back().dequantize());
+      trial[name] = after.back();
     }
-    EvalResult r = evaluator.evaluate(model_);
+    EvalResult r = evaluate_by_block(model_, trial, evaluator);
     const bool kept = keep(r);
     ++passes;
     for (size_t i = 0; i < moves.size(); ++i) {
@@ -301,8 +302,6 @@ std::vector<ValidationStep> PrecisionOptimizer::verify_and_repair(
         }
         for (PlanEntry& e : searched.plan.entries)
           if (e.name == name) e = {name, p.spec, p.method, std::nan("")};
-      } else {
-        model_.set_weight(name, before[i].dequantize());
       }
       steps.push_back(step);
       if (on_step) on_step(step);
@@ -371,7 +370,6 @@ std::vector<ValidationStep> PrecisionOptimizer::verify_and_repair(
       }
     }
   }
-  model_.restore_all();
   return steps;
 }
 

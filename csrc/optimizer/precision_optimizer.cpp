@@ -147,8 +147,8 @@ PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& 
     for (const WeightInfo& w : model_.weights())
       GRADQ_CHECK(model_.holds_original(w.name), "the search starts from the full-precision model, but '{}' was changed",
                   w.name);
-    const at::Tensor& fit = options_.fit_inputs.defined() ? options_.fit_inputs : evaluator_.windows().inputs;
-    original_inputs_ = std::make_unique<BlockInputStream>(*model_.stages(), fit, evaluator_.batch());
+    original_inputs_ = std::make_unique<BlockInputStream>(
+        *model_.stages(), options_.fit_inputs_or(evaluator_.windows().inputs), evaluator_.batch());
   }
 }
 
@@ -203,16 +203,16 @@ int64_t PrecisionOptimizer::first_stage(const std::string& name) const {
 }
 
 EvalResult PrecisionOptimizer::evaluate_from(BlockInputCache* cache, int64_t from,
-                                             std::vector<BlockInputCache::Trial>& trials, SearchResult& result) const {
+                                             std::vector<BlockInputCache::Trial>* trials, SearchResult& result) const {
   const int64_t blocks = model_.stages() ? model_.stages()->num_blocks() : 0;
   ++result.passes;
   result.blocks_whole += blocks;
   if (!cache) return evaluator_.evaluate(model_);
   result.blocks_run += blocks - std::max<int64_t>(from, 0);
-  trials.assign((evaluator_.windows().size() + evaluator_.batch() - 1) / evaluator_.batch(), {});
+  if (trials) trials->assign((evaluator_.windows().size() + evaluator_.batch() - 1) / evaluator_.batch(), {});
   return evaluator_.evaluate([&](int64_t begin, int64_t) {
     const int64_t chunk = cache->chunk_of(begin);
-    return cache->logits_from(from, chunk, trials[chunk]);
+    return trials ? cache->logits_from(from, chunk, (*trials)[chunk]) : cache->logits_from(from, chunk);
   });
 }
 
@@ -257,7 +257,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   const bool local = block_cache && options_.measurement_used() == CandidateMeasurement::kLocal;
   const int64_t blocks = stages ? stages->num_blocks() : 0;
   std::vector<BlockInputCache::Trial> trials;
-  auto evaluate_from = [&](int64_t from) { return this->evaluate_from(block_cache.get(), from, trials, result); };
+  auto evaluate_from = [&](int64_t from) { return this->evaluate_from(block_cache.get(), from, &trials, result); };
 
   result.calibration = evaluate_from(blocks);
   SearchProgress progress;

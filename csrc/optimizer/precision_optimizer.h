@@ -87,7 +87,12 @@ struct SearchOptions {
   /// The default is the one that measured better at every budget of the default sweep (+2%, +5%,
   /// +10% on stories260K, held-out text; docs/BENCHMARKS.md, "The budget allocator").
   SearchStrategy strategy = SearchStrategy::kAllocate;
-  std::vector<int> bits = {8, 4, 2};                   ///< widths tried, high to low (3 optional)
+  /// Widths tried, high to low. 3 bits is in the default since the calibration windows became 16:
+  /// with 8 windows adding it cost 0.36 bits per weight at +2% (the calibration perplexity limit
+  /// bound at a lower KL); with 16, against the same without 3 bits on stories260K, it stores 0.15
+  /// fewer at +1% and 0.13 fewer at +10%, 0.03 more at +2% and +5% (docs/BENCHMARKS.md, "3-bit
+  /// candidates and 16 calibration windows").
+  std::vector<int> bits = {8, 4, 3, 2};
   std::vector<int64_t> group_sizes = {128, 64, 32, 16};  ///< cheapest first
   /// Side information of the candidates (quant_spec.h): "asym" (zero points at the code width, fp16
   /// scales), "z8" (8-bit zero points), "s" (symmetric), "k6" / "k8" (sub-scales of a fp16
@@ -115,6 +120,10 @@ struct SearchOptions {
   /// the same 8 windows, GPTQ's plan measured KL 0.032 there and 0.080 on held-out text
   /// (docs/BENCHMARKS.md, "Fit windows").
   at::Tensor fit_inputs;
+  /// `fit_inputs`, or `calibration` (the search's calibration windows) when it is undefined.
+  const at::Tensor& fit_inputs_or(const at::Tensor& calibration) const {
+    return fit_inputs.defined() ? fit_inputs : calibration;
+  }
   /// With stages (else whole passes). Unset: the strategy's own (measurement_used()). The progressive
   /// search measures exactly: on stories260K at +5% perplexity, local gives it 5.63 bits per weight
   /// against exact's 4.83 (each step is decided on a prediction; docs/BENCHMARKS.md). The allocator's
@@ -272,9 +281,10 @@ class PrecisionOptimizer {
   /// embedding: everything).
   int64_t first_stage(const std::string& name) const;
   /// The calibration windows evaluated with stages `from`.. rerun from `cache` (a whole pass when it
-  /// is null), counted into `result`; `trials` receives the states the run passed through, for
-  /// BlockInputCache::commit when the measured change is kept.
-  EvalResult evaluate_from(BlockInputCache* cache, int64_t from, std::vector<BlockInputCache::Trial>& trials,
+  /// is null), counted into `result`; `trials`, when given, receives the states the run passed
+  /// through, for BlockInputCache::commit when the measured change is kept (a second copy of the
+  /// cache's states after `from`: the allocator, which never commits, passes none).
+  EvalResult evaluate_from(BlockInputCache* cache, int64_t from, std::vector<BlockInputCache::Trial>* trials,
                            SearchResult& result) const;
   /// Block b's output error on the calibration windows with the current weights against `cache`'s
   /// (BlockInputCache::local_error, a mean per scored token), counted into `result`.
@@ -286,8 +296,6 @@ class PrecisionOptimizer {
   SearchOptions options_;
   PrecisionPolicy policy_;
   const std::map<std::string, InputStats>& stats_;
-  /// The full-precision states entering each block on the calibration windows, when X^T X is
-  /// collected per block: (L + 1) states instead of every weight's [in, in] matrix up front.
   double safety_ = 1;  ///< safety_used(budget_, the strategy of the search running)
   std::unique_ptr<BlockInputStream> original_inputs_;  ///< the fit windows through the full-precision blocks
   int64_t block_stats_of_ = -1;                      ///< the block block_stats_ describes

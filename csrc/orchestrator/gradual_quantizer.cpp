@@ -32,10 +32,6 @@ class PhaseTimer {
   size_t index_ = 0;
 };
 
-void set_weights(CausalLM& model, const QuantizedWeights& weights) {
-  for (const auto& [name, q] : weights) model.set_weight(name, q.dequantize());
-}
-
 // The method the search used for the final state of `name` (the start state is fp16, "rtn").
 RoundingMethod method_of(const std::vector<SearchStep>& steps, const std::string& name, const QuantSpec& spec) {
   RoundingMethod method = RoundingMethod::kRtn;
@@ -88,17 +84,14 @@ QuantizeOutcome GradualQuantizer::run() {
       phase.add_passes(2);
     }
   }
-  // Every evaluation below sets the weights it measures and puts the originals back.
+  // Held-out passes run block by block: the model holds one block's new weights beside its originals.
   auto evaluate_heldout = [&](const QuantizedWeights& weights, PhaseTimer& phase) {
-    set_weights(model_, weights);
-    EvalResult r = heldout.evaluate(model_);
-    model_.restore_all();
+    EvalResult r = evaluate_by_block(model_, weights, heldout);
     phase.add_passes(1);
     return r;
   };
   // The rounding is fitted on the fit windows, or the calibration windows without them.
-  const at::Tensor& fit_inputs =
-      options_.search.fit_inputs.defined() ? options_.search.fit_inputs : calibration_.inputs;
+  const at::Tensor& fit_inputs = options_.search.fit_inputs_or(calibration_.inputs);
   std::map<std::string, InputStats> stats;
   auto capture_stats = [&](bool with_xtx) {
     PhaseTimer phase(out, "statistics");

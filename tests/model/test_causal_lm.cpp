@@ -99,8 +99,9 @@ TEST_P(Adapter, SetAndRestoreAreBitExactOverManyCycles) {
   EXPECT_TRUE(at::equal(lm.logits(tokens), before));
 }
 
-// The model is the one owner of original weights: one snapshot per weight, taken at its first
-// change, whatever is set afterwards; what original_weight() hands out is never written to.
+// The model is the one owner of original weights: a changed weight keeps its loaded storage as its
+// original, once, whatever is set afterwards, and gives it back on restore; an unchanged one is its own
+// original (nothing copied). What original_weight() hands out stays the original.
 TEST_P(Adapter, OriginalWeightsAreKeptOnceWhateverIsSet) {
   CausalLM lm = make(GetParam());
   std::map<std::string, at::Tensor> originals;
@@ -110,23 +111,28 @@ TEST_P(Adapter, OriginalWeightsAreKeptOnceWhateverIsSet) {
     bytes += static_cast<int64_t>(originals[w.name].nbytes());
     EXPECT_TRUE(lm.holds_original(w.name));
   }
-  EXPECT_EQ(lm.original_bytes(), 0) << "nothing is copied before a weight changes";
   const WeightInfo& first = lm.weights()[0];
   const at::Tensor handed_out = lm.original_weight(first.name);
+  EXPECT_EQ(lm.original_bytes(), 0) << "nothing is copied before a weight changes, nor to hand out an original";
+  if (!first.transposed)
+    EXPECT_EQ(handed_out.data_ptr(), lm.parameter(first.name).data_ptr()) << "an unchanged weight is its own original";
   for (int round = 0; round < 3; ++round)
     for (const auto& w : lm.weights()) lm.set_weight(w.name, at::full({w.out_features, w.in_features}, round + 1.0));
-  EXPECT_EQ(lm.original_bytes(), bytes) << "one copy of each weight, however often it is set";
+  EXPECT_EQ(lm.original_bytes(), bytes) << "one original of each weight, however often it is set";
   EXPECT_TRUE(at::equal(handed_out, originals[first.name]));
   for (const auto& w : lm.weights()) {
     EXPECT_FALSE(lm.holds_original(w.name));
+    EXPECT_TRUE(at::equal(lm.weight(w.name), at::full({w.out_features, w.in_features}, 3.0))) << w.name;
     EXPECT_TRUE(at::equal(lm.original_weight(w.name), originals[w.name])) << w.name;
     EXPECT_EQ(lm.original_weight(w.name).sizes(), (std::vector<int64_t>{w.out_features, w.in_features}));
   }
   lm.restore_all();
+  EXPECT_EQ(lm.original_bytes(), 0) << "restored weights hold no second copy";
   for (const auto& w : lm.weights()) {
     EXPECT_TRUE(lm.holds_original(w.name));
     EXPECT_TRUE(at::equal(lm.weight(w.name), originals[w.name])) << w.name;
   }
+  EXPECT_TRUE(at::equal(handed_out, originals[first.name]));
   EXPECT_THROW(lm.original_weight("no.such.weight"), Error);
 }
 
@@ -148,6 +154,7 @@ TEST(AdapterOriginals, Fp16OriginalsAreKeptInFp16) {
     EXPECT_TRUE(at::equal(o, originals[w.name])) << w.name;
   }
   lm.restore_all();
+  EXPECT_EQ(lm.original_bytes(), 0);
   for (const auto& w : lm.weights()) EXPECT_TRUE(at::equal(lm.weight(w.name), originals[w.name])) << w.name;
 }
 

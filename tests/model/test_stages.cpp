@@ -5,6 +5,7 @@
 
 #include "eval/block_cache.h"
 #include "model/causal_lm.h"
+#include "optimizer/plan.h"
 #include "quant/quantize.h"
 #include "support/gpt_fixture.h"
 #include "support/test_helpers.h"
@@ -68,7 +69,10 @@ TEST_P(Stages, ExactFromACachedBlockInputEqualsTheWholeModel) {
     at::Tensor whole = lm.logits(tokens.slice(0, begin, std::min<int64_t>(5, begin + 2)));
     at::Tensor from_cache = cache.logits_from(b, cache.chunk_of(begin)).to(at::kFloat);
     EXPECT_TRUE(at::equal(from_cache, whole)) << begin;
+    // From -1, the embedding included, whatever is cached.
+    EXPECT_TRUE(at::equal(cache.logits_from(-1, cache.chunk_of(begin)).to(at::kFloat), whole)) << begin;
   }
+  EXPECT_THROW(cache.logits_from(-2, 0), Error);
   // The unperturbed reference is what blocks after b see from the cache: different logits.
   EXPECT_FALSE(at::equal(cache.logits_from(b + 1, 0).to(at::kFloat), lm.logits(tokens.slice(0, 0, 2))));
   lm.restore_all();
@@ -150,6 +154,42 @@ TEST_P(Stages, BlockInputStatsEqualTheWholeCapture) {
   // The taps are identities while nothing collects: the staged forward is still the model's.
   EXPECT_TRUE(at::equal(lm.stages()->logits(tokens).to(at::kFloat), lm.logits(tokens)));
   GRADQ_EXPECT_THROW_MSG(lm.capture_block_input_stats(cache.num_blocks(), {}, false), "expected a block in [0, ");
+}
+
+// Held-out passes run one block at a time (evaluate_by_block): the same numbers, bit for bit, as
+// setting every weight and running the whole model, with no block's new weights left behind.
+TEST_P(Stages, EvaluatedBlockByBlockEqualsEveryWeightSet) {
+  CausalLM lm = make(GetParam());
+  const at::Tensor sampled = sample_tokens(1, 5 * 32 + 1).flatten();
+  const std::vector<int64_t> tokens(sampled.data_ptr<int64_t>(), sampled.data_ptr<int64_t>() + sampled.numel());
+  WindowSpec spec;
+  spec.ctx = 32;
+  spec.stride = 32;
+  EvaluatorOptions options;
+  options.batch = 2;  // the last batch holds one window
+  GradualEvaluator evaluator(make_windows(tokens, spec), options);
+  ASSERT_EQ(evaluator.windows().size(), 5);
+  evaluator.set_reference(lm);
+  QuantizedWeights weights;
+  for (const WeightInfo& w : lm.weights())
+    weights[w.name] = quantize_weight(lm.weight(w.name), w.name, parse_quant_spec("b2g16"), RoundingMethod::kRtn, nullptr);
+
+  const EvalResult by_block = evaluate_by_block(lm, weights, evaluator);
+  for (const WeightInfo& w : lm.weights()) EXPECT_TRUE(lm.holds_original(w.name)) << w.name;
+  EXPECT_EQ(lm.original_bytes(), 0);
+  for (const auto& [name, q] : weights) lm.set_weight(name, q.dequantize());
+  const EvalResult whole = evaluator.evaluate(lm);
+  lm.restore_all();
+  EXPECT_GT(whole.kl->mean.value, 1e-3) << "2-bit weights change the model";
+  EXPECT_EQ(by_block.tokens, whole.tokens);
+  EXPECT_EQ(by_block.nll.value, whole.nll.value);
+  EXPECT_EQ(by_block.kl->mean.value, whole.kl->mean.value);
+  EXPECT_EQ(by_block.kl->same_top_rate, whole.kl->same_top_rate);
+
+  // A weight changed before is refused (it could not be put back to what it held).
+  const std::string& first = lm.weights().front().name;
+  lm.set_weight(first, lm.weight(first) * 2);
+  EXPECT_THROW(evaluate_by_block(lm, weights, evaluator), Error);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Stages, ::testing::Values(Fixture::kStories, Fixture::kGpt),

@@ -121,7 +121,8 @@ TEST(PrecisionOptimizer, AllocationMeetsTheBudgetOnItsMeasuredKl) {
       << r.calibration.kl->mean.value;
   EXPECT_NEAR(r.calibration.kl->mean.value, whole_model_kl(s.model, s.data.calibration, r.weights), 1e-6);
   ASSERT_EQ(r.curves.size(), s.model.weights().size());
-  for (const auto& [name, curve] : r.curves) EXPECT_EQ(curve.size(), 1u + 3 * 2) << name;  // fp16 + 3 widths x 2 groups
+  for (const auto& [name, curve] : r.curves)
+    EXPECT_EQ(curve.size(), 1 + o.bits.size() * 2) << name;  // fp16 + every width x 2 groups
   ASSERT_FALSE(r.confirmations.empty());
   bool kept = false;
   for (const Confirmation& c : r.confirmations) kept |= c.kept;
@@ -153,7 +154,8 @@ TEST(PrecisionOptimizer, LocalCurvesPredictTheExactOnesAtOneBlockPerCandidate) {
   EXPECT_EQ(exact.local_measurements, 0);
   const int64_t blocks = s.model.stages()->num_blocks();
   int64_t in_blocks = 0;  // candidates of weights inside blocks
-  for (const WeightInfo& w : s.model.weights()) in_blocks += (w.block_index >= 0) * 6;
+  for (const WeightInfo& w : s.model.weights())
+    in_blocks += (w.block_index >= 0) * static_cast<int64_t>(o.bits.size() * o.group_sizes.size());
   EXPECT_EQ(local.local_measurements, in_blocks + blocks) << "one block per candidate, one per calibration";
   EXPECT_LT(local.blocks_run, 0.6 * exact.blocks_run);
 
