@@ -373,8 +373,13 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
 }
 
 void check_archive_pickles(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path) {
+  auto ends_with = [](const std::string& s, const std::string& end) {
+    return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+  };
   for (const std::string& name : archive.getAllRecords()) {
-    if (name.size() < 4 || name.compare(name.size() - 4, 4, ".pkl") != 0) continue;
+    // A TorchScript archive's code/<module>.py.debug_pkl records are pickles too: libtorch unpickles
+    // one when a compile error highlights its source (torchscript-slow.pt: a 2.27 GB string).
+    if (!ends_with(name, ".pkl") && !ends_with(name, ".debug_pkl")) continue;
     auto [bytes, size] = archive.getRecord(name);
     const std::string stem = name.substr(0, name.size() - 4);
     // readArchiveAndTensors reads the storages of <archive>.pkl from <archive>/<key>. The reader has

@@ -44,7 +44,7 @@ struct StorageRecords {
 void check_pickle(const uint8_t* data, size_t size, const std::string& what,
                   const StorageRecords* storages = nullptr);
 
-/// check_pickle on every `.pkl` record of `archive`, named `path` in errors. The storages of
+/// check_pickle on every `.pkl` and `.debug_pkl` record of `archive`, named `path` in errors. The storages of
 /// `data.pkl` and `constants.pkl` (the pickles torch::pickle_load and torch::jit::load unpickle) are
 /// checked against the records `data/<key>` and `constants/<key>`.
 void check_archive_pickles(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path);

@@ -127,6 +127,9 @@ TEST(Readers, PickleLengthsBeyondTheRecordAreErrors) {
                          "opcode 0x42 at byte 17 declares 10 bytes, 9 are left");
   GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-long-string.ref"),
                          "(record data.pkl) is corrupt");
+  // reference-slow.ref (fuzz_reference: past the 20 s timeout) was the same fault: a 4.29 GB string.
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-long-string-4g.ref"),
+                         "opcode 0x58 at byte 204 declares 4294966791 bytes, 162 are left");
 }
 
 // Before: libtorch 1.13's unpickler grew its memo table to whatever index LONG_BINPUT named (27 GB,
@@ -238,6 +241,16 @@ TEST(Readers, PickleMarksAboveTheStackAndOddDictsAreErrors) {
                          "builds from a MARK at stack depth 2, above the stack's top (1 values)");
   GRADQ_EXPECT_THROW_MSG(check("\x80\x02" "ccollections\nOrderedDict\n" ")(Rd."),
                          "the pickle opcode 0x64 at byte 30 builds from a MARK at stack depth 2");
+}
+
+// Before: torchscript-slow.pt (found by fuzz_torchscript; 40 s and past 2.5 GiB under ASan, 2.5 s
+// without ASan's quarantine) failed to compile, and libtorch 1.13 then unpickled the source's
+// code/__torch__.py.debug_pkl to highlight the error, which declared a 2.27 GB string: the unpickler
+// zero-filled it before finding the record too short. gradq checked only records named *.pkl.
+TEST(Readers, TorchScriptDebugPicklesAreChecked) {
+  GRADQ_EXPECT_THROW_MSG(CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                        "/tests/fuzz/regressions/torchscript-debug-pkl-string.pt"),
+                         "(record code/__torch__.py.debug_pkl) is corrupt: the pickle opcode 0x58 at byte");
 }
 
 }  // namespace
