@@ -20,10 +20,18 @@ namespace {
 struct Value {
   enum Kind : uint8_t { kUnknown, kInt, kStr, kTuple, kStorage };
   Kind kind = kUnknown;
+  uint8_t depth = 0;                               // kTuple: 1 + the deepest tuple inside
   int64_t i = 0;                                   // kInt: the value; kStorage: the index in `storages`
   std::shared_ptr<const std::string> s;            // kStr
   std::shared_ptr<const std::vector<Value>> items;  // kTuple (shared: memo entries copy it)
 };
+
+// The checks read tuples two deep (a persistent id; rebuild arguments holding sizes and strides) and
+// strings as long as a record's name. Deeper tuples and longer strings are kept as unknown values, so
+// that the model's memory stays small and destroying a tuple never recurses deeper than this (a
+// pickle of TUPLE1s nests as deep as it is long).
+constexpr uint8_t kMaxTupleDepth = 8;
+constexpr size_t kMaxString = 4096;
 
 Value int_value(int64_t v) {
   Value r;
@@ -164,16 +172,20 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
     const int64_t offset = (*args)[1].i;
     GRADQ_CHECK(sizes.size() == strides.size(), "{} is corrupt: the tensor at byte {} has {} sizes and {} strides", what,
                 at, sizes.size(), strides.size());
-    // The lowest and highest element the view reaches, in 128 bits: 64-bit sizes times strides overflow.
-    __int128 lo = offset, hi = offset;
-    bool empty = false;
+    bool empty = false;  // an empty tensor reads nothing
     for (size_t d = 0; d < sizes.size(); ++d) {
       GRADQ_CHECK(sizes[d] >= 0, "{} is corrupt: the tensor at byte {} has size {} in dimension {}", what, at, sizes[d], d);
-      if (sizes[d] == 0) empty = true;
-      const __int128 reach = static_cast<__int128>(sizes[d] == 0 ? 0 : sizes[d] - 1) * strides[d];
-      (reach < 0 ? lo : hi) += reach;
+      empty = empty || sizes[d] == 0;
     }
     GRADQ_CHECK(offset >= 0, "{} is corrupt: the tensor at byte {} has storage offset {}", what, at, offset);
+    // The lowest and highest element the view reaches, in 128 bits (a 64-bit size times a stride
+    // overflows 64), stopping at the first dimension that leaves the storage: each term is below 2^126
+    // and lo and hi stay within 64 bits until then, so the sums never overflow.
+    __int128 lo = offset, hi = offset;
+    for (size_t d = 0; !empty && d < sizes.size() && lo >= 0 && hi < storage.numel; ++d) {
+      const __int128 reach = static_cast<__int128>(sizes[d] - 1) * strides[d];
+      (reach < 0 ? lo : hi) += reach;
+    }
     GRADQ_CHECK(empty || (lo >= 0 && hi < storage.numel),
                 "{} is corrupt: the tensor at byte {} (offset {}, sizes [{}], strides [{}]) reaches outside {}, which "
                 "holds {} elements", what, at, offset, fmt::join(sizes, ", "), fmt::join(strides, ", "),
@@ -271,6 +283,10 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
         break;
       }
       case 'X': {  // BINUNICODE
+        if (n > kMaxString) {
+          stack.emplace_back();
+          break;
+        }
         Value s;
         s.kind = Value::kStr;
         s.s = std::make_shared<const std::string>(reinterpret_cast<const char*>(payload), n);
@@ -286,12 +302,17 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
           if (!need(op - 0x84, false)) break;
           start = depth - (op - 0x84);
         }
-        auto items = std::make_shared<std::vector<Value>>(std::make_move_iterator(stack.begin() + start),
-                                                          std::make_move_iterator(stack.end()));
-        stack.resize(start);
+        uint8_t depth = 1;
+        for (size_t k = start; k < stack.size(); ++k)
+          if (stack[k].kind == Value::kTuple) depth = std::max<uint8_t>(depth, stack[k].depth + 1);
         Value t;
-        t.kind = Value::kTuple;
-        t.items = std::move(items);
+        if (depth <= kMaxTupleDepth) {
+          t.kind = Value::kTuple;
+          t.depth = depth;
+          t.items = std::make_shared<std::vector<Value>>(std::make_move_iterator(stack.begin() + start),
+                                                         std::make_move_iterator(stack.end()));
+        }
+        stack.resize(start);
         stack.push_back(std::move(t));
         break;
       }
