@@ -253,5 +253,27 @@ TEST(Readers, TorchScriptDebugPicklesAreChecked) {
                          "(record code/__torch__.py.debug_pkl) is corrupt: the pickle opcode 0x58 at byte");
 }
 
+// Before: the walk's model kept every tuple, so a pickle of a million TUPLE1s nested a million deep
+// and destroying it overflowed the stack (gradq's own code, 8bac950 to e197dfa; found by a crafted
+// archive, `gradq eval --load-reference`: SEGV). Deeper tuples are now kept as unknown values.
+TEST(Readers, DeeplyNestedPickleTuplesAreWalkedWithoutRecursion) {
+  const std::string pickle = std::string("\x80\x02N", 3) + std::string(1000000, '\x85') + ".";
+  EXPECT_NO_THROW(check_pickle(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl"));
+}
+
+// Before: nlohmann's get<int>() cast a float unchecked (undefined behaviour beyond int's range: fuzz_plan
+// under UBSan, a plan version of 5.6e49) and wrapped an integer beyond it (4294967297 read as version 1).
+TEST(Readers, IntegerFieldsThatAreFloatsOrOutOfRangeAreErrors) {
+  auto plan = [](const std::string& version) {
+    return Plan::from_json(R"({"format": "gradq-plan", "version": )" + version + R"(, "weights": []})");
+  };
+  EXPECT_NO_THROW(plan("1"));
+  GRADQ_EXPECT_THROW_MSG(plan("5.5e49"), "'version' must be an integer in [-2147483648, 2147483647], got 5.5e+49");
+  GRADQ_EXPECT_THROW_MSG(plan("4294967297"), "'version' must be an integer in [-2147483648, 2147483647], got 4294967297");
+  GRADQ_EXPECT_THROW_MSG(plan("1.0"), "'version' must be an integer");
+  GRADQ_EXPECT_THROW_MSG(analysis_from_json(R"({"format": "gradq-importance-analysis", "version": -1e300})"),
+                         "'version' must be an integer");
+}
+
 }  // namespace
 }  // namespace gradq
