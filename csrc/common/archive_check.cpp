@@ -248,13 +248,16 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
         throw cannot_check(at, op == 'Q' ? "storage (persistent id)" : "call (REDUCE or BUILD)");
       continue;
     }
-    // The opcode's effect on the stack, as Unpickler::readInstruction has it. Where the unpickler
-    // itself refuses the state (an empty stack, no MARK), the walk stops modelling.
+    // The opcode's effect on the stack, as Unpickler::readInstruction has it. An opcode that takes
+    // more values than the stack holds, or a MARK there is none of, is refused: libtorch 1.13's
+    // unpickler pops some of them from an empty std::vector (fuzz_reference: TUPLE3 on a stack of one
+    // freed an address it never allocated), and no valid pickle does it.
     const size_t depth = stack.size();
     auto need = [&](size_t values, bool mark) {
-      if (depth >= values && (!mark || !marks.empty())) return true;
-      lost = true;
-      return false;
+      GRADQ_CHECK(depth >= values && (!mark || !marks.empty()), "{} is corrupt: the pickle opcode 0x{:02x} at byte {} "
+                  "takes {} values{} from a stack of {}{}", what, op, at, values, mark ? " and a MARK" : "", depth,
+                  marks.empty() ? " without a MARK" : "");
+      return true;
     };
     switch (op) {
       case 0x80:  // PROTO: only the first opcode (Unpickler::run reads it before the loop)
@@ -321,10 +324,8 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
         const size_t start = pop_mark(at, op);
         GRADQ_CHECK(op == 'l' || op == 'e' || (depth - start) % 2 == 0, "{} is corrupt: the pickle opcode 0x{:02x} at "
                     "byte {} builds a dict from {} values, not key-value pairs", what, op, at, depth - start);
-        if ((op == 'e' || op == 'u') && start == 0) {
-          lost = true;  // no container: the unpickler refuses it
-          break;
-        }
+        GRADQ_CHECK((op != 'e' && op != 'u') || start > 0, "{} is corrupt: the pickle opcode 0x{:02x} at byte {} adds "
+                    "to a container below its MARK, and there is none", what, op, at);
         stack.resize(start);
         if (op == 'l' || op == 'd') stack.emplace_back();
         break;

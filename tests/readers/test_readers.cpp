@@ -225,8 +225,8 @@ TEST(Readers, StoragesAndViewsBeyondTheirRecordsAreErrors) {
                          "(offset 0, sizes [39], strides [91]) reaches outside storage data/2, which holds 39 elements");
 }
 
-// Before: a MARK above the stack's top or an odd count of dict items made libtorch 1.13's unpickler
-// index its stack out of bounds (Unpickler::readInstruction: DICT from a MARK above the top is a
+// Before: a MARK above the stack's top, an odd count of dict items or a stack too short for the
+// opcode made libtorch 1.13's unpickler index or pop its stack out of bounds (Unpickler::readInstruction: DICT from a MARK above the top is a
 // SEGV under ASan; an odd count reads one slot past the stack's end).
 TEST(Readers, PickleMarksAboveTheStackAndOddDictsAreErrors) {
   auto check = [](const std::string& pickle) {
@@ -241,6 +241,13 @@ TEST(Readers, PickleMarksAboveTheStackAndOddDictsAreErrors) {
                          "builds from a MARK at stack depth 2, above the stack's top (1 values)");
   GRADQ_EXPECT_THROW_MSG(check("\x80\x02" "ccollections\nOrderedDict\n" ")(Rd."),
                          "the pickle opcode 0x64 at byte 30 builds from a MARK at stack depth 2");
+  // reference-tuple3-empty-stack.ref (fuzz_reference, 2026-12-02): TUPLE3 on a stack of one value;
+  // libtorch 1.13 popped an empty std::vector and freed an address it never allocated (ASan).
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                         "/tests/fuzz/regressions/reference-tuple3-empty-stack.ref"),
+                         "(record data.pkl) is corrupt: the pickle opcode 0x87 at byte 40 takes 3 values from a stack of 1");
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02t.", 4)), "takes 0 values and a MARK from a stack of 0 without a MARK");
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02(]e.", 6)), "adds to a container below its MARK, and there is none");
 }
 
 // Before: torchscript-slow.pt (found by fuzz_torchscript; 40 s and past 2.5 GiB under ASan, 2.5 s
