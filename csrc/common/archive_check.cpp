@@ -398,7 +398,16 @@ void check_archive_pickles(caffe2::serialize::PyTorchStreamReader& archive, cons
   auto ends_with = [](const std::string& s, const std::string& end) {
     return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
   };
-  for (const std::string& name : archive.getAllRecords()) {
+  // getAllRecords throws on a record outside the archive's folder; torch::jit::load never lists the
+  // records, so it would load such a file with none of its pickles checked (fuzz_torchscript).
+  std::vector<std::string> names;
+  try {
+    names = archive.getAllRecords();
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("'{}' is a corrupt archive: {}", path,
+                            std::string(e.what()).substr(0, std::string(e.what()).find('\n'))));
+  }
+  for (const std::string& name : names) {
     // A TorchScript archive's code/<module>.py.debug_pkl records are pickles too: libtorch unpickles
     // one when a compile error highlights its source (torchscript-slow.pt: a 2.27 GB string).
     if (!ends_with(name, ".pkl") && !ends_with(name, ".debug_pkl")) continue;

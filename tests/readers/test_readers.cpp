@@ -258,6 +258,12 @@ TEST(Readers, TorchScriptDebugPicklesAreChecked) {
   GRADQ_EXPECT_THROW_MSG(CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) +
                                         "/tests/fuzz/regressions/torchscript-debug-pkl-string.pt"),
                          "(record code/__torch__.py.debug_pkl) is corrupt: the pickle opcode 0x58 at byte");
+  // torchscript-stray-record-name.pt (fuzz_torchscript, 2026-12-02): a record named outside the
+  // archive's folder made listing the records throw, which skipped every check (4 s, then
+  // "Unexpected end of pickler archive" from libtorch).
+  GRADQ_EXPECT_THROW_MSG(CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                        "/tests/fuzz/regressions/torchscript-stray-record-name.pt"),
+                         "is a corrupt archive");
 }
 
 // Before: the walk's model kept every tuple, so a pickle of a million TUPLE1s nested a million deep
