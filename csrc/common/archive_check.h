@@ -6,20 +6,47 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 
 namespace gradq {
 
-/// Throws gradq::Error naming `what` when the pickle `data[0, size)` declares a string, bytes or long
-/// integer longer than the bytes left after its length field, or stores a memo entry (LONG_BINPUT)
-/// at an index no pickle of `size` bytes reaches (each entry takes at least one opcode). libtorch
-/// 1.13's unpickler allocates and zero-fills the declared length before it finds the record too
-/// short (up to 4 GiB from a 4-byte field, 2^64 from an 8-byte one), and grows its memo table to the
-/// index (16 bytes an entry: 64 GiB from a 4-byte index). The walk follows the opcodes up to STOP and
-/// leaves every other error (unknown opcode, truncated argument) to the unpickler.
-void check_pickle_lengths(const uint8_t* data, size_t size, const std::string& what);
+/// Where a pickle's storages are: storage `key` is the archive record `folder + "/" + key`, and
+/// `record_size` returns a record's size in bytes, or nullopt when the archive has no such record
+/// (or cannot read it).
+struct StorageRecords {
+  std::string folder;
+  std::function<std::optional<uint64_t>(const std::string& record)> record_size;
+};
 
-/// check_pickle_lengths on every `.pkl` record of `archive`, named `path` in errors.
+/// Throws gradq::Error naming `what` when the pickle `data[0, size)` would make libtorch 1.13's
+/// unpickler allocate, read or write beyond what the archive holds. One walk over the opcodes, up to
+/// STOP, refuses:
+///  - a string, bytes or long integer longer than the bytes left after its length field (the
+///    unpickler allocates and zero-fills the declared length first: up to 4 GiB from a 4-byte field,
+///    2^64 from an 8-byte one);
+///  - a memo entry (LONG_BINPUT) at an index no pickle of `size` bytes reaches (each entry takes at
+///    least one opcode; the unpickler grows its memo table to the index first, 16 bytes an entry);
+///  - a MARK above the top of the stack, or an odd count of keys and values, when a tuple, list or
+///    dict is built from it (the unpickler then indexes its stack out of bounds);
+///  - with `storages` given:
+///    a storage, persistent id ('storage', type, key, location, numel), whose numel elements take
+///    more bytes than its record holds, or that has no record (the unpickler wraps the record's
+///    bytes in a storage of the declared size without comparing them); a tensor
+///    (torch._utils._rebuild_tensor_v2 / _rebuild_qtensor) whose offset, sizes and strides reach
+///    outside its storage (the unpickler sets them unchecked); a sparse tensor
+///    (_rebuild_sparse_tensor: libtorch builds it without checking its indices); and a storage or
+///    tensor whose arguments the walk cannot follow (they come from something other than literals
+///    and the memo, which no torch writer emits).
+/// The walk models the unpickler's stack only as far as these checks need; every other error
+/// (unknown opcode, truncated argument, wrong types) is left to the unpickler.
+void check_pickle(const uint8_t* data, size_t size, const std::string& what,
+                  const StorageRecords* storages = nullptr);
+
+/// check_pickle on every `.pkl` and `.debug_pkl` record of `archive`, named `path` in errors. The storages of
+/// `data.pkl` and `constants.pkl` (the pickles torch::pickle_load and torch::jit::load unpickle) are
+/// checked against the records `data/<key>` and `constants/<key>`.
 void check_archive_pickles(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path);
 
 /// The bytes of an archive held in memory, for caffe2::serialize::PyTorchStreamReader; `bytes` must

@@ -8,6 +8,7 @@
 
 #include "common/error.h"
 #include "common/files.h"
+#include "common/json_integer.h"
 #include "common/timing.h"
 #include "quant/quant_spec.h"
 #include "report/svg_chart.h"
@@ -82,8 +83,8 @@ json stability_json(const StabilityReport& s) {
 }
 StabilityReport stability_from(const json& j) {
   StabilityReport s;
-  s.subsets = j.at("subsets").get<int64_t>();
-  s.units = j.at("units").get<int64_t>();
+  s.subsets = json_integer<int64_t>(j.at("subsets"), "subsets");
+  s.units = json_integer<int64_t>(j.at("units"), "units");
   s.pairs = j.at("pairs").get<std::vector<double>>();
   s.spearman_mean = j.at("spearman_mean").get<double>();
   s.spearman_min = j.at("spearman_min").get<double>();
@@ -101,7 +102,7 @@ json distribution_json(const std::optional<Distribution>& d) {
 std::optional<Distribution> distribution_from(const json& j) {
   if (j.is_null()) return std::nullopt;
   Distribution d;
-  d.count = j.at("count").get<int64_t>();
+  d.count = json_integer<int64_t>(j.at("count"), "count");
   d.min = j.at("min").get<double>();
   d.max = j.at("max").get<double>();
   d.median = j.at("median").get<double>();
@@ -124,7 +125,7 @@ ImportanceConfig config_from(const json& j) {
   const std::string norm = j.at("normalization").get<std::string>();
   GRADQ_CHECK(norm == "max" || norm == "rank", "normalization must be max or rank, got '{}'", norm);
   c.normalization = norm == "max" ? ScoreNormalization::kMax : ScoreNormalization::kRank;
-  c.rtn_score_bits = j.at("rtn_score_bits").get<int>();
+  c.rtn_score_bits = json_integer<int>(j.at("rtn_score_bits"), "rtn_score_bits");
   c.stable_above = j.at("stability").at("stable_above").get<double>();
   c.moderate_above = j.at("stability").at("moderate_above").get<double>();
   c.validate();
@@ -443,23 +444,24 @@ ImportanceAnalysis analysis_from_json(const std::string& text) {
   try {
     GRADQ_CHECK(j.is_object() && j.value("format", "") == kFormat,
                 "not a gradq importance analysis (expected \"format\": \"{}\")", kFormat);
-    GRADQ_CHECK(j.value("version", -1) == kFormatVersion, "unsupported analysis version {} (this gradq reads version {})",
-                j.value("version", -1), kFormatVersion);
+    const int version = json_integer_or<int>(j, "version", -1);
+    GRADQ_CHECK(version == kFormatVersion, "unsupported analysis version {} (this gradq reads version {})", version,
+                kFormatVersion);
     const json& s = j.at("settings");
     AnalyzerOptions& o = a.options;
     o.noise_alpha = s.at("noise_alpha").get<double>();
-    o.seed = s.at("seed").get<uint64_t>();
-    o.group_size = s.at("group_size").get<int64_t>();
-    o.subsets = s.at("subsets").get<int64_t>();
-    o.upgrade_from_bits = s.at("upgrade_from_bits").get<int>();
-    o.upgrade_to_bits = s.at("upgrade_to_bits").get<int>();
+    o.seed = json_integer<uint64_t>(s.at("seed"), "seed");
+    o.group_size = json_integer<int64_t>(s.at("group_size"), "group_size");
+    o.subsets = json_integer<int64_t>(s.at("subsets"), "subsets");
+    o.upgrade_from_bits = json_integer<int>(s.at("upgrade_from_bits"), "upgrade_from_bits");
+    o.upgrade_to_bits = json_integer<int>(s.at("upgrade_to_bits"), "upgrade_to_bits");
     o.static_signals = s.at("static_signals").get<bool>();
-    o.batch = s.at("batch").get<int64_t>();
+    o.batch = json_integer<int64_t>(s.at("batch"), "batch");
     o.measurement = parse_measurement(s.value("measurement", "whole"));
     o.config = config_from(s.at("config"));
-    a.windows = s.at("windows").get<int64_t>();
-    a.ctx = s.at("ctx").get<int64_t>();
-    a.scored_tokens = s.at("scored_tokens").get<int64_t>();
+    a.windows = json_integer<int64_t>(s.at("windows"), "windows");
+    a.ctx = json_integer<int64_t>(s.at("ctx"), "ctx");
+    a.scored_tokens = json_integer<int64_t>(s.at("scored_tokens"), "scored_tokens");
     a.inputs = j.at("inputs").get<std::map<std::string, std::string>>();
     a.reference_ppl = j.at("reference_ppl").get<double>();
     a.measurement = j.value("measured", "whole");
@@ -472,10 +474,10 @@ ImportanceAnalysis analysis_from_json(const std::string& text) {
       u.unit.kind = kind == "layer" ? UnitKind::kLayer : UnitKind::kBlock;
       u.unit.name = ju.at("name").get<std::string>();
       u.unit.block = ju.at("block").get<std::string>();
-      u.unit.block_index = ju.at("block_index").get<int64_t>();
+      u.unit.block_index = json_integer<int64_t>(ju.at("block_index"), "block_index");
       u.unit.weights = ju.at("weights").get<std::vector<std::string>>();
-      u.unit.numel = ju.at("numel").get<int64_t>();
-      u.rank = ju.at("rank").get<int64_t>();
+      u.unit.numel = json_integer<int64_t>(ju.at("numel"), "numel");
+      u.rank = json_integer<int64_t>(ju.at("rank"), "rank");
       u.score = ju.at("score").get<double>();
       u.subset_scores = ju.at("subset_scores").get<std::vector<double>>();
       for (const auto& [key, m] : ju.at("probes").items()) u.probes[key] = measure_from(m);
@@ -494,9 +496,9 @@ ImportanceAnalysis analysis_from_json(const std::string& text) {
     a.layer_distribution = distribution_from(j.at("distribution").at("layers"));
     a.block_distribution = distribution_from(j.at("distribution").at("blocks"));
     const json& t = j.at("timing");
-    a.timing.forward_passes = t.at("forward_passes").get<int64_t>();
-    a.timing.gradient_passes = t.at("gradient_passes").get<int64_t>();
-    a.timing.capture_passes = t.at("capture_passes").get<int64_t>();
+    a.timing.forward_passes = json_integer<int64_t>(t.at("forward_passes"), "forward_passes");
+    a.timing.gradient_passes = json_integer<int64_t>(t.at("gradient_passes"), "gradient_passes");
+    a.timing.capture_passes = json_integer<int64_t>(t.at("capture_passes"), "capture_passes");
     a.timing.seconds = t.at("seconds").get<double>();
     a.timing.probe_seconds = t.at("probe_seconds").get<double>();
     a.timing.forward_seconds = t.at("forward_seconds").get<double>();

@@ -10,6 +10,7 @@
 
 #include "common/error.h"
 #include "common/files.h"
+#include "common/json_integer.h"
 #include "common/runtime.h"
 
 namespace gradq {
@@ -72,7 +73,7 @@ ImportanceConfig load_importance_config(const std::string& path) {
     } else if (key == "rtn_score_bits") {
       GRADQ_CHECK(value.is_number_integer(), "importance config '{}': 'rtn_score_bits' must be 2, 4 or 8, got {}",
                   path, value.dump());
-      c.rtn_score_bits = value.get<int>();
+      c.rtn_score_bits = json_integer<int>(value, "rtn_score_bits");
     } else if (key == "stability") {
       GRADQ_CHECK(value.is_object(), "importance config '{}': 'stability' must be an object, got {}", path, value.dump());
       for (const auto& [k, v] : value.items()) {

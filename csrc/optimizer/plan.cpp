@@ -7,6 +7,7 @@
 
 #include "common/error.h"
 #include "common/files.h"
+#include "common/json_integer.h"
 #include "eval/block_cache.h"
 #include "quant/quantize.h"
 
@@ -38,7 +39,8 @@ Plan Plan::from_json(const std::string& text) {
   try {
     GRADQ_CHECK(j.is_object() && j.value("format", "") == "gradq-plan",
                 "not a gradq plan: expected \"format\": \"gradq-plan\"");
-    GRADQ_CHECK(j.value("version", 0) == 1, "unsupported plan version {}, expected 1", j.value("version", 0));
+    const int version = json_integer_or<int>(j, "version", 0);
+    GRADQ_CHECK(version == 1, "unsupported plan version {}, expected 1", version);
     GRADQ_CHECK(j.contains("weights") && j["weights"].is_array(), "plan has no \"weights\" array");
     Plan plan;
     std::map<std::string, std::string> seen;  // name -> spec of its first entry

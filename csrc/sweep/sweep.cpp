@@ -12,6 +12,7 @@
 
 #include "common/error.h"
 #include "common/files.h"
+#include "common/json_integer.h"
 #include "common/hash.h"
 #include "common/runtime.h"
 #include "common/timing.h"
@@ -206,8 +207,8 @@ SweepPointResult point_from_json(const json& j) {
   p.met = j.at("met").get<bool>();
   p.messages = j.at("messages").get<std::vector<std::string>>();
   p.bits_per_weight = j.at("bits_per_weight").get<double>();
-  p.quantized_bytes = j.at("quantized_bytes").get<int64_t>();
-  p.fp16_bytes = j.at("fp16_bytes").get<int64_t>();
+  p.quantized_bytes = json_integer<int64_t>(j.at("quantized_bytes"), "quantized_bytes");
+  p.fp16_bytes = json_integer<int64_t>(j.at("fp16_bytes"), "fp16_bytes");
   p.ppl = j.at("ppl").get<double>();
   p.reference_ppl = j.at("reference_ppl").get<double>();
   p.ppl_increase = j.at("ppl_increase").get<double>();
@@ -216,9 +217,9 @@ SweepPointResult point_from_json(const json& j) {
   p.kl_p99 = j.at("kl_p99").get<double>();
   p.kl_max = j.at("kl_max").get<double>();
   p.same_top_rate = j.at("same_top_rate").get<double>();
-  p.passes = j.at("passes").get<int64_t>();
+  p.passes = json_integer<int64_t>(j.at("passes"), "passes");
   p.seconds = j.at("seconds").get<double>();
-  p.tokens = j.value("tokens", int64_t{0});  // absent from points written before it was recorded
+  p.tokens = json_integer_or<int64_t>(j, "tokens", 0);  // absent from points written before it was recorded
   return p;
 }
 
@@ -573,8 +574,10 @@ std::string config_line(const json& config) {
   // Sweeps before the allocator have no strategy: they searched progressively.
   return fmt::format("Model {} · {} calibration and {} held-out windows of {} tokens · {} search, bits {} groups {} "
                      "({}) · safety {}\n\n",
-                     config.at("model").get<std::string>(), config.at("calibration").at("windows").get<int64_t>(),
-                     config.at("evaluation").at("windows").get<int64_t>(), config.at("evaluation").at("ctx").get<int64_t>(),
+                     config.at("model").get<std::string>(),
+                     json_integer<int64_t>(config.at("calibration").at("windows"), "calibration.windows"),
+                     json_integer<int64_t>(config.at("evaluation").at("windows"), "evaluation.windows"),
+                     json_integer<int64_t>(config.at("evaluation").at("ctx"), "evaluation.ctx"),
                      config.at("search").value("strategy", "progressive"), config.at("search").at("bits").dump(),
                      config.at("search").at("group_sizes").dump(), config.at("search").at("method").get<std::string>(),
                      // A number, or "per strategy".

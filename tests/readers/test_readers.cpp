@@ -7,13 +7,16 @@
 
 #include <torch/serialize.h>
 
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "common/archive_check.h"
 #include "common/error.h"
 #include "data/dataset.h"
 #include "eval/evaluator.h"
 #include "importance/analyzer.h"
+#include "model/causal_lm.h"
 #include "optimizer/plan.h"
 #include "optimizer/policy.h"
 #include "quant/quant_spec.h"
@@ -112,7 +115,7 @@ TEST(Readers, ReferenceFilesAreCheckedForTypesShapesAndTargets) {
 // fuzz_reference; up to 4 GiB from a 4-byte field, std::length_error from an 8-byte one).
 TEST(Readers, PickleLengthsBeyondTheRecordAreErrors) {
   auto check = [](const std::string& pickle) {
-    check_pickle_lengths(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl");
+    check_pickle(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl");
   };
   EXPECT_NO_THROW(check(std::string("\x80\x02X\x02\x00\x00\x00" "ab.", 10)));
   GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02X\x00\x00\x00\xc0" "ab.", 10)),
@@ -124,6 +127,9 @@ TEST(Readers, PickleLengthsBeyondTheRecordAreErrors) {
                          "opcode 0x42 at byte 17 declares 10 bytes, 9 are left");
   GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-long-string.ref"),
                          "(record data.pkl) is corrupt");
+  // reference-slow.ref (fuzz_reference: past the 20 s timeout) was the same fault: a 4.29 GB string.
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-long-string-4g.ref"),
+                         "opcode 0x58 at byte 204 declares 4294966791 bytes, 162 are left");
 }
 
 // Before: libtorch 1.13's unpickler grew its memo table to whatever index LONG_BINPUT named (27 GB,
@@ -131,7 +137,7 @@ TEST(Readers, PickleLengthsBeyondTheRecordAreErrors) {
 // the fuzzer, 64 GiB at most from the 4-byte index).
 TEST(Readers, PickleMemoIndicesBeyondThePickleAreErrors) {
   auto check = [](const std::string& pickle) {
-    check_pickle_lengths(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl");
+    check_pickle(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl");
   };
   EXPECT_NO_THROW(check(std::string("\x80\x02Nr\x00\x00\x00\x00.", 9)));
   GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02Nr\x00\x00\x00\x80.", 9)),
@@ -139,6 +145,147 @@ TEST(Readers, PickleMemoIndicesBeyondThePickleAreErrors) {
                          "entries a pickle of 9 bytes can make");
   GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-memo-index.ref"),
                          "stores memo entry");
+}
+
+// A zip archive of `records` (name, bytes), as torch.save writes one.
+std::string archive_of(const std::vector<std::pair<std::string, std::string>>& records) {
+  std::string out;
+  caffe2::serialize::PyTorchStreamWriter writer([&](const void* buf, size_t n) {
+    out.append(static_cast<const char*>(buf), n);
+    return n;
+  });
+  for (const auto& [name, bytes] : records) writer.writeRecord(name, bytes.data(), bytes.size());
+  writer.writeEndOfFile();
+  return out;
+}
+
+std::string u32(uint32_t v) { return std::string(reinterpret_cast<const char*>(&v), 4); }  // little-endian host
+std::string binint(int32_t v) { return "J" + u32(static_cast<uint32_t>(v)); }
+std::string binunicode(const std::string& s) { return "X" + u32(static_cast<uint32_t>(s.size())) + s; }
+std::string int_tuple(const std::vector<int32_t>& v) {
+  std::string p = "(";
+  for (int32_t x : v) p += binint(x);
+  return p + "t";
+}
+
+// The pickle torch::pickle_save writes for {"t": tensor}: the tensor views (offset, sizes, strides)
+// of float storage '0', whose persistent id declares `numel` elements.
+std::string tensor_pickle(int32_t numel, int32_t offset, const std::vector<int32_t>& sizes,
+                          const std::vector<int32_t>& strides) {
+  return "\x80\x02}(" + binunicode("t") + "ctorch._utils\n_rebuild_tensor_v2\n((" + binunicode("storage") +
+         "ctorch\nFloatStorage\n" + binunicode("0") + binunicode("cpu") + binint(numel) + "tQ" + binint(offset) +
+         int_tuple(sizes) + int_tuple(strides) + "\x89" "ccollections\nOrderedDict\n)RtRu.";
+}
+
+std::string floats(int n) { return std::string(static_cast<size_t>(n) * 4, '\0'); }
+
+// Before: libtorch 1.13's unpickler wrapped a storage record in a storage of the size its persistent
+// id declared, and set a tensor's offset, sizes and strides on it unchecked: reading either read past
+// the record. reference-view-beyond-storage.ref (found by fuzz_reference as reference-segv-storage-size.ref: a
+// SEGV under ASan in Reference::from_bytes, garbage and a lucky range error outside it) holds targets
+// of 39 elements with stride 91 in a storage of 39.
+TEST(Readers, StoragesAndViewsBeyondTheirRecordsAreErrors) {
+  auto read = [](const std::string& pickle, int record_floats) {
+    return Reference::from_bytes(archive_of({{"data.pkl", pickle}, {"data/0", floats(record_floats)}}), "c.ref");
+  };
+  // Checked, unpickled, then refused for what a reference lacks: the check let it through.
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(6, 0, {2, 3}, {3, 1}), 6), "key 'log_probs' missing");
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(6, 5, {2, 3}, {0, 0}), 6), "key 'log_probs' missing");
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(0, 0, {0}, {1}), 0), "key 'log_probs' missing");
+  {
+    const std::string pickle = tensor_pickle(9, 1, {3, 2}, {2, 3});  // elements 1 + {0, 2, 4} + {0, 3}: up to 8
+    const std::string bytes = archive_of({{"data.pkl", pickle}, {"data/0", floats(9)}});
+    caffe2::serialize::PyTorchStreamReader archive(std::make_shared<BytesReadAdapter>(bytes));
+    EXPECT_NO_THROW(check_archive_pickles(archive, "c.ref"));
+    const at::Tensor t = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toGenericDict().at("t").toTensor();
+    EXPECT_EQ(t.sizes(), at::IntArrayRef({3, 2})) << "the crafted pickle is one libtorch reads";
+  }
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(1000, 0, {3}, {1}), 3),
+                         "'c.ref' (record data.pkl) is corrupt: storage data/0 declares 1000 Float elements (4000 bytes) "
+                         "but its record holds 12 bytes");
+  GRADQ_EXPECT_THROW_MSG(Reference::from_bytes(archive_of({{"data.pkl", tensor_pickle(3, 0, {3}, {1})}}), "c.ref"),
+                         "storage data/0 declares 3 Float elements but the archive has no readable record data/0");
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(-1, 0, {0}, {1}), 0), "declares -1 elements");
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(6, 0, {2, 3}, {3, 2}), 6),
+                         "the tensor at byte 156 (offset 0, sizes [2, 3], strides [3, 2]) reaches outside storage data/0, "
+                         "which holds 6 elements");
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(6, 6, {1}, {1}), 6), "(offset 6, sizes [1], strides [1]) reaches outside");
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(6, 1, {2}, {-2}), 6), "(offset 1, sizes [2], strides [-2]) reaches outside");
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(6, 0, {65536, 65536, 65536}, {65536, 65536, 65536}), 6), "reaches outside");
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(6, 0, {-1}, {1}), 6), "has size -1 in dimension 0");
+  GRADQ_EXPECT_THROW_MSG(read(tensor_pickle(6, -1, {0}, {1}), 6), "has storage offset -1");
+  // TorchScript archives: constants.pkl's storages are records constants/<key>, and CausalLM::load
+  // checks them before torch::jit::load.
+  std::string constants = tensor_pickle(1000, 0, {3}, {1});
+  std::istringstream in(archive_of({{"constants.pkl", constants}, {"constants/0", floats(3)}}));
+  GRADQ_EXPECT_THROW_MSG(CausalLM::load(in, "c.pt"),
+                         "'c.pt' (record constants.pkl) is corrupt: storage constants/0 declares 1000 Float elements");
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                         "/tests/fuzz/regressions/reference-view-beyond-storage.ref"),
+                         "(offset 0, sizes [39], strides [91]) reaches outside storage data/2, which holds 39 elements");
+}
+
+// Before: a MARK above the stack's top, an odd count of dict items or a stack too short for the
+// opcode made libtorch 1.13's unpickler index or pop its stack out of bounds (Unpickler::readInstruction: DICT from a MARK above the top is a
+// SEGV under ASan; an odd count reads one slot past the stack's end).
+TEST(Readers, PickleMarksAboveTheStackAndOddDictsAreErrors) {
+  auto check = [](const std::string& pickle) {
+    check_pickle(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl");
+  };
+  EXPECT_NO_THROW(check(std::string("\x80\x02(KaKbd.", 8)));
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02(Kad.", 6)),
+                         "p.pkl is corrupt: the pickle opcode 0x64 at byte 5 builds a dict from 1 values");
+  // MARK at depth 2; REDUCE pops two and pushes one; TUPLE or DICT then starts above the top (the
+  // DICT: a SEGV in the unpickler under ASan).
+  GRADQ_EXPECT_THROW_MSG(check("\x80\x02" "ccollections\nOrderedDict\n" ")(Rt."),
+                         "builds from a MARK at stack depth 2, above the stack's top (1 values)");
+  GRADQ_EXPECT_THROW_MSG(check("\x80\x02" "ccollections\nOrderedDict\n" ")(Rd."),
+                         "the pickle opcode 0x64 at byte 30 builds from a MARK at stack depth 2");
+  // reference-tuple3-empty-stack.ref (fuzz_reference, 2026-12-02): TUPLE3 on a stack of one value;
+  // libtorch 1.13 popped an empty std::vector and freed an address it never allocated (ASan).
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                         "/tests/fuzz/regressions/reference-tuple3-empty-stack.ref"),
+                         "(record data.pkl) is corrupt: the pickle opcode 0x87 at byte 40 takes 3 values from a stack of 1");
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02t.", 4)), "takes 0 values and a MARK from a stack of 0 without a MARK");
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02(]e.", 6)), "adds to a container below its MARK, and there is none");
+}
+
+// Before: torchscript-slow.pt (found by fuzz_torchscript; 40 s and past 2.5 GiB under ASan, 2.5 s
+// without ASan's quarantine) failed to compile, and libtorch 1.13 then unpickled the source's
+// code/__torch__.py.debug_pkl to highlight the error, which declared a 2.27 GB string: the unpickler
+// zero-filled it before finding the record too short. gradq checked only records named *.pkl.
+TEST(Readers, TorchScriptDebugPicklesAreChecked) {
+  GRADQ_EXPECT_THROW_MSG(CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                        "/tests/fuzz/regressions/torchscript-debug-pkl-string.pt"),
+                         "(record code/__torch__.py.debug_pkl) is corrupt: the pickle opcode 0x58 at byte");
+  // torchscript-stray-record-name.pt (fuzz_torchscript, 2026-12-02): a record named outside the
+  // archive's folder made listing the records throw, which skipped every check (4 s, then
+  // "Unexpected end of pickler archive" from libtorch).
+  GRADQ_EXPECT_THROW_MSG(CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                        "/tests/fuzz/regressions/torchscript-stray-record-name.pt"),
+                         "is a corrupt archive");
+}
+
+// Before: the walk's model kept every tuple, so a pickle of a million TUPLE1s nested a million deep
+// and destroying it overflowed the stack (gradq's own code, 8bac950 to e197dfa; found by a crafted
+// archive, `gradq eval --load-reference`: SEGV). Deeper tuples are now kept as unknown values.
+TEST(Readers, DeeplyNestedPickleTuplesAreWalkedWithoutRecursion) {
+  const std::string pickle = std::string("\x80\x02N", 3) + std::string(1000000, '\x85') + ".";
+  EXPECT_NO_THROW(check_pickle(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl"));
+}
+
+// Before: nlohmann's get<int>() cast a float unchecked (undefined behaviour beyond int's range: fuzz_plan
+// under UBSan, a plan version of 5.6e49) and wrapped an integer beyond it (4294967297 read as version 1).
+TEST(Readers, IntegerFieldsThatAreFloatsOrOutOfRangeAreErrors) {
+  auto plan = [](const std::string& version) {
+    return Plan::from_json(R"({"format": "gradq-plan", "version": )" + version + R"(, "weights": []})");
+  };
+  EXPECT_NO_THROW(plan("1"));
+  GRADQ_EXPECT_THROW_MSG(plan("5.5e49"), "'version' must be an integer in [-2147483648, 2147483647], got 5.5e+49");
+  GRADQ_EXPECT_THROW_MSG(plan("4294967297"), "'version' must be an integer in [-2147483648, 2147483647], got 4294967297");
+  GRADQ_EXPECT_THROW_MSG(plan("1.0"), "'version' must be an integer");
+  GRADQ_EXPECT_THROW_MSG(analysis_from_json(R"({"format": "gradq-importance-analysis", "version": -1e300})"),
+                         "'version' must be an integer");
 }
 
 }  // namespace
