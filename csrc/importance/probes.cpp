@@ -110,7 +110,7 @@ WeightScope::~WeightScope() {
 }
 
 void WeightScope::set_weight(const std::string& name, const at::Tensor& value) {
-  // A weight at its original is put back from the model's own snapshot (CausalLM::restore); only a
+  // A weight at its original is put back from the model's own original (CausalLM::restore); only a
   // weight that already held another value needs a copy of it.
   if (!saved_weights_.count(name))
     saved_weights_.emplace(name, model_.holds_original(name) ? at::Tensor() : model_.weight(name));

@@ -363,12 +363,9 @@ at::Tensor CausalLM::parameter(const std::string& name) const {
 }
 
 at::Tensor CausalLM::weight(const std::string& name) const {
-  const WeightInfo* info = nullptr;
-  for (const auto& w : matrix_weights_)
-    if (w.name == name) info = &w;
-  GRADQ_CHECK(info, "'{}' is not a matrix weight of this model; quantizable ones are: {}", name, near_names(weights_));
+  const WeightInfo& info = matrix_info(name);
   at::Tensor p = parameter(name).detach();
-  return info->transposed ? p.t().contiguous() : p.clone();
+  return info.transposed ? p.t().contiguous() : p.clone();
 }
 
 const WeightInfo& CausalLM::matrix_info(const std::string& name) const {
