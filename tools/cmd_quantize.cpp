@@ -63,7 +63,8 @@ int cmd_quantize(int argc, char** argv) {
   options.add_options("mode")
       ("uniform", "every quantizable weight in this SPEC (no search)", cxxopts::value<std::string>())
       ("plan", "re-apply a plan JSON written by --save-plan (no search)", cxxopts::value<std::string>())
-      ("dynamic-policy", "levels by importance share from this policy JSON (no search); see configs/policies/dynamic.json", cxxopts::value<std::string>());
+      ("dynamic-policy", "levels by importance share from this policy JSON (no search); see configs/policies/dynamic.json", cxxopts::value<std::string>())
+      ("fit-on", "with a mode above: the block inputs each block's rounding is fitted on: quantized (what the earlier blocks, already quantized, pass on; GPTQ's sequential order) or original (the full-precision model's, as the search fits)", cxxopts::value<std::string>()->default_value(QuantizerOptions{}.sequential_fit ? "quantized" : "original"));
   add_search_options(options);
   add_input_options(options);
   options.add_options("files")
@@ -95,6 +96,11 @@ int cmd_quantize(int argc, char** argv) {
   if (searching || q.budget.max_ppl_increase || q.budget.max_kl) q.budget.validate();
   if (searching) q.search.validate();
   GRADQ_CHECK(!args.count("allow-partial-plan") || args.count("plan"), "--allow-partial-plan applies only to --plan");
+  const std::string fit_on = args["fit-on"].as<std::string>();
+  GRADQ_CHECK(fit_on == "quantized" || fit_on == "original", "--fit-on: expected quantized or original, got '{}'", fit_on);
+  GRADQ_CHECK(!searching || args.count("fit-on") == 0,
+              "--fit-on applies to --uniform, --plan and --dynamic-policy (the search fits on the original inputs)");
+  q.sequential_fit = fit_on == "quantized";
   if (args.count("plan")) q.plan = Plan::load(args["plan"].as<std::string>());
   if (args.count("dynamic-policy")) q.dynamic = DynamicPolicy::load(args["dynamic-policy"].as<std::string>());
   // Only the progressive search and the dynamic policy rank layers by importance.

@@ -36,11 +36,11 @@ struct Plan {
 Plan uniform_plan(const CausalLM& model, const QuantSpec& spec, RoundingMethod method);
 
 /// `w` (the full-precision weight named `name`, logical [out, in]) in `spec` with `method`
-/// (quantize_tensor). `stats`: the weight's input statistics or null; kClip weights its search by
-/// stats->sq_mean() (unweighted without), kTrained and kGptq need stats->xtx and throw gradq::Error
-/// naming the weight without it.
+/// (quantize_tensor). `stats`: the weight's input statistics (default-constructed: none); kClip
+/// weights its search by stats.sq_mean() (unweighted without), kTrained and kGptq need stats.xtx and
+/// throw gradq::Error naming the weight without it. Moved in, X^T X is freed as early as GPTQ allows.
 QuantizedTensor quantize_weight(const at::Tensor& w, const std::string& name, const QuantSpec& spec,
-                                RoundingMethod method, const InputStats* stats, const RoundingOptions& rounding = {});
+                                RoundingMethod method, InputStats stats, const RoundingOptions& rounding = {});
 
 /// quantize_weight for every entry of `plan` from `model`'s current weights, with the statistics of
 /// `stats` (by weight name).
@@ -58,9 +58,13 @@ bool plan_in_blocks(const CausalLM& model, const Plan& plan);
 /// model of TinyLlama-1.1B's shapes against 0.45 GB for one of its blocks. The same weights as
 /// apply_plan(model, plan, model.capture_input_stats(inputs, batch, true), rounding) (the block
 /// capture equals the whole one). Costs two passes (the states, then each block once). Needs
-/// plan_in_blocks and the full-precision weights (the statistics are the original model's).
-QuantizedWeights apply_plan_by_block(const CausalLM& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
-                                     const RoundingOptions& rounding = {});
+/// plan_in_blocks and the full-precision weights.
+/// `sequential` (GPTQ's order): each block is fitted on the states that the earlier blocks, already
+/// quantized, hand on, rather than on the full-precision model's, so that a block's rounding
+/// corrects for the error that reaches it. The quantized weights are set only while their block
+/// runs; the model is left with its originals (also when it throws).
+QuantizedWeights apply_plan_by_block(CausalLM& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
+                                     const RoundingOptions& rounding = {}, bool sequential = false);
 
 /// `evaluator`'s result for `model` with `weights` in place of their originals, run one block at a
 /// time over all of the evaluator's windows: a block's weights are set only while that block runs,

@@ -156,8 +156,9 @@ QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const Qua
   const std::string key = name + "|" + spec.name() + "|" + rounding_method_name(method);
   if (const QuantizedTensor* cached = cache_->find(key)) return *cached;
   const bool with_xtx = spec.is_integer() && rounding_needs_xtx(method);
-  QuantizedTensor q = quantize_weight(model_.original_weight(name), name, spec, method, input_stats(name, with_xtx),
-                                      options_.rounding);
+  const InputStats* stats = input_stats(name, with_xtx);  // kept: the block's other candidates use it
+  QuantizedTensor q =
+      quantize_weight(model_.original_weight(name), name, spec, method, stats ? *stats : InputStats(), options_.rounding);
   cache_->insert(key, q);
   return q;
 }

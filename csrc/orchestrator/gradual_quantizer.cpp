@@ -151,7 +151,8 @@ QuantizeOutcome GradualQuantizer::run() {
     PhaseTimer phase(out, "validation");
     progress("validation", 0, 1, "quantizing and evaluating on held-out text");
     if (by_block) {
-      out.weights = apply_plan_by_block(model_, out.plan, fit_inputs, options_.batch, options_.search.rounding);
+      out.weights = apply_plan_by_block(model_, out.plan, fit_inputs, options_.batch, options_.search.rounding,
+                                        options_.sequential_fit);
       phase.add_passes(2);
     } else {
       out.weights = apply_plan(model_, out.plan, stats, options_.search.rounding);

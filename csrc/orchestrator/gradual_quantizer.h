@@ -42,6 +42,10 @@ struct QuantizerOptions {
   PrecisionPolicy policy;          ///< constraints on the search
   std::optional<Plan> plan;        ///< re-apply this plan: no analysis, no search
   std::optional<DynamicPolicy> dynamic;  ///< assign levels by importance share: no search
+  /// With a plan or a dynamic policy on a model split into blocks: fit each block's rounding on the
+  /// states the earlier blocks, already quantized, pass on (apply_plan_by_block's `sequential`)
+  /// instead of the full-precision model's. The search always fits on the full-precision states.
+  bool sequential_fit = false;
   std::optional<std::string> analysis_path;  ///< ranking from a saved analysis instead of a fresh one
   std::vector<std::string> order;  ///< search order from the caller (least important first): no analysis
   AnalyzerOptions analyzer;        ///< options of a fresh analysis

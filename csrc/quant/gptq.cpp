@@ -17,17 +17,19 @@ at::Tensor checked_hessian(const at::Tensor& xtx, int64_t in, const at::Device& 
   return h + h.t();
 }
 
-}  // namespace
-
-at::Tensor gptq_column_order(const at::Tensor& xtx, bool act_order) {
-  const int64_t in = xtx.size(0);
-  if (!act_order) return at::arange(in, xtx.options().dtype(at::kLong));
+// gptq_column_order from diag(XtX) alone.
+at::Tensor column_order(const at::Tensor& diagonal, bool act_order) {
+  if (!act_order) return at::arange(diagonal.size(0), diagonal.options().dtype(at::kLong));
   // Stable, so that equal diagonals (dead inputs, duplicated channels) keep index order on every
   // device.
-  return std::get<1>(at::sort(xtx.diagonal().to(at::kDouble), /*stable=*/true, /*dim=*/0, /*descending=*/true));
+  return std::get<1>(at::sort(diagonal.to(at::kDouble), /*stable=*/true, /*dim=*/0, /*descending=*/true));
 }
 
-PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx,
+}  // namespace
+
+at::Tensor gptq_column_order(const at::Tensor& xtx, bool act_order) { return column_order(xtx.diagonal(), act_order); }
+
+PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, at::Tensor xtx,
                            const GptqOptions& options, const ClipSearchOptions& clip) {
   GRADQ_CHECK(spec.is_integer(), "quantize_gptq: expected an integer level (int2, int3, int4, int8), got {}",
               quant_level_name(spec.level));
@@ -41,19 +43,22 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at:
   GRADQ_CHECK((h.diagonal() >= 0).all().item<bool>(),
               "quantize_gptq: expected XtX with a diagonal >= 0 (sums of squares), got {}",
               h.diagonal().min().item<double>());
+  // Everything further needs only diag(XtX) and H; a caller that moved XtX in frees it here.
+  const at::Tensor xtx_diagonal = xtx.diagonal().clone();
+  xtx.reset();
 
   // Static groups: the stored parameters of every group, from the original weight. The search is
   // quantize_clipped's, weighted by diag(XtX) (proportional to the mean of x^2 that kClip uses).
   const at::Tensor w_cpu = wf.cpu();
   const PackedWeight grid = options.clip_search
-                                ? quantize_clipped(w_cpu, spec, xtx.diagonal().to(at::kFloat).cpu(), clip)
+                                ? quantize_clipped(w_cpu, spec, xtx_diagonal.to(at::kFloat).cpu(), clip)
                                 : quantize(w_cpu, spec);
   // Stored scales (exact in fp32; k formats' effective ones) and zero points, per group.
   auto [group_scales, group_zeros] = group_scales_and_zeros(grid);
   const at::Tensor scales = group_scales.to(wf.device());
   const at::Tensor zeros = group_zeros.to(wf.device());
 
-  const at::Tensor perm = gptq_column_order(xtx.to(wf.device()), options.act_order);
+  const at::Tensor perm = column_order(xtx_diagonal.to(wf.device()), options.act_order);
   // U: upper Cholesky factor of H^-1 (H^-1 = U^T U). Each [in, in] float64 matrix on the way is
   // released as soon as the next is made (at most two live at once): 242 MiB each for 5632 inputs
   // (a 1B model's down projection), where holding them all (H as given and permuted, its factor,
@@ -79,12 +84,15 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at:
 
   // Work on W^T [in, out] in column order, so that a column is a contiguous row.
   at::Tensor wt = wf.t().index_select(0, perm).to(at::kDouble).contiguous();
-  const at::Tensor group_of = perm.div(spec.group_len(in), "floor");
-  const at::Tensor scale_t = scales.t().index_select(0, group_of).contiguous();  // [in, out] in column order
-  const at::Tensor zero_t = zeros.t().index_select(0, group_of).contiguous();
+  // Group parameters as [groups, out] rows, looked up per column (not expanded to [in, out]: three
+  // more copies of the weight's size in float32).
+  const at::Tensor scale_t = scales.t().contiguous();
+  const at::Tensor zero_t = zeros.t().contiguous();
   const at::Tensor inv_t = at::where(scale_t != 0, at::ones_like(scale_t) / scale_t, at::zeros_like(scale_t));
+  const at::Tensor group_of = perm.div(spec.group_len(in), "floor").cpu();
+  const auto group_at = group_of.accessor<int64_t, 1>();
   const double max_code = quant_max_code(spec.bits());
-  at::Tensor codes_t = at::empty({in, out}, wf.options());
+  at::Tensor codes_t = at::empty({in, out}, wf.options().dtype(at::kByte));  // codes are 0..255
 
   for (int64_t i1 = 0; i1 < in; i1 += options.block_size) {
     const int64_t count = std::min(options.block_size, in - i1);
@@ -93,12 +101,13 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at:
     const at::Tensor u_block = u.narrow(0, i1, count).narrow(1, i1, count);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t c = i1 + i;
+      const int64_t g = group_at[c];
       const at::Tensor col = block[i];
       // quant_code of the float32 value, operation for operation; then quant_dequant.
       const at::Tensor code =
-          at::clamp(at::round(col.to(at::kFloat) * inv_t[c]) + zero_t[c], 0.0, max_code);
+          at::clamp(at::round(col.to(at::kFloat) * inv_t[g]) + zero_t[g], 0.0, max_code);
       codes_t[c].copy_(code);
-      const at::Tensor q = (scale_t[c] * (code - zero_t[c])).to(at::kDouble);
+      const at::Tensor q = (scale_t[g] * (code - zero_t[g])).to(at::kDouble);
       const at::Tensor e = (col - q) / u_block[i][i];
       err[i].copy_(e);
       if (i + 1 < count) {
@@ -111,7 +120,7 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const at:
   }
   // Back to [out, in] in index order.
   const at::Tensor codes = at::empty_like(codes_t).index_copy_(0, perm, codes_t).t();
-  return with_codes(grid, codes.to(at::kByte));
+  return with_codes(grid, codes);
 }
 
 }  // namespace gradq

@@ -33,7 +33,7 @@ at::Tensor QuantizedTensor::dequantize() const {
 }
 
 QuantizedTensor quantize_tensor(const at::Tensor& w, const QuantSpec& spec, RoundingMethod method,
-                                const at::Tensor& act_sq_mean, const at::Tensor& xtx, const RoundingOptions& options) {
+                                const at::Tensor& act_sq_mean, at::Tensor xtx, const RoundingOptions& options) {
   spec.validate();
   GRADQ_CHECK(!spec.is_integer() || !rounding_needs_xtx(method) || xtx.defined(),
               "{} rounding needs the calibration X^T X of the weight's input, got none", rounding_method_name(method));
@@ -52,7 +52,7 @@ QuantizedTensor quantize_tensor(const at::Tensor& w, const QuantSpec& spec, Roun
         case RoundingMethod::kRtn: q.packed = quantize(w, spec); break;
         case RoundingMethod::kClip: q.packed = quantize_clipped(w, spec, act_sq_mean, options.clip); break;
         case RoundingMethod::kTrained: q.packed = train_rounding(w, spec, xtx, options.trained).packed; break;
-        case RoundingMethod::kGptq: q.packed = quantize_gptq(w, spec, xtx, options.gptq, options.clip); break;
+        case RoundingMethod::kGptq: q.packed = quantize_gptq(w, spec, std::move(xtx), options.gptq, options.clip); break;
       }
   }
   return q;

@@ -56,9 +56,10 @@ struct RoundingOptions {
 /// Quantizes a logical [out, in] float weight to `spec` with `method`. Non-integer levels ignore the
 /// method. `act_sq_mean` (float [in], or undefined: unweighted) weights kClip's search. `xtx`
 /// (float [in, in], the calibration sum of x^T x) is needed by kTrained and kGptq (gradq::Error
-/// without it) and ignored by the others.
+/// without it) and ignored by the others; moved in, it is freed as early as kGptq allows
+/// (quantize_gptq).
 QuantizedTensor quantize_tensor(const at::Tensor& w, const QuantSpec& spec, RoundingMethod method = RoundingMethod::kRtn,
-                                const at::Tensor& act_sq_mean = {}, const at::Tensor& xtx = {},
+                                const at::Tensor& act_sq_mean = {}, at::Tensor xtx = {},
                                 const RoundingOptions& options = {});
 
 /// Wraps integer codes computed elsewhere (e.g. by trained rounding) as a QuantizedTensor.

@@ -47,7 +47,9 @@ TEST(Cli, ErrorsAreOneLineAndNonZero) {
                                  "eval --text /nonexistent.txt", "eval --bogus-flag", "quantize --uniform b4g32",
                                  "quantize --uniform b5g32 -o /tmp/x.pt", "quantize --uniform b4g48 -o /tmp/x.pt",
                                  "quantize --uniform b4g32 --method round -o /tmp/x.pt",
-                                 "quantize --plan /nonexistent.json -o /tmp/x.pt"}) {
+                                 "quantize --plan /nonexistent.json -o /tmp/x.pt",
+                                 "quantize --uniform b4g32 --fit-on sequential -o /tmp/x.pt",
+                                 "quantize --max-kl 0.1 --fit-on quantized -o /tmp/x.pt"}) {
     auto [rc, out] = test::run(test::cli() + " " + args);
     EXPECT_EQ(rc, 1) << args << ": " << out;
     EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << args << ": " << out;

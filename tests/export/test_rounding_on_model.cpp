@@ -195,12 +195,13 @@ TEST(GptqStories, PlanAppliedBlockByBlockEqualsTheWholeCapture) {
   data.calib_windows = 8;
   data.eval_windows = 1;
   const DataSplit split = test::stories_data(data);
-  Plan plan = uniform_plan(s.model, parse_quant_spec("b4g32"), RoundingMethod::kGptq);
+  CausalLM model = CausalLM::load(test::stories_pt());  // the fixture's, writable (the stream may set weights)
+  Plan plan = uniform_plan(model, parse_quant_spec("b4g32"), RoundingMethod::kGptq);
   plan.entries[1].spec = parse_quant_spec("b3g64");
   plan.entries[2].method = RoundingMethod::kClip;
-  ASSERT_TRUE(plan_in_blocks(s.model, plan));
+  ASSERT_TRUE(plan_in_blocks(model, plan));
   const QuantizedWeights whole = apply_plan(s.model, plan, s.stats);
-  const QuantizedWeights by_block = apply_plan_by_block(s.model, plan, split.calibration.inputs, 8);
+  const QuantizedWeights by_block = apply_plan_by_block(model, plan, split.calibration.inputs, 8);
   ASSERT_EQ(by_block.size(), whole.size());
   for (const auto& [n, t] : whole) {
     SCOPED_TRACE(n);
@@ -213,10 +214,50 @@ TEST(GptqStories, PlanAppliedBlockByBlockEqualsTheWholeCapture) {
   // A weight outside every block (the embedding) keeps the whole capture.
   Plan with_embedding = plan;
   with_embedding.entries.push_back({"tok_embeddings.weight", parse_quant_spec("b8g128"), RoundingMethod::kRtn});
-  EXPECT_FALSE(plan_in_blocks(s.model, with_embedding));
+  EXPECT_FALSE(plan_in_blocks(model, with_embedding));
   const std::string msg =
-      test::expect_error([&] { apply_plan_by_block(s.model, with_embedding, split.calibration.inputs, 8); });
+      test::expect_error([&] { apply_plan_by_block(model, with_embedding, split.calibration.inputs, 8); });
   EXPECT_NE(msg.find("'tok_embeddings.weight' is not a quantizable weight of a block"), std::string::npos) << msg;
+}
+
+// Sequential fitting (GPTQ's order): block b is fitted on what blocks 0..b-1, already quantized,
+// hand on. Checked against the whole-model capture of a model whose earlier blocks hold the
+// quantized weights, so the stream's set-advance-restore is not what checks itself.
+TEST(GptqStories, SequentialFitUsesTheQuantizedEarlierBlocks) {
+  CausalLM model = CausalLM::load(test::stories_pt());
+  DataOptions data;
+  data.calib_windows = 8;
+  data.eval_windows = 1;
+  const at::Tensor inputs = test::stories_data(data).calibration.inputs;
+  const Plan plan = uniform_plan(model, parse_quant_spec("b3g32"), RoundingMethod::kGptq);
+  const QuantizedWeights original_fit = apply_plan_by_block(model, plan, inputs, 8);
+  const QuantizedWeights sequential = apply_plan_by_block(model, plan, inputs, 8, {}, /*sequential=*/true);
+  ASSERT_EQ(sequential.size(), original_fit.size());
+  for (const WeightInfo& w : model.weights()) EXPECT_TRUE(model.holds_original(w.name)) << w.name;
+
+  const auto& blocks = model.blocks();
+  ASSERT_GE(blocks.size(), 2u);
+  // Block 0 sees the embedding either way.
+  for (size_t i : blocks.front().weights) {
+    const std::string& name = model.weights()[i].name;
+    EXPECT_TRUE(bitwise_equal(sequential.at(name).packed.codes, original_fit.at(name).packed.codes)) << name;
+  }
+  // The last block: fitted on the statistics of the model with every earlier block quantized.
+  for (size_t b = 0; b + 1 < blocks.size(); ++b)
+    for (size_t i : blocks[b].weights) model.set_weight(model.weights()[i].name, sequential.at(model.weights()[i].name).dequantize());
+  const auto stats = model.capture_input_stats(inputs, 8, /*with_xtx=*/true);
+  model.restore_all();
+  int differ = 0;
+  for (size_t i : blocks.back().weights) {
+    const PlanEntry& e = plan.entries.at(i);
+    ASSERT_EQ(e.name, model.weights()[i].name);
+    SCOPED_TRACE(e.name);
+    const QuantizedTensor expected = quantize_weight(model.weight(e.name), e.name, e.spec, e.method, stats.at(e.name));
+    EXPECT_TRUE(bitwise_equal(sequential.at(e.name).packed.codes, expected.packed.codes));
+    EXPECT_TRUE(bitwise_equal(sequential.at(e.name).dequantize(), expected.dequantize()));
+    differ += !bitwise_equal(sequential.at(e.name).packed.codes, original_fit.at(e.name).packed.codes);
+  }
+  EXPECT_GT(differ, 0) << "the last block's rounding did not change with its inputs";
 }
 
 }  // namespace

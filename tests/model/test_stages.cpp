@@ -172,7 +172,7 @@ TEST_P(Stages, EvaluatedBlockByBlockEqualsEveryWeightSet) {
   evaluator.set_reference(lm);
   QuantizedWeights weights;
   for (const WeightInfo& w : lm.weights())
-    weights[w.name] = quantize_weight(lm.weight(w.name), w.name, parse_quant_spec("b2g16"), RoundingMethod::kRtn, nullptr);
+    weights[w.name] = quantize_weight(lm.weight(w.name), w.name, parse_quant_spec("b2g16"), RoundingMethod::kRtn, {});
 
   const EvalResult by_block = evaluate_by_block(lm, weights, evaluator);
   for (const WeightInfo& w : lm.weights()) EXPECT_TRUE(lm.holds_original(w.name)) << w.name;
