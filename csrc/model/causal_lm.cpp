@@ -45,22 +45,28 @@ void collect_taps(std::vector<InputStats>& stats, bool with_xtx, const std::func
   g_collector = {};
 }
 
-at::Tensor tap(const at::Tensor& x, int64_t slot) {
-  if (g_collector.stats && slot >= 0 && slot < static_cast<int64_t>(g_collector.stats->size())) {
-    InputStats& s = (*g_collector.stats)[slot];
-    at::Tensor rows = x.detach().reshape({-1, x.size(-1)}).to(at::kDouble);
-    at::Tensor sq = rows.pow(2).sum(0);
-    s.sq_sum = s.sq_sum.defined() ? s.sq_sum + sq : sq;
-    if (g_collector.with_xtx) {
-      at::Tensor xtx = rows.t().matmul(rows);
-      s.xtx = s.xtx.defined() ? s.xtx + xtx : xtx;
-    }
-    s.rows += rows.size(0);
+// `slots`: the weights whose matmul reads x. Several when they share one input (q, k and v; gate and
+// up) and read nothing else: their statistics are the same tensors, computed once, so a block's
+// X^T X takes one [in, in] matrix per distinct input instead of one per weight.
+at::Tensor tap(const at::Tensor& x, std::vector<int64_t> slots) {
+  if (!g_collector.stats) return x;
+  std::vector<InputStats>& stats = *g_collector.stats;
+  for (int64_t slot : slots)
+    if (slot < 0 || slot >= static_cast<int64_t>(stats.size())) return x;  // not one of this capture's weights
+  InputStats& s = stats[static_cast<size_t>(slots.front())];
+  at::Tensor rows = x.detach().reshape({-1, x.size(-1)}).to(at::kDouble);
+  at::Tensor sq = rows.pow(2).sum(0);
+  s.sq_sum = s.sq_sum.defined() ? s.sq_sum + sq : sq;
+  if (g_collector.with_xtx) {
+    at::Tensor xtx = rows.t().matmul(rows);
+    s.xtx = s.xtx.defined() ? s.xtx + xtx : xtx;
   }
+  s.rows += rows.size(0);
+  for (size_t i = 1; i < slots.size(); ++i) stats[static_cast<size_t>(slots[i])] = s;
   return x;
 }
 
-TORCH_LIBRARY(gradq_observe, m) { m.def("tap(Tensor(a) x, int slot) -> Tensor(a)", tap); }
+TORCH_LIBRARY(gradq_observe, m) { m.def("tap(Tensor(a) x, int[] slots) -> Tensor(a)", tap); }
 
 std::string near_names(const std::vector<WeightInfo>& weights) {
   std::string out;
@@ -471,21 +477,45 @@ void CausalLM::insert_taps(torch::jit::Graph& graph) const {
   std::map<std::string, size_t> slot_of;
   for (size_t i = 0; i < weights_.size(); ++i) slot_of[weights_[i].name] = i;
 
-  // Insert a tap in front of every matmul that a quantizable weight feeds.
-  const auto tap_symbol = c10::Symbol::fromQualString("gradq_observe::tap");
+  // A tap in front of every matmul that a quantizable weight feeds. Weights whose one matmul reads
+  // the same value x in the same graph block share one tap (their statistics are the same); a
+  // weight with several matmuls (tied, reused) gets a tap of its own at each.
+  struct Tap {
+    torch::jit::Value* x = nullptr;  ///< the activation the matmuls read
+    std::vector<int64_t> slots;
+    std::vector<MatmulUse> uses;
+  };
+  std::vector<Tap> taps;
+  std::map<std::pair<torch::jit::Value*, torch::jit::Block*>, size_t> shared_tap;  // (x, block) -> taps index
   std::vector<std::pair<torch::jit::Value*, size_t>> weight_values;
   for (const auto& [value, path] : paths)
     if (auto it = slot_of.find(path); it != slot_of.end())
       weight_values.emplace_back(const_cast<torch::jit::Value*>(value), it->second);
+  std::sort(weight_values.begin(), weight_values.end(),
+            [](const auto& a, const auto& b) { return a.second < b.second; });  // slots in weights_ order
   for (const auto& [value, slot] : weight_values) {
-    for (const MatmulUse& use : matmul_uses(value)) {
-      torch::jit::WithInsertPoint guard(use.node);
-      torch::jit::Value* x = use.node->input(use.activation_input);
-      torch::jit::Value* slot_value = graph.insertConstant(static_cast<int64_t>(slot));
-      torch::jit::Node* tap_node = graph.insertNode(graph.create(tap_symbol, {x, slot_value}, 1));
-      tap_node->output()->setType(x->type());
-      use.node->replaceInput(use.activation_input, tap_node->output());
+    const std::vector<MatmulUse> uses = matmul_uses(value);
+    if (uses.size() == 1) {
+      const auto key = std::make_pair(uses[0].node->input(uses[0].activation_input), uses[0].node->owningBlock());
+      const auto [it, added] = shared_tap.emplace(key, taps.size());
+      if (added) taps.push_back({key.first, {}, {}});
+      taps[it->second].slots.push_back(static_cast<int64_t>(slot));
+      taps[it->second].uses.push_back(uses[0]);
+      continue;
     }
+    for (const MatmulUse& use : uses)
+      taps.push_back({use.node->input(use.activation_input), {static_cast<int64_t>(slot)}, {use}});
+  }
+  const auto tap_symbol = c10::Symbol::fromQualString("gradq_observe::tap");
+  for (const Tap& tap : taps) {
+    torch::jit::Node* first = tap.uses.front().node;  // all in one graph block: the earliest of them
+    for (const MatmulUse& use : tap.uses)
+      if (use.node->isBefore(first)) first = use.node;
+    torch::jit::WithInsertPoint guard(first);
+    torch::jit::Value* slots = graph.insertConstant(c10::IValue(tap.slots));
+    torch::jit::Node* tap_node = graph.insertNode(graph.create(tap_symbol, {tap.x, slots}, 1));
+    tap_node->output()->setType(tap.x->type());
+    for (const MatmulUse& use : tap.uses) use.node->replaceInput(use.activation_input, tap_node->output());
   }
 }
 

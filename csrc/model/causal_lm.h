@@ -113,7 +113,8 @@ class CausalLM {
 
   /// Runs `tokens` ([N, T] windows, processed `batch` rows at a time) through an instrumented
   /// copy of the forward graph and returns each quantizable weight's input statistics, keyed by
-  /// weight name. Model outputs are unaffected.
+  /// weight name. Model outputs are unaffected. Weights whose one matmul reads the same input (q, k
+  /// and v; gate and up) get the same tensors, computed once: read them, do not modify them in place.
   std::map<std::string, InputStats> capture_input_stats(const at::Tensor& tokens, int64_t batch,
                                                         bool with_xtx) const;
   /// The input statistics of block `block`'s quantizable weights (by position in blocks()), from the
@@ -148,7 +149,8 @@ class CausalLM {
   /// The matrix weight `name`; throws listing the quantizable weights when there is none.
   const WeightInfo& matrix_info(const std::string& name) const;
   /// Inserts into an inlined forward graph a tap (an identity that records its input while
-  /// statistics are collected) in front of every matmul a quantizable weight feeds.
+  /// statistics are collected) in front of every matmul a quantizable weight feeds, one for the
+  /// weights whose one matmul reads the same value.
   void insert_taps(torch::jit::Graph& graph) const;
   void hold_in_compute_dtype();
 

@@ -199,6 +199,17 @@ TEST_P(Adapter, CapturedInputStatisticsMatchDirectComputation) {
     EXPECT_GT(st.sq_sum.min().item<double>(), 0.0) << w.name;
     EXPECT_TRUE(at::allclose(st.xtx.diagonal(), st.sq_sum)) << w.name;
   }
+  // Weights that read one input hold one copy of its statistics; the others their own.
+  if (GetParam() == Fixture::kStories) {
+    auto xtx_of = [&](const std::string& name) { return stats.at("layers.0." + name + ".weight").xtx.data_ptr(); };
+    EXPECT_EQ(xtx_of("attention.wq"), xtx_of("attention.wk"));
+    EXPECT_EQ(xtx_of("attention.wq"), xtx_of("attention.wv"));
+    EXPECT_EQ(xtx_of("feed_forward.w1"), xtx_of("feed_forward.w3"));
+    EXPECT_NE(xtx_of("attention.wq"), xtx_of("attention.wo"));
+    EXPECT_NE(xtx_of("feed_forward.w1"), xtx_of("feed_forward.w2"));
+    EXPECT_NE(xtx_of("attention.wq"), xtx_of("feed_forward.w1"));
+    EXPECT_EQ(stats.at("layers.0.attention.wv.weight").rows, 3 * 24);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, Adapter, ::testing::Values(Fixture::kStories, Fixture::kGpt),
