@@ -320,7 +320,7 @@ GradualEvaluator::GradualEvaluator(Windows windows, EvaluatorOptions options)
   scored_mask_ = at::arange(ctx, at::kLong).unsqueeze(0) >= windows_.score_from.unsqueeze(1);
 }
 
-LogitsSource GradualEvaluator::whole_model(const CausalLM& model) const {
+LogitsSource GradualEvaluator::whole_model(const QuantizableModel& model) const {
   return [this, &model](int64_t begin, int64_t end) { return model.logits(windows_.inputs.slice(0, begin, end)); };
 }
 
@@ -350,7 +350,7 @@ void GradualEvaluator::for_each_batch(const LogitsSource& source, double* forwar
   if (forward_seconds) *forward_seconds = forward;
 }
 
-at::Tensor GradualEvaluator::scored_log_probs(const CausalLM& model, double* forward_seconds) const {
+at::Tensor GradualEvaluator::scored_log_probs(const QuantizableModel& model, double* forward_seconds) const {
   return scored_log_probs(whole_model(model), forward_seconds);
 }
 
@@ -375,7 +375,7 @@ at::Tensor GradualEvaluator::gather_log_probs(const LogitsSource& source, double
   return out;
 }
 
-void GradualEvaluator::set_reference(const CausalLM& reference) { set_reference(whole_model(reference)); }
+void GradualEvaluator::set_reference(const QuantizableModel& reference) { set_reference(whole_model(reference)); }
 
 void GradualEvaluator::set_reference(const LogitsSource& source, double* forward_seconds) {
   const ReferenceStorage storage = options_.reference_storage;
@@ -435,7 +435,7 @@ void GradualEvaluator::set_reference(Reference reference) {
   reference_ = std::move(reference);
 }
 
-EvalResult GradualEvaluator::evaluate(const CausalLM& model) const { return evaluate(whole_model(model)); }
+EvalResult GradualEvaluator::evaluate(const QuantizableModel& model) const { return evaluate(whole_model(model)); }
 
 EvalResult GradualEvaluator::evaluate(const LogitsSource& source) const {
   const auto start = Clock::now();

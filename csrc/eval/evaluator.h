@@ -15,7 +15,7 @@
 #include <string>
 
 #include "data/dataset.h"
-#include "model/causal_lm.h"
+#include "model/quantizable_model.h"
 
 namespace gradq {
 
@@ -135,21 +135,21 @@ class GradualEvaluator {
   /// Computes and keeps the reference from a full-precision model, in
   /// EvaluatorOptions::reference_storage, compacted batch by batch (the float32 [tokens, vocab]
   /// log-probabilities are never held whole unless that is the storage).
-  void set_reference(const CausalLM& reference);
+  void set_reference(const QuantizableModel& reference);
   void set_reference(const LogitsSource& reference, double* forward_seconds = nullptr);
   /// Uses a saved reference as it is stored; throws when it was computed for other windows.
   void set_reference(Reference reference);
   const std::optional<Reference>& reference() const { return reference_; }
 
   /// Perplexity of `model`, plus KL statistics when a reference is set.
-  EvalResult evaluate(const CausalLM& model) const;
+  EvalResult evaluate(const QuantizableModel& model) const;
   EvalResult evaluate(const LogitsSource& logits) const;
 
   /// Log-probabilities of the scored positions, [tokens, vocab] float32 (what the reference keeps).
-  at::Tensor scored_log_probs(const CausalLM& model, double* forward_seconds = nullptr) const;
+  at::Tensor scored_log_probs(const QuantizableModel& model, double* forward_seconds = nullptr) const;
   at::Tensor scored_log_probs(const LogitsSource& logits, double* forward_seconds = nullptr) const;
   /// The logits of `model` by a whole forward pass per batch of this evaluator's windows.
-  LogitsSource whole_model(const CausalLM& model) const;
+  LogitsSource whole_model(const QuantizableModel& model) const;
 
   const Windows& windows() const { return windows_; }
   int64_t batch() const { return options_.batch; }

@@ -151,7 +151,7 @@ const UnitImportance& ImportanceAnalysis::unit(const std::string& name) const {
 
 // ---- ImportanceAnalyzer ----------------------------------------------------------------------------
 
-ImportanceAnalyzer::ImportanceAnalyzer(CausalLM& model, Windows calibration, AnalyzerOptions options)
+ImportanceAnalyzer::ImportanceAnalyzer(QuantizableModel& model, Windows calibration, AnalyzerOptions options)
     : model_(model), calibration_(std::move(calibration)), options_(std::move(options)) {
   validate_options(options_);
   GRADQ_CHECK(calibration_.size() >= options_.subsets,

@@ -40,7 +40,7 @@
 #include "importance/probe_evaluator.h"
 #include "importance/probes.h"
 #include "importance/stability.h"
-#include "model/causal_lm.h"
+#include "model/quantizable_model.h"
 
 namespace gradq {
 
@@ -122,7 +122,7 @@ class ImportanceAnalyzer {
  public:
   /// `model` is probed in place and restored; `calibration`: the windows every probe runs on.
   /// Throws gradq::Error for invalid options (bad group size, bits, alpha, fewer windows than subsets).
-  ImportanceAnalyzer(CausalLM& model, Windows calibration, AnalyzerOptions options = {});
+  ImportanceAnalyzer(QuantizableModel& model, Windows calibration, AnalyzerOptions options = {});
 
   /// Passes run() will make over the calibration windows (forward, gradient and capture passes).
   int64_t planned_passes() const;
@@ -133,7 +133,7 @@ class ImportanceAnalyzer {
   ImportanceAnalysis run();
 
  private:
-  CausalLM& model_;
+  QuantizableModel& model_;
   Windows calibration_;
   AnalyzerOptions options_;
   std::vector<ImportanceUnit> units_;

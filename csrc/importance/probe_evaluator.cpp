@@ -24,7 +24,8 @@ Measurement parse_measurement(const std::string& name) {
   throw Error(fmt::format("unknown measurement '{}' (expected whole, exact or local)", name));
 }
 
-ProbeEvaluator::ProbeEvaluator(const CausalLM& reference, Windows windows, int64_t subsets, EvaluatorOptions options)
+ProbeEvaluator::ProbeEvaluator(const QuantizableModel& reference, Windows windows, int64_t subsets,
+                               EvaluatorOptions options)
     : evaluator_(std::move(windows), options) {
   const int64_t n = evaluator_.windows().size();
   GRADQ_CHECK(subsets >= 1, "expected at least 1 calibration subset, got {}", subsets);
@@ -112,7 +113,7 @@ ProbeMeasure ProbeEvaluator::measure_logits(const LogitsSource& source) const {
   return m;
 }
 
-ProbeMeasure ProbeEvaluator::measure(const CausalLM& model) const {
+ProbeMeasure ProbeEvaluator::measure(const QuantizableModel& model) const {
   return measure_logits(evaluator_.whole_model(model));
 }
 
@@ -165,7 +166,7 @@ ProbeMeasure ProbeEvaluator::measure_local(int64_t block) const {
   return m;
 }
 
-ProbeMeasure ProbeEvaluator::measure(const CausalLM& model, Measurement how, int64_t block) const {
+ProbeMeasure ProbeEvaluator::measure(const QuantizableModel& model, Measurement how, int64_t block) const {
   if (how == Measurement::kWhole) return measure(model);
   GRADQ_CHECK(block >= 0, "{} measurements need a block, got {}", measurement_name(how), block);
   return how == Measurement::kExact ? measure_exact(block) : measure_local(block);

@@ -20,7 +20,7 @@
 #include "data/dataset.h"
 #include "eval/block_cache.h"
 #include "eval/evaluator.h"
-#include "model/causal_lm.h"
+#include "model/quantizable_model.h"
 
 namespace gradq {
 
@@ -46,20 +46,20 @@ class ProbeEvaluator {
  public:
   /// Computes the reference from `reference` (one forward pass over `windows`). Throws gradq::Error
   /// when there are fewer windows than subsets or subsets < 1.
-  ProbeEvaluator(const CausalLM& reference, Windows windows, int64_t subsets, EvaluatorOptions options = {});
+  ProbeEvaluator(const QuantizableModel& reference, Windows windows, int64_t subsets, EvaluatorOptions options = {});
 
   /// One forward pass of `model` over the windows, compared with the reference.
-  ProbeMeasure measure(const CausalLM& model) const;
+  ProbeMeasure measure(const QuantizableModel& model) const;
   /// Blocks `block`.. and the head rerun from the cached inputs (needs cache()); equal to
   /// measure(model) when no weight before `block` differs from the reference model.
   ProbeMeasure measure_exact(int64_t block) const;
   /// Block `block` alone: local_error(block) per window times local_factor(block), as a KL.
   ProbeMeasure measure_local(int64_t block) const;
   /// Measures as `how` says: whole (model), or exact/local at `block` (which must be >= 0 then).
-  ProbeMeasure measure(const CausalLM& model, Measurement how, int64_t block) const;
+  ProbeMeasure measure(const QuantizableModel& model, Measurement how, int64_t block) const;
 
   /// The block-input cache over the windows, built with the reference when `model` splits into
-  /// stages (CausalLM::stages()); null otherwise.
+  /// stages (QuantizableModel::stages()); null otherwise.
   const BlockInputCache* cache() const { return cache_.get(); }
   /// Predicted KL per unit of local error for a block: exact.kl / exact.local_error of a
   /// calibration probe (set_local_factor) — throws when the block has none yet.

@@ -19,7 +19,7 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-const WeightInfo& matrix_info(const CausalLM& model, const std::string& name) {
+const WeightInfo& matrix_info(const QuantizableModel& model, const std::string& name) {
   for (const auto& w : model.matrix_weights())
     if (w.name == name) return w;
   throw Error(fmt::format("'{}' is not a matrix weight of this model", name));
@@ -29,12 +29,12 @@ const WeightInfo& matrix_info(const CausalLM& model, const std::string& name) {
 // puts back every flag and .grad afterwards, also when the pass throws.
 class GradPass {
  public:
-  explicit GradPass(CausalLM& model) {
-    for (const auto& p : model.module().named_parameters(/*recurse=*/true)) {
-      params_.push_back(p.value);
-      flags_.push_back(p.value.requires_grad());
-      grads_.push_back(p.value.grad());
-      p.value.set_requires_grad(false);
+  explicit GradPass(QuantizableModel& model) {
+    for (const auto& [name, p] : model.parameters()) {
+      params_.push_back(p);
+      flags_.push_back(p.requires_grad());
+      grads_.push_back(p.grad());
+      p.set_requires_grad(false);
     }
     for (const auto& w : model.weights()) model.parameter(w.name).set_requires_grad(true);
   }
@@ -53,7 +53,7 @@ class GradPass {
 
 const char* unit_kind_name(UnitKind kind) { return kind == UnitKind::kLayer ? "layer" : "block"; }
 
-std::vector<ImportanceUnit> importance_units(const CausalLM& model) {
+std::vector<ImportanceUnit> importance_units(const QuantizableModel& model) {
   std::vector<ImportanceUnit> units;
   for (const WeightInfo& w : model.weights()) {
     ImportanceUnit u;
@@ -84,7 +84,7 @@ uint64_t noise_seed(uint64_t seed, const std::string& name) { return splitmix64(
 
 // ---- WeightCache ---------------------------------------------------------------------------------
 
-WeightCache::WeightCache(const CausalLM& model, int64_t max_bytes) : model_(model), quantized_(max_bytes) {}
+WeightCache::WeightCache(const QuantizableModel& model, int64_t max_bytes) : model_(model), quantized_(max_bytes) {}
 
 at::Tensor WeightCache::original(const std::string& name) const {
   model_.weight_index(name);  // throws naming the quantizable weights
@@ -110,8 +110,8 @@ WeightScope::~WeightScope() {
 }
 
 void WeightScope::set_weight(const std::string& name, const at::Tensor& value) {
-  // A weight at its original is put back from the model's own original (CausalLM::restore); only a
-  // weight that already held another value needs a copy of it.
+  // A weight at its original is put back from the model's own original (QuantizableModel::restore);
+  // only a weight that already held another value needs a copy of it.
   if (!saved_weights_.count(name))
     saved_weights_.emplace(name, model_.holds_original(name) ? at::Tensor() : model_.weight(name));
   model_.set_weight(name, value);
@@ -140,7 +140,7 @@ void WeightScope::restore() {
 
 // ---- Probes --------------------------------------------------------------------------------------
 
-ProbeMeasure probe_noise(CausalLM& model, const ProbeEvaluator& evaluator, const WeightCache& cache,
+ProbeMeasure probe_noise(QuantizableModel& model, const ProbeEvaluator& evaluator, const WeightCache& cache,
                          const ImportanceUnit& unit, double alpha, uint64_t seed, MeasureAt where) {
   GRADQ_CHECK(std::isfinite(alpha) && alpha >= 0, "noise alpha must be a finite number >= 0, got {}", alpha);
   WeightScope scope(model);
@@ -153,15 +153,15 @@ ProbeMeasure probe_noise(CausalLM& model, const ProbeEvaluator& evaluator, const
   return evaluator.measure(model, where.how, where.block);
 }
 
-ProbeMeasure probe_rtn(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache, const ImportanceUnit& unit,
-                       const QuantSpec& spec, MeasureAt where) {
+ProbeMeasure probe_rtn(QuantizableModel& model, const ProbeEvaluator& evaluator, WeightCache& cache,
+                       const ImportanceUnit& unit, const QuantSpec& spec, MeasureAt where) {
   spec.validate();
   WeightScope scope(model);
   for (const std::string& name : unit.weights) scope.set_weight(name, cache.fake_quant(name, spec));
   return evaluator.measure(model, where.how, where.block);
 }
 
-ProbeMeasure probe_disable(CausalLM& model, const ProbeEvaluator& evaluator, const ImportanceUnit& unit,
+ProbeMeasure probe_disable(QuantizableModel& model, const ProbeEvaluator& evaluator, const ImportanceUnit& unit,
                            MeasureAt where) {
   WeightScope scope(model);
   auto zero_weight = [&](const WeightInfo& w) { scope.set_weight(w.name, at::zeros({w.out_features, w.in_features})); };
@@ -171,8 +171,7 @@ ProbeMeasure probe_disable(CausalLM& model, const ProbeEvaluator& evaluator, con
     for (const WeightInfo& w : model.matrix_weights())
       if (w.block == unit.name) zero_weight(w);
     const std::string prefix = unit.name + ".";
-    for (const auto& p : model.module().named_parameters(/*recurse=*/true)) {
-      const std::string& n = p.name;
+    for (const auto& [n, p] : model.parameters()) {
       const bool bias = n.size() >= 5 && n.compare(n.size() - 5, 5, ".bias") == 0;
       if (bias && n.compare(0, prefix.size(), prefix) == 0) scope.zero_parameter(n);
     }
@@ -180,14 +179,15 @@ ProbeMeasure probe_disable(CausalLM& model, const ProbeEvaluator& evaluator, con
   return evaluator.measure(model, where.how, where.block);
 }
 
-ProbeMeasure probe_baseline(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache, const QuantSpec& base) {
+ProbeMeasure probe_baseline(QuantizableModel& model, const ProbeEvaluator& evaluator, WeightCache& cache,
+                            const QuantSpec& base) {
   base.validate();
   WeightScope scope(model);
   for (const WeightInfo& w : model.weights()) scope.set_weight(w.name, cache.fake_quant(w.name, base));
   return evaluator.measure(model);
 }
 
-ProbeMeasure probe_upgrade(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache,
+ProbeMeasure probe_upgrade(QuantizableModel& model, const ProbeEvaluator& evaluator, WeightCache& cache,
                            const ImportanceUnit& unit, const QuantSpec& base, const QuantSpec& upgraded,
                            MeasureAt where) {
   base.validate();
@@ -206,7 +206,7 @@ ProbeMeasure probe_upgrade(CausalLM& model, const ProbeEvaluator& evaluator, Wei
   return local ? evaluator.measure_local(where.block) : evaluator.measure(model);
 }
 
-ProbeMeasure calibrate_local(CausalLM& model, ProbeEvaluator& evaluator, WeightCache& cache,
+ProbeMeasure calibrate_local(QuantizableModel& model, ProbeEvaluator& evaluator, WeightCache& cache,
                              const ImportanceUnit& block_unit, int64_t block, const QuantSpec& spec) {
   spec.validate();
   WeightScope scope(model);
@@ -219,7 +219,7 @@ ProbeMeasure calibrate_local(CausalLM& model, ProbeEvaluator& evaluator, WeightC
 
 // ---- Static signals -------------------------------------------------------------------------------
 
-StaticSignals static_signals(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache,
+StaticSignals static_signals(QuantizableModel& model, const ProbeEvaluator& evaluator, WeightCache& cache,
                              const QuantSpec& fisher_spec, int64_t batch) {
   GRADQ_CHECK(!c10::InferenceMode::is_enabled(), "static_signals needs autograd: call it outside c10::InferenceMode");
   GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
@@ -269,7 +269,7 @@ StaticSignals static_signals(CausalLM& model, const ProbeEvaluator& evaluator, W
       for (const WeightInfo& w : model.weights()) model.parameter(w.name).mutable_grad() = at::Tensor();
       for (int64_t i = b; i < e; i += batch) {
         const int64_t j = std::min(e, i + batch);
-        at::Tensor logits = model.module().forward({windows.inputs.slice(0, i, j)}).toTensor().to(at::kFloat);
+        at::Tensor logits = model.forward(windows.inputs.slice(0, i, j)).to(at::kFloat);
         at::Tensor m = mask.slice(0, i, j);
         at::Tensor lp = at::log_softmax(logits.index({m}), -1);
         at::Tensor targets = windows.targets.slice(0, i, j).index({m}).unsqueeze(1);
@@ -297,7 +297,8 @@ StaticSignals static_signals(CausalLM& model, const ProbeEvaluator& evaluator, W
   return out;
 }
 
-std::map<std::string, std::vector<double>> unit_static_signals(const StaticSignals& signals, const CausalLM& model,
+std::map<std::string, std::vector<double>> unit_static_signals(const StaticSignals& signals,
+                                                               const QuantizableModel& model,
                                                                const ImportanceUnit& unit) {
   std::map<std::string, std::vector<double>> out;
   GRADQ_CHECK(!unit.weights.empty(), "unit '{}' has no weights", unit.name);

@@ -1,8 +1,8 @@
 #pragma once
 // The importance probes, each usable on its own. A unit is one quantizable matrix weight (a
 // "layer") or one block (all quantizable weights of "layers.3", say). Every probe changes the
-// unit's weights through CausalLM::set_weight inside a WeightScope, measures one pass over the
-// calibration windows with a ProbeEvaluator, and puts the weights back bit-exactly.
+// unit's weights through QuantizableModel::set_weight inside a WeightScope, measures one pass over
+// the calibration windows with a ProbeEvaluator, and puts the weights back bit-exactly.
 //
 //   probe_noise     W + N(0, (alpha * std(W))^2), seeded per weight (below)
 //   probe_rtn       W -> fake_quantize(W, spec): round-to-nearest group quantization of the unit alone
@@ -31,7 +31,7 @@
 
 #include "common/byte_lru.h"
 #include "importance/probe_evaluator.h"
-#include "model/causal_lm.h"
+#include "model/quantizable_model.h"
 #include "quant/quant_spec.h"
 
 namespace gradq {
@@ -48,8 +48,8 @@ struct ImportanceUnit {
   int64_t numel = 0;                 ///< elements of those weights
 };
 
-/// Every quantizable weight as a layer unit (CausalLM::weights() order), then every block.
-std::vector<ImportanceUnit> importance_units(const CausalLM& model);
+/// Every quantizable weight as a layer unit (QuantizableModel::weights() order), then every block.
+std::vector<ImportanceUnit> importance_units(const QuantizableModel& model);
 
 /// Seed of the noise for the weight `name` (see the header comment).
 uint64_t noise_seed(uint64_t seed, const std::string& name);
@@ -62,8 +62,8 @@ uint64_t noise_seed(uint64_t seed, const std::string& name);
 class WeightCache {
  public:
   static constexpr int64_t kDefaultMaxBytes = int64_t{256} << 20;
-  /// Reads the originals from `model` (CausalLM::original_weight), which must outlive the cache.
-  explicit WeightCache(const CausalLM& model, int64_t max_bytes = kDefaultMaxBytes);
+  /// Reads the originals from `model` (QuantizableModel::original_weight), which must outlive the cache.
+  explicit WeightCache(const QuantizableModel& model, int64_t max_bytes = kDefaultMaxBytes);
   at::Tensor original(const std::string& name) const;
   /// fake_quantize(original(name), spec): from the cache, or computed and cached.
   at::Tensor fake_quant(const std::string& name, const QuantSpec& spec);
@@ -71,7 +71,7 @@ class WeightCache {
   int64_t bytes() const { return quantized_.bytes(); }
 
  private:
-  const CausalLM& model_;
+  const QuantizableModel& model_;
   ByteLru<std::pair<std::string, std::string>, at::Tensor> quantized_;  // by weight and spec name
 };
 
@@ -79,51 +79,52 @@ class WeightCache {
 /// restore()) writes back the values saved on first change, bit for bit.
 class WeightScope {
  public:
-  explicit WeightScope(CausalLM& model) : model_(model) {}
+  explicit WeightScope(QuantizableModel& model) : model_(model) {}
   ~WeightScope();
   WeightScope(const WeightScope&) = delete;
   WeightScope& operator=(const WeightScope&) = delete;
 
-  /// Sets a matrix weight (logical [out, in]) via CausalLM::set_weight.
+  /// Sets a matrix weight (logical [out, in]) via QuantizableModel::set_weight.
   void set_weight(const std::string& name, const at::Tensor& value);
   /// Zeroes any parameter (a bias, say).
   void zero_parameter(const std::string& name);
   void restore();
 
  private:
-  CausalLM& model_;
+  QuantizableModel& model_;
   std::map<std::string, at::Tensor> saved_weights_;  ///< logical layout; undefined: the model's original
   std::map<std::string, at::Tensor> saved_parameters_;
 };
 
 /// Where a probe is measured: the whole model, or exact/local at the unit's block (block position in
-/// CausalLM::blocks(), -1 for whole). See ProbeEvaluator.
+/// QuantizableModel::blocks(), -1 for whole). See ProbeEvaluator.
 struct MeasureAt {
   Measurement how = Measurement::kWhole;
   int64_t block = -1;
 };
 
 /// Gaussian noise of alpha * std(W) on every weight of the unit.
-ProbeMeasure probe_noise(CausalLM& model, const ProbeEvaluator& evaluator, const WeightCache& cache,
+ProbeMeasure probe_noise(QuantizableModel& model, const ProbeEvaluator& evaluator, const WeightCache& cache,
                          const ImportanceUnit& unit, double alpha, uint64_t seed, MeasureAt where = {});
 /// The unit's weights round-to-nearest quantized with `spec` (an integer level, or prune).
-ProbeMeasure probe_rtn(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache, const ImportanceUnit& unit,
-                       const QuantSpec& spec, MeasureAt where = {});
+ProbeMeasure probe_rtn(QuantizableModel& model, const ProbeEvaluator& evaluator, WeightCache& cache,
+                       const ImportanceUnit& unit, const QuantSpec& spec, MeasureAt where = {});
 /// The unit disabled (header comment).
-ProbeMeasure probe_disable(CausalLM& model, const ProbeEvaluator& evaluator, const ImportanceUnit& unit,
+ProbeMeasure probe_disable(QuantizableModel& model, const ProbeEvaluator& evaluator, const ImportanceUnit& unit,
                            MeasureAt where = {});
 /// All quantizable weights at `base`: the baseline the upgrade probe recovers from.
-ProbeMeasure probe_baseline(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache, const QuantSpec& base);
+ProbeMeasure probe_baseline(QuantizableModel& model, const ProbeEvaluator& evaluator, WeightCache& cache,
+                            const QuantSpec& base);
 /// All quantizable weights at `base` except the unit's, which are at `upgraded`. Measured locally
 /// (where.how == kLocal) only the weights of block where.block change, and the result is the block's
 /// local prediction for that state, not the whole model's KL (the analyzer turns it into one).
-ProbeMeasure probe_upgrade(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache,
+ProbeMeasure probe_upgrade(QuantizableModel& model, const ProbeEvaluator& evaluator, WeightCache& cache,
                            const ImportanceUnit& unit, const QuantSpec& base, const QuantSpec& upgraded,
                            MeasureAt where = {});
 /// Calibrates local measurements of a block (ProbeEvaluator::set_local_factor): the block unit's
 /// weights at `spec`, measured exactly and by the block's local error; factor = KL / error. Returns
 /// the exact measurement (with its local_error), which is also the unit's RTN probe at `spec`.
-ProbeMeasure calibrate_local(CausalLM& model, ProbeEvaluator& evaluator, WeightCache& cache,
+ProbeMeasure calibrate_local(QuantizableModel& model, ProbeEvaluator& evaluator, WeightCache& cache,
                              const ImportanceUnit& block_unit, int64_t block, const QuantSpec& spec);
 
 /// Static signals of one quantizable weight; `*_subsets` hold the same signal computed on each
@@ -141,18 +142,19 @@ struct StaticSignals {
   double seconds = 0;
 };
 
-/// One activation-capture pass (CausalLM::capture_input_stats) and one forward+backward pass of the
+/// One activation-capture pass (QuantizableModel::capture_input_stats) and one forward+backward pass of the
 /// LM loss over the evaluator's windows, subset by subset. The gradient of subset k is that of the
 /// subset's mean NLL; the overall gradient is their token-weighted mean (= the gradient of the mean
 /// NLL over all windows). Parameters get requires_grad only for the pass; flags and .grad are
 /// restored afterwards, and no weight changes. Throws when called inside c10::InferenceMode.
-StaticSignals static_signals(CausalLM& model, const ProbeEvaluator& evaluator, WeightCache& cache,
+StaticSignals static_signals(QuantizableModel& model, const ProbeEvaluator& evaluator, WeightCache& cache,
                              const QuantSpec& fisher_spec, int64_t batch);
 
 /// A unit's static signals from its weights': numel-weighted means of the magnitudes and of the
 /// activation second moment, the sum of the Fisher terms. Keys: kScoreSignals' static names; each
 /// value is {overall, subset 0, ..., subset K-1}.
-std::map<std::string, std::vector<double>> unit_static_signals(const StaticSignals& signals, const CausalLM& model,
+std::map<std::string, std::vector<double>> unit_static_signals(const StaticSignals& signals,
+                                                               const QuantizableModel& model,
                                                                const ImportanceUnit& unit);
 
 }  // namespace gradq

@@ -22,58 +22,15 @@ namespace gradq {
 namespace {
 
 // ---- The tap op: records the activation entering a weight's matmul ------------------------------
-// A process-wide collector is active only while capture_input_stats runs (under g_tap_mutex), so
-// the op is a pure identity at any other time.
-struct TapCollector {
-  std::vector<InputStats>* stats = nullptr;
-  bool with_xtx = false;
-};
-std::mutex g_tap_mutex;
-TapCollector g_collector;
-
-// Runs `run` with the taps recording into `stats` (indexed by quantizable weight).
-void collect_taps(std::vector<InputStats>& stats, bool with_xtx, const std::function<void()>& run) {
-  std::lock_guard<std::mutex> lock(g_tap_mutex);
-  g_collector = {&stats, with_xtx};
-  try {
-    c10::InferenceMode guard;
-    run();
-  } catch (...) {
-    g_collector = {};
-    throw;
-  }
-  g_collector = {};
-}
-
-// `slots`: the weights whose matmul reads x. Several when they share one input (q, k and v; gate and
-// up) and read nothing else: their statistics are the same tensors, computed once, so a block's
-// X^T X takes one [in, in] matrix per distinct input instead of one per weight.
+// The graph op of observe_input's recorder (model/quantizable_model.h), with the positions in
+// weights() of the weights whose matmul reads x as a constant: an identity except while statistics
+// are collected. Several when they share one input (q, k and v; gate and up) and read nothing else.
 at::Tensor tap(const at::Tensor& x, std::vector<int64_t> slots) {
-  if (!g_collector.stats) return x;
-  std::vector<InputStats>& stats = *g_collector.stats;
-  for (int64_t slot : slots)
-    if (slot < 0 || slot >= static_cast<int64_t>(stats.size())) return x;  // not one of this capture's weights
-  InputStats& s = stats[static_cast<size_t>(slots.front())];
-  at::Tensor rows = x.detach().reshape({-1, x.size(-1)}).to(at::kDouble);
-  at::Tensor sq = rows.pow(2).sum(0);
-  s.sq_sum = s.sq_sum.defined() ? s.sq_sum + sq : sq;
-  if (g_collector.with_xtx) {
-    at::Tensor xtx = rows.t().matmul(rows);
-    s.xtx = s.xtx.defined() ? s.xtx + xtx : xtx;
-  }
-  s.rows += rows.size(0);
-  for (size_t i = 1; i < slots.size(); ++i) stats[static_cast<size_t>(slots[i])] = s;
+  detail::observe_slots(slots, x);
   return x;
 }
 
 TORCH_LIBRARY(gradq_observe, m) { m.def("tap(Tensor(a) x, int[] slots) -> Tensor(a)", tap); }
-
-std::string near_names(const std::vector<WeightInfo>& weights) {
-  std::string out;
-  for (size_t i = 0; i < weights.size() && i < 6; ++i) out += (i ? ", " : "") + weights[i].name;
-  if (weights.size() > 6) out += fmt::format(", ... ({} in all)", weights.size());
-  return out;
-}
 
 bool matches_any(const std::string& name, const std::vector<std::regex>& patterns) {
   return std::any_of(patterns.begin(), patterns.end(), [&](const std::regex& r) { return std::regex_search(name, r); });
@@ -91,19 +48,6 @@ std::vector<std::regex> compile_patterns(const std::vector<std::string>& pattern
   return out;
 }
 }  // namespace
-
-const char* weight_role_name(WeightRole role) {
-  switch (role) {
-    case WeightRole::kLinear: return "linear";
-    case WeightRole::kEmbedding: return "embedding";
-    case WeightRole::kHead: return "head";
-  }
-  return "?";
-}
-
-at::Tensor InputStats::sq_mean() const {
-  return rows == 0 ? sq_sum.to(at::kFloat) : (sq_sum / static_cast<double>(rows)).to(at::kFloat);
-}
 
 namespace {
 
@@ -211,6 +155,8 @@ void CausalLM::analyze(const AdapterOptions& options) {
 
   std::map<std::string, at::Tensor> params;
   for (const auto& p : module_.named_parameters(/*recurse=*/true)) params.emplace(p.name, p.value);
+  std::vector<WeightInfo> matrix_weights;
+  std::vector<std::string> quantizable;
 
   auto graph = inlined_forward_graph(module_);
   auto paths = attribute_paths(*graph);
@@ -250,27 +196,13 @@ void CausalLM::analyze(const AdapterOptions& options) {
       info.block = m[1].str();
       info.block_index = std::stoll(m[2].str());
     }
-    matrix_weights_.push_back(info);
+    matrix_weights.push_back(info);
     const bool selected = matches_any(path, include) ||
                           (info.role == WeightRole::kLinear && !matches_any(path, exclude));
-    if (selected) weights_.push_back(info);
+    if (selected) quantizable.push_back(info.name);
   }
 
-  std::map<int64_t, BlockInfo> blocks;
-  for (size_t i = 0; i < weights_.size(); ++i) {
-    const WeightInfo& w = weights_[i];
-    if (w.block_index < 0) continue;
-    BlockInfo& b = blocks[w.block_index];
-    GRADQ_CHECK(b.name.empty() || b.name == w.block,
-                "block pattern maps both '{}' and '{}' to block number {}: make the pattern's first group unique",
-                b.name, w.block, w.block_index);
-    b.name = w.block;
-    b.index = w.block_index;
-    b.weights.push_back(i);
-  }
-  for (auto& [index, block] : blocks) blocks_.push_back(std::move(block));
-  if (!matrix_weights_.empty())
-    dtype_ = stored_dtype(matrix_weights_.front().name, params.at(matrix_weights_.front().name).scalar_type());
+  register_weights(std::move(matrix_weights), quantizable);
 }
 
 void CausalLM::hold_in_compute_dtype() {
@@ -315,25 +247,24 @@ torch::jit::Module CausalLM::stored_module() const {
   return copy;
 }
 
-at::Tensor CausalLM::logits(const at::Tensor& tokens) const {
-  GRADQ_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong, "tokens must be int64 [B, T], got {} {}",
-              c10::toString(tokens.scalar_type()), fmt::to_string(fmt::join(tokens.sizes(), "x")));
-  c10::InferenceMode guard;
+std::vector<std::pair<std::string, at::Tensor>> CausalLM::parameters() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& p : module_.named_parameters(/*recurse=*/true)) out.emplace_back(p.name, p.value);
+  return out;
+}
+
+at::Tensor CausalLM::forward(const at::Tensor& tokens) const {
   const c10::IValue out = module_.forward({tokens});
   GRADQ_CHECK(out.isTensor(), "forward must return the logits as one tensor [B, T, vocab], it returns a {}",
               out.type()->str());
-  const at::Tensor logits = out.toTensor();
-  // float64 (and fp16/bf16) logits are converted to float32, which everything downstream uses.
-  GRADQ_CHECK(at::isFloatingType(logits.scalar_type()), "forward must return floating-point logits, it returns {}",
-              c10::toString(logits.scalar_type()));
-  return logits.to(at::kFloat);
+  return out.toTensor();
 }
 
 const ModelStages* CausalLM::stages() const {
   if (!stages_reason_ && !split_stages_) stages_reason_ = "splitting into stages is turned off";
   if (!stages_reason_) {
     std::vector<std::string> prefixes;
-    for (const BlockInfo& b : blocks_) prefixes.push_back(b.name);
+    for (const BlockInfo& b : blocks()) prefixes.push_back(b.name);
     // A probe long enough for attention over several positions; token ids spread over the vocabulary.
     at::Tensor probe = (at::arange(16, at::kLong) * 7919).remainder(vocab_size_).unsqueeze(0);
     std::string why;
@@ -350,132 +281,17 @@ const std::string& CausalLM::stages_unavailable_reason() const {
   return *stages_reason_;
 }
 
-int64_t CausalLM::block_position(const std::string& block) const {
-  for (size_t i = 0; i < blocks_.size(); ++i)
-    if (blocks_[i].name == block) return static_cast<int64_t>(i);
-  return -1;
-}
-
-size_t CausalLM::weight_index(const std::string& name) const {
-  for (size_t i = 0; i < weights_.size(); ++i)
-    if (weights_[i].name == name) return i;
-  throw Error(fmt::format("'{}' is not a quantizable weight of this model; they are: {}", name, near_names(weights_)));
-}
-
-at::Tensor CausalLM::parameter(const std::string& name) const {
-  for (const auto& p : module_.named_parameters(true))
-    if (p.name == name) return p.value;
-  throw Error(fmt::format("the model has no parameter '{}'", name));
-}
-
-at::Tensor CausalLM::weight(const std::string& name) const {
-  const WeightInfo& info = matrix_info(name);
-  at::Tensor p = parameter(name).detach();
-  return info.transposed ? p.t().contiguous() : p.clone();
-}
-
-const WeightInfo& CausalLM::matrix_info(const std::string& name) const {
-  for (const auto& w : matrix_weights_)
-    if (w.name == name) return w;
-  throw Error(fmt::format("'{}' is not a matrix weight of this model; quantizable ones are: {}", name,
-                          near_names(weights_)));
-}
-
-void CausalLM::set_weight(const std::string& name, const at::Tensor& value) {
-  const WeightInfo& info = matrix_info(name);
-  GRADQ_CHECK(value.dim() == 2 && value.size(0) == info.out_features && value.size(1) == info.in_features,
-              "new value for '{}' must be [{}, {}], got {}", name, info.out_features, info.in_features,
-              fmt::to_string(fmt::join(value.sizes(), "x")));
-  // Outside inference mode: the parameter's new storage must be usable by autograd (trained rounding).
-  c10::InferenceMode not_inference(false);
-  torch::NoGradGuard no_grad;
-  at::Tensor p = parameter(name);
-  at::Tensor fresh = at::empty(p.sizes(), p.options());
-  fresh.copy_(info.transposed ? value.t() : value);
-  if (!originals_.count(name)) {
-    // The loaded storage itself becomes the original: set_data below gives the parameter new storage
-    // (every path to a shared tensor, a tied head, sees it) and leaves the old one to this alias.
-    // fp16 weights held in float32 are kept in fp16 (exact, half the bytes).
-    at::Tensor original = p.detach();
-    const at::ScalarType stored = stored_dtype(name, p.scalar_type());
-    if (stored != p.scalar_type()) original = original.to(stored);
-    originals_.emplace(name, std::move(original));
-  }
-  p.set_data(fresh);
-}
-
-at::Tensor CausalLM::original_weight(const std::string& name) const {
-  const WeightInfo& info = matrix_info(name);
-  const at::Tensor p = parameter(name).detach();
-  auto it = originals_.find(name);
-  // An unchanged weight is its own original (no copy); set_weight() never writes into its storage.
-  const at::Tensor stored = it == originals_.end() ? p : it->second.to(p.scalar_type());
-  return info.transposed ? stored.t().contiguous() : stored;
-}
-
-int64_t CausalLM::original_bytes() const {
-  int64_t total = 0;
-  for (const auto& [name, t] : originals_) total += static_cast<int64_t>(t.nbytes());
-  return total;
-}
-
-void CausalLM::restore(const std::string& name) {
-  auto it = originals_.find(name);
-  if (it == originals_.end()) return;
-  c10::InferenceMode not_inference(false);
-  torch::NoGradGuard no_grad;
-  at::Tensor p = parameter(name);
-  p.set_data(it->second.scalar_type() == p.scalar_type() ? it->second : it->second.to(p.scalar_type()));
-  originals_.erase(it);
-}
-
-void CausalLM::restore_all() {
-  while (!originals_.empty()) restore(originals_.begin()->first);
-}
-
-std::map<std::string, InputStats> CausalLM::capture_input_stats(const at::Tensor& tokens, int64_t batch,
-                                                                 bool with_xtx) const {
-  GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
+std::function<void(const at::Tensor& tokens)> CausalLM::observed_forward() const {
   auto graph = inlined_forward_graph(module_);
   insert_taps(*graph);
-  torch::jit::GraphFunction instrumented("gradq_instrumented_forward", graph, nullptr);
-  std::vector<InputStats> stats(weights_.size());
-  collect_taps(stats, with_xtx, [&] {
-    for (int64_t b = 0; b < tokens.size(0); b += batch) {
-      at::Tensor chunk = tokens.slice(0, b, std::min(tokens.size(0), b + batch));
-      instrumented({module_._ivalue(), chunk});
-    }
-  });
-  std::map<std::string, InputStats> out;
-  for (size_t i = 0; i < weights_.size(); ++i) out.emplace(weights_[i].name, std::move(stats[i]));
-  return out;
-}
-
-std::map<std::string, InputStats> CausalLM::capture_block_input_stats(int64_t block, const std::vector<StageState>& inputs,
-                                                                       bool with_xtx) const {
-  const ModelStages* staged = stages();
-  GRADQ_CHECK(staged, "block input statistics need the model split into blocks, which failed: {}",
-              stages_unavailable_reason());
-  GRADQ_CHECK(block >= 0 && block < staged->num_blocks(), "expected a block in [0, {}), got {}", staged->num_blocks(),
-              block);
-  // Only block `block`'s stage runs, so only its weights' taps record.
-  std::vector<InputStats> stats(weights_.size());
-  collect_taps(stats, with_xtx, [&] {
-    for (const StageState& in : inputs) staged->block(block, in);
-  });
-  std::map<std::string, InputStats> out;
-  for (size_t i : blocks_.at(static_cast<size_t>(block)).weights) {
-    GRADQ_CHECK(stats[i].rows > 0 || inputs.empty(), "internal: block {} ran without reading its weight '{}'", block,
-                weights_[i].name);
-    out.emplace(weights_[i].name, std::move(stats[i]));
-  }
-  return out;
+  auto instrumented = std::make_shared<torch::jit::GraphFunction>("gradq_instrumented_forward", graph, nullptr);
+  return [instrumented, self = module_._ivalue()](const at::Tensor& tokens) { (*instrumented)({self, tokens}); };
 }
 
 void CausalLM::insert_taps(torch::jit::Graph& graph) const {
   auto paths = attribute_paths(graph);
   std::map<std::string, size_t> slot_of;
-  for (size_t i = 0; i < weights_.size(); ++i) slot_of[weights_[i].name] = i;
+  for (size_t i = 0; i < weights().size(); ++i) slot_of[weights()[i].name] = i;
 
   // A tap in front of every matmul that a quantizable weight feeds. Weights whose one matmul reads
   // the same value x in the same graph block share one tap (their statistics are the same); a

@@ -80,7 +80,7 @@ Plan Plan::load(const std::string& path) {
   }
 }
 
-Plan uniform_plan(const CausalLM& model, const QuantSpec& spec, RoundingMethod method) {
+Plan uniform_plan(const QuantizableModel& model, const QuantSpec& spec, RoundingMethod method) {
   spec.validate();
   Plan plan;
   for (const WeightInfo& w : model.weights()) plan.entries.push_back({w.name, spec, method});
@@ -95,8 +95,8 @@ QuantizedTensor quantize_weight(const at::Tensor& w, const std::string& name, co
   return quantize_tensor(w, spec, method, sq_mean, std::move(stats.xtx), rounding);
 }
 
-QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::map<std::string, InputStats>& stats,
-                            const RoundingOptions& rounding) {
+QuantizedWeights apply_plan(const QuantizableModel& model, const Plan& plan,
+                            const std::map<std::string, InputStats>& stats, const RoundingOptions& rounding) {
   QuantizedWeights out;
   for (const PlanEntry& e : plan.entries) {
     const auto it = stats.find(e.name);
@@ -109,7 +109,7 @@ QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::
 namespace {
 
 // Position in model.blocks() of every quantizable weight that belongs to a block.
-std::map<std::string, int64_t> block_of_weights(const CausalLM& model) {
+std::map<std::string, int64_t> block_of_weights(const QuantizableModel& model) {
   std::map<std::string, int64_t> out;
   const auto& blocks = model.blocks();
   for (size_t b = 0; b < blocks.size(); ++b)
@@ -119,14 +119,14 @@ std::map<std::string, int64_t> block_of_weights(const CausalLM& model) {
 
 }  // namespace
 
-bool plan_in_blocks(const CausalLM& model, const Plan& plan) {
+bool plan_in_blocks(const QuantizableModel& model, const Plan& plan) {
   if (!model.stages()) return false;
   const auto block_of = block_of_weights(model);
   return std::all_of(plan.entries.begin(), plan.entries.end(),
                      [&](const PlanEntry& e) { return block_of.count(e.name) > 0; });
 }
 
-QuantizedWeights apply_plan_by_block(CausalLM& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
+QuantizedWeights apply_plan_by_block(QuantizableModel& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
                                      const RoundingOptions& rounding, bool sequential) {
   GRADQ_CHECK(model.stages(), "statistics per block need a model split into stages: {}",
               model.stages_unavailable_reason());
@@ -167,7 +167,8 @@ QuantizedWeights apply_plan_by_block(CausalLM& model, const Plan& plan, const at
   return out;
 }
 
-EvalResult evaluate_by_block(CausalLM& model, const QuantizedWeights& weights, const GradualEvaluator& evaluator) {
+EvalResult evaluate_by_block(QuantizableModel& model, const QuantizedWeights& weights,
+                             const GradualEvaluator& evaluator) {
   const ModelStages* stages = model.stages();
   const auto block_of = block_of_weights(model);
   std::vector<std::vector<std::string>> in_block(stages ? static_cast<size_t>(stages->num_blocks()) : 0);
@@ -225,7 +226,7 @@ bool plan_needs_stats(const Plan& plan, bool* with_xtx) {
   return needs;
 }
 
-PlanSize plan_size(const CausalLM& model, const Plan& plan) {
+PlanSize plan_size(const QuantizableModel& model, const Plan& plan) {
   std::map<std::string, const PlanEntry*> by_name;
   for (const PlanEntry& e : plan.entries) by_name[e.name] = &e;
   PlanSize size;
@@ -244,7 +245,7 @@ PlanSize plan_size(const CausalLM& model, const Plan& plan) {
   return size;
 }
 
-std::vector<std::string> weights_outside_plan(const CausalLM& model, const Plan& plan) {
+std::vector<std::string> weights_outside_plan(const QuantizableModel& model, const Plan& plan) {
   std::set<std::string> planned;
   for (const PlanEntry& e : plan.entries) planned.insert(e.name);
   std::vector<std::string> out;

@@ -9,13 +9,13 @@
 #include <vector>
 
 #include "eval/evaluator.h"
-#include "model/causal_lm.h"
+#include "model/quantizable_model.h"
 #include "quant/quantized_tensor.h"
 
 namespace gradq {
 
 struct PlanEntry {
-  std::string name;  ///< weight name (CausalLM::weights())
+  std::string name;  ///< weight name (QuantizableModel::weights())
   QuantSpec spec;
   RoundingMethod method = RoundingMethod::kRtn;
   double measured_kl = std::nan("");  ///< KL of the model when this step was taken (search only)
@@ -33,7 +33,7 @@ struct Plan {
 };
 
 /// Every quantizable weight of `model` at `spec` with `method`.
-Plan uniform_plan(const CausalLM& model, const QuantSpec& spec, RoundingMethod method);
+Plan uniform_plan(const QuantizableModel& model, const QuantSpec& spec, RoundingMethod method);
 
 /// `w` (the full-precision weight named `name`, logical [out, in]) in `spec` with `method`
 /// (quantize_tensor). `stats`: the weight's input statistics (default-constructed: none); kClip
@@ -45,12 +45,12 @@ QuantizedTensor quantize_weight(const at::Tensor& w, const std::string& name, co
 /// quantize_weight for every entry of `plan` from `model`'s current weights, with the statistics of
 /// `stats` (by weight name).
 /// Throws gradq::Error when a name is not a matrix weight of the model.
-QuantizedWeights apply_plan(const CausalLM& model, const Plan& plan, const std::map<std::string, InputStats>& stats = {},
-                            const RoundingOptions& rounding = {});
+QuantizedWeights apply_plan(const QuantizableModel& model, const Plan& plan,
+                            const std::map<std::string, InputStats>& stats = {}, const RoundingOptions& rounding = {});
 
 /// True when `model` splits into stages and every entry of `plan` names a quantizable weight of a
 /// block: then apply_plan_by_block can collect the statistics one block at a time.
-bool plan_in_blocks(const CausalLM& model, const Plan& plan);
+bool plan_in_blocks(const QuantizableModel& model, const Plan& plan);
 
 /// apply_plan with each block's input statistics (X^T X included) collected from the states of the
 /// calibration windows `inputs` ([N, T], `batch` rows at a time) entering that block, one block's at
@@ -63,7 +63,7 @@ bool plan_in_blocks(const CausalLM& model, const Plan& plan);
 /// quantized, hand on, rather than on the full-precision model's, so that a block's rounding
 /// corrects for the error that reaches it. The quantized weights are set only while their block
 /// runs; the model is left with its originals (also when it throws).
-QuantizedWeights apply_plan_by_block(CausalLM& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
+QuantizedWeights apply_plan_by_block(QuantizableModel& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
                                      const RoundingOptions& rounding = {}, bool sequential = false);
 
 /// `evaluator`'s result for `model` with `weights` in place of their originals, run one block at a
@@ -74,7 +74,8 @@ QuantizedWeights apply_plan_by_block(CausalLM& model, const Plan& plan, const at
 /// outside the blocks (an embedding, the head) are set for the whole pass; a model without stages is
 /// evaluated whole. Memory: the windows' states at one boundary (windows x ctx x width). `weights`
 /// must hold their originals before; they hold them again after, also when this throws.
-EvalResult evaluate_by_block(CausalLM& model, const QuantizedWeights& weights, const GradualEvaluator& evaluator);
+EvalResult evaluate_by_block(QuantizableModel& model, const QuantizedWeights& weights,
+                             const GradualEvaluator& evaluator);
 
 /// True when some entry's method needs activation statistics (kClip, kTrained, kGptq); `with_xtx` is
 /// set when one needs X^T X (kTrained, kGptq).
@@ -90,9 +91,9 @@ struct PlanSize {
   double bits_per_weight() const { return weights ? 8.0 * quantized_bytes / weights : 0.0; }
 };
 /// Counts every quantizable weight and every other matrix weight `plan` names.
-PlanSize plan_size(const CausalLM& model, const Plan& plan);
+PlanSize plan_size(const QuantizableModel& model, const Plan& plan);
 
 /// The quantizable weights of `model` that `plan` does not name: they stay in floating point.
-std::vector<std::string> weights_outside_plan(const CausalLM& model, const Plan& plan);
+std::vector<std::string> weights_outside_plan(const QuantizableModel& model, const Plan& plan);
 
 }  // namespace gradq

@@ -78,7 +78,7 @@ PrecisionPolicy PrecisionPolicy::from_json(const std::string& text) {
   });
 }
 
-void PrecisionPolicy::bind(const CausalLM& model) {
+void PrecisionPolicy::bind(const QuantizableModel& model) {
   compiled_.clear();
   const auto& blocks = model.blocks();
   for (const PolicyRule& rule : rules_) {

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "model/causal_lm.h"
+#include "model/quantizable_model.h"
 #include "quant/quant_spec.h"
 
 namespace gradq {
@@ -38,7 +38,7 @@ class PrecisionPolicy {
   static PrecisionPolicy from_json(const std::string& text);
 
   /// Binds the block placeholders to `model` (compiles the patterns); needed before allows().
-  void bind(const CausalLM& model);
+  void bind(const QuantizableModel& model);
   /// True when every rule matching `name` admits `level`.
   bool allows(const std::string& name, QuantLevel level) const;
   /// Lowest level `name` may take (the largest "min" of its rules).

@@ -120,12 +120,12 @@ void SearchOptions::validate() const {
       for (const std::string& e : encodings) search_spec(b, g, e);
 }
 
-bool collects_xtx_per_block(const CausalLM& model) {
+bool collects_xtx_per_block(const QuantizableModel& model) {
   return model.stages() && std::all_of(model.weights().begin(), model.weights().end(),
                                        [&](const WeightInfo& w) { return model.block_position(w.block) >= 0; });
 }
 
-PrecisionOptimizer::PrecisionOptimizer(CausalLM& model, const GradualEvaluator& evaluator, Budget budget,
+PrecisionOptimizer::PrecisionOptimizer(QuantizableModel& model, const GradualEvaluator& evaluator, Budget budget,
                                        SearchOptions options, PrecisionPolicy policy,
                                        const std::map<std::string, InputStats>& stats)
     : model_(model), evaluator_(evaluator), budget_(std::move(budget)), options_(std::move(options)),

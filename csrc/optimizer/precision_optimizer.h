@@ -35,7 +35,7 @@
 
 #include "eval/block_cache.h"
 #include "eval/evaluator.h"
-#include "model/causal_lm.h"
+#include "model/quantizable_model.h"
 #include "optimizer/allocator.h"
 #include "optimizer/budget.h"
 #include "optimizer/candidate_cache.h"
@@ -241,7 +241,7 @@ class PrecisionOptimizer {
   /// stages and every quantizable weight is in a block: it is then collected one block at a time
   /// (input_stats()). `model` must hold its full-precision weights; it is changed during search()
   /// and restored to them at the end.
-  PrecisionOptimizer(CausalLM& model, const GradualEvaluator& evaluator, Budget budget, SearchOptions options,
+  PrecisionOptimizer(QuantizableModel& model, const GradualEvaluator& evaluator, Budget budget, SearchOptions options,
                      PrecisionPolicy policy, const std::map<std::string, InputStats>& stats);
 
   /// Runs the search over `order` (weight names, least important first).
@@ -290,7 +290,7 @@ class PrecisionOptimizer {
   /// (BlockInputCache::local_error, a mean per scored token), counted into `result`.
   double block_error(const BlockInputCache& cache, int64_t b, SearchResult& result) const;
 
-  CausalLM& model_;
+  QuantizableModel& model_;
   const GradualEvaluator& evaluator_;
   Budget budget_;
   SearchOptions options_;
@@ -309,6 +309,6 @@ QuantSpec search_start_spec();
 /// Whether a search of `model` collects X^T X one block at a time (PrecisionOptimizer) instead of
 /// needing it for every weight up front: the model splits into stages and every quantizable
 /// weight is inside a block.
-bool collects_xtx_per_block(const CausalLM& model);
+bool collects_xtx_per_block(const QuantizableModel& model);
 
 }  // namespace gradq

@@ -42,7 +42,8 @@ RoundingMethod method_of(const std::vector<SearchStep>& steps, const std::string
 
 }  // namespace
 
-GradualQuantizer::GradualQuantizer(CausalLM& model, Windows calibration, Windows evaluation, QuantizerOptions options)
+GradualQuantizer::GradualQuantizer(QuantizableModel& model, Windows calibration, Windows evaluation,
+                                   QuantizerOptions options)
     : model_(model), calibration_(std::move(calibration)), evaluation_(std::move(evaluation)),
       options_(std::move(options)) {
   GRADQ_CHECK(!(options_.plan && options_.dynamic), "give a plan or a dynamic policy, not both");
@@ -310,7 +311,8 @@ QuantizeOutcome GradualQuantizer::run() {
   return out;
 }
 
-ImportanceAnalysis importance_analysis(CausalLM& model, const Windows& calibration, const QuantizerOptions& options) {
+ImportanceAnalysis importance_analysis(QuantizableModel& model, const Windows& calibration,
+                                       const QuantizerOptions& options) {
   auto progress = [&](int64_t done, int64_t total, const std::string& detail) {
     if (options.on_progress) options.on_progress("analysis", done, total, detail);
   };
@@ -325,7 +327,7 @@ ImportanceAnalysis importance_analysis(CausalLM& model, const Windows& calibrati
   return ImportanceAnalyzer(model, calibration, analyzer).run();
 }
 
-std::vector<std::string> search_order(const CausalLM& model, const ImportanceAnalysis& analysis) {
+std::vector<std::string> search_order(const QuantizableModel& model, const ImportanceAnalysis& analysis) {
   std::vector<std::string> order;
   std::set<std::string> seen;
   for (const UnitImportance* u : analysis.ranked(UnitKind::kLayer)) {

@@ -96,11 +96,11 @@ struct QuantizeOutcome {
 class GradualQuantizer {
  public:
   /// `model` is the full-precision model; it is used in place and left with its original weights.
-  GradualQuantizer(CausalLM& model, Windows calibration, Windows evaluation, QuantizerOptions options);
+  GradualQuantizer(QuantizableModel& model, Windows calibration, Windows evaluation, QuantizerOptions options);
   QuantizeOutcome run();
 
  private:
-  CausalLM& model_;
+  QuantizableModel& model_;
   Windows calibration_, evaluation_;
   QuantizerOptions options_;
 };
@@ -108,11 +108,12 @@ class GradualQuantizer {
 /// The importance analysis `options` asks for: loaded from options.analysis_path, or run on
 /// `calibration` with options.analyzer (at options.batch windows per pass), reporting progress
 /// through options.on_progress as phase "analysis". `model` is probed in place and restored.
-ImportanceAnalysis importance_analysis(CausalLM& model, const Windows& calibration, const QuantizerOptions& options);
+ImportanceAnalysis importance_analysis(QuantizableModel& model, const Windows& calibration,
+                                       const QuantizerOptions& options);
 
 /// The search order an analysis gives: the model's layers, least important first. Throws when the
 /// analysis lacks one of the model's weights or names one the model does not have.
-std::vector<std::string> search_order(const CausalLM& model, const ImportanceAnalysis& analysis);
+std::vector<std::string> search_order(const QuantizableModel& model, const ImportanceAnalysis& analysis);
 
 /// Writes the packed model (and, when the path is not empty, the fake-quant model) of `outcome`.
 void export_outcome(CausalLM& model, const QuantizeOutcome& outcome, const std::string& packed_path,

@@ -30,7 +30,7 @@ struct QuantizedTensor {
   int64_t storage_bytes() const { return spec.storage_bytes(out_features, in_features); }
 };
 
-/// Quantized weights by parameter name (CausalLM::weights() names).
+/// Quantized weights by parameter name (QuantizableModel::weights() names).
 using QuantizedWeights = std::map<std::string, QuantizedTensor>;
 
 /// How integer codes are chosen. The quantizers all live in csrc/quant; the search only picks one.

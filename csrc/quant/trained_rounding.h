@@ -19,7 +19,7 @@
 //   L = sum_x |x (W - W_q)^T|^2 = trace((W - W_q) XtX (W - W_q)^T),
 // i.e. the error of this one linear layer's output, not of the whole transformer block's output
 // (SignRound proper reconstructs the block). It needs only the layer's XtX, which
-// CausalLM::capture_input_stats(..., with_xtx = true) provides, and no block forward.
+// QuantizableModel::capture_input_stats(..., with_xtx = true) provides, and no block forward.
 // Backward: straight-through estimator for every rounding (the code rint, the zero point's rint and
 // the fp16 rounding of the scale have derivative 1); clamps pass the gradient only inside their
 // range, as torch.clamp does. The gradients are derived by hand (trained_rounding.cpp), not by

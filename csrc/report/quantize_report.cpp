@@ -61,7 +61,7 @@ std::vector<std::string> run_notes(const QuantizeOutcome& outcome, const ReportF
 
 }  // namespace
 
-std::vector<LevelShare> level_distribution(const CausalLM& model, const QuantizeOutcome& outcome) {
+std::vector<LevelShare> level_distribution(const QuantizableModel& model, const QuantizeOutcome& outcome) {
   std::map<QuantLevel, LevelShare> by_level;
   // matrix_weights(): an embedding a --plan quantizes counts although it is not quantizable by default.
   for (const WeightInfo& w : model.matrix_weights()) {
@@ -79,7 +79,8 @@ std::vector<LevelShare> level_distribution(const CausalLM& model, const Quantize
   return out;
 }
 
-std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
+std::string quantize_report_json(const QuantizableModel& model, const QuantizeOutcome& outcome,
+                                 const ReportFiles& files) {
   nlohmann::ordered_json j;
   j["format"] = "gradq-quantize-report";
   j["status"] = outcome.status == QuantizeStatus::kMet ? "met" : "budget_unmet";
@@ -163,7 +164,8 @@ std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& o
   return j.dump(2) + "\n";
 }
 
-std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
+std::string format_quantize_summary(const QuantizableModel& model, const QuantizeOutcome& outcome,
+                                    const ReportFiles& files) {
   std::string s;
   const PlanSize& size = outcome.size;
   s += fmt::format("budget: {}\n", files.budget.empty() ? "none" : files.budget);
@@ -224,7 +226,8 @@ std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome
   return s;
 }
 
-std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
+std::string bits_per_block_svg(const QuantizableModel& model, const QuantizeOutcome& outcome,
+                               const ReportFiles& files) {
   BarChart chart;
   chart.title = "Quantizable parameters per block by precision level";
   chart.notes = run_notes(outcome, files);
@@ -249,7 +252,8 @@ std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& out
   return render_bar_chart(chart);
 }
 
-std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
+std::string level_distribution_svg(const QuantizableModel& model, const QuantizeOutcome& outcome,
+                                   const ReportFiles& files) {
   BarChart chart;
   chart.title = fmt::format("Precision levels ({:.3f} bits per weight)", outcome.size.bits_per_weight());
   chart.notes = run_notes(outcome, files);
@@ -264,7 +268,8 @@ std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome&
   return render_bar_chart(chart);
 }
 
-std::string weight_formats_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files) {
+std::string weight_formats_svg(const QuantizableModel& model, const QuantizeOutcome& outcome,
+                               const ReportFiles& files) {
   BarChart chart;
   chart.title = "Chosen format per weight (bits per weight with scales and zero points), by block";
   chart.notes = run_notes(outcome, files);

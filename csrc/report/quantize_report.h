@@ -4,7 +4,7 @@
 
 #include <string>
 
-#include "model/causal_lm.h"
+#include "model/quantizable_model.h"
 #include "orchestrator/gradual_quantizer.h"
 
 namespace gradq {
@@ -23,19 +23,22 @@ struct LevelShare {
   QuantLevel level;
   int64_t units = 0, parameters = 0, bytes = 0;
 };
-std::vector<LevelShare> level_distribution(const CausalLM& model, const QuantizeOutcome& outcome);
+std::vector<LevelShare> level_distribution(const QuantizableModel& model, const QuantizeOutcome& outcome);
 
-std::string quantize_report_json(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
-std::string format_quantize_summary(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
+std::string quantize_report_json(const QuantizableModel& model, const QuantizeOutcome& outcome,
+                                 const ReportFiles& files);
+std::string format_quantize_summary(const QuantizableModel& model, const QuantizeOutcome& outcome,
+                                    const ReportFiles& files);
 // Every chart names under its title the model and the budget (`files`) and what the run achieved:
 // bits per weight, size against fp16 and, when validated, the held-out perplexity change and KL.
 /// Stacked bars: per block (and "other" for weights outside blocks), parameters at each level.
-std::string bits_per_block_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
+std::string bits_per_block_svg(const QuantizableModel& model, const QuantizeOutcome& outcome, const ReportFiles& files);
 /// Bars: share of the quantizable parameters at each level.
-std::string level_distribution_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
+std::string level_distribution_svg(const QuantizableModel& model, const QuantizeOutcome& outcome,
+                                   const ReportFiles& files);
 /// One bar per quantized weight, block by block: its bits per weight, labelled with its block, name
 /// and format (bits and group size, e.g. b4g32), coloured by level. Weights left in floating point
 /// are named in a note.
-std::string weight_formats_svg(const CausalLM& model, const QuantizeOutcome& outcome, const ReportFiles& files);
+std::string weight_formats_svg(const QuantizableModel& model, const QuantizeOutcome& outcome, const ReportFiles& files);
 
 }  // namespace gradq
