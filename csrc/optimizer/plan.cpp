@@ -127,7 +127,7 @@ bool plan_in_blocks(const QuantizableModel& model, const Plan& plan) {
 }
 
 QuantizedWeights apply_plan_by_block(QuantizableModel& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
-                                     const RoundingOptions& rounding, bool sequential) {
+                                     const RoundingOptions& rounding, bool sequential, const BlockProgress& on_block) {
   GRADQ_CHECK(model.stages(), "statistics per block need a model split into stages: {}",
               model.stages_unavailable_reason());
   const auto block_of = block_of_weights(model);
@@ -163,12 +163,13 @@ QuantizedWeights apply_plan_by_block(QuantizableModel& model, const Plan& plan, 
       }
       for (const PlanEntry* e : entries[b]) model.restore(e->name);
     }
+    if (on_block) on_block(static_cast<int64_t>(b) + 1, static_cast<int64_t>(entries.size()));
   }
   return out;
 }
 
 EvalResult evaluate_by_block(QuantizableModel& model, const QuantizedWeights& weights,
-                             const GradualEvaluator& evaluator) {
+                             const GradualEvaluator& evaluator, const BlockProgress& on_block) {
   const ModelStages* stages = model.stages();
   const auto block_of = block_of_weights(model);
   std::vector<std::vector<std::string>> in_block(stages ? static_cast<size_t>(stages->num_blocks()) : 0);
@@ -199,6 +200,7 @@ EvalResult evaluate_by_block(QuantizableModel& model, const QuantizedWeights& we
         set(in_block[b]);
         stream.advance();
         restore(in_block[b]);
+        if (on_block) on_block(static_cast<int64_t>(b) + 1, static_cast<int64_t>(in_block.size()));
       }
       result = evaluator.evaluate([&](int64_t begin, int64_t end) {
         GRADQ_CHECK(begin % evaluator.batch() == 0 && end - begin <= evaluator.batch(),

@@ -4,6 +4,7 @@
 // weights that apply_plan() makes from it.
 
 #include <cmath>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -63,8 +64,12 @@ bool plan_in_blocks(const QuantizableModel& model, const Plan& plan);
 /// quantized, hand on, rather than on the full-precision model's, so that a block's rounding
 /// corrects for the error that reaches it. The quantized weights are set only while their block
 /// runs; the model is left with its originals (also when it throws).
+/// `on_block(done, blocks)` is called after each block (progress: a block of a 1B model takes
+/// minutes on a CPU).
+using BlockProgress = std::function<void(int64_t done, int64_t blocks)>;
 QuantizedWeights apply_plan_by_block(QuantizableModel& model, const Plan& plan, const at::Tensor& inputs, int64_t batch,
-                                     const RoundingOptions& rounding = {}, bool sequential = false);
+                                     const RoundingOptions& rounding = {}, bool sequential = false,
+                                     const BlockProgress& on_block = {});
 
 /// `evaluator`'s result for `model` with `weights` in place of their originals, run one block at a
 /// time over all of the evaluator's windows: a block's weights are set only while that block runs,
@@ -74,8 +79,9 @@ QuantizedWeights apply_plan_by_block(QuantizableModel& model, const Plan& plan, 
 /// outside the blocks (an embedding, the head) are set for the whole pass; a model without stages is
 /// evaluated whole. Memory: the windows' states at one boundary (windows x ctx x width). `weights`
 /// must hold their originals before; they hold them again after, also when this throws.
+/// `on_block(done, blocks)` is called after each block.
 EvalResult evaluate_by_block(QuantizableModel& model, const QuantizedWeights& weights,
-                             const GradualEvaluator& evaluator);
+                             const GradualEvaluator& evaluator, const BlockProgress& on_block = {});
 
 /// True when some entry's method needs activation statistics (kClip, kTrained, kGptq); `with_xtx` is
 /// set when one needs X^T X (kTrained, kGptq).

@@ -24,6 +24,7 @@ class PhaseTimer {
     outcome_.phases[index_].cpu_seconds = process_cpu_seconds() - cpu_start_;
   }
   void add_passes(int64_t n) { outcome_.phases[index_].passes += n; }
+  const std::string& name() const { return outcome_.phases[index_].name; }
 
  private:
   QuantizeOutcome& outcome_;
@@ -87,7 +88,9 @@ QuantizeOutcome GradualQuantizer::run() {
   }
   // Held-out passes run block by block: the model holds one block's new weights beside its originals.
   auto evaluate_heldout = [&](const QuantizedWeights& weights, PhaseTimer& phase) {
-    EvalResult r = evaluate_by_block(model_, weights, heldout);
+    EvalResult r = evaluate_by_block(model_, weights, heldout, [&](int64_t done, int64_t blocks) {
+      progress(phase.name(), done, blocks, fmt::format("held-out pass: block {} of {}", done, blocks));
+    });
     phase.add_passes(1);
     return r;
   };
@@ -153,7 +156,10 @@ QuantizeOutcome GradualQuantizer::run() {
     progress("validation", 0, 1, "quantizing and evaluating on held-out text");
     if (by_block) {
       out.weights = apply_plan_by_block(model_, out.plan, fit_inputs, options_.batch, options_.search.rounding,
-                                        options_.sequential_fit);
+                                        options_.sequential_fit, [&](int64_t done, int64_t blocks) {
+                                          progress("validation", done, blocks,
+                                                   fmt::format("quantized block {} of {}", done, blocks));
+                                        });
       phase.add_passes(2);
     } else {
       out.weights = apply_plan(model_, out.plan, stats, options_.search.rounding);

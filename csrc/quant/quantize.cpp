@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "quant/checked_inputs.h"
 #include "quant/cpu_clones.h"
 #include "quant/quant_math.h"
 #include "quant/row_params.h"
@@ -33,7 +34,7 @@ at::Tensor weight_as_float(const at::Tensor& w, const char* fn, bool check_finit
   TORCH_CHECK(w.device().is_cpu(), fn, ": expected a CPU weight, got one on ", w.device());
   TORCH_CHECK(w.size(1) > 0, fn, ": expected in_features > 0, got [", w.size(0), ", ", w.size(1), "]");
   at::Tensor wf = w.to(at::kFloat).contiguous();
-  TORCH_CHECK(!check_finite || at::isfinite(wf).all().item<bool>(), fn, kNotFinite);
+  TORCH_CHECK(!check_finite || all_finite(wf), fn, kNotFinite);
   return wf;
 }
 

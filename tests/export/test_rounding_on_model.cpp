@@ -11,6 +11,7 @@
 
 #include <iostream>
 #include <map>
+#include <numeric>
 #include <string>
 
 #include "data/dataset.h"
@@ -201,7 +202,15 @@ TEST(GptqStories, PlanAppliedBlockByBlockEqualsTheWholeCapture) {
   plan.entries[2].method = RoundingMethod::kClip;
   ASSERT_TRUE(plan_in_blocks(model, plan));
   const QuantizedWeights whole = apply_plan(s.model, plan, s.stats);
-  const QuantizedWeights by_block = apply_plan_by_block(model, plan, split.calibration.inputs, 8);
+  std::vector<int64_t> done_blocks;
+  const QuantizedWeights by_block = apply_plan_by_block(model, plan, split.calibration.inputs, 8, {}, false,
+                                                        [&](int64_t done, int64_t blocks) {
+                                                          EXPECT_EQ(blocks, static_cast<int64_t>(model.blocks().size()));
+                                                          done_blocks.push_back(done);
+                                                        });
+  std::vector<int64_t> every_block(model.blocks().size());
+  std::iota(every_block.begin(), every_block.end(), 1);
+  EXPECT_EQ(done_blocks, every_block) << "one progress call per block, in order";
   ASSERT_EQ(by_block.size(), whole.size());
   for (const auto& [n, t] : whole) {
     SCOPED_TRACE(n);

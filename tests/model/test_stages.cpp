@@ -3,6 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <utility>
+#include <vector>
+
 #include "eval/block_cache.h"
 #include "model/causal_lm.h"
 #include "optimizer/plan.h"
@@ -174,7 +177,13 @@ TEST_P(Stages, EvaluatedBlockByBlockEqualsEveryWeightSet) {
   for (const WeightInfo& w : lm.weights())
     weights[w.name] = quantize_weight(lm.weight(w.name), w.name, parse_quant_spec("b2g16"), RoundingMethod::kRtn, {});
 
-  const EvalResult by_block = evaluate_by_block(lm, weights, evaluator);
+  std::vector<std::pair<int64_t, int64_t>> progress;
+  const EvalResult by_block = evaluate_by_block(lm, weights, evaluator, [&](int64_t done, int64_t blocks) {
+    progress.emplace_back(done, blocks);
+  });
+  const auto blocks = lm.stages()->num_blocks();
+  ASSERT_EQ(static_cast<int64_t>(progress.size()), blocks) << "one progress call per block";
+  for (int64_t b = 0; b < blocks; ++b) EXPECT_EQ(progress[b], std::make_pair(b + 1, blocks));
   for (const WeightInfo& w : lm.weights()) EXPECT_TRUE(lm.holds_original(w.name)) << w.name;
   EXPECT_EQ(lm.original_bytes(), 0);
   for (const auto& [name, q] : weights) lm.set_weight(name, q.dequantize());

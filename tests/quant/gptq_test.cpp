@@ -115,7 +115,9 @@ INSTANTIATE_TEST_SUITE_P(Specs, GptqFormat,
                                            Case{"b2g64", 5, 172}, Case{"b8g16", 3, 17}, Case{"b4grow", 3, 7},
                                            Case{"b4g32s", 17, 172}, Case{"b3g32s-f32", 7, 172},
                                            Case{"b4g64-f32", 9, 172}, Case{"b2g16s", 1, 3}, Case{"b3g128", 1, 1},
-                                           Case{"b4g16", 16, 256}),
+                                           Case{"b4g16", 16, 256},
+                                           // more columns after a block than one update slice (256 rows)
+                                           Case{"b4g64", 9, 600}),
                          case_name);
 
 TEST(Gptq, DeadInputsAreRoundedToNearestAndPassNoError) {
@@ -176,6 +178,11 @@ TEST(Gptq, BadInputsNameExpectedAndActual) {
   bad[1][2] = std::nan("");
   msg = expect_error([&] { quantize_gptq(w, b4, bad); });
   has(msg, "NaN");
+  // XtX is checked a slice of rows at a time: a NaN in its last element is found too.
+  bad = at::eye(1100, at::kDouble);
+  bad[1099][1099] = std::nan("");
+  msg = expect_error([&] { quantize_gptq(gaussian(2, 1100, 124), b4, bad); });
+  has(msg, "XtX holds NaN");
   msg = expect_error([&] { quantize_gptq(w.reshape({8, 172, 1}), b4, xtx); });
   has(msg, "3-D");
   GptqOptions opt;

@@ -609,6 +609,13 @@ TEST(QuantErrors, BadInputsNameWhatWasExpected) {
     GRADQ_EXPECT_THROW_MSG(quantize(w, b4), "NaN or inf");
     GRADQ_EXPECT_THROW_MSG(quantize_clipped(w, b4, at::Tensor()), "NaN or inf");
   }
+  // Large weights are checked a slice of rows at a time (all_finite): a bad value in the last row
+  // of the last slice, and in the first row of a later slice, is found.
+  for (int64_t row : {int64_t{2999}, int64_t{1048}}) {
+    at::Tensor w = at::zeros({3000, 1000});
+    w[row][row == 2999 ? 999 : 0] = INFINITY;
+    GRADQ_EXPECT_THROW_MSG(quantize(w, b4), "NaN or inf");
+  }
   GRADQ_EXPECT_THROW_MSG(quantize(at::ones({2, 4}, at::kInt), b4), "floating-point");
   QuantSpec fp16;
   fp16.level = QuantLevel::kFp16;
