@@ -67,8 +67,8 @@ struct InputStats {
 /// quantizable weight whose parameter tensor is `weight`, while a model's input statistics are being
 /// captured; at any other time, and for a tensor that is no quantizable weight of the model being
 /// captured, it does nothing. Returns `x`, so a forward can write `fc(gradq::observe_input(fc->weight, x))`.
-/// A weight is recognized by its tensor (the parameter registered with register_weights), which
-/// set_weight() and restore() keep: they give it new storage, never a new tensor.
+/// A weight is recognized by its tensor (the one parameters() hands out under the weight's name),
+/// which set_weight() and restore() keep: they give it new storage, never a new tensor.
 const at::Tensor& observe_input(const at::Tensor& weight, const at::Tensor& x);
 
 class QuantizableModel {
