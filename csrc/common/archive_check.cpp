@@ -434,7 +434,9 @@ void check_archive_pickles(caffe2::serialize::PyTorchStreamReader& archive, cons
 }
 
 size_t BytesReadAdapter::read(uint64_t pos, void* buf, size_t n, const char*) const {
-  if (pos >= bytes_.size()) return 0;
+  // An empty record is read into no buffer at all (buf null, n 0): memcpy must not see it (UBSan,
+  // found by fuzz_reference).
+  if (n == 0 || pos >= bytes_.size()) return 0;
   n = std::min<size_t>(n, bytes_.size() - pos);
   std::memcpy(buf, bytes_.data() + pos, n);
   return n;

@@ -223,6 +223,12 @@ TEST(Readers, StoragesAndViewsBeyondTheirRecordsAreErrors) {
   GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) +
                                          "/tests/fuzz/regressions/reference-view-beyond-storage.ref"),
                          "(offset 0, sizes [39], strides [91]) reaches outside storage data/2, which holds 39 elements");
+  // An empty storage record: its size was read into no buffer (libtorch passes a null one), which
+  // BytesReadAdapter::read handed to memcpy (UBSan under fuzz_reference; the file is also in the
+  // fuzzer's corpus, so every fuzz run starts with it).
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                         "/tests/fuzz/regressions/reference-empty-record-read.ref"),
+                         "storage data/2 declares 39 Long elements (312 bytes) but its record holds 0 bytes");
 }
 
 // Before: a MARK above the stack's top, an odd count of dict items or a stack too short for the
