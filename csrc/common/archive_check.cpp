@@ -4,6 +4,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -408,11 +409,17 @@ void check_archive_pickles(caffe2::serialize::PyTorchStreamReader& archive, cons
                             std::string(e.what()).substr(0, std::string(e.what()).find('\n'))));
   }
   for (const std::string& name : names) {
+    // Record names are matched as libtorch's reader finds them: miniz looks names up ignoring case,
+    // so libtorch unpickles a record named data.pkL as data.pkl (fuzz_reference: an unchecked 4 GB
+    // string in one).
+    std::string lower = name;
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
     // A TorchScript archive's code/<module>.py.debug_pkl records are pickles too: libtorch unpickles
     // one when a compile error highlights its source (torchscript-slow.pt: a 2.27 GB string).
-    if (!ends_with(name, ".pkl") && !ends_with(name, ".debug_pkl")) continue;
+    if (!ends_with(lower, ".pkl") && !ends_with(lower, ".debug_pkl")) continue;
     auto [bytes, size] = archive.getRecord(name);
     const std::string stem = name.substr(0, name.size() - 4);
+    const std::string lower_stem = lower.substr(0, lower.size() - 4);
     // readArchiveAndTensors reads the storages of <archive>.pkl from <archive>/<key>. The reader has
     // no record sizes but getRecord's (which reads the record): each is read once, a model's
     // weights once more in all, one record at a time.
@@ -427,7 +434,7 @@ void check_archive_pickles(caffe2::serialize::PyTorchStreamReader& archive, cons
                              }
                              return sizes[record] = n;
                            }};
-    const bool has_storages = stem == "data" || stem == "constants";
+    const bool has_storages = lower_stem == "data" || lower_stem == "constants";
     check_pickle(static_cast<const uint8_t*>(bytes.get()), size, fmt::format("'{}' (record {})", path, name),
                  has_storages ? &records : nullptr);
   }

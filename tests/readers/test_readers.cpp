@@ -130,6 +130,10 @@ TEST(Readers, PickleLengthsBeyondTheRecordAreErrors) {
   // reference-slow.ref (fuzz_reference: past the 20 s timeout) was the same fault: a 4.29 GB string.
   GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-long-string-4g.ref"),
                          "opcode 0x58 at byte 204 declares 4294966791 bytes, 162 are left");
+  // The same fault in a record named data.pkL: libtorch's reader finds names ignoring case, the
+  // check looked only at names ending in ".pkl" (fuzz_reference: a 4 GB allocation in the unpickler).
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-record-name-case.ref"),
+                         "(record data.pkL) is corrupt: the pickle opcode 0x58 at byte 204 declares 4278190087 bytes");
 }
 
 // Before: libtorch 1.13's unpickler grew its memo table to whatever index LONG_BINPUT named (27 GB,
