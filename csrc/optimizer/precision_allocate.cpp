@@ -2,13 +2,14 @@
 // (SearchStrategy::kAllocate).
 //
 //   curves    every weight alone at every candidate (the search's widths x group sizes x encodings,
-//             its rounding method, prune when allowed), the rest at fp16: the KL it adds (allocator.h),
+//             its rounding method, prune when allowed), the rest at the start state: the KL it adds (allocator.h),
 //             measured exactly from its block (kExact: a candidate reruns every block after its own,
 //             so the cost per weight grows with depth), or predicted from its block's output error
 //             (kLocal: the block alone, times a KL-per-error factor that one exact measurement per
 //             block calibrates, with all the block's weights at a middle width; the cost per weight
 //             stays flat in depth but for that one measurement per block)
-//   target    the allocator's plan for a predicted-KL target t, measured by a whole pass; t is
+//   target    the allocator's plan for a predicted-KL target t, measured by a whole pass (block by
+//             block: the model holds one block's new weights at a time); t is
 //             bracketed and bisected (geometrically) for the largest t whose plan meets the budget /
 //             safety on the calibration windows. This corrects the sum of single-weight KLs for the
 //             mix's non-additivity with measurements rather than a fitted model, and handles
@@ -48,11 +49,10 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     if (on_progress) on_progress(progress);
   };
 
-  // The start: every weight at fp16, measured once; curves are KL added over it.
-  const QuantSpec fp16 = search_start_spec();
+  // The start (search_start_spec: 16-bit values), measured once; curves are KL added over it.
   int64_t weights = 0, fp16_bytes = 0;
   for (const WeightInfo& w : model_.weights()) {
-    model_.set_weight(w.name, candidate(w.name, fp16, RoundingMethod::kRtn).dequantize());
+    hold(w.name, candidate(w.name, start_, RoundingMethod::kRtn));
     weights += w.numel();
     fp16_bytes += 2 * w.numel();
   }
@@ -110,22 +110,22 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
                           pick->spec.storage_bytes(w.out_features, w.in_features)))
           pick = &o;
       if (!pick) continue;
-      model_.set_weight(w.name, candidate(w.name, pick->spec, pick->method).dequantize());
+      hold(w.name, candidate(w.name, pick->spec, pick->method));
       changed.push_back(w.name);
     }
     if (changed.empty()) return;
     const double error = block_error(b);
     const double added = evaluate_from(cache.get(), b, nullptr, result).kl->mean.value - base_kl;
     if (error > 0 && added > 0) factors[b] = added / error;
-    for (const std::string& name : changed) model_.set_weight(name, candidate(name, fp16, RoundingMethod::kRtn).dequantize());
+    for (const std::string& name : changed) hold(name, candidate(name, start_, RoundingMethod::kRtn));
     report(fmt::format("curves: block {} calibrated, {} weights at {} bits add KL {:.5f}, {:.3g} per unit of output error",
                        b, changed.size(), middle_bits, added, factors[b]));
   };
   for (const WeightInfo& w : model_.weights()) {
     if (reuse_curves) break;
-    const QuantizedTensor& start_state = candidate(w.name, fp16, RoundingMethod::kRtn);
+    const QuantizedTensor& start_state = candidate(w.name, start_, RoundingMethod::kRtn);
     std::vector<CurvePoint>& curve = result.curves[w.name];
-    curve.push_back({fp16, RoundingMethod::kRtn, start_state.storage_bytes(), 0.0});
+    curve.push_back({start_, RoundingMethod::kRtn, start_state.storage_bytes(), 0.0});
     const int64_t b = first_stage(w.name);
     const bool in_block = local && b >= 0 && b < blocks;
     if (in_block && std::isnan(factors[b])) calibrate(b);
@@ -133,7 +133,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     const bool predict = in_block && !std::isnan(factors[b]);
     for (const Option& o : options.at(w.name)) {
       const QuantizedTensor& q = candidate(w.name, o.spec, o.method);
-      model_.set_weight(w.name, q.dequantize());
+      hold(w.name, q);
       const double kl = predict ? factors[b] * block_error(b)
                                 : evaluate_from(cache.get(), b, nullptr, result).kl->mean.value - base_kl;
       curve.push_back({o.spec, o.method, q.storage_bytes(), kl});
@@ -141,20 +141,29 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       if (done % 16 == 0 || done == total)
         report(fmt::format("curves: {} at {} adds KL {:.5f}", w.name, o.spec.name(), curve.back().kl));
     }
-    model_.set_weight(w.name, start_state.dequantize());
+    hold(w.name, start_state);
   }
   if (options_.shared_curves && !reuse_curves) *options_.shared_curves = result.curves;
 
-  // The model with `a`'s weights.
-  auto set_allocation = [&](const Allocation& a) {
+  // Whole plans from here on, each measured block by block (evaluate_by_block: the model holds one
+  // block's new weights at a time, not a copy of every weight); the curves' cache of block states is
+  // no longer needed.
+  cache.reset();
+  model_.restore_all();
+  auto evaluate_plan = [&](const Allocation& a) {
+    QuantizedWeights plan;
     for (const auto& [name, i] : a.choice) {
       const CurvePoint& p = a.hulls.at(name)[i];
-      model_.set_weight(name, candidate(name, p.spec, p.method).dequantize());
+      plan[name] = candidate(name, p.spec, p.method);
     }
+    ++result.passes;
+    result.blocks_whole += blocks;
+    result.blocks_run += blocks;
+    return evaluate_by_block(model_, plan, evaluator_);
   };
   auto changed = [&](const Allocation& a) {
     int64_t n = 0;
-    for (const auto& [name, i] : a.choice) n += !(a.hulls.at(name)[i].spec == fp16);
+    for (const auto& [name, i] : a.choice) n += !(a.hulls.at(name)[i].spec == start_);
     return n;
   };
   Allocation best;
@@ -162,8 +171,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   bool found = false;
   // One whole pass over `a`'s plan, recorded against its prediction; within the budget / safety?
   auto measure_plan = [&](const Allocation& a, EvalResult& r) {
-    set_allocation(a);
-    r = evaluate_from(cache.get(), -1, nullptr, result);
+    r = evaluate_plan(a);
     Confirmation c;
     c.changes = changed(a);
     c.kl_before = base_kl;
@@ -208,53 +216,48 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       t = std::isinf(hi) ? 2 * t : lo == 0 ? t / 4 : std::sqrt(lo * hi);
     }
     if (!found) {
-      // No plan met the budget: every weight at its most accurate hull point (fp16 unless a
+      // No plan met the budget: every weight at its most accurate hull point (the start unless a
       // candidate measured no KL at all), which the held-out validation then judges.
       best = allocate_for_kl(result.curves, 0.0);
-      set_allocation(best);
-      best_eval = evaluate_from(cache.get(), -1, nullptr, result);
+      best_eval = evaluate_plan(best);
     }
   }
 
-  set_allocation(best);
   result.calibration = best_eval;
 
-  // History (oldest first): fp16, then the hull points above the chosen one, most bytes first. Each
-  // weight's allocation is one accepted step from the next more accurate point, with the KLs its
-  // curve gives (`predicted`: single-weight measurements, not of the mix).
+  // Each weight's allocation is one accepted step from the next more accurate hull point, with the
+  // KLs its curve gives (`predicted`: single-weight measurements, not of the mix). No history of
+  // states is kept (SearchResult::history is the progressive search's): it held every weight's start
+  // state and the hull points above its choice, a copy of the model in 16 bits and more, outside
+  // the candidate cache's bound.
   std::vector<SearchStep> allocated;  // (the search's steps: allocation measures no single step in the mix)
   for (const WeightInfo& w : model_.weights()) {
     const auto& hull = best.hulls.at(w.name);
     const size_t chosen = best.choice.at(w.name);
-    auto& history = result.history[w.name];
-    history.push_back(candidate(w.name, fp16, RoundingMethod::kRtn));
-    for (size_t i = hull.size(); i-- > chosen;)
-      if (!(hull[i].spec == fp16)) history.push_back(candidate(w.name, hull[i].spec, hull[i].method));
-    const QuantizedTensor& final_state = history.back();
-    if (history.size() >= 2) {
+    const CurvePoint& point = hull[chosen];
+    if (!(point.spec == start_)) {
       SearchStep step;
       step.weight = w.name;
-      step.from = history[history.size() - 2].spec.name();
-      step.to = final_state.spec.name();
-      step.method = hull[chosen].method;
+      step.from = (chosen + 1 < hull.size() ? hull[chosen + 1].spec : start_).name();
+      step.to = point.spec.name();
+      step.method = point.method;
       step.accepted = true;
       step.predicted = true;
       step.kl_before = base_kl + (chosen + 1 < hull.size() ? hull[chosen + 1].kl : 0.0);
-      step.kl = base_kl + hull[chosen].kl;
+      step.kl = base_kl + point.kl;
       allocated.push_back(step);
     }
-    result.weights[w.name] = final_state;
+    result.weights[w.name] = candidate(w.name, point.spec, point.method);
     PlanEntry e;
     e.name = w.name;
-    e.spec = final_state.spec;
-    e.method = hull[chosen].method;
+    e.spec = point.spec;
+    e.method = point.method;
     result.plan.entries.push_back(e);
   }
   result.steps = std::move(allocated);
   result.allocation = best;
   result.memory_target_met = budget_.target_memory_reduction &&
                              1.0 - double(best.bytes) / fp16_bytes >= *budget_.target_memory_reduction;
-  model_.restore_all();
   result.seconds = seconds_since(start);
   return result;
 }
@@ -289,17 +292,10 @@ std::vector<ValidationStep> PrecisionOptimizer::verify_and_repair(
       ValidationStep step{name, before[i].spec.name(), after[i].spec.name(), measured.kl->mean.value, r.kl->mean.value,
                           8.0 * double(after[i].storage_bytes() - before[i].storage_bytes()), candidates, kept, passes};
       if (kept) {
-        const bool down = to < a.choice.at(name);
         a.bytes += p.bytes - a.chosen(name).bytes;
         a.predicted_kl += p.kl - a.chosen(name).kl;
         a.choice[name] = to;
         searched.weights[name] = after[i];
-        auto& history = searched.history[name];
-        if (down) {
-          history.push_back(after[i]);
-        } else if (history.size() > 1) {
-          history.pop_back();
-        }
         for (PlanEntry& e : searched.plan.entries)
           if (e.name == name) e = {name, p.spec, p.method, std::nan("")};
       }

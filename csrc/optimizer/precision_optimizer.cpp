@@ -74,7 +74,9 @@ CandidateMeasurement parse_candidate_measurement(const std::string& name) {
   throw Error(fmt::format("unknown candidate measurement '{}': expected exact or local", name));
 }
 
-QuantSpec search_start_spec() { return QuantSpec{QuantLevel::kFp16}; }
+QuantSpec search_start_spec(at::ScalarType model_dtype) {
+  return QuantSpec{model_dtype == at::kBFloat16 ? QuantLevel::kBf16 : QuantLevel::kFp16};
+}
 
 CandidateMeasurement SearchOptions::measurement_used() const {
   if (measurement) return *measurement;
@@ -134,6 +136,10 @@ PrecisionOptimizer::PrecisionOptimizer(QuantizableModel& model, const GradualEva
   options_.validate();
   GRADQ_CHECK(evaluator_.reference().has_value(), "the search's evaluator needs the full-precision reference");
   policy_.bind(model_);
+  const at::ScalarType start_dtype = start_.level == QuantLevel::kBf16 ? at::kBFloat16 : at::kHalf;
+  for (const WeightInfo& w : model_.weights())
+    if (model_.stored_dtype(w.name, model_.parameter(w.name).scalar_type()) == start_dtype)
+      start_is_loaded_.insert(w.name);
   cache_ = options_.shared_candidates ? options_.shared_candidates
                                       : std::make_shared<CandidateCache>(options_.candidate_cache_bytes);
   const bool uses_xtx = rounding_needs_xtx(options_.method) ||
@@ -152,6 +158,14 @@ PrecisionOptimizer::PrecisionOptimizer(QuantizableModel& model, const GradualEva
   }
 }
 
+void PrecisionOptimizer::hold(const std::string& name, const QuantizedTensor& q) {
+  if (q.spec == start_ && start_is_loaded_.count(name)) {
+    model_.restore(name);  // the same values as setting them, without a copy of the weight
+  } else {
+    model_.set_weight(name, q.dequantize());
+  }
+}
+
 QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method) {
   const std::string key = name + "|" + spec.name() + "|" + rounding_method_name(method);
   if (const QuantizedTensor* cached = cache_->find(key)) return *cached;
@@ -159,7 +173,9 @@ QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const Qua
   const InputStats* stats = input_stats(name, with_xtx);  // kept: the block's other candidates use it
   QuantizedTensor q =
       quantize_weight(model_.original_weight(name), name, spec, method, stats ? *stats : InputStats(), options_.rounding);
-  cache_->insert(key, q);
+  // Float levels are casts of the weight, cheap to repeat; the start state of a weight stored in 16
+  // bits is the loaded weight itself, which the cache would count against its budget.
+  if (spec.is_integer()) cache_->insert(key, q);
   return q;
 }
 
@@ -230,12 +246,12 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   const auto start = Clock::now();
   safety_ = safety_used(budget_, SearchStrategy::kProgressive);
   SearchResult result;
-  // Every weight starts at fp16; `state` is what the model holds for it between candidates.
+  // Every weight starts at start_; `state` is what the model holds for it between candidates.
   std::map<std::string, QuantizedTensor> state;
   int64_t fp16_bytes = 0, bytes = 0, weights = 0;
   for (const WeightInfo& w : model_.weights()) {
-    state[w.name] = candidate(w.name, search_start_spec(), RoundingMethod::kRtn);
-    model_.set_weight(w.name, state[w.name].dequantize());
+    state[w.name] = candidate(w.name, start_, RoundingMethod::kRtn);
+    hold(w.name, state[w.name]);
     result.history[w.name].push_back(state[w.name]);
     fp16_bytes += 2 * w.numel();
     bytes += state[w.name].storage_bytes();
@@ -297,7 +313,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
       result.calibration = std::move(r);
       if (block_cache) block_cache->commit(std::move(trials));
     } else {
-      model_.set_weight(name, state[name].dequantize());
+      hold(name, state[name]);
     }
     return record(step, t, quantize_seconds);
   };
@@ -368,12 +384,12 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
       bytes += it->before.storage_bytes() - state[it->name].storage_bytes();
       state[it->name] = it->before;
       result.history[it->name].pop_back();
-      model_.set_weight(it->name, it->before.dequantize());
+      hold(it->name, it->before);
       result.steps[it->step].accepted = false;
       result.steps[it->step].taken_back = true;
     }
     for (const Pending& p : changes) {
-      model_.set_weight(p.name, p.after.dequantize());
+      hold(p.name, p.after);
       decide_exact(p.name, p.after, p.method, Clock::now(), 0.0);
     }
   };
@@ -385,13 +401,13 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     const int64_t b = first_stage(name);
     if (!local || b < 0 || b >= blocks) {
       confirm();  // exact measurements start from a confirmed model
-      model_.set_weight(name, q.dequantize());
+      hold(name, q);
       return decide_exact(name, q, method, t, quantize_seconds);
     }
     if (std::isnan(factors[b])) {
       // Calibration: this change alone, measured exactly and locally.
       confirm();
-      model_.set_weight(name, q.dequantize());
+      hold(name, q);
       const double error = block_error(b);
       const double kl_before = result.calibration.kl->mean.value;
       const bool accepted = decide_exact(name, q, method, t, quantize_seconds);
@@ -405,7 +421,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     step.to = q.spec.name();
     step.method = method;
     step.predicted = true;
-    model_.set_weight(name, q.dequantize());
+    hold(name, q);
     double error = block_error(b);
     auto predict = [&] {
       step.kl_before = result.calibration.kl->mean.value + pending_kl();
@@ -422,9 +438,9 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
       // Near the limit a prediction is not good enough to say no (perplexity above all moves apart
       // from KL): on the confirmed model, predicted again, and measured exactly if still near.
       if (!pending.empty()) {
-        model_.set_weight(name, state[name].dequantize());
+        hold(name, state[name]);
         confirm();
-        model_.set_weight(name, q.dequantize());
+        hold(name, q);
         error = block_error(b);
         predict();
       }
@@ -436,7 +452,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
       pending_error[b] = error;
       keep(name, q);
     } else {
-      model_.set_weight(name, state[name].dequantize());
+      hold(name, state[name]);
     }
     record(step, t, quantize_seconds);
     if (step.accepted && pending_kl() >= options_.confirm_share * headroom()) confirm();

@@ -1,11 +1,11 @@
 #pragma once
 // PrecisionOptimizer: the budgeted search that lowers each weight's precision step by step.
 //
-// Every weight starts at fp16 (the memory reference). The search lowers precision progressively:
-// one pass over the units per bit width (8, then 4, [3,] then 2 [then prune]), least important
-// first within a pass. For a unit, the group sizes of the width (128 -> 64 -> 32 -> 16) in each
-// side-information encoding of SearchOptions::encodings are the candidates, cheapest first (by the
-// unit's storage). A candidate is measured by one pass over the calibration windows with
+// Every weight starts at 16 bits (search_start_spec: the memory reference). The search lowers
+// precision progressively: one pass over the units per bit width (8, then 4, [3,] then 2 [then
+// prune]), least important first within a pass. For a unit, the group sizes of the width (128 ->
+// 64 -> 32 -> 16) in each side-information encoding of SearchOptions::encodings are the candidates,
+// cheapest first (by the unit's storage). A candidate is measured by one pass over the calibration windows with
 // the unit at the candidate and every other weight at its current state; it is kept when the whole
 // model stays within the budget divided by the safety factor, otherwise the unit is rolled back to
 // exactly its previous state.
@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <optional>
 #include <string>
@@ -216,7 +217,9 @@ struct SearchResult {
   Plan plan;
   QuantizedWeights weights;  ///< the plan's quantized tensors (as measured, trained codes included)
   std::vector<SearchStep> steps;
-  std::map<std::string, std::vector<QuantizedTensor>> history;  ///< per weight: each accepted state, oldest first
+  /// Progressive search only: per weight, each accepted state, oldest first (the held-out upgrades
+  /// step back along it). The allocator keeps none: its repair moves along `allocation`'s hulls.
+  std::map<std::string, std::vector<QuantizedTensor>> history;
   EvalResult calibration;    ///< the final state on the calibration windows
   bool memory_target_met = false;
   /// "local" or "exact" (CandidateMeasurement); otherwise "whole" and why the model has no stages.
@@ -232,6 +235,11 @@ struct SearchResult {
   int64_t passes = 0;  ///< exact or whole evaluations of the calibration windows
   double seconds = 0;
 };
+
+/// The state every weight starts from (the memory reference, 16 bits a weight): the model's own values
+/// for a bf16 model (bf16), fp16 otherwise (exact for an fp16 model, rounded for an fp32 one). A weight
+/// stored in that type starts as loaded: the search holds no copy of it (PrecisionOptimizer::hold).
+QuantSpec search_start_spec(at::ScalarType model_dtype);
 
 class PrecisionOptimizer {
  public:
@@ -271,6 +279,9 @@ class PrecisionOptimizer {
  private:
   /// Quantized candidate of (weight, spec, method), from the cache or computed.
   QuantizedTensor candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method);
+  /// Puts `q` into the model as `name`'s weight. The start state of a weight stored in start_'s type
+  /// is the loaded weight: restored instead of set, so the search holds no copy of it.
+  void hold(const std::string& name, const QuantizedTensor& q);
   /// The input statistics of a weight, with X^T X when `with_xtx`: the given ones, or else those of
   /// its whole block collected from the full-precision inputs of that block on the fit windows (a
   /// stream carried forward through the blocks, their weights briefly restored; an earlier block
@@ -301,10 +312,9 @@ class PrecisionOptimizer {
   int64_t block_stats_of_ = -1;                      ///< the block block_stats_ describes
   std::map<std::string, InputStats> block_stats_;  ///< with X^T X, of one block
   std::shared_ptr<CandidateCache> cache_;
+  const QuantSpec start_ = search_start_spec(model_.dtype());
+  std::set<std::string> start_is_loaded_;  ///< weights stored in start_'s type: their start is the loaded value
 };
-
-/// The state every weight starts from: its values rounded to fp16.
-QuantSpec search_start_spec();
 
 /// Whether a search of `model` collects X^T X one block at a time (PrecisionOptimizer) instead of
 /// needing it for every weight up front: the model splits into stages and every quantizable

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <random>
@@ -322,6 +323,50 @@ TEST(PrecisionOptimizer, AllocationForAMemoryTargetFitsIt) {
   EXPECT_LE(double(size.quantized_bytes), 0.3 * size.fp16_bytes);
   ASSERT_EQ(r.confirmations.size(), 1u) << "the plan at the target met the budget: no target search";
   EXPECT_TRUE(r.confirmations[0].kept);
+}
+
+// A bf16 model (a scripted zoo model) starts from its own values, not rounded to fp16, and the
+// search holds no copy of them: while the curves are measured, at most one block's weights differ
+// from the loaded ones (before, every weight was set to its fp16 rounding: a second copy of the
+// model for the whole search). Weights left unquantized are planned at bf16.
+TEST(PrecisionOptimizer, ABfloat16ModelStartsFromItsLoadedWeights) {
+  CausalLM model = CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/zoo/models/hf_llama_tied_bf16.pt");
+  ASSERT_EQ(model.dtype(), at::kBFloat16);
+  EXPECT_EQ(search_start_spec(model.dtype()).level, QuantLevel::kBf16);
+  EXPECT_EQ(search_start_spec(at::kFloat).level, QuantLevel::kFp16);
+  EXPECT_EQ(search_start_spec(at::kHalf).level, QuantLevel::kFp16);
+  const DataSplit data = test::small_stories_data();
+  GradualEvaluator evaluator(data.calibration, EvaluatorOptions{});
+  evaluator.set_reference(model);
+  const auto stats = model.capture_input_stats(data.calibration.inputs, 4, /*with_xtx=*/false);
+  Budget budget;
+  budget.max_kl = 0.05;
+  SearchOptions o;
+  o.strategy = SearchStrategy::kAllocate;
+  o.method = RoundingMethod::kClip;
+  o.bits = {8, 4};
+  PrecisionOptimizer optimizer(model, evaluator, budget, o, PrecisionPolicy{}, stats);
+  int64_t largest_block = 0, model_bytes = 0;
+  for (const BlockInfo& b : model.blocks()) {
+    int64_t bytes = 0;
+    for (size_t i : b.weights) bytes += 2 * model.weights()[i].numel();
+    largest_block = std::max(largest_block, bytes);
+  }
+  for (const WeightInfo& w : model.weights()) model_bytes += 2 * w.numel();
+  ASSERT_LT(largest_block, model_bytes) << "the test needs more than one block";
+  int64_t reports = 0, most_changed = 0;
+  const SearchResult r = optimizer.allocate([&](const SearchProgress& p) {
+    if (p.detail.rfind("curves:", 0) != 0) return;
+    ++reports;
+    most_changed = std::max(most_changed, model.original_bytes());
+  });
+  ASSERT_GT(reports, 2);
+  EXPECT_LE(most_changed, largest_block);
+  for (const auto& [name, curve] : r.curves) EXPECT_EQ(curve.at(0).spec.level, QuantLevel::kBf16) << name;
+  for (const PlanEntry& e : r.plan.entries)
+    if (!e.spec.is_integer()) EXPECT_EQ(e.spec.level, QuantLevel::kBf16) << e.name;
+  EXPECT_NEAR(r.calibration.kl->mean.value, whole_model_kl(model, data.calibration, r.weights), 1e-6);
+  for (const WeightInfo& w : model.weights()) EXPECT_TRUE(model.holds_original(w.name)) << w.name;
 }
 
 TEST(SearchOptions, SearchStrategyNames) {
