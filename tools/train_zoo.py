@@ -55,22 +55,20 @@ def stream(tokenizer, lines):
     return torch.tensor(tokenizer.encode("".join(lines)), dtype=torch.long)
 
 
-def windows(tokens, bos, count, generator):
-    """`count` random windows of CTX tokens: BOS, then CTX - 1 tokens of the stream; targets shifted."""
-    starts = torch.randint(0, tokens.numel() - CTX, (count,), generator=generator)
-    body = torch.stack([tokens[s:s + CTX] for s in starts.tolist()])
-    inputs = torch.cat([torch.full((count, 1), bos, dtype=torch.long), body[:, :-1]], dim=1)
-    return inputs, body
+def windows(tokens, starts, bos):
+    """Windows of CTX tokens at `starts`, as gradq makes them: BOS, then the stream; targets the stream."""
+    targets = torch.stack([tokens[s:s + CTX] for s in starts])
+    inputs = torch.cat([torch.full((len(starts), 1), bos, dtype=torch.long), targets[:, :-1]], dim=1)
+    return inputs, targets
 
 
 def mean_loss(model, tokens, bos):
-    """Mean next-token loss over consecutive windows covering `tokens` (as gradq's windows do)."""
+    """Mean next-token loss over consecutive windows covering `tokens`."""
     losses = []
     with torch.no_grad():
         for s in range(0, tokens.numel() - CTX + 1, CTX):
-            body = tokens[s:s + CTX].unsqueeze(0)
-            inputs = torch.cat([torch.tensor([[bos]]), body[:, :-1]], dim=1)
-            losses.append(F.cross_entropy(model(inputs).flatten(0, 1), body.flatten()).item())
+            inputs, targets = windows(tokens, [s], bos)
+            losses.append(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).item())
     return sum(losses) / len(losses)
 
 
@@ -91,7 +89,8 @@ def train(name, tokenizer, train_tokens, val_tokens, steps, batch, out_dir):
     best, best_state, start = float("inf"), None, time.time()
     for step in range(1, steps + 1):
         model.train()
-        inputs, targets = windows(train_tokens, bos, batch, generator)
+        starts = torch.randint(0, train_tokens.numel() - CTX, (batch,), generator=generator).tolist()
+        inputs, targets = windows(train_tokens, starts, bos)
         loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
         optimizer.zero_grad()
         loss.backward()

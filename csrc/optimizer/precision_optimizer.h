@@ -5,10 +5,10 @@
 // precision progressively: one pass over the units per bit width (8, then 4, [3,] then 2 [then
 // prune]), least important first within a pass. For a unit, the group sizes of the width (128 ->
 // 64 -> 32 -> 16) in each side-information encoding of SearchOptions::encodings are the candidates,
-// cheapest first (by the unit's storage). A candidate is measured by one pass over the calibration windows with
-// the unit at the candidate and every other weight at its current state; it is kept when the whole
-// model stays within the budget divided by the safety factor, otherwise the unit is rolled back to
-// exactly its previous state.
+// cheapest first (by the unit's storage). A candidate is measured by one pass over the calibration
+// windows with the unit at the candidate and every other weight at its current state; it is kept
+// when the whole model stays within the budget divided by the safety factor, otherwise the unit is
+// rolled back to exactly its previous state.
 //   * Order of measurement at a width: the cheapest candidate first (it often fits); if it does
 //     not, the most accurate (smallest group) decides whether the width is feasible at all; only
 //     then the ones in between, cheapest first, and the first that fits is kept.
@@ -28,9 +28,9 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <set>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
