@@ -7,20 +7,37 @@
 
 namespace gradq {
 
-BlockInputCache::BlockInputCache(const ModelStages& stages, const at::Tensor& inputs, int64_t batch)
-    : stages_(stages), inputs_(inputs), batch_(batch), windows_(inputs.size(0)) {
+BlockInputCache::BlockInputCache(const ModelStages& stages, const at::Tensor& inputs, int64_t batch, Keep keep)
+    : stages_(stages), inputs_(inputs), batch_(batch), windows_(inputs.size(0)), keep_(keep) {
   GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
   GRADQ_CHECK(inputs.dim() == 2 && windows_ > 0, "expected tokens [N, T] with N > 0, got {} dimensions", inputs.dim());
   c10::InferenceMode guard;
   states_.assign(num_blocks() + 1, {});
+  const int64_t last = keep == Keep::kAll ? num_blocks() : std::min<int64_t>(1, num_blocks());
   for (int64_t b = 0; b < windows_; b += batch) {
     StageState s = stages_.embed(inputs.slice(0, b, std::min(windows_, b + batch)));
-    for (int64_t i = 0; i < num_blocks(); ++i) {
+    for (int64_t i = 0; i < last; ++i) {
       StageState next = stages_.block(i, s);
       states_[i].push_back(std::move(s));
       s = std::move(next);
     }
-    states_[num_blocks()].push_back(std::move(s));
+    states_[last].push_back(std::move(s));
+  }
+}
+
+void BlockInputCache::move_to(int64_t b) {
+  GRADQ_CHECK(keep_ == Keep::kMoving, "move_to needs a cache that keeps a moving pair of boundaries");
+  GRADQ_CHECK(b >= first_kept_ && b <= num_blocks(), "a moving cache only goes forward: expected a block in [{}, {}], got {}",
+              first_kept_, num_blocks(), b);
+  c10::InferenceMode guard;
+  for (; first_kept_ < b; ++first_kept_) {
+    const int64_t next = first_kept_ + 2;  // the boundary that comes into the pair
+    std::vector<StageState>& dropped = states_[first_kept_];
+    for (size_t c = 0; c < dropped.size(); ++c) {
+      if (next <= num_blocks()) states_[next].push_back(stages_.block(next - 1, states_[next - 1][c]));
+      dropped[c] = {};  // batch by batch: at most one batch above two boundaries
+    }
+    std::vector<StageState>().swap(dropped);
   }
 }
 
@@ -32,6 +49,8 @@ int64_t BlockInputCache::chunk_of(int64_t begin) const {
 
 const StageState& BlockInputCache::state(int64_t boundary, int64_t chunk) const {
   GRADQ_CHECK(boundary >= 0 && boundary <= num_blocks(), "expected a boundary in [0, {}], got {}", num_blocks(), boundary);
+  GRADQ_CHECK(!states_[boundary].empty(), "the states entering block {} are not kept (this cache keeps {} to {})",
+              boundary, first_kept_, std::min(first_kept_ + 1, num_blocks()));
   GRADQ_CHECK(chunk >= 0 && chunk < static_cast<int64_t>(states_[boundary].size()), "expected a batch in [0, {}), got {}",
               states_[boundary].size(), chunk);
   return states_[boundary][chunk];
@@ -51,10 +70,11 @@ at::Tensor BlockInputCache::local_error(int64_t b) const {
   GRADQ_CHECK(b >= 0 && b < num_blocks(), "expected a block in [0, {}), got {}", num_blocks(), b);
   c10::InferenceMode guard;
   std::vector<at::Tensor> per_window;
-  for (size_t c = 0; c < states_[b].size(); ++c) {
-    const StageState out = stages_.block(b, states_[b][c]);
-    const StageState& ref = states_[b + 1][c];
-    const int64_t rows = std::min(batch_, windows_ - static_cast<int64_t>(c) * batch_);
+  const int64_t batches = (windows_ + batch_ - 1) / batch_;
+  for (int64_t c = 0; c < batches; ++c) {
+    const StageState out = stages_.block(b, state(b, c));
+    const StageState& ref = state(b + 1, c);
+    const int64_t rows = std::min(batch_, windows_ - c * batch_);
     at::Tensor sum = at::zeros({rows}, at::kDouble);
     int64_t per_row = 0;
     for (size_t k = 0; k < out.size(); ++k) {
@@ -73,6 +93,7 @@ at::Tensor BlockInputCache::local_error(int64_t b) const {
 }
 
 void BlockInputCache::refresh(int64_t from) {
+  GRADQ_CHECK(keep_ == Keep::kAll, "refresh needs a cache that keeps every boundary");
   GRADQ_CHECK(from >= -1 && from < num_blocks(), "expected a block in [-1, {}), got {}", num_blocks(), from);
   std::vector<Trial> trials(states_[0].size());
   for (size_t c = 0; c < trials.size(); ++c) logits_from(from, static_cast<int64_t>(c), trials[c]);
@@ -95,6 +116,7 @@ at::Tensor BlockInputCache::logits_from(int64_t from, int64_t chunk, Trial& tria
 }
 
 void BlockInputCache::commit(std::vector<Trial>&& trials) {
+  GRADQ_CHECK(keep_ == Keep::kAll, "commit needs a cache that keeps every boundary");
   GRADQ_CHECK(trials.size() == states_[0].size(), "expected a trial for each of the {} batches, got {}",
               states_[0].size(), trials.size());
   for (size_t c = 0; c < trials.size(); ++c) {

@@ -9,7 +9,8 @@
 //           change of the block's output (state_mse), per window. A probe turns it into a predicted
 //           KL with a factor calibrated per block against an exact measurement (ProbeEvaluator).
 // Memory: (L + 1) states per batch; for a residual stream of width d in dtype t that is about
-// (L + 1) * windows * ctx * d * sizeof(t) bytes (bytes() reports it).
+// (L + 1) * windows * ctx * d * sizeof(t) bytes (bytes() reports it). Work that measures the blocks
+// in order keeps two boundaries instead (Keep::kMoving): flat in depth.
 
 #include <ATen/ATen.h>
 
@@ -27,8 +28,14 @@ double token_weighted_mean(const at::Tensor& per_window, const at::Tensor& token
 
 class BlockInputCache {
  public:
-  /// Runs `inputs` (tokens [N, T]) through `stages`, `batch` windows at a time, keeping every state.
-  BlockInputCache(const ModelStages& stages, const at::Tensor& inputs, int64_t batch);
+  /// Which boundaries the cache keeps.
+  enum class Keep {
+    kAll,     ///< every one: any block measurable at any time (refresh and commit keep them current)
+    kMoving,  ///< the states entering blocks b and b + 1, b moved forward by move_to()
+  };
+  /// Runs `inputs` (tokens [N, T]) through `stages`, `batch` windows at a time, keeping every state
+  /// (kAll) or those entering blocks 0 and 1 (kMoving).
+  BlockInputCache(const ModelStages& stages, const at::Tensor& inputs, int64_t batch, Keep keep = Keep::kAll);
 
   int64_t num_blocks() const { return stages_.num_blocks(); }
   int64_t batch() const { return batch_; }
@@ -45,7 +52,12 @@ class BlockInputCache {
   /// its cached output, restricted to the state tensors batched over windows. float64 [windows()].
   at::Tensor local_error(int64_t b) const;
 
-  /// Recomputes the states entering blocks from+1.. with the current weights (after weights of
+  /// kMoving: keeps the states entering blocks b and b + 1 (the head's alone for b == num_blocks())
+  /// from now on, dropping earlier ones. New states are computed with the weights the model has
+  /// now, so the blocks moved past must hold the weights the cache describes. Never goes back.
+  void move_to(int64_t b);
+
+  /// kAll: recomputes the states entering blocks from+1.. with the current weights (after weights of
   /// block `from` or later changed, the cache describes the changed model from there on).
   /// from == -1: the embedding changed, everything is recomputed.
   void refresh(int64_t from);
@@ -59,7 +71,7 @@ class BlockInputCache {
   /// -1 starts at the embedding), so that commit() can adopt them if the change that was tried is
   /// kept, without running the blocks again.
   at::Tensor logits_from(int64_t from, int64_t chunk, Trial& trial) const;
-  /// Adopts the states of trials of every batch (trials[chunk]) as the cache's own.
+  /// kAll: adopts the states of trials of every batch (trials[chunk]) as the cache's own.
   void commit(std::vector<Trial>&& trials);
 
   /// Bytes held by the cached tensors.
@@ -69,7 +81,9 @@ class BlockInputCache {
   const ModelStages& stages_;
   at::Tensor inputs_;
   int64_t batch_ = 0, windows_ = 0;
-  std::vector<std::vector<StageState>> states_;  ///< [boundary][chunk]
+  Keep keep_ = Keep::kAll;
+  int64_t first_kept_ = 0;                       ///< kMoving: the earliest boundary kept
+  std::vector<std::vector<StageState>> states_;  ///< [boundary][chunk]; empty where not kept
 };
 
 /// The states entering one block at a time, for every batch of windows, carried forward from the

@@ -1,9 +1,11 @@
 #pragma once
 // CandidateCache: the search's quantized candidates by (weight, spec, method), kept for reuse up to a
-// byte budget (least recently used dropped first). Within one search a candidate is rarely asked for
-// twice; a sweep's points ask for the same ones again (trained rounding above all), so a sweep shares
-// one cache between its points. Bounded because keeping every candidate of a large model costs about
-// twice its fp32 bytes; one dropped is quantized again, with the same result.
+// byte budget (least recently used dropped first). The allocator asks for the points on each weight's
+// hull again in every whole-plan pass, and drops the others once the weight's curve is measured (a
+// point above the hull is never chosen); a sweep's points ask for the same candidates again (trained
+// rounding above all), so a sweep shares one cache between its points. Bounded because keeping every
+// candidate of a large model costs about twice its fp32 bytes; one dropped is quantized again, with
+// the same result (for GPTQ after the input statistics of its block are collected again).
 
 #include <cstdint>
 #include <string>
@@ -25,6 +27,8 @@ class CandidateCache {
   const QuantizedTensor* find(const std::string& key) { return entries_.find(key); }
   /// Keeps `q` under `key` within the budget (held_bytes).
   void insert(const std::string& key, const QuantizedTensor& q) { entries_.insert(key, q, held_bytes(q)); }
+  /// Drops the candidate under `key`, if any.
+  void erase(const std::string& key) { entries_.erase(key); }
 
   int64_t bytes() const { return entries_.bytes(); }
   int64_t max_bytes() const { return entries_.max_bytes(); }

@@ -56,12 +56,16 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     weights += w.numel();
     fp16_bytes += 2 * w.numel();
   }
+  // The curves measure the blocks in order (below), so the cache keeps the states entering two
+  // blocks at a time, not L + 1: flat in depth. The start is measured from block 0's cached input.
   std::unique_ptr<BlockInputCache> cache;
-  if (stages) cache = std::make_unique<BlockInputCache>(*stages, evaluator_.windows().inputs, evaluator_.batch());
-  const EvalResult start_eval = evaluate_from(cache.get(), stages ? stages->num_blocks() : 0, nullptr, result);
+  if (stages)
+    cache = std::make_unique<BlockInputCache>(*stages, evaluator_.windows().inputs, evaluator_.batch(),
+                                              BlockInputCache::Keep::kMoving);
+  const EvalResult start_eval = evaluate_from(cache.get(), 0, nullptr, result);
   const double base_kl = start_eval.kl->mean.value;
 
-  // Curves, in the model's weight order.
+  // Every weight's candidates.
   struct Option {
     QuantSpec spec;
     RoundingMethod method;
@@ -121,12 +125,21 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     report(fmt::format("curves: block {} calibrated, {} weights at {} bits add KL {:.5f}, {:.3g} per unit of output error",
                        b, changed.size(), middle_bits, added, factors[b]));
   };
-  for (const WeightInfo& w : model_.weights()) {
+  // Weights in the order their values reach the model (embeddings, blocks in order, head): each is
+  // measured alone with the others at the start, so the order changes no curve, only which states
+  // the cache needs when.
+  std::vector<const WeightInfo*> in_stage_order;
+  for (const WeightInfo& w : model_.weights()) in_stage_order.push_back(&w);
+  std::stable_sort(in_stage_order.begin(), in_stage_order.end(),
+                   [&](const WeightInfo* x, const WeightInfo* y) { return first_stage(x->name) < first_stage(y->name); });
+  for (const WeightInfo* weight : in_stage_order) {
     if (reuse_curves) break;
+    const WeightInfo& w = *weight;
     const QuantizedTensor& start_state = candidate(w.name, start_, RoundingMethod::kRtn);
     std::vector<CurvePoint>& curve = result.curves[w.name];
     curve.push_back({start_, RoundingMethod::kRtn, start_state.storage_bytes(), 0.0});
     const int64_t b = first_stage(w.name);
+    if (cache && b >= 0) cache->move_to(b);  // the blocks before b hold their start weights again
     const bool in_block = local && b >= 0 && b < blocks;
     if (in_block && std::isnan(factors[b])) calibrate(b);
     // Without a factor (its calibration measured no KL) the block is measured exactly.
@@ -142,6 +155,16 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
         report(fmt::format("curves: {} at {} adds KL {:.5f}", w.name, o.spec.name(), curve.back().kl));
     }
     hold(w.name, start_state);
+    // Only the points on the weight's hull are ever chosen (allocator.h), and the plan passes and
+    // the repair ask for them again: keep those, drop the rest, so the cache's bound is not spent on
+    // candidates that no later step reads while the ones that are read get evicted.
+    const std::vector<CurvePoint> hull = lower_hull(curve);
+    for (const CurvePoint& p : curve) {
+      const bool on_hull = std::any_of(hull.begin(), hull.end(), [&](const CurvePoint& h) {
+        return h.spec == p.spec && h.method == p.method;
+      });
+      if (!on_hull) forget_candidate(w.name, p.spec, p.method);
+    }
   }
   if (options_.shared_curves && !reuse_curves) *options_.shared_curves = result.curves;
 

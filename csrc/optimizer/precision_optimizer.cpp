@@ -166,8 +166,18 @@ void PrecisionOptimizer::hold(const std::string& name, const QuantizedTensor& q)
   }
 }
 
+namespace {
+std::string candidate_key(const std::string& name, const QuantSpec& spec, RoundingMethod method) {
+  return name + "|" + spec.name() + "|" + rounding_method_name(method);
+}
+}  // namespace
+
+void PrecisionOptimizer::forget_candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method) {
+  cache_->erase(candidate_key(name, spec, method));
+}
+
 QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method) {
-  const std::string key = name + "|" + spec.name() + "|" + rounding_method_name(method);
+  const std::string key = candidate_key(name, spec, method);
   if (const QuantizedTensor* cached = cache_->find(key)) return *cached;
   const bool with_xtx = spec.is_integer() && rounding_needs_xtx(method);
   const InputStats* stats = input_stats(name, with_xtx);  // kept: the block's other candidates use it

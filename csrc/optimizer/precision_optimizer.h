@@ -279,6 +279,8 @@ class PrecisionOptimizer {
  private:
   /// Quantized candidate of (weight, spec, method), from the cache or computed.
   QuantizedTensor candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method);
+  /// Drops (weight, spec, method)'s candidate from the cache.
+  void forget_candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method);
   /// Puts `q` into the model as `name`'s weight. The start state of a weight stored in start_'s type
   /// is the loaded weight: restored instead of set, so the search holds no copy of it.
   void hold(const std::string& name, const QuantizedTensor& q);

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -111,6 +112,35 @@ TEST_P(Stages, RefreshFollowsChangedWeights) {
   EXPECT_TRUE(at::equal(cache.logits_from(last, 0).to(at::kFloat), lm.logits(tokens)));
   EXPECT_GT(cache.bytes(), 0);
   lm.restore_all();
+}
+
+// A moving cache (two boundaries, moved forward) measures every block as the full cache does, bit
+// for bit, in a fraction of its memory, and says so when asked for a state it dropped.
+TEST_P(Stages, MovingCacheMeasuresBlocksInOrderLikeTheFullOne) {
+  CausalLM lm = make(GetParam());
+  at::Tensor tokens = sample_tokens(5, 24);
+  BlockInputCache all(*lm.stages(), tokens, 2);
+  BlockInputCache moving(*lm.stages(), tokens, 2, BlockInputCache::Keep::kMoving);
+  const int64_t blocks = all.num_blocks();
+  ASSERT_GE(blocks, 3) << "the test needs boundaries to drop";
+  int64_t most_bytes = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    moving.move_to(b);
+    most_bytes = std::max(most_bytes, moving.bytes());
+    perturb(lm, b);
+    EXPECT_TRUE(at::equal(moving.local_error(b), all.local_error(b))) << b;
+    for (int64_t chunk = 0; chunk < 3; ++chunk)
+      EXPECT_TRUE(at::equal(moving.logits_from(b, chunk), all.logits_from(b, chunk))) << b << " " << chunk;
+    lm.restore_all();  // the blocks moved past hold the weights the cache describes
+  }
+  moving.move_to(blocks);
+  EXPECT_TRUE(at::equal(moving.logits_from(blocks, 0), all.logits_from(blocks, 0)));
+  EXPECT_LT(most_bytes, all.bytes() * 3 / (blocks + 1)) << "about two boundaries of " << blocks + 1;
+  const std::string dropped = test::expect_error([&] { moving.state(0, 0); });
+  EXPECT_NE(dropped.find("not kept"), std::string::npos) << dropped;
+  EXPECT_THROW(moving.move_to(blocks - 1), Error);
+  EXPECT_THROW(moving.refresh(0), Error);
+  EXPECT_THROW(all.move_to(1), Error);
 }
 
 // Statistics collected one block at a time from streamed block inputs are exactly those of the

@@ -111,13 +111,23 @@ SearchResult allocate_stories(const Budget& budget, SearchOptions o) {
 
 // The plan meets the budget on the KL its weights really have (a whole pass over them), every
 // weight has its measured curve, and the target search measured whole plans against predictions.
+// The candidate cache (unbounded here) ends holding the integer points of the hulls and nothing
+// else: the rest are never read again and only spent the cache's bound.
 TEST(PrecisionOptimizer, AllocationMeetsTheBudgetOnItsMeasuredKl) {
   Stories& s = stories();
   Budget budget;
   budget.max_kl = 0.05;
   SearchOptions o;
   o.group_sizes = {128, 32};
+  o.shared_candidates = std::make_shared<CandidateCache>(int64_t{1} << 40);
   const SearchResult r = allocate_stories(budget, o);
+  size_t on_hulls = 0, measured = 0;
+  for (const auto& [name, curve] : r.curves) {
+    for (const CurvePoint& p : lower_hull(curve)) on_hulls += p.spec.is_integer();
+    for (const CurvePoint& p : curve) measured += p.spec.is_integer();
+  }
+  EXPECT_EQ(o.shared_candidates->size(), on_hulls);
+  EXPECT_LT(on_hulls, measured) << "the test needs candidates off the hulls";
   EXPECT_TRUE(budget.quality_met(r.calibration, safety_used(budget, SearchStrategy::kAllocate)))
       << r.calibration.kl->mean.value;
   EXPECT_NEAR(r.calibration.kl->mean.value, whole_model_kl(s.model, s.data.calibration, r.weights), 1e-6);
