@@ -1,7 +1,6 @@
 #include "optimizer/plan.h"
 
 #include <algorithm>
-#include <memory>
 #include <nlohmann/json.hpp>
 
 #include <set>
@@ -170,8 +169,7 @@ QuantizedWeights apply_plan_by_block(QuantizableModel& model, const Plan& plan, 
 }
 
 EvalResult evaluate_by_block(QuantizableModel& model, const QuantizedWeights& weights,
-                             const GradualEvaluator& evaluator, const BlockProgress& on_block, int64_t group_windows) {
-  GRADQ_CHECK(group_windows > 0, "windows per group must be positive, got {}", group_windows);
+                             const GradualEvaluator& evaluator, const BlockProgress& on_block) {
   const ModelStages* stages = model.stages();
   const auto block_of = block_of_weights(model);
   std::vector<std::vector<std::string>> in_block(stages ? static_cast<size_t>(stages->num_blocks()) : 0);
@@ -197,31 +195,18 @@ EvalResult evaluate_by_block(QuantizableModel& model, const QuantizedWeights& we
     if (!stages) {
       result = evaluator.evaluate(model);
     } else {
-      // A group of windows (whole batches) runs through every block before the next group starts:
-      // only one group's states are held, whatever the number of windows.
-      const int64_t batch = evaluator.batch(), windows = evaluator.windows().size();
-      const int64_t group = (group_windows + batch - 1) / batch * batch;
-      const int64_t runs = (windows + group - 1) / group * static_cast<int64_t>(in_block.size());
-      std::unique_ptr<BlockInputStream> stream;
-      int64_t group_begin = -1, done = 0;
-      auto run_group = [&](int64_t begin) {
-        stream.reset();  // the previous group's states go before the next group's come
-        stream = std::make_unique<BlockInputStream>(
-            *stages, evaluator.windows().inputs.slice(0, begin, std::min(windows, begin + group)), batch);
-        group_begin = begin;
-        for (const std::vector<std::string>& names : in_block) {
-          set(names);
-          stream->advance();
-          restore(names);
-          if (on_block) on_block(++done, runs);
-        }
-      };
+      BlockInputStream stream(*stages, evaluator.windows().inputs, evaluator.batch());
+      for (size_t b = 0; b < in_block.size(); ++b) {
+        set(in_block[b]);
+        stream.advance();
+        restore(in_block[b]);
+        if (on_block) on_block(static_cast<int64_t>(b) + 1, static_cast<int64_t>(in_block.size()));
+      }
       result = evaluator.evaluate([&](int64_t begin, int64_t end) {
-        GRADQ_CHECK(begin % batch == 0 && end - begin <= batch, "the evaluator asked for windows [{}, {}), not one batch of {}",
-                    begin, end, batch);
-        if (group_begin < 0 || begin < group_begin || begin >= group_begin + group) run_group(begin - begin % group);
+        GRADQ_CHECK(begin % evaluator.batch() == 0 && end - begin <= evaluator.batch(),
+                    "the evaluator asked for windows [{}, {}), not one batch of {}", begin, end, evaluator.batch());
         c10::InferenceMode guard;
-        return stages->head(stream->states().at(static_cast<size_t>((begin - group_begin) / batch)));
+        return stages->head(stream.states().at(static_cast<size_t>(begin / evaluator.batch())));
       });
     }
     restore(whole_pass);

@@ -77,16 +77,11 @@ QuantizedWeights apply_plan_by_block(QuantizableModel& model, const Plan& plan, 
 /// (setting every weight for a whole pass holds two copies of the model's weights). The same numbers
 /// as set-all-then-evaluate (the stages compute what the forward does, bit for bit; tested). Weights
 /// outside the blocks (an embedding, the head) are set for the whole pass; a model without stages is
-/// evaluated whole. The windows run in groups of `group_windows` (rounded up to whole batches), each
-/// through every block before the next: memory for one group's states at one boundary (group x ctx
-/// x width), not every window's (64 held-out windows of a 768-wide model: 50 MB a boundary), for a
-/// block's weights set once per group. `weights` must hold their originals before; they hold them
-/// again after, also when this throws. `on_block(done, runs)` is called after each block of each
-/// group (runs: blocks x groups).
-constexpr int64_t kDefaultGroupWindows = 16;
+/// evaluated whole. Memory: the windows' states at one boundary (windows x ctx x width). `weights`
+/// must hold their originals before; they hold them again after, also when this throws.
+/// `on_block(done, blocks)` is called after each block.
 EvalResult evaluate_by_block(QuantizableModel& model, const QuantizedWeights& weights,
-                             const GradualEvaluator& evaluator, const BlockProgress& on_block = {},
-                             int64_t group_windows = kDefaultGroupWindows);
+                             const GradualEvaluator& evaluator, const BlockProgress& on_block = {});
 
 /// True when some entry's method needs activation statistics (kClip, kTrained, kGptq); `with_xtx` is
 /// set when one needs X^T X (kTrained, kGptq).

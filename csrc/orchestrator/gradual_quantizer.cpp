@@ -88,8 +88,8 @@ QuantizeOutcome GradualQuantizer::run() {
   }
   // Held-out passes run block by block: the model holds one block's new weights beside its originals.
   auto evaluate_heldout = [&](const QuantizedWeights& weights, PhaseTimer& phase) {
-    EvalResult r = evaluate_by_block(model_, weights, heldout, [&](int64_t done, int64_t runs) {
-      progress(phase.name(), done, runs, fmt::format("held-out pass: {} of {} block runs", done, runs));
+    EvalResult r = evaluate_by_block(model_, weights, heldout, [&](int64_t done, int64_t blocks) {
+      progress(phase.name(), done, blocks, fmt::format("held-out pass: block {} of {}", done, blocks));
     });
     phase.add_passes(1);
     return r;

@@ -208,28 +208,14 @@ TEST_P(Stages, EvaluatedBlockByBlockEqualsEveryWeightSet) {
     weights[w.name] = quantize_weight(lm.weight(w.name), w.name, parse_quant_spec("b2g16"), RoundingMethod::kRtn, {});
 
   std::vector<std::pair<int64_t, int64_t>> progress;
-  const EvalResult by_block = evaluate_by_block(lm, weights, evaluator, [&](int64_t done, int64_t runs) {
-    progress.emplace_back(done, runs);
+  const EvalResult by_block = evaluate_by_block(lm, weights, evaluator, [&](int64_t done, int64_t blocks) {
+    progress.emplace_back(done, blocks);
   });
   const auto blocks = lm.stages()->num_blocks();
-  ASSERT_EQ(static_cast<int64_t>(progress.size()), blocks) << "5 windows are one group: one call per block";
+  ASSERT_EQ(static_cast<int64_t>(progress.size()), blocks) << "one progress call per block";
   for (int64_t b = 0; b < blocks; ++b) EXPECT_EQ(progress[b], std::make_pair(b + 1, blocks));
   for (const WeightInfo& w : lm.weights()) EXPECT_TRUE(lm.holds_original(w.name)) << w.name;
   EXPECT_EQ(lm.original_bytes(), 0);
-  // In groups of one batch (2 windows; 3 rounds up to 4): 3 groups, each through every block.
-  for (int64_t group_windows : {2, 3}) {
-    progress.clear();
-    const EvalResult grouped = evaluate_by_block(lm, weights, evaluator, [&](int64_t done, int64_t runs) {
-      progress.emplace_back(done, runs);
-    }, group_windows);
-    const int64_t groups = group_windows == 2 ? 3 : 2;
-    ASSERT_EQ(static_cast<int64_t>(progress.size()), groups * blocks) << group_windows;
-    EXPECT_EQ(progress.back(), std::make_pair(groups * blocks, groups * blocks));
-    EXPECT_EQ(grouped.nll.value, by_block.nll.value) << group_windows;
-    EXPECT_EQ(grouped.kl->mean.value, by_block.kl->mean.value) << group_windows;
-    EXPECT_EQ(lm.original_bytes(), 0);
-  }
-  EXPECT_THROW(evaluate_by_block(lm, weights, evaluator, {}, 0), Error);
   for (const auto& [name, q] : weights) lm.set_weight(name, q.dequantize());
   const EvalResult whole = evaluator.evaluate(lm);
   lm.restore_all();
