@@ -8,6 +8,9 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/error.h"
@@ -22,6 +25,7 @@ struct Value {
   enum Kind : uint8_t { kUnknown, kInt, kStr, kTuple, kStorage };
   Kind kind = kUnknown;
   uint8_t depth = 0;                               // kTuple: 1 + the deepest tuple inside
+  int32_t node = -1;                               // a container: its node in the ContainerGraph
   int64_t i = 0;                                   // kInt: the value; kStorage: the index in `storages`
   std::shared_ptr<const std::string> s;            // kStr
   std::shared_ptr<const std::vector<Value>> items;  // kTuple (shared: memo entries copy it)
@@ -33,6 +37,76 @@ struct Value {
 // pickle of TUPLE1s nests as deep as it is long).
 constexpr uint8_t kMaxTupleDepth = 8;
 constexpr size_t kMaxString = 4096;
+
+// libtorch releases an unpickled value recursively, a frame or more per level of nesting, so a pickle of
+// containers nested about 130,000 deep overflows the stack (regressions/reference-deep-list.ref: a million
+// nested lists, 3 kB deflated). No torch writer nests deeper than a module tree (an object and its
+// state dict per level, then a tensor's arguments): tens of levels.
+constexpr size_t kMaxNesting = 1000;
+
+// The containers a pickle builds (tuples, lists, dicts, and what REDUCE and BUILD make, taken to hold
+// their arguments) and which holds which. Lists and dicts change after they are made (APPENDS, SETITEMS,
+// SETITEM), also through a memo entry after another container took them, so the nesting depth is only
+// known once the walk ends: it is the longest chain of containers in the graph.
+class ContainerGraph {
+ public:
+  int32_t add() { return nodes_++; }
+  // `parent` holds `child`; values that are no containers (node -1) add nothing.
+  void link(int32_t parent, int32_t child) {
+    if (parent >= 0 && child >= 0) edges_.emplace_back(parent, child);
+  }
+  size_t size() const { return static_cast<size_t>(nodes_); }
+
+  // The number of containers on the longest chain of containers holding one another, or nullopt when
+  // a container holds itself (a cycle: no longest chain). Stops counting past `limit`. Iterative: the
+  // graph can be as deep as the pickle is long.
+  std::optional<size_t> depth(size_t limit) const {
+    std::vector<int32_t> first(size() + 1, 0), child(edges_.size());  // children of n: child[first[n], first[n+1])
+    for (const auto& e : edges_) ++first[static_cast<size_t>(e.first) + 1];
+    for (size_t n = 0; n < size(); ++n) first[n + 1] += first[n];
+    std::vector<int32_t> fill(first.begin(), first.end() - 1);
+    for (const auto& e : edges_) child[static_cast<size_t>(fill[static_cast<size_t>(e.first)]++)] = e.second;
+    enum : uint8_t { kNew, kOpen, kDone };
+    std::vector<uint8_t> state(size(), kNew);
+    std::vector<size_t> below(size(), 1);  // kDone: containers on the longest chain from the node down
+    std::vector<std::pair<int32_t, int32_t>> path;  // (node, its next child) from the root being walked
+    size_t deepest = 0;
+    for (int32_t root = 0; root < nodes_; ++root) {
+      if (state[static_cast<size_t>(root)] != kNew) continue;
+      state[static_cast<size_t>(root)] = kOpen;
+      path.emplace_back(root, first[static_cast<size_t>(root)]);
+      while (!path.empty()) {
+        auto& [n, next] = path.back();
+        if (next < first[static_cast<size_t>(n) + 1]) {
+          const int32_t c = child[static_cast<size_t>(next++)];
+          if (state[static_cast<size_t>(c)] == kOpen) return std::nullopt;
+          if (state[static_cast<size_t>(c)] == kNew) {
+            if (path.size() > limit) return path.size();  // deeper than the limit already
+            state[static_cast<size_t>(c)] = kOpen;
+            path.emplace_back(c, first[static_cast<size_t>(c)]);
+          } else {
+            below[static_cast<size_t>(n)] = std::max(below[static_cast<size_t>(n)], below[static_cast<size_t>(c)] + 1);
+          }
+          continue;
+        }
+        const int32_t done = n;
+        state[static_cast<size_t>(done)] = kDone;
+        deepest = std::max(deepest, below[static_cast<size_t>(done)]);
+        if (deepest > limit) return deepest;
+        path.pop_back();
+        if (!path.empty()) {
+          const size_t parent = static_cast<size_t>(path.back().first);
+          below[parent] = std::max(below[parent], below[static_cast<size_t>(done)] + 1);
+        }
+      }
+    }
+    return deepest;
+  }
+
+ private:
+  int32_t nodes_ = 0;
+  std::vector<std::pair<int32_t, int32_t>> edges_;
+};
 
 Value int_value(int64_t v) {
   Value r;
@@ -97,6 +171,8 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
   std::map<uint64_t, Value> memo;
   std::vector<Callable> callables;
   std::vector<Storage> storages;  // declared so far, in order
+  ContainerGraph containers;
+  size_t made_while_lost = 0;  // opcodes that can make a container, once the model is lost
   bool lost = false;
   auto pop = [&] {
     Value v = std::move(stack.back());
@@ -110,6 +186,13 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
     GRADQ_CHECK(start <= stack.size(), "{} is corrupt: the pickle opcode 0x{:02x} at byte {} builds from a MARK at "
                 "stack depth {}, above the stack's top ({} values)", what, op, at, start, stack.size());
     return start;
+  };
+  // A new container holding the values stack[from, end).
+  auto container_of = [&](size_t from) {
+    Value c;
+    c.node = containers.add();
+    for (size_t k = from; k < stack.size(); ++k) containers.link(c.node, stack[k].node);
+    return c;
   };
   auto record_of = [&](const std::string& key) { return storage_records->folder + "/" + key; };
   auto cannot_check = [&](size_t at, const char* thing) {
@@ -194,205 +277,237 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
     return (*args)[0];
   };
 
-  while (i < size) {
-    const size_t at = i;
-    const uint8_t op = data[i++];
-    int fixed = 0;      // bytes of a fixed-size argument
-    int length = 0;     // bytes of the length field of a length-prefixed argument
-    int lines = 0;      // newline-terminated arguments
-    switch (op) {  // every opcode of pickle protocols 0 to 5 (Python's pickletools)
-      case '.':  // STOP
-        return;
-      case '(': case '0': case '1': case '2': case 'N': case 'Q': case 'R': case 'a': case 'b': case 'd':
-      case '}': case 'e': case 'l': case ']': case 'o': case 's': case 't': case ')': case 'u': case 0x81:
-      case 0x85: case 0x86: case 0x87: case 0x88: case 0x89: case 0x8f: case 0x90: case 0x91: case 0x92:
-      case 0x93: case 0x94: case 0x97: case 0x98:
-        break;
-      case 'K': case 'h': case 'q': case 0x80: case 0x82: fixed = 1; break;
-      case 'M': case 0x83: fixed = 2; break;
-      case 'J': case 'j': case 'r': case 0x84: fixed = 4; break;
-      case 'G': case 0x95: fixed = 8; break;  // BINFLOAT, FRAME
-      case 'F': case 'I': case 'L': case 'P': case 'S': case 'V': case 'g': case 'p': lines = 1; break;
-      case 'c': case 'i': lines = 2; break;  // GLOBAL, INST: module and name
-      case 'U': case 'C': case 0x8c: case 0x8a: length = 1; break;  // SHORT_BINSTRING/BINBYTES/BINUNICODE, LONG1
-      case 'T': case 'X': case 'B': case 0x8b: length = 4; break;   // BINSTRING, BINUNICODE, BINBYTES, LONG4
-      case 0x8d: case 0x8e: case 0x96: length = 8; break;            // BINUNICODE8, BINBYTES8, BYTEARRAY8
-      default:
-        return;  // not a pickle opcode: the unpickler rejects it itself
-    }
-    std::string module, name;  // GLOBAL's arguments
-    for (int line = 0; line < lines; ++line)
-      if (!read_line(op == 'c' ? (line == 0 ? &module : &name) : nullptr)) return;
-    uint64_t argument = 0;  // a fixed-size argument's value
-    if (fixed > 0) {
-      if (static_cast<size_t>(fixed) > size - i) return;
-      argument = field(fixed);
-      if (op == 'r') {  // LONG_BINPUT: the unpickler grows its memo table to the index first
-        GRADQ_CHECK(argument < size, "{} is corrupt: the pickle opcode 0x{:02x} at byte {} stores memo entry {}, beyond "
-                    "the {} entries a pickle of {} bytes can make", what, op, at, argument, size, size);
-      }
-      i += fixed;
-    }
-    const uint8_t* payload = nullptr;  // a length-prefixed argument's bytes
-    uint64_t n = 0;
-    if (length > 0) {
-      if (static_cast<size_t>(length) > size - i) return;
-      n = field(length);
-      i += length;
-      GRADQ_CHECK(n <= size - i, "{} is corrupt: the pickle opcode 0x{:02x} at byte {} declares {} bytes, {} are left",
-                  what, op, at, n, size - i);
-      payload = data + i;
-      i += n;
-    }
-    if (lost) {  // a storage or tensor after this point cannot be followed
-      if (storage_records && (op == 'Q' || op == 'R' || op == 'b'))
-        throw cannot_check(at, op == 'Q' ? "storage (persistent id)" : "call (REDUCE or BUILD)");
-      continue;
-    }
-    // The opcode's effect on the stack, as Unpickler::readInstruction has it. An opcode that takes
-    // more values than the stack holds, or a MARK there is none of, is refused: libtorch 1.13's
-    // unpickler pops some of them from an empty std::vector (fuzz_reference: TUPLE3 on a stack of one
-    // freed an address it never allocated), and no valid pickle does it.
-    const size_t depth = stack.size();
-    auto need = [&](size_t values, bool mark) {
-      GRADQ_CHECK(depth >= values && (!mark || !marks.empty()), "{} is corrupt: the pickle opcode 0x{:02x} at byte {} "
-                  "takes {} values{} from a stack of {}{}", what, op, at, values, mark ? " and a MARK" : "", depth,
-                  marks.empty() ? " without a MARK" : "");
-      return true;
-    };
-    switch (op) {
-      case 0x80:  // PROTO: only the first opcode (Unpickler::run reads it before the loop)
-        if (at != 0) lost = true;
-        break;
-      case '(': marks.push_back(depth); break;
-      case 'N': case 0x88: case 0x89: case 'G': case ']': case '}': stack.emplace_back(); break;
-      case ')': {
-        Value t;
-        t.kind = Value::kTuple;
-        t.items = std::make_shared<std::vector<Value>>();
-        stack.push_back(std::move(t));
-        break;
-      }
-      case 'K': case 'M': stack.push_back(int_value(static_cast<int64_t>(argument))); break;
-      case 'J': stack.push_back(int_value(static_cast<int32_t>(static_cast<uint32_t>(argument)))); break;
-      case 0x8a: {  // LONG1: little-endian two's complement
-        if (n == 0 || n > 8) {
-          stack.emplace_back();
+  auto walk = [&] {
+    while (i < size) {
+      const size_t at = i;
+      const uint8_t op = data[i++];
+      int fixed = 0;      // bytes of a fixed-size argument
+      int length = 0;     // bytes of the length field of a length-prefixed argument
+      int lines = 0;      // newline-terminated arguments
+      switch (op) {  // every opcode of pickle protocols 0 to 5 (Python's pickletools)
+        case '.':  // STOP
+          return;
+        case '(': case '0': case '1': case '2': case 'N': case 'Q': case 'R': case 'a': case 'b': case 'd':
+        case '}': case 'e': case 'l': case ']': case 'o': case 's': case 't': case ')': case 'u': case 0x81:
+        case 0x85: case 0x86: case 0x87: case 0x88: case 0x89: case 0x8f: case 0x90: case 0x91: case 0x92:
+        case 0x93: case 0x94: case 0x97: case 0x98:
           break;
-        }
-        uint64_t v = 0;
-        for (size_t b = n; b-- > 0;) v = (v << 8) | payload[b];
-        if (n < 8 && (payload[n - 1] & 0x80)) v |= ~uint64_t{0} << (8 * n);
-        stack.push_back(int_value(static_cast<int64_t>(v)));
-        break;
+        case 'K': case 'h': case 'q': case 0x80: case 0x82: fixed = 1; break;
+        case 'M': case 0x83: fixed = 2; break;
+        case 'J': case 'j': case 'r': case 0x84: fixed = 4; break;
+        case 'G': case 0x95: fixed = 8; break;  // BINFLOAT, FRAME
+        case 'F': case 'I': case 'L': case 'P': case 'S': case 'V': case 'g': case 'p': lines = 1; break;
+        case 'c': case 'i': lines = 2; break;  // GLOBAL, INST: module and name
+        case 'U': case 'C': case 0x8c: case 0x8a: length = 1; break;  // SHORT_BINSTRING/BINBYTES/BINUNICODE, LONG1
+        case 'T': case 'X': case 'B': case 0x8b: length = 4; break;   // BINSTRING, BINUNICODE, BINBYTES, LONG4
+        case 0x8d: case 0x8e: case 0x96: length = 8; break;            // BINUNICODE8, BINBYTES8, BYTEARRAY8
+        default:
+          return;  // not a pickle opcode: the unpickler rejects it itself
       }
-      case 'X': {  // BINUNICODE
-        if (n > kMaxString) {
-          stack.emplace_back();
+      std::string module, name;  // GLOBAL's arguments
+      for (int line = 0; line < lines; ++line)
+        if (!read_line(op == 'c' ? (line == 0 ? &module : &name) : nullptr)) return;
+      uint64_t argument = 0;  // a fixed-size argument's value
+      if (fixed > 0) {
+        if (static_cast<size_t>(fixed) > size - i) return;
+        argument = field(fixed);
+        if (op == 'r') {  // LONG_BINPUT: the unpickler grows its memo table to the index first
+          GRADQ_CHECK(argument < size, "{} is corrupt: the pickle opcode 0x{:02x} at byte {} stores memo entry {}, beyond "
+                      "the {} entries a pickle of {} bytes can make", what, op, at, argument, size, size);
+        }
+        i += fixed;
+      }
+      const uint8_t* payload = nullptr;  // a length-prefixed argument's bytes
+      uint64_t n = 0;
+      if (length > 0) {
+        if (static_cast<size_t>(length) > size - i) return;
+        n = field(length);
+        i += length;
+        GRADQ_CHECK(n <= size - i, "{} is corrupt: the pickle opcode 0x{:02x} at byte {} declares {} bytes, {} are left",
+                    what, op, at, n, size - i);
+        payload = data + i;
+        i += n;
+      }
+      if (lost) {  // a storage or tensor after this point cannot be followed
+        if (storage_records && (op == 'Q' || op == 'R' || op == 'b'))
+          throw cannot_check(at, op == 'Q' ? "storage (persistent id)" : "call (REDUCE or BUILD)");
+        static constexpr std::string_view kMakesContainers("]})tldRb\x81\x85\x86\x87\x8f\x91\x92oi");
+        made_while_lost += kMakesContainers.find(static_cast<char>(op)) != std::string_view::npos;
+        continue;
+      }
+      // The opcode's effect on the stack, as Unpickler::readInstruction has it. An opcode that takes
+      // more values than the stack holds, or a MARK there is none of, is refused: libtorch 1.13's
+      // unpickler pops some of them from an empty std::vector (fuzz_reference: TUPLE3 on a stack of one
+      // freed an address it never allocated), and no valid pickle does it.
+      const size_t depth = stack.size();
+      auto need = [&](size_t values, bool mark) {
+        GRADQ_CHECK(depth >= values && (!mark || !marks.empty()), "{} is corrupt: the pickle opcode 0x{:02x} at byte {} "
+                    "takes {} values{} from a stack of {}{}", what, op, at, values, mark ? " and a MARK" : "", depth,
+                    marks.empty() ? " without a MARK" : "");
+        return true;
+      };
+      switch (op) {
+        case 0x80:  // PROTO: only the first opcode (Unpickler::run reads it before the loop)
+          if (at != 0) lost = true;
           break;
-        }
-        Value s;
-        s.kind = Value::kStr;
-        s.s = std::make_shared<const std::string>(reinterpret_cast<const char*>(payload), n);
-        stack.push_back(std::move(s));
-        break;
-      }
-      case 't': case 0x85: case 0x86: case 0x87: {  // TUPLE (from the MARK), TUPLE1, TUPLE2, TUPLE3
-        size_t start;
-        if (op == 't') {
-          if (!need(0, true)) break;
-          start = pop_mark(at, op);
-        } else {
-          if (!need(op - 0x84, false)) break;
-          start = depth - (op - 0x84);
-        }
-        uint8_t depth = 1;
-        for (size_t k = start; k < stack.size(); ++k)
-          if (stack[k].kind == Value::kTuple) depth = std::max<uint8_t>(depth, stack[k].depth + 1);
-        Value t;
-        if (depth <= kMaxTupleDepth) {
+        case '(': marks.push_back(depth); break;
+        case 'N': case 0x88: case 0x89: case 'G': stack.emplace_back(); break;
+        case ']': case '}': stack.push_back(container_of(stack.size())); break;  // EMPTY_LIST, EMPTY_DICT
+        case ')': {
+          Value t = container_of(stack.size());
           t.kind = Value::kTuple;
-          t.depth = depth;
-          t.items = std::make_shared<std::vector<Value>>(std::make_move_iterator(stack.begin() + start),
-                                                         std::make_move_iterator(stack.end()));
-        }
-        stack.resize(start);
-        stack.push_back(std::move(t));
-        break;
-      }
-      case 'l': case 'd': case 'e': case 'u': {  // LIST, DICT (from the MARK); APPENDS, SETITEMS (into the
-        if (!need(0, true)) break;                // container below the MARK)
-        const size_t start = pop_mark(at, op);
-        GRADQ_CHECK(op == 'l' || op == 'e' || (depth - start) % 2 == 0, "{} is corrupt: the pickle opcode 0x{:02x} at "
-                    "byte {} builds a dict from {} values, not key-value pairs", what, op, at, depth - start);
-        GRADQ_CHECK((op != 'e' && op != 'u') || start > 0, "{} is corrupt: the pickle opcode 0x{:02x} at byte {} adds "
-                    "to a container below its MARK, and there is none", what, op, at);
-        stack.resize(start);
-        if (op == 'l' || op == 'd') stack.emplace_back();
-        break;
-      }
-      case 's':  // SETITEM
-        if (need(3, false)) stack.resize(depth - 2);
-        break;
-      case 'q': case 'r':  // BINPUT, LONG_BINPUT
-        if (need(1, false)) memo[argument] = stack.back();
-        break;
-      case 'h': case 'j': {  // BINGET, LONG_BINGET
-        auto it = memo.find(argument);
-        if (it == memo.end()) lost = true;  // the unpickler refuses an index it has not stored
-        else stack.push_back(it->second);
-        break;
-      }
-      case 'c':  // GLOBAL (Unpickler::readGlobal): an index into the callables, or a value
-        if (module == "torch" && name != "device") {
-          const std::optional<int64_t> v = torch_global_value(name);
-          if (v) stack.push_back(int_value(*v));
-          else lost = true;  // the unpickler refuses it
-        } else if (module == "torch._utils" && (name == "_rebuild_tensor_v2" || name == "_rebuild_qtensor")) {
-          callables.push_back(Callable::kRebuildTensor);
-          stack.push_back(int_value(static_cast<int64_t>(callables.size() - 1)));
-        } else if (module == "torch._utils" && name == "_rebuild_sparse_tensor") {
-          GRADQ_CHECK(!storage_records, "{} holds a sparse tensor (byte {}), which gradq does not read: libtorch builds "
-                      "one without checking its indices", what, at);
-          callables.push_back(Callable::kRebuildSparse);
-          stack.push_back(int_value(static_cast<int64_t>(callables.size() - 1)));
-        } else if (module == "torch._tensor" && name == "_rebuild_from_type_v2") {
-          lost = true;  // it makes the unpickler skip the next two GLOBALs: not modelled
-        } else {
-          callables.push_back(Callable::kOther);
-          stack.push_back(int_value(static_cast<int64_t>(callables.size() - 1)));
-        }
-        break;
-      case 0x81:  // NEWOBJ: drops the arguments, leaves the callable for BUILD
-        if (need(1, false)) stack.pop_back();
-        break;
-      case 'R': case 'b': {  // REDUCE, BUILD: callable(argument); every callable but an enum's pops one, pushes one
-        if (!need(2, false)) break;
-        Value arg = pop();
-        const Value callable = pop();
-        if (callable.kind != Value::kInt || callable.i < 0 || static_cast<size_t>(callable.i) >= callables.size()) {
-          if (storage_records && callable.kind == Value::kUnknown) throw cannot_check(at, "call (REDUCE or BUILD)");
-          lost = callable.kind == Value::kUnknown;  // an Int out of range or not an Int: the unpickler refuses it
-          stack.emplace_back();
+          t.items = std::make_shared<std::vector<Value>>();
+          stack.push_back(std::move(t));
           break;
         }
-        switch (callables[static_cast<size_t>(callable.i)]) {
-          case Callable::kRebuildTensor: stack.push_back(rebuild_tensor(arg, at)); break;
-          case Callable::kRebuildSparse: case Callable::kOther: stack.emplace_back(); break;
+        case 'K': case 'M': stack.push_back(int_value(static_cast<int64_t>(argument))); break;
+        case 'J': stack.push_back(int_value(static_cast<int32_t>(static_cast<uint32_t>(argument)))); break;
+        case 0x8a: {  // LONG1: little-endian two's complement
+          if (n == 0 || n > 8) {
+            stack.emplace_back();
+            break;
+          }
+          uint64_t v = 0;
+          for (size_t b = n; b-- > 0;) v = (v << 8) | payload[b];
+          if (n < 8 && (payload[n - 1] & 0x80)) v |= ~uint64_t{0} << (8 * n);
+          stack.push_back(int_value(static_cast<int64_t>(v)));
+          break;
         }
-        break;
+        case 'X': {  // BINUNICODE
+          if (n > kMaxString) {
+            stack.emplace_back();
+            break;
+          }
+          Value s;
+          s.kind = Value::kStr;
+          s.s = std::make_shared<const std::string>(reinterpret_cast<const char*>(payload), n);
+          stack.push_back(std::move(s));
+          break;
+        }
+        case 't': case 0x85: case 0x86: case 0x87: {  // TUPLE (from the MARK), TUPLE1, TUPLE2, TUPLE3
+          size_t start;
+          if (op == 't') {
+            if (!need(0, true)) break;
+            start = pop_mark(at, op);
+          } else {
+            if (!need(op - 0x84, false)) break;
+            start = depth - (op - 0x84);
+          }
+          uint8_t depth = 1;
+          for (size_t k = start; k < stack.size(); ++k)
+            if (stack[k].kind == Value::kTuple) depth = std::max<uint8_t>(depth, stack[k].depth + 1);
+          Value t = container_of(start);
+          if (depth <= kMaxTupleDepth) {
+            t.kind = Value::kTuple;
+            t.depth = depth;
+            t.items = std::make_shared<std::vector<Value>>(std::make_move_iterator(stack.begin() + start),
+                                                           std::make_move_iterator(stack.end()));
+          }
+          stack.resize(start);
+          stack.push_back(std::move(t));
+          break;
+        }
+        case 'l': case 'd': case 'e': case 'u': {  // LIST, DICT (from the MARK); APPENDS, SETITEMS (into the
+          if (!need(0, true)) break;                // container below the MARK)
+          const size_t start = pop_mark(at, op);
+          GRADQ_CHECK(op == 'l' || op == 'e' || (depth - start) % 2 == 0, "{} is corrupt: the pickle opcode 0x{:02x} at "
+                      "byte {} builds a dict from {} values, not key-value pairs", what, op, at, depth - start);
+          GRADQ_CHECK((op != 'e' && op != 'u') || start > 0, "{} is corrupt: the pickle opcode 0x{:02x} at byte {} adds "
+                      "to a container below its MARK, and there is none", what, op, at);
+          if (op == 'l' || op == 'd') {
+            Value c = container_of(start);
+            stack.resize(start);
+            stack.push_back(std::move(c));
+          } else {
+            for (size_t k = start; k < stack.size(); ++k) containers.link(stack[start - 1].node, stack[k].node);
+            stack.resize(start);
+          }
+          break;
+        }
+        case 's':  // SETITEM
+          if (need(3, false)) {
+            containers.link(stack[depth - 3].node, stack[depth - 2].node);
+            containers.link(stack[depth - 3].node, stack[depth - 1].node);
+            stack.resize(depth - 2);
+          }
+          break;
+        case 'q': case 'r':  // BINPUT, LONG_BINPUT
+          if (need(1, false)) memo[argument] = stack.back();
+          break;
+        case 'h': case 'j': {  // BINGET, LONG_BINGET
+          auto it = memo.find(argument);
+          if (it == memo.end()) lost = true;  // the unpickler refuses an index it has not stored
+          else stack.push_back(it->second);
+          break;
+        }
+        case 'c':  // GLOBAL (Unpickler::readGlobal): an index into the callables, or a value
+          if (module == "torch" && name != "device") {
+            const std::optional<int64_t> v = torch_global_value(name);
+            if (v) stack.push_back(int_value(*v));
+            else lost = true;  // the unpickler refuses it
+          } else if (module == "torch._utils" && (name == "_rebuild_tensor_v2" || name == "_rebuild_qtensor")) {
+            callables.push_back(Callable::kRebuildTensor);
+            stack.push_back(int_value(static_cast<int64_t>(callables.size() - 1)));
+          } else if (module == "torch._utils" && name == "_rebuild_sparse_tensor") {
+            GRADQ_CHECK(!storage_records, "{} holds a sparse tensor (byte {}), which gradq does not read: libtorch builds "
+                        "one without checking its indices", what, at);
+            callables.push_back(Callable::kRebuildSparse);
+            stack.push_back(int_value(static_cast<int64_t>(callables.size() - 1)));
+          } else if (module == "torch._tensor" && name == "_rebuild_from_type_v2") {
+            lost = true;  // it makes the unpickler skip the next two GLOBALs: not modelled
+          } else {
+            callables.push_back(Callable::kOther);
+            stack.push_back(int_value(static_cast<int64_t>(callables.size() - 1)));
+          }
+          break;
+        case 0x81:  // NEWOBJ: drops the arguments, leaves the callable for BUILD
+          if (need(1, false)) stack.pop_back();
+          break;
+        case 'R': case 'b': {  // REDUCE, BUILD: callable(argument); every callable but an enum's pops one, pushes one
+          if (!need(2, false)) break;
+          Value arg = pop();
+          const Value callable = pop();
+          // What a call makes is taken to hold its argument (an object its state, a dict its items).
+          Value made;
+          made.node = containers.add();
+          containers.link(made.node, arg.node);
+          if (callable.kind != Value::kInt || callable.i < 0 || static_cast<size_t>(callable.i) >= callables.size()) {
+            if (storage_records && callable.kind == Value::kUnknown) throw cannot_check(at, "call (REDUCE or BUILD)");
+            lost = callable.kind == Value::kUnknown;  // an Int out of range or not an Int: the unpickler refuses it
+            stack.push_back(std::move(made));
+            break;
+          }
+          switch (callables[static_cast<size_t>(callable.i)]) {
+            case Callable::kRebuildTensor: stack.push_back(rebuild_tensor(arg, at)); break;
+            case Callable::kRebuildSparse: case Callable::kOther: stack.push_back(std::move(made)); break;
+          }
+          break;
+        }
+        case 'Q':  // BINPERSID
+          if (need(1, false)) {
+            const Value id = pop();
+            stack.push_back(declare_storage(id, at));
+          }
+          break;
+        default:  // an opcode libtorch 1.13's unpickler refuses
+          lost = true;
+          break;
       }
-      case 'Q':  // BINPERSID
-        if (need(1, false)) {
-          const Value id = pop();
-          stack.push_back(declare_storage(id, at));
-        }
-        break;
-      default:  // an opcode libtorch 1.13's unpickler refuses
-        lost = true;
-        break;
     }
+  };
+  walk();
+  // Whether the unpickler reaches STOP or refuses an opcode on the way, it releases what it has built.
+  if (lost) {  // the graph misses what the unmodelled opcodes did: a chain holds at most every container
+    GRADQ_CHECK(containers.size() + made_while_lost <= kMaxNesting, "{} cannot be checked: it makes up to {} "
+                "containers, some after an opcode the walk does not follow, so they could nest deeper than the {} "
+                "levels gradq accepts (libtorch releases nested values recursively)", what,
+                containers.size() + made_while_lost, kMaxNesting);
+    return;
   }
+  const std::optional<size_t> nesting = containers.depth(kMaxNesting);
+  GRADQ_CHECK(nesting.has_value(), "{} is corrupt: a container holds itself, which no torch writer makes", what);
+  GRADQ_CHECK(*nesting <= kMaxNesting, "{} is corrupt: its containers nest more than {} deep, the most gradq accepts "
+              "(libtorch releases nested values recursively, and deep nesting overflows its stack)", what, kMaxNesting);
 }
 
 void check_archive_pickles(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path) {

@@ -278,10 +278,56 @@ TEST(Readers, TorchScriptDebugPicklesAreChecked) {
 
 // Before: the walk's model kept every tuple, so a pickle of a million TUPLE1s nested a million deep
 // and destroying it overflowed the stack (gradq's own code, 8bac950 to e197dfa; found by a crafted
-// archive, `gradq eval --load-reference`: SEGV). Deeper tuples are now kept as unknown values.
+// archive, `gradq eval --load-reference`: SEGV). Deeper tuples are now kept as unknown values, and the
+// walk itself never recurses (this pickle is refused for its nesting, below).
 TEST(Readers, DeeplyNestedPickleTuplesAreWalkedWithoutRecursion) {
   const std::string pickle = std::string("\x80\x02N", 3) + std::string(1000000, '\x85') + ".";
-  EXPECT_NO_THROW(check_pickle(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl"));
+  GRADQ_EXPECT_THROW_MSG(check_pickle(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl"),
+                         "p.pkl is corrupt: its containers nest more than 1000 deep");
+}
+
+// Before: a million nested lists or one-element tuples (reference-deep-list.ref, reference-deep-tuple.ref,
+// crafted) passed the check, and libtorch 1.13 overflowed its stack releasing them (SEGV in `gradq eval
+// --load-reference`). Lists change after they are made, also through the memo after another container
+// took them, so the depth is measured on which container holds which once the walk ends.
+TEST(Readers, PicklesNestingDeeperThanAThousandAreErrors) {
+  auto check = [](const std::string& pickle) {
+    check_pickle(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl");
+  };
+  auto index = [](uint32_t k) { return std::string(reinterpret_cast<const char*>(&k), 4); };  // little-endian
+  // n empty lists, each stored in the memo, then list k appended into list k - 1 through the memo:
+  // no list holds another when it is made, yet list 0 ends n deep.
+  auto chain = [&](uint32_t n) {
+    std::string p("\x80\x02", 2);
+    for (uint32_t k = 0; k < n; ++k) p += "]r" + index(k);
+    for (uint32_t k = 1; k < n; ++k) p += "j" + index(k - 1) + "(j" + index(k) + "e";
+    return p + ".";
+  };
+  EXPECT_NO_THROW(check(chain(1000)));
+  GRADQ_EXPECT_THROW_MSG(check(chain(1001)), "p.pkl is corrupt: its containers nest more than 1000 deep");
+  // The same through SETITEM into dicts, and through an object's state (BUILD).
+  std::string dicts("\x80\x02", 2);
+  for (uint32_t k = 0; k < 1001; ++k) dicts += "}r" + index(k);
+  for (uint32_t k = 1; k < 1001; ++k) dicts += "j" + index(k - 1) + "Nj" + index(k) + "s";
+  GRADQ_EXPECT_THROW_MSG(check(dicts + "."), "nest more than 1000 deep");
+  std::string objects("\x80\x02", 2);
+  for (int k = 0; k < 1001; ++k) objects += "c__torch__\nM\n)\x81";
+  objects += "N";
+  for (int k = 0; k < 1001; ++k) objects += "b";
+  GRADQ_EXPECT_THROW_MSG(check(objects + "."), "nest more than 1000 deep");
+  // A list holding itself: no longest chain, and no torch writer makes one.
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02]q\x00(h\x00" "e.", 10)),
+                         "p.pkl is corrupt: a container holds itself");
+  // After an opcode the walk does not model, it bounds the depth by the containers made.
+  EXPECT_NO_THROW(check(std::string("\x80\x02" "a") + std::string(1000, ']') + "."));
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02" "a") + std::string(1001, ']') + "."),
+                         "p.pkl cannot be checked: it makes up to 1001 containers, some after an opcode the walk does not follow");
+  // TorchScript archives: torch::jit::load unpickles data.pkl with the same unpickler.
+  std::istringstream model(archive_of({{"data.pkl", chain(1001)}}));
+  GRADQ_EXPECT_THROW_MSG(CausalLM::load(model, "m.pt"), "(record data.pkl) is corrupt: its containers nest more than");
+  for (const char* file : {"reference-deep-list.ref", "reference-deep-tuple.ref"})
+    GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/" + file),
+                           "(record data.pkl) is corrupt: its containers nest more than 1000 deep");
 }
 
 // Before: nlohmann's get<int>() cast a float unchecked (undefined behaviour beyond int's range: fuzz_plan
