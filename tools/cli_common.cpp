@@ -107,7 +107,8 @@ void add_input_options(cxxopts::Options& options) {
       ("eval-windows", "held-out evaluation windows (0 = all)", cxxopts::value<int64_t>()->default_value("64"))
       ("fit-windows", "windows the rounding is fitted on (GPTQ's X^T X), the calibration part's next after the "
                       "calibration windows (0 = fit on the calibration windows)", cxxopts::value<int64_t>()->default_value("32"))
-      ("batch", "windows per forward pass", cxxopts::value<int64_t>()->default_value("8"));
+      ("batch", "windows per forward pass (more may be faster on a GPU; on a CPU they only add activation memory)",
+       cxxopts::value<int64_t>()->default_value(std::to_string(QuantizerOptions{}.batch)));
   add_reference_storage_option(options, "data");
 }
 

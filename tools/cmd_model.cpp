@@ -114,7 +114,8 @@ int cmd_eval(int argc, char** argv) {
       ("ctx", "window length in tokens", cxxopts::value<int64_t>()->default_value("256"))
       ("stride", "tokens between window starts (default: --ctx)", cxxopts::value<int64_t>())
       ("max-windows", "evaluate only the first N windows (0 = all)", cxxopts::value<int64_t>()->default_value("0"))
-      ("batch", "windows per forward pass", cxxopts::value<int64_t>()->default_value("8"))
+      ("batch", "windows per forward pass (more may be faster on a GPU; on a CPU they only add activation memory)",
+       cxxopts::value<int64_t>()->default_value(std::to_string(EvaluatorOptions{}.batch)))
       ("json", "also write the numbers as JSON to this file", cxxopts::value<std::string>());
   add_reference_storage_option(options);
   add_common_options(options);

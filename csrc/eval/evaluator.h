@@ -119,7 +119,7 @@ struct Reference {
 using LogitsSource = std::function<at::Tensor(int64_t begin, int64_t end)>;
 
 struct EvaluatorOptions {
-  int64_t batch = 8;  ///< windows per forward pass
+  int64_t batch = 1;  ///< windows per forward pass (QuantizerOptions::batch says why 1)
   /// evaluate() throws naming the window when logits are NaN or infinite. The reference pass always
   /// checks; the quantizer turns this off for its candidates, whose non-finite results fail the
   /// budget instead.
