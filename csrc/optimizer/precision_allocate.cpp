@@ -2,7 +2,7 @@
 // (SearchStrategy::kAllocate).
 //
 //   curves    every weight alone at every candidate (the search's widths x group sizes x encodings,
-//             its rounding method, prune when allowed), the rest at the start state: the KL it adds (allocator.h),
+//             its rounding method, prune when allowed), the rest as loaded: the KL it adds (allocator.h),
 //             measured exactly from its block (kExact: a candidate reruns every block after its own,
 //             so the cost per weight grows with depth), or predicted from its block's output error
 //             (kLocal: the block alone, times a KL-per-error factor that one exact measurement per
@@ -49,10 +49,14 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     if (on_progress) on_progress(progress);
   };
 
-  // The start (search_start_spec: 16-bit values), measured once; curves are KL added over it.
+  // The curves are KL added over the model as loaded, measured once. Not over the start state
+  // (search_start_spec): for an fp32 model that would hold a second fp32 copy of every weight through
+  // the curves (85 MB of the 683 MB heap peak of a 768-wide model), and the two differ by the start's
+  // fp16 rounding only (for a bf16 or fp16 model they are the same values). Whole plans, below, are
+  // measured with the start state's own values.
   int64_t weights = 0, fp16_bytes = 0;
   for (const WeightInfo& w : model_.weights()) {
-    hold(w.name, candidate(w.name, start_, RoundingMethod::kRtn));
+    model_.restore(w.name);
     weights += w.numel();
     fp16_bytes += 2 * w.numel();
   }
@@ -121,12 +125,12 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     const double error = block_error(b);
     const double added = evaluate_from(cache.get(), b, nullptr, result).kl->mean.value - base_kl;
     if (error > 0 && added > 0) factors[b] = added / error;
-    for (const std::string& name : changed) hold(name, candidate(name, start_, RoundingMethod::kRtn));
+    for (const std::string& name : changed) model_.restore(name);
     report(fmt::format("curves: block {} calibrated, {} weights at {} bits add KL {:.5f}, {:.3g} per unit of output error",
                        b, changed.size(), middle_bits, added, factors[b]));
   };
   // Weights in the order their values reach the model (embeddings, blocks in order, head): each is
-  // measured alone with the others at the start, so the order changes no curve, only which states
+  // measured alone with the others as loaded, so the order changes no curve, only which states
   // the cache needs when.
   std::vector<const WeightInfo*> in_stage_order;
   for (const WeightInfo& w : model_.weights()) in_stage_order.push_back(&w);
@@ -135,11 +139,10 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   for (const WeightInfo* weight : in_stage_order) {
     if (reuse_curves) break;
     const WeightInfo& w = *weight;
-    const QuantizedTensor& start_state = candidate(w.name, start_, RoundingMethod::kRtn);
     std::vector<CurvePoint>& curve = result.curves[w.name];
-    curve.push_back({start_, RoundingMethod::kRtn, start_state.storage_bytes(), 0.0});
+    curve.push_back({start_, RoundingMethod::kRtn, start_.storage_bytes(w.out_features, w.in_features), 0.0});
     const int64_t b = first_stage(w.name);
-    if (cache && b >= 0) cache->move_to(b);  // the blocks before b hold their start weights again
+    if (cache && b >= 0) cache->move_to(b);  // the blocks before b hold their loaded weights again
     const bool in_block = local && b >= 0 && b < blocks;
     if (in_block && std::isnan(factors[b])) calibrate(b);
     // Without a factor (its calibration measured no KL) the block is measured exactly.
@@ -154,7 +157,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       if (done % 16 == 0 || done == total)
         report(fmt::format("curves: {} at {} adds KL {:.5f}", w.name, o.spec.name(), curve.back().kl));
     }
-    hold(w.name, start_state);
+    model_.restore(w.name);
     // Only the points on the weight's hull are ever chosen (allocator.h), and the plan passes and
     // the repair ask for them again: keep those, drop the rest, so the cache's bound is not spent on
     // candidates that no later step reads while the ones that are read get evicted.
