@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -147,6 +148,10 @@ std::optional<int64_t> torch_global_value(const std::string& name) {
 }  // namespace
 
 void check_pickle(const uint8_t* data, size_t size, const std::string& what, const StorageRecords* storage_records) {
+  // Each container takes an opcode, a byte at least, so this bounds the ContainerGraph's int32 ids. A
+  // torch writer's pickle holds structure only (tensor data has records of its own): kB to MB.
+  GRADQ_CHECK(size <= static_cast<size_t>(std::numeric_limits<int32_t>::max()), "{} is a pickle of {} bytes, more "
+              "than the 2 GiB gradq reads", what, size);
   size_t i = 0;
   // The little-endian unsigned value of the `bytes`-byte field at i (the caller checked it fits).
   auto field = [&](int bytes) {

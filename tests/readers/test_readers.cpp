@@ -322,6 +322,10 @@ TEST(Readers, PicklesNestingDeeperThanAThousandAreErrors) {
   EXPECT_NO_THROW(check(std::string("\x80\x02" "a") + std::string(1000, ']') + "."));
   GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02" "a") + std::string(1001, ']') + "."),
                          "p.pkl cannot be checked: it makes up to 1001 containers, some after an opcode the walk does not follow");
+  // Container ids are int32: a pickle of 2 GiB or more is refused before the walk reads a byte of it.
+  const std::string tiny("\x80\x02.", 3);
+  GRADQ_EXPECT_THROW_MSG(check_pickle(reinterpret_cast<const uint8_t*>(tiny.data()), size_t{1} << 31, "p.pkl"),
+                         "p.pkl is a pickle of 2147483648 bytes, more than the 2 GiB gradq reads");
   // TorchScript archives: torch::jit::load unpickles data.pkl with the same unpickler.
   std::istringstream model(archive_of({{"data.pkl", chain(1001)}}));
   GRADQ_EXPECT_THROW_MSG(CausalLM::load(model, "m.pt"), "(record data.pkl) is corrupt: its containers nest more than");
