@@ -18,7 +18,8 @@ inline std::string stories_bin() { return assets() + "/stories260K/stories260K.b
 inline std::string tokenizer_model() { return assets() + "/stories260K/tok512.model"; }
 inline std::string tinystories_text() { return assets() + "/text/tinystories_val.txt"; }
 
-/// A fresh empty directory for one test's files.
+/// A fresh empty directory for one test's files, removed when the test process exits (kept with
+/// GRADQ_KEEP_TEST_FILES=1).
 std::string temp_dir(const std::string& name);
 
 /// The path of the built gradq CLI.
