@@ -119,7 +119,10 @@ struct Reference {
 using LogitsSource = std::function<at::Tensor(int64_t begin, int64_t end)>;
 
 struct EvaluatorOptions {
-  int64_t batch = 1;  ///< windows per forward pass (QuantizerOptions::batch says why 1)
+  /// Windows per forward pass. 1 by default: on a CPU, 8 were no faster (stories260K's default quantize: the
+  /// same bytes in 84 against 88 CPU s) and their activations raised the peak memory (by 112 MiB on a
+  /// 512-wide 4-layer model; docs/BENCHMARKS.md). A GPU may want more (not measured).
+  int64_t batch = 1;
   /// evaluate() throws naming the window when logits are NaN or infinite. The reference pass always
   /// checks; the quantizer turns this off for its candidates, whose non-finite results fail the
   /// budget instead.

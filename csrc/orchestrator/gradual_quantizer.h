@@ -35,10 +35,7 @@ namespace gradq {
 
 struct QuantizerOptions {
   Budget budget;
-  /// Windows per forward pass. 1 by default: on a CPU, 8 were no faster (stories260K's default quantize: the
-  /// same bytes in 84 against 88 CPU s) and their activations raised the peak memory (by 112 MiB on a
-  /// 512-wide 4-layer model; docs/BENCHMARKS.md). A GPU may want more (not measured).
-  int64_t batch = 1;
+  int64_t batch = EvaluatorOptions{}.batch;  ///< windows per forward pass (EvaluatorOptions::batch says why 1)
   /// How the calibration and held-out references (and a fresh analysis's) are kept (evaluator.h).
   ReferenceStorage reference_storage;
   SearchOptions search;
