@@ -1,6 +1,6 @@
 #pragma once
-// Checks on the pickles of a PyTorch archive (torch.save / torch.jit.save zip files) that gradq makes
-// before libtorch's unpickler reads them.
+// Checks on the records of a PyTorch archive (torch.save / torch.jit.save zip files) that gradq makes
+// before libtorch reads them: its pickles (archive_check.cpp) and its TorchScript source (code_check.cpp).
 
 #include <caffe2/serialize/inline_container.h>
 
@@ -9,6 +9,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace gradq {
 
@@ -44,10 +45,20 @@ struct StorageRecords {
 void check_pickle(const uint8_t* data, size_t size, const std::string& what,
                   const StorageRecords* storages = nullptr);
 
-/// check_pickle on every `.pkl` and `.debug_pkl` record of `archive`, named `path` in errors. The storages of
-/// `data.pkl` and `constants.pkl` (the pickles torch::pickle_load and torch::jit::load unpickle) are
-/// checked against the records `data/<key>` and `constants/<key>`.
-void check_archive_pickles(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path);
+/// Throws gradq::Error naming `what` and the line when the TorchScript source `code` (a code/*.py
+/// record) has a class-body statement that libtorch 1.13's importer reads through a field the
+/// statement lacks, unchecked (a crash): a value without a type in a module or plain class (other
+/// than its parameter, buffer and hook lists), a parameter, buffer or hook list or an
+/// `__annotations__[...]` entry without a value, a NamedTuple field without a type, an Enum member
+/// without a value. Everything else is left to libtorch, which throws on malformed code.
+void check_torchscript_source(std::string_view code, const std::string& what);
+
+/// The checks on every record of `archive` that libtorch may read, named `path` in errors:
+/// check_pickle on every `.pkl` and `.debug_pkl` record (the storages of `data.pkl` and
+/// `constants.pkl`, the pickles torch::pickle_load and torch::jit::load unpickle, are checked against
+/// the records `data/<key>` and `constants/<key>`), check_torchscript_source on every `.py` record
+/// (one that declares more than 64 MiB of source is refused unread).
+void check_archive(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path);
 
 /// The bytes of an archive held in memory, for caffe2::serialize::PyTorchStreamReader; `bytes` must
 /// outlive the reader.

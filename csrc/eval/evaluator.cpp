@@ -205,7 +205,7 @@ Reference Reference::from_bytes(const std::string& bytes, const std::string& pat
   try {
     {
       caffe2::serialize::PyTorchStreamReader archive(std::make_shared<BytesReadAdapter>(bytes));
-      check_archive_pickles(archive, path);
+      check_archive(archive, path);
     }
     value = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
   } catch (const Error&) {

@@ -64,14 +64,15 @@ bool torchscript_written_by_torch2(OpenArchive open_archive) {
 }
 
 // torch::jit::load's errors (`load` calls it on a file or on a stream of its bytes), as gradq::Error
-// naming `path`; `open_archive` opens the same bytes as an archive, to check its pickles before the
-// load and to tell a PyTorch 2.x file apart after a failed one.
+// naming `path`; `open_archive` opens the same bytes as an archive, to check its pickles and source
+// before the load and to tell a PyTorch 2.x file apart after a failed one.
 template <typename Load, typename OpenArchive>
 torch::jit::Module load_module(const std::string& path, Load load, OpenArchive open_archive) {
-  // libtorch's unpickler trusts the lengths in the archive's pickles (archive_check.h); an input that
-  // is no archive at all is left to the loader, which names the problem.
+  // libtorch's unpickler trusts the lengths in the archive's pickles, and its importer some fields of
+  // the source (archive_check.h); an input that is no archive at all is left to the loader, which
+  // names the problem.
   try {
-    check_archive_pickles(*open_archive(), path);
+    check_archive(*open_archive(), path);
   } catch (const Error&) {
     throw;
   } catch (const std::exception&) {  // not a readable archive
