@@ -2,6 +2,7 @@
 
 #include <c10/core/QScheme.h>
 #include <c10/core/ScalarType.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 
 #include <algorithm>
 #include <cctype>
@@ -519,6 +520,50 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
 // The most bytes of TorchScript source one record may hold (check_archive).
 constexpr size_t kMaxSourceBytes = size_t{64} << 20;
 
+// Throws gradq::Error naming `what` when the unpickled debug information of a code record (its
+// .debug_pkl) has a shape that libtorch 1.13's source-range reader indexes unchecked: it reads
+// (FORMAT_WITH_STRING_TABLE, texts, rows) or rows alone; each row (byte offset, range, ...); each range
+// (source, start, end); each source (text-table indices, file-name index, line) or (text, file name,
+// line). Sizes and indices are not checked there (fuzz_torchscript: a file-name index past the table, a
+// SEGV copying a string that is not there); types are (toTuple() and the like throw), so a value of
+// another type is left to libtorch: older files laid rows out differently, and libtorch only fails on
+// them if it ever reads them.
+void check_debug_pickle(const c10::IValue& value, const std::string& what) {
+  auto fail = [&](const std::string& detail) { throw Error(fmt::format("{} is corrupt: {}", what, detail)); };
+  // The elements of `v` when it is a tuple (at least `at_least` of them), or none when it is not.
+  auto tuple = [&](const c10::IValue& v, size_t at_least, const char* name) -> c10::ArrayRef<c10::IValue> {
+    if (!v.isTuple()) return {};
+    const auto& items = v.toTupleRef().elements();
+    if (items.size() < at_least)
+      fail(fmt::format("its {} has {} elements, expected at least {}", name, items.size(), at_least));
+    return items;
+  };
+  const auto top = tuple(value, 1, "debug information");
+  if (top.empty()) return;
+  const bool with_table = top[0].isString() && top[0].toStringRef() == "FORMAT_WITH_STRING_TABLE";
+  int64_t texts = 0;
+  c10::IValue rows = value;
+  if (with_table) {
+    if (top.size() < 3) fail(fmt::format("its debug information has {} elements, expected 3", top.size()));
+    texts = static_cast<int64_t>(tuple(top[1], 0, "text table").size());
+    rows = top[2];
+  }
+  auto index = [&](int64_t i, const char* name) {
+    if (i < 0 || i >= texts) fail(fmt::format("a {} index is {}, outside its text table of {}", name, i, texts));
+  };
+  for (const c10::IValue& row : tuple(rows, 0, "rows")) {
+    const auto row_items = tuple(row, 2, "row");
+    if (row_items.empty()) continue;
+    const auto range = tuple(row_items[1], 3, "source range");
+    if (range.empty()) continue;
+    const auto source = tuple(range[0], 3, "source");
+    if (!with_table || source.empty()) continue;
+    if (source[0].isIntList())
+      for (const int64_t i : source[0].toIntVector()) index(i, "text");
+    if (source[1].isInt()) index(source[1].toInt(), "file name");
+  }
+}
+
 void check_archive(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path) {
   auto ends_with = [](const std::string& s, const std::string& end) {
     return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
@@ -580,8 +625,18 @@ void check_archive(caffe2::serialize::PyTorchStreamReader& archive, const std::s
                              return sizes[record] = n;
                            }};
     const bool has_storages = lower_stem == "data" || lower_stem == "constants";
-    check_pickle(static_cast<const uint8_t*>(bytes.get()), size, fmt::format("'{}' (record {})", path, name),
-                 has_storages ? &records : nullptr);
+    const std::string what = fmt::format("'{}' (record {})", path, name);
+    check_pickle(static_cast<const uint8_t*>(bytes.get()), size, what, has_storages ? &records : nullptr);
+    if (ends_with(lower, ".debug_pkl")) {
+      // Unpickling is safe now that check_pickle passed. One that fails is left alone: libtorch
+      // fails the same way (an exception) if it ever reads the record.
+      std::optional<c10::IValue> debug;
+      try {
+        debug = torch::jit::unpickle(static_cast<const char*>(bytes.get()), size);
+      } catch (const std::exception&) {
+      }
+      if (debug) check_debug_pickle(*debug, what);
+    }
   }
 }
 

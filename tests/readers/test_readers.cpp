@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/serialize.h>
 
 #include <sstream>
@@ -336,6 +337,42 @@ TEST(Readers, TorchScriptClassStatementsLibtorchReadsUncheckedAreErrors) {
   GRADQ_EXPECT_THROW_MSG(check("class T(NamedTuple):\n  a = 1\n"), "declares 'a' in class T without a type");
   GRADQ_EXPECT_THROW_MSG(check("class E(Enum):\n  A : int\n"), "declares 'A' in class E without a value");
   GRADQ_EXPECT_THROW_MSG(check("class E(Enum):\n  \"\"\"a\n  B : int\"\"\"\n  C : int\n"), "line 4 declares 'C'");
+}
+
+// Before: libtorch 1.13's reader of a code record's debug information (read when a compile error
+// highlights its source) indexes its text table and tuples unchecked: torchscript-debug-text-index.pt
+// (fuzz_torchscript, 2026-12-02) names file 116 of a table of 4, a SEGV copying that string.
+TEST(Readers, TorchScriptDebugInformationIsCheckedForSizesAndIndices) {
+  GRADQ_EXPECT_THROW_MSG(
+      CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/torchscript-debug-text-index.pt"),
+      "(record code/__torch__/___torch_mangle_1.py.debug_pkl) is corrupt: a file name index is 116, outside its text "
+      "table of 4");
+  using c10::IValue;
+  using c10::ivalue::Tuple;
+  // (FORMAT_WITH_STRING_TABLE, texts, rows), a row (byte offset, range, tag), a range (source, start, end), a
+  // source (text indices, file name index, first line), as torch.jit.save writes them.
+  auto debug_info = [](std::vector<int64_t> text_indices, int64_t file_index, size_t row_size) {
+    const IValue source = Tuple::create({IValue(c10::List<int64_t>(text_indices)), IValue(file_index), IValue(1)});
+    const IValue range = Tuple::create({source, IValue(0), IValue(4)});
+    std::vector<IValue> row{IValue(0), range, IValue(-1)};
+    row.resize(row_size);
+    const IValue texts = Tuple::create({IValue(std::string("")), IValue(std::string("def f(x):")), IValue(std::string("m.py"))});
+    return Tuple::create({IValue(std::string("FORMAT_WITH_STRING_TABLE")), texts, Tuple::create({Tuple::create(row)})});
+  };
+  auto check = [](const IValue& value) {
+    const std::vector<char> pickle = torch::jit::pickle(value);
+    const std::string bytes = archive_of({{"code/m.py.debug_pkl", std::string(pickle.begin(), pickle.end())}});
+    caffe2::serialize::PyTorchStreamReader archive(std::make_shared<BytesReadAdapter>(bytes));
+    check_archive(archive, "m.pt");
+  };
+  EXPECT_NO_THROW(check(debug_info({1}, 2, 3)));
+  GRADQ_EXPECT_THROW_MSG(check(debug_info({1, 3}, 2, 3)),
+                         "'m.pt' (record code/m.py.debug_pkl) is corrupt: a text index is 3, outside its text table of 3");
+  GRADQ_EXPECT_THROW_MSG(check(debug_info({-1}, 2, 3)), "a text index is -1");
+  GRADQ_EXPECT_THROW_MSG(check(debug_info({1}, 3, 3)), "a file name index is 3");
+  GRADQ_EXPECT_THROW_MSG(check(debug_info({1}, 2, 1)), "its row has 1 elements, expected at least 2");
+  GRADQ_EXPECT_THROW_MSG(check(Tuple::create({IValue(std::string("FORMAT_WITH_STRING_TABLE"))})),
+                         "its debug information has 1 elements, expected 3");
 }
 
 // Before: the walk's model kept every tuple, so a pickle of a million TUPLE1s nested a million deep
