@@ -587,16 +587,19 @@ void check_archive(caffe2::serialize::PyTorchStreamReader& archive, const std::s
     // one when a compile error highlights its source (torchscript-slow.pt: a 2.27 GB string).
     const bool source = ends_with(lower, ".py");
     if (!source && !ends_with(lower, ".pkl") && !ends_with(lower, ".debug_pkl")) continue;
-    // A record the reader cannot read (corrupt deflate data, a size that does not match) is skipped:
-    // libtorch reads it through the same reader and fails the same way. Letting the error end the
-    // checks left the records after it unchecked (fuzz_torchscript: an unreadable record, then a
-    // debug pickle whose REDUCE underflows libtorch's stack).
+    // A record this reader cannot read (corrupt deflate data, a size that does not match, bytes
+    // beyond the archive) makes the archive corrupt. Passing the reader's error on let a caller take
+    // it for an archive it cannot open and load it unchecked (fuzz_torchscript: a debug pickle after
+    // such a record, whose REDUCE underflows libtorch's stack); skipping the record is no better:
+    // torch::pickle_load reads the bytes through an adapter that does not check bounds
+    // (fuzz_reference: a heap overflow reading a record that ends past the archive).
     at::DataPtr bytes;
     size_t size = 0;
     try {
       std::tie(bytes, size) = archive.getRecord(name);
-    } catch (const std::exception&) {
-      continue;
+    } catch (const std::exception& e) {
+      throw Error(fmt::format("'{}' (record {}) is corrupt: {}", path, name,
+                              std::string(e.what()).substr(0, std::string(e.what()).find('\n'))));
     }
     if (source) {
       // The size is the one the archive declares: the reader allocates it and decompresses what

@@ -59,8 +59,7 @@ void check_torchscript_source(std::string_view code, const std::string& what);
 /// the records `data/<key>` and `constants/<key>`), the sizes and text-table indices of the debug
 /// information in every `.debug_pkl` record (which libtorch 1.13 indexes unchecked when it highlights a
 /// compile error), and check_torchscript_source on every `.py` record (one that declares more than
-/// 64 MiB of source is refused unread). Records the reader cannot read are skipped: libtorch fails on
-/// them the same way.
+/// 64 MiB of source is refused unread). A record the reader cannot read is an error too.
 void check_archive(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path);
 
 /// The bytes of an archive held in memory, for caffe2::serialize::PyTorchStreamReader; `bytes` must

@@ -295,13 +295,17 @@ TEST(Readers, TorchScriptClassStatementsLibtorchReadsUncheckedAreErrors) {
       "(record code/__torch__/___torch_mangle_0.py) declares 4143972630 bytes of TorchScript source; gradq reads at "
       "most 67108864");
   // torchscript-unreadable-record-first.pt (fuzz_torchscript, 2026-12-02, the next run): a record the
-  // reader cannot read ended the checks, and a debug pickle after it, REDUCE on a stack of one, made
-  // libtorch free an address it never allocated (ASan). Unreadable records are now skipped.
+  // reader cannot read ended the checks unnoticed, and a debug pickle after it, REDUCE on a stack of one,
+  // made libtorch free an address it never allocated (ASan). An unreadable record is now an error;
+  // skipping it instead let torch::pickle_load read past the end of reference-record-past-end.ref
+  // (fuzz_reference, the same day: a heap overflow in libtorch's unchecked reader).
   GRADQ_EXPECT_THROW_MSG(
       CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) +
                      "/tests/fuzz/regressions/torchscript-unreadable-record-first.pt"),
-      "(record code/__torch__/___torch_mangle_1.py.debug_pkl) is corrupt: the pickle opcode 0x52 at byte 31 takes 2 "
-      "values from a stack of 1");
+      "(record code/__torch__/___torch_mangle_0.py.debug.pkl) is corrupt: PytorchStreamReader failed reading file");
+  GRADQ_EXPECT_THROW_MSG(
+      Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-record-past-end.ref"),
+      "(record data.pkl) is corrupt: PytorchStreamReader failed reading file data.pkl: file read failed");
   auto check = [](const std::string& code) { check_torchscript_source(code, "m.py"); };
   // As torch.jit.save writes a module, with what the scan must see through: strings holding = and :,
   // a comment, a list across lines, assignments inside methods, a decorator, a constant with its type.
