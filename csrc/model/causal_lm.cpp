@@ -15,6 +15,7 @@
 
 #include "common/archive_check.h"
 #include "common/error.h"
+#include "common/error_text.h"
 #include "common/runtime.h"
 #include "model/graph_utils.h"
 
@@ -138,9 +139,14 @@ CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : m
   at::Tensor probe;
   try {
     probe = logits(at::zeros({1, 2}, at::kLong));
-  } catch (const c10::Error& e) {
-    std::string msg = e.what_without_backtrace();
-    throw Error(fmt::format("the module's forward does not accept int64 tokens [B, T]: {}", msg.substr(0, msg.find('\n'))));
+  } catch (const Error&) {
+    throw;  // gradq's checks of what forward returned say themselves what is wrong
+  } catch (const std::exception& e) {
+    // An operator's c10::Error, or the std::runtime_error that the TorchScript interpreter makes of
+    // one (with the TorchScript traceback) when it fails inside forward.
+    const auto* torch_error = dynamic_cast<const c10::Error*>(&e);
+    throw Error(fmt::format("the module's forward fails on int64 tokens [1, 2]: {}",
+                            essential_error_line(torch_error ? torch_error->what_without_backtrace() : e.what())));
   }
   GRADQ_CHECK(probe.dim() == 3 && probe.size(0) == 1 && probe.size(1) == 2,
               "forward must return logits [B, T, vocab]; for tokens [1, 2] it returned shape {}", fmt::to_string(fmt::join(probe.sizes(), "x")));

@@ -33,10 +33,23 @@ TEST(ModelChecks, LogitsMustBeOneFloatingTensor) {
     CausalLM m(test::scripted_module(fmt::format("    x = torch.zeros([{}])\n    return (x, x)\n", kShape)));
   });
   EXPECT_NE(tuple.find("one tensor"), std::string::npos) << tuple;
-  EXPECT_EQ(tuple.find("does not accept int64 tokens"), std::string::npos) << tuple;
+  EXPECT_EQ(tuple.find("fails on int64 tokens"), std::string::npos) << tuple;
   // float64 logits are converted to float32.
   CausalLM f64(test::scripted_module(fmt::format("    return torch.zeros([{}]).double()\n", kShape)));
   EXPECT_EQ(f64.logits(at::zeros({2, 5}, at::kLong)).scalar_type(), at::kFloat);
+}
+
+// Before: an operator failing inside forward reached the TorchScript interpreter, which rethrows it
+// as std::runtime_error with the traceback: CausalLM's probe caught only c10::Error, so the library
+// let a non-gradq error out (fuzz_torchscript, 2026-12-03: torchscript-unknown-quantizer.pt).
+TEST(ModelChecks, AForwardFailingInsideAnOperatorIsOneLineError) {
+  const std::string msg = error_of([] {
+    CausalLM m(test::scripted_module(
+        fmt::format("    return torch.zeros([{}]).index_select(0, tokens.view(-1) + 100)\n", kShape)));
+  });
+  EXPECT_NE(msg.find("the module's forward fails on int64 tokens [1, 2]: RuntimeError: index out of range in self"),
+            std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
 }
 
 TEST(ModelChecks, NonFiniteLogitsNameTheWindow) {
