@@ -65,10 +65,8 @@ int main(int argc, char** argv) {
       std::cerr << "gradq " << c.name << ": error: " << e.what() << " (see gradq " << c.name << " --help)\n";
     } catch (const gradq::Error& e) {
       std::cerr << "gradq " << c.name << ": error: " << e.what() << "\n";
-    } catch (const c10::Error& e) {
-      std::cerr << "gradq " << c.name << ": error: " << gradq::essential_error_line(e.what_without_backtrace()) << "\n";
-    } catch (const std::exception& e) {  // torch::jit::JITException among others: multi-line tracebacks
-      std::cerr << "gradq " << c.name << ": error: " << gradq::essential_error_line(e.what()) << "\n";
+    } catch (const std::exception& e) {  // c10::Error, torch::jit::JITException among others
+      std::cerr << "gradq " << c.name << ": error: " << gradq::essential_error_line(e) << "\n";
     }
     return gradq::cli::kExitError;
   }

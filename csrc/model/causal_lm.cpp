@@ -141,12 +141,8 @@ CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : m
     probe = logits(at::zeros({1, 2}, at::kLong));
   } catch (const Error&) {
     throw;  // gradq's checks of what forward returned say themselves what is wrong
-  } catch (const std::exception& e) {
-    // An operator's c10::Error, or the std::runtime_error that the TorchScript interpreter makes of
-    // one (with the TorchScript traceback) when it fails inside forward.
-    const auto* torch_error = dynamic_cast<const c10::Error*>(&e);
-    throw Error(fmt::format("the module's forward fails on int64 tokens [1, 2]: {}",
-                            essential_error_line(torch_error ? torch_error->what_without_backtrace() : e.what())));
+  } catch (const std::exception& e) {  // c10::Error, or the interpreter's std::runtime_error made of one
+    throw Error(fmt::format("the module's forward fails on int64 tokens [1, 2]: {}", essential_error_line(e)));
   }
   GRADQ_CHECK(probe.dim() == 3 && probe.size(0) == 1 && probe.size(1) == 2,
               "forward must return logits [B, T, vocab]; for tokens [1, 2] it returned shape {}", fmt::to_string(fmt::join(probe.sizes(), "x")));

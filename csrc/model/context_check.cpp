@@ -10,10 +10,8 @@ bool accepts(const CausalLM& model, int64_t length, std::string* why) {
   try {
     model.logits(at::zeros({1, length}, at::kLong));
     return true;
-  } catch (const c10::Error& e) {
-    if (why) *why = essential_error_line(e.what_without_backtrace());
-  } catch (const std::exception& e) {  // torch::jit::JITException: a failed TorchScript assert
-    if (why) *why = essential_error_line(e.what());
+  } catch (const std::exception& e) {  // c10::Error, torch::jit::JITException (a failed TorchScript assert)
+    if (why) *why = essential_error_line(e);
   }
   return false;
 }

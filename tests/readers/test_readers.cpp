@@ -379,10 +379,6 @@ TEST(Readers, TorchScriptDebugInformationIsCheckedForSizesAndIndices) {
                          "its debug information has 1 elements, expected 3");
 }
 
-// Before: the walk's model kept every tuple, so a pickle of a million TUPLE1s nested a million deep
-// and destroying it overflowed the stack (gradq's own code, 8bac950 to e197dfa; found by a crafted
-// archive, `gradq eval --load-reference`: SEGV). Deeper tuples are now kept as unknown values, and the
-// walk itself never recurses (this pickle is refused for its nesting, below).
 // Before: torchscript-unknown-quantizer.pt (fuzz_torchscript, 2026-12-03) holds a quantized embedding
 // whose quantizer libtorch cannot name; the probe forward failed inside torch.embedding, and the
 // interpreter's std::runtime_error left the library (the fuzzer: std::terminate).
@@ -392,6 +388,10 @@ TEST(Readers, TorchScriptWhoseForwardFailsInsideAnOperatorIsAnError) {
       "the module's forward fails on int64 tokens [1, 2]: RuntimeError: false INTERNAL ASSERT FAILED");
 }
 
+// Before: the walk's model kept every tuple, so a pickle of a million TUPLE1s nested a million deep
+// and destroying it overflowed the stack (gradq's own code, 8bac950 to e197dfa; found by a crafted
+// archive, `gradq eval --load-reference`: SEGV). Deeper tuples are now kept as unknown values, and the
+// walk itself never recurses (this pickle is refused for its nesting, below).
 TEST(Readers, DeeplyNestedPickleTuplesAreWalkedWithoutRecursion) {
   const std::string pickle = std::string("\x80\x02N", 3) + std::string(1000000, '\x85') + ".";
   GRADQ_EXPECT_THROW_MSG(check_pickle(reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size(), "p.pkl"),
