@@ -1,21 +1,39 @@
 #!/usr/bin/env bash
 # Builds gradq with AddressSanitizer and UBSan (GRADQ_SANITIZE, gcc as the normal build) and runs
 # test suites under them; .ci/run calls it after tools/test.sh.
-# Suites: test_ops and test_quant, the quantization core (packing, bit layouts, the per-instruction-set
-# hot loops, the custom ops): the code with the most pointer arithmetic, and the suites that need only
-# libgradq_ops, so the build stays small (no libgradq, no CLI). The libgradq suites (tokenizer, data,
-# eval, model, report, readers) are to follow: see tests/fuzz/README.md, "Sanitizer build".
+#   bash tools/test_sanitized.sh         the quantization core and the library's fast suites (CI)
+#   bash tools/test_sanitized.sh --all   every suite: also those that run the CLI end to end
+# Default suites: test_ops and test_quant (packing, bit layouts, the per-instruction-set hot loops, the
+# custom ops: the code with the most pointer arithmetic) and the libgradq suites that do not run the
+# CLI: the readers, tokenizer, data, model stages, evaluator, export and report. Their build leaves out
+# the CLI (one of the largest compile units) and the suites that drive it, which run the same library
+# code end to end at 2-3x the CPU under the sanitizers (times: docs/BENCHMARKS.md, "Fuzzing and the
+# sanitizer build").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+all=0
+case "${1:-}" in
+  "") ;;
+  --all) all=1 ;;
+  *) echo "test_sanitized: unknown option '$1' (expected --all or nothing)" >&2; exit 2 ;;
+esac
 bash tools/setup.sh
 build=${GRADQ_SANITIZE_BUILD_DIR:-build-asan}
-suites=(test_ops test_quant)
+suites=(test_ops test_quant test_common test_data test_eval test_export test_model test_readers test_report test_tokenizer)
 # No CUDA: the kernels' GPU tests cannot run here and their host code is in the normal build.
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRADQ_SANITIZE=ON -DGRADQ_CUDA=OFF \
   ${GRADQ_CMAKE_ARGS:-} >/dev/null
-cmake --build "$build" -j"$(nproc)" --target "${suites[@]}"
+if [ "$all" = 1 ]; then
+  cmake --build "$build" -j"$(nproc)"
+else
+  cmake --build "$build" -j"$(nproc)" --target "${suites[@]}"
+fi
 cd "$build"
 # Every ASan and UBSan report, leaks included, fails the suite (-fno-sanitize-recover).
 export ASAN_OPTIONS=abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-ctest -j"$(nproc)" --output-on-failure --timeout 900 -R "^($(IFS='|'; echo "${suites[*]}"))\$"
+if [ "$all" = 1 ]; then
+  ctest -j"$(nproc)" --output-on-failure --timeout 3600
+else
+  ctest -j"$(nproc)" --output-on-failure --timeout 900 -R "^($(IFS='|'; echo "${suites[*]}"))\$"
+fi

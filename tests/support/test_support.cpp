@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "eval/evaluator.h"
@@ -53,7 +55,14 @@ std::string temp_dir(const std::string& name) {
   return p.string();
 }
 
-std::string cli() { return GRADQ_TEST_CLI; }
+std::string cli() {
+  // Only the suites that call this depend on the CLI target (tests/CMakeLists.txt): a suite built
+  // alone without that dependency would otherwise run a missing or stale binary.
+  if (!fs::exists(GRADQ_TEST_CLI))
+    throw std::runtime_error(std::string("the gradq CLI is not built: expected it at ") + GRADQ_TEST_CLI +
+                             "; a suite that runs it needs add_dependencies on gradq_cli (tests/CMakeLists.txt)");
+  return GRADQ_TEST_CLI;
+}
 
 std::pair<int, std::string> run(const std::string& command) {
   std::string out;
