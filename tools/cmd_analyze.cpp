@@ -9,6 +9,7 @@
 #include "importance/analyzer.h"
 #include "model/context_check.h"
 #include "model/model_loader.h"
+#include "report/analysis_chart.h"
 #include "report/svg_chart.h"
 #include "tokenizer/tokenizer.h"
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer fuzzers of tests/fuzz (clang 14, ASan + UBSan) and runs each on its corpus.
-#   bash tools/fuzz.sh                    every fuzzer for FUZZ_SECONDS (default 5) seconds: the smoke run
-#                                         that .ci/run makes with GRADQ_CI_FUZZ=1
+#   bash tools/fuzz.sh                    every fuzzer for 2,000 executions (FUZZ_SMOKE_RUNS) from a fixed
+#                                         seed: the smoke run of .ci/run. The seed makes a fresh build try
+#                                         the same inputs every time, so CI does not draw new ones per run.
+#   FUZZ_SECONDS=60 bash tools/fuzz.sh    every fuzzer for that many seconds
 #   FUZZ_RUNS=1000000 bash tools/fuzz.sh  every fuzzer for that many executions (tests/fuzz/README.md)
 #   bash tools/fuzz.sh fuzz_plan ...      only these fuzzers
 # New inputs the fuzzers find go to a scratch corpus in the build directory, never into
@@ -15,7 +17,13 @@ cmake -S . -B "$build" -G Ninja -DGRADQ_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++-14 
 cmake --build "$build" -j"$(nproc)" --target gradq_fuzzers
 fuzzers=("$@")
 [ ${#fuzzers[@]} -gt 0 ] || fuzzers=(fuzz_text fuzz_llama2c fuzz_plan fuzz_policy fuzz_analysis fuzz_sweep fuzz_reference fuzz_torchscript)
-if [ -n "${FUZZ_RUNS:-}" ]; then limit=(-runs="$FUZZ_RUNS"); else limit=(-max_total_time="${FUZZ_SECONDS:-5}"); fi
+if [ -n "${FUZZ_RUNS:-}" ]; then
+  limit=(-runs="$FUZZ_RUNS")
+elif [ -n "${FUZZ_SECONDS:-}" ]; then
+  limit=(-max_total_time="$FUZZ_SECONDS")
+else
+  limit=(-runs="${FUZZ_SMOKE_RUNS:-2000}" -seed=1)
+fi
 mkdir -p "$build/artifacts"
 for f in "${fuzzers[@]}"; do
   corpus=tests/fuzz/corpus/${f#fuzz_}

@@ -154,7 +154,5 @@ ImportanceAnalysis analysis_from_json(const std::string& json_text);
 
 /// The ranked tables (layers, then blocks), stability and distribution, as gradq analyze prints them.
 std::string format_analysis_table(const ImportanceAnalysis& analysis);
-/// SVG bar chart of the per-layer combined scores in model order (report/svg_chart.h).
-std::string analysis_chart_svg(const ImportanceAnalysis& analysis);
 
 }  // namespace gradq

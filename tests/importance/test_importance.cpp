@@ -14,6 +14,7 @@
 #include "data/dataset.h"
 #include "importance/analyzer.h"
 #include "quant/quantize.h"
+#include "report/analysis_chart.h"
 #include "report/svg_chart.h"
 #include "support/gpt_fixture.h"
 #include "support/test_helpers.h"
