@@ -5,12 +5,14 @@
 #include <torch/csrc/jit/serialization/pickle.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string_view>
 #include <tuple>
 #include <utility>
@@ -564,10 +566,107 @@ void check_debug_pickle(const c10::IValue& value, const std::string& what) {
   }
 }
 
-void check_archive(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path) {
+// The most bytes of central directory an archive may declare (read_central_directory).
+constexpr uint64_t kMaxDirectoryBytes = uint64_t{64} << 20;
+
+// What an archive's central directory declares for one record.
+struct DeclaredRecord {
+  uint64_t size = 0;  // uncompressed bytes
+};
+
+// The central directory of the zip archive `in` (the same bytes the reader reads), in its order: each
+// record's name as PyTorchStreamReader names records (without the archive's top folder), and what it
+// declares. Throws gradq::Error naming `path` on a directory it cannot follow.
+std::vector<std::pair<std::string, DeclaredRecord>> read_central_directory(const caffe2::serialize::ReadAdapterInterface& in,
+                                                             const std::string& path) {
+  const uint64_t file_size = in.size();
+  auto corrupt = [&](const std::string& why) { return Error(fmt::format("'{}' is a corrupt archive: {}", path, why)); };
+  auto read = [&](uint64_t pos, uint64_t n) {
+    if (pos > file_size || n > file_size - pos)
+      throw corrupt(fmt::format("{} bytes at offset {} lie beyond its {} bytes", n, pos, file_size));
+    std::string bytes(n, '\0');
+    if (in.read(pos, bytes.data(), n, "central directory") != n)
+      throw corrupt(fmt::format("{} bytes at offset {} could not be read", n, pos));
+    return bytes;
+  };
+  auto u16 = [](const std::string& b, size_t at) {
+    return static_cast<uint32_t>(static_cast<uint8_t>(b[at])) | static_cast<uint32_t>(static_cast<uint8_t>(b[at + 1])) << 8;
+  };
+  auto u32 = [&](const std::string& b, size_t at) { return u16(b, at) | u16(b, at + 2) << 16; };
+  auto u64 = [&](const std::string& b, size_t at) { return uint64_t{u32(b, at)} | uint64_t{u32(b, at + 4)} << 32; };
+  // The end-of-central-directory record: 22 bytes and a comment of at most 65535, at the end.
+  const uint64_t tail_size = std::min<uint64_t>(file_size, 22 + 65535);
+  const std::string tail = read(file_size - tail_size, tail_size);
+  size_t eocd = std::string::npos;
+  for (size_t i = tail.size() >= 22 ? tail.size() - 22 + 1 : 0; i-- > 0;)
+    if (u32(tail, i) == 0x06054b50u) {
+      eocd = i;
+      break;
+    }
+  if (eocd == std::string::npos) throw corrupt("no end of central directory record");
+  uint64_t entries = u16(tail, eocd + 10), offset = u32(tail, eocd + 16), cd_size = u32(tail, eocd + 12);
+  // Zip64 (archives over 4 GiB or 65535 records): a locator just before the record points at the
+  // zip64 end record, which holds the 64-bit counts and offset.
+  const uint64_t eocd_pos = file_size - tail_size + eocd;
+  if (eocd_pos >= 20) {
+    const std::string locator = read(eocd_pos - 20, 20);
+    if (u32(locator, 0) == 0x07064b50u) {
+      const std::string end64 = read(u64(locator, 8), 56);
+      if (u32(end64, 0) != 0x06064b50u) throw corrupt("its zip64 locator points at no zip64 end record");
+      entries = u64(end64, 32);
+      cd_size = u64(end64, 40);
+      offset = u64(end64, 48);
+    }
+  }
+  // A model's directory is tens of bytes per record: 64 MiB is some 700,000 records.
+  if (cd_size > kMaxDirectoryBytes)
+    throw corrupt(fmt::format("its central directory declares {} bytes; gradq reads at most {}", cd_size, kMaxDirectoryBytes));
+  const std::string cd = read(offset, cd_size);
+  std::vector<std::pair<std::string, DeclaredRecord>> records;
+  size_t at = 0;
+  for (uint64_t e = 0; e < entries; ++e) {
+    if (at + 46 > cd.size() || u32(cd, at) != 0x02014b50u)
+      throw corrupt(fmt::format("central directory entry {} of {} is cut short or lacks its signature", e, entries));
+    const size_t name_len = u16(cd, at + 28), extra_len = u16(cd, at + 30), comment_len = u16(cd, at + 32);
+    if (at + 46 + name_len + extra_len + comment_len > cd.size())
+      throw corrupt(fmt::format("central directory entry {} of {} runs past the directory", e, entries));
+    DeclaredRecord r{u32(cd, at + 24)};
+    const bool size64 = r.size == 0xFFFFFFFFu;
+    for (size_t x = at + 46 + name_len; size64 && x + 4 <= at + 46 + name_len + extra_len;) {
+      const size_t id = u16(cd, x), len = u16(cd, x + 2);
+      if (id == 0x0001 && len >= 8 && x + 4 + 8 <= cd.size()) r.size = u64(cd, x + 4);  // uncompressed size first
+      x += 4 + len;
+    }
+    const std::string name = cd.substr(at + 46, name_len);
+    records.emplace_back(name.substr(name.find('/') == std::string::npos ? 0 : name.find('/') + 1), r);
+    at += 46 + name_len + extra_len + comment_len;
+  }
+  return records;
+}
+
+void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface>& in, const std::string& path) {
   auto ends_with = [](const std::string& s, const std::string& end) {
     return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
   };
+  auto lower_case = [](std::string s) {
+    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+    return s;
+  };
+  // Not an archive at all: the reader's own exception, which callers leave to the loader to report.
+  caffe2::serialize::PyTorchStreamReader archive(in);
+  // What the central directory declares, before any record is read. A source record's size is the
+  // one the reader allocates before it decompresses what there is into it (fuzz_torchscript: 4 GB
+  // declared for 173 compressed bytes took the scan 54 s and 8 GB). Two records whose names match
+  // ignoring case: which one libtorch reads is up to miniz's search (it ignores case), so no check
+  // could know that it checked the bytes libtorch reads.
+  std::set<std::string> declared_names;
+  for (const auto& [name, record] : read_central_directory(*in, path)) {
+    GRADQ_CHECK(!ends_with(lower_case(name), ".py") || record.size <= kMaxSourceBytes,
+                "'{}' (record {}) declares {} bytes of TorchScript source; gradq reads at most {}", path, name,
+                record.size, kMaxSourceBytes);
+    GRADQ_CHECK(declared_names.insert(lower_case(name)).second,
+                "'{}' is corrupt: it holds two records named {} (names match ignoring case)", path, name);
+  }
   // getAllRecords throws on a record outside the archive's folder; torch::jit::load never lists the
   // records, so it would load such a file with none of its pickles checked (fuzz_torchscript).
   std::vector<std::string> names;
@@ -581,8 +680,7 @@ void check_archive(caffe2::serialize::PyTorchStreamReader& archive, const std::s
     // Record names are matched as libtorch's reader finds them: miniz looks names up ignoring case,
     // so libtorch unpickles a record named data.pkL as data.pkl (fuzz_reference: an unchecked 4 GB
     // string in one).
-    std::string lower = name;
-    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+    const std::string lower = lower_case(name);
     // A TorchScript archive's code/<module>.py.debug_pkl records are pickles too: libtorch unpickles
     // one when a compile error highlights its source (torchscript-slow.pt: a 2.27 GB string).
     const bool source = ends_with(lower, ".py");
@@ -602,11 +700,8 @@ void check_archive(caffe2::serialize::PyTorchStreamReader& archive, const std::s
                               std::string(e.what()).substr(0, std::string(e.what()).find('\n'))));
     }
     if (source) {
-      // The size is the one the archive declares: the reader allocates it and decompresses what
-      // there is into it (fuzz_torchscript: 4 GB declared for 173 compressed bytes took the scan 54 s
-      // and 8 GB). A model's source is a few MB at most, even traced and unrolled over 80 layers.
-      GRADQ_CHECK(size <= kMaxSourceBytes, "'{}' (record {}) declares {} bytes of TorchScript source; gradq reads at most {}",
-                  path, name, size, kMaxSourceBytes);
+      // A model's source is a few MB at most, even traced and unrolled over 80 layers (the bound is
+      // checked above, before the record is read).
       check_torchscript_source(std::string_view(static_cast<const char*>(bytes.get()), size),
                                fmt::format("'{}' (record {})", path, name));
       continue;

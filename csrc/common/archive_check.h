@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -59,8 +60,11 @@ void check_torchscript_source(std::string_view code, const std::string& what);
 /// the records `data/<key>` and `constants/<key>`), the sizes and text-table indices of the debug
 /// information in every `.debug_pkl` record (which libtorch 1.13 indexes unchecked when it highlights a
 /// compile error), and check_torchscript_source on every `.py` record (one that declares more than
-/// 64 MiB of source is refused unread). A record the reader cannot read is an error too.
-void check_archive(caffe2::serialize::PyTorchStreamReader& archive, const std::string& path);
+/// 64 MiB of source is refused unread, by the size its central directory declares). A record the
+/// reader cannot read is an error too, and so are two records whose names match ignoring case and a
+/// central directory gradq cannot follow. `in` is the archive's bytes; a PyTorchStreamReader opens
+/// them here (its exception, not gradq::Error, when they are not an archive at all).
+void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface>& in, const std::string& path);
 
 /// The bytes of an archive held in memory, for caffe2::serialize::PyTorchStreamReader; `bytes` must
 /// outlive the reader.

@@ -204,8 +204,7 @@ Reference Reference::from_bytes(const std::string& bytes, const std::string& pat
   c10::IValue value;
   try {
     {
-      caffe2::serialize::PyTorchStreamReader archive(std::make_shared<BytesReadAdapter>(bytes));
-      check_archive(archive, path);
+      check_archive(std::make_shared<BytesReadAdapter>(bytes), path);
     }
     value = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
   } catch (const Error&) {

@@ -1,6 +1,8 @@
 #include "model/causal_lm.h"
 
+#include <caffe2/serialize/file_adapter.h>
 #include <caffe2/serialize/inline_container.h>
+#include <caffe2/serialize/istream_adapter.h>
 #include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/version.h>
@@ -54,26 +56,26 @@ namespace {
 
 // Whether a TorchScript archive was written by PyTorch 2.x: its torch.jit.save adds a "byteorder"
 // record (and ".data/serialization_id"; seen with 2.11), which 1.13's does not write.
-// `open_archive` returns a std::unique_ptr<caffe2::serialize::PyTorchStreamReader> of the archive.
-template <typename OpenArchive>
-bool torchscript_written_by_torch2(OpenArchive open_archive) {
+// `open_input` returns the archive's bytes as a std::shared_ptr<caffe2::serialize::ReadAdapterInterface>.
+template <typename OpenInput>
+bool torchscript_written_by_torch2(OpenInput open_input) {
   try {
-    return open_archive()->hasRecord("byteorder");
+    return caffe2::serialize::PyTorchStreamReader(open_input()).hasRecord("byteorder");
   } catch (const std::exception&) {
     return false;  // not a zip archive at all: the caller reports the loader's own error
   }
 }
 
 // torch::jit::load's errors (`load` calls it on a file or on a stream of its bytes), as gradq::Error
-// naming `path`; `open_archive` opens the same bytes as an archive, to check its pickles and source
-// before the load and to tell a PyTorch 2.x file apart after a failed one.
-template <typename Load, typename OpenArchive>
-torch::jit::Module load_module(const std::string& path, Load load, OpenArchive open_archive) {
+// naming `path`; `open_input` gives the same bytes, to check the archive's pickles and source before
+// the load and to tell a PyTorch 2.x file apart after a failed one.
+template <typename Load, typename OpenInput>
+torch::jit::Module load_module(const std::string& path, Load load, OpenInput open_input) {
   // libtorch's unpickler trusts the lengths in the archive's pickles, and its importer some fields of
   // the source (archive_check.h); an input that is no archive at all is left to the loader, which
   // names the problem.
   try {
-    check_archive(*open_archive(), path);
+    check_archive(open_input(), path);
   } catch (const Error&) {
     throw;
   } catch (const std::exception&) {  // not a readable archive
@@ -97,7 +99,7 @@ torch::jit::Module load_module(const std::string& path, Load load, OpenArchive o
     throw Error(fmt::format("cannot load '{}': it calls gradq ops that are not registered; load libgradq_ops.so first "
                             "({})", path, first_line));
   // PyTorch 2.x writes records that 1.x never wrote; what it compiles may call ops a 1.x libtorch lacks.
-  if (TORCH_VERSION_MAJOR < 2 && torchscript_written_by_torch2(open_archive))
+  if (TORCH_VERSION_MAJOR < 2 && torchscript_written_by_torch2(open_input))
     throw Error(fmt::format("cannot load '{}': it was written by PyTorch 2.x and this gradq is built against libtorch "
                             "{}.{}, which cannot read it ({}); build gradq against PyTorch 2.x (README: With PyTorch "
                             "2.x) or save the model with PyTorch {}.{}", path, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
@@ -113,7 +115,7 @@ CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) 
               "llama2.c checkpoint (.bin)", path);
   return CausalLM(load_module(
                       path, [&] { return torch::jit::load(path); },
-                      [&] { return std::make_unique<caffe2::serialize::PyTorchStreamReader>(path); }),
+                      [&] { return std::make_shared<caffe2::serialize::FileAdapter>(path); }),
                   options);
 }
 
@@ -126,7 +128,7 @@ CausalLM CausalLM::load(std::istream& in, const std::string& path, const Adapter
                       },
                       [&] {
                         in.clear();  // the readers seek to absolute offsets; a failed read sets failbit
-                        return std::make_unique<caffe2::serialize::PyTorchStreamReader>(&in);
+                        return std::make_shared<caffe2::serialize::IStreamAdapter>(&in);
                       }),
                   options);
 }
