@@ -5,7 +5,6 @@
 #include <torch/csrc/jit/serialization/pickle.h>
 
 #include <algorithm>
-#include <array>
 #include <cctype>
 #include <cstring>
 #include <limits>
@@ -569,16 +568,11 @@ void check_debug_pickle(const c10::IValue& value, const std::string& what) {
 // The most bytes of central directory an archive may declare (read_central_directory).
 constexpr uint64_t kMaxDirectoryBytes = uint64_t{64} << 20;
 
-// What an archive's central directory declares for one record.
-struct DeclaredRecord {
-  uint64_t size = 0;  // uncompressed bytes
-};
-
 // The central directory of the zip archive `in` (the same bytes the reader reads), in its order: each
-// record's name as PyTorchStreamReader names records (without the archive's top folder), and what it
-// declares. Throws gradq::Error naming `path` on a directory it cannot follow.
-std::vector<std::pair<std::string, DeclaredRecord>> read_central_directory(const caffe2::serialize::ReadAdapterInterface& in,
-                                                             const std::string& path) {
+// record's name as PyTorchStreamReader names records (without the archive's top folder), and the
+// uncompressed size it declares. Throws gradq::Error naming `path` on a directory it cannot follow.
+std::vector<std::pair<std::string, uint64_t>> read_central_directory(const caffe2::serialize::ReadAdapterInterface& in,
+                                                                     const std::string& path) {
   const uint64_t file_size = in.size();
   auto corrupt = [&](const std::string& why) { return Error(fmt::format("'{}' is a corrupt archive: {}", path, why)); };
   auto read = [&](uint64_t pos, uint64_t n) {
@@ -622,7 +616,7 @@ std::vector<std::pair<std::string, DeclaredRecord>> read_central_directory(const
   if (cd_size > kMaxDirectoryBytes)
     throw corrupt(fmt::format("its central directory declares {} bytes; gradq reads at most {}", cd_size, kMaxDirectoryBytes));
   const std::string cd = read(offset, cd_size);
-  std::vector<std::pair<std::string, DeclaredRecord>> records;
+  std::vector<std::pair<std::string, uint64_t>> records;
   size_t at = 0;
   for (uint64_t e = 0; e < entries; ++e) {
     if (at + 46 > cd.size() || u32(cd, at) != 0x02014b50u)
@@ -630,15 +624,15 @@ std::vector<std::pair<std::string, DeclaredRecord>> read_central_directory(const
     const size_t name_len = u16(cd, at + 28), extra_len = u16(cd, at + 30), comment_len = u16(cd, at + 32);
     if (at + 46 + name_len + extra_len + comment_len > cd.size())
       throw corrupt(fmt::format("central directory entry {} of {} runs past the directory", e, entries));
-    DeclaredRecord r{u32(cd, at + 24)};
-    const bool size64 = r.size == 0xFFFFFFFFu;
+    uint64_t size = u32(cd, at + 24);
+    const bool size64 = size == 0xFFFFFFFFu;
     for (size_t x = at + 46 + name_len; size64 && x + 4 <= at + 46 + name_len + extra_len;) {
       const size_t id = u16(cd, x), len = u16(cd, x + 2);
-      if (id == 0x0001 && len >= 8 && x + 4 + 8 <= cd.size()) r.size = u64(cd, x + 4);  // uncompressed size first
+      if (id == 0x0001 && len >= 8 && x + 4 + 8 <= cd.size()) size = u64(cd, x + 4);  // uncompressed size first
       x += 4 + len;
     }
     const std::string name = cd.substr(at + 46, name_len);
-    records.emplace_back(name.substr(name.find('/') == std::string::npos ? 0 : name.find('/') + 1), r);
+    records.emplace_back(name.substr(name.find('/') == std::string::npos ? 0 : name.find('/') + 1), size);
     at += 46 + name_len + extra_len + comment_len;
   }
   return records;
@@ -660,10 +654,10 @@ void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface
   // ignoring case: which one libtorch reads is up to miniz's search (it ignores case), so no check
   // could know that it checked the bytes libtorch reads.
   std::set<std::string> declared_names;
-  for (const auto& [name, record] : read_central_directory(*in, path)) {
-    GRADQ_CHECK(!ends_with(lower_case(name), ".py") || record.size <= kMaxSourceBytes,
-                "'{}' (record {}) declares {} bytes of TorchScript source; gradq reads at most {}", path, name,
-                record.size, kMaxSourceBytes);
+  for (const auto& [name, size] : read_central_directory(*in, path)) {
+    GRADQ_CHECK(!ends_with(lower_case(name), ".py") || size <= kMaxSourceBytes,
+                "'{}' (record {}) declares {} bytes of TorchScript source; gradq reads at most {}", path, name, size,
+                kMaxSourceBytes);
     GRADQ_CHECK(declared_names.insert(lower_case(name)).second,
                 "'{}' is corrupt: it holds two records named {} (names match ignoring case)", path, name);
   }

@@ -203,9 +203,7 @@ Reference Reference::load(const std::string& path) { return from_bytes(read_file
 Reference Reference::from_bytes(const std::string& bytes, const std::string& path) {
   c10::IValue value;
   try {
-    {
-      check_archive(std::make_shared<BytesReadAdapter>(bytes), path);
-    }
+    check_archive(std::make_shared<BytesReadAdapter>(bytes), path);
     value = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
   } catch (const Error&) {
     throw;
