@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <new>
 #include <memory>
 #include <optional>
 #include <set>
@@ -565,78 +566,160 @@ void check_debug_pickle(const c10::IValue& value, const std::string& what) {
   }
 }
 
+namespace {
+
 // The most bytes of central directory an archive may declare (read_central_directory).
 constexpr uint64_t kMaxDirectoryBytes = uint64_t{64} << 20;
 
-// The central directory of the zip archive `in` (the same bytes the reader reads), in its order: each
-// record's name as PyTorchStreamReader names records (without the archive's top folder), and the
-// uncompressed size it declares. Throws gradq::Error naming `path` on a directory it cannot follow.
-std::vector<std::pair<std::string, uint64_t>> read_central_directory(const caffe2::serialize::ReadAdapterInterface& in,
-                                                                     const std::string& path) {
-  const uint64_t file_size = in.size();
-  auto corrupt = [&](const std::string& why) { return Error(fmt::format("'{}' is a corrupt archive: {}", path, why)); };
-  auto read = [&](uint64_t pos, uint64_t n) {
-    if (pos > file_size || n > file_size - pos)
-      throw corrupt(fmt::format("{} bytes at offset {} lie beyond its {} bytes", n, pos, file_size));
+// The most bytes deflate can make of one compressed byte: a length-258 match coded in two bits.
+constexpr uint64_t kMaxDeflateRatio = 1032;
+
+// A record as the archive's central directory declares it.
+struct DirectoryRecord {
+  std::string folder;         // the top folder of its name in the archive ("" when it has none)
+  std::string name;           // as PyTorchStreamReader names records: without that folder
+  uint64_t size = 0;          // uncompressed
+  uint64_t compressed_size = 0;
+  uint16_t method = 0;        // 0 stored, 8 deflated
+  uint64_t local_header = 0;  // the offset of its local header
+};
+
+// The bytes of an archive, read with bounds checks, and its little-endian fields; errors name `path`.
+class ArchiveBytes {
+ public:
+  ArchiveBytes(const caffe2::serialize::ReadAdapterInterface& in, const std::string& path)
+      : in_(in), path_(path), size_(in.size()) {}
+  uint64_t size() const { return size_; }
+  Error corrupt(const std::string& why) const { return Error(fmt::format("'{}' is a corrupt archive: {}", path_, why)); }
+  std::string read(uint64_t pos, uint64_t n) const {
+    if (pos > size_ || n > size_ - pos)
+      throw corrupt(fmt::format("{} bytes at offset {} lie beyond its {} bytes", n, pos, size_));
     std::string bytes(n, '\0');
-    if (in.read(pos, bytes.data(), n, "central directory") != n)
+    if (in_.read(pos, bytes.data(), n, "archive check") != n)
       throw corrupt(fmt::format("{} bytes at offset {} could not be read", n, pos));
     return bytes;
-  };
-  auto u16 = [](const std::string& b, size_t at) {
+  }
+  static uint32_t u16(const std::string& b, size_t at) {
     return static_cast<uint32_t>(static_cast<uint8_t>(b[at])) | static_cast<uint32_t>(static_cast<uint8_t>(b[at + 1])) << 8;
-  };
-  auto u32 = [&](const std::string& b, size_t at) { return u16(b, at) | u16(b, at + 2) << 16; };
-  auto u64 = [&](const std::string& b, size_t at) { return uint64_t{u32(b, at)} | uint64_t{u32(b, at + 4)} << 32; };
+  }
+  static uint32_t u32(const std::string& b, size_t at) { return u16(b, at) | u16(b, at + 2) << 16; }
+  static uint64_t u64(const std::string& b, size_t at) { return uint64_t{u32(b, at)} | uint64_t{u32(b, at + 4)} << 32; }
+
+ private:
+  const caffe2::serialize::ReadAdapterInterface& in_;
+  const std::string& path_;
+  uint64_t size_;
+};
+
+// The central directory of the archive `bytes` (the same bytes the reader reads), in its order, or
+// nullopt when the bytes have no end-of-central-directory record (no zip archive at all). Throws
+// gradq::Error on a directory it cannot follow.
+std::optional<std::vector<DirectoryRecord>> read_central_directory(const ArchiveBytes& bytes) {
+  using B = ArchiveBytes;
   // The end-of-central-directory record: 22 bytes and a comment of at most 65535, at the end.
-  const uint64_t tail_size = std::min<uint64_t>(file_size, 22 + 65535);
-  const std::string tail = read(file_size - tail_size, tail_size);
+  const uint64_t tail_size = std::min<uint64_t>(bytes.size(), 22 + 65535);
+  const std::string tail = bytes.read(bytes.size() - tail_size, tail_size);
   size_t eocd = std::string::npos;
   for (size_t i = tail.size() >= 22 ? tail.size() - 22 + 1 : 0; i-- > 0;)
-    if (u32(tail, i) == 0x06054b50u) {
+    if (B::u32(tail, i) == 0x06054b50u) {
       eocd = i;
       break;
     }
-  if (eocd == std::string::npos) throw corrupt("no end of central directory record");
-  uint64_t entries = u16(tail, eocd + 10), offset = u32(tail, eocd + 16), cd_size = u32(tail, eocd + 12);
+  if (eocd == std::string::npos) return std::nullopt;
+  uint64_t entries = B::u16(tail, eocd + 10), offset = B::u32(tail, eocd + 16), cd_size = B::u32(tail, eocd + 12);
   // Zip64 (archives over 4 GiB or 65535 records): a locator just before the record points at the
   // zip64 end record, which holds the 64-bit counts and offset.
-  const uint64_t eocd_pos = file_size - tail_size + eocd;
+  const uint64_t eocd_pos = bytes.size() - tail_size + eocd;
   if (eocd_pos >= 20) {
-    const std::string locator = read(eocd_pos - 20, 20);
-    if (u32(locator, 0) == 0x07064b50u) {
-      const std::string end64 = read(u64(locator, 8), 56);
-      if (u32(end64, 0) != 0x06064b50u) throw corrupt("its zip64 locator points at no zip64 end record");
-      entries = u64(end64, 32);
-      cd_size = u64(end64, 40);
-      offset = u64(end64, 48);
+    const std::string locator = bytes.read(eocd_pos - 20, 20);
+    if (B::u32(locator, 0) == 0x07064b50u) {
+      const std::string end64 = bytes.read(B::u64(locator, 8), 56);
+      if (B::u32(end64, 0) != 0x06064b50u) throw bytes.corrupt("its zip64 locator points at no zip64 end record");
+      entries = B::u64(end64, 32);
+      cd_size = B::u64(end64, 40);
+      offset = B::u64(end64, 48);
     }
   }
   // A model's directory is tens of bytes per record: 64 MiB is some 700,000 records.
   if (cd_size > kMaxDirectoryBytes)
-    throw corrupt(fmt::format("its central directory declares {} bytes; gradq reads at most {}", cd_size, kMaxDirectoryBytes));
-  const std::string cd = read(offset, cd_size);
-  std::vector<std::pair<std::string, uint64_t>> records;
+    throw bytes.corrupt(fmt::format("its central directory declares {} bytes; gradq reads at most {}", cd_size,
+                                    kMaxDirectoryBytes));
+  const std::string cd = bytes.read(offset, cd_size);
+  std::vector<DirectoryRecord> records;
   size_t at = 0;
   for (uint64_t e = 0; e < entries; ++e) {
-    if (at + 46 > cd.size() || u32(cd, at) != 0x02014b50u)
-      throw corrupt(fmt::format("central directory entry {} of {} is cut short or lacks its signature", e, entries));
-    const size_t name_len = u16(cd, at + 28), extra_len = u16(cd, at + 30), comment_len = u16(cd, at + 32);
+    if (at + 46 > cd.size() || B::u32(cd, at) != 0x02014b50u)
+      throw bytes.corrupt(fmt::format("central directory entry {} of {} is cut short or lacks its signature", e, entries));
+    const size_t name_len = B::u16(cd, at + 28), extra_len = B::u16(cd, at + 30), comment_len = B::u16(cd, at + 32);
     if (at + 46 + name_len + extra_len + comment_len > cd.size())
-      throw corrupt(fmt::format("central directory entry {} of {} runs past the directory", e, entries));
-    uint64_t size = u32(cd, at + 24);
-    const bool size64 = size == 0xFFFFFFFFu;
-    for (size_t x = at + 46 + name_len; size64 && x + 4 <= at + 46 + name_len + extra_len;) {
-      const size_t id = u16(cd, x), len = u16(cd, x + 2);
-      if (id == 0x0001 && len >= 8 && x + 4 + 8 <= cd.size()) size = u64(cd, x + 4);  // uncompressed size first
+      throw bytes.corrupt(fmt::format("central directory entry {} of {} runs past the directory", e, entries));
+    DirectoryRecord record;
+    record.method = static_cast<uint16_t>(B::u16(cd, at + 10));
+    record.compressed_size = B::u32(cd, at + 20);
+    record.size = B::u32(cd, at + 24);
+    record.local_header = B::u32(cd, at + 42);
+    // The zip64 extra field holds, in this order, the 64-bit value of each field that reads 0xFFFFFFFF.
+    for (size_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
+      const size_t id = B::u16(cd, x), len = B::u16(cd, x + 2);
+      if (id == 0x0001) {
+        size_t field = x + 4;
+        for (uint64_t* value : {&record.size, &record.compressed_size, &record.local_header})
+          if (*value == 0xFFFFFFFFu && field + 8 <= std::min(x + 4 + len, cd.size())) {
+            *value = B::u64(cd, field);
+            field += 8;
+          }
+      }
       x += 4 + len;
     }
     const std::string name = cd.substr(at + 46, name_len);
-    records.emplace_back(name.substr(name.find('/') == std::string::npos ? 0 : name.find('/') + 1), size);
+    // PyTorchStreamReader names a record by what follows the archive's folder: the first record's
+    // folder, which every record must lie in (check_archive).
+    const size_t slash = name.find('/');
+    record.folder = slash == std::string::npos ? std::string() : name.substr(0, slash);
+    record.name = name.substr(slash == std::string::npos ? 0 : slash + 1);
+    records.push_back(std::move(record));
     at += 46 + name_len + extra_len + comment_len;
   }
   return records;
 }
+
+// libtorch links miniz and exports its functions (1.13 and the 2.x wheels) without installing its
+// header. tinfl_decompress inflates a raw deflate stream; its status is miniz's tinfl_status.
+extern "C" {
+void* tinfl_decompressor_alloc();
+void tinfl_decompressor_free(void* decompressor);
+int tinfl_decompress(void* decompressor, const uint8_t* in, size_t* in_size, uint8_t* out_start, uint8_t* out_next,
+                     size_t* out_size, uint32_t flags);
+}
+constexpr uint32_t kTinflNonWrappingOutput = 4;  // TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF: as getRecord inflates
+constexpr int kTinflDone = 0, kTinflHasMoreOutput = 2;
+
+// Throws gradq::Error unless the deflated `record`'s stream writes every byte of the size its
+// directory declares. libtorch's getRecord inflates into a buffer of that size and does not check
+// this: when miniz fails part way it returns false without setting the error libtorch looks at, and
+// getRecord hands back the buffer with its tail uninitialized (libtorch 1.13; found by the
+// fresh-clone test run on a fuzzer-made debug pickle). A stream that makes more than the size is
+// cut at it by getRecord the same way, with every byte written: that one is left to the checks that
+// follow, which then see the bytes libtorch reads.
+void check_deflate_stream(const ArchiveBytes& bytes, const DirectoryRecord& record, const std::string& path) {
+  const std::string local = bytes.read(record.local_header, 30);
+  if (ArchiveBytes::u32(local, 0) != 0x04034b50u)
+    throw bytes.corrupt(fmt::format("record {} has no local header at offset {}", record.name, record.local_header));
+  const std::string stream = bytes.read(
+      record.local_header + 30 + ArchiveBytes::u16(local, 26) + ArchiveBytes::u16(local, 28), record.compressed_size);
+  const std::unique_ptr<uint8_t[]> out(new uint8_t[std::max<uint64_t>(record.size, 1)]);
+  const std::unique_ptr<void, void (*)(void*)> inflater(tinfl_decompressor_alloc(), tinfl_decompressor_free);
+  if (!inflater) throw std::bad_alloc();
+  size_t in_size = stream.size(), made = record.size;
+  const int status = tinfl_decompress(inflater.get(), reinterpret_cast<const uint8_t*>(stream.data()), &in_size,
+                                      out.get(), out.get(), &made, kTinflNonWrappingOutput);
+  if ((status == kTinflDone && made == record.size) || status == kTinflHasMoreOutput) return;
+  throw Error(fmt::format("'{}' (record {}) is corrupt: its deflate stream of {} bytes {} after {} of the {} bytes it "
+                          "declares",
+                          path, record.name, stream.size(), status == kTinflDone ? "ends" : "fails", made, record.size));
+}
+
+}  // namespace
 
 void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface>& in, const std::string& path) {
   auto ends_with = [](const std::string& s, const std::string& end) {
@@ -646,23 +729,51 @@ void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface
     std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
     return s;
   };
-  // Not an archive at all: the reader's own exception, which callers leave to the loader to report.
-  caffe2::serialize::PyTorchStreamReader archive(in);
-  // What the central directory declares, before any record is read. A source record's size is the
-  // one the reader allocates before it decompresses what there is into it (fuzz_torchscript: 4 GB
-  // declared for 173 compressed bytes took the scan 54 s and 8 GB). Two records whose names match
-  // ignoring case: which one libtorch reads is up to miniz's search (it ignores case), so no check
-  // could know that it checked the bytes libtorch reads.
-  std::set<std::string> declared_names;
-  for (const auto& [name, size] : read_central_directory(*in, path)) {
-    GRADQ_CHECK(!ends_with(lower_case(name), ".py") || size <= kMaxSourceBytes,
-                "'{}' (record {}) declares {} bytes of TorchScript source; gradq reads at most {}", path, name, size,
-                kMaxSourceBytes);
-    GRADQ_CHECK(declared_names.insert(lower_case(name)).second,
-                "'{}' is corrupt: it holds two records named {} (names match ignoring case)", path, name);
+  // The central directory first, before libtorch's reader reads any record: the reader allocates
+  // the size a record declares before it inflates what there is into it, and its constructor reads
+  // the `version` record (fuzz_reference: 4 GB declared by 4 compressed bytes).
+  const ArchiveBytes bytes(*in, path);
+  const std::optional<std::vector<DirectoryRecord>> directory = read_central_directory(bytes);
+  if (!directory) {
+    // Not an archive at all: the reader's own exception, which callers leave to the loader to report.
+    caffe2::serialize::PyTorchStreamReader not_an_archive(in);
+    throw bytes.corrupt("no end of central directory record");
   }
-  // getAllRecords throws on a record outside the archive's folder; torch::jit::load never lists the
-  // records, so it would load such a file with none of its pickles checked (fuzz_torchscript).
+  if (directory->empty()) throw bytes.corrupt("it holds no records");
+  std::set<std::string> lower_names;
+  for (const DirectoryRecord& record : *directory) {
+    // Listing the records (getAllRecords) throws on a record outside the archive's folder, and
+    // torch::jit::load never lists them, so such a file would load with none of its records checked
+    // (fuzz_torchscript). Refused here, where it is found before any record is inflated.
+    GRADQ_CHECK(!record.folder.empty() && record.folder == directory->front().folder,
+                "'{}' is a corrupt archive: record '{}' is not in the folder '{}/' of its first record", path,
+                record.folder.empty() ? record.name : record.folder + "/" + record.name, directory->front().folder);
+    // A source record's size is bounded too: a model's source is a few MB at most, even traced and
+    // unrolled over 80 layers (fuzz_torchscript: 4 GB declared for 173 compressed bytes took the
+    // scan 54 s and 8 GB).
+    GRADQ_CHECK(!ends_with(lower_case(record.name), ".py") || record.size <= kMaxSourceBytes,
+                "'{}' (record {}) declares {} bytes of TorchScript source; gradq reads at most {}", path, record.name,
+                record.size, kMaxSourceBytes);
+    GRADQ_CHECK(record.compressed_size <= bytes.size(),
+                "'{}' (record {}) is corrupt: it declares {} compressed bytes, more than the archive's {}", path,
+                record.name, record.compressed_size, bytes.size());
+    const bool could_hold = record.method == 0 ? record.size <= record.compressed_size
+                                               : record.size / kMaxDeflateRatio <= record.compressed_size;
+    GRADQ_CHECK(could_hold, "'{}' (record {}) is corrupt: it declares {} bytes, more than {}", path, record.name,
+                record.size,
+                record.method == 0 ? fmt::format("the {} bytes it stores", record.compressed_size)
+                                   : fmt::format("its {} compressed bytes can make ({} per byte at most)",
+                                                 record.compressed_size, kMaxDeflateRatio));
+    // Two records whose names match ignoring case: which one libtorch reads is up to miniz's search
+    // (it ignores case), so no check could know that it checked the bytes libtorch reads.
+    GRADQ_CHECK(lower_names.insert(lower_case(record.name)).second,
+                "'{}' is corrupt: it holds two records named {} (names match ignoring case)", path, record.name);
+  }
+  // Then the compressed records' streams (after the cheap checks: each is inflated once more here).
+  for (const DirectoryRecord& record : *directory)
+    if (record.method == 8) check_deflate_stream(bytes, record, path);
+  caffe2::serialize::PyTorchStreamReader archive(in);
+  // Every record lies in the archive's folder (checked above), but miniz may still fail to list one.
   std::vector<std::string> names;
   try {
     names = archive.getAllRecords();
@@ -685,18 +796,16 @@ void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface
     // such a record, whose REDUCE underflows libtorch's stack); skipping the record is no better:
     // torch::pickle_load reads the bytes through an adapter that does not check bounds
     // (fuzz_reference: a heap overflow reading a record that ends past the archive).
-    at::DataPtr bytes;
+    at::DataPtr data;
     size_t size = 0;
     try {
-      std::tie(bytes, size) = archive.getRecord(name);
+      std::tie(data, size) = archive.getRecord(name);
     } catch (const std::exception& e) {
       throw Error(fmt::format("'{}' (record {}) is corrupt: {}", path, name,
                               std::string(e.what()).substr(0, std::string(e.what()).find('\n'))));
     }
     if (source) {
-      // A model's source is a few MB at most, even traced and unrolled over 80 layers (the bound is
-      // checked above, before the record is read).
-      check_torchscript_source(std::string_view(static_cast<const char*>(bytes.get()), size),
+      check_torchscript_source(std::string_view(static_cast<const char*>(data.get()), size),
                                fmt::format("'{}' (record {})", path, name));
       continue;
     }
@@ -718,13 +827,13 @@ void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface
                            }};
     const bool has_storages = lower_stem == "data" || lower_stem == "constants";
     const std::string what = fmt::format("'{}' (record {})", path, name);
-    check_pickle(static_cast<const uint8_t*>(bytes.get()), size, what, has_storages ? &records : nullptr);
+    check_pickle(static_cast<const uint8_t*>(data.get()), size, what, has_storages ? &records : nullptr);
     if (ends_with(lower, ".debug_pkl")) {
       // Unpickling is safe now that check_pickle passed. One that fails is left alone: libtorch
       // fails the same way (an exception) if it ever reads the record.
       std::optional<c10::IValue> debug;
       try {
-        debug = torch::jit::unpickle(static_cast<const char*>(bytes.get()), size);
+        debug = torch::jit::unpickle(static_cast<const char*>(data.get()), size);
       } catch (const std::exception&) {
       }
       if (debug) check_debug_pickle(*debug, what);

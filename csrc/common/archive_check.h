@@ -61,9 +61,13 @@ void check_torchscript_source(std::string_view code, const std::string& what);
 /// information in every `.debug_pkl` record (which libtorch 1.13 indexes unchecked when it highlights a
 /// compile error), and check_torchscript_source on every `.py` record (one that declares more than
 /// 64 MiB of source is refused unread, by the size its central directory declares). A record the
-/// reader cannot read is an error too, and so are two records whose names match ignoring case and a
-/// central directory gradq cannot follow. `in` is the archive's bytes; a PyTorchStreamReader opens
-/// them here (its exception, not gradq::Error, when they are not an archive at all).
+/// reader cannot read is an error too, and so are two records whose names match ignoring case, a
+/// central directory gradq cannot follow, a record declaring more bytes than its stored or compressed
+/// bytes can make (libtorch allocates the declared size first, the `version` record's before anything
+/// else), and a compressed record whose stream does not decompress to exactly its declared size
+/// (libtorch then reads an uninitialized buffer). All of these are checked from the central directory
+/// before libtorch's reader opens the archive. `in` is the archive's bytes; a PyTorchStreamReader
+/// opens them here (its exception, not gradq::Error, when they are not a zip archive at all).
 void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface>& in, const std::string& path);
 
 /// The bytes of an archive held in memory, for caffe2::serialize::PyTorchStreamReader; `bytes` must

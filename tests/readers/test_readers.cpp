@@ -152,14 +152,15 @@ TEST(Readers, PickleMemoIndicesBeyondThePickleAreErrors) {
                          "stores memo entry");
 }
 
-// A zip archive of `records` (name, bytes), as torch.save writes one.
-std::string archive_of(const std::vector<std::pair<std::string, std::string>>& records) {
+// A zip archive of `records` (name, bytes), as torch.save writes one (torch.jit.save deflates the
+// code records: `compress`).
+std::string archive_of(const std::vector<std::pair<std::string, std::string>>& records, bool compress = false) {
   std::string out;
   caffe2::serialize::PyTorchStreamWriter writer([&](const void* buf, size_t n) {
     out.append(static_cast<const char*>(buf), n);
     return n;
   });
-  for (const auto& [name, bytes] : records) writer.writeRecord(name, bytes.data(), bytes.size());
+  for (const auto& [name, bytes] : records) writer.writeRecord(name, bytes.data(), bytes.size(), compress);
   writer.writeEndOfFile();
   return out;
 }
@@ -198,6 +199,51 @@ TEST(Readers, RecordsWhoseNamesMatchIgnoringCaseAreErrors) {
   const std::string twice = archive_of({{"data.pkl", one}, {"DATA.pkl", one}});
   GRADQ_EXPECT_THROW_MSG(check_archive(std::make_shared<BytesReadAdapter>(twice), "d.ref"),
                          "'d.ref' is corrupt: it holds two records named DATA.pkl (names match ignoring case)");
+}
+
+// Before: libtorch 1.13's getRecord handed back its buffer uninitialized when a deflated record's
+// stream was corrupt (miniz fails without setting the error libtorch looks at), so the checks judged
+// heap garbage: found by the fresh-clone test run (2026-12-03) on a fuzzer-made debug pickle of
+// torchscript-code-record-4g.pt, which failed or passed by the heap's contents.
+TEST(Readers, CompressedRecordsThatDoNotDecompressToTheirSizeAreErrors) {
+  const std::vector<char> pickle = torch::jit::pickle(c10::IValue(std::string(300, 'a')));
+  const std::string one(pickle.begin(), pickle.end());
+  const std::string good = archive_of({{"data.pkl", one}}, /*compress=*/true);
+  auto check = [](const std::string& bytes) { check_archive(std::make_shared<BytesReadAdapter>(bytes), "d.ref"); };
+  auto u16_at = [&](size_t at) { return static_cast<uint8_t>(good[at]) | static_cast<uint8_t>(good[at + 1]) << 8; };
+  // data.pkl's local header is the archive's first; its stream follows its name and extra field.
+  ASSERT_EQ(good.compare(0, 4, "PK\x03\x04"), 0);
+  ASSERT_EQ(u16_at(8), 8) << "the record is deflated";
+  const size_t stream = 30 + u16_at(26) + u16_at(28);
+  const size_t directory = good.find("PK\x01\x02");  // data.pkl's central directory entry
+  ASSERT_NE(directory, std::string::npos);
+  const size_t stream_size = u16_at(directory + 20) | static_cast<size_t>(u16_at(directory + 22)) << 16;
+  ASSERT_LT(stream_size, one.size()) << "deflate compressed the repeated text";
+  EXPECT_NO_THROW(check(good));
+  std::string corrupt = good;
+  corrupt[stream] = 0x07;  // a final block of the reserved block type
+  GRADQ_EXPECT_THROW_MSG(check(corrupt), fmt::format("'d.ref' (record data.pkl) is corrupt: its deflate stream of {} "
+                                                     "bytes fails after 0 of the {} bytes it declares",
+                                                     stream_size, one.size()));
+  // The central directory declares one byte more than the stream makes, then one byte less. libtorch
+  // reads the first bytes of a stream that makes more, every one written, so the checks see those.
+  auto declaring = [&](int change) {
+    std::string bytes = good;
+    bytes[directory + 24] = static_cast<char>(static_cast<uint8_t>(bytes[directory + 24]) + change);
+    EXPECT_EQ(bytes[directory + 25], good[directory + 25]) << "no carry into the next byte";
+    return bytes;
+  };
+  GRADQ_EXPECT_THROW_MSG(check(declaring(+1)), fmt::format("its deflate stream of {} bytes ends after {} of the {} "
+                                                           "bytes it declares",
+                                                           stream_size, one.size(), one.size() + 1));
+  EXPECT_NO_THROW(check(declaring(-1)));
+  // Before: libtorch's reader allocates the size a record declares, and its constructor reads the
+  // `version` record: reference-version-record-4g.ref (fuzz_reference, 2026-12-03) declares
+  // 4,177,526,529 bytes for 4 compressed ones (libFuzzer: out-of-memory in malloc(4177526529)).
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                         "/tests/fuzz/regressions/reference-version-record-4g.ref"),
+                         "(record version) is corrupt: it declares 4177526529 bytes, more than its 4 compressed bytes "
+                         "can make (1032 per byte at most)");
 }
 
 TEST(Readers, StoragesAndViewsBeyondTheirRecordsAreErrors) {
@@ -274,11 +320,20 @@ TEST(Readers, PickleMarksAboveTheStackAndOddDictsAreErrors) {
 // Before: torchscript-slow.pt (found by fuzz_torchscript; 40 s and past 2.5 GiB under ASan, 2.5 s
 // without ASan's quarantine) failed to compile, and libtorch 1.13 then unpickled the source's
 // code/__torch__.py.debug_pkl to highlight the error, which declared a 2.27 GB string: the unpickler
-// zero-filled it before finding the record too short. gradq checked only records named *.pkl.
+// zero-filled it before finding the record too short. gradq checked only records named *.pkl. The
+// file's code/__torch__.py has a corrupt deflate stream too, refused first since 2026-12-03 (what
+// libtorch compiled there was an uninitialized buffer); the debug pickle's check, on its own:
 TEST(Readers, TorchScriptDebugPicklesAreChecked) {
   GRADQ_EXPECT_THROW_MSG(CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) +
                                         "/tests/fuzz/regressions/torchscript-debug-pkl-string.pt"),
-                         "(record code/__torch__.py.debug_pkl) is corrupt: the pickle opcode 0x58 at byte");
+                         "(record code/__torch__.py) is corrupt: its deflate stream of 234 bytes fails after 0 of the "
+                         "465 bytes it declares");
+  const std::string long_string("\x80\x02X\x00\x00\x00\xc0" "ab.", 10);
+  for (const bool compress : {false, true})
+    GRADQ_EXPECT_THROW_MSG(
+        check_archive(std::make_shared<BytesReadAdapter>(archive_of({{"code/m.py.debug_pkl", long_string}}, compress)),
+                      "m.pt"),
+        "'m.pt' (record code/m.py.debug_pkl) is corrupt: the pickle opcode 0x58 at byte 2 declares 3221225472 bytes");
   // torchscript-stray-record-name.pt (fuzz_torchscript, 2026-12-02): a record named outside the
   // archive's folder made listing the records throw, which skipped every check (4 s, then
   // "Unexpected end of pickler archive" from libtorch).
@@ -308,14 +363,26 @@ TEST(Readers, TorchScriptClassStatementsLibtorchReadsUncheckedAreErrors) {
   // reader cannot read ended the checks unnoticed, and a debug pickle after it, REDUCE on a stack of one,
   // made libtorch free an address it never allocated (ASan). An unreadable record is now an error;
   // skipping it instead let torch::pickle_load read past the end of reference-record-past-end.ref
-  // (fuzz_reference, the same day: a heap overflow in libtorch's unchecked reader).
+  // (fuzz_reference, the same day: a heap overflow in libtorch's unchecked reader). Both are refused
+  // by the central directory since 2026-12-03, before the reader reads them (libtorch's own error
+  // was "PytorchStreamReader failed reading file"); the reader's errors stay errors (below).
   GRADQ_EXPECT_THROW_MSG(
       CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) +
                      "/tests/fuzz/regressions/torchscript-unreadable-record-first.pt"),
-      "(record code/__torch__/___torch_mangle_0.py.debug.pkl) is corrupt: PytorchStreamReader failed reading file");
+      "(record code/__torch__/___torch_mangle_0.py.debug.pkl) is corrupt: its deflate stream of 269 bytes ends after "
+      "335 of the 336 bytes it declares");
   GRADQ_EXPECT_THROW_MSG(
       Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/fuzz/regressions/reference-record-past-end.ref"),
-      "(record data.pkl) is corrupt: PytorchStreamReader failed reading file data.pkl: file read failed");
+      "(record data.pkl) is corrupt: it declares 3000003 bytes, more than the 2932 bytes it stores");
+  {
+    // A stored record whose local header names a 65535-byte extra field: its bytes start past the
+    // archive's end, which only the reader finds.
+    const std::vector<char> pickle = torch::jit::pickle(c10::IValue(int64_t{1}));
+    std::string bytes = archive_of({{"data.pkl", std::string(pickle.begin(), pickle.end())}});
+    bytes[28] = bytes[29] = '\xff';
+    GRADQ_EXPECT_THROW_MSG(check_archive(std::make_shared<BytesReadAdapter>(bytes), "d.ref"),
+                           "'d.ref' (record data.pkl) is corrupt: PytorchStreamReader failed reading file data.pkl");
+  }
   auto check = [](const std::string& code) { check_torchscript_source(code, "m.py"); };
   // As torch.jit.save writes a module, with what the scan must see through: strings holding = and :,
   // a comment, a list across lines, assignments inside methods, a decorator, a constant with its type.
