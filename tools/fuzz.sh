@@ -6,17 +6,26 @@
 #   FUZZ_SECONDS=60 bash tools/fuzz.sh    every fuzzer for that many seconds
 #   FUZZ_RUNS=1000000 bash tools/fuzz.sh  every fuzzer for that many executions (tests/fuzz/README.md)
 #   bash tools/fuzz.sh fuzz_plan ...      only these fuzzers
+#   bash tools/fuzz.sh --help             this text
 # New inputs the fuzzers find go to a scratch corpus in the build directory, never into
 # tests/fuzz/corpus; a finding leaves its input in $build/artifacts and fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+all=(fuzz_text fuzz_llama2c fuzz_plan fuzz_policy fuzz_analysis fuzz_sweep fuzz_reference fuzz_torchscript)
+for f in "$@"; do
+  case "$f" in
+    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+  esac
+  # Names checked before the build, not after it.
+  [[ " ${all[*]} " == *" $f "* ]] || { echo "fuzz: unknown fuzzer '$f' (expected some of: ${all[*]})" >&2; exit 1; }
+done
 bash tools/setup.sh --fuzz
 build=${GRADQ_FUZZ_BUILD_DIR:-build-fuzz}
 cmake -S . -B "$build" -G Ninja -DGRADQ_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   ${GRADQ_CMAKE_ARGS:-} >/dev/null
 cmake --build "$build" -j"$(nproc)" --target gradq_fuzzers
 fuzzers=("$@")
-[ ${#fuzzers[@]} -gt 0 ] || fuzzers=(fuzz_text fuzz_llama2c fuzz_plan fuzz_policy fuzz_analysis fuzz_sweep fuzz_reference fuzz_torchscript)
+[ ${#fuzzers[@]} -gt 0 ] || fuzzers=("${all[@]}")
 if [ -n "${FUZZ_RUNS:-}" ]; then
   limit=(-runs="$FUZZ_RUNS")
 elif [ -n "${FUZZ_SECONDS:-}" ]; then
