@@ -745,9 +745,12 @@ void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface
     // Listing the records (getAllRecords) throws on a record outside the archive's folder, and
     // torch::jit::load never lists them, so such a file would load with none of its records checked
     // (fuzz_torchscript). Refused here, where it is found before any record is inflated.
-    GRADQ_CHECK(!record.folder.empty() && record.folder == directory->front().folder,
-                "'{}' is a corrupt archive: record '{}' is not in the folder '{}/' of its first record", path,
-                record.folder.empty() ? record.name : record.folder + "/" + record.name, directory->front().folder);
+    GRADQ_CHECK(!record.folder.empty(),
+                "'{}' is not a PyTorch archive: its record '{}' is in no folder (a PyTorch archive keeps every record "
+                "in one)", path, record.name);
+    GRADQ_CHECK(record.folder == directory->front().folder,
+                "'{}' is a corrupt archive: record '{}/{}' is not in the folder '{}/' of its first record", path,
+                record.folder, record.name, directory->front().folder);
     // A source record's size is bounded too: a model's source is a few MB at most, even traced and
     // unrolled over 80 layers (fuzz_torchscript: 4 GB declared for 173 compressed bytes took the
     // scan 54 s and 8 GB).

@@ -246,6 +246,27 @@ TEST(Readers, CompressedRecordsThatDoNotDecompressToTheirSizeAreErrors) {
                          "can make (1032 per byte at most)");
 }
 
+// libtorch lists a record outside the first record's folder only when asked (getAllRecords throws),
+// and torch::jit::load never asks: the check refuses it from the central directory, before any
+// record is read (torchscript-stray-record-name.pt, below, is the fuzzer's case).
+TEST(Readers, RecordsOutsideTheArchivesFolderAreErrors) {
+  const std::vector<char> pickle = torch::jit::pickle(c10::IValue(int64_t{1}));
+  const std::string good = archive_of({{"data.pkl", std::string(pickle.begin(), pickle.end())}, {"extra", "x"}});
+  auto renamed = [&](const std::string& from, const std::string& to) {  // in the local header and the directory
+    std::string bytes = good;
+    for (size_t at = bytes.find(from); at != std::string::npos; at = bytes.find(from, at + 1))
+      bytes.replace(at, from.size(), to);
+    return bytes;
+  };
+  auto check = [](const std::string& bytes) { check_archive(std::make_shared<BytesReadAdapter>(bytes), "r.pt"); };
+  EXPECT_NO_THROW(check(good));
+  GRADQ_EXPECT_THROW_MSG(check(renamed("archive/extra", "archivX/extra")),
+                         "'r.pt' is a corrupt archive: record 'archivX/extra' is not in the folder 'archive/' of its "
+                         "first record");
+  GRADQ_EXPECT_THROW_MSG(check(renamed("archive/data.pkl", "archive_data.pkl")),
+                         "'r.pt' is not a PyTorch archive: its record 'archive_data.pkl' is in no folder");
+}
+
 TEST(Readers, StoragesAndViewsBeyondTheirRecordsAreErrors) {
   auto read = [](const std::string& pickle, int record_floats) {
     return Reference::from_bytes(archive_of({{"data.pkl", pickle}, {"data/0", floats(record_floats)}}), "c.ref");
