@@ -314,8 +314,13 @@ void check_pickle(const uint8_t* data, size_t size, const std::string& what, con
           return;  // not a pickle opcode: the unpickler rejects it itself
       }
       std::string module, name;  // GLOBAL's arguments
+      // An argument line without its newline: libtorch 1.13's unpickler reads GLOBAL's lines in
+      // chunks until a newline, and at the pickle's end it takes its last chunk again, forever
+      // (fuzz_reference: a module name appended to itself until 1.4 GB).
       for (int line = 0; line < lines; ++line)
-        if (!read_line(op == 'c' ? (line == 0 ? &module : &name) : nullptr)) return;
+        GRADQ_CHECK(read_line(op == 'c' ? (line == 0 ? &module : &name) : nullptr),
+                    "{} is corrupt: the pickle opcode 0x{:02x} at byte {} has an argument line that runs to the pickle's "
+                    "end without a newline", what, op, at);
       uint64_t argument = 0;  // a fixed-size argument's value
       if (fixed > 0) {
         if (static_cast<size_t>(fixed) > size - i) return;

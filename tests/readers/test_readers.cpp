@@ -123,6 +123,17 @@ TEST(Readers, PickleLengthsBeyondTheRecordAreErrors) {
                          "p.pkl is corrupt: the pickle opcode 0x58 at byte 2 declares 3221225472 bytes, 3 are left");
   GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x04\x8e\xff\xff\xff\xff\xff\xff\xff\xff.", 12)),
                          "declares 18446744073709551615 bytes, 1 are left");
+  // GLOBAL's lines without their newline: libtorch 1.13's unpickler appends its last chunk to the line
+  // forever (reference-global-without-newline.ref, fuzz_reference on ebc8c2b's reader, 539,354
+  // executions in: out-of-memory at 1.4 GB in Unpickler::readString).
+  EXPECT_NO_THROW(check(std::string("\x80\x02" "ctorch\nFloatStorage\n.", 23)));
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02" "ctorch\nFloatStorage", 21)),
+                         "p.pkl is corrupt: the pickle opcode 0x63 at byte 2 has an argument line that runs to the "
+                         "pickle's end without a newline");
+  GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02" "ctorch", 8)), "opcode 0x63 at byte 2 has an argument line");
+  GRADQ_EXPECT_THROW_MSG(Reference::load(std::string(GRADQ_TEST_SOURCE_DIR) +
+                                         "/tests/fuzz/regressions/reference-global-without-newline.ref"),
+                         "(record data.pkl) is corrupt: the pickle opcode 0x63 at byte");
   // After a valid string, and after GLOBAL's two lines: the walk follows the opcodes.
   GRADQ_EXPECT_THROW_MSG(check(std::string("\x80\x02X\x01\x00\x00\x00" "a" "ctorch\nT\n" "B\x0a\x00\x00\x00" "12345678.", 31)),
                          "opcode 0x42 at byte 17 declares 10 bytes, 9 are left");
