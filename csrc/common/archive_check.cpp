@@ -2,6 +2,7 @@
 
 #include <c10/core/QScheme.h>
 #include <c10/core/ScalarType.h>
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 #include <torch/csrc/jit/serialization/pickle.h>
 
 #include <algorithm>
