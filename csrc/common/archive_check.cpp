@@ -10,8 +10,8 @@
 #include <cstring>
 #include <limits>
 #include <map>
-#include <new>
 #include <memory>
+#include <new>
 #include <optional>
 #include <set>
 #include <string_view>
@@ -748,6 +748,7 @@ void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface
   if (directory->empty()) throw bytes.corrupt("it holds no records");
   std::set<std::string> lower_names;
   for (const DirectoryRecord& record : *directory) {
+    const std::string lower_name = lower_case(record.name);
     // Listing the records (getAllRecords) throws on a record outside the archive's folder, and
     // torch::jit::load never lists them, so such a file would load with none of its records checked
     // (fuzz_torchscript). Refused here, where it is found before any record is inflated.
@@ -760,7 +761,7 @@ void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface
     // A source record's size is bounded too: a model's source is a few MB at most, even traced and
     // unrolled over 80 layers (fuzz_torchscript: 4 GB declared for 173 compressed bytes took the
     // scan 54 s and 8 GB).
-    GRADQ_CHECK(!ends_with(lower_case(record.name), ".py") || record.size <= kMaxSourceBytes,
+    GRADQ_CHECK(!ends_with(lower_name, ".py") || record.size <= kMaxSourceBytes,
                 "'{}' (record {}) declares {} bytes of TorchScript source; gradq reads at most {}", path, record.name,
                 record.size, kMaxSourceBytes);
     GRADQ_CHECK(record.compressed_size <= bytes.size(),
@@ -775,7 +776,7 @@ void check_archive(const std::shared_ptr<caffe2::serialize::ReadAdapterInterface
                                                  record.compressed_size, kMaxDeflateRatio));
     // Two records whose names match ignoring case: which one libtorch reads is up to miniz's search
     // (it ignores case), so no check could know that it checked the bytes libtorch reads.
-    GRADQ_CHECK(lower_names.insert(lower_case(record.name)).second,
+    GRADQ_CHECK(lower_names.insert(lower_name).second,
                 "'{}' is corrupt: it holds two records named {} (names match ignoring case)", path, record.name);
   }
   // Then the compressed records' streams (after the cheap checks: each is inflated once more here).
