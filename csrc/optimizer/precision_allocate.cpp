@@ -158,6 +158,8 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
         report(fmt::format("curves: {} at {} adds KL {:.5f}", w.name, o.spec.name(), curve.back().kl));
     }
     model_.restore(w.name);
+    // Its curve is measured: its X^T X (or GPTQ's factor of it) goes now, not with its block's.
+    release_fit_statistics(w.name);
     // Only the points on the weight's hull are ever chosen (allocator.h), and the plan passes and
     // the repair ask for them again: keep those, drop the rest, so the cache's bound is not spent on
     // candidates that no later step reads while the ones that are read get evicted.

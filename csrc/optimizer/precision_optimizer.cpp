@@ -149,6 +149,8 @@ PrecisionOptimizer::PrecisionOptimizer(QuantizableModel& model, const GradualEva
     const auto it = stats_.find(w.name);
     return it != stats_.end() && it->second.xtx.defined();
   });
+  keeps_gptq_factors_ = options_.method == RoundingMethod::kGptq &&
+                        !(options_.trained_fallback && options_.strategy == SearchStrategy::kProgressive);
   if (uses_xtx && !given_xtx && collects_xtx_per_block(model_)) {
     for (const WeightInfo& w : model_.weights())
       GRADQ_CHECK(model_.holds_original(w.name), "the search starts from the full-precision model, but '{}' was changed",
@@ -180,9 +182,16 @@ QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const Qua
   const std::string key = candidate_key(name, spec, method);
   if (const QuantizedTensor* cached = cache_->find(key)) return *cached;
   const bool with_xtx = spec.is_integer() && rounding_needs_xtx(method);
-  const InputStats* stats = input_stats(name, with_xtx);  // kept: the block's other candidates use it
-  QuantizedTensor q =
-      quantize_weight(model_.original_weight(name), name, spec, method, stats ? *stats : InputStats(), options_.rounding);
+  const GptqFactor* factor = with_xtx && method == RoundingMethod::kGptq ? gptq_factor_of(name) : nullptr;
+  QuantizedTensor q;
+  if (factor) {
+    q = quantized_tensor_from_packed(quantize_gptq(model_.original_weight(name), spec, *factor,
+                                                   options_.rounding.gptq, options_.rounding.clip));
+  } else {
+    const InputStats* stats = input_stats(name, with_xtx);  // kept: the block's other candidates use it
+    q = quantize_weight(model_.original_weight(name), name, spec, method, stats ? *stats : InputStats(),
+                        options_.rounding);
+  }
   // Float levels are casts of the weight, cheap to repeat; the start state of a weight stored in 16
   // bits is the loaded weight itself, which the cache would count against its budget.
   if (spec.is_integer()) cache_->insert(key, q);
@@ -195,7 +204,8 @@ const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool 
   if (!with_xtx || (found && found->xtx.defined()) || !original_inputs_) return found;
   const int64_t block = model_.block_position(model_.weights()[model_.weight_index(name)].block);
   GRADQ_CHECK(block >= 0, "internal: '{}' is outside every block, so its X^T X cannot be collected per block", name);
-  if (block != block_stats_of_) {
+  const auto collected = block_stats_.find(name);
+  if (block != block_stats_of_ || collected == block_stats_.end() || !collected->second.xtx.defined()) {
     // Runs `fn` with block b's weights as loaded: its own later weights' inputs depend on its earlier
     // ones, and the stream carries the full-precision model's states.
     auto with_original_block = [&](int64_t b, const std::function<void()>& fn) {
@@ -214,12 +224,38 @@ const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool 
     while (original_inputs_->block() < block)
       with_original_block(original_inputs_->block(), [&] { original_inputs_->advance(); });
     block_stats_.clear();  // one block's X^T X at a time
+    if (block != block_stats_of_) gptq_factors_.clear();  // the same block's are made from the same data
     with_original_block(block, [&] {
       block_stats_ = model_.capture_block_input_stats(block, original_inputs_->states(), /*with_xtx=*/true);
     });
     block_stats_of_ = block;
   }
   return &block_stats_.at(name);
+}
+
+const GptqFactor* PrecisionOptimizer::gptq_factor_of(const std::string& name) {
+  const auto given = stats_.find(name);
+  if (!keeps_gptq_factors_ || !original_inputs_ || (given != stats_.end() && given->second.xtx.defined()))
+    return nullptr;
+  if (const auto it = gptq_factors_.find(name); it != gptq_factors_.end()) return it->second.get();
+  input_stats(name, /*with_xtx=*/true);
+  // Handed over from every weight that shares it, so that it is freed as soon as the Hessian is made.
+  at::Tensor xtx = block_stats_.at(name).xtx;
+  std::vector<std::string> sharing;
+  for (auto& [other, stats] : block_stats_)
+    if (stats.xtx.defined() && stats.xtx.is_same(xtx)) {
+      sharing.push_back(other);
+      stats.xtx.reset();
+    }
+  const at::Device device = model_.original_weight(name).device();
+  auto factor = std::make_shared<const GptqFactor>(gptq_factor(std::move(xtx), options_.rounding.gptq, device));
+  for (const std::string& other : sharing) gptq_factors_[other] = factor;
+  return factor.get();
+}
+
+void PrecisionOptimizer::release_fit_statistics(const std::string& name) {
+  gptq_factors_.erase(name);
+  if (const auto it = block_stats_.find(name); it != block_stats_.end()) it->second.xtx.reset();
 }
 
 int64_t PrecisionOptimizer::first_stage(const std::string& name) const {

@@ -290,6 +290,18 @@ class PrecisionOptimizer {
   /// than the stream's starts it again), kept until another block's are needed. Null when there
   /// are none.
   const InputStats* input_stats(const std::string& name, bool with_xtx);
+  /// GPTQ's factor of `name`'s X^T X (gptq_factor), made at the weight's first GPTQ candidate and
+  /// kept with its block's statistics, so that its other candidates skip the factorisations; the
+  /// weights that share the X^T X (one input) share the factor. The factor takes over the block
+  /// statistics' X^T X (the same size; GPTQ needs nothing else of it), which input_stats() collects
+  /// again if asked. Null where the factor is not kept: statistics given up front (not this
+  /// optimizer's to release), or a search whose trained rounding needs X^T X itself (--method
+  /// trained, the progressive search's trained fallback).
+  const GptqFactor* gptq_factor_of(const std::string& name);
+  /// Lets go of `name`'s X^T X and GPTQ factor, which input_stats() and gptq_factor_of() collect and
+  /// make again if asked (the allocator, once the weight's curve is measured: one weight's at a time
+  /// rather than the whole block's).
+  void release_fit_statistics(const std::string& name);
   /// The first stage a weight's value reaches: its block, the head (num_blocks()), or -1 (an
   /// embedding: everything).
   int64_t first_stage(const std::string& name) const;
@@ -313,6 +325,9 @@ class PrecisionOptimizer {
   std::unique_ptr<BlockInputStream> original_inputs_;  ///< the fit windows through the full-precision blocks
   int64_t block_stats_of_ = -1;                      ///< the block block_stats_ describes
   std::map<std::string, InputStats> block_stats_;  ///< with X^T X, of one block
+  /// Of block_stats_of_'s weights (gptq_factor_of); weights with one input (q, k and v) share one.
+  std::map<std::string, std::shared_ptr<const GptqFactor>> gptq_factors_;
+  bool keeps_gptq_factors_ = false;  ///< whether gptq_factor_of keeps factors
   std::shared_ptr<CandidateCache> cache_;
   const QuantSpec start_ = search_start_spec(model_.dtype());
   std::set<std::string> start_is_loaded_;  ///< weights stored in start_'s type: their start is the loaded value

@@ -45,6 +45,22 @@ struct GptqOptions {
   bool clip_search = true;      ///< group ranges from quantize_clipped's search (`clip`); false: min-max
 };
 
+/// What GPTQ derives from X^T X alone, the same whatever spec the weight is quantized in: made once per
+/// weight, it spares every further candidate the O(in^3) factorisations (most of GPTQ's work on a
+/// wide layer), and the caller's X^T X can go as soon as it is made (U is the same size).
+struct GptqFactor {
+  at::Tensor diagonal;  ///< float64 [in]: diag(X^T X), which weights the groups' range search
+  at::Tensor order;     ///< int64 [in]: the column order (gptq_column_order)
+  at::Tensor u;         ///< float64 [in, in]: upper Cholesky factor of the dampened H^-1, rows and columns in `order`
+  double damp = 0;      ///< the options it was made with, checked against quantize_gptq's
+  bool act_order = true;
+};
+
+/// The factor of `xtx` (float32 or float64 [in, in], finite, diagonal >= 0) with `options`' damp and
+/// act_order, on `device`. Throws gradq::Error as quantize_gptq does for a bad X^T X or when H plus
+/// the dampening is not positive definite. Moved in, `xtx` is released once the Hessian is made.
+GptqFactor gptq_factor(at::Tensor xtx, const GptqOptions& options = {}, const at::Device& device = at::kCPU);
+
 /// GPTQ of `w` (floating [out, in], finite, any device) in `spec` (an integer level) with the
 /// calibration `xtx` (float32 or float64 [in, in], finite, the sum of x^T x over the layer's input
 /// rows). Throws gradq::Error naming the expected and the actual value for bad input, when H plus
@@ -54,6 +70,11 @@ struct GptqOptions {
 /// that GPTQ holds two [in, in] float64 matrices at a time instead of three (242 MiB each at 5632
 /// inputs).
 PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, at::Tensor xtx,
+                           const GptqOptions& options = {}, const ClipSearchOptions& clip = {});
+
+/// The same with the factor of the weight's X^T X made beforehand (on the weight's device, with the
+/// same damp and act_order as `options`): the same codes, bit for bit.
+PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const GptqFactor& factor,
                            const GptqOptions& options = {}, const ClipSearchOptions& clip = {});
 
 /// The column order GPTQ uses for `xtx` (int64 [in], a permutation, on xtx's device): descending

@@ -153,6 +153,33 @@ TEST(Gptq, DeterministicAcrossRunsAndThreadCounts) {
   EXPECT_TRUE(bitwise_equal(a.zeros, b.zeros));
 }
 
+// The search makes a weight's factor once and quantizes every candidate spec with it: the codes must
+// be the ones GPTQ gives from X^T X itself, bit for bit, or plans would depend on the search's order.
+TEST(Gptq, FactorMadeOnceGivesTheSameCodesAsXtxForEverySpec) {
+  const at::Tensor w = gaussian(48, 172, 131);
+  at::Tensor xtx = synthetic_xtx(172, 132).to(at::kFloat);  // float32 X^T X is accepted too
+  xtx[5].zero_();
+  xtx.select(1, 5).zero_();  // a dead input: diag 0, set to 1 inside
+  GptqOptions options;
+  options.damp = 0.02;
+  const GptqFactor factor = gptq_factor(xtx, options);
+  EXPECT_EQ(factor.u.sizes(), (std::vector<int64_t>{172, 172}));
+  EXPECT_TRUE(at::equal(factor.order, gptq_column_order(xtx, true)));
+  for (const char* name : {"b8g128", "b4g32", "b3g16s", "b2grow"}) {
+    const QuantSpec spec = parse_quant_spec(name);
+    const PackedWeight direct = quantize_gptq(w, spec, xtx, options);
+    const PackedWeight reused = quantize_gptq(w, spec, factor, options);
+    EXPECT_TRUE(bitwise_equal(direct.codes, reused.codes)) << name;
+    EXPECT_TRUE(bitwise_equal(direct.scales, reused.scales)) << name;
+    if (direct.zeros.defined()) EXPECT_TRUE(bitwise_equal(direct.zeros, reused.zeros)) << name;
+  }
+  // A factor made with other options, or for another width, is refused with both values named.
+  std::string msg = expect_error([&] { quantize_gptq(w, parse_quant_spec("b4g32"), factor); });
+  EXPECT_NE(msg.find("dampening 0.02"), std::string::npos) << msg;
+  msg = expect_error([&] { quantize_gptq(gaussian(8, 64, 133), parse_quant_spec("b4g32"), factor, options); });
+  EXPECT_NE(msg.find("a factor for 64 inputs, got one for 172"), std::string::npos) << msg;
+}
+
 TEST(Gptq, ColumnOrderIsDescendingDiagonalWithTiesInIndexOrder) {
   at::Tensor xtx = at::zeros({5, 5}, at::kDouble);
   xtx.diagonal().copy_(at::tensor({2.0, 7.0, 2.0, 0.0, 7.0}, at::kDouble));
