@@ -3,7 +3,7 @@
 #   bash tools/test.sh                against Debian's LibTorch 1.13, in build/: everything, every test
 #   bash tools/test.sh --torch2       against PyTorch 2.x's libtorch (.venv-torch2), in build-torch2/:
 #                                     what this second line alone proves (below)
-#   bash tools/test.sh --torch2 --ops of that, only the op library's part (.ci/run: GRADQ_CI_TORCH2=ops);
+#   bash tools/test.sh --torch2 --ops of that, only the op library's part (.ci/run runs it by default);
 #                                     needs the Debian line's CLI (build/gradq, GRADQ_PYTHON_TEST_CLI)
 #   bash tools/test.sh --torch2 --all the second line, everything, every test
 # GRADQ_CUDA defaults to on when nvcc is found: the CUDA kernels are compiled (sm_80, sm_90,
