@@ -178,12 +178,24 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   // no longer needed.
   cache.reset();
   model_.restore_all();
+  // The candidates of the plan last measured and of the best plan so far, by weight: the next plan
+  // differs from the last in some weights only, and the candidate cache (bounded) has dropped most
+  // of a deep model's hull points, so taking each weight from the cache alone re-quantized nearly
+  // every weight in every pass (9 minutes a pass for 22 layers of TinyLlama's width). They share
+  // their tensors where the plans agree.
+  using Chosen = std::map<std::string, std::pair<RoundingMethod, QuantizedTensor>>;
+  Chosen measured_plan, best_plan;
   auto evaluate_plan = [&](const Allocation& a) {
+    Chosen chosen;
     QuantizedWeights plan;
     for (const auto& [name, i] : a.choice) {
       const CurvePoint& p = a.hulls.at(name)[i];
-      plan[name] = candidate(name, p.spec, p.method);
+      const auto last = measured_plan.find(name);
+      const bool same = last != measured_plan.end() && last->second.first == p.method && last->second.second.spec == p.spec;
+      chosen.emplace(name, std::make_pair(p.method, same ? last->second.second : candidate(name, p.spec, p.method)));
+      plan[name] = chosen.at(name).second;
     }
+    measured_plan = std::move(chosen);
     ++result.passes;
     result.blocks_whole += blocks;
     result.blocks_run += blocks;
@@ -218,6 +230,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     const auto max_bytes = static_cast<int64_t>(std::floor((1.0 - *budget_.target_memory_reduction) * fp16_bytes));
     best = allocate_for_bytes(result.curves, max_bytes);
     found = measure_plan(best, best_eval);
+    best_plan = measured_plan;
   }
   if (!found) {
     // Target search. The first guess reads a perplexity limit as nats of KL (log(1 + limit)).
@@ -236,6 +249,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
         if (!found || a.bytes < best.bytes) {
           best = std::move(a);
           best_eval = std::move(r);
+          best_plan = measured_plan;
         }
         found = true;
       } else {
@@ -248,9 +262,11 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       // candidate measured no KL at all), which the held-out validation then judges.
       best = allocate_for_kl(result.curves, 0.0);
       best_eval = evaluate_plan(best);
+      best_plan = measured_plan;
     }
   }
 
+  measured_plan.clear();  // best_plan holds what the result takes
   result.calibration = best_eval;
 
   // Each weight's allocation is one accepted step from the next more accurate hull point, with the
@@ -275,7 +291,11 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       step.kl = base_kl + point.kl;
       allocated.push_back(step);
     }
-    result.weights[w.name] = candidate(w.name, point.spec, point.method);
+    const auto kept = best_plan.find(w.name);
+    result.weights[w.name] = kept != best_plan.end() && kept->second.first == point.method &&
+                                     kept->second.second.spec == point.spec
+                                 ? kept->second.second
+                                 : candidate(w.name, point.spec, point.method);
     PlanEntry e;
     e.name = w.name;
     e.spec = point.spec;
