@@ -32,6 +32,19 @@
 #include "optimizer/precision_optimizer.h"
 
 namespace gradq {
+namespace {
+
+// Candidates of a whole plan by weight, with the rounding method that made each.
+using Chosen = std::map<std::string, std::pair<RoundingMethod, QuantizedTensor>>;
+
+// The candidate `plan` holds for `name` if it was made by `method` at `spec`; null otherwise.
+const QuantizedTensor* held(const Chosen& plan, const std::string& name, RoundingMethod method, const QuantSpec& spec) {
+  const auto it = plan.find(name);
+  return it != plan.end() && it->second.first == method && it->second.second.spec == spec ? &it->second.second
+                                                                                           : nullptr;
+}
+
+}  // namespace
 
 SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchProgress&)>& on_progress) {
   const auto start = Clock::now();
@@ -183,16 +196,14 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   // of a deep model's hull points, so taking each weight from the cache alone re-quantized nearly
   // every weight in every pass (9 minutes a pass for 22 layers of TinyLlama's width). They share
   // their tensors where the plans agree.
-  using Chosen = std::map<std::string, std::pair<RoundingMethod, QuantizedTensor>>;
   Chosen measured_plan, best_plan;
   auto evaluate_plan = [&](const Allocation& a) {
     Chosen chosen;
     QuantizedWeights plan;
     for (const auto& [name, i] : a.choice) {
       const CurvePoint& p = a.hulls.at(name)[i];
-      const auto last = measured_plan.find(name);
-      const bool same = last != measured_plan.end() && last->second.first == p.method && last->second.second.spec == p.spec;
-      chosen.emplace(name, std::make_pair(p.method, same ? last->second.second : candidate(name, p.spec, p.method)));
+      const QuantizedTensor* last = held(measured_plan, name, p.method, p.spec);
+      chosen.emplace(name, std::make_pair(p.method, last ? *last : candidate(name, p.spec, p.method)));
       plan[name] = chosen.at(name).second;
     }
     measured_plan = std::move(chosen);
@@ -291,11 +302,8 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       step.kl = base_kl + point.kl;
       allocated.push_back(step);
     }
-    const auto kept = best_plan.find(w.name);
-    result.weights[w.name] = kept != best_plan.end() && kept->second.first == point.method &&
-                                     kept->second.second.spec == point.spec
-                                 ? kept->second.second
-                                 : candidate(w.name, point.spec, point.method);
+    const QuantizedTensor* kept = held(best_plan, w.name, point.method, point.spec);
+    result.weights[w.name] = kept ? *kept : candidate(w.name, point.spec, point.method);
     PlanEntry e;
     e.name = w.name;
     e.spec = point.spec;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "common/error.h"
 #include "quant/checked_inputs.h"
@@ -12,13 +13,8 @@
 namespace gradq {
 namespace {
 
-// H = 2 * the symmetric part of XtX, float64 on `device`.
-at::Tensor checked_hessian(const at::Tensor& xtx, int64_t in, const at::Device& device) {
-  const at::Tensor h = checked_xtx(xtx, in, device, "quantize_gptq");
-  return h + h.t();
-}
-
-// Rows of W^T updated per product after each block of columns (see the loop in quantize_gptq).
+// Rows of W^T updated per product after each block of columns (see the loop in quantize_gptq), and
+// the panel width of the in-place factorisations below.
 constexpr int64_t kUpdateRows = 256;
 
 // gptq_column_order from diag(XtX) alone.
@@ -30,10 +26,111 @@ at::Tensor column_order(const at::Tensor& diagonal, bool act_order) {
 }
 
 
-void check_gptq_arguments(const QuantSpec& spec, const GptqOptions& options) {
+// The factorisations below work in place on one [in, in] float64 matrix, a panel of kUpdateRows
+// rows or columns at a time: ATen's (linalg_cholesky, cholesky_inverse) each return a new matrix,
+// so two were live at once, 484 MiB at 5632 inputs (a 1B model's down projection).
+
+// Row i of `a` becomes its row order[i] (a permutation), following its cycles: one row of extra memory.
+void permute_rows_in_place(at::Tensor& a, const at::Tensor& order) {
+  const at::Tensor order_cpu = order.cpu();
+  const auto to = order_cpu.accessor<int64_t, 1>();
+  const int64_t n = a.size(0);
+  std::vector<bool> placed(n, false);
+  for (int64_t start = 0; start < n; ++start) {
+    if (placed[start]) continue;
+    const at::Tensor first = a[start].clone();
+    int64_t i = start;
+    for (; to[i] != start; i = to[i]) {
+      a[i].copy_(a[to[i]]);
+      placed[i] = true;
+    }
+    a[i].copy_(first);
+    placed[i] = true;
+  }
+}
+
+// The lower triangle (diagonal included) of the symmetric matrix `a` holds (row and column order[i]
+// at i) with its upper triangle ignored, filled in place with the lower triangle of H = 2 * the
+// symmetric part of a[order][:, order]. The upper triangle is left stale.
+void permuted_hessian_in_place(at::Tensor& a, const at::Tensor& order) {
+  const int64_t n = a.size(0);
+  permute_rows_in_place(a, order);
+  for (int64_t r = 0; r < n; r += kUpdateRows) {
+    at::Tensor rows = a.narrow(0, r, std::min(kUpdateRows, n - r));
+    rows.copy_(rows.index_select(1, order));
+  }
+  // Row panel r..r+c of the lower triangle plus the matching column panel's transpose; the column
+  // panel (rows 0..r+c) is not yet written by the panels before, whose columns end before r.
+  for (int64_t r = 0; r < n; r += kUpdateRows) {
+    const int64_t c = std::min(kUpdateRows, n - r);
+    a.narrow(0, r, c).narrow(1, 0, r + c).add_(a.narrow(0, 0, r + c).narrow(1, r, c).t().clone());
+  }
+}
+
+// The lower Cholesky factor of the symmetric positive definite matrix whose lower triangle `a`
+// holds, in place (blocked, right-looking); the upper triangle is set to 0. Returns 0, or the
+// 1-based index of the first pivot that is not positive.
+int64_t cholesky_in_place(at::Tensor& a) {
+  const int64_t n = a.size(0);
+  for (int64_t k = 0; k < n; k += kUpdateRows) {
+    const int64_t kb = std::min(kUpdateRows, n - k), rest = n - k - kb;
+    at::Tensor diagonal_block = a.narrow(0, k, kb).narrow(1, k, kb);
+    const at::Tensor lower = diagonal_block.tril();
+    auto [l, info] = at::linalg_cholesky_ex(lower + lower.tril(-1).t());
+    if (const int64_t failed = info.item<int64_t>(); failed != 0) return k + failed;
+    diagonal_block.copy_(l);
+    if (rest == 0) break;
+    a.narrow(0, k, kb).narrow(1, k + kb, rest).zero_();
+    // The panel below: P L^-T. Then the trailing lower triangle less P P^T, a panel of rows at a time.
+    at::Tensor panel = a.narrow(0, k + kb, rest).narrow(1, k, kb);
+    panel.copy_(at::linalg_solve_triangular(l.t(), panel, /*upper=*/true, /*left=*/false));
+    for (int64_t r = 0; r < rest; r += kUpdateRows) {
+      const int64_t c = std::min(kUpdateRows, rest - r);
+      a.narrow(0, k + kb + r, c)
+          .narrow(1, k + kb, r + c)
+          .addmm_(panel.narrow(0, r, c), panel.narrow(0, 0, r + c).t(), /*beta=*/1, /*alpha=*/-1);
+    }
+  }
+  return 0;
+}
+
+// L^-1 of the lower triangular `a` (its upper triangle 0), in place. Panels from the last: with the
+// trailing M22 = L22^-1 already in place, L21's panel becomes -M22 L21 L11^-1.
+void invert_lower_in_place(at::Tensor& a) {
+  const int64_t n = a.size(0);
+  for (int64_t k = (n - 1) / kUpdateRows * kUpdateRows; k >= 0; k -= kUpdateRows) {
+    const int64_t kb = std::min(kUpdateRows, n - k), rest = n - k - kb;
+    at::Tensor diagonal_block = a.narrow(0, k, kb).narrow(1, k, kb);
+    const at::Tensor inverse = at::linalg_solve_triangular(diagonal_block, at::eye(kb, a.options()), /*upper=*/false);
+    if (rest > 0) {
+      at::Tensor panel = a.narrow(0, k + kb, rest).narrow(1, k, kb);
+      const at::Tensor m22 = a.narrow(0, k + kb, rest).narrow(1, k + kb, rest);
+      panel.copy_(m22.matmul(panel.matmul(inverse)).neg_());
+    }
+    diagonal_block.copy_(inverse);
+  }
+}
+
+// a[i][j] = a[n-1-i][n-1-j] for all i, j, in place (a half turn: reverses the order of rows and columns).
+void reverse_rows_and_columns_in_place(at::Tensor& a) {
+  const int64_t n = a.size(0), half = n / 2;
+  for (int64_t r = 0; r < half; r += kUpdateRows) {
+    const int64_t c = std::min(kUpdateRows, half - r);
+    at::Tensor top = a.narrow(0, r, c), bottom = a.narrow(0, n - r - c, c);
+    const at::Tensor saved = top.clone();
+    top.copy_(bottom.flip({0, 1}));
+    bottom.copy_(saved.flip({0, 1}));
+  }
+  if (n % 2 == 1) a[half].copy_(a[half].flip({0}));
+}
+
+void check_gptq_spec(const QuantSpec& spec) {
   GRADQ_CHECK(spec.is_integer(), "quantize_gptq: expected an integer level (int2, int3, int4, int8), got {}",
               quant_level_name(spec.level));
   spec.validate();
+}
+
+void check_gptq_options(const GptqOptions& options) {
   GRADQ_CHECK(std::isfinite(options.damp) && options.damp >= 0.0,
               "quantize_gptq: expected a dampening >= 0 (a fraction of the mean diagonal), got {}", options.damp);
   GRADQ_CHECK(options.block_size >= 1, "quantize_gptq: expected block_size >= 1, got {}", options.block_size);
@@ -108,47 +205,49 @@ PackedWeight quantize_with_factor(const at::Tensor& wf, const QuantSpec& spec, c
 at::Tensor gptq_column_order(const at::Tensor& xtx, bool act_order) { return column_order(xtx.diagonal(), act_order); }
 
 GptqFactor gptq_factor(at::Tensor xtx, const GptqOptions& options, const at::Device& device) {
-  GRADQ_CHECK(std::isfinite(options.damp) && options.damp >= 0.0,
-              "quantize_gptq: expected a dampening >= 0 (a fraction of the mean diagonal), got {}", options.damp);
+  // The search collects X^T X under InferenceMode; changing such a tensor in place is allowed only there.
+  c10::InferenceMode inference;
+  check_gptq_options(options);
   GRADQ_CHECK(xtx.defined() && xtx.dim() == 2, "quantize_gptq: expected XtX [in_features, in_features], got {}",
               xtx.defined() ? c10::str(xtx.sizes()) : std::string("an undefined tensor"));
   const int64_t in = xtx.size(1);
-  at::Tensor h = checked_hessian(xtx, in, device);
-  GRADQ_CHECK((h.diagonal() >= 0).all().item<bool>(),
-              "quantize_gptq: expected XtX with a diagonal >= 0 (sums of squares), got {}",
-              h.diagonal().min().item<double>());
+  // One [in, in] float64 matrix is all the factorisation holds: X^T X itself when the caller moved it
+  // in as float64 on `device` (no one else can see it change), a copy otherwise.
+  const bool sole_owner = xtx.use_count() == 1 && xtx.storage().use_count() == 1;
+  at::Tensor h = checked_xtx(xtx, in, device, "quantize_gptq");
+  if ((h.is_same(xtx) && !sole_owner) || !h.is_contiguous()) h = h.clone(at::MemoryFormat::Contiguous);
+  xtx.reset();
   GptqFactor factor;
   factor.damp = options.damp;
   factor.act_order = options.act_order;
-  // Everything further needs only diag(XtX) and H; a caller that moved XtX in frees it here.
-  factor.diagonal = xtx.diagonal().to(at::kDouble).clone();
-  xtx.reset();
-  factor.order = column_order(factor.diagonal.to(device), options.act_order);
-  // U: upper Cholesky factor of H^-1 (H^-1 = U^T U). Each [in, in] float64 matrix on the way is
-  // released as soon as the next is made (at most two live at once): 242 MiB each for 5632 inputs
-  // (a 1B model's down projection), where holding them all (H as given and permuted, its factor,
-  // the inverse, U) was five.
+  factor.diagonal = h.diagonal().clone();
+  GRADQ_CHECK((factor.diagonal >= 0).all().item<bool>(),
+              "quantize_gptq: expected XtX with a diagonal >= 0 (sums of squares), got {}",
+              factor.diagonal.min().item<double>());
+  factor.order = column_order(factor.diagonal, options.act_order);
+  // U: the upper Cholesky factor of Hp^-1 (Hp^-1 = U^T U), Hp the dampened H in `order`. With J the
+  // reversal and L the lower Cholesky factor of J Hp J, Hp = (J L J)(J L J)^T, so U = J L^-1 J: one
+  // factorisation and one triangular inverse, both in place, instead of a factorisation, an inverse
+  // and a second factorisation that each made a new matrix.
+  permuted_hessian_in_place(h, factor.order.flip({0}));
   // An input that is always 0 gets diag 1: its column is rounded with no error passed on (H is
   // block diagonal there, so no error reaches it either, wherever it is in the order).
   h.diagonal().masked_fill_(h.diagonal() == 0, 1.0);
-  h = h.index_select(0, factor.order);
-  h = h.index_select(1, factor.order);
   h.diagonal().add_(options.damp * h.diagonal().mean().item<double>());
-  auto [chol, info] = at::linalg_cholesky_ex(h);
-  GRADQ_CHECK(info.item<int64_t>() == 0,
-              "quantize_gptq: H + dampening is not positive definite (leading minor {} of {}); expected a larger "
-              "dampening than {}",
-              info.item<int64_t>(), in, options.damp);
-  h.reset();
-  at::Tensor inverse = at::cholesky_inverse(chol);
-  chol.reset();
-  factor.u = at::linalg_cholesky(inverse, /*upper=*/true);
+  const int64_t failed = cholesky_in_place(h);
+  GRADQ_CHECK(failed == 0,
+              "quantize_gptq: H + dampening is not positive definite (pivot {} of {} in reversed column order); "
+              "expected a larger dampening than {}",
+              failed, in, options.damp);
+  invert_lower_in_place(h);
+  reverse_rows_and_columns_in_place(h);
+  factor.u = std::move(h);
   return factor;
 }
 
 PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, at::Tensor xtx,
                            const GptqOptions& options, const ClipSearchOptions& clip) {
-  check_gptq_arguments(spec, options);
+  check_gptq_spec(spec);
   const at::Tensor wf = checked_weight(w, "quantize_gptq");
   GRADQ_CHECK(!xtx.defined() || xtx.dim() != 2 || xtx.size(0) == wf.size(1),
               "quantize_gptq: expected XtX [in_features, in_features] = [{}, {}], got {}", wf.size(1), wf.size(1),
@@ -158,7 +257,8 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, at::Tenso
 
 PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const GptqFactor& factor,
                            const GptqOptions& options, const ClipSearchOptions& clip) {
-  check_gptq_arguments(spec, options);
+  check_gptq_spec(spec);
+  check_gptq_options(options);
   const at::Tensor wf = checked_weight(w, "quantize_gptq");
   GRADQ_CHECK(factor.u.defined() && factor.u.size(0) == wf.size(1),
               "quantize_gptq: expected a factor for {} inputs, got one for {}", wf.size(1),

@@ -47,7 +47,7 @@ struct GptqOptions {
 
 /// What GPTQ derives from X^T X alone, the same whatever spec the weight is quantized in: made once per
 /// weight, it spares every further candidate the O(in^3) factorisations (most of GPTQ's work on a
-/// wide layer), and the caller's X^T X can go as soon as it is made (U is the same size).
+/// wide layer), and U is made in the place of the caller's X^T X when it is moved in.
 struct GptqFactor {
   at::Tensor diagonal;  ///< float64 [in]: diag(X^T X), which weights the groups' range search
   at::Tensor order;     ///< int64 [in]: the column order (gptq_column_order)
@@ -58,7 +58,9 @@ struct GptqFactor {
 
 /// The factor of `xtx` (float32 or float64 [in, in], finite, diagonal >= 0) with `options`' damp and
 /// act_order, on `device`. Throws gradq::Error as quantize_gptq does for a bad X^T X or when H plus
-/// the dampening is not positive definite. Moved in, `xtx` is released once the Hessian is made.
+/// the dampening is not positive definite. Moved in as float64 on `device`, `xtx` is factored in
+/// place (one [in, in] float64 matrix in all, 242 MiB at 5632 inputs); otherwise it is copied first
+/// and the caller's stays as it was.
 GptqFactor gptq_factor(at::Tensor xtx, const GptqOptions& options = {}, const at::Device& device = at::kCPU);
 
 /// GPTQ of `w` (floating [out, in], finite, any device) in `spec` (an integer level) with the
@@ -66,9 +68,7 @@ GptqFactor gptq_factor(at::Tensor xtx, const GptqOptions& options = {}, const at
 /// rows). Throws gradq::Error naming the expected and the actual value for bad input, when H plus
 /// the dampening is not positive definite, and when a group needs a scale beyond the fp16 range.
 /// `clip`: the grid of the range search (options.clip_search only). `xtx` is taken by value: a
-/// caller that moves it in lets the [in, in] matrix go as soon as the Hessian is made from it, so
-/// that GPTQ holds two [in, in] float64 matrices at a time instead of three (242 MiB each at 5632
-/// inputs).
+/// caller that moves it in spares a copy (gptq_factor).
 PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, at::Tensor xtx,
                            const GptqOptions& options = {}, const ClipSearchOptions& clip = {});
 

@@ -180,6 +180,42 @@ TEST(Gptq, FactorMadeOnceGivesTheSameCodesAsXtxForEverySpec) {
   EXPECT_NE(msg.find("a factor for 64 inputs, got one for 172"), std::string::npos) << msg;
 }
 
+// gptq_factor works in place, a panel of 256 at a time (permutation, Cholesky factor, triangular
+// inverse, reversal): U must be the upper Cholesky factor of the inverse of the dampened, permuted H
+// as the plain route computes it, at a width of several panels, odd, with dead inputs.
+TEST(Gptq, FactorIsTheUpperCholeskyFactorOfTheInverseHessian) {
+  const int64_t in = 601;
+  at::Tensor xtx = synthetic_xtx(in, 141);
+  for (int64_t j : {0, 300, 600}) {
+    xtx.select(0, j).zero_();
+    xtx.select(1, j).zero_();
+  }
+  const at::Tensor order = gptq_column_order(xtx, true);
+  at::Tensor h = (xtx + xtx.t()).index_select(0, order).index_select(1, order);
+  h.diagonal().masked_fill_(h.diagonal() == 0, 1.0);
+  h.diagonal().add_(0.01 * h.diagonal().mean().item<double>());
+  const at::Tensor expected = at::linalg_cholesky(at::inverse(h)).t();
+  // Passed as a copy: factored from a copy, the caller's X^T X unchanged.
+  const at::Tensor before = xtx.clone();
+  const GptqFactor copied = gptq_factor(xtx);
+  EXPECT_TRUE(bitwise_equal(xtx, before));
+  EXPECT_TRUE(at::equal(copied.order, order));
+  EXPECT_TRUE(at::allclose(copied.u, expected, /*rtol=*/1e-9, /*atol=*/1e-12 * expected.abs().max().item<double>()))
+      << (copied.u - expected).abs().max().item<double>();
+  EXPECT_TRUE(at::equal(copied.u, copied.u.triu()));
+  // Moved in: U is made in its place, with the same values; also when X^T X was made under
+  // InferenceMode, as the search makes it.
+  {
+    c10::InferenceMode inference;
+    xtx = xtx.clone();
+  }
+  ASSERT_TRUE(xtx.is_inference());
+  const void* storage = xtx.data_ptr();
+  const GptqFactor moved = gptq_factor(std::move(xtx));
+  EXPECT_EQ(moved.u.data_ptr(), storage);
+  EXPECT_TRUE(bitwise_equal(moved.u, copied.u));
+}
+
 TEST(Gptq, ColumnOrderIsDescendingDiagonalWithTiesInIndexOrder) {
   at::Tensor xtx = at::zeros({5, 5}, at::kDouble);
   xtx.diagonal().copy_(at::tensor({2.0, 7.0, 2.0, 0.0, 7.0}, at::kDouble));
