@@ -25,10 +25,9 @@ at::Tensor column_order(const at::Tensor& diagonal, bool act_order) {
   return std::get<1>(at::sort(diagonal.to(at::kDouble), /*stable=*/true, /*dim=*/0, /*descending=*/true));
 }
 
-
 // The factorisations below work in place on one [in, in] float64 matrix, a panel of kUpdateRows
-// rows or columns at a time: ATen's (linalg_cholesky, cholesky_inverse) each return a new matrix,
-// so two were live at once, 484 MiB at 5632 inputs (a 1B model's down projection).
+// rows or columns at a time, where ATen's (linalg_cholesky, cholesky_inverse) each return a new
+// matrix: two live at once, 484 MiB at 5632 inputs (a 1B model's down projection).
 
 // Row i of `a` becomes its row order[i] (a permutation), following its cycles: one row of extra memory.
 void permute_rows_in_place(at::Tensor& a, const at::Tensor& order) {
