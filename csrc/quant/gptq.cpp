@@ -48,9 +48,8 @@ void permute_rows_in_place(at::Tensor& a, const at::Tensor& order) {
   }
 }
 
-// The lower triangle (diagonal included) of the symmetric matrix `a` holds (row and column order[i]
-// at i) with its upper triangle ignored, filled in place with the lower triangle of H = 2 * the
-// symmetric part of a[order][:, order]. The upper triangle is left stale.
+// `a` (X^T X) becomes, in its lower triangle and diagonal, H = X^T X + (X^T X)^T with its rows and
+// columns in `order` (row and column i are X^T X's order[i]); its upper triangle is left stale.
 void permuted_hessian_in_place(at::Tensor& a, const at::Tensor& order) {
   const int64_t n = a.size(0);
   permute_rows_in_place(a, order);
