@@ -3,7 +3,6 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <dlfcn.h>
-#include <malloc.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,19 +21,6 @@ void configure_runtime() {
   // on CPU for these graphs: run TorchScript through the plain interpreter.
   torch::jit::getProfilingMode() = false;
   torch::jit::setGraphExecutorOptimize(false);
-}
-
-void release_free_memory() {
-  using Release = void (*)();
-  // Looked up, not linked: only the CLI links tcmalloc, and a program that links libgradq keeps its own allocator.
-  static const auto tcmalloc_release = reinterpret_cast<Release>(dlsym(RTLD_DEFAULT, "MallocExtension_ReleaseFreeMemory"));
-  if (tcmalloc_release) {
-    tcmalloc_release();
-    return;
-  }
-#ifdef __GLIBC__
-  ::malloc_trim(0);
-#endif
 }
 
 int hardware_threads() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }

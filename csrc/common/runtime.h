@@ -22,13 +22,6 @@ int default_threads();
 /// [0, kMaxThreadsPerCore x hardware_threads()].
 int set_threads(int threads);
 
-/// Gives the heap memory the allocator holds free back to the system: tcmalloc's free spans when
-/// the process runs on tcmalloc (the CLI does), glibc's malloc_trim otherwise. Between phases whose
-/// large buffers differ in size, freed memory that the next phase cannot reuse would otherwise stay
-/// in the process's RSS (about 330 MiB at TinyLlama's width); each call costs the page faults of
-/// touching that memory again, so call it once per phase, not per buffer.
-void release_free_memory();
-
 /// Directory holding the embedded default model, tokenizer and text (third_party/assets in the
 /// source tree, share/gradq/assets when installed). Overridable with GRADQ_ASSETS.
 std::string assets_dir();

@@ -9,7 +9,6 @@
 #include <fmt/ranges.h>
 
 #include "common/error.h"
-#include "common/runtime.h"
 #include "eval/block_cache.h"
 #include "common/timing.h"
 
@@ -225,12 +224,7 @@ const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool 
     while (original_inputs_->block() < block)
       with_original_block(original_inputs_->block(), [&] { original_inputs_->advance(); });
     block_stats_.clear();  // one block's X^T X at a time
-    if (block != block_stats_of_) {
-      gptq_factors_.clear();  // the same block's are made from the same data
-      // The last block's X^T X, factors and GPTQ work matrices are gone; what the allocator keeps of
-      // them would otherwise add to the next block's peak.
-      release_free_memory();
-    }
+    if (block != block_stats_of_) gptq_factors_.clear();  // the same block's are made from the same data
     with_original_block(block, [&] {
       block_stats_ = model_.capture_block_input_stats(block, original_inputs_->states(), /*with_xtx=*/true);
     });
@@ -262,7 +256,6 @@ const GptqFactor* PrecisionOptimizer::gptq_factor_of(const std::string& name) {
 void PrecisionOptimizer::release_fit_statistics(const std::string& name) {
   gptq_factors_.erase(name);
   if (const auto it = block_stats_.find(name); it != block_stats_.end()) it->second.xtx.reset();
-  release_free_memory();  // an [in, in] float64 matrix and GPTQ's work matrices of the weight's shape
 }
 
 int64_t PrecisionOptimizer::first_stage(const std::string& name) const {
