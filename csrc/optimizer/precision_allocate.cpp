@@ -203,8 +203,8 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     for (const auto& [name, i] : a.choice) {
       const CurvePoint& p = a.hulls.at(name)[i];
       const QuantizedTensor* last = held(measured_plan, name, p.method, p.spec);
-      chosen.emplace(name, std::make_pair(p.method, last ? *last : candidate(name, p.spec, p.method)));
-      plan[name] = chosen.at(name).second;
+      plan[name] = last ? *last : candidate(name, p.spec, p.method);
+      chosen.emplace(name, std::make_pair(p.method, plan[name]));
     }
     measured_plan = std::move(chosen);
     ++result.passes;
