@@ -16,6 +16,7 @@ BlockInputCache::BlockInputCache(const ModelStages& stages, const at::Tensor& in
   const int64_t last = keep == Keep::kAll ? num_blocks() : std::min<int64_t>(1, num_blocks());
   for (int64_t b = 0; b < windows_; b += batch) {
     StageState s = stages_.embed(inputs.slice(0, b, std::min(windows_, b + batch)));
+    if (b > 0) share_equal_tensors(s, states_[0][0]);
     for (int64_t i = 0; i < last; ++i) {
       StageState next = stages_.block(i, s);
       states_[i].push_back(std::move(s));
@@ -161,8 +162,10 @@ void BlockInputStream::rewind() {
   c10::InferenceMode guard;
   states_.clear();
   const int64_t windows = inputs_.size(0);
-  for (int64_t b = 0; b < windows; b += batch_)
+  for (int64_t b = 0; b < windows; b += batch_) {
     states_.push_back(stages_.embed(inputs_.slice(0, b, std::min(windows, b + batch_))));
+    if (b > 0) share_equal_tensors(states_.back(), states_.front());
+  }
   block_ = 0;
 }
 

@@ -26,6 +26,18 @@ at::Tensor ModelStages::logits_from(int64_t from, const StageState& in) const {
   return head(state);
 }
 
+void share_equal_tensors(StageState& state, const StageState& first) {
+  if (state.size() != first.size()) return;
+  for (size_t i = 0; i < state.size(); ++i) {
+    if (!state[i].isTensor() || !first[i].isTensor()) continue;
+    const at::Tensor& x = state[i].toTensor();
+    const at::Tensor& y = first[i].toTensor();
+    if (x.is_same(y) || x.scalar_type() != y.scalar_type() || x.sizes() != y.sizes() || x.device() != y.device())
+      continue;
+    if (at::equal(x, y)) state[i] = first[i];
+  }
+}
+
 double state_mse(const StageState& a, const StageState& b) {
   GRADQ_CHECK(a.size() == b.size(), "states of one boundary must have as many values, got {} and {}", a.size(), b.size());
   double sum = 0;

@@ -81,6 +81,13 @@ class GraphStages : public ModelStages {
   std::vector<std::shared_ptr<Stage>> stages_;  ///< embed, blocks..., head
 };
 
+/// Replaces each tensor of `state` that equals the one in the same place of `first` (dtype, shape,
+/// device and values) by `first`'s. What does not depend on the tokens (a causal mask, rotary tables)
+/// is then held once for all the batches of a stream or cache instead of once per batch: a [T, T]
+/// fp32 mask is as large as the residual stream of a 2048-wide model at T = 2048. Safe because no
+/// stage writes into its input state (ModelStages::block).
+void share_equal_tensors(StageState& state, const StageState& first);
+
 /// Mean squared difference of the floating-point tensors of two states of the same boundary,
 /// summed over tensors and divided by their total element count (computed in float64). The local
 /// error of a block is this between its output with changed weights and its reference output.
