@@ -1,5 +1,6 @@
 #include <fmt/ranges.h>
 
+#include <filesystem>
 #include <iostream>
 #include <sstream>
 
@@ -68,7 +69,9 @@ void add_search_options(cxxopts::Options& options) {
       ("search-measure", "how candidates are measured on a model split into blocks: local (its block's output error times a per-block factor predicts the KL: one block per candidate, whatever the depth) or exact (every candidate from its block to the logits). Default: local for --search allocate (its curves; every plan is then measured whole), exact for progressive (whose steps are decided one by one; local ones are confirmed together by exact passes)", cxxopts::value<std::string>())
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
       ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
-      ("candidate-cache-mb", "MiB of quantized candidates the search keeps for reuse (a sweep's points share them); least recently used dropped first", cxxopts::value<int64_t>()->default_value("256"))
+      ("candidate-cache-mb", "MiB of quantized candidates the search keeps in memory for reuse (a sweep's points share them); the least recently used go to the spill file", cxxopts::value<int64_t>()->default_value(std::to_string(CandidateCache::kDefaultMaxBytes >> 20)))
+      ("candidate-spill-mb", "MiB of candidates dropped from memory that the search keeps in a temporary file to read back instead of quantizing them again (0: none)", cxxopts::value<int64_t>()->default_value(std::to_string(CandidateCache::kDefaultSpillBytes >> 20)))
+      ("spill-dir", "directory of that temporary file (removed as soon as it is opened; default $TMPDIR, else /var/tmp, which unlike /tmp is on disk on systems whose /tmp is in memory)", cxxopts::value<std::string>())
       ("allow-prune", "let the search remove a weight entirely after its lowest bit width")
       ("seed", "seed of the importance analysis' noise probes", cxxopts::value<uint64_t>()->default_value("0"))
       ("analysis", "importance from this `gradq analyze` JSON instead of a fresh analysis", cxxopts::value<std::string>())
@@ -144,6 +147,15 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
   const int64_t cache_mb = args["candidate-cache-mb"].as<int64_t>();
   GRADQ_CHECK(cache_mb >= 0, "--candidate-cache-mb must be >= 0, got {}", cache_mb);
   q.search.candidate_cache_bytes = cache_mb << 20;
+  const int64_t spill_mb = args["candidate-spill-mb"].as<int64_t>();
+  GRADQ_CHECK(spill_mb >= 0, "--candidate-spill-mb must be >= 0, got {}", spill_mb);
+  q.search.candidate_spill.max_bytes = spill_mb << 20;
+  if (args.count("spill-dir")) {
+    // Checked now rather than when the search starts, after the reference passes.
+    q.search.candidate_spill.dir = args["spill-dir"].as<std::string>();
+    GRADQ_CHECK(std::filesystem::is_directory(q.search.candidate_spill.dir), "--spill-dir: '{}' is not a directory",
+                q.search.candidate_spill.dir);
+  }
   q.analyzer.seed = args["seed"].as<uint64_t>();
   if (args.count("policy")) q.policy = PrecisionPolicy::load(args["policy"].as<std::string>());
   if (args.count("analysis")) q.analysis_path = args["analysis"].as<std::string>();

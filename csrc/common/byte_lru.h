@@ -4,6 +4,7 @@
 // cheap to compute again compared with keeping every one for a whole run on a large model.
 
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <map>
 #include <utility>
@@ -15,7 +16,11 @@ namespace gradq {
 template <class Key, class Value>
 class ByteLru {
  public:
-  explicit ByteLru(int64_t max_bytes) : max_bytes_(max_bytes) {
+  /// Called with each entry that insert() drops to stay within the budget (not with erased ones), just
+  /// before it is destroyed: a cache with a second tier moves it there.
+  using OnEvict = std::function<void(const Key&, Value&&)>;
+
+  explicit ByteLru(int64_t max_bytes, OnEvict on_evict = {}) : max_bytes_(max_bytes), on_evict_(std::move(on_evict)) {
     GRADQ_CHECK(max_bytes >= 0, "a cache's byte budget must be >= 0, got {}", max_bytes);
   }
 
@@ -33,7 +38,11 @@ class ByteLru {
   void insert(const Key& key, Value value, int64_t bytes) {
     GRADQ_CHECK(bytes >= 0, "an entry's size must be >= 0 bytes, got {}", bytes);
     erase(key);
-    while (!recent_.empty() && bytes_ + bytes > max_bytes_) erase(recent_.back());
+    while (!recent_.empty() && bytes_ + bytes > max_bytes_) {
+      const Key oldest = recent_.back();
+      if (on_evict_) on_evict_(oldest, std::move(entries_.at(oldest).value));
+      erase(oldest);
+    }
     recent_.push_front(key);
     entries_.emplace(key, Entry{std::move(value), bytes, recent_.begin()});
     bytes_ += bytes;
@@ -58,6 +67,7 @@ class ByteLru {
     typename std::list<Key>::iterator position;
   };
   int64_t max_bytes_ = 0, bytes_ = 0;
+  OnEvict on_evict_;
   std::list<Key> recent_;  // most recently used first
   std::map<Key, Entry> entries_;
 };

@@ -188,8 +188,10 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
 
   // Whole plans from here on, each measured block by block (evaluate_by_block: the model holds one
   // block's new weights at a time, not a copy of every weight); the curves' cache of block states is
-  // no longer needed.
+  // no longer needed, nor the fit windows' states: the passes read candidates back from the
+  // candidate cache (a candidate it dropped without a spill restarts them from the embedding).
   cache.reset();
+  release_fit_inputs();
   model_.restore_all();
   // The candidates of the plan last measured and of the best plan so far, by weight: the next plan
   // differs from the last in some weights only, and the candidate cache (bounded) has dropped most
@@ -314,6 +316,8 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   result.allocation = best;
   result.memory_target_met = budget_.target_memory_reduction &&
                              1.0 - double(best.bytes) / fp16_bytes >= *budget_.target_memory_reduction;
+  result.candidates_quantized = candidates_quantized_;
+  result.candidates_read_back = candidates_read_back_;
   result.seconds = seconds_since(start);
   return result;
 }

@@ -141,7 +141,7 @@ PrecisionOptimizer::PrecisionOptimizer(QuantizableModel& model, const GradualEva
     if (model_.stored_dtype(w.name, model_.parameter(w.name).scalar_type()) == start_dtype)
       start_is_loaded_.insert(w.name);
   cache_ = options_.shared_candidates ? options_.shared_candidates
-                                      : std::make_shared<CandidateCache>(options_.candidate_cache_bytes);
+                                      : std::make_shared<CandidateCache>(options_.candidate_cache_bytes, options_.candidate_spill);
   const bool uses_xtx = rounding_needs_xtx(options_.method) ||
                         (options_.trained_fallback && options_.strategy == SearchStrategy::kProgressive);
   // Every weight's X^T X given (an empty map gives none).
@@ -155,8 +155,7 @@ PrecisionOptimizer::PrecisionOptimizer(QuantizableModel& model, const GradualEva
     for (const WeightInfo& w : model_.weights())
       GRADQ_CHECK(model_.holds_original(w.name), "the search starts from the full-precision model, but '{}' was changed",
                   w.name);
-    original_inputs_ = std::make_unique<BlockInputStream>(
-        *model_.stages(), options_.fit_inputs_or(evaluator_.windows().inputs), evaluator_.batch());
+    collects_xtx_per_block_ = true;  // the stream of block inputs starts when the first is needed
   }
 }
 
@@ -180,7 +179,12 @@ void PrecisionOptimizer::forget_candidate(const std::string& name, const QuantSp
 
 QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const QuantSpec& spec, RoundingMethod method) {
   const std::string key = candidate_key(name, spec, method);
-  if (const QuantizedTensor* cached = cache_->find(key)) return *cached;
+  const int64_t reads_before = cache_->spill_reads();
+  if (const QuantizedTensor* cached = cache_->find(key)) {
+    candidates_read_back_ += cache_->spill_reads() - reads_before;
+    return *cached;
+  }
+  ++candidates_quantized_;
   const bool with_xtx = spec.is_integer() && rounding_needs_xtx(method);
   const GptqFactor* factor = with_xtx && method == RoundingMethod::kGptq ? gptq_factor_of(name) : nullptr;
   QuantizedTensor q;
@@ -201,7 +205,7 @@ QuantizedTensor PrecisionOptimizer::candidate(const std::string& name, const Qua
 const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool with_xtx) {
   const auto given = stats_.find(name);
   const InputStats* found = given == stats_.end() ? nullptr : &given->second;
-  if (!with_xtx || (found && found->xtx.defined()) || !original_inputs_) return found;
+  if (!with_xtx || (found && found->xtx.defined()) || !collects_xtx_per_block_) return found;
   const int64_t block = model_.block_position(model_.weights()[model_.weight_index(name)].block);
   GRADQ_CHECK(block >= 0, "internal: '{}' is outside every block, so its X^T X cannot be collected per block", name);
   const auto collected = block_stats_.find(name);
@@ -220,7 +224,11 @@ const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool 
       for (const auto& [w, value] : changed) model_.set_weight(w, value);
     };
     // Blocks are asked for in order but for candidates recomputed after the cache dropped them.
-    if (original_inputs_->block() > block) original_inputs_->rewind();
+    if (!original_inputs_)
+      original_inputs_ = std::make_unique<BlockInputStream>(
+          *model_.stages(), options_.fit_inputs_or(evaluator_.windows().inputs), evaluator_.batch());
+    else if (original_inputs_->block() > block)
+      original_inputs_->rewind();
     while (original_inputs_->block() < block)
       with_original_block(original_inputs_->block(), [&] { original_inputs_->advance(); });
     block_stats_.clear();  // one block's X^T X at a time
@@ -235,7 +243,7 @@ const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool 
 
 const GptqFactor* PrecisionOptimizer::gptq_factor_of(const std::string& name) {
   const auto given = stats_.find(name);
-  if (!keeps_gptq_factors_ || !original_inputs_ || (given != stats_.end() && given->second.xtx.defined()))
+  if (!keeps_gptq_factors_ || !collects_xtx_per_block_ || (given != stats_.end() && given->second.xtx.defined()))
     return nullptr;
   if (const auto it = gptq_factors_.find(name); it != gptq_factors_.end()) return it->second.get();
   input_stats(name, /*with_xtx=*/true);
@@ -251,6 +259,13 @@ const GptqFactor* PrecisionOptimizer::gptq_factor_of(const std::string& name) {
   auto factor = std::make_shared<const GptqFactor>(gptq_factor(std::move(xtx), options_.rounding.gptq, device));
   for (const std::string& other : sharing) gptq_factors_[other] = factor;
   return factor.get();
+}
+
+void PrecisionOptimizer::release_fit_inputs() {
+  original_inputs_.reset();
+  block_stats_.clear();
+  block_stats_of_ = -1;
+  gptq_factors_.clear();
 }
 
 void PrecisionOptimizer::release_fit_statistics(const std::string& name) {
@@ -576,6 +591,8 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     result.weights[w.name] = state[w.name];
   }
   model_.restore_all();
+  result.candidates_quantized = candidates_quantized_;
+  result.candidates_read_back = candidates_read_back_;
   result.seconds = seconds_since(start);
   return result;
 }

@@ -113,8 +113,11 @@ struct SearchOptions {
   /// calibration windows and options (a sweep's budget points), which differ only in their budget:
   /// the first measures them, the rest reuse them. Null: measured for this search alone.
   std::shared_ptr<ErrorCurves> shared_curves;
-  /// Byte budget of the search's own candidate cache (optimizer/candidate_cache.h).
+  /// Byte budget of the search's own candidate cache in memory (optimizer/candidate_cache.h).
   int64_t candidate_cache_bytes = CandidateCache::kDefaultMaxBytes;
+  /// Where that cache puts what memory drops (max_bytes 0: nowhere; dropped candidates are quantized
+  /// again).
+  CandidateSpillOptions candidate_spill{"", CandidateCache::kDefaultSpillBytes};
   /// Tokens [N, T] of the windows the rounding is fitted on (GPTQ's X^T X collected per block, and
   /// GradualQuantizer's input statistics); undefined: the search's calibration windows. Windows of
   /// their own keep the calibration windows an honest judge of the candidates: fitted and judged on
@@ -233,6 +236,8 @@ struct SearchResult {
   /// Blocks computed by the search's passes, and what whole passes would have computed.
   int64_t blocks_run = 0, blocks_whole = 0;
   int64_t passes = 0;  ///< exact or whole evaluations of the calibration windows
+  /// Candidates quantized, and read back from the candidate cache's spill file instead.
+  int64_t candidates_quantized = 0, candidates_read_back = 0;
   double seconds = 0;
 };
 
@@ -302,6 +307,10 @@ class PrecisionOptimizer {
   /// make again if asked (the allocator, once the weight's curve is measured: one weight's at a time
   /// rather than the whole block's).
   void release_fit_statistics(const std::string& name);
+  /// Lets go of the stream of full-precision block inputs and every block's statistics (the
+  /// allocator, once every curve is measured: its whole-plan passes read the candidates back; a
+  /// candidate quantized again restarts the stream from the embedding).
+  void release_fit_inputs();
   /// The first stage a weight's value reaches: its block, the head (num_blocks()), or -1 (an
   /// embedding: everything).
   int64_t first_stage(const std::string& name) const;
@@ -322,6 +331,8 @@ class PrecisionOptimizer {
   PrecisionPolicy policy_;
   const std::map<std::string, InputStats>& stats_;
   double safety_ = 1;  ///< safety_used(budget_, the strategy of the search running)
+  /// Whether X^T X is collected one block at a time, from original_inputs_ (started when first needed).
+  bool collects_xtx_per_block_ = false;
   std::unique_ptr<BlockInputStream> original_inputs_;  ///< the fit windows through the full-precision blocks
   int64_t block_stats_of_ = -1;                      ///< the block block_stats_ describes
   std::map<std::string, InputStats> block_stats_;  ///< with X^T X, of one block
@@ -329,6 +340,7 @@ class PrecisionOptimizer {
   std::map<std::string, std::shared_ptr<const GptqFactor>> gptq_factors_;
   bool keeps_gptq_factors_ = false;  ///< whether gptq_factor_of keeps factors
   std::shared_ptr<CandidateCache> cache_;
+  int64_t candidates_quantized_ = 0, candidates_read_back_ = 0;  // by candidate(), for SearchResult
   const QuantSpec start_ = search_start_spec(model_.dtype());
   std::set<std::string> start_is_loaded_;  ///< weights stored in start_'s type: their start is the loaded value
 };

@@ -87,6 +87,8 @@ struct QuantizeOutcome {
   int64_t search_blocks_run = 0, search_blocks_whole = 0;  ///< SearchResult::blocks_run / blocks_whole
   std::vector<Confirmation> search_confirmations;          ///< SearchResult::confirmations
   int64_t search_local_measurements = 0;                   ///< SearchResult::local_measurements
+  /// SearchResult::candidates_quantized / candidates_read_back
+  int64_t search_candidates_quantized = 0, search_candidates_read_back = 0;
   std::vector<ValidationStep> validation_steps;
   bool memory_target_met = false;
   std::vector<PhaseTiming> phases;

@@ -147,6 +147,8 @@ std::string quantize_report_json(const QuantizableModel& model, const QuantizeOu
                  {"blocks_run", outcome.search_blocks_run},
                  {"blocks_whole", outcome.search_blocks_whole},
                  {"local_measurements", outcome.search_local_measurements},
+                 {"candidates_quantized", outcome.search_candidates_quantized},
+                 {"candidates_read_back", outcome.search_candidates_read_back},
                  {"confirmations", confirmations},
                  {"curves", curves}};
   nlohmann::ordered_json validation = nlohmann::ordered_json::array();
@@ -215,6 +217,9 @@ std::string format_quantize_summary(const QuantizableModel& model, const Quantiz
     if (!outcome.search_confirmations.empty())
       s += fmt::format("; {} {}, {} within budget", outcome.search_confirmations.size(),
                        outcome.search_curves.empty() ? "confirmations" : "whole-plan measurements", kept);
+    s += fmt::format("; {} candidates quantized", outcome.search_candidates_quantized);
+    if (outcome.search_candidates_read_back)
+      s += fmt::format(", {} read back from the spill file", outcome.search_candidates_read_back);
     s += "\n";
   }
   s += "\nphase          passes   seconds   CPU s  s/pass\n";

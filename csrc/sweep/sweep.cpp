@@ -461,7 +461,7 @@ SweepResult SweepRunner::run(const std::string& dir) {
 
   // Candidates depend on the weight, its format and the calibration statistics, never on the
   // budget: computed once for all points (the tight budgets' trained rounding and GPTQ, mostly).
-  const auto candidates = std::make_shared<CandidateCache>(base.search.candidate_cache_bytes);
+  const auto candidates = std::make_shared<CandidateCache>(base.search.candidate_cache_bytes, base.search.candidate_spill);
   // Likewise the allocator's error curves (the candidates measured one at a time).
   const auto curves = std::make_shared<ErrorCurves>();
   for (size_t k = 0; k < todo.size(); ++k) {

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/byte_lru.h"
 #include "support/test_helpers.h"
@@ -42,6 +44,22 @@ TEST(ByteLru, ZeroBudgetKeepsOnlyTheLastAndNegativeIsRejected) {
   EXPECT_NE(lru.find(2), nullptr);
   GRADQ_EXPECT_THROW_MSG((ByteLru<int, int>(-1)), "byte budget must be >= 0, got -1");
   GRADQ_EXPECT_THROW_MSG(lru.insert(3, 3, -2), "must be >= 0 bytes, got -2");
+}
+
+// What insert() drops for the budget is handed to the hook (a second tier), oldest first, with its
+// value; erase() hands nothing.
+TEST(ByteLru, HandsWhatItDropsForTheBudgetToTheHook) {
+  std::vector<std::pair<std::string, int>> dropped;
+  ByteLru<std::string, int> lru(8, [&](const std::string& key, int&& value) { dropped.emplace_back(key, value); });
+  lru.insert("a", 1, 4);
+  lru.insert("b", 2, 4);
+  lru.insert("c", 3, 8);  // both go, a first
+  ASSERT_EQ(dropped.size(), 2u);
+  EXPECT_EQ(dropped[0], (std::pair<std::string, int>("a", 1)));
+  EXPECT_EQ(dropped[1], (std::pair<std::string, int>("b", 2)));
+  lru.erase("c");
+  EXPECT_EQ(dropped.size(), 2u);
+  EXPECT_EQ(lru.bytes(), 0);
 }
 
 }  // namespace

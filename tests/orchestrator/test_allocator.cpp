@@ -146,6 +146,34 @@ TEST(PrecisionOptimizer, AllocationMeetsTheBudgetOnItsMeasuredKl) {
   EXPECT_EQ(kept_bytes, r.allocation.bytes);
 }
 
+// The allocator asks for its hull points again in every whole-plan pass. A cache smaller than them
+// quantizes again what it dropped; with a spill file it reads them back instead. Either way the plan
+// is the unbounded cache's.
+TEST(PrecisionOptimizer, AllocationReadsDroppedCandidatesBackFromTheSpill) {
+  Budget budget;
+  budget.max_kl = 0.05;
+  SearchOptions o;
+  o.group_sizes = {128, 32};
+  o.shared_candidates = std::make_shared<CandidateCache>(int64_t{1} << 40);
+  const SearchResult unbounded = allocate_stories(budget, o);
+  const int64_t hulls = o.shared_candidates->bytes();
+  EXPECT_EQ(unbounded.candidates_read_back, 0);
+
+  o.shared_candidates = std::make_shared<CandidateCache>(hulls / 4);
+  const SearchResult dropped = allocate_stories(budget, o);
+  EXPECT_EQ(dropped.plan.to_json(), unbounded.plan.to_json());
+  EXPECT_GT(dropped.candidates_quantized, unbounded.candidates_quantized);
+  EXPECT_EQ(dropped.candidates_read_back, 0);
+
+  o.shared_candidates = std::make_shared<CandidateCache>(hulls / 4, CandidateSpillOptions{"", int64_t{1} << 30});
+  const SearchResult spilled = allocate_stories(budget, o);
+  EXPECT_EQ(spilled.plan.to_json(), unbounded.plan.to_json());
+  EXPECT_EQ(spilled.candidates_quantized, unbounded.candidates_quantized);
+  EXPECT_GT(spilled.candidates_read_back, 0);
+  EXPECT_LE(o.shared_candidates->bytes(), hulls / 4);
+  EXPECT_GT(o.shared_candidates->spilled_bytes(), 0);
+}
+
 // Local curves: a candidate in a block is its block's output error times a factor calibrated by one
 // exact measurement per block, so each costs one block instead of the blocks after its own. The
 // predictions follow the exact curves (same order of magnitude, ranked alike), and the plan still
