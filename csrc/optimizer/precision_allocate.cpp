@@ -194,10 +194,10 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   release_fit_inputs();
   model_.restore_all();
   // The candidates of the plan last measured and of the best plan so far, by weight: the next plan
-  // differs from the last in some weights only, and the candidate cache (bounded) has dropped most
-  // of a deep model's hull points, so taking each weight from the cache alone re-quantized nearly
-  // every weight in every pass (9 minutes a pass for 22 layers of TinyLlama's width). They share
-  // their tensors where the plans agree.
+  // differs from the last in some weights only, and the candidate cache's memory holds few of a deep
+  // model's hull points, so taking each weight from the cache alone reads nearly every weight back
+  // from its spill file in every pass (or, without a spill, quantizes it again: 9 minutes a pass for
+  // 22 layers of TinyLlama's width). They share their tensors where the plans agree.
   Chosen measured_plan, best_plan;
   auto evaluate_plan = [&](const Allocation& a) {
     Chosen chosen;
