@@ -48,13 +48,22 @@ int64_t BlockInputCache::chunk_of(int64_t begin) const {
   return begin / batch_;
 }
 
-const StageState& BlockInputCache::state(int64_t boundary, int64_t chunk) const {
+bool BlockInputCache::keeps(int64_t boundary) const {
+  return boundary >= 0 && boundary <= num_blocks() && !states_[boundary].empty();
+}
+
+const std::vector<StageState>& BlockInputCache::states(int64_t boundary) const {
   GRADQ_CHECK(boundary >= 0 && boundary <= num_blocks(), "expected a boundary in [0, {}], got {}", num_blocks(), boundary);
-  GRADQ_CHECK(!states_[boundary].empty(), "the states entering block {} are not kept (this cache keeps {} to {})",
-              boundary, first_kept_, std::min(first_kept_ + 1, num_blocks()));
-  GRADQ_CHECK(chunk >= 0 && chunk < static_cast<int64_t>(states_[boundary].size()), "expected a batch in [0, {}), got {}",
-              states_[boundary].size(), chunk);
-  return states_[boundary][chunk];
+  GRADQ_CHECK(keeps(boundary), "the states entering block {} are not kept (this cache keeps {} to {})", boundary,
+              first_kept_, std::min(first_kept_ + 1, num_blocks()));
+  return states_[boundary];
+}
+
+const StageState& BlockInputCache::state(int64_t boundary, int64_t chunk) const {
+  const std::vector<StageState>& kept = states(boundary);
+  GRADQ_CHECK(chunk >= 0 && chunk < static_cast<int64_t>(kept.size()), "expected a batch in [0, {}), got {}",
+              kept.size(), chunk);
+  return kept[chunk];
 }
 
 at::Tensor BlockInputCache::logits_from(int64_t from, int64_t chunk) const {

@@ -45,6 +45,10 @@ class BlockInputCache {
 
   /// State entering block `boundary` (num_blocks(): the head) for batch `chunk`.
   const StageState& state(int64_t boundary, int64_t chunk) const;
+  /// Whether the states entering block `boundary` are kept (kMoving keeps two boundaries).
+  bool keeps(int64_t boundary) const;
+  /// The states entering block `boundary`, one per batch, in window order (kept: keeps()).
+  const std::vector<StageState>& states(int64_t boundary) const;
   /// Logits of batch `chunk` with blocks `from`.. rerun on the current weights (from == -1: the
   /// embedding too).
   at::Tensor logits_from(int64_t from, int64_t chunk) const;

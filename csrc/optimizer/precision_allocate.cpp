@@ -26,6 +26,8 @@
 #include <limits>
 #include <queue>
 
+#include <c10/util/ScopeExit.h>
+
 #include "common/error.h"
 #include "common/timing.h"
 #include "optimizer/plan.h"
@@ -80,6 +82,9 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     cache = std::make_unique<BlockInputCache>(*stages, evaluator_.windows().inputs, evaluator_.batch(),
                                               BlockInputCache::Keep::kMoving);
   const EvalResult start_eval = evaluate_from(cache.get(), 0, nullptr, result);
+  const at::Tensor& windows = evaluator_.windows().inputs;
+  if (cache && options_.fit_inputs_or(windows).is_same(windows)) loaded_inputs_ = cache.get();
+  const auto forget_loaded_inputs = c10::make_scope_exit([this] { loaded_inputs_ = nullptr; });  // also on a throw
   const double base_kl = start_eval.kl->mean.value;
 
   // Every weight's candidates.
@@ -190,6 +195,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   // block's new weights at a time, not a copy of every weight); the curves' cache of block states is
   // no longer needed, nor the fit windows' states: the passes read candidates back from the
   // candidate cache (a candidate it dropped without a spill restarts them from the embedding).
+  loaded_inputs_ = nullptr;
   cache.reset();
   release_fit_inputs();
   model_.restore_all();

@@ -223,18 +223,24 @@ const InputStats* PrecisionOptimizer::input_stats(const std::string& name, bool 
       fn();
       for (const auto& [w, value] : changed) model_.set_weight(w, value);
     };
-    // Blocks are asked for in order but for candidates recomputed after the cache dropped them.
-    if (!original_inputs_)
-      original_inputs_ = std::make_unique<BlockInputStream>(
-          *model_.stages(), options_.fit_inputs_or(evaluator_.windows().inputs), evaluator_.batch());
-    else if (original_inputs_->block() > block)
-      original_inputs_->rewind();
-    while (original_inputs_->block() < block)
-      with_original_block(original_inputs_->block(), [&] { original_inputs_->advance(); });
+    const std::vector<StageState>* inputs = nullptr;
+    if (loaded_inputs_ && loaded_inputs_->keeps(block)) {
+      inputs = &loaded_inputs_->states(block);
+    } else {
+      // Blocks are asked for in order but for candidates recomputed after the cache dropped them.
+      if (!original_inputs_)
+        original_inputs_ = std::make_unique<BlockInputStream>(
+            *model_.stages(), options_.fit_inputs_or(evaluator_.windows().inputs), evaluator_.batch());
+      else if (original_inputs_->block() > block)
+        original_inputs_->rewind();
+      while (original_inputs_->block() < block)
+        with_original_block(original_inputs_->block(), [&] { original_inputs_->advance(); });
+      inputs = &original_inputs_->states();
+    }
     block_stats_.clear();  // one block's X^T X at a time
     if (block != block_stats_of_) gptq_factors_.clear();  // the same block's are made from the same data
     with_original_block(block, [&] {
-      block_stats_ = model_.capture_block_input_stats(block, original_inputs_->states(), /*with_xtx=*/true);
+      block_stats_ = model_.capture_block_input_stats(block, *inputs, /*with_xtx=*/true);
     });
     block_stats_of_ = block;
   }

@@ -341,6 +341,14 @@ TEST(PrecisionOptimizer, GptqIsFittedOnTheFitWindows) {
     differ += c.spec == t.spec && !test::bitwise_equal(c.dequantize(), t.dequantize());
   }
   EXPECT_GT(differ, 0) << "weights of the same format fitted on other windows are other weights";
+  // Fitted on the calibration windows, X^T X comes from the curves' cache of their block inputs; fit
+  // windows equal to them but not the same tensor take the separate stream: the same weights.
+  SearchOptions copied = o;
+  copied.fit_inputs = s.data.calibration.inputs.clone();
+  const SearchResult streamed = PrecisionOptimizer(s.model, evaluator, budget, copied, PrecisionPolicy{}, {}).allocate();
+  EXPECT_EQ(streamed.plan.to_json(), on_calibration.plan.to_json());
+  for (const auto& [name, t] : on_calibration.weights)
+    EXPECT_TRUE(test::bitwise_equal(streamed.weights.at(name).dequantize(), t.dequantize())) << name;
   SearchOptions bad = o;
   bad.fit_inputs = at::zeros({4}, at::kLong);
   const std::string msg = test::expect_error([&] { bad.validate(); });
