@@ -173,13 +173,6 @@ std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module
       head_start = i;
       break;
     }
-  // Stage s covers top-level nodes [begin[s], begin[s + 1]): embed, blocks, head.
-  std::vector<int64_t> begin{0};
-  for (int64_t b = 0; b < blocks; ++b) begin.push_back(first[b]);
-  begin.push_back(head_start);
-  begin.push_back(n);
-  const int64_t stage_count = blocks + 2;
-
   // Values defined before a boundary and used at or after it: the state handed across. Attribute
   // reads and constants are re-created where they are used, and self is every stage's own input.
   Value* self = graph->inputs()[0];
@@ -187,10 +180,9 @@ std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module
     if (v->node()->kind() == c10::prim::Param) return -1;
     return position.at(top_level(v->node(), top));
   };
-  std::vector<std::vector<Value*>> live(stage_count + 1);  // live[s]: state entering stage s
+  std::map<std::pair<int64_t, size_t>, Value*> ordered;  // by (definition, output offset)
+  std::unordered_map<Value*, int64_t> last_use;
   {
-    std::map<std::pair<int64_t, size_t>, Value*> ordered;  // by (definition, output offset)
-    std::unordered_map<Value*, int64_t> last_use;
     auto note_uses = [&](auto&& self_ref, Node* node, int64_t at) -> void {
       for (Value* in : node->inputs()) last_use[in] = std::max(last_use.count(in) ? last_use[in] : -1, at);
       for (torch::jit::Block* sub : node->blocks()) {
@@ -205,13 +197,47 @@ std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module
       if (v->node()->owningBlock() != top && v->node()->kind() != c10::prim::Param) continue;  // nested: stays inside
       ordered[{defined_at(v), v->offset()}] = v;
     }
-    for (int64_t s = 1; s <= stage_count; ++s) {
-      const int64_t boundary = s < stage_count ? begin[s] : n;
-      for (const auto& [key, v] : ordered)
-        if (key.first < boundary && last_use.at(v) >= boundary) live[s].push_back(v);
-    }
-    live[0].push_back(graph->inputs()[1]);
   }
+  auto live_across = [&](int64_t cut) {  // the state handed from nodes [.., cut) to [cut, ..)
+    std::vector<Value*> live;
+    for (const auto& [key, v] : ordered)
+      if (key.first < cut && last_use.at(v) >= cut) live.push_back(v);
+    return live;
+  };
+
+  // Stage s covers top-level nodes [begin[s], begin[s + 1]): embed, blocks, head. Each boundary is
+  // cut among the nodes that read no attribute between the earlier stage's last read and the later
+  // one's first, where the fewest tensors cross (ties: the latest cut). Cutting at the later
+  // stage's first read would hand an RMSNorm's normalized input across beside the residual stream
+  // (`x * rsqrt(mean(x^2))` comes before the multiplication by the norm's weight): a second
+  // residual-sized tensor in every cached state, in fp32 where the norm computes in fp32.
+  std::vector<int64_t> begin{0};
+  for (int64_t b = 0; b < blocks; ++b) begin.push_back(first[b]);
+  begin.push_back(head_start);
+  begin.push_back(n);
+  const int64_t stage_count = blocks + 2;
+  auto tensors_in = [](const std::vector<Value*>& values) {
+    return std::count_if(values.begin(), values.end(), [](const Value* v) {
+      const c10::TypeKind k = v->type()->kind();
+      return k == c10::TypeKind::TensorType || k == c10::TypeKind::ListType || k == c10::TypeKind::TupleType ||
+             k == c10::TypeKind::OptionalType;
+    });
+  };
+  for (int64_t s = 1; s < stage_count; ++s) {
+    int64_t lo = begin[s];
+    while (lo - 1 > begin[s - 1] && reads[lo - 1].blocks.empty() && !reads[lo - 1].outside) --lo;
+    int64_t best = begin[s];
+    auto fewest = tensors_in(live_across(best));
+    for (int64_t cut = begin[s] - 1; cut >= lo; --cut)
+      if (const auto count = tensors_in(live_across(cut)); count < fewest) {
+        fewest = count;
+        best = cut;
+      }
+    begin[s] = best;
+  }
+  std::vector<std::vector<Value*>> live(stage_count + 1);  // live[s]: state entering stage s
+  for (int64_t s = 1; s <= stage_count; ++s) live[s] = live_across(s < stage_count ? begin[s] : n);
+  live[0].push_back(graph->inputs()[1]);
 
   // Build one graph per stage.
   std::vector<std::shared_ptr<Stage>> stages;

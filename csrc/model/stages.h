@@ -45,11 +45,14 @@ class ModelStages {
 
 /// Stages of a TorchScript module, from its inlined forward graph split at block boundaries.
 ///
-/// A block's region of the graph runs from the first top-level node that reads one of the block's
-/// attributes to the node before the next block's first; the head starts at the first node after
-/// the last block's region that reads an attribute outside every block (the final norm, the output
-/// projection). Attribute reads and constants are pure, so each stage re-creates the ones it uses
-/// instead of receiving them. The split is refused (split() returns null and says why) when a
+/// A block's region of the graph holds every top-level node from the first that reads one of the
+/// block's attributes to the last, and the head's every node from the first after the last block
+/// that reads an attribute outside every block (the final norm, the output projection). Nodes
+/// between two regions that read no attribute go to either side: each boundary is cut where the
+/// fewest tensors cross it (the latest such place), so that a state is the residual stream and
+/// what every block shares (masks, rotary tables), not also values computed from the stream for
+/// the next block (an RMSNorm's normalized input, before its weight is read). Attribute reads and
+/// constants are pure, so each stage re-creates the ones it uses instead of receiving them. The split is refused (split() returns null and says why) when a
 /// block's attributes are read outside its region, blocks are used out of order, or the staged
 /// logits differ from the module's forward on a probe input.
 class GraphStages : public ModelStages {

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -59,6 +60,18 @@ TEST_P(Stages, StatesCarryWhatIsLiveAcrossBoundaries) {
   for (int64_t i = 0; i <= stages->num_blocks(); ++i) EXPECT_GE(stages->state_size(i), 1u) << i;
   for (int64_t i = 2; i < stages->num_blocks(); ++i) EXPECT_EQ(stages->state_size(i), stages->state_size(1)) << i;
   if (GetParam() == Fixture::kStories) EXPECT_GE(stages->state_size(1), 3u);  // x, rotary cos/sin, mask
+  // From block 1 on, one tensor per token crosses a boundary: the residual stream. Cut at the next
+  // block's first weight, stories260K's states also held the RMSNorm's normalized input, computed
+  // before its weight is read (two [B, T, dim] tensors per state).
+  const at::Tensor tokens = sample_tokens(2, 16);
+  StageState state = stages->embed(tokens);
+  for (int64_t i = 0; i < stages->num_blocks(); ++i) {
+    state = stages->block(i, state);
+    const auto per_token = std::count_if(state.begin(), state.end(), [](const c10::IValue& v) {
+      return v.isTensor() && v.toTensor().dim() == 3 && v.toTensor().size(0) == 2 && v.toTensor().size(1) == 16;
+    });
+    EXPECT_EQ(per_token, 1) << "entering " << (i + 1 < stages->num_blocks() ? "block " + std::to_string(i + 1) : "the head");
+  }
 }
 
 TEST_P(Stages, ExactFromACachedBlockInputEqualsTheWholeModel) {
