@@ -216,6 +216,7 @@ std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module
   begin.push_back(head_start);
   begin.push_back(n);
   const int64_t stage_count = blocks + 2;
+  // Tensors, and containers that may hold them; scalars (sizes, dtypes) cost nothing to hand on.
   auto tensors_in = [](const std::vector<Value*>& values) {
     return std::count_if(values.begin(), values.end(), [](const Value* v) {
       const c10::TypeKind k = v->type()->kind();

@@ -52,9 +52,10 @@ class ModelStages {
 /// fewest tensors cross it (the latest such place), so that a state is the residual stream and
 /// what every block shares (masks, rotary tables), not also values computed from the stream for
 /// the next block (an RMSNorm's normalized input, before its weight is read). Attribute reads and
-/// constants are pure, so each stage re-creates the ones it uses instead of receiving them. The split is refused (split() returns null and says why) when a
-/// block's attributes are read outside its region, blocks are used out of order, or the staged
-/// logits differ from the module's forward on a probe input.
+/// constants are pure, so each stage re-creates the ones it uses instead of receiving them. The
+/// split is refused (split() returns null and says why) when a block's attributes are read outside
+/// its region, blocks are used out of order, or the staged logits differ from the module's forward
+/// on a probe input.
 class GraphStages : public ModelStages {
  public:
   /// `block_prefixes[i]`: the attribute path of block i ("layers.3"); `probe_tokens`: an input the

@@ -77,12 +77,12 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   }
   // The curves measure the blocks in order (below), so the cache keeps the states entering two
   // blocks at a time, not L + 1: flat in depth. The start is measured from block 0's cached input.
+  const at::Tensor& windows = evaluator_.windows().inputs;
   std::unique_ptr<BlockInputCache> cache;
   if (stages)
-    cache = std::make_unique<BlockInputCache>(*stages, evaluator_.windows().inputs, evaluator_.batch(),
-                                              BlockInputCache::Keep::kMoving);
+    cache = std::make_unique<BlockInputCache>(*stages, windows, evaluator_.batch(), BlockInputCache::Keep::kMoving);
   const EvalResult start_eval = evaluate_from(cache.get(), 0, nullptr, result);
-  const at::Tensor& windows = evaluator_.windows().inputs;
+  // GPTQ fitted on these windows collects X^T X from this cache (input_stats), while it exists.
   if (cache && options_.fit_inputs_or(windows).is_same(windows)) loaded_inputs_ = cache.get();
   const auto forget_loaded_inputs = c10::make_scope_exit([this] { loaded_inputs_ = nullptr; });  // also on a throw
   const double base_kl = start_eval.kl->mean.value;

@@ -337,7 +337,7 @@ class PrecisionOptimizer {
   /// allocate()'s cache of block inputs while its curves are measured, when the fit windows are the
   /// calibration windows: it holds the states original_inputs_ would compute (the blocks it has
   /// moved past hold their loaded weights), so X^T X is collected from it instead of from a second
-  /// copy of the same states (two boundaries of the windows: 50 MB for a 768-wide fp32 model).
+  /// copy of the same states.
   const BlockInputCache* loaded_inputs_ = nullptr;
   int64_t block_stats_of_ = -1;                      ///< the block block_stats_ describes
   std::map<std::string, InputStats> block_stats_;  ///< with X^T X, of one block
