@@ -19,6 +19,9 @@ BlockInputCache::BlockInputCache(const ModelStages& stages, const at::Tensor& in
     if (b > 0) share_equal_tensors(s, states_[0][0]);
     for (int64_t i = 0; i < last; ++i) {
       StageState next = stages_.block(i, s);
+      // A block can make what every batch shares (a llama2c model's first block makes its causal
+      // mask and rotary tables), so each boundary's states share with the first batch's.
+      if (b > 0) share_equal_tensors(next, states_[i + 1][0]);
       states_[i].push_back(std::move(s));
       s = std::move(next);
     }
@@ -35,7 +38,10 @@ void BlockInputCache::move_to(int64_t b) {
     const int64_t next = first_kept_ + 2;  // the boundary that comes into the pair
     std::vector<StageState>& dropped = states_[first_kept_];
     for (size_t c = 0; c < dropped.size(); ++c) {
-      if (next <= num_blocks()) states_[next].push_back(stages_.block(next - 1, states_[next - 1][c]));
+      if (next <= num_blocks()) {
+        states_[next].push_back(stages_.block(next - 1, states_[next - 1][c]));
+        if (c > 0) share_equal_tensors(states_[next].back(), states_[next].front());
+      }
       dropped[c] = {};  // batch by batch: at most one batch above two boundaries
     }
     std::vector<StageState>().swap(dropped);
@@ -117,9 +123,14 @@ at::Tensor BlockInputCache::logits_from(int64_t from, int64_t chunk, Trial& tria
   trial.states.clear();
   StageState s = from < 0 ? stages_.embed(inputs_.slice(0, chunk * batch_, std::min(windows_, (chunk + 1) * batch_)))
                           : state(from, chunk);
-  if (from < 0) trial.states.push_back(s);  // the state entering block 0
+  if (from < 0) {  // the state entering block 0
+    if (chunk > 0 && !states_[0].empty()) share_equal_tensors(s, states_[0].front());
+    trial.states.push_back(s);
+  }
   for (int64_t i = std::max<int64_t>(from, 0); i < num_blocks(); ++i) {
     s = stages_.block(i, s);
+    // A trial of every batch is held until commit(): share with the first batch's kept state.
+    if (chunk > 0 && !states_[i + 1].empty()) share_equal_tensors(s, states_[i + 1].front());
     trial.states.push_back(s);
   }
   return stages_.head(s);
@@ -181,7 +192,10 @@ void BlockInputStream::rewind() {
 void BlockInputStream::advance() {
   GRADQ_CHECK(block_ < stages_.num_blocks(), "the stream is at the head already ({} blocks)", stages_.num_blocks());
   c10::InferenceMode guard;
-  for (StageState& s : states_) s = stages_.block(block_, s);
+  for (size_t c = 0; c < states_.size(); ++c) {
+    states_[c] = stages_.block(block_, states_[c]);
+    if (c > 0) share_equal_tensors(states_[c], states_.front());  // as the cache does
+  }
   ++block_;
 }
 

@@ -21,6 +21,25 @@ namespace {
 
 enum class Fixture { kStories, kGpt };
 
+// What does not depend on the tokens (stories260K's causal mask and rotary tables, which its first
+// block makes) is held once for all batches at every boundary of a stream or cache; the residual
+// stream is each batch's own. Checks that later batches share exactly the tensors equal to the first
+// batch's, and returns how many they share.
+int64_t expect_shared_where_equal(const std::vector<StageState>& states, int64_t boundary) {
+  int64_t shared = 0;
+  for (size_t chunk = 1; chunk < states.size(); ++chunk)
+    for (size_t i = 0; i < states[0].size(); ++i) {
+      if (!states[0][i].isTensor()) continue;
+      const at::Tensor& first = states[0][i].toTensor();
+      const at::Tensor& mine = states[chunk][i].toTensor();
+      const bool same_values = first.sizes() == mine.sizes() && at::equal(first, mine);
+      EXPECT_EQ(mine.is_same(first), same_values) << "boundary " << boundary << ", chunk " << chunk << ", value " << i;
+      shared += mine.is_same(first);
+    }
+  return shared;
+}
+
+
 CausalLM make(Fixture f) {
   if (f == Fixture::kStories) return CausalLM::load(test::stories_pt());
   return CausalLM(test::make_gpt_fixture());
@@ -140,6 +159,7 @@ TEST_P(Stages, MovingCacheMeasuresBlocksInOrderLikeTheFullOne) {
   for (int64_t b = 0; b < blocks; ++b) {
     moving.move_to(b);
     most_bytes = std::max(most_bytes, moving.bytes());
+    EXPECT_EQ(expect_shared_where_equal(moving.states(b + 1), b + 1), expect_shared_where_equal(all.states(b + 1), b + 1));
     perturb(lm, b);
     EXPECT_TRUE(at::equal(moving.local_error(b), all.local_error(b))) << b;
     for (int64_t chunk = 0; chunk < 3; ++chunk)
@@ -174,6 +194,10 @@ TEST_P(Stages, BlockInputStatsEqualTheWholeCapture) {
       for (size_t i = 0; i < cached.size(); ++i)
         if (cached[i].isTensor()) EXPECT_TRUE(at::equal(stream.states()[chunk][i].toTensor(), cached[i].toTensor()));
     }
+    const int64_t streamed = expect_shared_where_equal(stream.states(), b);
+    const int64_t cached = expect_shared_where_equal(cache.states(b), b);
+    EXPECT_EQ(streamed, cached) << "boundary " << b;
+    if (GetParam() == Fixture::kStories && b < cache.num_blocks()) EXPECT_GT(streamed, 0) << "boundary " << b;
   };
   size_t seen = 0;
   for (int64_t b = 0; b < cache.num_blocks(); ++b) {
@@ -194,19 +218,6 @@ TEST_P(Stages, BlockInputStatsEqualTheWholeCapture) {
   GRADQ_EXPECT_THROW_MSG(stream.advance(), "at the head already");
   stream.rewind();
   expect_states_of(0);
-  // What does not depend on the tokens (stories260K's causal mask and rotary tables) is held once for
-  // all batches; the residual stream is each batch's own.
-  int64_t shared = 0;
-  for (size_t chunk = 1; chunk < stream.states().size(); ++chunk)
-    for (size_t i = 0; i < stream.states()[0].size(); ++i) {
-      if (!stream.states()[0][i].isTensor()) continue;
-      const at::Tensor& first = stream.states()[0][i].toTensor();
-      const at::Tensor& mine = stream.states()[chunk][i].toTensor();
-      const bool same_values = first.sizes() == mine.sizes() && at::equal(first, mine);
-      EXPECT_EQ(mine.is_same(first), same_values) << "chunk " << chunk << ", value " << i;
-      shared += mine.is_same(first);
-    }
-  if (GetParam() == Fixture::kStories) EXPECT_GT(shared, 0);
   size_t in_blocks = 0;
   for (const WeightInfo& w : lm.weights()) in_blocks += w.block_index >= 0;
   EXPECT_EQ(seen, in_blocks);
