@@ -147,6 +147,11 @@ void BlockInputCache::commit(std::vector<Trial>&& trials) {
                 t.states.size());
     for (size_t k = 0; k < t.states.size(); ++k) states_[t.from + 1 + k][c] = std::move(t.states[k]);
   }
+  // A trial shared with the first batch's state it replaces: share with the new one instead.
+  int64_t first_changed = num_blocks();
+  for (const Trial& t : trials) first_changed = std::min(first_changed, t.from + 1);
+  for (int64_t k = first_changed; k <= num_blocks(); ++k)
+    for (size_t c = 1; c < states_[k].size(); ++c) share_equal_tensors(states_[k][c], states_[k][0]);
 }
 
 double token_weighted_mean(const at::Tensor& per_window, const at::Tensor& tokens, int64_t begin, int64_t end) {

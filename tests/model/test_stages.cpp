@@ -146,6 +146,21 @@ TEST_P(Stages, RefreshFollowsChangedWeights) {
   lm.restore_all();
 }
 
+// States a refresh computes again (trials, then commit) share as the first computation's did.
+TEST_P(Stages, RefreshedStatesShareWhatEveryBatchShares) {
+  CausalLM lm = make(GetParam());
+  BlockInputCache cache(*lm.stages(), sample_tokens(3, 16), 1);
+  std::vector<int64_t> before;
+  for (int64_t b = 0; b <= cache.num_blocks(); ++b) before.push_back(expect_shared_where_equal(cache.states(b), b));
+  perturb(lm, 0);
+  cache.refresh(-1);
+  for (int64_t b = 0; b <= cache.num_blocks(); ++b) {
+    EXPECT_EQ(expect_shared_where_equal(cache.states(b), b), before[b]) << "boundary " << b;
+    if (GetParam() == Fixture::kStories && b < cache.num_blocks()) EXPECT_GT(before[b], 0) << "boundary " << b;
+  }
+  lm.restore_all();
+}
+
 // A moving cache (two boundaries, moved forward) measures every block as the full cache does, bit
 // for bit, in a fraction of its memory, and says so when asked for a state it dropped.
 TEST_P(Stages, MovingCacheMeasuresBlocksInOrderLikeTheFullOne) {
