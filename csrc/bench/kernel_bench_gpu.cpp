@@ -1,45 +1,32 @@
 // The GPU part of `gradq bench kernels`: the raw launchers of kernels/ timed with CUDA events, the
 // fp16 linear baseline through cuBLAS, the copy bandwidth through cudaMemcpy device to device.
-// Debian's libtorch has no CUDA, so this file uses the CUDA runtime directly; it is compiled with
-// the kernels only when gradq is built with GRADQ_CUDA (GRADQ_WITH_CUDA_KERNELS), and otherwise
-// reports why the GPU part did not run.
+// Debian's libtorch has no CUDA, so this file uses the CUDA runtime directly. It is built, only with
+// GRADQ_CUDA, as a module of its own (libgradq_cuda_bench.so) that gpu_bench_module.cpp loads when
+// a GPU bench is asked for: linked into libgradq, the CUDA runtime and cuBLAS were mapped into
+// every gradq process, about 200 MiB of resident memory on a machine without a GPU.
 
 #include <ATen/ATen.h>
-#include <fmt/format.h>
-
-#include <ostream>
-
-#include "bench/kernel_bench_internal.h"
-#include "common/error.h"
-
-#if defined(GRADQ_WITH_CUDA_KERNELS)
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <ostream>
 #include <utility>
 #include <vector>
 
+#include "bench/kernel_bench_internal.h"
+#include "common/error.h"
 #include "dequantize.cuh"
 #include "linear.cuh"
 #include "quant/quant_math.h"
 #include "quant/quantize.h"
 #include "quantize.cuh"
-#endif
 
 namespace gradq::bench::detail {
-
-#if !defined(GRADQ_WITH_CUDA_KERNELS)
-
-void run_gpu_kernel_bench(const KernelBenchOptions&, DeviceBench& out, std::ostream*) {
-  out.ran = false;
-  out.skipped_reason = "gradq was built without its CUDA kernels (GRADQ_CUDA=OFF)";
-}
-
-#else
 
 namespace {
 namespace kn = gradq::kernels;
@@ -188,7 +175,7 @@ std::string gpu_unavailable_reason() {
 
 }  // namespace
 
-void run_gpu_kernel_bench(const KernelBenchOptions& o, DeviceBench& out, std::ostream* log) {
+void gpu_kernel_bench(const KernelBenchOptions& o, DeviceBench& out, std::ostream* log) {
   out.ran = false;
   out.skipped_reason = gpu_unavailable_reason();
   if (!out.skipped_reason.empty()) return;
@@ -328,6 +315,11 @@ void run_gpu_kernel_bench(const KernelBenchOptions& o, DeviceBench& out, std::os
   set_copy_reference(out);
 }
 
-#endif  // GRADQ_WITH_CUDA_KERNELS
-
 }  // namespace gradq::bench::detail
+
+// The module's entry point (gpu_bench_module.cpp). C linkage so that it is found by a plain name;
+// the module and libgradq come from one build, so the C++ types crossing it are the same.
+extern "C" __attribute__((visibility("default"))) void gradq_cuda_kernel_bench(
+    const gradq::bench::KernelBenchOptions* options, gradq::bench::DeviceBench* out, std::ostream* log) {
+  gradq::bench::detail::gpu_kernel_bench(*options, *out, log);
+}

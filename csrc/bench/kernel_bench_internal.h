@@ -63,8 +63,10 @@ at::Tensor bench_weight(const BenchShape& shape, uint64_t seed);
 /// Gaussian activations (std 1), float32 [batch, in], from `seed`.
 at::Tensor bench_activations(int64_t batch, int64_t in_features, uint64_t seed);
 
-/// The GPU part: fills `out` (ran, or skipped_reason when gradq was built without its CUDA kernels
-/// or no device is present). Throws gradq::Error on a CUDA error once a device was found.
+/// The GPU part: fills `out` (ran, or skipped_reason when gradq was built without its CUDA kernels,
+/// their module cannot be loaded, or no device is present). Throws gradq::Error on a CUDA error once
+/// a device was found. It runs in libgradq_cuda_bench.so, loaded on the first call
+/// (gpu_bench_module.cpp).
 void run_gpu_kernel_bench(const KernelBenchOptions& options, DeviceBench& out, std::ostream* log);
 
 }  // namespace gradq::bench::detail

@@ -52,12 +52,18 @@ int set_threads(int threads) {
 std::string assets_dir() {
   if (const char* env = std::getenv("GRADQ_ASSETS")) return env;
   // Installed layout: <prefix>/lib/libgradq.so -> <prefix>/share/gradq/assets.
-  Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(&assets_dir), &info) && info.dli_fname) {
-    fs::path installed = fs::path(info.dli_fname).parent_path().parent_path() / "share" / "gradq" / "assets";
+  if (const std::string lib = libgradq_dir(); !lib.empty()) {
+    fs::path installed = fs::path(lib).parent_path() / "share" / "gradq" / "assets";
     if (fs::exists(installed / "SOURCES.md")) return installed.string();
   }
   return GRADQ_SOURCE_ASSETS;
+}
+
+std::string libgradq_dir() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&libgradq_dir), &info) && info.dli_fname && *info.dli_fname)
+    return fs::path(info.dli_fname).parent_path().string();
+  return "";
 }
 
 std::string version() { return GRADQ_VERSION; }

@@ -26,6 +26,10 @@ int set_threads(int threads);
 /// source tree, share/gradq/assets when installed). Overridable with GRADQ_ASSETS.
 std::string assets_dir();
 
+/// Directory of the loaded libgradq.so (where its installed modules lie beside it), or "" if the
+/// dynamic loader cannot say.
+std::string libgradq_dir();
+
 /// gradq's version string (project version).
 std::string version();
 

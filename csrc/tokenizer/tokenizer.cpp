@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/runtime.h"
 #include "tokenizer/spm_shim.h"
 
 namespace gradq {
@@ -30,15 +31,6 @@ struct SpmApi {
   decltype(&gradq_spm_bos_id) bos_id = nullptr;
   decltype(&gradq_spm_eos_id) eos_id = nullptr;
 };
-
-/// Directory of the shared object this function is linked into (libgradq.so), or "" if unknown.
-std::string libgradq_dir() {
-  Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(&libgradq_dir), &info) && info.dli_fname && *info.dli_fname) {
-    return fs::path(info.dli_fname).parent_path().string();
-  }
-  return "";
-}
 
 /// Where to look for the shim, in order. GRADQ_SPM_LIBRARY is an explicit choice and is the only
 /// candidate when set, so a wrong override fails loudly instead of silently using another shim.

@@ -199,6 +199,37 @@ TEST(KernelBench, CliWritesJsonAndNamesTheGpuPart) {
   EXPECT_FALSE(j.at("goals").empty());
 }
 
+// The CUDA runtime and cuBLAS are mapped only by a process that asks for a GPU bench (they sit in
+// libgradq_cuda_bench.so): linked into libgradq they cost every gradq process about 200 MiB of RSS.
+// The dynamic loader's own log (LD_DEBUG=files) says which libraries a run opened.
+TEST(KernelBench, OnlyAGpuBenchLoadsTheCudaLibraries) {
+  const std::string dir = temp_dir("bench_cuda_libraries");
+  const std::string args = " bench kernels --shapes 40x160 --spec b4g128 --batch 1 --repeat 1 --warmup 0 "
+                           "--copy-mib 1 --rotate-mib 0 --threads 1 --json " + dir + "/bench.json";
+  auto opened = [](const std::string& log, const std::string& lib) {  // a "file=<path or name> [...]" line
+    std::istringstream lines(log);
+    for (std::string line; std::getline(lines, line);) {
+      const size_t file = line.find("file=");
+      if (file != std::string::npos && line.find(lib, file) != std::string::npos) return true;
+    }
+    return false;
+  };
+  const auto [cpu_code, cpu_log] = run("LD_DEBUG=files " + cli() + args + " --device cpu 2>&1");
+  ASSERT_EQ(cpu_code, 0) << cpu_log;
+  EXPECT_FALSE(opened(cpu_log, "libcudart")) << "a CPU-only run loaded the CUDA runtime";
+  EXPECT_FALSE(opened(cpu_log, "libcublas")) << "a CPU-only run loaded cuBLAS";
+
+  const auto [all_code, all_log] = run("LD_DEBUG=files " + cli() + args + " --device all 2>&1");
+  ASSERT_EQ(all_code, 0) << all_log;
+  std::ifstream in(dir + "/bench.json");
+  ASSERT_TRUE(in) << all_log;
+  const nlohmann::json gpu = nlohmann::json::parse(in).at("gpu");
+  const bool built_with_kernels =
+      gpu.at("ran").get<bool>() || gpu.at("skipped_reason").get<std::string>().find("built without") == std::string::npos;
+  EXPECT_EQ(opened(all_log, "libgradq_cuda_bench.so"), built_with_kernels) << gpu.dump();
+  EXPECT_EQ(opened(all_log, "libcudart"), built_with_kernels) << gpu.dump();
+}
+
 TEST(KernelBench, CliRejectsBadOptionsWithOneClearLine) {
   struct Case {
     std::string args, message;
