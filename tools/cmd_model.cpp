@@ -34,10 +34,9 @@ int cmd_convert(int argc, char** argv) {
   const std::string dtype = args["dtype"].as<std::string>();
   GRADQ_CHECK(dtype == "fp32" || dtype == "fp16" || dtype == "bf16", "--dtype must be fp32, fp16 or bf16, got '{}'", dtype);
   OutputSet output_set({args["output"].as<std::string>()}, {args["input"].as<std::string>()});
-  Llama2cConfig config;
-  load_llama2c(args["input"].as<std::string>(), &config);  // validates before anything is written
-  convert_llama2c(args["input"].as<std::string>(), args["output"].as<std::string>(),
-                  dtype == "fp32" ? at::kFloat : dtype == "fp16" ? at::kHalf : at::kBFloat16);
+  // Validated while it is read, before anything is written.
+  const Llama2cConfig config = convert_llama2c(args["input"].as<std::string>(), args["output"].as<std::string>(),
+                                               dtype == "fp32" ? at::kFloat : dtype == "fp16" ? at::kHalf : at::kBFloat16);
   output_set.commit();
   std::cout << fmt::format("wrote {}: dim {}, hidden {}, {} layers, {} heads ({} kv), vocab {} ({} classifier), seq_len {}\n",
                            args["output"].as<std::string>(), config.dim, config.hidden_dim, config.n_layers, config.n_heads,

@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -265,6 +267,34 @@ void check_output_is_not_input(const std::string& output, const std::vector<std:
 void check_output_location(const std::string& path) {
   Reservation r = reserve(path);
   release(r, true);
+}
+
+MappedFile::MappedFile(const std::string& path) {
+  GRADQ_CHECK(fs::exists(path), "file '{}' does not exist", path);
+  GRADQ_CHECK(fs::is_regular_file(path), "'{}' is not a regular file", path);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  GRADQ_CHECK(fd >= 0, "cannot open '{}' for reading: {}", path, std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw Error(fmt::format("cannot read the size of '{}': {}", path, std::strerror(err)));
+  }
+  size_ = static_cast<size_t>(st.st_size);
+  if (size_ > 0) {
+    data_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (data_ == MAP_FAILED) {
+      const int err = errno;
+      data_ = nullptr;
+      ::close(fd);
+      throw Error(fmt::format("cannot map '{}' ({} bytes) for reading: {}", path, size_, std::strerror(err)));
+    }
+  }
+  ::close(fd);  // the mapping keeps the file
+}
+
+MappedFile::~MappedFile() {
+  if (data_) ::munmap(data_, size_);
 }
 
 std::string read_file(const std::string& path) {

@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace gradq {
@@ -58,6 +59,22 @@ void check_output_location(const std::string& path);
 
 /// Whole file into memory; throws naming the path when it cannot be read.
 std::string read_file(const std::string& path);
+
+/// A file mapped read-only: its bytes are the page cache's, read as they are touched, so a reader
+/// that copies tensors out of a checkpoint holds no second copy of the file (read_file would, and
+/// its stream copied it once more). Throws naming the path when it cannot be opened or mapped.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  std::string_view bytes() const { return {static_cast<const char*>(data_), size_}; }
+
+ private:
+  void* data_ = nullptr;  // null for an empty file (nothing to map)
+  size_t size_ = 0;
+};
 
 /// Removes every temporary file that write_file_atomically() or an OutputSet has open when a
 /// signal arrives, then re-raises it. Installed once by the CLI for SIGINT and SIGTERM.

@@ -191,7 +191,7 @@ torch::jit::Module build_llama_module(const Llama2cConfig& c, const std::unorder
   return model;
 }
 
-Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path) {
+Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path, at::ScalarType dtype) {
   const int64_t file_bytes = static_cast<int64_t>(bytes.size());
   GRADQ_CHECK(file_bytes >= kHeaderBytes, "'{}' is truncated: {} bytes, a llama2.c header alone needs {}", path,
               file_bytes, kHeaderBytes);
@@ -229,23 +229,32 @@ Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path)
   checkpoint.config = c;
   auto& weights = checkpoint.weights;
   // The weights follow the 28-byte header, so they are 4-byte aligned at best: from_blob on a
-  // float pointer needs no more, and every tensor is cloned out of `bytes`.
+  // float pointer needs no more. Each tensor is copied out of `bytes` in `dtype` on its own (one
+  // tensor in flight beside the result), checked while still float32 (a corrupt file) and after
+  // the conversion (float16 has no finite value beyond 65504).
   const auto* data = reinterpret_cast<const float*>(bytes.data() + kHeaderBytes);
   int64_t offset = 0;
-  auto take = [&](std::vector<int64_t> shape) {
-    int64_t n = 1;
-    for (int64_t s : shape) n *= s;
-    at::Tensor t = at::from_blob(const_cast<float*>(data + offset), shape, at::kFloat).clone();
-    offset += n;
-    return t;
+  auto take_at = [&](const std::string& name, int64_t at, const std::vector<int64_t>& shape) {
+    const at::Tensor stored = at::from_blob(const_cast<float*>(data + at), shape, at::kFloat);
+    GRADQ_CHECK(at::isfinite(stored).all().item<bool>(), "'{}' is corrupt: weight '{}' holds non-finite values", path,
+                name);
+    at::Tensor t = dtype == at::kFloat ? stored.clone() : stored.to(dtype);
+    GRADQ_CHECK(at::isfinite(t).all().item<bool>(),
+                "'{}': weight '{}' has values beyond {}'s range (largest magnitude {}); keep float32 or use bfloat16",
+                path, name, c10::toString(dtype), stored.abs().max().item<float>());
+    weights[name] = std::move(t);
   };
-  auto per_layer_tensors = [&](const std::string& suffix, std::vector<int64_t> shape) {
-    std::vector<int64_t> full{L};
-    full.insert(full.end(), shape.begin(), shape.end());
-    at::Tensor all = take(full);
-    for (int64_t l = 0; l < L; ++l) weights[fmt::format("layers.{}.{}", l, suffix)] = all[l].clone();
+  auto take = [&](const std::string& name, const std::vector<int64_t>& shape) {
+    take_at(name, offset, shape);
+    offset += c10::multiply_integers(shape);
   };
-  weights["tok_embeddings.weight"] = take({vocab, dim});
+  // The file stores each weight for all layers together.
+  auto per_layer_tensors = [&](const std::string& suffix, const std::vector<int64_t>& shape) {
+    const int64_t n = c10::multiply_integers(shape);
+    for (int64_t l = 0; l < L; ++l) take_at(fmt::format("layers.{}.{}", l, suffix), offset + l * n, shape);
+    offset += L * n;
+  };
+  take("tok_embeddings.weight", {vocab, dim});
   per_layer_tensors("attention_norm.weight", {dim});
   per_layer_tensors("attention.wq.weight", {q_dim, dim});
   per_layer_tensors("attention.wk.weight", {kv, dim});
@@ -255,32 +264,31 @@ Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path)
   per_layer_tensors("feed_forward.w1.weight", {hidden, dim});
   per_layer_tensors("feed_forward.w2.weight", {dim, hidden});
   per_layer_tensors("feed_forward.w3.weight", {hidden, dim});
-  weights["norm.weight"] = take({dim});
+  take("norm.weight", {dim});
   if (!c.shared_classifier) {
     offset += rope_tables;
-    weights["output.weight"] = take({vocab, dim});
+    take("output.weight", {vocab, dim});
   }
-  for (const auto& [name, t] : weights)
-    GRADQ_CHECK(at::isfinite(t).all().item<bool>(), "'{}' is corrupt: weight '{}' holds non-finite values", path, name);
   return checkpoint;
 }
 
-torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_out) {
+torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_out, at::ScalarType dtype) {
   namespace fs = std::filesystem;
   GRADQ_CHECK(fs::exists(path), "checkpoint '{}' does not exist", path);
   GRADQ_CHECK(fs::is_regular_file(path), "checkpoint '{}' is not a regular file", path);
-  const Llama2cCheckpoint checkpoint = parse_llama2c(read_file(path), path);
+  const MappedFile file(path);
+  const Llama2cCheckpoint checkpoint = parse_llama2c(file.bytes(), path, dtype);
   if (config_out) *config_out = checkpoint.config;
   return build_llama_module(checkpoint.config, checkpoint.weights);
 }
 
-void convert_llama2c(const std::string& input_path, const std::string& output_path, at::ScalarType dtype) {
+Llama2cConfig convert_llama2c(const std::string& input_path, const std::string& output_path, at::ScalarType dtype) {
   GRADQ_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "convert: the dtype must be float32, float16 or bfloat16, got {}", c10::toString(dtype));
   check_output_is_not_input(output_path, {input_path});
-  torch::jit::Module model = load_llama2c(input_path);
-  model.to(dtype);
-  save_module(model, output_path);
+  Llama2cConfig config;
+  save_module(load_llama2c(input_path, &config, dtype), output_path);
+  return config;
 }
 
 }  // namespace gradq

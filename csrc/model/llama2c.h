@@ -45,19 +45,22 @@ struct Llama2cCheckpoint {
   std::unordered_map<std::string, at::Tensor> weights;
 };
 
-/// Validates and splits the bytes of a llama2.c legacy checkpoint (`path` names it in errors); throws
-/// gradq::Error for a truncated, oversized or corrupt file (non-finite weights) or an impossible
-/// header, naming the values. The one reader of the format: load_llama2c calls it on the file.
-Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path);
+/// Validates and splits the bytes of a llama2.c legacy checkpoint (`path` names it in errors) into
+/// tensors in `dtype`; throws gradq::Error for a truncated, oversized or corrupt file (non-finite
+/// weights), an impossible header, or a weight beyond `dtype`'s range, naming the values. The one
+/// reader of the format: load_llama2c calls it on the file.
+Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path, at::ScalarType dtype = at::kFloat);
 
-/// Reads and validates a llama2.c legacy checkpoint; throws gradq::Error for a truncated,
-/// oversized or corrupt file (non-finite weights) or an impossible header, naming the values.
-torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_out = nullptr);
+/// Reads (memory-mapped) and validates a llama2.c legacy checkpoint, with parameters in `dtype`;
+/// throws gradq::Error as parse_llama2c does. Holds the parameters and one tensor being converted:
+/// no copy of the file (its pages are the page cache's).
+torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_out = nullptr,
+                                at::ScalarType dtype = at::kFloat);
 
 /// Converts and saves atomically with parameters in `dtype` (float32, float16 or bfloat16); refuses to
-/// write over the input.
-void convert_llama2c(const std::string& input_path, const std::string& output_path,
-                     at::ScalarType dtype = at::kFloat);
+/// write over the input. Returns the checkpoint's header.
+Llama2cConfig convert_llama2c(const std::string& input_path, const std::string& output_path,
+                              at::ScalarType dtype = at::kFloat);
 
 /// Builds the TorchScript Llama from a config and its tensors (used by the converter and by tests
 /// that need a Llama of another shape). `weights` holds every name listed above.

@@ -1,4 +1,4 @@
-// Outputs as one set (OutputSet), stale and concurrent temporaries, and the --threads bounds.
+// Outputs as one set (OutputSet), stale and concurrent temporaries, mapped inputs, and the --threads bounds.
 
 #include <gtest/gtest.h>
 #include <sys/file.h>
@@ -111,6 +111,23 @@ TEST(OutputSet, SignalLeavesNoNewFileAndEarlierFilesUntouched) {
     EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == sig) << status;
     EXPECT_EQ(listing(dir), std::set<std::string>{"model.pt"}) << sig;
     EXPECT_EQ(read_file(dir + "/model.pt"), "earlier model");
+  }
+}
+
+TEST(MappedFile, HoldsTheFileBytesAndNamesWhatItCannotOpen) {
+  const std::string dir = test::temp_dir("mapped_file");
+  const std::string bytes("weights\0and more", 16);
+  write_file_atomically(dir + "/f.bin", bytes);
+  EXPECT_EQ(MappedFile(dir + "/f.bin").bytes(), bytes);
+  write_file_atomically(dir + "/empty.bin", "");
+  EXPECT_TRUE(MappedFile(dir + "/empty.bin").bytes().empty());
+  for (const std::string& bad : {dir + "/missing.bin", dir}) {
+    try {
+      MappedFile m(bad);
+      ADD_FAILURE() << "expected an error for " << bad;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("'" + bad + "'"), std::string::npos) << e.what();
+    }
   }
 }
 

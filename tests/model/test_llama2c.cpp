@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include "common/error.h"
 #include "model/causal_lm.h"
@@ -140,6 +141,49 @@ TEST(Llama2c, MissingFileAndOutputOverInput) {
   write_bytes(dir + "/m.bin", bytes_of(test::stories_bin()));
   EXPECT_THROW(convert_llama2c(dir + "/m.bin", dir + "/m.bin"), Error);
   EXPECT_TRUE(bytes_of(dir + "/m.bin") == bytes_of(test::stories_bin()));
+}
+
+// The reader converts each tensor as it copies it out of the file (no float32 copy of the model): the
+// parameters are those of the float32 module converted afterwards.
+TEST(Llama2c, ReadingInADtypeEqualsConvertingTheFloat32Module) {
+  torch::jit::Module f32 = load_llama2c(test::stories_bin());
+  for (at::ScalarType dtype : {at::kHalf, at::kBFloat16}) {
+    torch::jit::Module direct = load_llama2c(test::stories_bin(), nullptr, dtype);
+    torch::jit::Module converted = f32.clone();
+    converted.to(dtype);
+    std::map<std::string, at::Tensor> expected;
+    for (const auto& p : converted.named_parameters()) expected[p.name] = p.value;
+    size_t n = 0;
+    for (const auto& p : direct.named_parameters()) {
+      ASSERT_TRUE(expected.count(p.name)) << p.name;
+      EXPECT_EQ(p.value.scalar_type(), dtype) << p.name;
+      EXPECT_TRUE(at::equal(p.value, expected.at(p.name))) << p.name << " in " << c10::toString(dtype);
+      ++n;
+    }
+    EXPECT_EQ(n, expected.size());
+  }
+}
+
+// A finite float32 weight beyond float16's largest value (65504) would become infinite: the fp16
+// conversion refuses it naming the weight, bfloat16 (float32's range) takes it.
+TEST(Llama2c, WeightBeyondFloat16RangeIsRefusedInFp16Only) {
+  const std::string dir = test::temp_dir("fp16_range");
+  std::string bytes = bytes_of(test::stories_bin());
+  const float big = 1e5f;
+  bytes.replace(28 + 4 * 1000, 4, reinterpret_cast<const char*>(&big), 4);  // in tok_embeddings
+  write_bytes(dir + "/in.bin", bytes);
+  try {
+    convert_llama2c(dir + "/in.bin", dir + "/out.pt", at::kHalf);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("weight 'tok_embeddings.weight' has values beyond Half's range (largest "
+                                         "magnitude 100000)"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_FALSE(fs::exists(dir + "/out.pt"));
+  convert_llama2c(dir + "/in.bin", dir + "/out.pt", at::kBFloat16);
+  EXPECT_TRUE(fs::exists(dir + "/out.pt"));
 }
 
 TEST(Llama2c, ConversionIsDeterministic) {
