@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstring>
@@ -291,6 +292,14 @@ MappedFile::MappedFile(const std::string& path) {
     }
   }
   ::close(fd);  // the mapping keeps the file
+}
+
+void MappedFile::release(size_t begin, size_t end) const {
+  const auto page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  begin = (begin + page - 1) / page * page;  // whole pages inside the range only
+  end = std::min(end, size_) / page * page;
+  // Advice only: a failure leaves the pages resident, which costs memory, not correctness.
+  if (data_ && begin < end) ::madvise(static_cast<char*>(data_) + begin, end - begin, MADV_DONTNEED);
 }
 
 MappedFile::~MappedFile() {

@@ -70,6 +70,10 @@ class MappedFile {
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
   std::string_view bytes() const { return {static_cast<const char*>(data_), size_}; }
+  /// Drops the whole pages inside bytes [begin, end) from this process's memory (they stay in the
+  /// page cache and are read again if touched): a reader that is done with a part of the file says
+  /// so, and the process's resident memory does not grow to the file's size.
+  void release(size_t begin, size_t end) const;
 
  private:
   void* data_ = nullptr;  // null for an empty file (nothing to map)

@@ -191,7 +191,8 @@ torch::jit::Module build_llama_module(const Llama2cConfig& c, const std::unorder
   return model;
 }
 
-Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path, at::ScalarType dtype) {
+Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path, at::ScalarType dtype,
+                                const std::function<void(size_t begin, size_t end)>& consumed) {
   const int64_t file_bytes = static_cast<int64_t>(bytes.size());
   GRADQ_CHECK(file_bytes >= kHeaderBytes, "'{}' is truncated: {} bytes, a llama2.c header alone needs {}", path,
               file_bytes, kHeaderBytes);
@@ -243,6 +244,10 @@ Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path,
                 "'{}': weight '{}' has values beyond {}'s range (largest magnitude {}); keep float32 or use bfloat16",
                 path, name, c10::toString(dtype), stored.abs().max().item<float>());
     weights[name] = std::move(t);
+    if (consumed) {
+      const size_t begin = kHeaderBytes + sizeof(float) * static_cast<size_t>(at);
+      consumed(begin, begin + stored.nbytes());
+    }
   };
   auto take = [&](const std::string& name, const std::vector<int64_t>& shape) {
     take_at(name, offset, shape);
@@ -277,7 +282,8 @@ torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_o
   GRADQ_CHECK(fs::exists(path), "checkpoint '{}' does not exist", path);
   GRADQ_CHECK(fs::is_regular_file(path), "checkpoint '{}' is not a regular file", path);
   const MappedFile file(path);
-  const Llama2cCheckpoint checkpoint = parse_llama2c(file.bytes(), path, dtype);
+  const Llama2cCheckpoint checkpoint =
+      parse_llama2c(file.bytes(), path, dtype, [&](size_t begin, size_t end) { file.release(begin, end); });
   if (config_out) *config_out = checkpoint.config;
   return build_llama_module(checkpoint.config, checkpoint.weights);
 }

@@ -17,6 +17,7 @@
 // forward(tokens: int64 [B, T]) -> logits [B, T, vocab] in the parameters' dtype; T <= seq_len.
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -49,11 +50,13 @@ struct Llama2cCheckpoint {
 /// tensors in `dtype`; throws gradq::Error for a truncated, oversized or corrupt file (non-finite
 /// weights), an impossible header, or a weight beyond `dtype`'s range, naming the values. The one
 /// reader of the format: load_llama2c calls it on the file.
-Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path, at::ScalarType dtype = at::kFloat);
+/// `consumed(begin, end)`, when given, is told each byte range of `bytes` once its tensor is copied.
+Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path, at::ScalarType dtype = at::kFloat,
+                                const std::function<void(size_t begin, size_t end)>& consumed = nullptr);
 
 /// Reads (memory-mapped) and validates a llama2.c legacy checkpoint, with parameters in `dtype`;
 /// throws gradq::Error as parse_llama2c does. Holds the parameters and one tensor being converted:
-/// no copy of the file (its pages are the page cache's).
+/// no copy of the file (its pages are the page cache's, released as each tensor is copied).
 torch::jit::Module load_llama2c(const std::string& path, Llama2cConfig* config_out = nullptr,
                                 at::ScalarType dtype = at::kFloat);
 
