@@ -242,7 +242,7 @@ Llama2cCheckpoint parse_llama2c(std::string_view bytes, const std::string& path,
     at::Tensor t = dtype == at::kFloat ? stored.clone() : stored.to(dtype);
     GRADQ_CHECK(at::isfinite(t).all().item<bool>(),
                 "'{}': weight '{}' has values beyond {}'s range (largest magnitude {}); keep float32 or use bfloat16",
-                path, name, c10::toString(dtype), stored.abs().max().item<float>());
+                path, name, dtype == at::kHalf ? "float16" : c10::toString(dtype), stored.abs().max().item<float>());
     weights[name] = std::move(t);
     if (consumed) {
       const size_t begin = kHeaderBytes + sizeof(float) * static_cast<size_t>(at);

@@ -176,7 +176,7 @@ TEST(Llama2c, WeightBeyondFloat16RangeIsRefusedInFp16Only) {
     convert_llama2c(dir + "/in.bin", dir + "/out.pt", at::kHalf);
     FAIL() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("weight 'tok_embeddings.weight' has values beyond Half's range (largest "
+    EXPECT_NE(std::string(e.what()).find("weight 'tok_embeddings.weight' has values beyond float16's range (largest "
                                          "magnitude 100000)"),
               std::string::npos)
         << e.what();
