@@ -62,7 +62,9 @@ std::string read_file(const std::string& path);
 
 /// A file mapped read-only: its bytes are the page cache's, read as they are touched, so a reader
 /// that copies tensors out of a checkpoint holds no second copy of the file (read_file would, and
-/// its stream copied it once more). Throws naming the path when it cannot be opened or mapped.
+/// its stream copied it once more). Throws naming the path when it cannot be opened or mapped. Like
+/// any mapping, it assumes the file is not truncated while mapped (reading past the new end raises
+/// SIGBUS); checkpoints are read once, at load.
 class MappedFile {
  public:
   explicit MappedFile(const std::string& path);
