@@ -6,9 +6,11 @@
 #include <dlfcn.h>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "bench/kernel_bench_internal.h"
 #include "common/runtime.h"
@@ -25,14 +27,14 @@ struct GpuBenchModule {
   std::string error;  ///< why it could not be loaded, when run is null
 };
 
-// Beside libgradq (installed), else where the build wrote it. Never dlclose()d: the CUDA runtime
-// registers exit handlers.
+// The first candidate that exists (the last one, the build's, when none does: dlopen names it in
+// the error). Never dlclose()d: the CUDA runtime registers exit handlers.
 GpuBenchModule load_module() {
-  namespace fs = std::filesystem;
   GpuBenchModule m;
-  const std::string dir = libgradq_dir();
-  const std::string installed = dir.empty() ? "" : (fs::path(dir) / GRADQ_CUDA_BENCH_INSTALL_NAME).string();
-  const std::string path = !installed.empty() && fs::exists(installed) ? installed : GRADQ_CUDA_BENCH_BUILD_PATH;
+  const std::vector<std::string> candidates = module_candidates(GRADQ_CUDA_BENCH_INSTALL_NAME, GRADQ_CUDA_BENCH_BUILD_PATH);
+  const auto found = std::find_if(candidates.begin(), candidates.end(),
+                                  [](const std::string& p) { return std::filesystem::exists(p); });
+  const std::string& path = found != candidates.end() ? *found : candidates.back();
   void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (!lib) {
     const char* why = dlerror();

@@ -49,6 +49,18 @@ int set_threads(int threads) {
   return threads;
 }
 
+namespace {
+
+// Directory of the loaded libgradq.so, or "" if the dynamic loader cannot say.
+std::string libgradq_dir() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&libgradq_dir), &info) && info.dli_fname && *info.dli_fname)
+    return fs::path(info.dli_fname).parent_path().string();
+  return "";
+}
+
+}  // namespace
+
 std::string assets_dir() {
   if (const char* env = std::getenv("GRADQ_ASSETS")) return env;
   // Installed layout: <prefix>/lib/libgradq.so -> <prefix>/share/gradq/assets.
@@ -59,11 +71,11 @@ std::string assets_dir() {
   return GRADQ_SOURCE_ASSETS;
 }
 
-std::string libgradq_dir() {
-  Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(&libgradq_dir), &info) && info.dli_fname && *info.dli_fname)
-    return fs::path(info.dli_fname).parent_path().string();
-  return "";
+std::vector<std::string> module_candidates(const std::string& install_name, const std::string& build_path) {
+  std::vector<std::string> paths;
+  if (const std::string lib = libgradq_dir(); !lib.empty()) paths.push_back((fs::path(lib) / install_name).string());
+  paths.push_back(build_path);
+  return paths;
 }
 
 std::string version() { return GRADQ_VERSION; }

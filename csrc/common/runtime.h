@@ -2,6 +2,7 @@
 // Process-wide runtime settings: thread count and the location of the embedded default assets.
 
 #include <string>
+#include <vector>
 
 namespace gradq {
 
@@ -26,9 +27,10 @@ int set_threads(int threads);
 /// source tree, share/gradq/assets when installed). Overridable with GRADQ_ASSETS.
 std::string assets_dir();
 
-/// Directory of the loaded libgradq.so (where its installed modules lie beside it), or "" if the
-/// dynamic loader cannot say.
-std::string libgradq_dir();
+/// Where one of gradq's loadable modules (the SentencePiece shim, the GPU bench) is looked for, in
+/// order: `install_name` beside the loaded libgradq.so (an installed gradq), then `build_path`, where
+/// the build wrote it.
+std::vector<std::string> module_candidates(const std::string& install_name, const std::string& build_path);
 
 /// gradq's version string (project version).
 std::string version();

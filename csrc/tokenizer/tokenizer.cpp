@@ -36,11 +36,7 @@ struct SpmApi {
 /// candidate when set, so a wrong override fails loudly instead of silently using another shim.
 std::vector<std::string> shim_candidates() {
   if (const char* env = std::getenv("GRADQ_SPM_LIBRARY"); env && *env) return {env};
-  std::vector<std::string> paths;
-  const std::string dir = libgradq_dir();
-  if (!dir.empty()) paths.push_back((fs::path(dir) / GRADQ_SPM_INSTALL_NAME).string());
-  paths.push_back(GRADQ_SPM_BUILD_PATH);
-  return paths;
+  return module_candidates(GRADQ_SPM_INSTALL_NAME, GRADQ_SPM_BUILD_PATH);
 }
 
 template <typename Fn>
