@@ -22,6 +22,20 @@ void add_common_options(cxxopts::Options& options) {
       ("h,help", "show this help");
 }
 
+void add_device_option(cxxopts::Options& options, const std::string& group) {
+  options.add_options(group)
+      ("device", "where the model runs: cpu, cuda, cuda:N, or auto (the first GPU when this gradq's libtorch has "
+                 "CUDA and sees one, else the CPU)", cxxopts::value<std::string>()->default_value("auto"));
+}
+
+at::Device read_device_option(const cxxopts::ParseResult& args) {
+  try {
+    return parse_device(args["device"].as<std::string>());
+  } catch (const Error& e) {
+    throw Error(fmt::format("--device: {}", e.what()));
+  }
+}
+
 bool parse(cxxopts::Options& options, int argc, char** argv, cxxopts::ParseResult& out) {
   out = options.parse(argc, argv);
   if (out.count("help")) {
@@ -103,6 +117,7 @@ void add_input_options(cxxopts::Options& options) {
       ("text", "UTF-8 text: calibration part first, held-out part after", cxxopts::value<std::string>()->default_value(default_text_path()))
       ("include", "regex: also quantize matching matrix weights (embeddings, the head); repeatable", cxxopts::value<std::vector<std::string>>())
       ("exclude", "regex: do not quantize matching weights; repeatable", cxxopts::value<std::vector<std::string>>());
+  add_device_option(options, "files");
   options.add_options("data")
       ("calib-fraction", "leading fraction of the text's tokens used for calibration", cxxopts::value<double>()->default_value("0.1"))
       ("ctx", "window length in tokens", cxxopts::value<int64_t>()->default_value("256"))
@@ -189,6 +204,7 @@ Inputs load_inputs(const cxxopts::ParseResult& args) {
   AdapterOptions adapter;
   if (args.count("include")) adapter.include = args["include"].as<std::vector<std::string>>();
   if (args.count("exclude")) adapter.exclude = args["exclude"].as<std::vector<std::string>>();
+  adapter.device = read_device_option(args);
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
   CausalLM model = load_model(args["model"].as<std::string>(), adapter);
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());

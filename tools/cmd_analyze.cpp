@@ -45,6 +45,7 @@ int cmd_analyze(int argc, char** argv) {
        cxxopts::value<std::string>()->default_value("local"))
       ("no-static", "skip the static signals (activation capture and gradient passes)");
   add_reference_storage_option(options);
+  add_device_option(options);
   add_common_options(options);
   cxxopts::ParseResult args;
   if (!parse(options, argc, argv, args)) return 0;
@@ -73,8 +74,10 @@ int cmd_analyze(int argc, char** argv) {
   GRADQ_CHECK(args["ctx"].as<int64_t>() >= 2, "--ctx must be at least 2 tokens, got {}", args["ctx"].as<int64_t>());
   OutputSet output_set(outputs, inputs);
 
+  AdapterOptions adapter;
+  adapter.device = read_device_option(args);
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
-  CausalLM model = load_model(args["model"].as<std::string>());
+  CausalLM model = load_model(args["model"].as<std::string>(), adapter);
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
   check_context(model, args["ctx"].as<int64_t>(), "--ctx");
   const TokenSplit split =

@@ -53,14 +53,17 @@ int cmd_generate(int argc, char** argv) {
       ("steps", "tokens to generate", cxxopts::value<int64_t>()->default_value("256"))
       ("max-context", "feed at most this many trailing tokens to the model (0 = all)", cxxopts::value<int64_t>()->default_value("512"))
       ("no-stop", "do not stop at BOS/EOS");
+  add_device_option(options);
   add_common_options(options);
   cxxopts::ParseResult args;
   if (!parse(options, argc, argv, args)) return 0;
   GRADQ_CHECK(args["steps"].as<int64_t>() >= 0, "--steps must be >= 0, got {}", args["steps"].as<int64_t>());
   GRADQ_CHECK(args["max-context"].as<int64_t>() >= 0, "--max-context must be >= 0 (0 = all), got {}",
               args["max-context"].as<int64_t>());
+  AdapterOptions adapter;
+  adapter.device = read_device_option(args);
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
-  CausalLM model = load_model(args["model"].as<std::string>());
+  CausalLM model = load_model(args["model"].as<std::string>(), adapter);
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
   std::vector<int64_t> prompt;
   if (tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
@@ -117,6 +120,7 @@ int cmd_eval(int argc, char** argv) {
        cxxopts::value<int64_t>()->default_value(std::to_string(EvaluatorOptions{}.batch)))
       ("json", "also write the numbers as JSON to this file", cxxopts::value<std::string>());
   add_reference_storage_option(options);
+  add_device_option(options);
   add_common_options(options);
   cxxopts::ParseResult args;
   if (!parse(options, argc, argv, args)) return 0;
@@ -135,8 +139,10 @@ int cmd_eval(int argc, char** argv) {
     if (args.count(out)) outputs.push_back(args[out].as<std::string>());
   OutputSet output_set(outputs, inputs);
 
+  AdapterOptions adapter;
+  adapter.device = read_device_option(args);
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
-  CausalLM model = load_model(args["model"].as<std::string>());
+  CausalLM model = load_model(args["model"].as<std::string>(), adapter);
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
   check_context(model, ctx, "--ctx");
   WindowSpec spec;
@@ -150,7 +156,7 @@ int cmd_eval(int argc, char** argv) {
   eval_options.reference_storage = storage;
   GradualEvaluator evaluator(windows, eval_options);
   if (args.count("reference")) {
-    CausalLM reference = load_model(args["reference"].as<std::string>());
+    CausalLM reference = load_model(args["reference"].as<std::string>(), adapter);
     GRADQ_CHECK(reference.vocab_size() == model.vocab_size(), "reference vocabulary {} differs from the model's {}",
                 reference.vocab_size(), model.vocab_size());
     check_context(reference, ctx, "--ctx (for the reference)");

@@ -3,15 +3,18 @@
 # a C++ compiler, but no Debian packages; gradq's other dependencies come in .device-bundle/
 # (tools/make_device_bundle.sh, carried with the device tool). Builds gradq against that machine's
 # PyTorch, runs the CUDA tests (kernels and the CUDA ops), `gradq bench kernels --device gpu`, a
-# stories260K quantize within +5% perplexity, and runs the packed checkpoint on the GPU through the
-# CUDA ops against gradq's CPU logits. Writes $OUT/summary.md (each step: status, seconds, last
-# lines) and $OUT/<step>.log. Steps after a failed build are reported as not run; the others run
-# whatever happened before, so one run shows everything. Without a GPU the GPU steps report that
-# there is none (as a failure: this check exists to run them).
+# stories260K quantize within +5% perplexity on the GPU (--device), runs that packed checkpoint on the
+# GPU through the CUDA ops against gradq's CPU logits, and quantizes a random-init model with
+# Llama-7B's layer shapes on the GPU (bf16; uniform b4g128, then a KL-budgeted search). Writes
+# $OUT/summary.md (each step: status, seconds, last lines; the GPU memory peak) and $OUT/<step>.log;
+# the large models go to $GRADQ_DEVICE_SCRATCH (default /tmp/gradq-device-check). Each step has a
+# time limit, so that one run fits the device tool's 10 minutes. Steps after a failed build are
+# reported as not run; the others run whatever happened before, so one run shows everything. Without
+# a GPU the GPU steps report that there is none (as a failure: this check exists to run them).
 #   OUT=/tmp/check bash tools/device_check.sh     (GRADQ_DEVICE_PYTHON: the Python with torch)
-# Rehearsal on a machine without a GPU: GRADQ_DEVICE_PREBUILT=1 GRADQ_DEVICE_BUILD_DIR=build-torch2
-# skips configure and build and runs the other steps with that build (tools/test.sh --torch2 --all's:
-# plain --torch2 does not build test_kernels).
+# Rehearsal on a machine without a GPU: GRADQ_DEVICE_PREBUILT=1 GRADQ_DEVICE_BUILD_DIR=build
+# GRADQ_DEVICE=cpu skips configure and build and runs the other steps with that build on the CPU
+# (GRADQ_DEVICE_LAYERS=1 makes the Llama-7B-shaped model smaller).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/device_check}
@@ -19,20 +22,35 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 python=${GRADQ_DEVICE_PYTHON:-python3}
 build=${GRADQ_DEVICE_BUILD_DIR:-build-device}
+device=${GRADQ_DEVICE:-cuda}
+scratch=${GRADQ_DEVICE_SCRATCH:-/tmp/gradq-device-check}
+mkdir -p "$scratch"
 summary=$out/summary.md
 start_all=$(date +%s)
 echo "# gradq device check, $(date -u '+%Y-%m-%d %H:%M UTC')" >"$summary"
 echo >>"$summary"
 
-# step NAME COMMAND...: runs the command, its output in $out/NAME.log, a line in the summary.
+# step NAME LIMIT COMMAND...: runs the command for at most LIMIT seconds (less when the whole check's
+# GRADQ_DEVICE_SECONDS, default 540, would run out first; not at all under 20), its output in
+# $out/NAME.log, a line in the summary.
+deadline=$((SECONDS + ${GRADQ_DEVICE_SECONDS:-540}))
 step() {
-  local name=$1
-  shift
+  local name=$1 limit=$2
+  shift 2
+  local left=$((deadline - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    echo "- **$name**: not run (the check's ${GRADQ_DEVICE_SECONDS:-540} s are spent)" >>"$summary"
+    echo "$name: not run (out of time)"
+    return 1
+  fi
   local t0=$SECONDS
-  "$@" >"$out/$name.log" 2>&1
+  # The steps are this script's functions: timeout runs them in a bash that has them (export -f below).
+  timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" >"$out/$name.log" 2>&1
   local rc=$?
   local status=ok
   [ $rc -eq 0 ] || status="FAILED (exit $rc)"
+  [ $rc -eq 124 ] && status="FAILED (over its $limit s)"
   echo "- **$name**: $status, $((SECONDS - t0)) s" >>"$summary"
   tail -n 6 "$out/$name.log" | sed 's/^/      /' >>"$summary"
   echo "$name: $status ($((SECONDS - t0)) s)"
@@ -87,7 +105,36 @@ bench() {
 }
 
 quantize() {
-  "$build/gradq" quantize --max-ppl-increase 0.05 -o "$out/stories260K-q.pt" --report "$out/quantize_report.json"
+  "$build/gradq" quantize --device "$device" --max-ppl-increase 0.05 -o "$out/stories260K-q.pt" \
+    --report "$out/quantize_report.json"
+}
+
+# A random-init llama2.c model with Llama-7B's layer shapes (dim 4096, hidden 11008, 32 heads,
+# vocabulary 32000), converted to bf16 and quantized on $device: uniform b4g128, then the default
+# search under a KL budget with 8 and 4 bits at group 128. Random weights: the numbers say what it
+# costs, not what quality a real model keeps.
+llama7b_shapes() {
+  local m=$scratch/llama7b_l${GRADQ_DEVICE_LAYERS:-2}
+  "$python" tools/make_random_llama2c.py --backend torch --dim 4096 --hidden 11008 --heads 32 \
+    --layers "${GRADQ_DEVICE_LAYERS:-2}" --vocab 32000 --seq-len 2048 -o "$m.bin" || return 1
+  "$build/gradq" convert "$m.bin" --dtype bf16 -o "$m.pt" || return 1
+  rm -f "$m.bin"
+  local data=(--model "$m.pt" --device "$device" --ctx 128 --calib-windows 4 --fit-windows 4 --eval-windows 8 --batch 4)
+  local t0=$SECONDS
+  "$build/gradq" quantize "${data[@]}" --uniform b4g128 -o "$m-b4g128.pt" --report "$out/llama7b_uniform.json" || return 1
+  echo "uniform b4g128: $((SECONDS - t0)) s"
+  t0=$SECONDS
+  "$build/gradq" quantize "${data[@]}" --max-kl 0.05 --bits 8,4 --group-sizes 128 -o "$m-search.pt" \
+    --report "$out/llama7b_search.json" || return 1
+  echo "search --max-kl 0.05: $((SECONDS - t0)) s"
+  ls -l "$m.pt" "$m-b4g128.pt" "$m-search.pt"
+}
+
+# nvidia-smi's used memory every 250 ms while the check runs; the summary gives the peak.
+gpu_memory_sampler() {
+  command -v nvidia-smi >/dev/null || return 0
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$out/gpu_memory.log" 2>/dev/null &
+  sampler=$!
 }
 
 packed_on_gpu() {
@@ -96,19 +143,28 @@ packed_on_gpu() {
     "$("$python" -c 'import torch; print(torch.__version__.split("+")[0])')" cuda "$out/stories260K-q.pt"
 }
 
-step environment environment
+export -f gpu_present environment configure build_targets gpu_tests bench quantize packed_on_gpu llama7b_shapes
+export out python build device scratch
+sampler=
+gpu_memory_sampler
+step environment 60 environment
 if [ "${GRADQ_DEVICE_PREBUILT:-0}" = 1 ]; then
   echo "- configure, build: skipped (GRADQ_DEVICE_PREBUILT=1: using $build as built)" >>"$summary"
   built() { true; }
 else
-  built() { step configure configure && step build build_targets; }
+  built() { step configure 120 configure && step build 300 build_targets; }
 fi
 if built; then
-  step gpu_tests gpu_tests
-  step bench_kernels bench
-  step quantize quantize && step packed_on_gpu packed_on_gpu
+  step gpu_tests 120 gpu_tests
+  step bench_kernels 90 bench
+  step quantize 150 quantize && step packed_on_gpu 60 packed_on_gpu
+  step llama7b_shapes 240 llama7b_shapes
 else
-  echo "- gpu_tests, bench_kernels, quantize, packed_on_gpu: not run (the build failed)" >>"$summary"
+  echo "- gpu_tests, bench_kernels, quantize, packed_on_gpu, llama7b_shapes: not run (the build failed)" >>"$summary"
+fi
+if [ -n "$sampler" ]; then
+  kill "$sampler" 2>/dev/null
+  echo "- GPU memory used, peak of nvidia-smi's 250 ms samples: $(sort -n "$out/gpu_memory.log" | tail -n 1) MiB" >>"$summary"
 fi
 echo >>"$summary"
 echo "total $(( $(date +%s) - start_all )) s" >>"$summary"

@@ -91,7 +91,7 @@ at::Tensor BlockInputCache::local_error(int64_t b) const {
     const StageState out = stages_.block(b, state(b, c));
     const StageState& ref = state(b + 1, c);
     const int64_t rows = std::min(batch_, windows_ - c * batch_);
-    at::Tensor sum = at::zeros({rows}, at::kDouble);
+    at::Tensor sum;  // float64 [rows], on the device of the values that carry the error
     int64_t per_row = 0;
     for (size_t k = 0; k < out.size(); ++k) {
       if (!out[k].isTensor()) continue;
@@ -100,10 +100,11 @@ at::Tensor BlockInputCache::local_error(int64_t b) const {
       // such as rotary angles, pass through a block unchanged).
       if (!x.is_floating_point() || x.dim() == 0 || x.size(0) != rows) continue;
       const at::Tensor d = (x.to(at::kDouble) - ref[k].toTensor().to(at::kDouble)).reshape({rows, -1});
-      sum += d.pow(2).sum(1);
+      sum = sum.defined() ? sum + d.pow(2).sum(1) : d.pow(2).sum(1);
       per_row += d.size(1);
     }
-    per_window.push_back(per_row ? sum / static_cast<double>(per_row) : sum);
+    if (!sum.defined()) sum = at::zeros({rows}, at::kDouble);
+    per_window.push_back((per_row ? sum / static_cast<double>(per_row) : sum).cpu());
   }
   return at::cat(per_window);
 }

@@ -41,7 +41,8 @@ struct TokenRecords {
   std::vector<at::Tensor> nll, nll_ref, kl, delta_p, same_top;
 };
 
-at::Tensor cat(const std::vector<at::Tensor>& parts) { return at::cat(parts).to(at::kDouble); }
+// Per-token records are summarized on the CPU in float64, whatever device computed them.
+at::Tensor cat(const std::vector<at::Tensor>& parts) { return at::cat(parts).to(at::kCPU, at::kDouble); }
 }  // namespace
 
 ReferenceStorage ReferenceStorage::top_k(int64_t k) {
@@ -136,7 +137,8 @@ at::Tensor Reference::token_kl(int64_t begin, const at::Tensor& lp) const {
   GRADQ_CHECK(lp.dim() == 2 && lp.size(1) == vocab && begin >= 0 && begin + n <= tokens(),
               "the model's log-probabilities [{}] for reference rows {}..{} do not fit the reference ({} positions of "
               "a vocabulary of {})", fmt::join(lp.sizes(), ", "), begin, begin + n, tokens(), vocab);
-  const at::Tensor rows = log_probs.slice(0, begin, begin + n);
+  // A reference read from a file is on the CPU; the model's log-probabilities may be on a GPU.
+  const at::Tensor rows = log_probs.slice(0, begin, begin + n).to(lp.device());
   switch (storage.kind) {
     case ReferenceStorage::Kind::kFloat32: return (rows.exp() * (rows - lp)).sum(-1).clamp_min(0);
     case ReferenceStorage::Kind::kFloat16: {
@@ -157,11 +159,11 @@ at::Tensor Reference::token_kl(int64_t begin, const at::Tensor& lp) const {
       // at top16, 2.1% at top32, 0.32% at top64, 0.013% at top128. The gap grows with the tail's mass,
       // so flat distributions (large vocabularies, random-init models) lose more. The reference is scattered into a dense row so that the kept terms are summed in
       // vocabulary order, as float32 storage sums them: with k = vocab the result is float32's bit for bit.
-      const at::Tensor idx = top_indices.slice(0, begin, begin + n).to(at::kLong);
+      const at::Tensor idx = top_indices.slice(0, begin, begin + n).to(lp.device(), at::kLong);
       const at::Tensor kept = at::zeros_like(lp, lp.options().dtype(at::kBool)).scatter_(1, idx, true);
       const at::Tensor ref = at::zeros_like(lp).scatter_(1, idx, rows);
       const at::Tensor kept_terms = (ref.exp() * (ref - lp)).masked_fill(~kept, 0).sum(-1);
-      const at::Tensor p_tail_log = log_tail.slice(0, begin, begin + n);
+      const at::Tensor p_tail_log = log_tail.slice(0, begin, begin + n).to(lp.device());
       const at::Tensor q_tail_log = lp.masked_fill(kept, -std::numeric_limits<float>::infinity()).logsumexp(-1);
       // 0 log 0 = 0: an empty reference tail adds nothing, whatever the model's tail.
       const at::Tensor tail_term = at::where(p_tail_log > -std::numeric_limits<float>::infinity(),
@@ -183,16 +185,17 @@ void Reference::save(const std::string& path) const {
                                                                           : kStorageCodeTopK;
   // [kind, k, vocab]; files without it are the float32 references of earlier versions.
   dict.insert("storage", at::tensor(std::vector<int64_t>{code, storage.k, vocab}, at::kLong));
-  dict.insert("log_probs", log_probs);
-  dict.insert("targets", targets);
-  dict.insert("windows", windows_fingerprint);
+  // Written from the CPU (a file that loads anywhere), whatever device computed it.
+  dict.insert("log_probs", log_probs.cpu());
+  dict.insert("targets", targets.cpu());
+  dict.insert("windows", windows_fingerprint.cpu());
   if (storage.kind != ReferenceStorage::Kind::kFloat32) {  // float32 derives them from log_probs
-    dict.insert("target_log_probs", target_log_probs);
-    dict.insert("top_tokens", top_tokens);
+    dict.insert("target_log_probs", target_log_probs.cpu());
+    dict.insert("top_tokens", top_tokens.cpu());
   }
   if (storage.kind == ReferenceStorage::Kind::kTopK) {
-    dict.insert("top_indices", top_indices);
-    dict.insert("log_tail", log_tail);
+    dict.insert("top_indices", top_indices.cpu());
+    dict.insert("log_tail", log_tail.cpu());
   }
   std::vector<char> bytes = torch::pickle_save(c10::IValue(dict));
   write_file_atomically(path, std::string(bytes.begin(), bytes.end()));
@@ -341,8 +344,8 @@ void GradualEvaluator::for_each_batch(const LogitsSource& source, double* forwar
       GRADQ_CHECK(bad.numel() == 0, "the model's logits hold NaN or infinite values in window {} (of {}): expected "
                   "finite logits", b + (bad.numel() ? bad[0][0].item<int64_t>() : 0), windows_.size());
     }
-    at::Tensor mask = scored_mask_.slice(0, b, e);
-    consume(at::log_softmax(logits.index({mask}), -1), windows_.targets.slice(0, b, e).index({mask}));
+    const at::Tensor mask = scored_mask_.slice(0, b, e).to(logits.device());
+    consume(at::log_softmax(logits.index({mask}), -1), windows_.targets.slice(0, b, e).to(logits.device()).index({mask}));
   }
   if (forward_seconds) *forward_seconds = forward;
 }
@@ -446,11 +449,12 @@ EvalResult GradualEvaluator::evaluate(const LogitsSource& source) const {
     rec.nll.push_back(-lp_target);
     if (reference_) {
       const int64_t n = lp.size(0);
-      at::Tensor ref_target = reference_->target_log_probs.slice(0, offset, offset + n);
+      at::Tensor ref_target = reference_->target_log_probs.slice(0, offset, offset + n).to(lp.device());
       rec.nll_ref.push_back(-ref_target);
       rec.kl.push_back(reference_->token_kl(offset, lp));
       rec.delta_p.push_back(lp_target.exp() - ref_target.exp());
-      rec.same_top.push_back((lp.argmax(-1) == reference_->top_tokens.slice(0, offset, offset + n)).to(at::kDouble));
+      rec.same_top.push_back(
+          (lp.argmax(-1) == reference_->top_tokens.slice(0, offset, offset + n).to(lp.device())).to(at::kDouble));
     }
     offset += lp.size(0);
   });

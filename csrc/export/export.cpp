@@ -4,6 +4,7 @@
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 
 #include <functional>
+#include <map>
 #include <sstream>
 #include <unordered_map>
 #include <vector>
@@ -44,13 +45,21 @@ std::string type_name_for(const std::string& path) {
   return "__torch__.gradq.packed." + name;
 }
 
-// A non-quantized attribute as the model's file has it (see CausalLM::stored_dtype).
-c10::IValue stored_form(const CausalLM& model, const std::string& path, const c10::IValue& value) {
+// Converted tensors by the tensor they were made from: a tensor read through two paths (a tied
+// head) is converted once and stays one tensor in the file.
+using Conversions = std::map<const c10::TensorImpl*, at::Tensor>;
+
+// A non-quantized attribute as the model's file has it (see CausalLM::stored_dtype), on the CPU:
+// the written file loads anywhere, whatever device the model ran on.
+c10::IValue stored_form(const CausalLM& model, const std::string& path, const c10::IValue& value,
+                        Conversions& converted) {
   if (!value.isTensor()) return value;
   const at::Tensor& t = value.toTensor();
-  if (!t.is_floating_point()) return value;
-  const at::ScalarType dtype = model.stored_dtype(path, t.scalar_type());
-  return dtype == t.scalar_type() ? value : c10::IValue(t.to(dtype));
+  const at::ScalarType dtype = t.is_floating_point() ? model.stored_dtype(path, t.scalar_type()) : t.scalar_type();
+  if (dtype == t.scalar_type() && t.device().is_cpu()) return value;
+  auto [it, added] = converted.emplace(t.unsafeGetTensorImpl(), at::Tensor());
+  if (added) it->second = t.to(at::kCPU, dtype);
+  return it->second;
 }
 
 // The dtype a quantized weight is read back in: its parameter's in the model's file.
@@ -80,14 +89,14 @@ void register_quantized(Module& dst, const std::string& attr, const QuantizedTen
                                                   : std::vector<int64_t>{q.out_features, q.in_features};
     dst.register_buffer(attr, at::zeros({1}, dtype).expand(shape));
   } else {
-    dst.register_buffer(attr, transposed ? q.values.t().contiguous() : q.values);
+    dst.register_buffer(attr, (transposed ? q.values.t().contiguous() : q.values).cpu());
   }
 }
 
 // Copies `src`'s attributes into a new module of its own class type, recursively; the weights in
 // `weights` are replaced by their stored forms.
 Module mirror(const Module& src, const std::string& path, const std::shared_ptr<torch::jit::CompilationUnit>& cu,
-              const CausalLM& model, const QuantizedWeights& weights) {
+              const CausalLM& model, const QuantizedWeights& weights, Conversions& converted) {
   Module dst(c10::QualifiedName(type_name_for(path)), cu, /*shouldMangle=*/false);
   const c10::ClassTypePtr& type = src.type();
   for (size_t i = 0; i < type->numAttributes(); ++i) {
@@ -96,13 +105,13 @@ Module mirror(const Module& src, const std::string& path, const std::shared_ptr<
     const c10::IValue value = src._ivalue()->getSlot(i);
     const c10::TypePtr& attr_type = type->getAttribute(i);
     if (auto cls = attr_type->cast<c10::ClassType>(); cls && cls->is_module()) {
-      dst.register_module(name, mirror(Module(value.toObject()), full, cu, model, weights));
+      dst.register_module(name, mirror(Module(value.toObject()), full, cu, model, weights, converted));
     } else if (auto it = weights.find(full); it != weights.end()) {
       register_quantized(dst, name, it->second, matrix_weight_info(model, full).transposed, weight_dtype(model, full));
     } else {
       // The declared type and flags are copied as they are: a parameter slot may hold None (a
       // scripted nn.Linear(bias=False) declares `bias: Optional[Tensor]` as a parameter).
-      dst.register_attribute(name, attr_type, stored_form(model, full, value), type->is_parameter(i),
+      dst.register_attribute(name, attr_type, stored_form(model, full, value, converted), type->is_parameter(i),
                              type->is_buffer(i));
     }
   }
@@ -184,7 +193,8 @@ void convert_float_read(Graph& graph, Node* read, at::ScalarType dtype) {
 Module build_packed_module(const CausalLM& model, const QuantizedWeights& weights) {
   check_weights_fit(model, weights);
   auto cu = std::make_shared<torch::jit::CompilationUnit>();
-  Module packed = mirror(model.module(), "", cu, model, weights);
+  Conversions converted;
+  Module packed = mirror(model.module(), "", cu, model, weights, converted);
 
   std::shared_ptr<Graph> graph = inlined_forward_graph(model.module());
   const auto paths = attribute_paths(*graph);

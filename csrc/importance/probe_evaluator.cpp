@@ -92,8 +92,8 @@ ProbeMeasure ProbeEvaluator::compare(const at::Tensor& lp) const {
   std::vector<at::Tensor> parts;
   for (int64_t b = 0; b < lp.size(0); b += kRows)
     parts.push_back(ref.token_kl(b, lp.slice(0, b, std::min(lp.size(0), b + kRows))));
-  at::Tensor kl = at::cat(parts).to(at::kDouble);
-  at::Tensor nll = -lp.gather(1, targets_).squeeze(1).to(at::kDouble);
+  at::Tensor kl = at::cat(parts).to(at::kCPU, at::kDouble);
+  at::Tensor nll = -lp.gather(1, targets_.to(lp.device())).squeeze(1).to(at::kCPU, at::kDouble);
   ProbeMeasure m;
   m.kl = kl.mean().item<double>();
   m.delta_ppl = std::exp(nll.mean().item<double>()) - reference_ppl_;

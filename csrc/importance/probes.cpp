@@ -148,7 +148,9 @@ ProbeMeasure probe_noise(QuantizableModel& model, const ProbeEvaluator& evaluato
     const at::Tensor w = cache.original(name);
     at::Generator gen = at::detail::createCPUGenerator(noise_seed(seed, name));
     const double sigma = alpha * w.to(at::kDouble).std().item<double>();
-    scope.set_weight(name, w + at::randn(w.sizes(), gen, w.options()) * sigma);
+    // Drawn on the CPU whatever the model's device: the same seed gives the same noise everywhere.
+    const at::Tensor noise = at::randn(w.sizes(), gen, w.options().device(at::kCPU)).to(w.device());
+    scope.set_weight(name, w + noise * sigma);
   }
   return evaluator.measure(model, where.how, where.block);
 }
@@ -269,10 +271,10 @@ StaticSignals static_signals(QuantizableModel& model, const ProbeEvaluator& eval
       for (const WeightInfo& w : model.weights()) model.parameter(w.name).mutable_grad() = at::Tensor();
       for (int64_t i = b; i < e; i += batch) {
         const int64_t j = std::min(e, i + batch);
-        at::Tensor logits = model.forward(windows.inputs.slice(0, i, j)).to(at::kFloat);
-        at::Tensor m = mask.slice(0, i, j);
+        at::Tensor logits = model.forward(windows.inputs.slice(0, i, j).to(model.device())).to(at::kFloat);
+        at::Tensor m = mask.slice(0, i, j).to(logits.device());
         at::Tensor lp = at::log_softmax(logits.index({m}), -1);
-        at::Tensor targets = windows.targets.slice(0, i, j).index({m}).unsqueeze(1);
+        at::Tensor targets = windows.targets.slice(0, i, j).to(logits.device()).index({m}).unsqueeze(1);
         at::Tensor loss = -lp.gather(1, targets).sum() / n_k;
         loss.backward();
       }

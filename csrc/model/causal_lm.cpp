@@ -5,6 +5,7 @@
 #include <caffe2/serialize/istream_adapter.h>
 #include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
 #include <torch/csrc/jit/api/function_impl.h>
+#include <torch/cuda.h>
 #include <torch/version.h>
 #include <torch/library.h>
 
@@ -109,12 +110,42 @@ torch::jit::Module load_module(const std::string& path, Load load, OpenInput ope
 
 }  // namespace
 
+at::Device parse_device(const std::string& text) {
+  const bool has_gpu = torch::cuda::is_available();
+  if (text == "auto") return has_gpu ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
+  std::optional<at::Device> device;
+  try {
+    device = at::Device(text);
+  } catch (const c10::Error&) {
+  }
+  GRADQ_CHECK(device && (device->is_cpu() || device->is_cuda()),
+              "unknown device '{}': expected cpu, cuda, cuda:N or auto", text);
+  if (device->is_cpu()) return at::kCPU;
+  GRADQ_CHECK(at::Context::hasCUDART(), "device '{}': this gradq is built against a libtorch without CUDA ({}.{}); build it "
+              "against a CUDA PyTorch (README: With PyTorch 2.x) or use --device cpu", text, TORCH_VERSION_MAJOR,
+              TORCH_VERSION_MINOR);
+  GRADQ_CHECK(has_gpu, "device '{}': this libtorch has CUDA but sees no GPU (driver, CUDA_VISIBLE_DEVICES?)", text);
+  const int64_t count = static_cast<int64_t>(torch::cuda::device_count());
+  const int64_t index = device->has_index() ? device->index() : 0;
+  GRADQ_CHECK(index < count, "device '{}': this machine has {} GPU{} (cuda:0 to cuda:{})", text, count,
+              count == 1 ? "" : "s", count - 1);
+  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));
+}
+
+namespace {
+// torch::jit::load's device argument (c10::optional in libtorch 1.x, std::optional in 2.x).
+c10::optional<c10::Device> map_location(const AdapterOptions& options) {
+  if (options.device) return *options.device;
+  return c10::nullopt;
+}
+}  // namespace
+
 CausalLM CausalLM::load(const std::string& path, const AdapterOptions& options) {
   GRADQ_CHECK(std::filesystem::exists(path), "model '{}' does not exist", path);
   GRADQ_CHECK(!std::filesystem::is_directory(path), "model '{}' is a directory, expected a TorchScript file (.pt) or a "
               "llama2.c checkpoint (.bin)", path);
   return CausalLM(load_module(
-                      path, [&] { return torch::jit::load(path); },
+                      path, [&] { return torch::jit::load(path, map_location(options)); },
                       [&] { return std::make_shared<caffe2::serialize::FileAdapter>(path); }),
                   options);
 }
@@ -124,7 +155,7 @@ CausalLM CausalLM::load(std::istream& in, const std::string& path, const Adapter
                       path,
                       [&] {
                         in.clear();  // the archive check before may have read to the end
-                        return torch::jit::load(in);
+                        return torch::jit::load(in, map_location(options));
                       },
                       [&] {
                         in.clear();  // the readers seek to absolute offsets; a failed read sets failbit
@@ -137,6 +168,8 @@ CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : m
   configure_runtime();
   module_.eval();
   GRADQ_CHECK(module_.find_method("forward").has_value(), "the TorchScript module has no forward method");
+  // Module::to moves each tensor in place (set_data), keeping its dtype: a tied head stays one tensor.
+  if (options.device && device() != *options.device) module_.to(*options.device);
   hold_in_compute_dtype();
   at::Tensor probe;
   try {
@@ -238,14 +271,22 @@ at::ScalarType CausalLM::stored_dtype(const std::string& path, at::ScalarType he
   return it == stored_dtypes_.end() ? held : it->second;
 }
 
+at::Device CausalLM::device() const {
+  for (const auto& p : module_.parameters(/*recurse=*/true)) return p.device();
+  return at::kCPU;
+}
+
 torch::jit::Module CausalLM::stored_module() const {
-  if (stored_dtypes_.empty()) return module_;
+  const bool on_cpu = device().is_cpu();
+  if (stored_dtypes_.empty() && on_cpu) return module_;
   torch::jit::Module copy = module_.deepcopy();
   // set_data converts in place, as Module::to does, so a tensor shared by two paths (a tied head)
   // stays one tensor.
   torch::NoGradGuard no_grad;
   auto convert = [&](const std::string& path, at::Tensor t) {
-    if (auto it = stored_dtypes_.find(path); it != stored_dtypes_.end()) t.set_data(t.to(it->second));
+    const auto it = stored_dtypes_.find(path);
+    const at::ScalarType dtype = it == stored_dtypes_.end() ? t.scalar_type() : it->second;
+    if (dtype != t.scalar_type() || !t.device().is_cpu()) t.set_data(t.to(at::kCPU, dtype));
   };
   for (const auto& p : copy.named_parameters(/*recurse=*/true)) convert(p.name, p.value);
   for (const auto& b : copy.named_buffers(/*recurse=*/true)) convert(b.name, b.value);
@@ -259,7 +300,7 @@ std::vector<std::pair<std::string, at::Tensor>> CausalLM::parameters() const {
 }
 
 at::Tensor CausalLM::forward(const at::Tensor& tokens) const {
-  const c10::IValue out = module_.forward({tokens});
+  const c10::IValue out = module_.forward({tokens.to(device())});
   GRADQ_CHECK(out.isTensor(), "forward must return the logits as one tensor [B, T, vocab], it returns a {}",
               out.type()->str());
   return out.toTensor();
@@ -271,7 +312,7 @@ const ModelStages* CausalLM::stages() const {
     std::vector<std::string> prefixes;
     for (const BlockInfo& b : blocks()) prefixes.push_back(b.name);
     // A probe long enough for attention over several positions; token ids spread over the vocabulary.
-    at::Tensor probe = (at::arange(16, at::kLong) * 7919).remainder(vocab_size_).unsqueeze(0);
+    at::Tensor probe = (at::arange(16, at::kLong) * 7919).remainder(vocab_size_).unsqueeze(0).to(device());
     std::string why;
     // Split with the taps in: they are identities except while statistics are collected, which lets
     // capture_block_input_stats() run one block alone.
@@ -290,7 +331,9 @@ std::function<void(const at::Tensor& tokens)> CausalLM::observed_forward() const
   auto graph = inlined_forward_graph(module_);
   insert_taps(*graph);
   auto instrumented = std::make_shared<torch::jit::GraphFunction>("gradq_instrumented_forward", graph, nullptr);
-  return [instrumented, self = module_._ivalue()](const at::Tensor& tokens) { (*instrumented)({self, tokens}); };
+  return [instrumented, self = module_._ivalue(), device = device()](const at::Tensor& tokens) {
+    (*instrumented)({self, tokens.to(device)});
+  };
 }
 
 void CausalLM::insert_taps(torch::jit::Graph& graph) const {

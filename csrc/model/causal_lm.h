@@ -35,7 +35,15 @@ struct AdapterOptions {
   std::string block_pattern = R"(^((?:.*\.)?(?:layers|h|blocks|layer)\.(\d+))\.)";
   /// Split the forward into stages (CausalLM::stages()); false runs every measurement whole.
   bool split_stages = true;
+  /// Where the model runs: its tensors are loaded onto (or moved to) this device. Unset: where the
+  /// file puts them (a llama2.c model: the CPU).
+  std::optional<at::Device> device;
 };
+
+/// The device a `--device` value names: "cpu", "cuda", "cuda:N", or "auto" (the first GPU when this
+/// gradq's libtorch has CUDA and sees one, else the CPU). Throws gradq::Error naming the value and
+/// what is missing (an unknown name, no CUDA in this libtorch, no such GPU).
+at::Device parse_device(const std::string& text);
 
 class CausalLM : public QuantizableModel {
  public:
@@ -49,6 +57,8 @@ class CausalLM : public QuantizableModel {
   /// Logits [B, T, V] of the module's forward, in its dtype and the caller's autograd mode.
   at::Tensor forward(const at::Tensor& tokens) const override;
   int64_t vocab_size() const override { return vocab_size_; }
+  /// The device of the model's parameters (the CPU for a model without any).
+  at::Device device() const override;
   /// module().named_parameters(), recursively.
   std::vector<std::pair<std::string, at::Tensor>> parameters() const override;
 
@@ -64,7 +74,9 @@ class CausalLM : public QuantizableModel {
   /// dtype, except float16 ones on a CPU: libtorch 1.13 has no float16 CPU kernels for matmul, norms or
   /// softmax, so they are computed in float32 and converted back wherever the model is written.
   at::ScalarType stored_dtype(const std::string& path, at::ScalarType held) const override;
-  /// module() with every tensor in its stored dtype: module() itself, or a converted deep copy.
+  /// module() as it is written to a file: every tensor in its stored dtype and on the CPU (a file
+  /// that loads anywhere). module() itself, or a converted deep copy; the copy is made on the
+  /// model's device first, so a model on a GPU briefly needs its size twice there.
   torch::jit::Module stored_module() const;
 
  protected:

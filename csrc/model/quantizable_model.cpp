@@ -106,7 +106,7 @@ at::Tensor QuantizableModel::logits(const at::Tensor& tokens) const {
   GRADQ_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong, "tokens must be int64 [B, T], got {} {}",
               c10::toString(tokens.scalar_type()), fmt::to_string(fmt::join(tokens.sizes(), "x")));
   c10::InferenceMode guard;
-  const at::Tensor logits = forward(tokens);
+  const at::Tensor logits = forward(tokens.to(device()));
   // float64 (and fp16/bf16) logits are converted to float32, which everything downstream uses.
   GRADQ_CHECK(at::isFloatingType(logits.scalar_type()), "forward must return floating-point logits, it returns {}",
               c10::toString(logits.scalar_type()));
@@ -251,7 +251,8 @@ std::map<std::string, InputStats> QuantizableModel::capture_input_stats(const at
   const auto run = observed_forward();
   std::vector<InputStats> stats(weights_.size());
   collect_inputs(*this, stats, with_xtx, [&] {
-    for (int64_t b = 0; b < tokens.size(0); b += batch) run(tokens.slice(0, b, std::min(tokens.size(0), b + batch)));
+    for (int64_t b = 0; b < tokens.size(0); b += batch)
+      run(tokens.slice(0, b, std::min(tokens.size(0), b + batch)).to(device()));
   });
   std::map<std::string, InputStats> out;
   for (size_t i = 0; i < weights_.size(); ++i) out.emplace(weights_[i].name, std::move(stats[i]));

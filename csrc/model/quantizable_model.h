@@ -75,10 +75,13 @@ class QuantizableModel {
  public:
   virtual ~QuantizableModel() = default;
 
-  /// Logits [B, T, vocab] for tokens int64 [B, T], in the caller's autograd mode (the importance
-  /// analysis takes gradients through it); any floating dtype.
+  /// Logits [B, T, vocab] for tokens int64 [B, T] on device(), in the caller's autograd mode (the
+  /// importance analysis takes gradients through it); any floating dtype.
   virtual at::Tensor forward(const at::Tensor& tokens) const = 0;
   virtual int64_t vocab_size() const = 0;
+  /// Where the model computes: the tokens gradq hands over are moved there first, and candidates
+  /// and statistics live there. The CPU unless the implementation says otherwise.
+  virtual at::Device device() const { return at::kCPU; }
   /// Every parameter by path, in a fixed order (tensors shared with the model, not copies). Read
   /// from the model on each call rather than kept here: a reference held elsewhere changes how
   /// TorchScript writes a module (its pickler memoizes shared tensors), so CausalLM's exports would
@@ -94,7 +97,7 @@ class QuantizableModel {
   /// float32 on a CPU.
   virtual at::ScalarType stored_dtype(const std::string& path, at::ScalarType held) const;
 
-  /// Logits float32 [B, T, V] for tokens int64 [B, T], without autograd.
+  /// Logits float32 [B, T, V] on device() for tokens int64 [B, T] on any device, without autograd.
   at::Tensor logits(const at::Tensor& tokens) const;
 
   /// Quantizable weights, in the order the implementation registered them (CausalLM: the order the

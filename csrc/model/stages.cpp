@@ -115,8 +115,8 @@ const Node* top_level(const Node* node, const torch::jit::Block* top) {
 
 }  // namespace
 
-GraphStages::GraphStages(torch::jit::Module module, std::vector<std::shared_ptr<Stage>> stages)
-    : module_(std::move(module)), stages_(std::move(stages)) {}
+GraphStages::GraphStages(torch::jit::Module module, std::vector<std::shared_ptr<Stage>> stages, at::Device device)
+    : module_(std::move(module)), stages_(std::move(stages)), device_(device) {}
 
 std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module,
                                                 const std::vector<std::string>& block_prefixes,
@@ -278,7 +278,7 @@ std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module
     stages.push_back(std::move(stage));
   }
 
-  std::unique_ptr<GraphStages> result(new GraphStages(module, std::move(stages)));
+  std::unique_ptr<GraphStages> result(new GraphStages(module, std::move(stages), probe_tokens.device()));
   try {
     c10::InferenceMode guard;
     at::Tensor whole = const_cast<torch::jit::Module&>(module).forward({probe_tokens}).toTensor();
@@ -312,7 +312,7 @@ std::vector<c10::IValue> GraphStages::run(const Stage& stage, std::vector<c10::I
   return std::vector<c10::IValue>(elements.begin(), elements.end());
 }
 
-StageState GraphStages::embed(const at::Tensor& tokens) const { return run(*stages_.front(), {tokens}); }
+StageState GraphStages::embed(const at::Tensor& tokens) const { return run(*stages_.front(), {tokens.to(device_)}); }
 
 StageState GraphStages::block(int64_t i, const StageState& in) const {
   GRADQ_CHECK(i >= 0 && i < num_blocks(), "expected a block in [0, {}), got {}", num_blocks(), i);

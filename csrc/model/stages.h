@@ -59,7 +59,8 @@ class ModelStages {
 class GraphStages : public ModelStages {
  public:
   /// `block_prefixes[i]`: the attribute path of block i ("layers.3"); `probe_tokens`: an input the
-  /// staged and whole forward are compared on. Returns null and sets `*why` (one line) when the
+  /// staged and whole forward are compared on, on the module's device (embed() moves the tokens it
+  /// is given there). Returns null and sets `*why` (one line) when the
   /// graph cannot be split this way.
   /// `instrument`, when given, is applied to the inlined graph before it is split; it may only add
   /// operations that leave the graph's values unchanged (CausalLM's input taps).
@@ -78,11 +79,12 @@ class GraphStages : public ModelStages {
 
  private:
   struct Stage;
-  GraphStages(torch::jit::Module module, std::vector<std::shared_ptr<Stage>> stages);
+  GraphStages(torch::jit::Module module, std::vector<std::shared_ptr<Stage>> stages, at::Device device);
   std::vector<c10::IValue> run(const Stage& stage, std::vector<c10::IValue> inputs) const;
 
   torch::jit::Module module_;                  ///< shares parameters with the caller's module
   std::vector<std::shared_ptr<Stage>> stages_;  ///< embed, blocks..., head
+  at::Device device_;                           ///< where the module runs: the tokens go there
 };
 
 /// Replaces each tensor of `state` that equals the one in the same place of `first` (dtype, shape,

@@ -25,15 +25,15 @@ void check_integer_spec(const QuantSpec& spec, const char* fn) {
 
 constexpr const char* kNotFinite = ": the weight holds NaN or inf values";
 
-// The weight as a contiguous float32 [out, in] CPU tensor; rejects what no format can represent.
+// The weight as a contiguous float32 [out, in] CPU tensor (copied from any device: the packed
+// format and its quantizers are CPU code); rejects what no format can represent.
 // `check_finite` false: the caller checks finiteness in its own pass over the weights.
 at::Tensor weight_as_float(const at::Tensor& w, const char* fn, bool check_finite = true) {
   TORCH_CHECK(w.defined() && w.dim() == 2, fn, ": expected a 2-D weight [out_features, in_features], got ",
               w.defined() ? std::to_string(w.dim()) + "-D" : "an undefined tensor");
   TORCH_CHECK(w.is_floating_point(), fn, ": expected a floating-point weight, got ", w.scalar_type());
-  TORCH_CHECK(w.device().is_cpu(), fn, ": expected a CPU weight, got one on ", w.device());
   TORCH_CHECK(w.size(1) > 0, fn, ": expected in_features > 0, got [", w.size(0), ", ", w.size(1), "]");
-  at::Tensor wf = w.to(at::kFloat).contiguous();
+  at::Tensor wf = w.to(at::kCPU, at::kFloat).contiguous();
   TORCH_CHECK(!check_finite || all_finite(wf), fn, kNotFinite);
   return wf;
 }
@@ -331,7 +331,7 @@ at::Tensor fake_quantize(const at::Tensor& w, const QuantSpec& spec) {
     case QuantLevel::kFp32: return w.to(at::kFloat).to(w.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
     default: break;
   }
-  return dequantize(quantize(w, spec)).to(w.scalar_type());
+  return dequantize(quantize(w, spec)).to(w.device(), w.scalar_type());
 }
 
 PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& act_sq_mean,
@@ -346,7 +346,7 @@ PackedWeight quantize_clipped(const at::Tensor& w, const QuantSpec& spec, const 
   if (act_sq_mean.defined()) {
     TORCH_CHECK(act_sq_mean.dim() == 1 && act_sq_mean.size(0) == in,
                 "quantize_clipped: act_sq_mean must be [in_features] = [", in, "], got ", act_sq_mean.sizes());
-    act = act_sq_mean.to(at::kFloat).contiguous();
+    act = act_sq_mean.to(at::kCPU, at::kFloat).contiguous();
     TORCH_CHECK(at::isfinite(act).all().item<bool>() && (act >= 0).all().item<bool>(),
                 "quantize_clipped: act_sq_mean must be finite and >= 0 (a mean of squares)");
   }

@@ -15,7 +15,7 @@ namespace gradq {
 
 /// Scalar reference quantizer (round to nearest). Asymmetric groups use quant_asym_params(min, max);
 /// symmetric groups use quant_sym_params(quant_sym_signed_absmax(min, max)).
-/// `w`: floating [out, in] CPU, finite. `spec`: an integer level. Throws c10::Error on bad input.
+/// `w`: floating [out, in] on any device (copied to the CPU), finite. `spec`: an integer level. Throws c10::Error on bad input.
 PackedWeight quantize_ref(const at::Tensor& w, const QuantSpec& spec);
 
 /// Scalar reference dequantizer: float32 [out, in], element = scale * (code - zero).

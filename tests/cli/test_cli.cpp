@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <nlohmann/json.hpp>
 #include <sys/file.h>
+#include <torch/cuda.h>
 #include <torch/script.h>
 #include <unistd.h>
 
@@ -189,6 +190,38 @@ TEST(Cli, ReferenceStorageIsValidated) {
   // More tokens kept than stories260K's vocabulary has.
   expect_one_line_error("eval --reference " + test::stories_bin() + " --max-windows 1 --threads 1 --reference-storage top513",
                         "reference storage top513 keeps more tokens than the vocabulary has (512)");
+}
+
+// --device on every command that loads a model: a name it does not know, or a GPU this build or
+// machine does not have, is one line naming what is missing; cpu runs.
+TEST(Cli, DeviceIsValidated) {
+  const std::string out = test::temp_dir("cli_device");
+  for (const std::string& cmd : std::vector<std::string>{"eval", "generate --steps 1", "analyze -o " + out + "/a.json",
+                                                         "quantize -o " + out + "/q.pt",
+                                                         "sweep --out " + out + "/sweep --budgets 0.05"}) {
+    for (const char* bad : {"tpu", "gpu", "cuda:x"})
+      expect_one_line_error(cmd + " --device " + bad,
+                            std::string("--device: unknown device '") + bad + "': expected cpu, cuda, cuda:N or auto");
+    if (!torch::cuda::is_available()) {
+      // Debian's LibTorch: "built against a libtorch without CUDA"; a CUDA one: "sees no GPU".
+      expect_one_line_error(cmd + " --device cuda", "--device: device 'cuda': this ");
+      expect_one_line_error(cmd + " --device cuda:1", "--device: device 'cuda:1': this ");
+    }
+    auto [hrc, help] = test::run(test::cli() + " " + cmd.substr(0, cmd.find(' ')) + " --help");
+    EXPECT_NE(help.find("--device"), std::string::npos) << cmd;
+  }
+  EXPECT_TRUE(fs::is_empty(out)) << "a refused command left files in " << out;
+  // The model's device given explicitly: the same numbers as the default (auto, the CPU here).
+  if (!torch::cuda::is_available()) {
+    const std::string args = " --max-windows 2 --ctx 64 --threads 1 --reference " + test::stories_bin();
+    auto [rc_cpu, on_cpu] = test::run(test::cli() + " eval --device cpu" + args);
+    auto [rc_auto, on_auto] = test::run(test::cli() + " eval" + args);
+    EXPECT_EQ(rc_cpu, 0) << on_cpu;
+    EXPECT_EQ(rc_auto, 0) << on_auto;
+    auto numbers = [](const std::string& text) { return text.substr(0, text.find("seconds (forward)")); };
+    EXPECT_NE(on_cpu.find("PPL "), std::string::npos) << on_cpu;
+    EXPECT_EQ(numbers(on_cpu), numbers(on_auto));
+  }
 }
 
 TEST(Cli, BadLogitsAreRejected) {

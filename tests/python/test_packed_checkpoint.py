@@ -47,11 +47,12 @@ def main():
     reference = os.path.join(work, "reference.pt")
     if model is None:
         model = os.path.join(work, "q.pt")
-        run(cli, "quantize", "--uniform", "b4g32", "-o", model)
+        run(cli, "quantize", "--uniform", "b4g32", "--device", "cpu", "-o", model)
     # fp32 storage: the CLI keeps references in fp16 by default, whose rounding (up to 2^-6 at these
-    # log-probabilities) is far above the float noise this test allows on the CPU.
+    # log-probabilities) is far above the float noise this test allows on the CPU. gradq computes them
+    # on the CPU whatever DEVICE is: the GPU run is compared with CPU logits.
     run(cli, "eval", "--model", model, "--reference", model, "--save-reference", reference, "--ctx", "64",
-        "--max-windows", "4", "--reference-storage", "fp32")
+        "--max-windows", "4", "--reference-storage", "fp32", "--device", "cpu")
 
     torch.ops.load_library(ops_library)
     module = torch.jit.load(model)
