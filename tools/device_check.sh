@@ -12,6 +12,8 @@
 # reported as not run; the others run whatever happened before, so one run shows everything. Without
 # a GPU the GPU steps report that there is none (as a failure: this check exists to run them).
 #   OUT=/tmp/check bash tools/device_check.sh     (GRADQ_DEVICE_PYTHON: the Python with torch)
+# GRADQ_DEVICE_STEPS="gpu_tests bench_kernels" runs only the named steps after the build (a kernel
+# change: its tests and its timings, in a third of the time).
 # Rehearsal on a machine without a GPU: GRADQ_DEVICE_PREBUILT=1 GRADQ_DEVICE_BUILD_DIR=build
 # GRADQ_DEVICE=cpu skips configure and build and runs the other steps with that build on the CPU
 # (GRADQ_DEVICE_LAYERS=1 makes the Llama-7B-shaped model smaller).
@@ -37,6 +39,11 @@ deadline=$((SECONDS + ${GRADQ_DEVICE_SECONDS:-540}))
 step() {
   local name=$1 limit=$2
   shift 2
+  if [ -n "${GRADQ_DEVICE_STEPS:-}" ] && [[ " $GRADQ_DEVICE_STEPS " != *" $name "* ]] &&
+    [ "$name" != environment ] && [ "$name" != configure ] && [ "$name" != build ]; then
+    echo "- **$name**: not run (GRADQ_DEVICE_STEPS=$GRADQ_DEVICE_STEPS)" >>"$summary"
+    return 1
+  fi
   local left=$((deadline - SECONDS))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 20 ]; then

@@ -200,8 +200,12 @@ struct DevicePacked {
 };
 
 // Awkward shapes: single rows and inputs, odd sizes, partial last groups (172 = the stories260K
-// hidden size), and rows longer than a warp's first pass.
-const std::vector<std::pair<int64_t, int64_t>> kShapes = {{1, 1}, {3, 7}, {5, 17}, {9, 172}, {17, 256}, {33, 1000}};
+// hidden size), and rows longer than a warp's first pass. Rows of whole 16-byte vectors take the
+// GEMV's vector kernel (2, 4, 8 bits): 256 (lanes without a vector, an odd row count: a warp's
+// second row missing), 8192 (several full steps of a warp's unrolled loads) and 4160 (a last step
+// with a few vectors).
+const std::vector<std::pair<int64_t, int64_t>> kShapes = {{1, 1},     {3, 7},     {5, 17},   {9, 172},
+                                                          {17, 256},  {33, 1000}, {6, 8192}, {3, 4160}};
 
 std::vector<Format> all_formats() {
   std::vector<Format> v;
