@@ -375,6 +375,20 @@ at::Tensor GradualEvaluator::gather_log_probs(const LogitsSource& source, double
   return out;
 }
 
+GradualEvaluator::TokenScores GradualEvaluator::token_scores(const LogitsSource& source, double* forward_seconds) const {
+  GRADQ_CHECK(reference_, "token scores need a reference; set one first");
+  std::vector<at::Tensor> kl, nll;
+  int64_t offset = 0;
+  for_each_batch(source, forward_seconds, options_.check_finite, [&](const at::Tensor& lp, const at::Tensor& targets) {
+    kl.push_back(reference_->token_kl(offset, lp).to(at::kCPU, at::kDouble));
+    nll.push_back(-lp.gather(1, targets.unsqueeze(1)).squeeze(1).to(at::kCPU, at::kDouble));
+    offset += lp.size(0);
+  });
+  GRADQ_CHECK(offset == reference_->tokens(), "internal: scored {} tokens, the reference has {}", offset,
+              reference_->tokens());
+  return {at::cat(kl), at::cat(nll)};
+}
+
 void GradualEvaluator::set_reference(const QuantizableModel& reference) { set_reference(whole_model(reference)); }
 
 void GradualEvaluator::set_reference(const LogitsSource& source, double* forward_seconds) {

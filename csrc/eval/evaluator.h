@@ -148,6 +148,15 @@ class GradualEvaluator {
   EvalResult evaluate(const QuantizableModel& model) const;
   EvalResult evaluate(const LogitsSource& logits) const;
 
+  /// KL against the reference and NLL of every scored position, float64 [tokens] each, on the CPU.
+  struct TokenScores {
+    at::Tensor kl;
+    at::Tensor nll;
+  };
+  /// The TokenScores of `logits`, batch by batch: one batch's [n, vocab] log-probabilities are the most
+  /// it holds at once (never the [tokens, vocab] of all windows). Needs a reference.
+  TokenScores token_scores(const LogitsSource& logits, double* forward_seconds = nullptr) const;
+
   /// Log-probabilities of the scored positions, [tokens, vocab] float32 (what the reference keeps).
   at::Tensor scored_log_probs(const QuantizableModel& model, double* forward_seconds = nullptr) const;
   at::Tensor scored_log_probs(const LogitsSource& logits, double* forward_seconds = nullptr) const;

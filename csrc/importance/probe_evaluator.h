@@ -86,8 +86,6 @@ class ProbeEvaluator {
   double forward_seconds() const { return forward_seconds_; }
 
  private:
-  /// KL and NLL of log-probabilities against the reference (the one comparison of every mode).
-  ProbeMeasure compare(const at::Tensor& log_probs) const;
   /// One pass over the windows with logits from `source`, compared and counted.
   ProbeMeasure measure_logits(const LogitsSource& source) const;
 
@@ -98,7 +96,6 @@ class ProbeEvaluator {
   std::vector<int64_t> subset_token_begin_;   ///< K + 1 boundaries in the scored-token order
   at::Tensor scored_mask_;
   at::Tensor ref_nll_;          ///< [tokens] -log p_ref(target)
-  at::Tensor targets_;          ///< [tokens, 1]
   double reference_ppl_ = 0;
   mutable int64_t passes_ = 0;
   mutable double seconds_ = 0, forward_seconds_ = 0;
