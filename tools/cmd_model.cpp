@@ -1,6 +1,7 @@
 // gradq convert / generate / eval.
 
 #include <iostream>
+#include <optional>
 
 #include "cli.h"
 #include "common/error.h"
@@ -133,6 +134,9 @@ int cmd_eval(int argc, char** argv) {
   GRADQ_CHECK(args["max-windows"].as<int64_t>() >= 0, "--max-windows must be >= 0 (0 = all), got {}",
               args["max-windows"].as<int64_t>());
   GRADQ_CHECK(!args.count("save-reference") || args.count("reference"), "--save-reference needs --reference");
+  GRADQ_CHECK(!args.count("save-reference") || args["reference-storage"].as<std::string>() != "head",
+              "--save-reference cannot save a head reference (it holds the model's states, not log-probabilities): "
+              "give --reference-storage fp32, fp16 or top<K>");
   const ReferenceStorage storage = read_reference_storage_option(args);
   std::vector<std::string> outputs;
   for (const char* out : {"json", "save-reference"})
@@ -155,12 +159,14 @@ int cmd_eval(int argc, char** argv) {
   eval_options.batch = args["batch"].as<int64_t>();
   eval_options.reference_storage = storage;
   GradualEvaluator evaluator(windows, eval_options);
+  // Outlives the evaluator's use of it: a head reference recomputes with the reference model's head.
+  std::optional<CausalLM> reference;
   if (args.count("reference")) {
-    CausalLM reference = load_model(args["reference"].as<std::string>(), adapter);
-    GRADQ_CHECK(reference.vocab_size() == model.vocab_size(), "reference vocabulary {} differs from the model's {}",
-                reference.vocab_size(), model.vocab_size());
-    check_context(reference, ctx, "--ctx (for the reference)");
-    evaluator.set_reference(reference);
+    reference.emplace(load_model(args["reference"].as<std::string>(), adapter));
+    GRADQ_CHECK(reference->vocab_size() == model.vocab_size(), "reference vocabulary {} differs from the model's {}",
+                reference->vocab_size(), model.vocab_size());
+    check_context(*reference, ctx, "--ctx (for the reference)");
+    evaluator.set_reference(*reference);
   } else if (args.count("load-reference")) {
     // A saved reference is used as stored; a float32 one is converted when another storage is asked for.
     Reference loaded = Reference::load(args["load-reference"].as<std::string>());

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <unordered_set>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
@@ -53,12 +54,13 @@ ReferenceStorage ReferenceStorage::top_k(int64_t k) {
 ReferenceStorage ReferenceStorage::parse(const std::string& name) {
   if (name == "fp32") return float32();
   if (name == "fp16") return float16();
+  if (name == "head") return head();
   if (name.size() > 3 && name.compare(0, 3, "top") == 0 && name.size() <= 12 &&
       std::all_of(name.begin() + 3, name.end(), [](char c) { return c >= '0' && c <= '9'; })) {
     const int64_t k = std::stoll(name.substr(3));
     if (k >= 1) return top_k(k);
   }
-  throw Error(fmt::format("unknown reference storage '{}': expected fp32, fp16 or top<K> with K >= 1 (e.g. top64)", name));
+  throw Error(fmt::format("unknown reference storage '{}': expected fp32, fp16, top<K> with K >= 1 (e.g. top64) or head", name));
 }
 
 std::string ReferenceStorage::name() const {
@@ -66,6 +68,7 @@ std::string ReferenceStorage::name() const {
     case Kind::kFloat32: return "fp32";
     case Kind::kFloat16: return "fp16";
     case Kind::kTopK: return fmt::format("top{}", k);
+    case Kind::kHead: return "head";
   }
   return "?";
 }
@@ -77,6 +80,7 @@ int64_t ReferenceStorage::bytes_per_token(int64_t vocab) const {
     case Kind::kFloat32: return 4 * vocab + extras;
     case Kind::kFloat16: return 2 * vocab + extras;
     case Kind::kTopK: return (4 + 4) * std::min(k, vocab) + 4 + extras;  // values, int32 indices, log tail
+    case Kind::kHead: return extras;
   }
   return 0;
 }
@@ -93,6 +97,7 @@ Reference Reference::from_log_probs(const at::Tensor& lp, const at::Tensor& targ
   switch (storage.kind) {
     case ReferenceStorage::Kind::kFloat32: r.log_probs = lp.contiguous(); break;
     case ReferenceStorage::Kind::kFloat16: r.log_probs = lp.to(at::kHalf); break;
+    case ReferenceStorage::Kind::kHead: break;  // recomputed from the head's inputs when needed
     case ReferenceStorage::Kind::kTopK: {
       GRADQ_CHECK(storage.k <= r.vocab, "reference storage top{} keeps more tokens than the vocabulary has ({})",
                   storage.k, r.vocab);
@@ -129,6 +134,7 @@ int64_t Reference::bytes() const {
   for (const at::Tensor* t : {&log_probs, &top_indices, &log_tail, &target_log_probs, &top_tokens, &targets,
                               &windows_fingerprint})
     if (t->defined()) total += t->numel() * static_cast<int64_t>(t->element_size());
+  if (head) total += head->bytes;
   return total;
 }
 
@@ -137,10 +143,12 @@ at::Tensor Reference::token_kl(int64_t begin, const at::Tensor& lp) const {
   GRADQ_CHECK(lp.dim() == 2 && lp.size(1) == vocab && begin >= 0 && begin + n <= tokens(),
               "the model's log-probabilities [{}] for reference rows {}..{} do not fit the reference ({} positions of "
               "a vocabulary of {})", fmt::join(lp.sizes(), ", "), begin, begin + n, tokens(), vocab);
+  GRADQ_CHECK(storage.kind != ReferenceStorage::Kind::kHead,
+              "a head reference has no stored rows: the evaluator recomputes it batch by batch");
   // A reference read from a file is on the CPU; the model's log-probabilities may be on a GPU.
   const at::Tensor rows = log_probs.slice(0, begin, begin + n).to(lp.device());
   switch (storage.kind) {
-    case ReferenceStorage::Kind::kFloat32: return (rows.exp() * (rows - lp)).sum(-1).clamp_min(0);
+    case ReferenceStorage::Kind::kFloat32: return rows_kl(rows, lp);
     case ReferenceStorage::Kind::kFloat16: {
       // Rounding log p_ref to fp16 moves each value by up to 2^-11 of itself, so the rounded
       // probabilities no longer sum to 1; used as they are, a model against its own fp16 reference
@@ -148,7 +156,7 @@ at::Tensor Reference::token_kl(int64_t begin, const at::Tensor& lp) const {
       // only the second-order term is left. Measured errors in docs/BENCHMARKS.md ("Compact reference
       // log-probabilities").
       const at::Tensor ref = at::log_softmax(rows.to(at::kFloat), -1);
-      return (ref.exp() * (ref - lp)).sum(-1).clamp_min(0);
+      return rows_kl(ref, lp);
     }
     case ReferenceStorage::Kind::kTopK: {
       // KL of P_ref and P_model coarsened to the k kept tokens plus one bucket holding everything else
@@ -170,8 +178,20 @@ at::Tensor Reference::token_kl(int64_t begin, const at::Tensor& lp) const {
                                              p_tail_log.exp() * (p_tail_log - q_tail_log), at::zeros_like(p_tail_log));
       return (kept_terms + tail_term).clamp_min(0);
     }
+    case ReferenceStorage::Kind::kHead: break;
   }
   TORCH_INTERNAL_ASSERT(false, "unknown reference storage");
+}
+
+at::Tensor Reference::rows_kl(const at::Tensor& ref, const at::Tensor& lp) {
+  return (ref.exp() * (ref - lp)).sum(-1).clamp_min(0);
+}
+
+at::Tensor HeadInputs::logits(int64_t begin) const {
+  GRADQ_CHECK(batch > 0 && begin % batch == 0 && begin / batch < static_cast<int64_t>(states.size()),
+              "internal: the head reference holds {} batches of {} windows, asked for the batch at window {}",
+              states.size(), batch, begin);
+  return stages->head(states[static_cast<size_t>(begin / batch)]).to(at::kFloat);
 }
 
 namespace {
@@ -179,6 +199,9 @@ constexpr int64_t kStorageCodeFloat32 = 0, kStorageCodeFloat16 = 1, kStorageCode
 }  // namespace
 
 void Reference::save(const std::string& path) const {
+  GRADQ_CHECK(storage.kind != ReferenceStorage::Kind::kHead,
+              "a head reference cannot be saved: it holds the model's states, not log-probabilities; save one "
+              "kept as fp32, fp16 or top<K>");
   c10::Dict<std::string, at::Tensor> dict;
   const int64_t code = storage.kind == ReferenceStorage::Kind::kFloat32   ? kStorageCodeFloat32
                        : storage.kind == ReferenceStorage::Kind::kFloat16 ? kStorageCodeFloat16
@@ -324,8 +347,19 @@ LogitsSource GradualEvaluator::whole_model(const QuantizableModel& model) const 
   return [this, &model](int64_t begin, int64_t end) { return model.logits(windows_.inputs.slice(0, begin, end)); };
 }
 
-void GradualEvaluator::for_each_batch(const LogitsSource& source, double* forward_seconds, bool check_finite,
-                                      const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const {
+at::Tensor GradualEvaluator::scored(int64_t begin, const at::Tensor& logits) const {
+  const at::Tensor mask = scored_mask_.slice(0, begin, begin + logits.size(0)).to(logits.device());
+  return at::log_softmax(logits.index({mask}), -1);
+}
+
+at::Tensor GradualEvaluator::reference_kl(int64_t begin, int64_t offset, const at::Tensor& lp) const {
+  if (reference_->head) return Reference::rows_kl(scored(begin, reference_->head->logits(begin)).to(lp.device()), lp);
+  return reference_->token_kl(offset, lp);
+}
+
+void GradualEvaluator::for_each_batch(
+    const LogitsSource& source, double* forward_seconds, bool check_finite,
+    const std::function<void(int64_t, const at::Tensor&, const at::Tensor&)>& consume) const {
   double forward = 0;
   int64_t vocab = -1;
   for (int64_t b = 0; b < windows_.size(); b += options_.batch) {
@@ -345,7 +379,7 @@ void GradualEvaluator::for_each_batch(const LogitsSource& source, double* forwar
                   "finite logits", b + (bad.numel() ? bad[0][0].item<int64_t>() : 0), windows_.size());
     }
     const at::Tensor mask = scored_mask_.slice(0, b, e).to(logits.device());
-    consume(at::log_softmax(logits.index({mask}), -1), windows_.targets.slice(0, b, e).to(logits.device()).index({mask}));
+    consume(b, scored(b, logits), windows_.targets.slice(0, b, e).to(logits.device()).index({mask}));
   }
   if (forward_seconds) *forward_seconds = forward;
 }
@@ -366,7 +400,7 @@ at::Tensor GradualEvaluator::gather_log_probs(const LogitsSource& source, double
   at::Tensor out;
   int64_t offset = 0;
   const int64_t tokens = scored_mask_.sum().item<int64_t>();
-  for_each_batch(source, forward_seconds, check_finite, [&](const at::Tensor& lp, const at::Tensor&) {
+  for_each_batch(source, forward_seconds, check_finite, [&](int64_t, const at::Tensor& lp, const at::Tensor&) {
     if (!out.defined()) out = at::empty({tokens, lp.size(1)}, lp.options());
     out.slice(0, offset, offset + lp.size(0)).copy_(lp);
     offset += lp.size(0);
@@ -379,8 +413,9 @@ GradualEvaluator::TokenScores GradualEvaluator::token_scores(const LogitsSource&
   GRADQ_CHECK(reference_, "token scores need a reference; set one first");
   std::vector<at::Tensor> kl, nll;
   int64_t offset = 0;
-  for_each_batch(source, forward_seconds, options_.check_finite, [&](const at::Tensor& lp, const at::Tensor& targets) {
-    kl.push_back(reference_->token_kl(offset, lp).to(at::kCPU, at::kDouble));
+  for_each_batch(source, forward_seconds, options_.check_finite,
+                 [&](int64_t begin, const at::Tensor& lp, const at::Tensor& targets) {
+    kl.push_back(reference_kl(begin, offset, lp).to(at::kCPU, at::kDouble));
     nll.push_back(-lp.gather(1, targets.unsqueeze(1)).squeeze(1).to(at::kCPU, at::kDouble));
     offset += lp.size(0);
   });
@@ -389,9 +424,47 @@ GradualEvaluator::TokenScores GradualEvaluator::token_scores(const LogitsSource&
   return {at::cat(kl), at::cat(nll)};
 }
 
-void GradualEvaluator::set_reference(const QuantizableModel& reference) { set_reference(whole_model(reference)); }
+void GradualEvaluator::set_reference(const QuantizableModel& reference) {
+  if (options_.reference_storage.kind != ReferenceStorage::Kind::kHead) {
+    set_reference(whole_model(reference));
+    return;
+  }
+  const ModelStages* stages = reference.stages();
+  GRADQ_CHECK(stages, "reference storage head recomputes the reference from the model's stages, and this model has "
+              "none: {}", reference.stages_unavailable_reason());
+  for (const WeightInfo& w : reference.weights())
+    GRADQ_CHECK(reference.block_position(w.block) >= 0,
+                "reference storage head recomputes the reference with the model's own head, so only weights inside "
+                "blocks may be quantized; '{}' is outside them (use fp16 or top<K>)", w.name);
+  auto head = std::make_shared<HeadInputs>();
+  head->stages = stages;
+  head->batch = options_.batch;
+  {
+    c10::InferenceMode guard;
+    for (int64_t b = 0; b < windows_.size(); b += options_.batch) {
+      StageState state = stages->embed(windows_.inputs.slice(0, b, std::min(windows_.size(), b + options_.batch)));
+      for (int64_t i = 0; i < stages->num_blocks(); ++i) state = stages->block(i, state);
+      // A causal mask or rotary tables passed on to the head: held once for all batches.
+      if (!head->states.empty()) share_equal_tensors(state, head->states.front());
+      head->states.push_back(std::move(state));
+    }
+  }
+  std::unordered_set<const void*> seen;
+  for (const StageState& state : head->states)
+    for (const c10::IValue& v : state)
+      if (v.isTensor() && seen.insert(v.toTensor().storage().data()).second)
+        head->bytes += static_cast<int64_t>(v.toTensor().storage().nbytes());
+  set_reference_from([&](int64_t b, int64_t) { return head->logits(b); }, nullptr, head);
+}
 
 void GradualEvaluator::set_reference(const LogitsSource& source, double* forward_seconds) {
+  GRADQ_CHECK(options_.reference_storage.kind != ReferenceStorage::Kind::kHead,
+              "reference storage head needs the model itself (set_reference(model)), not only its logits");
+  set_reference_from(source, forward_seconds, nullptr);
+}
+
+void GradualEvaluator::set_reference_from(const LogitsSource& source, double* forward_seconds,
+                                          std::shared_ptr<const HeadInputs> head) {
   const ReferenceStorage storage = options_.reference_storage;
   const at::Tensor targets = windows_.targets.index({scored_mask_});
   const int64_t tokens = targets.size(0);
@@ -402,9 +475,9 @@ void GradualEvaluator::set_reference(const LogitsSource& source, double* forward
   Reference ref;
   int64_t offset = 0;
   // The reference pass is every run's first look at the model's outputs: always checked.
-  for_each_batch(source, forward_seconds, true, [&](const at::Tensor& lp, const at::Tensor& batch_targets) {
+  for_each_batch(source, forward_seconds, true, [&](int64_t, const at::Tensor& lp, const at::Tensor& batch_targets) {
     Reference part = Reference::from_log_probs(lp, batch_targets, storage);
-    if (!ref.log_probs.defined()) {
+    if (!ref.target_log_probs.defined()) {
       ref.storage = storage;
       ref.vocab = part.vocab;
       auto rows_like = [&](const at::Tensor& t) {
@@ -412,14 +485,14 @@ void GradualEvaluator::set_reference(const LogitsSource& source, double* forward
         sizes[0] = tokens;
         return at::empty(sizes, t.options());
       };
-      ref.log_probs = rows_like(part.log_probs);
+      if (part.log_probs.defined()) ref.log_probs = rows_like(part.log_probs);
       ref.target_log_probs = rows_like(part.target_log_probs);
       ref.top_tokens = rows_like(part.top_tokens);
       if (part.top_indices.defined()) ref.top_indices = rows_like(part.top_indices);
       if (part.log_tail.defined()) ref.log_tail = rows_like(part.log_tail);
     }
     const int64_t n = lp.size(0);
-    ref.log_probs.slice(0, offset, offset + n).copy_(part.log_probs);
+    if (part.log_probs.defined()) ref.log_probs.slice(0, offset, offset + n).copy_(part.log_probs);
     ref.target_log_probs.slice(0, offset, offset + n).copy_(part.target_log_probs);
     ref.top_tokens.slice(0, offset, offset + n).copy_(part.top_tokens);
     if (part.top_indices.defined()) ref.top_indices.slice(0, offset, offset + n).copy_(part.top_indices);
@@ -429,6 +502,7 @@ void GradualEvaluator::set_reference(const LogitsSource& source, double* forward
   GRADQ_CHECK(offset == tokens, "internal: scored {} tokens, the windows score {}", offset, tokens);
   ref.targets = targets;
   ref.windows_fingerprint = windows_.inputs;
+  ref.head = std::move(head);
   reference_ = std::move(ref);
 }
 
@@ -457,7 +531,8 @@ EvalResult GradualEvaluator::evaluate(const LogitsSource& source) const {
   TokenRecords rec;
   double forward = 0;
   int64_t offset = 0;
-  for_each_batch(source, &forward, options_.check_finite, [&](const at::Tensor& lp, const at::Tensor& scored_targets) {
+  for_each_batch(source, &forward, options_.check_finite,
+                 [&](int64_t begin, const at::Tensor& lp, const at::Tensor& scored_targets) {
     at::Tensor targets = scored_targets.unsqueeze(1);
     at::Tensor lp_target = lp.gather(1, targets).squeeze(1);
     rec.nll.push_back(-lp_target);
@@ -465,7 +540,7 @@ EvalResult GradualEvaluator::evaluate(const LogitsSource& source) const {
       const int64_t n = lp.size(0);
       at::Tensor ref_target = reference_->target_log_probs.slice(0, offset, offset + n).to(lp.device());
       rec.nll_ref.push_back(-ref_target);
-      rec.kl.push_back(reference_->token_kl(offset, lp));
+      rec.kl.push_back(reference_kl(begin, offset, lp));
       rec.delta_p.push_back(lp_target.exp() - ref_target.exp());
       rec.same_top.push_back(
           (lp.argmax(-1) == reference_->top_tokens.slice(0, offset, offset + n).to(lp.device())).to(at::kDouble));
@@ -530,6 +605,8 @@ std::string format_eval_table(const EvalResult& r) {
     if (k.storage.kind != ReferenceStorage::Kind::kFloat32)
       row("reference storage", k.storage.kind == ReferenceStorage::Kind::kTopK
                                    ? k.storage.name() + " (KL rows: lower bounds, top tokens + tail)"
+                               : k.storage.kind == ReferenceStorage::Kind::kHead
+                                   ? k.storage.name() + " (recomputed from the head's inputs: float32's KL)"
                                    : k.storage.name() + " (KL rows from fp16 log-probabilities)");
     row("mean KL (nats)", pm(k.mean, 6));
     row("max KL", fmt::format("{:.6f}", k.max));

@@ -11,8 +11,10 @@
 #include <ATen/ATen.h>
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "data/dataset.h"
 #include "model/quantizable_model.h"
@@ -24,17 +26,23 @@ namespace gradq {
 /// perplexity, the perplexity ratio, delta p and the same-top rate are exact with every kind; only
 /// the KL statistics depend on the kind.
 struct ReferenceStorage {
-  enum class Kind { kFloat32, kFloat16, kTopK };
+  /// kHead keeps no log-probabilities: the full-precision model's input to its head (the state after
+  /// the last block, `dim` values per position) is kept and the reference recomputed from it for each
+  /// batch, so the KL is float32's exactly for one more head product per evaluation. It needs the
+  /// model as stages, its head and embeddings unquantized, and cannot be saved.
+  enum class Kind { kFloat32, kFloat16, kTopK, kHead };
   Kind kind = Kind::kFloat32;
   int64_t k = 0;  ///< kTopK only: tokens kept per position (>= 1)
 
   static ReferenceStorage float32() { return {}; }
   static ReferenceStorage float16() { return {Kind::kFloat16, 0}; }
   static ReferenceStorage top_k(int64_t k);
-  /// "fp32", "fp16" or "top<K>" (K >= 1); throws gradq::Error naming the accepted forms otherwise.
+  static ReferenceStorage head() { return {Kind::kHead, 0}; }
+  /// "fp32", "fp16", "top<K>" (K >= 1) or "head"; throws gradq::Error naming the accepted forms otherwise.
   static ReferenceStorage parse(const std::string& name);
   std::string name() const;
-  /// Bytes per scored position for a vocabulary of `vocab` (the per-position extras included).
+  /// Bytes per scored position for a vocabulary of `vocab` (the per-position extras included; kHead:
+  /// the extras only, its states are the model's width).
   int64_t bytes_per_token(int64_t vocab) const;
   bool operator==(const ReferenceStorage& o) const { return kind == o.kind && k == o.k; }
   bool operator!=(const ReferenceStorage& o) const { return !(*this == o); }
@@ -74,6 +82,17 @@ struct EvalResult {
   double forward_seconds = 0;   ///< part of it spent in the model's forward passes
 };
 
+/// kHead's reference: the full-precision model's input to its head for each batch of windows, and
+/// the stages that turn one into logits (the model's: they must outlive the reference).
+struct HeadInputs {
+  const ModelStages* stages = nullptr;
+  std::vector<StageState> states;  ///< one per batch of `batch` windows, in window order
+  int64_t batch = 0;
+  int64_t bytes = 0;  ///< of the states' tensors, each counted once
+  /// Logits [n, T, vocab] float32 of the batch that starts at window `begin`.
+  at::Tensor logits(int64_t begin) const;
+};
+
 /// The reference's view of the evaluation windows: its log-probabilities at every scored position,
 /// stored as `storage` says.
 struct Reference {
@@ -88,6 +107,7 @@ struct Reference {
   at::Tensor targets;           ///< [tokens] int64
   at::Tensor windows_fingerprint;  ///< the windows' inputs, to refuse a reference for other windows
   int64_t vocab = 0;
+  std::shared_ptr<const HeadInputs> head;  ///< kHead only (log_probs undefined)
 
   /// The reference of full-precision log-probabilities `log_probs` [tokens, vocab] float32 with
   /// their `targets` [tokens], kept as `storage` says (windows_fingerprint left for the caller).
@@ -96,16 +116,22 @@ struct Reference {
   /// the others need).
   Reference to_storage(ReferenceStorage storage) const;
   int64_t tokens() const { return targets.numel(); }
-  /// Bytes of the tensors this reference holds (the windows fingerprint included).
+  /// Bytes of the tensors this reference holds (the windows fingerprint and kHead's states included).
   int64_t bytes() const;
 
   /// KL(P_ref || P_model) of rows [begin, begin + n) against the model's log-probabilities
   /// `log_probs` [n, vocab] float32, per position ([n] float32, clamped at 0): the one KL routine
   /// of gradq. With kTopK it is the KL of the two distributions coarsened to the k kept tokens plus
   /// one bucket for the rest, a lower bound of the full KL (evaluator.cpp says by how much).
+  /// kHead has no rows to slice: the evaluator compares it batch by batch (rows_kl of the recomputed
+  /// log-probabilities).
   at::Tensor token_kl(int64_t begin, const at::Tensor& log_probs) const;
+  /// KL(P_ref || P_model) per row of two float32 [n, vocab] log-probability tensors: token_kl's
+  /// float32 case, and kHead's.
+  static at::Tensor rows_kl(const at::Tensor& ref_log_probs, const at::Tensor& log_probs);
 
-  /// Writes the reference with its storage kind (a dict of str -> tensor in a torch archive).
+  /// Writes the reference with its storage kind (a dict of str -> tensor in a torch archive); kHead
+  /// cannot be written (it holds the model's states, not log-probabilities).
   void save(const std::string& path) const;
   /// Reads what save() wrote, and the float32 files of earlier versions (no storage entry).
   static Reference load(const std::string& path);
@@ -137,8 +163,11 @@ class GradualEvaluator {
 
   /// Computes and keeps the reference from a full-precision model, in
   /// EvaluatorOptions::reference_storage, compacted batch by batch (the float32 [tokens, vocab]
-  /// log-probabilities are never held whole unless that is the storage).
+  /// log-probabilities are never held whole unless that is the storage). kHead keeps the model's
+  /// head inputs instead, and recomputes from them with the model's head: the model must outlive
+  /// this evaluator and keep its head and embeddings unquantized (checked here).
   void set_reference(const QuantizableModel& reference);
+  /// The same from logits however computed; every storage but kHead, which needs the model.
   void set_reference(const LogitsSource& reference, double* forward_seconds = nullptr);
   /// Uses a saved reference as it is stored; throws when it was computed for other windows.
   void set_reference(Reference reference);
@@ -169,13 +198,20 @@ class GradualEvaluator {
   at::Tensor scored_tokens_per_window() const { return scored_mask_.sum(1).to(at::kDouble); }
 
  private:
-  /// Runs the windows through `model` in batches; calls `consume(log_probs [n, V], targets [n])`
-  /// with the scored positions of each batch, in window order.
+  /// Runs the windows through `model` in batches; calls `consume(begin, log_probs [n, V], targets [n])`
+  /// with the batch's first window and its scored positions, in window order.
   /// `check_finite`: throw naming the window when logits are NaN or infinite.
   void for_each_batch(const LogitsSource& logits, double* forward_seconds, bool check_finite,
-                      const std::function<void(const at::Tensor&, const at::Tensor&)>& consume) const;
+                      const std::function<void(int64_t, const at::Tensor&, const at::Tensor&)>& consume) const;
+  /// KL against the reference of the batch starting at window `begin`, whose scored positions are
+  /// the reference's rows from `offset`: token_kl, or kHead's recomputed rows.
+  at::Tensor reference_kl(int64_t begin, int64_t offset, const at::Tensor& log_probs) const;
+  /// The scored positions' log-probabilities [n, V] float32 of logits [n_windows, T, V] of the batch at `begin`.
+  at::Tensor scored(int64_t begin, const at::Tensor& logits) const;
   /// The log-probabilities of every scored position, [tokens, vocab] float32.
   at::Tensor gather_log_probs(const LogitsSource& logits, double* forward_seconds, bool check_finite) const;
+  /// set_reference's one implementation; `head`: kHead's inputs, whose logits `reference` gives.
+  void set_reference_from(const LogitsSource& reference, double* forward_seconds, std::shared_ptr<const HeadInputs> head);
 
   Windows windows_;
   EvaluatorOptions options_;

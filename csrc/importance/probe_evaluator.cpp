@@ -24,9 +24,18 @@ Measurement parse_measurement(const std::string& name) {
   throw Error(fmt::format("unknown measurement '{}' (expected whole, exact or local)", name));
 }
 
+namespace {
+// The probes' reference comes from the block-input cache's logits, not the model (GradualEvaluator
+// keeps kHead's inputs only from the model itself): kHead's calibration reference is kept in fp16.
+EvaluatorOptions probe_evaluator_options(EvaluatorOptions options) {
+  if (options.reference_storage.kind == ReferenceStorage::Kind::kHead) options.reference_storage = ReferenceStorage::float16();
+  return options;
+}
+}  // namespace
+
 ProbeEvaluator::ProbeEvaluator(const QuantizableModel& reference, Windows windows, int64_t subsets,
                                EvaluatorOptions options)
-    : evaluator_(std::move(windows), options) {
+    : evaluator_(std::move(windows), probe_evaluator_options(options)) {
   const int64_t n = evaluator_.windows().size();
   GRADQ_CHECK(subsets >= 1, "expected at least 1 calibration subset, got {}", subsets);
   GRADQ_CHECK(n >= subsets, "expected at least as many calibration windows as subsets ({}), got {} windows", subsets, n);

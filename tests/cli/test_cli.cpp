@@ -182,10 +182,13 @@ TEST(Cli, ReferenceStorageIsValidated) {
     for (const char* bad : {"top0", "fp8", "top", "64"})
       expect_one_line_error(cmd + " --reference-storage " + bad,
                             std::string("--reference-storage: unknown reference storage '") + bad +
-                                "': expected fp32, fp16 or top<K> with K >= 1");
+                                "': expected fp32, fp16, top<K> with K >= 1 (e.g. top64) or head");
     auto [hrc, help] = test::run(test::cli() + " " + cmd.substr(0, cmd.find(' ')) + " --help");
     EXPECT_NE(help.find("--reference-storage"), std::string::npos) << cmd;
   }
+  expect_one_line_error("eval --reference " + test::stories_bin() + " --save-reference " + out +
+                            "/r.pt --reference-storage head",
+                        "--save-reference cannot save a head reference");
   EXPECT_TRUE(fs::is_empty(out)) << "a refused command left files in " << out;
   // More tokens kept than stories260K's vocabulary has.
   expect_one_line_error("eval --reference " + test::stories_bin() + " --max-windows 1 --threads 1 --reference-storage top513",

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <torch/serialize.h>
 
+#include <filesystem>
 #include <fstream>
 
 #include "common/error.h"
@@ -199,11 +200,14 @@ TEST(ReferenceStorage, ParsesNamesAndRejectsBadOnes) {
   EXPECT_EQ(ReferenceStorage::parse("top1").k, 1);
   for (const char* name : {"fp32", "fp16", "top7", "top128"}) EXPECT_EQ(ReferenceStorage::parse(name).name(), name);
   for (const char* bad : {"", "fp8", "bf16", "top", "top0", "top-3", "top+3", "TOP4", "top64x", " top4", "top99999999999"})
-    GRADQ_EXPECT_THROW_MSG(ReferenceStorage::parse(bad), "expected fp32, fp16 or top<K> with K >= 1");
+    GRADQ_EXPECT_THROW_MSG(ReferenceStorage::parse(bad), "expected fp32, fp16, top<K> with K >= 1 (e.g. top64) or head");
   GRADQ_EXPECT_THROW_MSG(ReferenceStorage::top_k(0), "k >= 1, got k = 0");
   EXPECT_EQ(ReferenceStorage::float32().bytes_per_token(512), 4 * 512 + 20);
   EXPECT_EQ(ReferenceStorage::float16().bytes_per_token(512), 2 * 512 + 20);
   EXPECT_EQ(ReferenceStorage::top_k(64).bytes_per_token(512), 8 * 64 + 24);
+  EXPECT_EQ(ReferenceStorage::parse("head"), ReferenceStorage::head());
+  EXPECT_EQ(ReferenceStorage::head().name(), "head");
+  EXPECT_EQ(ReferenceStorage::head().bytes_per_token(32000), 20);
 }
 
 TEST(CompactReference, BytesFollowTheStorage) {
@@ -216,6 +220,61 @@ TEST(CompactReference, BytesFollowTheStorage) {
     EXPECT_EQ(r.bytes(), tokens * s.bytes_per_token(vocab) + fingerprint) << name;
   }
   EXPECT_LT(full.to_storage(ReferenceStorage::top_k(64)).bytes() * 3, full.bytes());
+}
+
+// A head reference recomputes float32 log-probabilities from the head's inputs: every statistic equals
+// float32 storage's bit for bit (the staged head computes what the whole forward does), in a
+// fraction of the bytes (stories260K: 64 values of state per token against 512 log-probabilities).
+TEST(CompactReference, HeadEqualsFloat32Exactly) {
+  for (int64_t batch : {1, 4}) {  // 6 windows: a partial last batch at 4
+    EvaluatorOptions opt;
+    opt.batch = batch;
+    opt.reference_storage = ReferenceStorage::float32();
+    GradualEvaluator full(compact().w, opt);
+    full.set_reference(setup().model);
+    opt.reference_storage = ReferenceStorage::head();
+    GradualEvaluator head(compact().w, opt);
+    head.set_reference(setup().model);
+    ASSERT_TRUE(head.reference()->head);
+    EXPECT_FALSE(head.reference()->log_probs.defined());
+    EXPECT_LT(head.reference()->bytes() * 4, full.reference()->bytes());
+    CausalLM& model = setup().model;
+    at::Generator g = at::detail::createCPUGenerator(9);
+    for (const auto& info : model.weights()) {
+      at::Tensor v = model.weight(info.name);
+      model.set_weight(info.name, v + at::normal(0, 0.03, v.sizes(), g) * v.std());
+    }
+    const EvalResult a = full.evaluate(model), b = head.evaluate(model);
+    const GradualEvaluator::TokenScores sa = full.token_scores(full.whole_model(model));
+    const GradualEvaluator::TokenScores sb = head.token_scores(head.whole_model(model));
+    model.restore_all();
+    EXPECT_GT(a.kl->mean.value, 0.01);
+    EXPECT_EQ(a.kl->mean.value, b.kl->mean.value) << "batch " << batch;
+    EXPECT_EQ(a.kl->max, b.kl->max);
+    EXPECT_EQ(a.kl->percentiles, b.kl->percentiles);
+    EXPECT_EQ(a.kl->same_top_rate, b.kl->same_top_rate);
+    EXPECT_EQ(a.kl->delta_ppl.value, b.kl->delta_ppl.value);
+    EXPECT_TRUE(at::equal(sa.kl, sb.kl));
+    EXPECT_TRUE(at::equal(sa.nll, sb.nll));
+  }
+}
+
+// What a head reference cannot do says so: be saved, be made from logits alone, or serve a model
+// whose head or embeddings are quantizable (the recomputed reference would use them).
+TEST(CompactReference, HeadRefusesWhatItCannotDo) {
+  EvaluatorOptions opt;
+  opt.reference_storage = ReferenceStorage::head();
+  GradualEvaluator ev(compact().w, opt);
+  GRADQ_EXPECT_THROW_MSG(ev.set_reference(ev.whole_model(setup().model)), "needs the model itself");
+  ev.set_reference(setup().model);
+  const std::string dir = test::temp_dir("head_reference");
+  GRADQ_EXPECT_THROW_MSG(ev.reference()->save(dir + "/r.pt"), "a head reference cannot be saved");
+  EXPECT_FALSE(std::filesystem::exists(dir + "/r.pt"));
+  GRADQ_EXPECT_THROW_MSG(ev.reference()->token_kl(0, at::zeros({1, 512})), "has no stored rows");
+  AdapterOptions with_head;
+  with_head.include = {"tok_embeddings"};
+  CausalLM quantized_head = CausalLM::load(test::stories_pt(), with_head);
+  GRADQ_EXPECT_THROW_MSG(ev.set_reference(quantized_head), "only weights inside blocks may be quantized; 'tok_embeddings.weight'");
 }
 
 TEST(CompactReference, ComputedBatchByBatchEqualsConverted) {
