@@ -8,7 +8,7 @@
 // kGemvVecRows rows per warp, so that each load of x and its conversion to float32 serves them all;
 // 16-byte loads of codes and x; 2 vectors per lane (1 at 2 bits) loaded, with their groups' scales
 // and zero points, before any is used, so that more bytes are in flight against the memory latency
-// (4 spilled registers at 2 and 8 bits); codes made floats by bit operations and an add, each
+// (4 per lane spilled registers at 2 and 8 bits); codes made floats by bit operations and an add, each
 // 8-code chunk's sum scaled once. docs/BENCHMARKS.md has each version's H200 measurements.
 
 #include <cuda_fp16.h>
