@@ -1,7 +1,6 @@
 // gradq convert / generate / eval.
 
 #include <iostream>
-#include <optional>
 
 #include "cli.h"
 #include "common/error.h"
@@ -159,14 +158,12 @@ int cmd_eval(int argc, char** argv) {
   eval_options.batch = args["batch"].as<int64_t>();
   eval_options.reference_storage = storage;
   GradualEvaluator evaluator(windows, eval_options);
-  // Outlives the evaluator's use of it: a head reference recomputes with the reference model's head.
-  std::optional<CausalLM> reference;
   if (args.count("reference")) {
-    reference.emplace(load_model(args["reference"].as<std::string>(), adapter));
-    GRADQ_CHECK(reference->vocab_size() == model.vocab_size(), "reference vocabulary {} differs from the model's {}",
-                reference->vocab_size(), model.vocab_size());
-    check_context(*reference, ctx, "--ctx (for the reference)");
-    evaluator.set_reference(*reference);
+    CausalLM reference = load_model(args["reference"].as<std::string>(), adapter);
+    GRADQ_CHECK(reference.vocab_size() == model.vocab_size(), "reference vocabulary {} differs from the model's {}",
+                reference.vocab_size(), model.vocab_size());
+    check_context(reference, ctx, "--ctx (for the reference)");
+    evaluator.set_reference(reference);
   } else if (args.count("load-reference")) {
     // A saved reference is used as stored; a float32 one is converted when another storage is asked for.
     Reference loaded = Reference::load(args["load-reference"].as<std::string>());

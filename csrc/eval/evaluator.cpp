@@ -429,7 +429,7 @@ void GradualEvaluator::set_reference(const QuantizableModel& reference) {
     set_reference(whole_model(reference));
     return;
   }
-  const ModelStages* stages = reference.stages();
+  const std::shared_ptr<const ModelStages> stages = reference.shared_stages();
   GRADQ_CHECK(stages, "reference storage head recomputes the reference from the model's stages, and this model has "
               "none: {}", reference.stages_unavailable_reason());
   for (const WeightInfo& w : reference.weights())

@@ -83,9 +83,10 @@ struct EvalResult {
 };
 
 /// kHead's reference: the full-precision model's input to its head for each batch of windows, and
-/// the stages that turn one into logits (the model's: they must outlive the reference).
+/// the stages that turn one into logits (QuantizableModel::shared_stages: CausalLM's stay alive with
+/// the reference).
 struct HeadInputs {
-  const ModelStages* stages = nullptr;
+  std::shared_ptr<const ModelStages> stages;
   std::vector<StageState> states;  ///< one per batch of `batch` windows, in window order
   int64_t batch = 0;
   int64_t bytes = 0;  ///< of the states' tensors, each counted once
@@ -164,8 +165,8 @@ class GradualEvaluator {
   /// Computes and keeps the reference from a full-precision model, in
   /// EvaluatorOptions::reference_storage, compacted batch by batch (the float32 [tokens, vocab]
   /// log-probabilities are never held whole unless that is the storage). kHead keeps the model's
-  /// head inputs instead, and recomputes from them with the model's head: the model must outlive
-  /// this evaluator and keep its head and embeddings unquantized (checked here).
+  /// head inputs instead, and recomputes from them with the model's head (shared_stages()), which
+  /// must stay unquantized, as must the embeddings (checked here).
   void set_reference(const QuantizableModel& reference);
   /// The same from logits however computed; every storage but kHead, which needs the model.
   void set_reference(const LogitsSource& reference, double* forward_seconds = nullptr);

@@ -322,6 +322,11 @@ const ModelStages* CausalLM::stages() const {
   return stages_.get();
 }
 
+std::shared_ptr<const ModelStages> CausalLM::shared_stages() const {
+  stages();
+  return stages_;
+}
+
 const std::string& CausalLM::stages_unavailable_reason() const {
   stages();
   return *stages_reason_;

@@ -65,6 +65,9 @@ class CausalLM : public QuantizableModel {
   /// The model as stages (model/stages.h), split from the forward graph at the blocks on first use;
   /// null when the graph cannot be split, with the reason in stages_unavailable_reason().
   const ModelStages* stages() const override;
+  /// The stages with shared ownership: they hold the module's parameters, so they stay usable after
+  /// this CausalLM is gone.
+  std::shared_ptr<const ModelStages> shared_stages() const override;
   const std::string& stages_unavailable_reason() const override;
 
   torch::jit::Module& module() { return module_; }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -91,6 +92,11 @@ class QuantizableModel {
   /// with the reason in stages_unavailable_reason(). Without stages every measurement runs the whole
   /// model, and statistics cannot be collected one block at a time.
   virtual const ModelStages* stages() const { return nullptr; }
+  /// stages() for what keeps them beyond a call (a head reference, eval/evaluator.h). By default it
+  /// does not own them (they must outlive their users); CausalLM's own them, and its parameters.
+  virtual std::shared_ptr<const ModelStages> shared_stages() const {
+    return std::shared_ptr<const ModelStages>(std::shared_ptr<const ModelStages>(), stages());
+  }
   virtual const std::string& stages_unavailable_reason() const;
   /// The dtype `path` (a parameter) has where the model is kept, when it is computed in another
   /// (`held`); originals of changed weights are kept in it. CausalLM: float16 weights computed in

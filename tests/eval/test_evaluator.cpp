@@ -149,6 +149,16 @@ TEST(Evaluator, ReferenceSaveLoadRoundTripAndMismatch) {
 
 // --- Compact reference storage (fp16, top-k + tail) ----------------------------------------------
 
+// Every quantizable weight plus Gaussian noise of 0.03 of its standard deviation (seeded); undone by
+// model.restore_all().
+void perturb(CausalLM& model, uint64_t seed) {
+  at::Generator g = at::detail::createCPUGenerator(seed);
+  for (const auto& info : model.weights()) {
+    at::Tensor v = model.weight(info.name);
+    model.set_weight(info.name, v + at::normal(0, 0.03, v.sizes(), g) * v.std());
+  }
+}
+
 // The stories260K reference over 6 windows of 128 tokens, and a perturbed copy of the model
 // (weights + 0.03 sigma noise): KL around 0.05 nats, the range the search's budgets land in.
 struct CompactSetup {
@@ -161,11 +171,7 @@ struct CompactSetup {
     ev.set_reference(setup().model);
     full = *ev.reference();
     CausalLM& model = setup().model;
-    at::Generator g = at::detail::createCPUGenerator(5);
-    for (const auto& info : model.weights()) {
-      at::Tensor v = model.weight(info.name);
-      model.set_weight(info.name, v + at::normal(0, 0.03, v.sizes(), g) * v.std());
-    }
+    perturb(model, 5);
     model_lp = ev.scored_log_probs(model);
     full_result = ev.evaluate(model);
     model.restore_all();
@@ -239,11 +245,7 @@ TEST(CompactReference, HeadEqualsFloat32Exactly) {
     EXPECT_FALSE(head.reference()->log_probs.defined());
     EXPECT_LT(head.reference()->bytes() * 4, full.reference()->bytes());
     CausalLM& model = setup().model;
-    at::Generator g = at::detail::createCPUGenerator(9);
-    for (const auto& info : model.weights()) {
-      at::Tensor v = model.weight(info.name);
-      model.set_weight(info.name, v + at::normal(0, 0.03, v.sizes(), g) * v.std());
-    }
+    perturb(model, 9);
     const EvalResult a = full.evaluate(model), b = head.evaluate(model);
     const GradualEvaluator::TokenScores sa = full.token_scores(full.whole_model(model));
     const GradualEvaluator::TokenScores sb = head.token_scores(head.whole_model(model));
@@ -257,6 +259,26 @@ TEST(CompactReference, HeadEqualsFloat32Exactly) {
     EXPECT_TRUE(at::equal(sa.kl, sb.kl));
     EXPECT_TRUE(at::equal(sa.nll, sb.nll));
   }
+}
+
+// A head reference holds its model's stages: it still recomputes the same reference after the
+// CausalLM it came from is gone (gradq eval's --reference model is such a temporary).
+TEST(CompactReference, HeadOutlivesItsModel) {
+  EvaluatorOptions opt;
+  opt.reference_storage = ReferenceStorage::head();
+  GradualEvaluator orphan(compact().w, opt), kept(compact().w, opt);
+  {
+    CausalLM temporary = CausalLM::load(test::stories_pt());
+    orphan.set_reference(temporary);
+  }
+  kept.set_reference(setup().model);
+  CausalLM& model = setup().model;
+  perturb(model, 11);
+  const EvalResult a = kept.evaluate(model), b = orphan.evaluate(model);
+  model.restore_all();
+  EXPECT_GT(a.kl->mean.value, 0.01);
+  EXPECT_EQ(a.kl->mean.value, b.kl->mean.value);
+  EXPECT_EQ(a.kl->percentiles, b.kl->percentiles);
 }
 
 // What a head reference cannot do says so: be saved, be made from logits alone, or serve a model
