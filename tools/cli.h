@@ -24,8 +24,9 @@ constexpr int kExitRegression = 3;
 void add_common_options(cxxopts::Options& options);
 /// Adds --device (default auto) to `group` of `options`: where the model runs.
 void add_device_option(cxxopts::Options& options, const std::string& group = "");
-/// The device --device names; throws gradq::Error naming the option (see parse_device).
-at::Device read_device_option(const cxxopts::ParseResult& args);
+/// How a command loads its model: the device --device names (gradq::Error naming the option and the
+/// problem otherwise, see parse_device).
+AdapterOptions read_adapter_options(const cxxopts::ParseResult& args);
 /// Parses; prints help and returns false when --help was given. Applies --threads.
 bool parse(cxxopts::Options& options, int argc, char** argv, cxxopts::ParseResult& out);
 

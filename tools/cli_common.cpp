@@ -28,12 +28,14 @@ void add_device_option(cxxopts::Options& options, const std::string& group) {
                  "CUDA and sees one, else the CPU)", cxxopts::value<std::string>()->default_value("auto"));
 }
 
-at::Device read_device_option(const cxxopts::ParseResult& args) {
+AdapterOptions read_adapter_options(const cxxopts::ParseResult& args) {
+  AdapterOptions adapter;
   try {
-    return parse_device(args["device"].as<std::string>());
+    adapter.device = parse_device(args["device"].as<std::string>());
   } catch (const Error& e) {
     throw Error(fmt::format("--device: {}", e.what()));
   }
+  return adapter;
 }
 
 bool parse(cxxopts::Options& options, int argc, char** argv, cxxopts::ParseResult& out) {
@@ -205,10 +207,9 @@ void print_written(const std::vector<std::string>& paths) {
 }
 
 Inputs load_inputs(const cxxopts::ParseResult& args) {
-  AdapterOptions adapter;
+  AdapterOptions adapter = read_adapter_options(args);
   if (args.count("include")) adapter.include = args["include"].as<std::vector<std::string>>();
   if (args.count("exclude")) adapter.exclude = args["exclude"].as<std::vector<std::string>>();
-  adapter.device = read_device_option(args);
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
   CausalLM model = load_model(args["model"].as<std::string>(), adapter);
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());

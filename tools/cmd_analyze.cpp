@@ -74,10 +74,8 @@ int cmd_analyze(int argc, char** argv) {
   GRADQ_CHECK(args["ctx"].as<int64_t>() >= 2, "--ctx must be at least 2 tokens, got {}", args["ctx"].as<int64_t>());
   OutputSet output_set(outputs, inputs);
 
-  AdapterOptions adapter;
-  adapter.device = read_device_option(args);
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
-  CausalLM model = load_model(args["model"].as<std::string>(), adapter);
+  CausalLM model = load_model(args["model"].as<std::string>(), read_adapter_options(args));
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
   check_context(model, args["ctx"].as<int64_t>(), "--ctx");
   const TokenSplit split =

@@ -60,10 +60,8 @@ int cmd_generate(int argc, char** argv) {
   GRADQ_CHECK(args["steps"].as<int64_t>() >= 0, "--steps must be >= 0, got {}", args["steps"].as<int64_t>());
   GRADQ_CHECK(args["max-context"].as<int64_t>() >= 0, "--max-context must be >= 0 (0 = all), got {}",
               args["max-context"].as<int64_t>());
-  AdapterOptions adapter;
-  adapter.device = read_device_option(args);
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
-  CausalLM model = load_model(args["model"].as<std::string>(), adapter);
+  CausalLM model = load_model(args["model"].as<std::string>(), read_adapter_options(args));
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
   std::vector<int64_t> prompt;
   if (tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
@@ -133,17 +131,16 @@ int cmd_eval(int argc, char** argv) {
   GRADQ_CHECK(args["max-windows"].as<int64_t>() >= 0, "--max-windows must be >= 0 (0 = all), got {}",
               args["max-windows"].as<int64_t>());
   GRADQ_CHECK(!args.count("save-reference") || args.count("reference"), "--save-reference needs --reference");
-  GRADQ_CHECK(!args.count("save-reference") || args["reference-storage"].as<std::string>() != "head",
+  const ReferenceStorage storage = read_reference_storage_option(args);
+  GRADQ_CHECK(!args.count("save-reference") || storage.kind != ReferenceStorage::Kind::kHead,
               "--save-reference cannot save a head reference (it holds the model's states, not log-probabilities): "
               "give --reference-storage fp32, fp16 or top<K>");
-  const ReferenceStorage storage = read_reference_storage_option(args);
   std::vector<std::string> outputs;
   for (const char* out : {"json", "save-reference"})
     if (args.count(out)) outputs.push_back(args[out].as<std::string>());
   OutputSet output_set(outputs, inputs);
 
-  AdapterOptions adapter;
-  adapter.device = read_device_option(args);
+  const AdapterOptions adapter = read_adapter_options(args);
   auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
   CausalLM model = load_model(args["model"].as<std::string>(), adapter);
   check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());

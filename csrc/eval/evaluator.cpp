@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <unordered_set>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
@@ -13,6 +12,7 @@
 #include "common/error.h"
 #include "common/files.h"
 #include "common/timing.h"
+#include "eval/block_cache.h"
 
 namespace gradq {
 
@@ -134,7 +134,7 @@ int64_t Reference::bytes() const {
   for (const at::Tensor* t : {&log_probs, &top_indices, &log_tail, &target_log_probs, &top_tokens, &targets,
                               &windows_fingerprint})
     if (t->defined()) total += t->numel() * static_cast<int64_t>(t->element_size());
-  if (head) total += head->bytes;
+  if (head) total += head->bytes();
   return total;
 }
 
@@ -188,11 +188,10 @@ at::Tensor Reference::rows_kl(const at::Tensor& ref, const at::Tensor& lp) {
 }
 
 at::Tensor HeadInputs::logits(int64_t begin) const {
-  GRADQ_CHECK(batch > 0 && begin % batch == 0 && begin / batch < static_cast<int64_t>(states.size()),
-              "internal: the head reference holds {} batches of {} windows, asked for the batch at window {}",
-              states.size(), batch, begin);
-  return stages->head(states[static_cast<size_t>(begin / batch)]).to(at::kFloat);
+  return cache->logits_from(cache->num_blocks(), cache->chunk_of(begin)).to(at::kFloat);
 }
+
+int64_t HeadInputs::bytes() const { return cache->bytes(); }
 
 namespace {
 constexpr int64_t kStorageCodeFloat32 = 0, kStorageCodeFloat16 = 1, kStorageCodeTopK = 2;
@@ -436,24 +435,12 @@ void GradualEvaluator::set_reference(const QuantizableModel& reference) {
     GRADQ_CHECK(reference.block_position(w.block) >= 0,
                 "reference storage head recomputes the reference with the model's own head, so only weights inside "
                 "blocks may be quantized; '{}' is outside them (use fp16 or top<K>)", w.name);
+  // The cache moved past every block keeps only the head's inputs, one boundary at a time on the way.
+  auto cache = std::make_shared<BlockInputCache>(*stages, windows_.inputs, options_.batch, BlockInputCache::Keep::kMoving);
+  cache->move_to(cache->num_blocks());
   auto head = std::make_shared<HeadInputs>();
   head->stages = stages;
-  head->batch = options_.batch;
-  {
-    c10::InferenceMode guard;
-    for (int64_t b = 0; b < windows_.size(); b += options_.batch) {
-      StageState state = stages->embed(windows_.inputs.slice(0, b, std::min(windows_.size(), b + options_.batch)));
-      for (int64_t i = 0; i < stages->num_blocks(); ++i) state = stages->block(i, state);
-      // A causal mask or rotary tables passed on to the head: held once for all batches.
-      if (!head->states.empty()) share_equal_tensors(state, head->states.front());
-      head->states.push_back(std::move(state));
-    }
-  }
-  std::unordered_set<const void*> seen;
-  for (const StageState& state : head->states)
-    for (const c10::IValue& v : state)
-      if (v.isTensor() && seen.insert(v.toTensor().storage().data()).second)
-        head->bytes += static_cast<int64_t>(v.toTensor().storage().nbytes());
+  head->cache = std::move(cache);
   set_reference_from([&](int64_t b, int64_t) { return head->logits(b); }, nullptr, head);
 }
 

@@ -82,16 +82,18 @@ struct EvalResult {
   double forward_seconds = 0;   ///< part of it spent in the model's forward passes
 };
 
-/// kHead's reference: the full-precision model's input to its head for each batch of windows, and
-/// the stages that turn one into logits (QuantizableModel::shared_stages: CausalLM's stay alive with
-/// the reference).
+class BlockInputCache;
+
+/// kHead's reference: the full-precision model's input to its head for each batch of windows (a
+/// block-input cache moved to the head), and the stages that turn one into logits
+/// (QuantizableModel::shared_stages: CausalLM's stay alive with the reference).
 struct HeadInputs {
-  std::shared_ptr<const ModelStages> stages;
-  std::vector<StageState> states;  ///< one per batch of `batch` windows, in window order
-  int64_t batch = 0;
-  int64_t bytes = 0;  ///< of the states' tensors, each counted once
+  std::shared_ptr<const ModelStages> stages;    ///< before `cache`, which refers to them
+  std::shared_ptr<const BlockInputCache> cache;
   /// Logits [n, T, vocab] float32 of the batch that starts at window `begin`.
   at::Tensor logits(int64_t begin) const;
+  /// Bytes of the kept states (masks and rotary tables shared by the batches counted once).
+  int64_t bytes() const;
 };
 
 /// The reference's view of the evaluation windows: its log-probabilities at every scored position,

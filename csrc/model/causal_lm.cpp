@@ -300,7 +300,7 @@ std::vector<std::pair<std::string, at::Tensor>> CausalLM::parameters() const {
 }
 
 at::Tensor CausalLM::forward(const at::Tensor& tokens) const {
-  const c10::IValue out = module_.forward({tokens.to(device())});
+  const c10::IValue out = module_.forward({tokens});
   GRADQ_CHECK(out.isTensor(), "forward must return the logits as one tensor [B, T, vocab], it returns a {}",
               out.type()->str());
   return out.toTensor();
@@ -336,9 +336,7 @@ std::function<void(const at::Tensor& tokens)> CausalLM::observed_forward() const
   auto graph = inlined_forward_graph(module_);
   insert_taps(*graph);
   auto instrumented = std::make_shared<torch::jit::GraphFunction>("gradq_instrumented_forward", graph, nullptr);
-  return [instrumented, self = module_._ivalue(), device = device()](const at::Tensor& tokens) {
-    (*instrumented)({self, tokens.to(device)});
-  };
+  return [instrumented, self = module_._ivalue()](const at::Tensor& tokens) { (*instrumented)({self, tokens}); };
 }
 
 void CausalLM::insert_taps(torch::jit::Graph& graph) const {

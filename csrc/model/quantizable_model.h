@@ -76,8 +76,9 @@ class QuantizableModel {
  public:
   virtual ~QuantizableModel() = default;
 
-  /// Logits [B, T, vocab] for tokens int64 [B, T] on device(), in the caller's autograd mode (the
-  /// importance analysis takes gradients through it); any floating dtype.
+  /// Logits [B, T, vocab] for tokens int64 [B, T] on device() (logits() and the statistics capture
+  /// move them there), in the caller's autograd mode (the importance analysis takes gradients
+  /// through it); any floating dtype.
   virtual at::Tensor forward(const at::Tensor& tokens) const = 0;
   virtual int64_t vocab_size() const = 0;
   /// Where the model computes: the tokens gradq hands over are moved there first, and candidates
