@@ -96,16 +96,18 @@ void add_search_options(cxxopts::Options& options) {
 
 void add_reference_storage_option(cxxopts::Options& options, const std::string& group) {
   options.add_options(group)
-      ("reference-storage", "how the full-precision reference log-probabilities are kept: fp16 (2 bytes x vocab per "
-                            "scored token; KL within 0.01% of fp32's on stories260K), fp32 (exact, twice that) or "
-                            "top<K> (the K most probable tokens and the tail mass, e.g. top64: 8 x K bytes; KL a "
-                            "lower bound, 0.3% under fp32's at top64 on stories260K, more on flat distributions) "
-                            "or head (no log-probabilities: the model's input to its head, its width in values per "
-                            "token, and the reference recomputed per batch: fp32's KL for one more head product; for "
-                            "large vocabularies; the head and embeddings must stay unquantized, the analysis's "
-                            "probes keep fp16, and it cannot be saved). Perplexity, delta p and same-top are exact "
-                            "with each (docs/BENCHMARKS.md)",
-       cxxopts::value<std::string>()->default_value("fp16"));
+      ("reference-storage", "how the full-precision reference log-probabilities are kept: auto (head when the fp16 "
+                            "log-probabilities of the windows would take more than 64 MiB and the model allows it, "
+                            "else fp16: large vocabularies, e.g. 1 GB at 32,000 tokens and 64 windows of 256), fp16 "
+                            "(2 bytes x vocab per scored token; KL within 0.01% of fp32's on stories260K), fp32 (exact, "
+                            "twice that), top<K> (the K most probable tokens and the tail mass, e.g. top64: 8 x K "
+                            "bytes; KL a lower bound, 0.3% under fp32's at top64 on stories260K, more on flat "
+                            "distributions) or head (no log-probabilities: the model's input to its head, its width "
+                            "in values per token, and the reference recomputed per batch: fp32's KL for one more head "
+                            "product; the head and embeddings must stay unquantized, the analysis's probes keep "
+                            "fp16, and it cannot be saved). Perplexity, delta p and same-top are exact with each "
+                            "(docs/BENCHMARKS.md)",
+       cxxopts::value<std::string>()->default_value("auto"));
 }
 
 ReferenceStorage read_reference_storage_option(const cxxopts::ParseResult& args) {

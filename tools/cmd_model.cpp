@@ -131,10 +131,12 @@ int cmd_eval(int argc, char** argv) {
   GRADQ_CHECK(args["max-windows"].as<int64_t>() >= 0, "--max-windows must be >= 0 (0 = all), got {}",
               args["max-windows"].as<int64_t>());
   GRADQ_CHECK(!args.count("save-reference") || args.count("reference"), "--save-reference needs --reference");
-  const ReferenceStorage storage = read_reference_storage_option(args);
+  ReferenceStorage storage = read_reference_storage_option(args);
   GRADQ_CHECK(!args.count("save-reference") || storage.kind != ReferenceStorage::Kind::kHead,
               "--save-reference cannot save a head reference (it holds the model's states, not log-probabilities): "
               "give --reference-storage fp32, fp16 or top<K>");
+  // A saved reference holds log-probabilities, so auto keeps fp16 for it.
+  if (args.count("save-reference") && storage.kind == ReferenceStorage::Kind::kAuto) storage = ReferenceStorage::float16();
   std::vector<std::string> outputs;
   for (const char* out : {"json", "save-reference"})
     if (args.count(out)) outputs.push_back(args[out].as<std::string>());
@@ -164,7 +166,8 @@ int cmd_eval(int argc, char** argv) {
   } else if (args.count("load-reference")) {
     // A saved reference is used as stored; a float32 one is converted when another storage is asked for.
     Reference loaded = Reference::load(args["load-reference"].as<std::string>());
-    if (args.count("reference-storage") && storage != loaded.storage) loaded = loaded.to_storage(storage);
+    if (args.count("reference-storage") && storage.kind != ReferenceStorage::Kind::kAuto && storage != loaded.storage)
+      loaded = loaded.to_storage(storage);
     evaluator.set_reference(std::move(loaded));
   }
   if (evaluator.reference())

@@ -55,12 +55,13 @@ ReferenceStorage ReferenceStorage::parse(const std::string& name) {
   if (name == "fp32") return float32();
   if (name == "fp16") return float16();
   if (name == "head") return head();
+  if (name == "auto") return automatic();
   if (name.size() > 3 && name.compare(0, 3, "top") == 0 && name.size() <= 12 &&
       std::all_of(name.begin() + 3, name.end(), [](char c) { return c >= '0' && c <= '9'; })) {
     const int64_t k = std::stoll(name.substr(3));
     if (k >= 1) return top_k(k);
   }
-  throw Error(fmt::format("unknown reference storage '{}': expected fp32, fp16, top<K> with K >= 1 (e.g. top64) or head", name));
+  throw Error(fmt::format("unknown reference storage '{}': expected fp32, fp16, top<K> with K >= 1 (e.g. top64), head or auto", name));
 }
 
 std::string ReferenceStorage::name() const {
@@ -69,6 +70,7 @@ std::string ReferenceStorage::name() const {
     case Kind::kFloat16: return "fp16";
     case Kind::kTopK: return fmt::format("top{}", k);
     case Kind::kHead: return "head";
+    case Kind::kAuto: return "auto";
   }
   return "?";
 }
@@ -81,6 +83,7 @@ int64_t ReferenceStorage::bytes_per_token(int64_t vocab) const {
     case Kind::kFloat16: return 2 * vocab + extras;
     case Kind::kTopK: return (4 + 4) * std::min(k, vocab) + 4 + extras;  // values, int32 indices, log tail
     case Kind::kHead: return extras;
+    case Kind::kAuto: TORCH_INTERNAL_ASSERT(false, "reference storage auto is resolved before anything is kept");
   }
   return 0;
 }
@@ -98,6 +101,9 @@ Reference Reference::from_log_probs(const at::Tensor& lp, const at::Tensor& targ
     case ReferenceStorage::Kind::kFloat32: r.log_probs = lp.contiguous(); break;
     case ReferenceStorage::Kind::kFloat16: r.log_probs = lp.to(at::kHalf); break;
     case ReferenceStorage::Kind::kHead: break;  // recomputed from the head's inputs when needed
+    case ReferenceStorage::Kind::kAuto:
+      TORCH_INTERNAL_ASSERT(false, "reference storage auto is resolved before anything is kept");
+      break;
     case ReferenceStorage::Kind::kTopK: {
       GRADQ_CHECK(storage.k <= r.vocab, "reference storage top{} keeps more tokens than the vocabulary has ({})",
                   storage.k, r.vocab);
@@ -122,6 +128,8 @@ Reference Reference::from_log_probs(const at::Tensor& lp, const at::Tensor& targ
 
 Reference Reference::to_storage(ReferenceStorage to) const {
   if (to == storage) return *this;
+  GRADQ_CHECK(to.kind != ReferenceStorage::Kind::kHead && to.kind != ReferenceStorage::Kind::kAuto,
+              "a saved reference converts to fp32, fp16 or top<K>, not {}: {} needs the model", to.name(), to.name());
   GRADQ_CHECK(storage.kind == ReferenceStorage::Kind::kFloat32,
               "a {} reference cannot be converted to {}: only a float32 reference converts", storage.name(), to.name());
   Reference r = from_log_probs(log_probs, targets, to);
@@ -178,7 +186,8 @@ at::Tensor Reference::token_kl(int64_t begin, const at::Tensor& lp) const {
                                              p_tail_log.exp() * (p_tail_log - q_tail_log), at::zeros_like(p_tail_log));
       return (kept_terms + tail_term).clamp_min(0);
     }
-    case ReferenceStorage::Kind::kHead: break;
+    case ReferenceStorage::Kind::kHead:
+    case ReferenceStorage::Kind::kAuto: break;
   }
   TORCH_INTERNAL_ASSERT(false, "unknown reference storage");
 }
@@ -423,36 +432,59 @@ GradualEvaluator::TokenScores GradualEvaluator::token_scores(const LogitsSource&
   return {at::cat(kl), at::cat(nll)};
 }
 
+namespace {
+// Why a head reference cannot be kept for `model`; empty when it can.
+std::string head_reference_unavailable(const QuantizableModel& model) {
+  if (!model.shared_stages())
+    return fmt::format("reference storage head recomputes the reference from the model's stages, and this model has "
+                       "none: {}", model.stages_unavailable_reason());
+  for (const WeightInfo& w : model.weights())
+    if (model.block_position(w.block) < 0)
+      return fmt::format("reference storage head recomputes the reference with the model's own head, so only weights "
+                         "inside blocks may be quantized; '{}' is outside them (use fp16 or top<K>)", w.name);
+  return {};
+}
+}  // namespace
+
+ReferenceStorage GradualEvaluator::resolve_storage(const QuantizableModel& reference) const {
+  const ReferenceStorage asked = options_.reference_storage;
+  if (asked.kind != ReferenceStorage::Kind::kAuto) return asked;
+  const int64_t fp16_bytes = scored_mask_.sum().item<int64_t>() * ReferenceStorage::float16().bytes_per_token(reference.vocab_size());
+  return fp16_bytes > options_.auto_head_above_bytes && head_reference_unavailable(reference).empty()
+             ? ReferenceStorage::head()
+             : ReferenceStorage::float16();
+}
+
 void GradualEvaluator::set_reference(const QuantizableModel& reference) {
-  if (options_.reference_storage.kind != ReferenceStorage::Kind::kHead) {
-    set_reference(whole_model(reference));
+  const ReferenceStorage storage = resolve_storage(reference);
+  if (storage.kind != ReferenceStorage::Kind::kHead) {
+    set_reference_from(storage, whole_model(reference), nullptr, nullptr);
     return;
   }
-  const std::shared_ptr<const ModelStages> stages = reference.shared_stages();
-  GRADQ_CHECK(stages, "reference storage head recomputes the reference from the model's stages, and this model has "
-              "none: {}", reference.stages_unavailable_reason());
-  for (const WeightInfo& w : reference.weights())
-    GRADQ_CHECK(reference.block_position(w.block) >= 0,
-                "reference storage head recomputes the reference with the model's own head, so only weights inside "
-                "blocks may be quantized; '{}' is outside them (use fp16 or top<K>)", w.name);
+  const std::string unavailable = head_reference_unavailable(reference);
+  GRADQ_CHECK(unavailable.empty(), "{}", unavailable);
   // The cache moved past every block keeps only the head's inputs, one boundary at a time on the way.
+  const std::shared_ptr<const ModelStages> stages = reference.shared_stages();
   auto cache = std::make_shared<BlockInputCache>(*stages, windows_.inputs, options_.batch, BlockInputCache::Keep::kMoving);
   cache->move_to(cache->num_blocks());
   auto head = std::make_shared<HeadInputs>();
   head->stages = stages;
   head->cache = std::move(cache);
-  set_reference_from([&](int64_t b, int64_t) { return head->logits(b); }, nullptr, head);
+  set_reference_from(storage, [&](int64_t b, int64_t) { return head->logits(b); }, nullptr, head);
 }
 
 void GradualEvaluator::set_reference(const LogitsSource& source, double* forward_seconds) {
   GRADQ_CHECK(options_.reference_storage.kind != ReferenceStorage::Kind::kHead,
               "reference storage head needs the model itself (set_reference(model)), not only its logits");
-  set_reference_from(source, forward_seconds, nullptr);
+  const ReferenceStorage storage = options_.reference_storage.kind == ReferenceStorage::Kind::kAuto
+                                       ? ReferenceStorage::float16()
+                                       : options_.reference_storage;
+  set_reference_from(storage, source, forward_seconds, nullptr);
 }
 
-void GradualEvaluator::set_reference_from(const LogitsSource& source, double* forward_seconds,
-                                          std::shared_ptr<const HeadInputs> head) {
-  const ReferenceStorage storage = options_.reference_storage;
+void GradualEvaluator::set_reference_from(ReferenceStorage storage, const LogitsSource& source,
+                                          double* forward_seconds, std::shared_ptr<const HeadInputs> head) {
+  TORCH_INTERNAL_ASSERT(storage.kind != ReferenceStorage::Kind::kAuto);
   const at::Tensor targets = windows_.targets.index({scored_mask_});
   const int64_t tokens = targets.size(0);
   // Each batch is compacted as it comes and written into tensors of the final size: the float32

@@ -30,7 +30,9 @@ struct ReferenceStorage {
   /// the last block, `dim` values per position) is kept and the reference recomputed from it for each
   /// batch, so the KL is float32's exactly for one more head product per evaluation. It needs the
   /// model as stages, its head and embeddings unquantized, and cannot be saved.
-  enum class Kind { kFloat32, kFloat16, kTopK, kHead };
+  /// kAuto is a choice, not a way of keeping: GradualEvaluator::set_reference resolves it to kHead or
+  /// kFloat16 (EvaluatorOptions::auto_head_above_bytes); a Reference never holds it.
+  enum class Kind { kFloat32, kFloat16, kTopK, kHead, kAuto };
   Kind kind = Kind::kFloat32;
   int64_t k = 0;  ///< kTopK only: tokens kept per position (>= 1)
 
@@ -38,7 +40,9 @@ struct ReferenceStorage {
   static ReferenceStorage float16() { return {Kind::kFloat16, 0}; }
   static ReferenceStorage top_k(int64_t k);
   static ReferenceStorage head() { return {Kind::kHead, 0}; }
-  /// "fp32", "fp16", "top<K>" (K >= 1) or "head"; throws gradq::Error naming the accepted forms otherwise.
+  static ReferenceStorage automatic() { return {Kind::kAuto, 0}; }
+  /// "fp32", "fp16", "top<K>" (K >= 1), "head" or "auto"; throws gradq::Error naming the accepted forms
+  /// otherwise.
   static ReferenceStorage parse(const std::string& name);
   std::string name() const;
   /// Bytes per scored position for a vocabulary of `vocab` (the per-position extras included; kHead:
@@ -158,6 +162,11 @@ struct EvaluatorOptions {
   bool check_finite = true;
   /// How set_reference(model) keeps the reference (full float32 by default).
   ReferenceStorage reference_storage;
+  /// kAuto keeps the head's inputs (kHead) when the model allows it and fp16 log-probabilities would
+  /// take more than this; fp16 otherwise. kHead costs one head product per evaluation, a few percent of
+  /// a real LLM's forward (2-7% of Llama-7B's and TinyLlama's parameters are the head), and saves
+  /// 2 x vocab bytes per scored token: 1 GB for 64 windows of 256 tokens at a 32,000-token vocabulary.
+  int64_t auto_head_above_bytes = int64_t{64} << 20;
 };
 
 class GradualEvaluator {
@@ -168,9 +177,13 @@ class GradualEvaluator {
   /// EvaluatorOptions::reference_storage, compacted batch by batch (the float32 [tokens, vocab]
   /// log-probabilities are never held whole unless that is the storage). kHead keeps the model's
   /// head inputs instead, and recomputes from them with the model's head (shared_stages()), which
-  /// must stay unquantized, as must the embeddings (checked here).
+  /// must stay unquantized, as must the embeddings (checked here). kAuto is resolved here.
   void set_reference(const QuantizableModel& reference);
-  /// The same from logits however computed; every storage but kHead, which needs the model.
+  /// The storage set_reference(reference) keeps: the options' own, or for kAuto kHead when the fp16
+  /// log-probabilities of these windows would exceed EvaluatorOptions::auto_head_above_bytes and the
+  /// model allows a head reference (stages, every quantizable weight inside a block), else kFloat16.
+  ReferenceStorage resolve_storage(const QuantizableModel& reference) const;
+  /// The same from logits however computed; every storage but kHead, which needs the model (kAuto: fp16).
   void set_reference(const LogitsSource& reference, double* forward_seconds = nullptr);
   /// Uses a saved reference as it is stored; throws when it was computed for other windows.
   void set_reference(Reference reference);
@@ -214,7 +227,8 @@ class GradualEvaluator {
   /// The log-probabilities of every scored position, [tokens, vocab] float32.
   at::Tensor gather_log_probs(const LogitsSource& logits, double* forward_seconds, bool check_finite) const;
   /// set_reference's one implementation; `head`: kHead's inputs, whose logits `reference` gives.
-  void set_reference_from(const LogitsSource& reference, double* forward_seconds, std::shared_ptr<const HeadInputs> head);
+  void set_reference_from(ReferenceStorage storage, const LogitsSource& reference, double* forward_seconds,
+                          std::shared_ptr<const HeadInputs> head);
 
   Windows windows_;
   EvaluatorOptions options_;

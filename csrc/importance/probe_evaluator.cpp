@@ -26,9 +26,12 @@ Measurement parse_measurement(const std::string& name) {
 
 namespace {
 // The probes' reference comes from the block-input cache's logits, not the model (GradualEvaluator
-// keeps kHead's inputs only from the model itself): kHead's calibration reference is kept in fp16.
+// keeps kHead's inputs only from the model itself): kHead's and kAuto's calibration reference is kept
+// in fp16.
 EvaluatorOptions probe_evaluator_options(EvaluatorOptions options) {
-  if (options.reference_storage.kind == ReferenceStorage::Kind::kHead) options.reference_storage = ReferenceStorage::float16();
+  const ReferenceStorage::Kind kind = options.reference_storage.kind;
+  if (kind == ReferenceStorage::Kind::kHead || kind == ReferenceStorage::Kind::kAuto)
+    options.reference_storage = ReferenceStorage::float16();
   return options;
 }
 }  // namespace

@@ -182,7 +182,7 @@ TEST(Cli, ReferenceStorageIsValidated) {
     for (const char* bad : {"top0", "fp8", "top", "64"})
       expect_one_line_error(cmd + " --reference-storage " + bad,
                             std::string("--reference-storage: unknown reference storage '") + bad +
-                                "': expected fp32, fp16, top<K> with K >= 1 (e.g. top64) or head");
+                                "': expected fp32, fp16, top<K> with K >= 1 (e.g. top64), head or auto");
     auto [hrc, help] = test::run(test::cli() + " " + cmd.substr(0, cmd.find(' ')) + " --help");
     EXPECT_NE(help.find("--reference-storage"), std::string::npos) << cmd;
   }

@@ -206,7 +206,7 @@ TEST(ReferenceStorage, ParsesNamesAndRejectsBadOnes) {
   EXPECT_EQ(ReferenceStorage::parse("top1").k, 1);
   for (const char* name : {"fp32", "fp16", "top7", "top128"}) EXPECT_EQ(ReferenceStorage::parse(name).name(), name);
   for (const char* bad : {"", "fp8", "bf16", "top", "top0", "top-3", "top+3", "TOP4", "top64x", " top4", "top99999999999"})
-    GRADQ_EXPECT_THROW_MSG(ReferenceStorage::parse(bad), "expected fp32, fp16, top<K> with K >= 1 (e.g. top64) or head");
+    GRADQ_EXPECT_THROW_MSG(ReferenceStorage::parse(bad), "expected fp32, fp16, top<K> with K >= 1 (e.g. top64), head or auto");
   GRADQ_EXPECT_THROW_MSG(ReferenceStorage::top_k(0), "k >= 1, got k = 0");
   EXPECT_EQ(ReferenceStorage::float32().bytes_per_token(512), 4 * 512 + 20);
   EXPECT_EQ(ReferenceStorage::float16().bytes_per_token(512), 2 * 512 + 20);
@@ -214,6 +214,8 @@ TEST(ReferenceStorage, ParsesNamesAndRejectsBadOnes) {
   EXPECT_EQ(ReferenceStorage::parse("head"), ReferenceStorage::head());
   EXPECT_EQ(ReferenceStorage::head().name(), "head");
   EXPECT_EQ(ReferenceStorage::head().bytes_per_token(32000), 20);
+  EXPECT_EQ(ReferenceStorage::parse("auto"), ReferenceStorage::automatic());
+  EXPECT_EQ(ReferenceStorage::automatic().name(), "auto");
 }
 
 TEST(CompactReference, BytesFollowTheStorage) {
@@ -297,6 +299,35 @@ TEST(CompactReference, HeadRefusesWhatItCannotDo) {
   with_head.include = {"tok_embeddings"};
   CausalLM quantized_head = CausalLM::load(test::stories_pt(), with_head);
   GRADQ_EXPECT_THROW_MSG(ev.set_reference(quantized_head), "only weights inside blocks may be quantized; 'tok_embeddings.weight'");
+  GRADQ_EXPECT_THROW_MSG(compact().full.to_storage(ReferenceStorage::head()), "converts to fp32, fp16 or top<K>, not head");
+  GRADQ_EXPECT_THROW_MSG(compact().full.to_storage(ReferenceStorage::automatic()), "not auto");
+}
+
+// auto keeps the head's inputs when fp16 log-probabilities would pass the threshold and the model
+// allows a head reference; fp16 otherwise (below it, a quantizable embedding or head, logits alone).
+TEST(CompactReference, AutoChoosesHeadAboveTheThreshold) {
+  const int64_t fp16_bytes = compact().w.scored_tokens() * ReferenceStorage::float16().bytes_per_token(512);
+  EvaluatorOptions opt;
+  opt.reference_storage = ReferenceStorage::automatic();
+  opt.auto_head_above_bytes = fp16_bytes - 1;
+  GradualEvaluator above(compact().w, opt);
+  EXPECT_EQ(above.resolve_storage(setup().model), ReferenceStorage::head());
+  above.set_reference(setup().model);
+  EXPECT_EQ(above.reference()->storage, ReferenceStorage::head());
+  AdapterOptions with_embeddings;
+  with_embeddings.include = {"tok_embeddings"};
+  EXPECT_EQ(above.resolve_storage(CausalLM::load(test::stories_pt(), with_embeddings)), ReferenceStorage::float16());
+  above.set_reference(above.whole_model(setup().model));
+  EXPECT_EQ(above.reference()->storage, ReferenceStorage::float16());
+
+  opt.auto_head_above_bytes = fp16_bytes;
+  GradualEvaluator at(compact().w, opt);
+  EXPECT_EQ(at.resolve_storage(setup().model), ReferenceStorage::float16());
+  at.set_reference(setup().model);
+  EXPECT_EQ(at.reference()->storage, ReferenceStorage::float16());
+  EXPECT_EQ(at.reference()->bytes(), compact().full.to_storage(ReferenceStorage::float16()).bytes());
+  // The default threshold keeps stories260K's 21 MB of fp16 log-probabilities (80 windows of 256 tokens).
+  EXPECT_GT(EvaluatorOptions{}.auto_head_above_bytes, 80 * 256 * ReferenceStorage::float16().bytes_per_token(512));
 }
 
 TEST(CompactReference, ComputedBatchByBatchEqualsConverted) {
