@@ -9,6 +9,7 @@
 #   bash tools/bench_depth.sh                                  # depth: width 256, 4 8 16 32 layers
 #   SHAPES="256x4 512x4 1024x4" bash tools/bench_depth.sh      # width
 #   MEASURES="exact local" GRADQ=build/gradq WORK=/tmp/bd SEARCH="--max-kl 0.05" EXTRA="" bash tools/bench_depth.sh
+#   EXTRA="--device cuda": the same on a GPU (tools/device_check.sh's scans step)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gradq=${GRADQ:-build/gradq}
@@ -26,6 +27,19 @@ search=${SEARCH:---search progressive --method clip --max-kl 0.05 --no-trained-f
 mkdir -p "$work"
 [ -x "$gradq" ] || { echo "bench_depth: $gradq not found (build first)" >&2; exit 1; }
 
+# GNU time's report; where it is missing (the device tool's machine), the same three lines from Python.
+timed() {
+  if [ -x /usr/bin/time ]; then
+    /usr/bin/time -v "$@"
+  else
+    python3 -c 'import resource, subprocess, sys
+rc = subprocess.call(sys.argv[1:])
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"User time (seconds): {r.ru_utime:.2f}\nSystem time (seconds): {r.ru_stime:.2f}\n"
+      f"Maximum resident set size (kbytes): {r.ru_maxrss}", file=sys.stderr)
+sys.exit(rc)' "$@"
+  fi
+}
 cpu_of() { awk -F': ' '/User time/{u=$2} /System time/{s=$2} END{printf "%.1f", u+s}' "$1"; }
 rss_of() { awk -F': ' '/Maximum resident/{printf "%.0f", $2/1024}' "$1"; }
 
@@ -41,14 +55,14 @@ for shape in $shapes; do
   if [[ $search == *progressive* ]]; then  # only the progressive search reads an analysis
     analysis=$work/a_$shape.json
     if [ ! -f "$analysis" ]; then
-      /usr/bin/time -v "$gradq" analyze --model "$pt" --threads 1 -o "$analysis" $extra > "$work/analyze_$shape.out" 2> "$work/analyze_$shape.time"
+      timed "$gradq" analyze --model "$pt" --threads 1 -o "$analysis" $extra > "$work/analyze_$shape.out" 2> "$work/analyze_$shape.time"
     fi
     analysis_arg=(--analysis "$analysis")
     a_cpu=$(cpu_of "$work/analyze_$shape.time") a_rss=$(rss_of "$work/analyze_$shape.time")
   fi
   for m in $measures; do
     report=$work/r_${shape}_$m.json
-    /usr/bin/time -v "$gradq" quantize --model "$pt" --threads 1 "${analysis_arg[@]}" --search-measure "$m" \
+    timed "$gradq" quantize --model "$pt" --threads 1 "${analysis_arg[@]}" --search-measure "$m" \
       $search -o "$work/q_${shape}_$m.pt" --report "$report" $extra > "$work/quantize_${shape}_$m.out" 2> "$work/quantize_${shape}_$m.time" || true
     python3 - "$report" "$shape" "$weights" "$a_cpu" "$a_rss" \
       "$(rss_of "$work/quantize_${shape}_$m.time")" "$m" "$(cpu_of "$work/quantize_${shape}_$m.time")" <<'EOF'

@@ -14,6 +14,9 @@
 #   OUT=/tmp/check bash tools/device_check.sh     (GRADQ_DEVICE_PYTHON: the Python with torch)
 # GRADQ_DEVICE_STEPS="gpu_tests bench_kernels" runs only the named steps after the build (a kernel
 # change: its tests and its timings, in a third of the time).
+# GRADQ_DEVICE_STEPS=scans (named only, never by default) runs issue 13's depth and width scans on the
+# GPU: tools/bench_depth.sh with --device, the default search under --max-kl 0.05, local measurement,
+# shapes GRADQ_DEVICE_SHAPES (default "256x4 256x16 128x4 512x4 1024x4"), the table in $OUT/scans.md.
 # Rehearsal on a machine without a GPU: GRADQ_DEVICE_PREBUILT=1 GRADQ_DEVICE_BUILD_DIR=build
 # GRADQ_DEVICE=cpu skips configure and build and runs the other steps with that build on the CPU
 # (GRADQ_DEVICE_LAYERS=1 makes the Llama-7B-shaped model smaller).
@@ -137,6 +140,14 @@ llama7b_shapes() {
   ls -l "$m.pt" "$m-b4g128.pt" "$m-search.pt"
 }
 
+# Issue 13's depth and width scans (docs/BENCHMARKS.md, "Cost against depth"), run on $device.
+scans() {
+  GRADQ="$build/gradq" WORK="$scratch/scans" MEASURES=local SEARCH="--search allocate --max-kl 0.05" \
+    EXTRA="--device $device" SHAPES="${GRADQ_DEVICE_SHAPES:-256x4 256x16 128x4 512x4 1024x4}" \
+    bash tools/bench_depth.sh | tee "$out/scans.md"
+  [ "${PIPESTATUS[0]}" -eq 0 ]
+}
+
 # nvidia-smi's used memory every 250 ms while the check runs; the summary gives the peak.
 gpu_memory_sampler() {
   command -v nvidia-smi >/dev/null || return 0
@@ -150,7 +161,7 @@ packed_on_gpu() {
     "$("$python" -c 'import torch; print(torch.__version__.split("+")[0])')" cuda "$out/stories260K-q.pt"
 }
 
-export -f gpu_present environment configure build_targets gpu_tests bench quantize packed_on_gpu llama7b_shapes
+export -f gpu_present environment configure build_targets gpu_tests bench quantize packed_on_gpu llama7b_shapes scans
 export out python build device scratch
 sampler=
 gpu_memory_sampler
@@ -166,6 +177,7 @@ if built; then
   step bench_kernels 90 bench
   step quantize 150 quantize && step packed_on_gpu 60 packed_on_gpu
   step llama7b_shapes 240 llama7b_shapes
+  [[ " ${GRADQ_DEVICE_STEPS:-} " == *" scans "* ]] && step scans 420 scans
 else
   echo "- gpu_tests, bench_kernels, quantize, packed_on_gpu, llama7b_shapes: not run (the build failed)" >>"$summary"
 fi

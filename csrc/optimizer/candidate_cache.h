@@ -36,11 +36,12 @@ struct CandidateSpillOptions {
 
 class CandidateCache {
  public:
-  /// 16 MiB: with the spill, memory only saves reading a candidate back (from the page cache, as a
+  /// 4 MiB: with the spill, memory only saves reading a candidate back (from the page cache, as a
   /// rule), while what it holds is peak memory that grows with the model up to the bound: at 512
-  /// wide, 64 -> 16 MiB took 41 MiB off the peak for 58 reads back instead of 20 and the same output
+  /// wide, 64 -> 16 MiB took 41 MiB off the peak for 58 reads back instead of 20, and at 256 wide
+  /// 16 -> 4 MiB took 10 MiB off it for 62 reads back instead of 24, the same output both times
   /// (docs/BENCHMARKS.md; 256 MiB before the spill, when a dropped candidate was quantized again).
-  static constexpr int64_t kDefaultMaxBytes = int64_t{16} << 20;
+  static constexpr int64_t kDefaultMaxBytes = int64_t{4} << 20;
   static constexpr int64_t kDefaultSpillBytes = int64_t{64} << 30;
 
   /// Throws gradq::Error naming the directory and the system's reason when the spill file cannot be
