@@ -38,7 +38,9 @@ int cmd_analyze(int argc, char** argv) {
       ("calib-windows", "calibration windows (the first N of the calibration split)", cxxopts::value<int64_t>()->default_value("16"))
       ("ctx", "window length in tokens", cxxopts::value<int64_t>()->default_value("128"))
       ("calib-fraction", "fraction of the text's tokens that is the calibration set", cxxopts::value<double>()->default_value("0.1"))
-      ("batch", "windows per forward pass", cxxopts::value<int64_t>()->default_value("16"))
+      ("batch", "windows per forward pass (each holds its ctx x vocab float32 logits several times over: more "
+                "windows may be faster on a GPU, on a CPU they only add memory)",
+       cxxopts::value<int64_t>()->default_value(std::to_string(AnalyzerOptions{}.batch)))
       ("measure", "how probes of units in blocks are measured: local (block alone, its output error scaled by a "
                   "factor calibrated per block against an exact probe; cost per unit independent of depth), exact "
                   "(blocks from the unit's on, from cached block inputs) or whole (every probe a whole forward pass)",
