@@ -63,7 +63,7 @@ struct AnalyzerOptions {
   bool static_signals = true;  ///< false skips the capture and gradient passes (their signals read 0)
   /// Windows per forward pass: 1, as the quantizer's (EvaluatorOptions::batch): the probes hold a
   /// batch's [batch x ctx x vocab] float32 logits several times over, 2.3 GB at 16 windows of 128
-  /// tokens and a 32,000-token vocabulary (0.6 GB at 1, +20% CPU); on stories260K 1 costs 0.6 CPU s
+  /// tokens and a 32,000-token vocabulary (0.6 GB at 1, +12% CPU); on stories260K 1 costs 0.6 CPU s
   /// (docs/BENCHMARKS.md).
   int64_t batch = EvaluatorOptions{}.batch;
   ReferenceStorage reference_storage;  ///< how the probes' reference is kept (evaluator.h)
