@@ -104,8 +104,8 @@ void add_reference_storage_option(cxxopts::Options& options, const std::string& 
                             "bytes; KL a lower bound, 0.3% under fp32's at top64 on stories260K, more on flat "
                             "distributions) or head (no log-probabilities: the model's input to its head, its width "
                             "in values per token, and the reference recomputed per batch: fp32's KL for one more head "
-                            "product; the head and embeddings must stay unquantized, the analysis's probes keep "
-                            "fp16, and it cannot be saved). Perplexity, delta p and same-top are exact with each "
+                            "product; the head and embeddings must stay unquantized, and it cannot be saved). "
+                            "Perplexity, delta p and same-top are exact with each "
                             "(docs/BENCHMARKS.md)",
        cxxopts::value<std::string>()->default_value("auto"));
 }

@@ -24,21 +24,9 @@ Measurement parse_measurement(const std::string& name) {
   throw Error(fmt::format("unknown measurement '{}' (expected whole, exact or local)", name));
 }
 
-namespace {
-// The probes' reference comes from the block-input cache's logits, not the model (GradualEvaluator
-// keeps kHead's inputs only from the model itself): kHead's and kAuto's calibration reference is kept
-// in fp16.
-EvaluatorOptions probe_evaluator_options(EvaluatorOptions options) {
-  const ReferenceStorage::Kind kind = options.reference_storage.kind;
-  if (kind == ReferenceStorage::Kind::kHead || kind == ReferenceStorage::Kind::kAuto)
-    options.reference_storage = ReferenceStorage::float16();
-  return options;
-}
-}  // namespace
-
 ProbeEvaluator::ProbeEvaluator(const QuantizableModel& reference, Windows windows, int64_t subsets,
                                EvaluatorOptions options)
-    : evaluator_(std::move(windows), probe_evaluator_options(options)) {
+    : evaluator_(std::move(windows), options) {
   const int64_t n = evaluator_.windows().size();
   GRADQ_CHECK(subsets >= 1, "expected at least 1 calibration subset, got {}", subsets);
   GRADQ_CHECK(n >= subsets, "expected at least as many calibration windows as subsets ({}), got {} windows", subsets, n);
@@ -59,21 +47,31 @@ ProbeEvaluator::ProbeEvaluator(const QuantizableModel& reference, Windows window
 
   const auto start = Clock::now();
   c10::InferenceMode guard;
-  // GradualEvaluator::set_reference(model)'s reference in options.reference_storage, from the head's
-  // cached input when the model splits into stages.
+  // GradualEvaluator::set_reference(model)'s reference in options.reference_storage: kept as the
+  // head's inputs (kHead, or kAuto resolved to it) by the evaluator's own pass over the model, else
+  // from the head's cached input when the model splits into stages.
+  const bool head_reference = evaluator_.resolve_storage(reference).kind == ReferenceStorage::Kind::kHead;
+  double head_seconds = 0;
+  if (head_reference) {
+    const auto t0 = Clock::now();
+    evaluator_.set_reference(reference);
+    head_seconds = seconds_since(t0);
+  }
   if (const ModelStages* stages = reference.stages()) {
     // One pass fills the block-input cache and gives the reference from the head's cached input.
     const auto t0 = Clock::now();
     cache_ = std::make_shared<BlockInputCache>(*stages, w.inputs, options.batch);
     const double cache_seconds = seconds_since(t0);
     const int64_t head = cache_->num_blocks();
-    evaluator_.set_reference([&](int64_t b, int64_t) { return cache_->logits_from(head, cache_->chunk_of(b)); },
-                             &forward_seconds_);
+    if (!head_reference)
+      evaluator_.set_reference([&](int64_t b, int64_t) { return cache_->logits_from(head, cache_->chunk_of(b)); },
+                               &forward_seconds_);
     forward_seconds_ += cache_seconds;
     local_factors_.assign(cache_->num_blocks(), std::numeric_limits<double>::quiet_NaN());
-  } else {
+  } else if (!head_reference) {
     evaluator_.set_reference(evaluator_.whole_model(reference), &forward_seconds_);
   }
+  forward_seconds_ += head_seconds;
   const Reference& ref = *evaluator_.reference();
   GRADQ_CHECK(ref.tokens() == tokens, "internal: reference has {} scored tokens, the subsets {}", ref.tokens(), tokens);
   ref_nll_ = -ref.target_log_probs;

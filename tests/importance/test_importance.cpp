@@ -539,6 +539,39 @@ TEST(Analysis, SameSeedSameResultOtherSeedOtherNoise) {
   }
 }
 
+// A head reference in the probes (kHead, or kAuto resolved to it) recomputes the reference with
+// float32's formula: every probe's KL equals float32 storage's bit for bit. A model whose embeddings
+// are probed cannot have one: explicit head says why, auto keeps fp16.
+TEST(Analysis, HeadReferenceEqualsFloat32) {
+  AdapterOptions adapter;
+  adapter.exclude = {R"(^layers\.[1-9])"};
+  CausalLM model = CausalLM::load(test::stories_pt(), adapter);
+  AnalyzerOptions o = small_options();
+  const Windows w = calibration(8, 32);
+  o.reference_storage = ReferenceStorage::float32();
+  const ImportanceAnalysis full = ImportanceAnalyzer(model, w, o).run();
+  o.reference_storage = ReferenceStorage::head();
+  const ImportanceAnalysis head = ImportanceAnalyzer(model, w, o).run();
+  ASSERT_EQ(full.units.size(), head.units.size());
+  int64_t measured = 0;
+  for (size_t i = 0; i < full.units.size(); ++i) {
+    ASSERT_EQ(full.units[i].probes.size(), head.units[i].probes.size());
+    for (const auto& [probe, m] : full.units[i].probes) {
+      measured += m.kl > 0;
+      EXPECT_EQ(m.kl, head.units[i].probes.at(probe).kl) << full.units[i].unit.name << " " << probe;
+      EXPECT_EQ(m.subset_kl, head.units[i].probes.at(probe).subset_kl) << full.units[i].unit.name << " " << probe;
+    }
+    EXPECT_EQ(full.units[i].rank, head.units[i].rank);
+  }
+  EXPECT_GT(measured, 10);
+  adapter.include = {"tok_embeddings"};
+  CausalLM with_embeddings = CausalLM::load(test::stories_pt(), adapter);
+  GRADQ_EXPECT_THROW_MSG(ImportanceAnalyzer(with_embeddings, w, o).run(),
+                         "only weights inside blocks may be quantized; 'tok_embeddings.weight'");
+  o.reference_storage = ReferenceStorage::automatic();
+  EXPECT_NO_THROW(ImportanceAnalyzer(with_embeddings, w, o).run());
+}
+
 // ---- The GPT-style fixture ----------------------------------------------------------------------------
 
 TEST(Analysis, RunsOnTheGptFixture) {
