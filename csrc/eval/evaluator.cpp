@@ -455,22 +455,29 @@ ReferenceStorage GradualEvaluator::resolve_storage(const QuantizableModel& refer
              : ReferenceStorage::float16();
 }
 
-void GradualEvaluator::set_reference(const QuantizableModel& reference) {
+void GradualEvaluator::set_reference(const QuantizableModel& reference, std::shared_ptr<const BlockInputCache> cache,
+                                     double* forward_seconds) {
   const ReferenceStorage storage = resolve_storage(reference);
-  if (storage.kind != ReferenceStorage::Kind::kHead) {
-    set_reference_from(storage, whole_model(reference), nullptr, nullptr);
-    return;
+  if (storage.kind == ReferenceStorage::Kind::kHead) {
+    const std::string unavailable = head_reference_unavailable(reference);
+    GRADQ_CHECK(unavailable.empty(), "{}", unavailable);
+    if (!cache) {
+      // A cache moved past every block keeps only the head's inputs, one boundary at a time on the way.
+      auto moving = std::make_shared<BlockInputCache>(*reference.stages(), windows_.inputs, options_.batch,
+                                                      BlockInputCache::Keep::kMoving);
+      moving->move_to(moving->num_blocks());
+      cache = std::move(moving);
+    }
+    auto head = std::make_shared<HeadInputs>();
+    head->stages = reference.shared_stages();
+    head->cache = std::move(cache);
+    set_reference_from(storage, [&](int64_t b, int64_t) { return head->logits(b); }, forward_seconds, head);
+  } else if (cache) {
+    set_reference_from(storage, [&](int64_t b, int64_t) { return cache->logits_from(cache->num_blocks(), cache->chunk_of(b)); },
+                       forward_seconds, nullptr);
+  } else {
+    set_reference_from(storage, whole_model(reference), forward_seconds, nullptr);
   }
-  const std::string unavailable = head_reference_unavailable(reference);
-  GRADQ_CHECK(unavailable.empty(), "{}", unavailable);
-  // The cache moved past every block keeps only the head's inputs, one boundary at a time on the way.
-  const std::shared_ptr<const ModelStages> stages = reference.shared_stages();
-  auto cache = std::make_shared<BlockInputCache>(*stages, windows_.inputs, options_.batch, BlockInputCache::Keep::kMoving);
-  cache->move_to(cache->num_blocks());
-  auto head = std::make_shared<HeadInputs>();
-  head->stages = stages;
-  head->cache = std::move(cache);
-  set_reference_from(storage, [&](int64_t b, int64_t) { return head->logits(b); }, nullptr, head);
 }
 
 void GradualEvaluator::set_reference(const LogitsSource& source, double* forward_seconds) {

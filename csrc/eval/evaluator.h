@@ -177,8 +177,12 @@ class GradualEvaluator {
   /// EvaluatorOptions::reference_storage, compacted batch by batch (the float32 [tokens, vocab]
   /// log-probabilities are never held whole unless that is the storage). kHead keeps the model's
   /// head inputs instead, and recomputes from them with the model's head (shared_stages()), which
-  /// must stay unquantized, as must the embeddings (checked here). kAuto is resolved here.
-  void set_reference(const QuantizableModel& reference);
+  /// must stay unquantized, as must the embeddings (checked here). kAuto is resolved here. `cache`,
+  /// when given, already holds the model's states over these windows in chunks of this evaluator's
+  /// batch, the head's boundary included: the reference comes from its head inputs, and kHead keeps
+  /// it (instead of a pass of its own).
+  void set_reference(const QuantizableModel& reference, std::shared_ptr<const BlockInputCache> cache = nullptr,
+                     double* forward_seconds = nullptr);
   /// The storage set_reference(reference) keeps: the options' own, or for kAuto kHead when the fp16
   /// log-probabilities of these windows would exceed EvaluatorOptions::auto_head_above_bytes and the
   /// model allows a head reference (stages, every quantizable weight inside a block), else kFloat16.

@@ -47,31 +47,18 @@ ProbeEvaluator::ProbeEvaluator(const QuantizableModel& reference, Windows window
 
   const auto start = Clock::now();
   c10::InferenceMode guard;
-  // GradualEvaluator::set_reference(model)'s reference in options.reference_storage: kept as the
-  // head's inputs (kHead, or kAuto resolved to it) by the evaluator's own pass over the model, else
-  // from the head's cached input when the model splits into stages.
-  const bool head_reference = evaluator_.resolve_storage(reference).kind == ReferenceStorage::Kind::kHead;
-  double head_seconds = 0;
-  if (head_reference) {
-    const auto t0 = Clock::now();
-    evaluator_.set_reference(reference);
-    head_seconds = seconds_since(t0);
-  }
   if (const ModelStages* stages = reference.stages()) {
-    // One pass fills the block-input cache and gives the reference from the head's cached input.
+    // One pass fills the block-input cache, and the reference comes from the head's cached input
+    // (a head reference keeps the cache itself).
     const auto t0 = Clock::now();
     cache_ = std::make_shared<BlockInputCache>(*stages, w.inputs, options.batch);
     const double cache_seconds = seconds_since(t0);
-    const int64_t head = cache_->num_blocks();
-    if (!head_reference)
-      evaluator_.set_reference([&](int64_t b, int64_t) { return cache_->logits_from(head, cache_->chunk_of(b)); },
-                               &forward_seconds_);
+    evaluator_.set_reference(reference, cache_, &forward_seconds_);
     forward_seconds_ += cache_seconds;
     local_factors_.assign(cache_->num_blocks(), std::numeric_limits<double>::quiet_NaN());
-  } else if (!head_reference) {
-    evaluator_.set_reference(evaluator_.whole_model(reference), &forward_seconds_);
+  } else {
+    evaluator_.set_reference(reference, nullptr, &forward_seconds_);
   }
-  forward_seconds_ += head_seconds;
   const Reference& ref = *evaluator_.reference();
   GRADQ_CHECK(ref.tokens() == tokens, "internal: reference has {} scored tokens, the subsets {}", ref.tokens(), tokens);
   ref_nll_ = -ref.target_log_probs;
