@@ -93,7 +93,9 @@ int64_t cholesky_in_place(at::Tensor& a) {
 }
 
 // L^-1 of the lower triangular `a` (its upper triangle 0), in place. Panels from the last: with the
-// trailing M22 = L22^-1 already in place, L21's panel becomes -M22 L21 L11^-1.
+// trailing M22 = L22^-1 already in place, L21's panel becomes -M22 L21 L11^-1. M22 is lower
+// triangular, so each slice of the panel's rows needs only the columns of M22 up to its last row:
+// half the multiply-adds of the dense product.
 void invert_lower_in_place(at::Tensor& a) {
   const int64_t n = a.size(0);
   for (int64_t k = (n - 1) / kUpdateRows * kUpdateRows; k >= 0; k -= kUpdateRows) {
@@ -103,7 +105,13 @@ void invert_lower_in_place(at::Tensor& a) {
     if (rest > 0) {
       at::Tensor panel = a.narrow(0, k + kb, rest).narrow(1, k, kb);
       const at::Tensor m22 = a.narrow(0, k + kb, rest).narrow(1, k + kb, rest);
-      panel.copy_(m22.matmul(panel.matmul(inverse)).neg_());
+      const at::Tensor scaled = panel.matmul(inverse);  // L21 L11^-1, a new [rest, kb] matrix
+      for (int64_t r = 0; r < rest; r += kUpdateRows) {
+        const int64_t c = std::min(kUpdateRows, rest - r);
+        at::Tensor rows = panel.narrow(0, r, c);
+        at::mm_out(rows, m22.narrow(0, r, c).narrow(1, 0, r + c), scaled.narrow(0, 0, r + c));
+      }
+      panel.neg_();
     }
     diagonal_block.copy_(inverse);
   }
