@@ -177,7 +177,15 @@ CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : m
   } catch (const Error&) {
     throw;  // gradq's checks of what forward returned say themselves what is wrong
   } catch (const std::exception& e) {  // c10::Error, or the interpreter's std::runtime_error made of one
-    throw Error(fmt::format("the module's forward fails on int64 tokens [1, 2]: {}", essential_error_line(e)));
+    const std::string line = essential_error_line(e);
+    // gradq runs an fp16 model in float32 on a CPU; a forward that makes fp16 tensors itself (a trace
+    // records dtypes as constants: Hugging Face's attention masks) then mixes the two.
+    const bool made_half_inside = !stored_dtypes_.empty() && line.find("Half") != std::string::npos;
+    throw Error(fmt::format("the module's forward fails on int64 tokens [1, 2]: {}{}", line,
+                            made_half_inside ? " (gradq computes fp16 models in float32 on a CPU, and this forward makes "
+                                               "fp16 tensors itself: save the model in float32 or bf16, or run it on a GPU "
+                                               "with --device cuda)"
+                                             : ""));
   }
   GRADQ_CHECK(probe.dim() == 3 && probe.size(0) == 1 && probe.size(1) == 2,
               "forward must return logits [B, T, vocab]; for tokens [1, 2] it returned shape {}", fmt::to_string(fmt::join(probe.sizes(), "x")));
@@ -244,26 +252,27 @@ void CausalLM::analyze(const AdapterOptions& options) {
 }
 
 void CausalLM::hold_in_compute_dtype() {
-  std::map<std::string, at::ScalarType> floating;
-  bool cpu_half = false;
+  // libtorch 1.13 has no fp16 CPU kernels for matmul, norms or softmax, so fp16 tensors on a CPU are
+  // held in float32. Only those: bf16 has CPU kernels, and a forward that casts to bf16 itself (a
+  // traced Hugging Face model's attention) must keep meeting bf16 tensors, also in a packed bf16
+  // model, whose fp16 scales are converted here while its bf16 norms and embeddings stay.
+  std::map<std::string, at::ScalarType> half;
   auto note = [&](const std::string& name, const at::Tensor& t) {
-    if (!t.defined() || !t.is_floating_point() || t.scalar_type() == at::kFloat) return;
-    floating.emplace(name, t.scalar_type());
-    cpu_half = cpu_half || (t.scalar_type() == at::kHalf && t.device().is_cpu());
+    if (t.defined() && t.scalar_type() == at::kHalf && t.device().is_cpu()) half.emplace(name, at::kHalf);
   };
   for (const auto& p : module_.named_parameters(/*recurse=*/true)) note(p.name, p.value);
   for (const auto& b : module_.named_buffers(/*recurse=*/true)) note(b.name, b.value);
-  if (!cpu_half) return;
+  if (half.empty()) return;
   // Converted one by one: the C++ Module::to would convert integer buffers (a packed model's codes)
   // too. set_data keeps a tensor shared by two paths (a tied head) one tensor. The converted ones are
   // remembered so that writing the model restores each one's own dtype.
   torch::NoGradGuard no_grad;
   auto convert = [&](const std::string& name, at::Tensor t) {
-    if (floating.count(name)) t.set_data(t.to(at::kFloat));
+    if (half.count(name)) t.set_data(t.to(at::kFloat));
   };
   for (const auto& p : module_.named_parameters(/*recurse=*/true)) convert(p.name, p.value);
   for (const auto& b : module_.named_buffers(/*recurse=*/true)) convert(b.name, b.value);
-  stored_dtypes_ = std::move(floating);
+  stored_dtypes_ = std::move(half);
 }
 
 at::ScalarType CausalLM::stored_dtype(const std::string& path, at::ScalarType held) const {
@@ -300,10 +309,7 @@ std::vector<std::pair<std::string, at::Tensor>> CausalLM::parameters() const {
 }
 
 at::Tensor CausalLM::forward(const at::Tensor& tokens) const {
-  const c10::IValue out = module_.forward({tokens});
-  GRADQ_CHECK(out.isTensor(), "forward must return the logits as one tensor [B, T, vocab], it returns a {}",
-              out.type()->str());
-  return out.toTensor();
+  return logits_of(module_.forward({tokens}));
 }
 
 const ModelStages* CausalLM::stages() const {

@@ -4,6 +4,8 @@
 
 #include <unordered_set>
 
+#include "common/error.h"
+
 namespace gradq {
 using torch::jit::Graph;
 using torch::jit::Node;
@@ -27,6 +29,43 @@ std::shared_ptr<Graph> inlined_forward_graph(const torch::jit::Module& module) {
   constexpr int kMaxDepth = 256;
   for (int depth = 0; depth < kMaxDepth && has_calls(graph->block()); ++depth) torch::jit::Inline(*graph);
   return graph;
+}
+
+namespace {
+constexpr const char* kLogitsKey = "logits";
+constexpr const char* kExpectedOutput =
+    "the logits as one tensor [B, T, vocab], a tuple that starts with them or a dict with \"logits\"";
+}  // namespace
+
+at::Tensor logits_of(const c10::IValue& output) {
+  if (output.isTensor()) return output.toTensor();
+  if (output.isTuple()) {
+    const auto& elements = output.toTupleRef().elements();
+    if (!elements.empty() && elements[0].isTensor()) return elements[0].toTensor();
+  } else if (output.isGenericDict()) {
+    const c10::Dict<c10::IValue, c10::IValue> dict = output.toGenericDict();
+    if (auto it = dict.find(c10::IValue(std::string(kLogitsKey))); it != dict.end() && it->value().isTensor())
+      return it->value().toTensor();
+  }
+  throw Error(fmt::format("forward must return {}; it returns a {}", kExpectedOutput, output.type()->str()));
+}
+
+torch::jit::Value* logits_value(torch::jit::Graph& graph) {
+  if (graph.outputs().size() != 1) return nullptr;
+  Value* out = graph.outputs()[0];
+  auto is_tensor = [](const Value* v) { return v->type()->cast<c10::TensorType>() != nullptr; };
+  if (is_tensor(out)) return out;
+  Node* node = out->node();
+  if (node->kind() == c10::prim::TupleConstruct && node->inputs().size() > 0 && is_tensor(node->input(0)))
+    return node->input(0);
+  if (node->kind() == c10::prim::DictConstruct) {
+    for (size_t k = 0; k + 1 < node->inputs().size(); k += 2) {
+      const auto key = torch::jit::toIValue(node->input(k));
+      if (key && key->isString() && key->toStringRef() == kLogitsKey && is_tensor(node->input(k + 1)))
+        return node->input(k + 1);
+    }
+  }
+  return nullptr;
 }
 
 namespace {

@@ -13,6 +13,16 @@ namespace gradq {
 /// reads of all submodules appear as prim::GetAttr chains from the graph's `self` input.
 std::shared_ptr<torch::jit::Graph> inlined_forward_graph(const torch::jit::Module& module);
 
+/// The logits in what a causal LM's forward returns: the value itself when it is a tensor, the first
+/// element of a tuple (Hugging Face models with return_dict=False or torchscript=True), or the
+/// "logits" entry of a dict (a Hugging Face model traced with strict=False). Throws, naming the type,
+/// when the output is none of these.
+at::Tensor logits_of(const c10::IValue& output);
+
+/// The graph value logits_of() reads: `graph`'s single output when it is a tensor, else the tensor
+/// that its tuple starts with or its dict holds under "logits"; nullptr when there is none.
+torch::jit::Value* logits_value(torch::jit::Graph& graph);
+
 /// For every prim::GetAttr output in `graph` (recursively into blocks), its dotted path from self,
 /// e.g. "layers.0.attention.wq.weight".
 std::unordered_map<const torch::jit::Value*, std::string> attribute_paths(const torch::jit::Graph& graph);

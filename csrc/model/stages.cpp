@@ -1,6 +1,7 @@
 #include "model/stages.h"
 
 #include <torch/csrc/jit/api/function_impl.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
 
 #include <algorithm>
 #include <map>
@@ -137,6 +138,15 @@ std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module
   if (graph->inputs().size() != 2 || graph->outputs().size() != 1)
     return fail(fmt::format("forward takes {} inputs and returns {} values; expected (self, tokens) -> logits",
                             graph->inputs().size(), graph->outputs().size()));
+  // The head stage ends at the logits: a tuple or dict around them (Hugging Face's outputs) is the
+  // whole forward's business, and what the packed export keeps.
+  Value* logits = logits_value(*graph);
+  if (!logits) return fail(fmt::format("forward returns a {}, not logits", graph->outputs()[0]->type()->str()));
+  if (logits != graph->outputs()[0]) {
+    graph->eraseOutput(0);
+    graph->registerOutput(logits);
+    torch::jit::EliminateDeadCode(graph);
+  }
   const auto paths = attribute_paths(*graph);
   const torch::jit::Block* top = graph->block();
   std::vector<Node*> nodes(graph->nodes().begin(), graph->nodes().end());
@@ -281,7 +291,7 @@ std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module
   std::unique_ptr<GraphStages> result(new GraphStages(module, std::move(stages), probe_tokens.device()));
   try {
     c10::InferenceMode guard;
-    at::Tensor whole = const_cast<torch::jit::Module&>(module).forward({probe_tokens}).toTensor();
+    at::Tensor whole = logits_of(const_cast<torch::jit::Module&>(module).forward({probe_tokens}));
     at::Tensor staged = result->logits(probe_tokens);
     if (!at::equal(whole, staged))
       return fail(fmt::format("the staged forward differs from the whole forward by up to {} on a probe input",

@@ -232,7 +232,7 @@ TEST(Cli, BadLogitsAreRejected) {
   const std::string shape = "tokens.size(0), tokens.size(1), 512";
   test::scripted_module("    return torch.zeros([" + shape + "]).long() + 1000\n").save(dir + "/int64.pt");
   test::scripted_module("    return torch.full([" + shape + "], float('nan'))\n").save(dir + "/nan.pt");
-  test::scripted_module("    x = torch.zeros([" + shape + "])\n    return (x, x)\n").save(dir + "/tuple.pt");
+  test::scripted_module("    x = torch.zeros([" + shape + "])\n    return {\"scores\": x}\n").save(dir + "/dict.pt");
   const std::string common = " --max-windows 2 --ctx 64 --threads 1";
   expect_one_line_error("eval --model " + dir + "/int64.pt" + common, "floating-point logits, it returns Long");
   // Alone, the model's first pass is the evaluation itself (after its "evaluating ..." line).
@@ -242,7 +242,8 @@ TEST(Cli, BadLogitsAreRejected) {
   EXPECT_EQ(out.find("PPL"), std::string::npos) << out;
   expect_one_line_error("eval --model " + test::stories_bin() + " --reference " + dir + "/nan.pt" + common,
                         "NaN or infinite values in window 0");
-  expect_one_line_error("eval --model " + dir + "/tuple.pt" + common, "logits as one tensor");
+  expect_one_line_error("eval --model " + dir + "/dict.pt" + common,
+                        "a tuple that starts with them or a dict with \"logits\"; it returns a Dict(str, Tensor)");
 }
 
 TEST(Cli, ContextIsCheckedAgainstTheModel) {

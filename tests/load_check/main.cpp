@@ -37,7 +37,12 @@ int main(int argc, char** argv) {
         if (b.value.is_floating_point()) b.value.set_data(b.value.to(at::kFloat));
     }
     const at::Tensor tokens = at::arange(1, 17, at::kLong).view({2, 8});
-    const at::Tensor logits = model.forward({tokens}).toTensor();
+    // The logits as a consumer finds them: the output itself, the first element of a tuple or the
+    // "logits" entry of a dict (Hugging Face's outputs, traced).
+    const c10::IValue out = model.forward({tokens});
+    const at::Tensor logits = out.isTuple()        ? out.toTupleRef().elements().at(0).toTensor()
+                              : out.isGenericDict() ? out.toGenericDict().at(std::string("logits")).toTensor()
+                                                    : out.toTensor();
     std::printf("logits %s %s sum %.6f\n", c10::str(logits.sizes()).c_str(), c10::toString(logits.scalar_type()),
                 logits.to(at::kDouble).sum().item<double>());
   } catch (const c10::Error& e) {

@@ -24,16 +24,25 @@ std::string error_of(const std::function<void()>& f) {
 
 const char* kShape = "tokens.size(0), tokens.size(1), 512";
 
-TEST(ModelChecks, LogitsMustBeOneFloatingTensor) {
+TEST(ModelChecks, LogitsMustBeOneFloatingTensorOrInAHuggingFaceContainer) {
   const std::string int64 = error_of([] {
     CausalLM m(test::scripted_module(fmt::format("    return torch.zeros([{}]).long()\n", kShape)));
   });
   EXPECT_NE(int64.find("floating-point logits, it returns Long"), std::string::npos) << int64;
-  const std::string tuple = error_of([] {
-    CausalLM m(test::scripted_module(fmt::format("    x = torch.zeros([{}])\n    return (x, x)\n", kShape)));
-  });
-  EXPECT_NE(tuple.find("one tensor"), std::string::npos) << tuple;
-  EXPECT_EQ(tuple.find("fails on int64 tokens"), std::string::npos) << tuple;
+  // Hugging Face's containers: a tuple that starts with the logits, a dict holding them under "logits".
+  const std::string logits = fmt::format("    x = torch.zeros([{}])\n    x[:, :, 5] = 1.0\n", kShape);
+  for (const char* returned : {"    return (x, x + 1)\n", "    return {\"loss\": x + 1, \"logits\": x}\n"}) {
+    CausalLM m(test::scripted_module(logits + returned));
+    EXPECT_EQ(m.vocab_size(), 512) << returned;
+    EXPECT_EQ(m.logits(at::zeros({1, 3}, at::kLong)).select(2, 5).sum().item<double>(), 3.0) << returned;
+  }
+  for (const char* returned : {"    return (5, x)\n", "    return {\"scores\": x}\n"}) {
+    const std::string msg = error_of([&] { CausalLM m(test::scripted_module(logits + returned)); });
+    EXPECT_NE(msg.find("forward must return the logits as one tensor [B, T, vocab], a tuple that starts with them or "
+                       "a dict with \"logits\"; it returns a "),
+              std::string::npos) << msg;
+    EXPECT_EQ(msg.find("fails on int64 tokens"), std::string::npos) << msg;
+  }
   // float64 logits are converted to float32.
   CausalLM f64(test::scripted_module(fmt::format("    return torch.zeros([{}]).double()\n", kShape)));
   EXPECT_EQ(f64.logits(at::zeros({2, 5}, at::kLong)).scalar_type(), at::kFloat);

@@ -17,6 +17,7 @@
 #include "common/error.h"
 #include "common/files.h"
 #include "model/causal_lm.h"
+#include "model/graph_utils.h"
 #include "support/test_support.h"
 
 namespace gradq {
@@ -25,7 +26,8 @@ namespace fs = std::filesystem;
 
 struct ZooModel {
   const char* name;
-  at::ScalarType dtype;  // of its parameters in the file
+  at::ScalarType dtype;             // of its parameters in the file
+  const char* folder = "models";  // under tests/zoo
 };
 
 const ZooModel kZoo[] = {
@@ -34,7 +36,18 @@ const ZooModel kZoo[] = {
     {"hf_llama_tied_bf16", at::kBFloat16}, {"hf_qkv_bias_trace_fp16", at::kHalf},
 };
 
-std::string zoo_path(const std::string& name) { return std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/zoo/models/" + name + ".pt"; }
+// Hugging Face transformers' own classes, traced (tools/make_hf_zoo.py): their forwards return a
+// tuple, a dict or the logits.
+const ZooModel kHuggingFaceZoo[] = {
+    {"hf_llama_tuple_bf16", at::kBFloat16, "models_hf"},     {"hf_qwen2_tied_dict", at::kFloat, "models_hf"},
+    {"hf_gpt2_tuple", at::kFloat, "models_hf"},              {"hf_phi3_fused_tensor", at::kFloat, "models_hf"},
+    {"hf_gemma_tied_dict_bf16", at::kBFloat16, "models_hf"}, {"hf_opt_tuple", at::kFloat, "models_hf"},
+};
+
+std::string zoo_path(const std::string& name, const std::string& folder = "models") {
+  return std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/zoo/" + folder + "/" + name + ".pt";
+}
+std::string zoo_path(const ZooModel& z) { return zoo_path(z.name, z.folder); }
 
 // Small data options shared by every command: a few short windows keep each model to seconds.
 const std::string kData = " --threads 1 --ctx 64";
@@ -61,7 +74,7 @@ at::Tensor consumer_logits(const std::string& path, const at::Tensor& tokens) {
   for (const auto& p : m.named_parameters(true)) to_float(p.value);
   for (const auto& b : m.named_buffers(true)) to_float(b.value);
   c10::InferenceMode guard;
-  return m.forward({tokens}).toTensor().to(at::kDouble);
+  return logits_of(m.forward({tokens})).to(at::kDouble);
 }
 
 double epsilon(at::ScalarType dtype) {
@@ -77,12 +90,14 @@ class Zoo : public ::testing::TestWithParam<ZooModel> {};
 // Loads with gradq's adapter: the model's dtype is found and its matrix weights are quantizable.
 TEST_P(Zoo, AdapterFindsWeightsAndDtype) {
   const ZooModel& z = GetParam();
-  CausalLM model = CausalLM::load(zoo_path(z.name));
+  CausalLM model = CausalLM::load(zoo_path(z));
   EXPECT_EQ(model.dtype(), z.dtype);
   EXPECT_EQ(model.vocab_size(), 512);
   EXPECT_GE(model.blocks().size(), 2u);
   EXPECT_GE(model.weights().size(), 2 * model.blocks().size());
   for (const BlockInfo& b : model.blocks()) EXPECT_GE(b.weights.size(), 4u) << b.name;
+  // Its forward splits into stages, whatever container it returns the logits in.
+  EXPECT_NE(model.stages(), nullptr) << model.stages_unavailable_reason();
   // fp16 is computed in float32 on the CPU; everything else in its own dtype.
   const at::Tensor w = model.parameter(model.weights().front().name);
   EXPECT_EQ(w.scalar_type(), z.dtype == at::kHalf ? at::kFloat : z.dtype);
@@ -91,7 +106,7 @@ TEST_P(Zoo, AdapterFindsWeightsAndDtype) {
 
 TEST_P(Zoo, EveryCommand) {
   const ZooModel& z = GetParam();
-  const std::string model = zoo_path(z.name);
+  const std::string model = zoo_path(z);
   const std::string dir = test::temp_dir(std::string("zoo_") + z.name);
   auto ok = [](const std::string& command) {
     auto [rc, out] = test::run(command);
@@ -167,6 +182,21 @@ TEST_P(Zoo, EveryCommand) {
 
 INSTANTIATE_TEST_SUITE_P(UserModels, Zoo, ::testing::ValuesIn(kZoo),
                          [](const ::testing::TestParamInfo<ZooModel>& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(HuggingFace, Zoo, ::testing::ValuesIn(kHuggingFaceZoo),
+                         [](const ::testing::TestParamInfo<ZooModel>& info) { return std::string(info.param.name); });
+
+// An fp16 Hugging Face model traced on a CPU makes its attention masks in fp16 inside the trace;
+// gradq computes fp16 models in float32 on a CPU, so it refuses the model in one line that says why
+// and what to do instead of failing somewhere in the search.
+TEST(ZooHuggingFace, Fp16TraceOnCpuIsRefusedInOneLine) {
+  const std::string command =
+      test::cli() + " eval --model " + zoo_path("hf_gpt2_fp16_cpu_refused", "models_hf") + " --max-windows 2" + kData;
+  auto [rc, out] = test::run(command);
+  EXPECT_EQ(rc, 1) << command << "\n" << out;
+  EXPECT_NE(out.find("forward fails on int64 tokens"), std::string::npos) << out;
+  EXPECT_NE(out.find("save the model in float32 or bf16, or run it on a GPU"), std::string::npos) << out;
+  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << "expected one line, got:\n" << out;
+}
 
 // Files written by PyTorch 2.x (models_torch2/, PyTorch 2.11; tests/zoo/README.md), on either libtorch
 // line. make_zoo.py's models saved by 2.11 hold the same weights as those of models/ (saved by 1.13)
