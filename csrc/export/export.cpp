@@ -230,6 +230,13 @@ Module build_packed_module(const CausalLM& model, const QuantizedWeights& weight
   torch::jit::EliminateDeadCode(graph);
   graph->lint();
   auto* forward = cu->create_function(c10::QualifiedName(*packed.type()->name(), "forward"), graph);
+  // The schema made from the graph has no defaults: keep the model's own argument names and defaults
+  // (a scripted forward's `attention_mask: Optional[Tensor] = None`), with the graph's types.
+  const c10::FunctionSchema& original = model.module().get_method("forward").function().getSchema();
+  std::vector<c10::Argument> arguments;
+  for (size_t i = 0; i < graph->inputs().size(); ++i)
+    arguments.push_back(original.arguments().at(i).cloneWithType(graph->inputs()[i]->type()));
+  torch::jit::toGraphFunction(*forward).setSchema(forward->getSchema().cloneWithArguments(std::move(arguments)));
   packed.type()->addMethod(forward);
   return packed;
 }

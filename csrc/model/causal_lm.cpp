@@ -168,6 +168,19 @@ CausalLM::CausalLM(torch::jit::Module module, const AdapterOptions& options) : m
   configure_runtime();
   module_.eval();
   GRADQ_CHECK(module_.find_method("forward").has_value(), "the TorchScript module has no forward method");
+  {
+    // gradq calls forward(tokens) alone; a model traced with more inputs (Hugging Face's attention_mask)
+    // would fail at the first call with the interpreter's message, which does not say what to do.
+    const c10::FunctionSchema& schema = module_.get_method("forward").function().getSchema();
+    std::vector<std::string> required;
+    for (size_t i = 1; i < schema.arguments().size(); ++i)  // 0 is self
+      if (!schema.arguments()[i].default_value()) required.push_back(schema.arguments()[i].name());
+    GRADQ_CHECK(required.size() == 1,
+                "forward must take the tokens alone, forward(tokens) -> logits; it takes {} input(s) without a default "
+                "({}): trace or script the model with the tokens as its only input (Hugging Face models default "
+                "attention_mask to all ones)",
+                required.size(), fmt::join(required, ", "));
+  }
   // Module::to moves each tensor in place (set_data), keeping its dtype: a tied head stays one tensor.
   if (options.device && device() != *options.device) module_.to(*options.device);
   hold_in_compute_dtype();

@@ -135,6 +135,15 @@ std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module
   } catch (const c10::Error& e) {
     return fail(fmt::format("its forward cannot be inlined: {}", std::string(e.what_without_backtrace()).substr(0, 200)));
   }
+  // Inputs after the tokens have defaults (CausalLM checks it), which is what the whole forward gets:
+  // they become constants of the staged graph.
+  const c10::FunctionSchema& schema = module.get_method("forward").function().getSchema();
+  for (size_t i = graph->inputs().size(); i-- > 2;) {
+    if (i >= schema.arguments().size() || !schema.arguments()[i].default_value()) break;
+    torch::jit::WithInsertPoint at_start(graph->block()->nodes().front());
+    graph->inputs()[i]->replaceAllUsesWith(graph->insertConstant(*schema.arguments()[i].default_value()));
+    graph->eraseInput(i);
+  }
   if (graph->inputs().size() != 2 || graph->outputs().size() != 1)
     return fail(fmt::format("forward takes {} inputs and returns {} values; expected (self, tokens) -> logits",
                             graph->inputs().size(), graph->outputs().size()));

@@ -48,6 +48,39 @@ TEST(ModelChecks, LogitsMustBeOneFloatingTensorOrInAHuggingFaceContainer) {
   EXPECT_EQ(f64.logits(at::zeros({2, 5}, at::kLong)).scalar_type(), at::kFloat);
 }
 
+// A model traced with an attention mask beside the tokens is refused with what to do; an input with a
+// default is fine (gradq passes the tokens alone).
+TEST(ModelChecks, ForwardMustTakeTheTokensAlone) {
+  const std::string logits = fmt::format("    return torch.zeros([{}])\n", kShape);
+  torch::jit::Module two("TwoInputs");
+  two.define("def forward(self, tokens, attention_mask):\n" + logits);
+  const std::string msg = error_of([&] { CausalLM m(two); });
+  EXPECT_NE(msg.find("forward must take the tokens alone, forward(tokens) -> logits; it takes 2 input(s) without a "
+                     "default (tokens, attention_mask)"),
+            std::string::npos) << msg;
+  torch::jit::Module optional("OptionalMask");
+  optional.define("def forward(self, tokens, attention_mask: Optional[Tensor] = None):\n" + logits);
+  EXPECT_EQ(CausalLM(optional).vocab_size(), 512);
+}
+
+// The defaulted input is a constant of the staged graph: the stages give the whole forward's logits.
+TEST(ModelChecks, AnInputWithADefaultKeepsTheStages) {
+  test::GptConfig config;
+  config.layers = 2;
+  torch::jit::Module wrapper("WithMask");
+  wrapper.register_module("inner", test::make_gpt_fixture(config));
+  wrapper.define(
+      "def forward(self, tokens, attention_mask: Optional[Tensor] = None, scale: float = 1.0):\n"
+      "    x = self.inner.forward(tokens)\n"
+      "    if attention_mask is not None:\n"
+      "        x = x * attention_mask.unsqueeze(-1)\n"
+      "    return x * scale\n");
+  CausalLM model(wrapper);
+  ASSERT_NE(model.stages(), nullptr) << model.stages_unavailable_reason();
+  const at::Tensor tokens = (at::arange(24, at::kLong) * 7 % 500).view({2, 12});
+  EXPECT_TRUE(at::equal(model.stages()->logits(tokens), model.logits(tokens)));
+}
+
 // Before: an operator failing inside forward reached the TorchScript interpreter, which rethrows it
 // as std::runtime_error with the traceback: CausalLM's probe caught only c10::Error, so the library
 // let a non-gradq error out (fuzz_torchscript, 2026-12-03: torchscript-unknown-quantizer.pt).
