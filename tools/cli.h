@@ -35,6 +35,26 @@ std::vector<std::string> split_commas(const std::string& text);
 /// Comma-separated integers ("8,4,2"); throws naming the flag otherwise.
 std::vector<int64_t> parse_int_list(const std::string& text, const char* flag);
 
+// --- The text as token ids (eval, analyze, quantize, sweep) -----------------------------------------
+/// Adds --tokens and --bos-id to `group`: token ids made by the model's own tokenizer, instead of
+/// --text through a SentencePiece --tokenizer.
+void add_token_options(cxxopts::Options& options, const std::string& group = "");
+/// The files the text comes from: {--tokens}, or {--tokenizer, --text}.
+std::vector<std::string> text_input_paths(const cxxopts::ParseResult& args);
+/// Throws when --tokens is given with --text or --tokenizer, or --bos-id without --tokens.
+void check_token_options(const cxxopts::ParseResult& args);
+
+struct TokenStream {
+  std::vector<int64_t> ids;
+  int64_t bos_id = -1;          ///< prepended to every window when >= 0
+  int64_t tokenizer_vocab = 0;  ///< the SentencePiece tokenizer's; 0 for --tokens
+  /// Throws when the model has no logits for an id (or for the tokenizer's whole vocabulary).
+  void check_fits(int64_t model_vocab) const;
+};
+/// The text's token ids: --tokens as given (windows start with --bos-id), or --text encoded by
+/// --tokenizer (windows start with its BOS).
+TokenStream read_token_stream(const cxxopts::ParseResult& args);
+
 // --- What `quantize` and `sweep` share -----------------------------------------------------------
 /// Options groups "search" (how the plan is searched) and "files"/"data" (model, tokenizer, text
 /// and how the text becomes calibration and held-out windows).

@@ -118,6 +118,54 @@ ReferenceStorage read_reference_storage_option(const cxxopts::ParseResult& args)
   }
 }
 
+void add_token_options(cxxopts::Options& options, const std::string& group) {
+  options.add_options(group)
+      ("tokens", "token ids instead of --text and --tokenizer (for a model whose tokenizer is not SentencePiece): a "
+                 "file of non-negative integers separated by whitespace or commas, or a JSON list, made by the model's "
+                 "own tokenizer from one text", cxxopts::value<std::string>())
+      ("bos-id", "with --tokens: the token every window starts with (-1: none)",
+       cxxopts::value<int64_t>()->default_value("-1"));
+}
+
+std::vector<std::string> text_input_paths(const cxxopts::ParseResult& args) {
+  if (args.count("tokens")) return {args["tokens"].as<std::string>()};
+  return {args["tokenizer"].as<std::string>(), args["text"].as<std::string>()};
+}
+
+void check_token_options(const cxxopts::ParseResult& args) {
+  if (args.count("tokens")) {
+    GRADQ_CHECK(!args.count("text") && !args.count("tokenizer"),
+                "--tokens replaces --text and --tokenizer: give the token ids or the text, not both");
+    GRADQ_CHECK(args["bos-id"].as<int64_t>() >= -1, "--bos-id must be a token id or -1 (none), got {}",
+                args["bos-id"].as<int64_t>());
+  } else {
+    GRADQ_CHECK(!args.count("bos-id"), "--bos-id goes with --tokens (a SentencePiece tokenizer brings its own BOS)");
+  }
+}
+
+void TokenStream::check_fits(int64_t model_vocab) const {
+  if (tokenizer_vocab > 0) {
+    check_tokenizer_fits_model(tokenizer_vocab, model_vocab);
+  } else {
+    check_token_ids_fit_model(ids, bos_id, model_vocab);
+  }
+}
+
+TokenStream read_token_stream(const cxxopts::ParseResult& args) {
+  check_token_options(args);
+  TokenStream stream;
+  if (args.count("tokens")) {
+    stream.ids = read_token_file(args["tokens"].as<std::string>());
+    stream.bos_id = args["bos-id"].as<int64_t>();
+    return stream;
+  }
+  auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
+  stream.ids = tokenizer->encode(read_text_file(args["text"].as<std::string>()));
+  stream.bos_id = tokenizer->bos_id();
+  stream.tokenizer_vocab = tokenizer->vocab_size();
+  return stream;
+}
+
 void add_input_options(cxxopts::Options& options) {
   options.add_options("files")
       ("model", "TorchScript model, or a llama2.c .bin", cxxopts::value<std::string>()->default_value(default_model_path()))
@@ -125,6 +173,7 @@ void add_input_options(cxxopts::Options& options) {
       ("text", "UTF-8 text: calibration part first, held-out part after", cxxopts::value<std::string>()->default_value(default_text_path()))
       ("include", "regex: also quantize matching matrix weights (embeddings, the head); repeatable", cxxopts::value<std::vector<std::string>>())
       ("exclude", "regex: do not quantize matching weights; repeatable", cxxopts::value<std::vector<std::string>>());
+  add_token_options(options, "files");
   add_device_option(options, "files");
   options.add_options("data")
       ("calib-fraction", "leading fraction of the text's tokens used for calibration", cxxopts::value<double>()->default_value("0.1"))
@@ -185,14 +234,15 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
 }
 
 std::vector<std::string> input_paths(const cxxopts::ParseResult& args) {
-  std::vector<std::string> inputs = {args["model"].as<std::string>(), args["tokenizer"].as<std::string>(),
-                                     args["text"].as<std::string>()};
+  std::vector<std::string> inputs = {args["model"].as<std::string>()};
+  for (const std::string& path : text_input_paths(args)) inputs.push_back(path);
   for (const char* optional : {"analysis", "policy"})
     if (args.count(optional)) inputs.push_back(args[optional].as<std::string>());
   return inputs;
 }
 
 void check_input_options(const cxxopts::ParseResult& args) {
+  check_token_options(args);
   const int64_t ctx = args["ctx"].as<int64_t>();
   GRADQ_CHECK(ctx >= 2, "--ctx must be at least 2 tokens, got {}", ctx);
   for (const char* count : {"calib-windows", "eval-windows"})
@@ -212,9 +262,9 @@ Inputs load_inputs(const cxxopts::ParseResult& args) {
   AdapterOptions adapter = read_adapter_options(args);
   if (args.count("include")) adapter.include = args["include"].as<std::vector<std::string>>();
   if (args.count("exclude")) adapter.exclude = args["exclude"].as<std::vector<std::string>>();
-  auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
+  const TokenStream stream = read_token_stream(args);
   CausalLM model = load_model(args["model"].as<std::string>(), adapter);
-  check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  stream.check_fits(model.vocab_size());
   check_context(model, args["ctx"].as<int64_t>(), "--ctx");
   DataOptions data;
   data.calib_fraction = args["calib-fraction"].as<double>();
@@ -222,8 +272,7 @@ Inputs load_inputs(const cxxopts::ParseResult& args) {
   data.calib_windows = args["calib-windows"].as<int64_t>();
   data.eval_windows = args["eval-windows"].as<int64_t>();
   data.fit_windows = args["fit-windows"].as<int64_t>();
-  DataSplit split = make_data_split(tokenizer->encode(read_text_file(args["text"].as<std::string>())),
-                                    tokenizer->bos_id(), data);
+  DataSplit split = make_data_split(stream.ids, stream.bos_id, data);
   std::cerr << fmt::format("{} quantizable weights; {} calibration, {} and {} held-out windows of {} tokens\n",
                            model.weights().size(), split.calibration.size(),
                            split.fit.size() ? fmt::format("{} fit", split.fit.size()) : "no fit (fitted on calibration)",

@@ -46,6 +46,7 @@ int cmd_analyze(int argc, char** argv) {
                   "(blocks from the unit's on, from cached block inputs) or whole (every probe a whole forward pass)",
        cxxopts::value<std::string>()->default_value("local"))
       ("no-static", "skip the static signals (activation capture and gradient passes)");
+  add_token_options(options);
   add_reference_storage_option(options);
   add_device_option(options);
   add_common_options(options);
@@ -54,8 +55,10 @@ int cmd_analyze(int argc, char** argv) {
   GRADQ_CHECK(args.count("output"), "-o/--output is required (the analysis JSON)");
   const std::string output = args["output"].as<std::string>();
   const std::string config_path = args["config"].as<std::string>();
-  const std::vector<std::string> inputs = {args["model"].as<std::string>(), args["tokenizer"].as<std::string>(),
-                                           args["text"].as<std::string>(), config_path};
+  check_token_options(args);
+  std::vector<std::string> inputs = {args["model"].as<std::string>()};
+  for (const std::string& path : text_input_paths(args)) inputs.push_back(path);
+  inputs.push_back(config_path);
   std::vector<std::string> outputs = {output};
   if (args.count("chart")) outputs.push_back(args["chart"].as<std::string>());
 
@@ -76,16 +79,15 @@ int cmd_analyze(int argc, char** argv) {
   GRADQ_CHECK(args["ctx"].as<int64_t>() >= 2, "--ctx must be at least 2 tokens, got {}", args["ctx"].as<int64_t>());
   OutputSet output_set(outputs, inputs);
 
-  auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
+  const TokenStream stream = read_token_stream(args);
   CausalLM model = load_model(args["model"].as<std::string>(), read_adapter_options(args));
-  check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  stream.check_fits(model.vocab_size());
   check_context(model, args["ctx"].as<int64_t>(), "--ctx");
-  const TokenSplit split =
-      split_tokens(tokenizer->encode(read_text_file(args["text"].as<std::string>())), args["calib-fraction"].as<double>());
+  const TokenSplit split = split_tokens(stream.ids, args["calib-fraction"].as<double>());
   WindowSpec spec;
   spec.ctx = args["ctx"].as<int64_t>();
   spec.stride = spec.ctx;
-  spec.bos_id = tokenizer->bos_id();
+  spec.bos_id = stream.bos_id;
   spec.max_windows = calib_windows;
   Windows windows = make_windows(split.calibration, spec);
   GRADQ_CHECK(windows.size() == calib_windows,
@@ -105,7 +107,13 @@ int cmd_analyze(int argc, char** argv) {
     std::cerr << "the model is measured whole: " << model.stages_unavailable_reason() << "\n";
   ImportanceAnalysis analysis = analyzer.run();
   display.finish();
-  analysis.inputs = {{"model", inputs[0]}, {"tokenizer", inputs[1]}, {"text", inputs[2]}, {"config", config_path}};
+  analysis.inputs = {{"model", inputs[0]}, {"config", config_path}};
+  if (args.count("tokens")) {
+    analysis.inputs["tokens"] = args["tokens"].as<std::string>();
+  } else {
+    analysis.inputs["tokenizer"] = args["tokenizer"].as<std::string>();
+    analysis.inputs["text"] = args["text"].as<std::string>();
+  }
 
   std::cout << format_analysis_table(analysis) << std::flush;
   save_analysis(output, analysis);

@@ -117,13 +117,16 @@ int cmd_eval(int argc, char** argv) {
       ("batch", "windows per forward pass (more may be faster on a GPU; on a CPU they only add activation memory)",
        cxxopts::value<int64_t>()->default_value(std::to_string(EvaluatorOptions{}.batch)))
       ("json", "also write the numbers as JSON to this file", cxxopts::value<std::string>());
+  add_token_options(options);
   add_reference_storage_option(options);
   add_device_option(options);
   add_common_options(options);
   cxxopts::ParseResult args;
   if (!parse(options, argc, argv, args)) return 0;
   GRADQ_CHECK(!(args.count("reference") && args.count("load-reference")), "give --reference or --load-reference, not both");
-  std::vector<std::string> inputs = {args["model"].as<std::string>(), args["text"].as<std::string>(), args["tokenizer"].as<std::string>()};
+  check_token_options(args);
+  std::vector<std::string> inputs = {args["model"].as<std::string>()};
+  for (const std::string& path : text_input_paths(args)) inputs.push_back(path);
   if (args.count("reference")) inputs.push_back(args["reference"].as<std::string>());
   const int64_t ctx = args["ctx"].as<int64_t>();
   GRADQ_CHECK(ctx >= 2, "--ctx must be at least 2 tokens, got {}", ctx);
@@ -143,16 +146,16 @@ int cmd_eval(int argc, char** argv) {
   OutputSet output_set(outputs, inputs);
 
   const AdapterOptions adapter = read_adapter_options(args);
-  auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
+  const TokenStream stream = read_token_stream(args);
   CausalLM model = load_model(args["model"].as<std::string>(), adapter);
-  check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  stream.check_fits(model.vocab_size());
   check_context(model, ctx, "--ctx");
   WindowSpec spec;
   spec.ctx = ctx;
   spec.stride = args.count("stride") ? args["stride"].as<int64_t>() : spec.ctx;
-  spec.bos_id = tokenizer->bos_id();
+  spec.bos_id = stream.bos_id;
   spec.max_windows = args["max-windows"].as<int64_t>();
-  Windows windows = make_windows(tokenizer->encode(read_text_file(args["text"].as<std::string>())), spec);
+  Windows windows = make_windows(stream.ids, spec);
   EvaluatorOptions eval_options;
   eval_options.batch = args["batch"].as<int64_t>();
   eval_options.reference_storage = storage;

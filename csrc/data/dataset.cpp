@@ -186,6 +186,66 @@ DataSplit make_data_split(const std::vector<int64_t>& tokens, int64_t bos_id, co
   return out;
 }
 
+std::vector<int64_t> parse_token_ids(const std::string& text, const std::string& path) {
+  constexpr int64_t kLimit = int64_t{1} << 31;  // no vocabulary comes near; keeps every id an int32
+  auto is_separator = [](char c) { return is_space(c) || c == ','; };
+  size_t begin = 0, end = text.size();
+  while (begin < end && is_space(text[begin])) ++begin;
+  while (end > begin && is_space(text[end - 1])) --end;
+  if (begin < end && text[begin] == '[') {
+    GRADQ_CHECK(text[end - 1] == ']', "token file '{}': a list that opens with '[' at byte offset {} must end with ']'",
+                path, begin);
+    ++begin;
+    --end;
+  }
+  std::vector<int64_t> ids;
+  for (size_t i = begin; i < end;) {
+    if (is_separator(text[i])) {
+      ++i;
+      continue;
+    }
+    const size_t start = i;
+    int64_t id = 0;
+    while (i < end && text[i] >= '0' && text[i] <= '9') {
+      id = id * 10 + (text[i] - '0');
+      GRADQ_CHECK(id < kLimit, "token file '{}': the id at byte offset {} is 2^31 or more (expected token ids)", path,
+                  start);
+      ++i;
+    }
+    if (i == start || (i < end && !is_separator(text[i]))) {
+      size_t stop = i;
+      while (stop < end && !is_separator(text[stop]) && stop - start < 16) ++stop;
+      // Printable ASCII only in the message: a binary file's bytes would garble the one error line.
+      std::string shown;
+      for (size_t k = start; k < std::max(stop, start + 1) && k < end; ++k)
+        shown += (text[k] >= 0x20 && text[k] < 0x7f) ? text[k] : '?';
+      throw Error(fmt::format("token file '{}': expected non-negative integer token ids separated by whitespace or "
+                              "commas, got '{}' at byte offset {}",
+                              path, shown, start));
+    }
+    ids.push_back(id);
+  }
+  GRADQ_CHECK(!ids.empty(), "token file '{}' holds no token ids (expected non-negative integers separated by "
+              "whitespace or commas)", path);
+  return ids;
+}
+
+std::vector<int64_t> read_token_file(const std::string& path) {
+  GRADQ_CHECK(fs::exists(path), "token file '{}' does not exist", path);
+  GRADQ_CHECK(fs::is_regular_file(path), "token file '{}' is not a regular file", path);
+  return parse_token_ids(read_file(path), path);
+}
+
+void check_token_ids_fit_model(const std::vector<int64_t>& ids, int64_t bos_id, int64_t model_vocab) {
+  GRADQ_CHECK(bos_id < model_vocab, "--bos-id {} is not a token of the model: expected an id below its vocabulary ({})",
+              bos_id, model_vocab);
+  const auto largest = std::max_element(ids.begin(), ids.end());
+  GRADQ_CHECK(largest == ids.end() || *largest < model_vocab,
+              "token id {} (token {} of {}) is not a token of the model: expected ids below its vocabulary ({}); "
+              "are these ids from the model's own tokenizer?",
+              largest == ids.end() ? 0 : *largest, largest - ids.begin(), ids.size(), model_vocab);
+}
+
 void check_tokenizer_fits_model(int64_t tokenizer_vocab, int64_t model_vocab) {
   GRADQ_CHECK(tokenizer_vocab > 0 && model_vocab > 0, "expected positive vocabulary sizes, got tokenizer {} and model {}",
               tokenizer_vocab, model_vocab);

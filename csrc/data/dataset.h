@@ -30,6 +30,18 @@ std::string read_text_file(const std::string& path);
 /// text without a UTF-8 byte order mark.
 std::string validate_text(std::string text, const std::string& path);
 
+/// Token ids a user's own tokenizer made (`--tokens`): non-negative decimal integers separated by
+/// whitespace or commas, optionally inside one pair of brackets (a JSON list). Throws gradq::Error
+/// naming `path` and the byte offset for anything else, for an id of 2^31 or more, or for no ids.
+std::vector<int64_t> parse_token_ids(const std::string& text, const std::string& path);
+
+/// parse_token_ids of a file's contents.
+std::vector<int64_t> read_token_file(const std::string& path);
+
+/// Throws gradq::Error naming the first id (and its position) the model has no logits for, or a
+/// BOS id (>= 0) that it has none for.
+void check_token_ids_fit_model(const std::vector<int64_t>& ids, int64_t bos_id, int64_t model_vocab);
+
 struct TokenSplit {
   std::vector<int64_t> calibration;
   std::vector<int64_t> evaluation;

@@ -103,7 +103,7 @@ struct ImportanceAnalysis {
   // Settings.
   AnalyzerOptions options;  ///< on_progress is not saved
   int64_t windows = 0, ctx = 0, scored_tokens = 0;
-  std::map<std::string, std::string> inputs;  ///< set by the caller: "model", "tokenizer", "text", "config"
+  std::map<std::string, std::string> inputs;  ///< set by the caller: "model", "tokenizer" and "text" or "tokens", "config"
   // Results.
   double reference_ppl = 0;
   ProbeMeasure baseline;  ///< every quantizable weight at upgrade_from_bits

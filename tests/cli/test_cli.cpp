@@ -18,6 +18,7 @@
 #include "common/files.h"
 #include "support/gpt_fixture.h"
 #include "support/test_support.h"
+#include "tokenizer/tokenizer.h"
 
 namespace gradq {
 namespace {
@@ -244,6 +245,49 @@ TEST(Cli, BadLogitsAreRejected) {
                         "NaN or infinite values in window 0");
   expect_one_line_error("eval --model " + dir + "/dict.pt" + common,
                         "a tuple that starts with them or a dict with \"logits\"; it returns a Dict(str, Tensor)");
+}
+
+// --tokens: the text's ids from the user's own tokenizer. With the SentencePiece tokenizer's ids and
+// its BOS they are the same windows, so every command gives what --text gives: the same numbers, the
+// same packed bytes.
+TEST(Cli, TokenIdsGiveWhatTheTextGives) {
+  const std::string dir = test::temp_dir("cli_tokens");
+  const auto tokenizer = Tokenizer::load_sentencepiece(test::tokenizer_model());
+  const std::vector<int64_t> ids = tokenizer->encode(read_file(test::tinystories_text()));
+  {
+    std::ofstream out(dir + "/ids.txt");
+    for (const int64_t id : ids) out << id << '\n';
+  }
+  const std::string tokens = " --tokens " + dir + "/ids.txt --bos-id " + std::to_string(tokenizer->bos_id());
+  const std::string common = " --threads 1 --calib-windows 4 --eval-windows 4";
+  auto ok = [](const std::string& args) {
+    auto [rc, out] = test::run(test::cli() + " " + args);
+    EXPECT_EQ(rc, 0) << args << "\n" << out;
+    return out;
+  };
+  ok("eval --max-windows 4 --threads 1 --json " + dir + "/text.json");
+  ok("eval --max-windows 4 --threads 1 --json " + dir + "/tokens.json" + tokens);
+  const auto text_eval = nlohmann::json::parse(read_file(dir + "/text.json"));
+  const auto token_eval = nlohmann::json::parse(read_file(dir + "/tokens.json"));
+  EXPECT_EQ(text_eval["ppl"], token_eval["ppl"]);
+  EXPECT_EQ(text_eval["tokens"], token_eval["tokens"]);
+  ok("quantize --uniform b4g32 -o " + dir + "/text.pt" + common);
+  ok("quantize --uniform b4g32 -o " + dir + "/tokens.pt" + common + tokens);
+  EXPECT_EQ(read_file(dir + "/text.pt"), read_file(dir + "/tokens.pt"));
+  ok("analyze --calib-windows 4 --subsets 2 --no-static --threads 1 -o " + dir + "/analysis.json" + tokens);
+  const auto analysis = nlohmann::json::parse(read_file(dir + "/analysis.json"));
+  EXPECT_EQ(analysis["inputs"]["tokens"], dir + "/ids.txt");
+  EXPECT_FALSE(analysis["inputs"].contains("text"));
+
+  expect_one_line_error("eval --tokens " + dir + "/ids.txt --text " + test::tinystories_text(),
+                        "--tokens replaces --text and --tokenizer");
+  expect_one_line_error("quantize -o " + dir + "/q.pt --bos-id 1" + common, "--bos-id goes with --tokens");
+  expect_one_line_error("quantize -o " + dir + "/ids.txt" + common + tokens, "ids.txt");  // never over an input
+  {
+    std::ofstream(dir + "/big.txt") << "1 2 3 600\n";
+  }
+  expect_one_line_error("eval --tokens " + dir + "/big.txt --threads 1",
+                        "token id 600 (token 3 of 4) is not a token of the model: expected ids below its vocabulary (512)");
 }
 
 TEST(Cli, ContextIsCheckedAgainstTheModel) {
