@@ -191,26 +191,20 @@ TEST(PackedExport, ConvOneDWeightsOfTheGptFixture) {
 // A scripted forward with a defaulted input beside the tokens: the packed forward keeps the input and
 // its default, so gradq (which calls forward(tokens)) and any caller load and run it as they did the model.
 TEST(PackedExport, KeepsTheForwardsArgumentNamesAndDefaults) {
-  test::GptConfig config;
-  config.layers = 2;
-  torch::jit::Module wrapper("WithMask");
-  wrapper.register_module("inner", test::make_gpt_fixture(config));
-  wrapper.define(
-      "def forward(self, tokens, attention_mask: Optional[Tensor] = None):\n"
-      "    x = self.inner.forward(tokens)\n"
-      "    if attention_mask is not None:\n"
-      "        x = x * attention_mask.unsqueeze(-1)\n"
-      "    return x\n");
+  torch::jit::Module wrapper = test::make_gpt_fixture_with_defaulted_inputs();
   CausalLM model(wrapper);
   const QuantizedWeights q = apply_plan(model, uniform_plan(model, parse_quant_spec("b4g16"), RoundingMethod::kRtn));
   const std::string path = test::temp_dir("export_defaults") + "/packed.pt";
   export_packed(model, q, path);
   torch::jit::Module loaded = torch::jit::load(path);
   const c10::FunctionSchema& schema = loaded.get_method("forward").function().getSchema();
-  ASSERT_EQ(schema.arguments().size(), 3u);
+  ASSERT_EQ(schema.arguments().size(), 4u);
   EXPECT_EQ(schema.arguments()[2].name(), "attention_mask");
   ASSERT_TRUE(schema.arguments()[2].default_value().has_value());
   EXPECT_TRUE(schema.arguments()[2].default_value()->isNone());
+  EXPECT_EQ(schema.arguments()[3].name(), "scale");
+  ASSERT_TRUE(schema.arguments()[3].default_value().has_value());
+  EXPECT_EQ(schema.arguments()[3].default_value()->toDouble(), 1.0);
   const at::Tensor batch = sample_tokens(2, 24, model.vocab_size(), 3);
   EXPECT_TRUE(bitwise_equal(CausalLM::load(path).logits(batch), fake_quant_logits(model, q, batch)));
   const at::Tensor half_mask = (at::arange(24, at::kLong) % 2).view({1, 24}).expand({2, 24}).to(at::kFloat);

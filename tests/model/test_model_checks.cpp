@@ -65,16 +65,7 @@ TEST(ModelChecks, ForwardMustTakeTheTokensAlone) {
 
 // The defaulted input is a constant of the staged graph: the stages give the whole forward's logits.
 TEST(ModelChecks, AnInputWithADefaultKeepsTheStages) {
-  test::GptConfig config;
-  config.layers = 2;
-  torch::jit::Module wrapper("WithMask");
-  wrapper.register_module("inner", test::make_gpt_fixture(config));
-  wrapper.define(
-      "def forward(self, tokens, attention_mask: Optional[Tensor] = None, scale: float = 1.0):\n"
-      "    x = self.inner.forward(tokens)\n"
-      "    if attention_mask is not None:\n"
-      "        x = x * attention_mask.unsqueeze(-1)\n"
-      "    return x * scale\n");
+  torch::jit::Module wrapper = test::make_gpt_fixture_with_defaulted_inputs();
   CausalLM model(wrapper);
   ASSERT_NE(model.stages(), nullptr) << model.stages_unavailable_reason();
   const at::Tensor tokens = (at::arange(24, at::kLong) * 7 % 500).view({2, 12});

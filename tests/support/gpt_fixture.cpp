@@ -93,4 +93,18 @@ def forward(self, tokens):
   return model;
 }
 
+torch::jit::Module make_gpt_fixture_with_defaulted_inputs() {
+  GptConfig config;
+  config.layers = 2;
+  torch::jit::Module wrapper("WithDefaultedInputs");
+  wrapper.register_module("inner", make_gpt_fixture(config));
+  wrapper.define(
+      "def forward(self, tokens, attention_mask: Optional[Tensor] = None, scale: float = 1.0):\n"
+      "    x = self.inner.forward(tokens)\n"
+      "    if attention_mask is not None:\n"
+      "        x = x * attention_mask.unsqueeze(-1)\n"
+      "    return x * scale\n");
+  return wrapper;
+}
+
 }  // namespace gradq::test

@@ -18,4 +18,9 @@ struct GptConfig {
 
 torch::jit::Module make_gpt_fixture(const GptConfig& config = {}, uint64_t seed = 1234);
 
+/// A 2-layer fixture inside a scripted forward with defaulted inputs after the tokens, as a user's
+/// Hugging Face-style forward has them: forward(tokens, attention_mask: Optional[Tensor] = None,
+/// scale: float = 1.0); a given mask multiplies each position's logits.
+torch::jit::Module make_gpt_fixture_with_defaulted_inputs();
+
 }  // namespace gradq::test
