@@ -1,5 +1,7 @@
 #include "support/test_support.h"
 
+#include <gtest/gtest.h>
+#include <ftw.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -23,18 +25,30 @@ std::string assets() { return GRADQ_TEST_ASSETS; }
 
 namespace {
 
-// The directories temp_dir made, removed when the test process exits (each run left about 45 MB in
-// /tmp before). GRADQ_KEEP_TEST_FILES=1 keeps them, to look at after a failure.
+// `path` and everything under it, by the C library: PyTorch 2.11's libtorch.so exports its own
+// std::filesystem, which the test binaries bind to, and its remove_all jumps to address 0 on any
+// directory that is not empty (test_zoo crashed after its last test). A leftover is no failure.
+void remove_tree(const std::string& path) {
+  auto remove_one = [](const char* file, const struct stat*, int, struct FTW*) {
+    ::remove(file);
+    return 0;  // go on with the rest
+  };
+  ::nftw(path.c_str(), remove_one, /*nopenfd=*/16, FTW_DEPTH | FTW_PHYS);
+}
+
+// The directories temp_dir made, removed after the last test (each run left about 45 MB in /tmp
+// before). GRADQ_KEEP_TEST_FILES=1 keeps them, to look at after a failure. Removed from gtest's global
+// tear-down, inside main rather than from a static destructor during exit.
 struct TempDirs {
   std::mutex mutex;
   std::vector<fs::path> paths;
-  ~TempDirs() {
+  void remove() {
+    std::lock_guard<std::mutex> lock(mutex);
     const char* keep = std::getenv("GRADQ_KEEP_TEST_FILES");
-    if (keep && std::string(keep) == "1") return;
-    for (const fs::path& p : paths) {
-      std::error_code ignored;
-      fs::remove_all(p, ignored);
+    if (!(keep && std::string(keep) == "1")) {
+      for (const fs::path& p : paths) remove_tree(p.string());
     }
+    paths.clear();
   }
 };
 
@@ -43,11 +57,18 @@ TempDirs& temp_dirs() {
   return dirs;
 }
 
+class RemoveTempDirs : public ::testing::Environment {
+ public:
+  void TearDown() override { temp_dirs().remove(); }
+};
+[[maybe_unused]] const ::testing::Environment* const kRemoveTempDirs =
+    ::testing::AddGlobalTestEnvironment(new RemoveTempDirs);
+
 }  // namespace
 
 std::string temp_dir(const std::string& name) {
   fs::path p = fs::temp_directory_path() / ("gradq_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
+  remove_tree(p.string());
   fs::create_directories(p);
   TempDirs& dirs = temp_dirs();
   std::lock_guard<std::mutex> lock(dirs.mutex);
