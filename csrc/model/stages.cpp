@@ -140,9 +140,14 @@ std::unique_ptr<GraphStages> GraphStages::split(const torch::jit::Module& module
   const c10::FunctionSchema& schema = module.get_method("forward").function().getSchema();
   for (size_t i = graph->inputs().size(); i-- > 2;) {
     if (i >= schema.arguments().size() || !schema.arguments()[i].default_value()) break;
-    torch::jit::WithInsertPoint at_start(graph->block()->nodes().front());
-    graph->inputs()[i]->replaceAllUsesWith(graph->insertConstant(*schema.arguments()[i].default_value()));
-    graph->eraseInput(i);
+    try {
+      torch::jit::WithInsertPoint at_start(graph->block()->nodes().front());
+      graph->inputs()[i]->replaceAllUsesWith(graph->insertConstant(*schema.arguments()[i].default_value()));
+      graph->eraseInput(i);
+    } catch (const c10::Error& e) {
+      return fail(fmt::format("the default of forward's input '{}' cannot be a graph constant: {}",
+                              schema.arguments()[i].name(), std::string(e.what_without_backtrace()).substr(0, 200)));
+    }
   }
   if (graph->inputs().size() != 2 || graph->outputs().size() != 1)
     return fail(fmt::format("forward takes {} inputs and returns {} values; expected (self, tokens) -> logits",
