@@ -268,13 +268,16 @@ void CausalLM::hold_in_compute_dtype() {
   // libtorch 1.13 has no fp16 CPU kernels for matmul, norms or softmax, so fp16 tensors on a CPU are
   // held in float32. Only those: bf16 has CPU kernels, and a forward that casts to bf16 itself (a
   // traced Hugging Face model's attention) must keep meeting bf16 tensors, also in a packed bf16
-  // model, whose fp16 scales are converted here while its bf16 norms and embeddings stay.
+  // model. And not a packed model's storage (its fp16 scales, which only gradq's ops read): the ops
+  // take it as stored, and a k format's fp16 super-scales cannot be float32.
   std::map<std::string, at::ScalarType> half;
   auto note = [&](const std::string& name, const at::Tensor& t) {
     if (t.defined() && t.scalar_type() == at::kHalf && t.device().is_cpu()) half.emplace(name, at::kHalf);
   };
   for (const auto& p : module_.named_parameters(/*recurse=*/true)) note(p.name, p.value);
   for (const auto& b : module_.named_buffers(/*recurse=*/true)) note(b.name, b.value);
+  if (half.empty()) return;
+  for (const std::string& name : packed_format_tensors(*inlined_forward_graph(module_))) half.erase(name);
   if (half.empty()) return;
   // Converted one by one: the C++ Module::to would convert integer buffers (a packed model's codes)
   // too. set_data keeps a tensor shared by two paths (a tied head) one tensor. The converted ones are

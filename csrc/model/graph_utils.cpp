@@ -2,6 +2,7 @@
 
 #include <torch/csrc/jit/passes/inliner.h>
 
+#include <map>
 #include <unordered_set>
 
 #include "common/error.h"
@@ -126,6 +127,29 @@ std::unordered_map<const Value*, std::string> attribute_paths(const Graph& graph
   std::unordered_map<const Value*, std::string> paths;
   collect_paths(graph.block(), graph.inputs().at(0), paths);
   return paths;
+}
+
+std::set<std::string> packed_format_tensors(const torch::jit::Graph& graph) {
+  static const c10::Symbol kGradqNamespace = c10::Symbol::fromQualString("namespaces::gradq");
+  // The arguments of gradq::linear and gradq::dequantize (csrc/ops/ops.cpp) that hold the format;
+  // x and bias are the model's own, in its compute dtype.
+  static const std::set<std::string> kFormatArguments = {"codes", "scales", "zeros", "sub_scales"};
+  auto is_format_argument = [](const torch::jit::Use& use) {
+    if (use.user->kind().ns() != kGradqNamespace || !use.user->maybeSchema()) return false;
+    const auto& arguments = use.user->schema().arguments();
+    return use.offset < arguments.size() && kFormatArguments.count(arguments[use.offset].name()) > 0;
+  };
+  std::map<std::string, bool> only_format;  // by path: every read so far is a format argument
+  for (const auto& [value, path] : attribute_paths(graph)) {
+    bool only = !value->uses().empty();
+    for (const torch::jit::Use& use : value->uses()) only = only && is_format_argument(use);
+    auto [it, inserted] = only_format.emplace(path, only);
+    if (!inserted) it->second = it->second && only;
+  }
+  std::set<std::string> out;
+  for (const auto& [path, only] : only_format)
+    if (only) out.insert(path);
+  return out;
 }
 
 std::vector<MatmulUse> matmul_uses(Value* weight) {

@@ -4,6 +4,7 @@
 #include <torch/script.h>
 
 #include <memory>
+#include <set>
 #include <string>
 #include <unordered_map>
 
@@ -26,6 +27,10 @@ torch::jit::Value* logits_value(torch::jit::Graph& graph);
 /// For every prim::GetAttr output in `graph` (recursively into blocks), its dotted path from self,
 /// e.g. "layers.0.attention.wq.weight".
 std::unordered_map<const torch::jit::Value*, std::string> attribute_paths(const torch::jit::Graph& graph);
+
+/// Dotted paths of the attributes that `graph` reads only as the format arguments of gradq's ops
+/// (codes, scales, zeros, sub_scales of gradq::linear and gradq::dequantize): a packed model's storage.
+std::set<std::string> packed_format_tensors(const torch::jit::Graph& graph);
 
 /// Kind of a matmul-like use of a weight value and whether it sees the weight as [in, out].
 struct MatmulUse {
