@@ -1,5 +1,7 @@
 // gradq convert / generate / eval.
 
+#include <fmt/ranges.h>  // fmt::join (in fmt/format.h before fmt 11)
+
 #include <iostream>
 
 #include "cli.h"
@@ -45,11 +47,18 @@ int cmd_convert(int argc, char** argv) {
 }
 
 int cmd_generate(int argc, char** argv) {
-  cxxopts::Options options("gradq generate", "Greedy (argmax) generation. The prompt is encoded after a BOS token.");
+  cxxopts::Options options("gradq generate",
+                           "Greedy (argmax) generation. The prompt is encoded after a BOS token. With --prompt-ids "
+                           "(a model whose tokenizer is not SentencePiece) the prompt is token ids and the generated "
+                           "ids are printed.");
   options.add_options()
       ("model", "TorchScript model, or a llama2.c .bin", cxxopts::value<std::string>()->default_value(default_model_path()))
       ("tokenizer", "SentencePiece model", cxxopts::value<std::string>()->default_value(default_tokenizer_path()))
       ("prompt", "text to continue", cxxopts::value<std::string>()->default_value(""))
+      ("prompt-ids", "token ids to continue instead of --prompt and --tokenizer (integers separated by whitespace "
+                     "or commas, as --tokens reads them); prints the generated ids", cxxopts::value<std::string>())
+      ("bos-id", "with --prompt-ids: the token put before the prompt (-1: none)", cxxopts::value<int64_t>()->default_value("-1"))
+      ("eos-id", "with --prompt-ids: the token that ends generation (-1: none)", cxxopts::value<int64_t>()->default_value("-1"))
       ("steps", "tokens to generate", cxxopts::value<int64_t>()->default_value("256"))
       ("max-context", "feed at most this many trailing tokens to the model (0 = all)", cxxopts::value<int64_t>()->default_value("512"))
       ("no-stop", "do not stop at BOS/EOS");
@@ -60,12 +69,33 @@ int cmd_generate(int argc, char** argv) {
   GRADQ_CHECK(args["steps"].as<int64_t>() >= 0, "--steps must be >= 0, got {}", args["steps"].as<int64_t>());
   GRADQ_CHECK(args["max-context"].as<int64_t>() >= 0, "--max-context must be >= 0 (0 = all), got {}",
               args["max-context"].as<int64_t>());
-  auto tokenizer = Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
+  const bool ids = args.count("prompt-ids") > 0;
+  if (ids) {
+    GRADQ_CHECK(!args.count("prompt") && !args.count("tokenizer"),
+                "--prompt-ids replaces --prompt and --tokenizer: give the token ids or the text, not both");
+    for (const char* id : {"bos-id", "eos-id"})
+      GRADQ_CHECK(args[id].as<int64_t>() >= -1, "--{} must be a token id or -1 (none), got {}", id, args[id].as<int64_t>());
+  } else {
+    GRADQ_CHECK(!args.count("bos-id") && !args.count("eos-id"),
+                "--bos-id and --eos-id go with --prompt-ids (a SentencePiece tokenizer brings its own)");
+  }
+  const std::unique_ptr<Tokenizer> tokenizer =
+      ids ? nullptr : Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
+  const int64_t bos = ids ? args["bos-id"].as<int64_t>() : tokenizer->bos_id();
+  const int64_t eos = ids ? args["eos-id"].as<int64_t>() : tokenizer->eos_id();
+  const std::vector<int64_t> prompt_ids = ids ? parse_token_ids(args["prompt-ids"].as<std::string>(), "--prompt-ids")
+                                              : tokenizer->encode(args["prompt"].as<std::string>());
   CausalLM model = load_model(args["model"].as<std::string>(), read_adapter_options(args));
-  check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  if (ids) {
+    check_token_ids_fit_model(prompt_ids, bos, model.vocab_size());
+    GRADQ_CHECK(eos < model.vocab_size(), "--eos-id {} is not a token of the model: expected an id below its "
+                "vocabulary ({})", eos, model.vocab_size());
+  } else {
+    check_tokenizer_fits_model(tokenizer->vocab_size(), model.vocab_size());
+  }
   std::vector<int64_t> prompt;
-  if (tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
-  for (int64_t id : tokenizer->encode(args["prompt"].as<std::string>())) prompt.push_back(id);
+  if (bos >= 0) prompt.push_back(bos);
+  prompt.insert(prompt.end(), prompt_ids.begin(), prompt_ids.end());
   GenerateOptions gen;
   gen.steps = args["steps"].as<int64_t>();
   gen.max_context = args["max-context"].as<int64_t>();
@@ -81,8 +111,14 @@ int cmd_generate(int argc, char** argv) {
     GRADQ_CHECK(gen.max_context > 0, "the model's forward fails on every input of 1 to {} tokens", fed);
   }
   if (!args.count("no-stop"))
-    for (int64_t id : {tokenizer->bos_id(), tokenizer->eos_id()})
+    for (int64_t id : {bos, eos})
       if (id >= 0) gen.stop_ids.push_back(id);
+  if (ids) {
+    std::cout << fmt::format("{}", fmt::join(prompt_ids, " "));
+    generate_greedy(model, prompt, gen, [&](int64_t id) { std::cout << ' ' << id << std::flush; });
+    std::cout << std::endl;
+    return 0;
+  }
   std::cout << args["prompt"].as<std::string>();
   // Decode the growing sequence and print what is new, so multi-token characters print whole.
   std::vector<int64_t> generated;

@@ -186,15 +186,15 @@ DataSplit make_data_split(const std::vector<int64_t>& tokens, int64_t bos_id, co
   return out;
 }
 
-std::vector<int64_t> parse_token_ids(const std::string& text, const std::string& path) {
+std::vector<int64_t> parse_token_ids(const std::string& text, const std::string& source) {
   constexpr int64_t kLimit = int64_t{1} << 31;  // no vocabulary comes near; keeps every id an int32
   auto is_separator = [](char c) { return is_space(c) || c == ','; };
   size_t begin = 0, end = text.size();
   while (begin < end && is_space(text[begin])) ++begin;
   while (end > begin && is_space(text[end - 1])) --end;
   if (begin < end && text[begin] == '[') {
-    GRADQ_CHECK(text[end - 1] == ']', "token file '{}': a list that opens with '[' at byte offset {} must end with ']'",
-                path, begin);
+    GRADQ_CHECK(text[end - 1] == ']', "{}: a list that opens with '[' at byte offset {} must end with ']'",
+                source, begin);
     ++begin;
     --end;
   }
@@ -208,7 +208,7 @@ std::vector<int64_t> parse_token_ids(const std::string& text, const std::string&
     int64_t id = 0;
     while (i < end && text[i] >= '0' && text[i] <= '9') {
       id = id * 10 + (text[i] - '0');
-      GRADQ_CHECK(id < kLimit, "token file '{}': the id at byte offset {} is 2^31 or more (expected token ids)", path,
+      GRADQ_CHECK(id < kLimit, "{}: the id at byte offset {} is 2^31 or more (expected token ids)", source,
                   start);
       ++i;
     }
@@ -219,21 +219,21 @@ std::vector<int64_t> parse_token_ids(const std::string& text, const std::string&
       std::string shown;
       for (size_t k = start; k < std::max(stop, start + 1) && k < end; ++k)
         shown += (text[k] >= 0x20 && text[k] < 0x7f) ? text[k] : '?';
-      throw Error(fmt::format("token file '{}': expected non-negative integer token ids separated by whitespace or "
+      throw Error(fmt::format("{}: expected non-negative integer token ids separated by whitespace or "
                               "commas, got '{}' at byte offset {}",
-                              path, shown, start));
+                              source, shown, start));
     }
     ids.push_back(id);
   }
-  GRADQ_CHECK(!ids.empty(), "token file '{}' holds no token ids (expected non-negative integers separated by "
-              "whitespace or commas)", path);
+  GRADQ_CHECK(!ids.empty(), "{} holds no token ids (expected non-negative integers separated by "
+              "whitespace or commas)", source);
   return ids;
 }
 
 std::vector<int64_t> read_token_file(const std::string& path) {
   GRADQ_CHECK(fs::exists(path), "token file '{}' does not exist", path);
   GRADQ_CHECK(fs::is_regular_file(path), "token file '{}' is not a regular file", path);
-  return parse_token_ids(read_file(path), path);
+  return parse_token_ids(read_file(path), fmt::format("token file '{}'", path));
 }
 
 void check_token_ids_fit_model(const std::vector<int64_t>& ids, int64_t bos_id, int64_t model_vocab) {

@@ -30,10 +30,11 @@ std::string read_text_file(const std::string& path);
 /// text without a UTF-8 byte order mark.
 std::string validate_text(std::string text, const std::string& path);
 
-/// Token ids a user's own tokenizer made (`--tokens`): non-negative decimal integers separated by
-/// whitespace or commas, optionally inside one pair of brackets (a JSON list). Throws gradq::Error
-/// naming `path` and the byte offset for anything else, for an id of 2^31 or more, or for no ids.
-std::vector<int64_t> parse_token_ids(const std::string& text, const std::string& path);
+/// Token ids a user's own tokenizer made (`--tokens`, `--prompt-ids`): non-negative decimal integers
+/// separated by whitespace or commas, optionally inside one pair of brackets (a JSON list). Throws
+/// gradq::Error starting with `source` (e.g. "token file 'ids.txt'") and naming the byte offset for
+/// anything else, for an id of 2^31 or more, or for no ids.
+std::vector<int64_t> parse_token_ids(const std::string& text, const std::string& source);
 
 /// parse_token_ids of a file's contents.
 std::vector<int64_t> read_token_file(const std::string& path);

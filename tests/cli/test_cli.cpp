@@ -16,6 +16,7 @@
 #include <set>
 
 #include "common/files.h"
+#include "data/dataset.h"
 #include "support/gpt_fixture.h"
 #include "support/test_support.h"
 #include "tokenizer/tokenizer.h"
@@ -288,6 +289,30 @@ TEST(Cli, TokenIdsGiveWhatTheTextGives) {
   }
   expect_one_line_error("eval --tokens " + dir + "/big.txt --threads 1",
                         "token id 600 (token 3 of 4) is not a token of the model: expected ids below its vocabulary (512)");
+}
+
+// generate --prompt-ids: the tokenizer's ids of a prompt, with its BOS and EOS, generate the ids whose
+// text is what generate prints for the prompt itself.
+TEST(Cli, GeneratePromptIdsGivesTheTextsIds) {
+  const auto tokenizer = Tokenizer::load_sentencepiece(test::tokenizer_model());
+  const std::string prompt = "Once upon a time";
+  std::string ids;
+  for (const int64_t id : tokenizer->encode(prompt)) ids += (ids.empty() ? "" : " ") + std::to_string(id);
+  const std::string common = " --steps 24 --threads 1";
+  auto [trc, text] = test::run(test::cli() + " generate --prompt '" + prompt + "'" + common);
+  ASSERT_EQ(trc, 0) << text;
+  auto [irc, out] = test::run(test::cli() + " generate --prompt-ids '" + ids + "' --bos-id " +
+                              std::to_string(tokenizer->bos_id()) + " --eos-id " + std::to_string(tokenizer->eos_id()) +
+                              common);
+  ASSERT_EQ(irc, 0) << out;
+  ASSERT_EQ(out.rfind(ids, 0), 0u) << "the prompt's ids first: " << out;
+  const std::vector<int64_t> all = parse_token_ids(out, "output");
+  const std::vector<int64_t> generated(all.begin() + static_cast<int64_t>(tokenizer->encode(prompt).size()), all.end());
+  EXPECT_FALSE(generated.empty());
+  EXPECT_EQ(prompt + tokenizer->decode(generated) + "\n", text);
+  expect_one_line_error("generate --prompt-ids '1 2' --prompt x", "--prompt-ids replaces --prompt and --tokenizer");
+  expect_one_line_error("generate --eos-id 2", "--bos-id and --eos-id go with --prompt-ids");
+  expect_one_line_error("generate --prompt-ids '1 600' --threads 1", "token id 600 (token 1 of 2) is not a token of the model");
 }
 
 TEST(Cli, ContextIsCheckedAgainstTheModel) {

@@ -133,24 +133,24 @@ TEST(TokenIds, WhitespaceCommasAndAJsonList) {
   const std::vector<int64_t> want = {1, 0, 345, 2147483647};
   for (const char* text : {"1 0 345 2147483647", "1\n0\t345\r\n2147483647\n", "[1, 0, 345, 2147483647]",
                            "  [1,0,345,2147483647]\n", "1,0,,345, 2147483647,"}) {
-    EXPECT_EQ(parse_token_ids(text, "ids.txt"), want) << text;
+    EXPECT_EQ(parse_token_ids(text, "token file 'ids.txt'"), want) << text;
   }
 }
 
 TEST(TokenIds, AnythingElseNamesTheFileAndTheByte) {
   const std::string prefix = "token file 'ids.txt': ";
   const std::string expected = "expected non-negative integer token ids separated by whitespace or commas, got ";
-  fails_with([] { parse_token_ids("1 -2 3", "ids.txt"); }, prefix + expected + "'-2' at byte offset 2");
-  fails_with([] { parse_token_ids("1 2x 3", "ids.txt"); }, prefix + expected + "'2x' at byte offset 2");
-  fails_with([] { parse_token_ids("1.5", "ids.txt"); }, prefix + expected + "'1.5' at byte offset 0");
-  fails_with([] { parse_token_ids("[[1, 2]]", "ids.txt"); }, prefix + expected + "'[1' at byte offset 1");
-  fails_with([] { parse_token_ids(std::string("7 \x01\xff\0", 5), "ids.txt"); },
+  fails_with([] { parse_token_ids("1 -2 3", "token file 'ids.txt'"); }, prefix + expected + "'-2' at byte offset 2");
+  fails_with([] { parse_token_ids("1 2x 3", "token file 'ids.txt'"); }, prefix + expected + "'2x' at byte offset 2");
+  fails_with([] { parse_token_ids("1.5", "token file 'ids.txt'"); }, prefix + expected + "'1.5' at byte offset 0");
+  fails_with([] { parse_token_ids("[[1, 2]]", "token file 'ids.txt'"); }, prefix + expected + "'[1' at byte offset 1");
+  fails_with([] { parse_token_ids(std::string("7 \x01\xff\0", 5), "token file 'ids.txt'"); },
                prefix + expected + "'???' at byte offset 2");
-  fails_with([] { parse_token_ids("[1, 2", "ids.txt"); }, "a list that opens with '[' at byte offset 0 must end with ']'");
-  fails_with([] { parse_token_ids("2147483648", "ids.txt"); }, "the id at byte offset 0 is 2^31 or more");
-  fails_with([] { parse_token_ids("99999999999999999999999", "ids.txt"); }, "2^31 or more");
+  fails_with([] { parse_token_ids("[1, 2", "token file 'ids.txt'"); }, "a list that opens with '[' at byte offset 0 must end with ']'");
+  fails_with([] { parse_token_ids("2147483648", "token file 'ids.txt'"); }, "the id at byte offset 0 is 2^31 or more");
+  fails_with([] { parse_token_ids("99999999999999999999999", "token file 'ids.txt'"); }, "2^31 or more");
   for (const char* empty : {"", " \n ", "[]", ",,,"})
-    fails_with([&] { parse_token_ids(empty, "ids.txt"); }, "token file 'ids.txt' holds no token ids");
+    fails_with([&] { parse_token_ids(empty, "token file 'ids.txt'"); }, "token file 'ids.txt' holds no token ids");
   fails_with([] { read_token_file("/nonexistent/ids.txt"); }, "token file '/nonexistent/ids.txt' does not exist");
 }
 
