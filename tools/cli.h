@@ -3,6 +3,7 @@
 
 #include <cxxopts.hpp>
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -39,10 +40,14 @@ std::vector<int64_t> parse_int_list(const std::string& text, const char* flag);
 /// Adds --tokens and --bos-id to `group`: token ids made by the model's own tokenizer, instead of
 /// --text through a SentencePiece --tokenizer.
 void add_token_options(cxxopts::Options& options, const std::string& group = "");
-/// The files the text comes from: {--tokens}, or {--tokenizer, --text}.
-std::vector<std::string> text_input_paths(const cxxopts::ParseResult& args);
-/// Throws when --tokens is given with --text or --tokenizer, or --bos-id without --tokens.
-void check_token_options(const cxxopts::ParseResult& args);
+/// The files the text comes from, by role: {"tokens"}, or {"text", "tokenizer"}.
+std::map<std::string, std::string> text_inputs(const cxxopts::ParseResult& args);
+/// Throws when `ids_option` (--tokens; generate's --prompt-ids) is given with `text_option` (--text;
+/// --prompt) or --tokenizer, when one of `id_options` (--bos-id; generate's --eos-id too) is given
+/// without it, or when one is below -1 (none).
+void check_token_options(const cxxopts::ParseResult& args, const std::string& ids_option = "tokens",
+                         const std::string& text_option = "text",
+                         const std::vector<std::string>& id_options = {"bos-id"});
 
 struct TokenStream {
   std::vector<int64_t> ids;
@@ -51,8 +56,8 @@ struct TokenStream {
   /// Throws when the model has no logits for an id (or for the tokenizer's whole vocabulary).
   void check_fits(int64_t model_vocab) const;
 };
-/// The text's token ids: --tokens as given (windows start with --bos-id), or --text encoded by
-/// --tokenizer (windows start with its BOS).
+/// The text's token ids (after check_token_options): --tokens as given (windows start with --bos-id),
+/// or --text encoded by --tokenizer (windows start with its BOS).
 TokenStream read_token_stream(const cxxopts::ParseResult& args);
 
 // --- What `quantize` and `sweep` share -----------------------------------------------------------

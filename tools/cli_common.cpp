@@ -127,20 +127,29 @@ void add_token_options(cxxopts::Options& options, const std::string& group) {
        cxxopts::value<int64_t>()->default_value("-1"));
 }
 
-std::vector<std::string> text_input_paths(const cxxopts::ParseResult& args) {
-  if (args.count("tokens")) return {args["tokens"].as<std::string>()};
-  return {args["tokenizer"].as<std::string>(), args["text"].as<std::string>()};
+std::map<std::string, std::string> text_inputs(const cxxopts::ParseResult& args) {
+  if (args.count("tokens")) return {{"tokens", args["tokens"].as<std::string>()}};
+  return {{"text", args["text"].as<std::string>()}, {"tokenizer", args["tokenizer"].as<std::string>()}};
 }
 
-void check_token_options(const cxxopts::ParseResult& args) {
-  if (args.count("tokens")) {
-    GRADQ_CHECK(!args.count("text") && !args.count("tokenizer"),
-                "--tokens replaces --text and --tokenizer: give the token ids or the text, not both");
-    GRADQ_CHECK(args["bos-id"].as<int64_t>() >= -1, "--bos-id must be a token id or -1 (none), got {}",
-                args["bos-id"].as<int64_t>());
-  } else {
-    GRADQ_CHECK(!args.count("bos-id"), "--bos-id goes with --tokens (a SentencePiece tokenizer brings its own BOS)");
+void check_token_options(const cxxopts::ParseResult& args, const std::string& ids_option,
+                         const std::string& text_option, const std::vector<std::string>& id_options) {
+  if (args.count(ids_option)) {
+    GRADQ_CHECK(!args.count(text_option) && !args.count("tokenizer"),
+                "--{} replaces --{} and --tokenizer: give the token ids or the text, not both", ids_option, text_option);
+    for (const std::string& id : id_options)
+      GRADQ_CHECK(args[id].as<int64_t>() >= -1, "--{} must be a token id or -1 (none), got {}", id, args[id].as<int64_t>());
+    return;
   }
+  std::vector<std::string> flags, tokens;
+  bool given = false;
+  for (const std::string& id : id_options) {
+    given = given || args.count(id) > 0;
+    flags.push_back("--" + id);
+    tokens.push_back(id == "bos-id" ? "BOS" : "EOS");
+  }
+  GRADQ_CHECK(!given, "{} {} with --{} (a SentencePiece tokenizer brings its own {})", fmt::join(flags, " and "),
+              flags.size() == 1 ? "goes" : "go", ids_option, fmt::join(tokens, " and "));
 }
 
 void TokenStream::check_fits(int64_t model_vocab) const {
@@ -152,7 +161,6 @@ void TokenStream::check_fits(int64_t model_vocab) const {
 }
 
 TokenStream read_token_stream(const cxxopts::ParseResult& args) {
-  check_token_options(args);
   TokenStream stream;
   if (args.count("tokens")) {
     stream.ids = read_token_file(args["tokens"].as<std::string>());
@@ -235,7 +243,7 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
 
 std::vector<std::string> input_paths(const cxxopts::ParseResult& args) {
   std::vector<std::string> inputs = {args["model"].as<std::string>()};
-  for (const std::string& path : text_input_paths(args)) inputs.push_back(path);
+  for (const auto& [role, path] : text_inputs(args)) inputs.push_back(path);
   for (const char* optional : {"analysis", "policy"})
     if (args.count(optional)) inputs.push_back(args[optional].as<std::string>());
   return inputs;

@@ -56,9 +56,8 @@ int cmd_analyze(int argc, char** argv) {
   const std::string output = args["output"].as<std::string>();
   const std::string config_path = args["config"].as<std::string>();
   check_token_options(args);
-  std::vector<std::string> inputs = {args["model"].as<std::string>()};
-  for (const std::string& path : text_input_paths(args)) inputs.push_back(path);
-  inputs.push_back(config_path);
+  std::vector<std::string> inputs = {args["model"].as<std::string>(), config_path};
+  for (const auto& [role, path] : text_inputs(args)) inputs.push_back(path);
   std::vector<std::string> outputs = {output};
   if (args.count("chart")) outputs.push_back(args["chart"].as<std::string>());
 
@@ -107,13 +106,9 @@ int cmd_analyze(int argc, char** argv) {
     std::cerr << "the model is measured whole: " << model.stages_unavailable_reason() << "\n";
   ImportanceAnalysis analysis = analyzer.run();
   display.finish();
-  analysis.inputs = {{"model", inputs[0]}, {"config", config_path}};
-  if (args.count("tokens")) {
-    analysis.inputs["tokens"] = args["tokens"].as<std::string>();
-  } else {
-    analysis.inputs["tokenizer"] = args["tokenizer"].as<std::string>();
-    analysis.inputs["text"] = args["text"].as<std::string>();
-  }
+  analysis.inputs = text_inputs(args);
+  analysis.inputs["model"] = inputs[0];
+  analysis.inputs["config"] = config_path;
 
   std::cout << format_analysis_table(analysis) << std::flush;
   save_analysis(output, analysis);

@@ -69,16 +69,8 @@ int cmd_generate(int argc, char** argv) {
   GRADQ_CHECK(args["steps"].as<int64_t>() >= 0, "--steps must be >= 0, got {}", args["steps"].as<int64_t>());
   GRADQ_CHECK(args["max-context"].as<int64_t>() >= 0, "--max-context must be >= 0 (0 = all), got {}",
               args["max-context"].as<int64_t>());
+  check_token_options(args, "prompt-ids", "prompt", {"bos-id", "eos-id"});
   const bool ids = args.count("prompt-ids") > 0;
-  if (ids) {
-    GRADQ_CHECK(!args.count("prompt") && !args.count("tokenizer"),
-                "--prompt-ids replaces --prompt and --tokenizer: give the token ids or the text, not both");
-    for (const char* id : {"bos-id", "eos-id"})
-      GRADQ_CHECK(args[id].as<int64_t>() >= -1, "--{} must be a token id or -1 (none), got {}", id, args[id].as<int64_t>());
-  } else {
-    GRADQ_CHECK(!args.count("bos-id") && !args.count("eos-id"),
-                "--bos-id and --eos-id go with --prompt-ids (a SentencePiece tokenizer brings its own)");
-  }
   const std::unique_ptr<Tokenizer> tokenizer =
       ids ? nullptr : Tokenizer::load_sentencepiece(args["tokenizer"].as<std::string>());
   const int64_t bos = ids ? args["bos-id"].as<int64_t>() : tokenizer->bos_id();
@@ -162,7 +154,7 @@ int cmd_eval(int argc, char** argv) {
   GRADQ_CHECK(!(args.count("reference") && args.count("load-reference")), "give --reference or --load-reference, not both");
   check_token_options(args);
   std::vector<std::string> inputs = {args["model"].as<std::string>()};
-  for (const std::string& path : text_input_paths(args)) inputs.push_back(path);
+  for (const auto& [role, path] : text_inputs(args)) inputs.push_back(path);
   if (args.count("reference")) inputs.push_back(args["reference"].as<std::string>());
   const int64_t ctx = args["ctx"].as<int64_t>();
   GRADQ_CHECK(ctx >= 2, "--ctx must be at least 2 tokens, got {}", ctx);
