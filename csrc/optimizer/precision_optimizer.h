@@ -98,9 +98,14 @@ struct SearchOptions {
   /// Side information of the candidates (quant_spec.h): "asym" (zero points at the code width, fp16
   /// scales), "z8" (8-bit zero points), "s" (symmetric), "k6" / "k8" (sub-scales of a fp16
   /// super-scale). Every group size in every encoding is a candidate; k6/k8 ones are not tried by
-  /// trained rounding, which needs a scale per group.
-  std::vector<std::string> encodings = {"asym"};
+  /// trained rounding, which needs a scale per group. The default is what the CUDA kernels read
+  /// (they read no k6/k8): with symmetric grids beside zero points the stories260K +5% plan stores
+  /// 4.323 bits against 4.459 with zero points alone (docs/BENCHMARKS.md, "Symmetric grids by default").
+  std::vector<std::string> encodings = {"asym", "s"};
   bool allow_prune = false;                            ///< try removing a weight after its lowest width
+  /// Allocation: measure only the GPTQ candidates on the lower hull of (bytes, GPTQ's output error)
+  /// of their weight (precision_allocate.cpp); false: every candidate.
+  bool screen_candidates = true;
   /// Rounding of the ordinary candidates (and of --uniform formats). GPTQ: fewer bits than clipping
   /// at every budget measured, and the best uniform format (docs/BENCHMARKS.md).
   RoundingMethod method = RoundingMethod::kGptq;
@@ -163,7 +168,8 @@ struct SearchOptions {
   /// Throws gradq::Error for unsupported widths, group sizes or encodings, or an unordered list.
   void validate() const;
   /// The candidates at `bits` for a [out, in] weight: every group size in every encoding, cheapest
-  /// first (stable: ties keep the order of group_sizes, then encodings).
+  /// first (stable: ties keep the order of group_sizes, then encodings); of group sizes that each
+  /// make one group of the whole row (the same stored values), only the first.
   std::vector<QuantSpec> candidates(int bits, int64_t out_features, int64_t in_features) const;
 };
 
@@ -238,6 +244,8 @@ struct SearchResult {
   int64_t passes = 0;  ///< exact or whole evaluations of the calibration windows
   /// Candidates quantized, and read back from the candidate cache's spill file instead.
   int64_t candidates_quantized = 0, candidates_read_back = 0;
+  /// Allocation only: candidates not measured, off the hull of GPTQ's own error (screen_candidates).
+  int64_t candidates_screened = 0;
   double seconds = 0;
 };
 

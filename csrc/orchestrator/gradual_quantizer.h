@@ -89,6 +89,7 @@ struct QuantizeOutcome {
   int64_t search_local_measurements = 0;                   ///< SearchResult::local_measurements
   /// SearchResult::candidates_quantized / candidates_read_back
   int64_t search_candidates_quantized = 0, search_candidates_read_back = 0;
+  int64_t search_candidates_screened = 0;  ///< SearchResult::candidates_screened
   std::vector<ValidationStep> validation_steps;
   bool memory_target_met = false;
   std::vector<PhaseTiming> phases;

@@ -77,6 +77,11 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, at::Tenso
 PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const GptqFactor& factor,
                            const GptqOptions& options = {}, const ClipSearchOptions& clip = {});
 
+/// The error GPTQ minimises for `w` quantized to `w_q` (both floating [out, in], on the factor's
+/// device): trace((W - W_q) H (W - W_q)^T) with H the dampened Hessian `factor` was made from, that is
+/// the calibration rows' squared output error of the layer plus the dampening's share.
+double gptq_output_error(const at::Tensor& w, const at::Tensor& w_q, const GptqFactor& factor);
+
 /// The column order GPTQ uses for `xtx` (int64 [in], a permutation, on xtx's device): descending
 /// diag(xtx), ties in index order, or 0 .. in-1 without act_order.
 at::Tensor gptq_column_order(const at::Tensor& xtx, bool act_order);

@@ -149,6 +149,7 @@ std::string quantize_report_json(const QuantizableModel& model, const QuantizeOu
                  {"local_measurements", outcome.search_local_measurements},
                  {"candidates_quantized", outcome.search_candidates_quantized},
                  {"candidates_read_back", outcome.search_candidates_read_back},
+                 {"candidates_screened", outcome.search_candidates_screened},
                  {"confirmations", confirmations},
                  {"curves", curves}};
   nlohmann::ordered_json validation = nlohmann::ordered_json::array();
@@ -220,6 +221,8 @@ std::string format_quantize_summary(const QuantizableModel& model, const Quantiz
     s += fmt::format("; {} candidates quantized", outcome.search_candidates_quantized);
     if (outcome.search_candidates_read_back)
       s += fmt::format(", {} read back from the spill file", outcome.search_candidates_read_back);
+    if (outcome.search_candidates_screened)
+      s += fmt::format(", {} not measured (off the hull of GPTQ's own error)", outcome.search_candidates_screened);
     s += "\n";
   }
   s += "\nphase          passes   seconds   CPU s  s/pass\n";

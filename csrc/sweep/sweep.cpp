@@ -104,6 +104,7 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
             // Also marks sweeps whose accounting has b-bit zero points (older ones had 8-bit).
             {"encodings", s.encodings},
             {"allow_prune", s.allow_prune},
+            {"screen_candidates", s.screen_candidates},
             {"method", rounding_method_name(s.method)},
             // Unset: each point's strategy measures its own way.
             {"measurement", s.measurement ? json(candidate_measurement_name(*s.measurement)) : json("per strategy")},

@@ -133,7 +133,7 @@ TEST(PrecisionOptimizer, AllocationMeetsTheBudgetOnItsMeasuredKl) {
   EXPECT_NEAR(r.calibration.kl->mean.value, whole_model_kl(s.model, s.data.calibration, r.weights), 1e-6);
   ASSERT_EQ(r.curves.size(), s.model.weights().size());
   for (const auto& [name, curve] : r.curves)
-    EXPECT_EQ(curve.size(), 1 + o.bits.size() * 2) << name;  // fp16 + every width x 2 groups
+    EXPECT_EQ(curve.size(), 1 + o.bits.size() * 2 * o.encodings.size()) << name;  // fp16 + every width x 2 groups x encodings
   ASSERT_FALSE(r.confirmations.empty());
   bool kept = false;
   for (const Confirmation& c : r.confirmations) kept |= c.kept;
@@ -194,7 +194,7 @@ TEST(PrecisionOptimizer, LocalCurvesPredictTheExactOnesAtOneBlockPerCandidate) {
   const int64_t blocks = s.model.stages()->num_blocks();
   int64_t in_blocks = 0;  // candidates of weights inside blocks
   for (const WeightInfo& w : s.model.weights())
-    in_blocks += (w.block_index >= 0) * static_cast<int64_t>(o.bits.size() * o.group_sizes.size());
+    in_blocks += (w.block_index >= 0) * static_cast<int64_t>(o.bits.size() * o.group_sizes.size() * o.encodings.size());
   EXPECT_EQ(local.local_measurements, in_blocks + blocks) << "one block per candidate, one per calibration";
   EXPECT_LT(local.blocks_run, 0.6 * exact.blocks_run);
 
@@ -312,6 +312,42 @@ TEST(PrecisionOptimizer, GptqWithXtxPerBlockEqualsXtxUpFront) {
     for (size_t i = 0; i < curve.size(); ++i) EXPECT_EQ(per_block.curves.at(name)[i].kl, curve[i].kl) << name << " " << i;
   for (const auto& [name, t] : up_front.weights)
     EXPECT_TRUE(test::bitwise_equal(per_block.weights.at(name).dequantize(), t.dequantize())) << name;
+}
+
+// GPTQ's candidates off the hull of (bytes, GPTQ's own output error) are not measured: each
+// weight's screened curve is a subset of the full one with the same KL at every point it keeps, the
+// count of those left out is reported, and the full search (screen_candidates off) leaves none out.
+TEST(PrecisionOptimizer, GptqCandidatesOffTheOutputErrorHullAreNotMeasured) {
+  Stories& s = stories();
+  Budget budget;
+  budget.max_kl = 0.05;
+  SearchOptions o;
+  o.strategy = SearchStrategy::kAllocate;
+  o.method = RoundingMethod::kGptq;
+  o.group_sizes = {128, 32, 16};
+  o.encodings = {"asym", "s"};
+  GradualEvaluator evaluator(s.data.calibration, EvaluatorOptions{});
+  evaluator.set_reference(s.model);
+  const SearchResult screened = PrecisionOptimizer(s.model, evaluator, budget, o, PrecisionPolicy{}, {}).allocate();
+  o.screen_candidates = false;
+  const SearchResult full = PrecisionOptimizer(s.model, evaluator, budget, o, PrecisionPolicy{}, {}).allocate();
+  EXPECT_EQ(full.candidates_screened, 0);
+  EXPECT_GT(screened.candidates_screened, 0);
+  int64_t left_out = 0;
+  for (const auto& [name, curve] : full.curves) {
+    const std::vector<CurvePoint>& kept = screened.curves.at(name);
+    left_out += static_cast<int64_t>(curve.size() - kept.size());
+    for (const CurvePoint& p : kept) {
+      const auto same = std::find_if(curve.begin(), curve.end(), [&](const CurvePoint& q) { return q.spec == p.spec; });
+      ASSERT_NE(same, curve.end()) << name << " " << p.spec.name();
+      EXPECT_EQ(same->kl, p.kl) << name << " " << p.spec.name();
+      EXPECT_EQ(same->bytes, p.bytes) << name << " " << p.spec.name();
+    }
+  }
+  EXPECT_EQ(left_out, screened.candidates_screened);
+  EXPECT_LE(screened.candidates_quantized, full.candidates_quantized) << "a left-out candidate is quantized once, for its error";
+  EXPECT_TRUE(budget.quality_met(screened.calibration, safety_used(budget, SearchStrategy::kAllocate)))
+      << screened.calibration.kl->mean.value;
 }
 
 // With fit windows GPTQ's X^T X comes from them, not from the windows that measure the candidates:

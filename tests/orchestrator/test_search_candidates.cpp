@@ -37,6 +37,22 @@ TEST(SearchCandidates, EveryGroupSizeInEveryEncodingCheapestFirst) {
   EXPECT_EQ(names(o.candidates(8, 4, 64)), (std::vector<std::string>{"b8g64", "b8g32", "b8g16"}));
 }
 
+TEST(SearchCandidates, GroupSizesSpanningTheRowAreOneCandidate) {
+  SearchOptions o;  // group sizes 128, 64, 32, 16
+  o.encodings = {"asym", "s"};
+  // A row of 64 inputs is one group at 128 and at 64: the same stored values, listed once, as the
+  // first group size.
+  EXPECT_EQ(names(o.candidates(4, 8, 64)),
+            (std::vector<std::string>{"b4g128s", "b4g128", "b4g32s", "b4g32", "b4g16s", "b4g16"}));
+  // A row of 172 inputs is two groups at 128 and three at 64: both are candidates.
+  EXPECT_EQ(o.candidates(4, 8, 172).size(), 8u);
+  // The same row at 128 and 64 in different encodings is not the same format.
+  o.encodings = {"asym"};
+  o.group_sizes = {128, 64};
+  EXPECT_EQ(names(o.candidates(2, 8, 64)), (std::vector<std::string>{"b2g128"}));
+  EXPECT_EQ(names(o.candidates(2, 8, 128)), (std::vector<std::string>{"b2g128", "b2g64"}));
+}
+
 TEST(SearchCandidates, UnknownOrImpossibleEncodingsAreRejected) {
   SearchOptions o;
   o.encodings = {"asym", "q4"};

@@ -216,6 +216,33 @@ TEST(Gptq, FactorIsTheUpperCholeskyFactorOfTheInverseHessian) {
   EXPECT_TRUE(bitwise_equal(moved.u, copied.u));
 }
 
+// The search screens GPTQ's candidates by the error GPTQ minimises: gptq_output_error must be
+// trace(D Hp D^T) with Hp the dampened H the factor was made from (dead inputs at 1), computed here
+// directly, for a quantized weight and for an arbitrary one, and refuse a mismatched shape.
+TEST(Gptq, OutputErrorIsTheDampenedHessiansQuadraticForm) {
+  const int64_t in = 172;
+  at::Tensor xtx = synthetic_xtx(in, 151);
+  xtx.select(0, 7).zero_();
+  xtx.select(1, 7).zero_();
+  GptqOptions options;
+  options.damp = 0.03;
+  const GptqFactor factor = gptq_factor(xtx, options);
+  const at::Tensor order = gptq_column_order(xtx, true);
+  at::Tensor h = (xtx + xtx.t()).index_select(0, order).index_select(1, order);
+  h.diagonal().masked_fill_(h.diagonal() == 0, 1.0);
+  h.diagonal().add_(options.damp * h.diagonal().mean().item<double>());
+  const at::Tensor w = gaussian(24, in, 152);
+  const at::Tensor quantized = dequantize(quantize_gptq(w, parse_quant_spec("b3g32"), factor, options));
+  for (const at::Tensor& w_q : {quantized, w + gaussian(24, in, 153) * 0.1}) {
+    const at::Tensor d = (w.to(at::kDouble) - w_q.to(at::kDouble)).index_select(1, order);
+    const double expected = (d.matmul(h) * d).sum().item<double>();
+    EXPECT_NEAR(gptq_output_error(w, w_q, factor), expected, 1e-9 * expected);
+  }
+  EXPECT_EQ(gptq_output_error(w, w, factor), 0.0);
+  const std::string msg = expect_error([&] { gptq_output_error(w, w.narrow(1, 0, 64), factor); });
+  EXPECT_NE(msg.find("[out, 172], got [24, 172] and [24, 64]"), std::string::npos) << msg;
+}
+
 TEST(Gptq, ColumnOrderIsDescendingDiagonalWithTiesInIndexOrder) {
   at::Tensor xtx = at::zeros({5, 5}, at::kDouble);
   xtx.diagonal().copy_(at::tensor({2.0, 7.0, 2.0, 0.0, 7.0}, at::kDouble));
