@@ -100,7 +100,8 @@ struct SearchOptions {
   /// super-scale). Every group size in every encoding is a candidate; k6/k8 ones are not tried by
   /// trained rounding, which needs a scale per group. The default is what the CUDA kernels read
   /// (they read no k6/k8): with symmetric grids beside zero points the stories260K +5% plan stores
-  /// 4.323 bits against 4.459 with zero points alone (docs/BENCHMARKS.md, "Symmetric grids by default").
+  /// 4.323 bits against 4.459 with zero points alone, though 0.10-0.26 more at +1-2% (docs/BENCHMARKS.md,
+  /// "Candidates screened by GPTQ's own error, and symmetric grids by default").
   std::vector<std::string> encodings = {"asym", "s"};
   bool allow_prune = false;                            ///< try removing a weight after its lowest width
   /// Allocation: measure only the GPTQ candidates on the lower hull of (bytes, GPTQ's output error)
