@@ -1,6 +1,7 @@
 // The budget allocator (optimizer/allocator.h) on made-up curves, and the search by allocation
 // (PrecisionOptimizer::allocate) on stories260K.
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 
 #include "optimizer/allocator.h"
 #include "orchestrator/gradual_quantizer.h"
+#include "report/quantize_report.h"
 #include "support/test_helpers.h"
 #include "support/test_support.h"
 
@@ -472,6 +474,12 @@ TEST(GradualQuantizer, AllocationRunNeedsNoAnalysis) {
   for (const PhaseTiming& p : out.phases) EXPECT_NE(p.name, "analysis");
   EXPECT_EQ(out.search_strategy, "allocate");
   EXPECT_FALSE(out.search_curves.empty());
+  // The default screen (GPTQ's candidates) leaves some unmeasured, which the report and summary say.
+  ASSERT_GT(out.search_candidates_screened, 0);
+  const std::string report = quantize_report_json(s.model, out, {});
+  EXPECT_NE(report.find(fmt::format("\"candidates_screened\": {}", out.search_candidates_screened)), std::string::npos);
+  EXPECT_NE(format_quantize_summary(s.model, out, {}).find(fmt::format("{} not measured", out.search_candidates_screened)),
+            std::string::npos);
 }
 
 }  // namespace
