@@ -7,7 +7,9 @@
 //             so the cost per weight grows with depth), or predicted from its block's output error
 //             (kLocal: the block alone, times a KL-per-error factor that one exact measurement per
 //             block calibrates, with all the block's weights at a middle width; the cost per weight
-//             stays flat in depth but for that one measurement per block)
+//             stays flat in depth but for that one measurement per block). Under a perplexity budget
+//             each candidate is priced at its KL times its block's perplexity per KL, which the same
+//             measurement gives (local curves only)
 //   target    the allocator's plan for a predicted-KL target t, measured by a whole pass (block by
 //             block: the model holds one block's new weights at a time); t is
 //             bracketed and bisected (geometrically) for the largest t whose plan meets the budget /
@@ -109,16 +111,18 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   int64_t total = 0, done = 0;
   for (const auto& [name, opts] : options) total += static_cast<int64_t>(opts.size());
   progress.units = total;
-  const bool reuse_curves = options_.shared_curves && !options_.shared_curves->empty();
+  const int64_t blocks = stages ? stages->num_blocks() : 0;
+  result.ppl_per_kl.assign(static_cast<size_t>(blocks), 1.0);
+  const bool reuse_curves = options_.shared_curves && !options_.shared_curves->curves.empty();
   if (reuse_curves) {
-    result.curves = *options_.shared_curves;
+    result.curves = options_.shared_curves->curves;
+    result.ppl_per_kl = options_.shared_curves->ppl_per_kl;
     GRADQ_CHECK(result.curves.size() == model_.weights().size(),
                 "shared error curves cover {} weights, the model has {}", result.curves.size(), model_.weights().size());
     progress.unit = total;
     report("curves: measured by an earlier search with the same model, windows and options");
   }
   // Local measurement: KL added per unit of block output error, by block (NaN: not calibrated yet).
-  const int64_t blocks = stages ? stages->num_blocks() : 0;
   std::vector<double> factors(blocks, std::numeric_limits<double>::quiet_NaN());
   if (static_cast<int64_t>(options_.local_factors.size()) == blocks) factors = options_.local_factors;
   auto block_error = [&](int64_t b) { return this->block_error(*cache, b, result); };
@@ -126,6 +130,12 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   // middle width of the search (4 of 8, 4, 2) at its cheapest such option, all together, so that the
   // KL is well above the noise of the windows. The factor is a ratio, so how far the calibration
   // point is from the candidates matters only where KL stops growing in proportion to the error.
+  //
+  // The same measurement gives the block's perplexity per KL: ln(PPL / PPL_start) / KL added. The two
+  // part ways block by block (on meta_swiglu_gqa in the zoo 1.05 in block 0 and 0.45 in block 3; on
+  // stories260K 0.88-1.39), and under a perplexity budget a nat of KL in one block is not worth one
+  // in another: the allocator then prices every candidate at its KL times its block's ratio. The
+  // ratio is clamped to [0.25, 4]: one measurement of a small KL can be mostly noise, or negative.
   const int middle_bits = options_.bits[options_.bits.size() / 2];
   auto calibrate = [&](int64_t b) {
     std::vector<std::string> changed;
@@ -143,11 +153,15 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     }
     if (changed.empty()) return;
     const double error = block_error(b);
-    const double added = evaluate_from(cache.get(), b, nullptr, result).kl->mean.value - base_kl;
+    const EvalResult exact = evaluate_from(cache.get(), b, nullptr, result);
+    const double added = exact.kl->mean.value - base_kl;
     if (error > 0 && added > 0) factors[b] = added / error;
+    double& ppl_per_kl = result.ppl_per_kl[static_cast<size_t>(b)];
+    if (added > 0) ppl_per_kl = std::clamp(std::log(exact.ppl.value / start_eval.ppl.value) / added, 0.25, 4.0);
     for (const std::string& name : changed) model_.restore(name);
-    report(fmt::format("curves: block {} calibrated, {} weights at {} bits add KL {:.5f}, {:.3g} per unit of output error",
-                       b, changed.size(), middle_bits, added, factors[b]));
+    report(fmt::format("curves: block {} calibrated, {} weights at {} bits add KL {:.5f}, {:.3g} per unit of output "
+                       "error, ln-perplexity {:.3g} per KL",
+                       b, changed.size(), middle_bits, added, factors[b], ppl_per_kl));
   };
   // The options of `name` worth measuring. The allocator only ever chooses points on a weight's
   // lower hull of (bytes, KL), and GPTQ's candidates come with the error GPTQ minimises, the layer's
@@ -234,7 +248,24 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       if (!on_hull) forget_candidate(w.name, p.spec, p.method);
     }
   }
-  if (options_.shared_curves && !reuse_curves) *options_.shared_curves = result.curves;
+  if (options_.shared_curves && !reuse_curves) *options_.shared_curves = {result.curves, result.ppl_per_kl};
+  // What the allocator minimises: KL, or under a perplexity-only budget each weight's KL times its
+  // block's perplexity per KL (above). A weight's points share one price, so its hull is the same.
+  std::map<std::string, double> price;
+  for (const WeightInfo& w : model_.weights()) {
+    const int64_t b = first_stage(w.name);
+    const bool priced = options_.perplexity_prices && budget_.max_ppl_increase && !budget_.max_kl && b >= 0 && b < blocks;
+    price[w.name] = priced ? result.ppl_per_kl[static_cast<size_t>(b)] : 1.0;
+  }
+  ErrorCurves priced_curves = result.curves;
+  for (auto& [name, curve] : priced_curves)
+    for (CurvePoint& p : curve) p.kl *= price.at(name);
+  // The KL an allocation's (priced) points predict.
+  auto predicted_kl = [&](const Allocation& a) {
+    double kl = 0;
+    for (const auto& [name, i] : a.choice) kl += a.chosen(name).kl / price.at(name);
+    return kl;
+  };
 
   // Whole plans from here on, each measured block by block (evaluate_by_block: the model holds one
   // block's new weights at a time, not a copy of every weight); the curves' cache of block states is
@@ -279,7 +310,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     Confirmation c;
     c.changes = changed(a);
     c.kl_before = base_kl;
-    c.predicted_kl = base_kl + a.predicted_kl;
+    c.predicted_kl = base_kl + predicted_kl(a);
     c.measured_kl = r.kl->mean.value;
     c.kept = budget_.quality_met(r, safety_);
     result.confirmations.push_back(c);
@@ -292,7 +323,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     // The dual: the least predicted KL at the memory target, taken when it meets the quality budget
     // (the progressive search, likewise, stops once the target is met).
     const auto max_bytes = static_cast<int64_t>(std::floor((1.0 - *budget_.target_memory_reduction) * fp16_bytes));
-    best = allocate_for_bytes(result.curves, max_bytes);
+    best = allocate_for_bytes(priced_curves, max_bytes);
     found = measure_plan(best, best_eval);
     best_plan = measured_plan;
   }
@@ -304,7 +335,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     double lo = 0, hi = std::numeric_limits<double>::infinity();
     std::map<std::string, size_t> last_choice;
     for (int64_t pass = 0; pass < options_.allocation_passes; ++pass) {
-      Allocation a = allocate_for_kl(result.curves, t);
+      Allocation a = allocate_for_kl(priced_curves, t);
       if (pass > 0 && a.choice == last_choice) break;  // the bracket is narrower than one hull step
       last_choice = a.choice;
       EvalResult r;
@@ -324,7 +355,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     if (!found) {
       // No plan met the budget: every weight at its most accurate hull point (the start unless a
       // candidate measured no KL at all), which the held-out validation then judges.
-      best = allocate_for_kl(result.curves, 0.0);
+      best = allocate_for_kl(priced_curves, 0.0);
       best_eval = evaluate_plan(best);
       best_plan = measured_plan;
     }
@@ -351,8 +382,8 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       step.method = point.method;
       step.accepted = true;
       step.predicted = true;
-      step.kl_before = base_kl + (chosen + 1 < hull.size() ? hull[chosen + 1].kl : 0.0);
-      step.kl = base_kl + point.kl;
+      step.kl_before = base_kl + (chosen + 1 < hull.size() ? hull[chosen + 1].kl : 0.0) / price.at(w.name);
+      step.kl = base_kl + point.kl / price.at(w.name);
       allocated.push_back(step);
     }
     const QuantizedTensor* kept = held(best_plan, w.name, point.method, point.spec);

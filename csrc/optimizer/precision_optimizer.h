@@ -84,6 +84,13 @@ SearchStrategy parse_search_strategy(const std::string& name);
 /// (docs/BENCHMARKS.md, "Fit windows").
 double safety_used(const Budget& budget, SearchStrategy strategy);
 
+/// What the allocator's curves pass measures (SearchResult::curves and ::ppl_per_kl), shared by the
+/// budget points of a sweep.
+struct MeasuredCurves {
+  ErrorCurves curves;
+  std::vector<double> ppl_per_kl;
+};
+
 struct SearchOptions {
   /// The default is the one that measured better at every budget of the default sweep (+2%, +5%,
   /// +10% on stories260K, held-out text; docs/BENCHMARKS.md, "The budget allocator").
@@ -118,7 +125,11 @@ struct SearchOptions {
   /// Allocation: error curves shared with other allocations of the same model, statistics,
   /// calibration windows and options (a sweep's budget points), which differ only in their budget:
   /// the first measures them, the rest reuse them. Null: measured for this search alone.
-  std::shared_ptr<ErrorCurves> shared_curves;
+  std::shared_ptr<MeasuredCurves> shared_curves;
+  /// Allocation under a perplexity-only budget: price each candidate at its KL times its block's
+  /// ln-perplexity per KL (SearchResult::ppl_per_kl), so that the allocator spends the budget where
+  /// perplexity, not KL, grows least; false: at its KL.
+  bool perplexity_prices = true;
   /// Byte budget of the search's own candidate cache in memory (optimizer/candidate_cache.h).
   int64_t candidate_cache_bytes = CandidateCache::kDefaultMaxBytes;
   /// Where that cache puts what memory drops (max_bytes 0: nowhere; dropped candidates are quantized
@@ -238,6 +249,10 @@ struct SearchResult {
   /// search (predicted = sum of the curves' KL over the all-fp16 model's).
   std::vector<Confirmation> confirmations;
   ErrorCurves curves;  ///< allocation only: KL added by each weight alone at each candidate
+  /// Allocation only, by block: ln(PPL / PPL_start) per nat of KL added, from the measurement that
+  /// calibrates the block's local factor, within [0.25, 4]; 1 where none ran (exact curves, factors
+  /// given in SearchOptions::local_factors, no KL added).
+  std::vector<double> ppl_per_kl;
   Allocation allocation;  ///< allocation only: the chosen hull point of every weight
   int64_t local_measurements = 0;           ///< candidates measured on their block alone
   /// Blocks computed by the search's passes, and what whole passes would have computed.

@@ -233,6 +233,7 @@ QuantizeOutcome GradualQuantizer::run() {
   out.search_local_measurements = searched.local_measurements;
   out.search_candidates_quantized = searched.candidates_quantized;
   out.search_candidates_screened = searched.candidates_screened;
+  out.search_ppl_per_kl = searched.ppl_per_kl;
   out.search_candidates_read_back = searched.candidates_read_back;
   out.calibration = searched.calibration;
   out.weights = searched.weights;

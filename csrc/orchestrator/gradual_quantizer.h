@@ -90,6 +90,7 @@ struct QuantizeOutcome {
   /// SearchResult::candidates_quantized / candidates_read_back
   int64_t search_candidates_quantized = 0, search_candidates_read_back = 0;
   int64_t search_candidates_screened = 0;  ///< SearchResult::candidates_screened
+  std::vector<double> search_ppl_per_kl;   ///< SearchResult::ppl_per_kl
   std::vector<ValidationStep> validation_steps;
   bool memory_target_met = false;
   std::vector<PhaseTiming> phases;

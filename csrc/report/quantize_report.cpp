@@ -150,6 +150,7 @@ std::string quantize_report_json(const QuantizableModel& model, const QuantizeOu
                  {"candidates_quantized", outcome.search_candidates_quantized},
                  {"candidates_read_back", outcome.search_candidates_read_back},
                  {"candidates_screened", outcome.search_candidates_screened},
+                 {"ppl_per_kl", outcome.search_ppl_per_kl},
                  {"confirmations", confirmations},
                  {"curves", curves}};
   nlohmann::ordered_json validation = nlohmann::ordered_json::array();

@@ -105,6 +105,7 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
             {"encodings", s.encodings},
             {"allow_prune", s.allow_prune},
             {"screen_candidates", s.screen_candidates},
+            {"perplexity_prices", s.perplexity_prices},
             {"method", rounding_method_name(s.method)},
             // Unset: each point's strategy measures its own way.
             {"measurement", s.measurement ? json(candidate_measurement_name(*s.measurement)) : json("per strategy")},
@@ -464,7 +465,7 @@ SweepResult SweepRunner::run(const std::string& dir) {
   // budget: computed once for all points (the tight budgets' trained rounding and GPTQ, mostly).
   const auto candidates = std::make_shared<CandidateCache>(base.search.candidate_cache_bytes, base.search.candidate_spill);
   // Likewise the allocator's error curves (the candidates measured one at a time).
-  const auto curves = std::make_shared<ErrorCurves>();
+  const auto curves = std::make_shared<MeasuredCurves>();
   for (size_t k = 0; k < todo.size(); ++k) {
     const SweepPointSpec& spec = todo[k];
     QuantizerOptions q = base;

@@ -316,6 +316,55 @@ TEST(PrecisionOptimizer, GptqWithXtxPerBlockEqualsXtxUpFront) {
     EXPECT_TRUE(test::bitwise_equal(per_block.weights.at(name).dequantize(), t.dequantize())) << name;
 }
 
+// Under a perplexity budget the allocator prices each candidate at its KL times its block's
+// ln-perplexity per KL, measured with the block's local factor: every hull point of the allocation is
+// its curve point's KL times that ratio (the curves themselves stay KL), within [0.25, 4]. Under a KL
+// budget, or with perplexity_prices off, the prices are the KLs.
+TEST(PrecisionOptimizer, PerplexityBudgetsPriceEachBlockByItsPerplexityPerKl) {
+  Stories& s = stories();
+  SearchOptions o;
+  o.group_sizes = {128, 32};
+  auto price_ratios = [&](const SearchResult& r) {
+    std::map<std::string, double> ratio;
+    for (const auto& [name, hull] : r.allocation.hulls) {
+      const std::vector<CurvePoint>& curve = r.curves.at(name);
+      for (const CurvePoint& p : hull) {
+        const auto same = std::find_if(curve.begin(), curve.end(), [&](const CurvePoint& q) { return q.spec == p.spec; });
+        EXPECT_NE(same, curve.end()) << name;
+        if (same == curve.end() || same->kl <= 0) continue;
+        const double r_p = p.kl / same->kl;
+        if (ratio.count(name)) EXPECT_NEAR(ratio[name], r_p, 1e-9 * r_p) << name << ": one price per weight";
+        ratio[name] = r_p;
+      }
+    }
+    return ratio;
+  };
+  Budget perplexity;
+  perplexity.max_ppl_increase = 0.05;
+  const SearchResult priced = allocate_stories(perplexity, o);
+  const int64_t blocks = s.model.stages()->num_blocks();
+  ASSERT_EQ(static_cast<int64_t>(priced.ppl_per_kl.size()), blocks);
+  bool any_not_one = false;
+  for (double r : priced.ppl_per_kl) {
+    EXPECT_GE(r, 0.25);
+    EXPECT_LE(r, 4.0);
+    any_not_one |= r != 1.0;
+  }
+  EXPECT_TRUE(any_not_one) << "every block measured exactly 1: the prices were not measured";
+  const std::map<std::string, double> ratio = price_ratios(priced);
+  for (const WeightInfo& w : s.model.weights()) {
+    const int64_t b = s.model.block_position(w.block);
+    if (!ratio.count(w.name)) continue;
+    EXPECT_NEAR(ratio.at(w.name), b >= 0 ? priced.ppl_per_kl[static_cast<size_t>(b)] : 1.0, 1e-9) << w.name;
+  }
+  o.perplexity_prices = false;
+  for (const auto& [name, r] : price_ratios(allocate_stories(perplexity, o))) EXPECT_NEAR(r, 1.0, 1e-12) << name;
+  o.perplexity_prices = true;
+  Budget kl;
+  kl.max_kl = 0.05;
+  for (const auto& [name, r] : price_ratios(allocate_stories(kl, o))) EXPECT_NEAR(r, 1.0, 1e-12) << name;
+}
+
 // GPTQ's candidates off the hull of (bytes, GPTQ's own output error) are not measured: each
 // weight's screened curve is a subset of the full one with the same KL at every point it keeps, the
 // count of those left out is reported, and the full search (screen_candidates off) leaves none out.
