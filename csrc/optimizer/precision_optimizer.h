@@ -253,7 +253,9 @@ struct SearchResult {
   /// calibrates the block's local factor, within [0.25, 4]; 1 where none ran (exact curves, factors
   /// given in SearchOptions::local_factors, no KL added).
   std::vector<double> ppl_per_kl;
-  Allocation allocation;  ///< allocation only: the chosen hull point of every weight
+  /// Allocation only: the chosen hull point of every weight. Its points' `kl` are the prices the
+  /// allocator compared: the curves' KL, times the block's ppl_per_kl under a perplexity-only budget.
+  Allocation allocation;
   int64_t local_measurements = 0;           ///< candidates measured on their block alone
   /// Blocks computed by the search's passes, and what whole passes would have computed.
   int64_t blocks_run = 0, blocks_whole = 0;
