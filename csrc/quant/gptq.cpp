@@ -278,10 +278,9 @@ PackedWeight quantize_gptq(const at::Tensor& w, const QuantSpec& spec, const Gpt
 }
 
 double gptq_output_error(const at::Tensor& w, const at::Tensor& w_q, const GptqFactor& factor) {
-  auto shape = [](const at::Tensor& t) { return t.dim() == 2 ? fmt::format("[{}, {}]", t.size(0), t.size(1)) : std::to_string(t.dim()) + "-D"; };
   GRADQ_CHECK(w.dim() == 2 && w.sizes() == w_q.sizes() && w.size(1) == factor.u.size(0),
               "gptq_output_error: expected W and W_q of the same shape [out, {}], got {} and {}", factor.u.size(0),
-              shape(w), shape(w_q));
+              c10::str(w.sizes()), c10::str(w_q.sizes()));
   // H^-1 = U^T U, so H = U^-1 U^-T and trace(D H D^T) = |D U^-1|^2, D's columns in the factor's order.
   const at::Tensor d = (w.to(at::kDouble) - w_q.to(at::kDouble)).index_select(1, factor.order.to(w.device()));
   const at::Tensor y = at::linalg_solve_triangular(factor.u.to(w.device()), d, /*upper=*/true, /*left=*/false);
