@@ -407,21 +407,27 @@ std::vector<ValidationStep> PrecisionOptimizer::verify_and_repair(
     SearchResult& searched, const GradualEvaluator& evaluator, EvalResult& measured,
     const std::function<void(const ValidationStep&)>& on_step) {
   Allocation& a = searched.allocation;
-  GRADQ_CHECK(!a.choice.empty(), "verify_and_repair needs the result of allocate(), got a search without an allocation");
+  GRADQ_CHECK(!a.choice.empty(), "verify_and_repair needs the result of allocate() or search(), got one without an allocation");
   std::vector<ValidationStep> steps;
   // Each plan is measured block by block: the model holds one block's new weights at a time.
   model_.restore_all();
   measured = evaluate_by_block(model_, searched.weights, evaluator);
   int64_t passes = 0;
   using Move = std::pair<std::string, size_t>;  // weight, hull point
+  // The quantized tensor of a hull point: the progressive search's own state (trained codes as
+  // trained), or the allocator's candidate.
+  auto tensor_at = [&](const std::string& name, size_t i) {
+    if (const auto h = searched.history.find(name); h != searched.history.end()) return h->second.rbegin()[i];
+    const CurvePoint& p = a.hulls.at(name)[i];
+    return candidate(name, p.spec, p.method);
+  };
   // Makes `moves` together and measures once; keeps them all when `keep(result)` says so.
   auto apply = [&](const std::vector<Move>& moves, int64_t candidates, auto keep) {
     std::vector<QuantizedTensor> before, after;
     QuantizedWeights trial = searched.weights;
     for (const auto& [name, to] : moves) {
-      const CurvePoint& p = a.hulls.at(name)[to];
       before.push_back(searched.weights.at(name));
-      after.push_back(candidate(name, p.spec, p.method));
+      after.push_back(tensor_at(name, to));
       trial[name] = after.back();
     }
     EvalResult r = evaluate_by_block(model_, trial, evaluator);

@@ -15,6 +15,35 @@
 namespace gradq {
 namespace {
 
+// The progressive search's result as an Allocation that verify_and_repair can move along: per
+// weight, the states it went through (its history), cheapest first, the current one chosen. A
+// state's KL is what the accepted steps down to it added on the calibration windows (measured or
+// predicted, each in the model of its moment), so KL per byte between neighbours is what each step
+// cost, as the allocator's hulls give it for its candidates. The ladder need not be convex: the
+// repair only ever moves one state up or down it.
+Allocation ladders(const SearchResult& result) {
+  Allocation a;
+  for (const auto& [name, states] : result.history) {
+    std::vector<const SearchStep*> made;  // made[i - 1] made states[i]
+    for (const SearchStep& s : result.steps)
+      if (s.weight == name && s.accepted) made.push_back(&s);
+    GRADQ_CHECK(made.size() + 1 == states.size(), "internal: {} has {} states after {} accepted steps", name,
+                states.size(), made.size());
+    std::vector<double> added{0.0};  // KL the steps down to each state added, oldest first
+    for (const SearchStep* s : made) added.push_back(added.back() + (s->kl - s->kl_before));
+    std::vector<CurvePoint>& ladder = a.hulls[name];
+    for (size_t i = states.size(); i-- > 0;) {
+      const RoundingMethod method = i == 0 ? RoundingMethod::kRtn : made[i - 1]->method;
+      ladder.push_back({states[i].spec, method, states[i].storage_bytes(), added[i]});
+      GRADQ_CHECK(ladder.size() == 1 || ladder.back().bytes > ladder[ladder.size() - 2].bytes,
+                  "internal: {}'s states do not store more bytes at every step back", name);
+    }
+    a.choice[name] = 0;
+    a.bytes += ladder.front().bytes;
+    a.predicted_kl += ladder.front().kl;
+  }
+  return a;
+}
 
 QuantSpec integer_spec(int bits, int64_t group_size) {
   QuantSpec spec;
@@ -606,6 +635,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     result.plan.entries.push_back(e);
     result.weights[w.name] = state[w.name];
   }
+  result.allocation = ladders(result);
   model_.restore_all();
   result.candidates_quantized = candidates_quantized_;
   result.candidates_read_back = candidates_read_back_;

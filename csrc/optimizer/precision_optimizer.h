@@ -238,8 +238,8 @@ struct SearchResult {
   Plan plan;
   QuantizedWeights weights;  ///< the plan's quantized tensors (as measured, trained codes included)
   std::vector<SearchStep> steps;
-  /// Progressive search only: per weight, each accepted state, oldest first (the held-out upgrades
-  /// step back along it). The allocator keeps none: its repair moves along `allocation`'s hulls.
+  /// Progressive search only: per weight, each accepted state, oldest first (verify_and_repair moves
+  /// along them). The allocator keeps none: its repair quantizes its hull points again.
   std::map<std::string, std::vector<QuantizedTensor>> history;
   EvalResult calibration;    ///< the final state on the calibration windows
   bool memory_target_met = false;
@@ -253,8 +253,10 @@ struct SearchResult {
   /// calibrates the block's local factor, within [0.25, 4]; 1 where none ran (exact curves, factors
   /// given in SearchOptions::local_factors, no KL added).
   std::vector<double> ppl_per_kl;
-  /// Allocation only: the chosen hull point of every weight. Its points' `kl` are the prices the
-  /// allocator compared: the curves' KL, times the block's ppl_per_kl under a perplexity-only budget.
+  /// The chosen point of every weight, where verify_and_repair moves. Allocation: on the hulls; their
+  /// points' `kl` are the prices the allocator compared: the curves' KL, times the block's ppl_per_kl
+  /// under a perplexity-only budget. Progressive search: on each weight's `history`, cheapest first,
+  /// the last state chosen; a state's `kl` is the calibration KL the steps down to it added.
   Allocation allocation;
   int64_t local_measurements = 0;           ///< candidates measured on their block alone
   /// Blocks computed by the search's passes, and what whole passes would have computed.
@@ -291,10 +293,12 @@ class PrecisionOptimizer {
   /// budget / safety on the calibration windows, as search()'s does.
   SearchResult allocate(const std::function<void(const SearchProgress&)>& on_progress = {});
 
-  /// Verify and repair, both ways, of an allocate() result on `evaluator` (held-out windows with
-  /// their reference) against the full budget: while over it, the upgrades (next hull points) with
-  /// the most predicted KL per byte are measured and kept; then, while within it, downgrades with
-  /// the least predicted KL per byte saved are measured and kept when the budget still holds
+  /// Verify and repair, both ways, of an allocate() or search() result on `evaluator` (held-out
+  /// windows with their reference) against the full budget: while over it, the upgrades (next hull
+  /// points, or the progressive search's previous states) with the most predicted KL per byte are
+  /// measured and kept; then, while within it, downgrades with the least predicted KL per byte saved
+  /// (for the progressive search only back down what the upgrades took) are measured and kept when
+  /// the budget still holds
   /// (SearchOptions::repair_confidence standard errors above the measurement), until
   /// SearchOptions::repair_failures groups of downgrades have failed. Each held-out pass is a whole
   /// model, so changes are measured in passes of 1, 2, 4, ... while they succeed (upgrades: while the

@@ -33,14 +33,6 @@ class PhaseTimer {
   size_t index_ = 0;
 };
 
-// The method the search used for the final state of `name` (the start state is fp16, "rtn").
-RoundingMethod method_of(const std::vector<SearchStep>& steps, const std::string& name, const QuantSpec& spec) {
-  RoundingMethod method = RoundingMethod::kRtn;
-  for (const SearchStep& s : steps)
-    if (s.accepted && s.weight == name && s.to == spec.name()) method = s.method;
-  return method;
-}
-
 }  // namespace
 
 GradualQuantizer::GradualQuantizer(QuantizableModel& model, Windows calibration, Windows evaluation,
@@ -49,7 +41,6 @@ GradualQuantizer::GradualQuantizer(QuantizableModel& model, Windows calibration,
       options_(std::move(options)) {
   GRADQ_CHECK(!(options_.plan && options_.dynamic), "give a plan or a dynamic policy, not both");
   GRADQ_CHECK(options_.batch > 0, "batch must be positive, got {}", options_.batch);
-  GRADQ_CHECK(options_.upgrade_shortlist > 0, "upgrade_shortlist must be positive, got {}", options_.upgrade_shortlist);
   const bool searching = !options_.plan && !options_.dynamic;
   if (searching) {
     options_.budget.validate();
@@ -237,79 +228,24 @@ QuantizeOutcome GradualQuantizer::run() {
   out.search_candidates_read_back = searched.candidates_read_back;
   out.calibration = searched.calibration;
   out.weights = searched.weights;
-  auto& history = searched.history;
 
   PhaseTimer phase(out, "validation");
   progress("validation", 0, 1, "the plan on held-out text");
-  if (allocating) {
-    // Both ways on held-out text: upgrades while over the budget, downgrades while within it.
-    EvalResult measured;
-    int64_t last_pass = 0;
-    out.validation_steps = optimizer->verify_and_repair(searched, heldout, measured, [&](const ValidationStep& s) {
-      if (s.pass != last_pass) phase.add_passes(1);
-      last_pass = s.pass;
-      progress("validation", static_cast<int64_t>(out.validation_steps.size()), 0,
-               fmt::format("{} {} -> {} {} (held-out KL {:.4f} -> {:.4f})", s.weight, s.from, s.to,
-                           s.kept ? "kept" : "undone", s.kl_before, s.kl_after));
-    });
-    phase.add_passes(1);
-    out.weights = searched.weights;
-    out.heldout = measured;
-  } else {
-    out.heldout = evaluate_heldout(out.weights, phase);
-  }
-  while (!allocating && !budget.quality_met(*out.heldout)) {
-    // Shortlist: the units whose last lowering cost the most calibration KL per bit it saved.
-    std::vector<std::pair<double, std::string>> costly;
-    for (const auto& [name, states] : history) {
-      if (states.size() < 2) continue;
-      const double saved = 8.0 * (states[states.size() - 2].storage_bytes() - states.back().storage_bytes());
-      double cost = 0;
-      for (const SearchStep& s : out.search_steps)
-        if (s.accepted && s.weight == name && s.to == states.back().spec.name()) cost = (s.kl - s.kl_before) / saved;
-      costly.emplace_back(cost, name);
-    }
-    if (costly.empty()) break;
-    std::sort(costly.begin(), costly.end(), std::greater<>());
-    costly.resize(std::min<size_t>(costly.size(), options_.upgrade_shortlist));
-    ValidationStep best;
-    double best_rate = -INFINITY;
-    std::optional<EvalResult> best_result;
-    for (const auto& [cost, name] : costly) {
-      const auto& states = history.at(name);
-      QuantizedWeights trial = out.weights;
-      trial[name] = states[states.size() - 2];
-      EvalResult r = evaluate_heldout(trial, phase);
-      const double extra_bits = 8.0 * (trial[name].storage_bytes() - states.back().storage_bytes());
-      const double rate = (out.heldout->kl->mean.value - r.kl->mean.value) / extra_bits;
-      if (rate > best_rate) {
-        best_rate = rate;
-        best = {name, states.back().spec.name(), trial[name].spec.name(), out.heldout->kl->mean.value,
-                r.kl->mean.value, extra_bits, static_cast<int64_t>(costly.size())};
-        best_result = std::move(r);
-      }
-    }
-    auto& states = history.at(best.weight);
-    states.pop_back();
-    out.weights[best.weight] = states.back();
-    out.heldout = std::move(best_result);
-    out.validation_steps.push_back(best);
+  // Both ways on held-out text, for either search: upgrades while over the budget, downgrades while
+  // within it (the progressive search moves back and forth along the states it went through).
+  EvalResult measured;
+  int64_t last_pass = 0;
+  out.validation_steps = optimizer->verify_and_repair(searched, heldout, measured, [&](const ValidationStep& s) {
+    if (s.pass != last_pass) phase.add_passes(1);
+    last_pass = s.pass;
     progress("validation", static_cast<int64_t>(out.validation_steps.size()), 0,
-             fmt::format("upgraded {} {} -> {} (held-out KL {:.4f} -> {:.4f})", best.weight, best.from, best.to,
-                         best.kl_before, best.kl_after));
-  }
-  if (allocating) {
-    out.plan = searched.plan;
-  } else {
-    for (const WeightInfo& w : model_.weights()) {
-      const QuantSpec& spec = out.weights.at(w.name).spec;
-      PlanEntry e{w.name, spec, method_of(out.search_steps, w.name, spec)};
-      for (const SearchStep& s : out.search_steps)
-        if (s.accepted && s.weight == w.name && s.to == spec.name()) e.measured_kl = s.kl;
-      out.plan.entries.push_back(e);
-    }
-  }
-  // The loop ends within budget, or with nothing left to upgrade; finish() re-measures and judges.
+             fmt::format("{} {} -> {} {} (held-out KL {:.4f} -> {:.4f})", s.weight, s.from, s.to,
+                         s.kept ? "kept" : "undone", s.kl_before, s.kl_after));
+  });
+  phase.add_passes(1);
+  out.weights = searched.weights;
+  out.plan = searched.plan;
+  // The repair ends within budget, or with nothing left to upgrade; finish() re-measures and judges.
   out.heldout.reset();
   finish(phase);
   if (budget.target_memory_reduction && !out.memory_target_met)

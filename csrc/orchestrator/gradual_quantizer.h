@@ -9,10 +9,10 @@
 //   analysis    importance ranking of the layers (ImportanceAnalyzer, or a saved analysis JSON)
 //   statistics  activation statistics of the quantizable weights (clipping search, trained rounding)
 //   search      PrecisionOptimizer over the layers, least important first, against budget / safety
-//   validation  the plan on the held-out windows against the full budget; while over it, the unit
-//               whose upgrade to its previous state recovers the most KL per extra bit is upgraded
-//               (candidates: the `upgrade_shortlist` units whose last step cost the most calibration
-//               KL per bit saved, each measured on the held-out windows)
+//   validation  the plan on the held-out windows against the full budget, repaired both ways
+//               (PrecisionOptimizer::verify_and_repair): upgrades while over it, then downgrades
+//               while it holds with a margin; the allocator's plan moves along its hulls, the
+//               progressive search's back and forth along the states each weight went through
 // A fixed plan (Options::plan) or the dynamic policy replaces analysis and search; the result is
 // still evaluated on held-out text and judged against the budget when one is given.
 
@@ -52,7 +52,6 @@ struct QuantizerOptions {
   /// Full-precision references computed earlier on the same windows (a sweep shares them): the
   /// reference phase then runs no pass. Both or neither.
   std::optional<Reference> calibration_reference, heldout_reference;
-  int64_t upgrade_shortlist = 4;   ///< validation: upgrade candidates measured per step
   /// Progress lines ("search: 12/35 layers ...") for a display; called on the calling thread.
   std::function<void(const std::string& phase, int64_t done, int64_t total, const std::string& detail)> on_progress;
 };

@@ -123,8 +123,7 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
             {"gptq_clip_search", s.rounding.gptq.clip_search},
             {"clip_grid", s.rounding.clip.n_grid},
             {"clip_min_ratio", s.rounding.clip.min_ratio}}},
-          {"policy", policy},
-          {"upgrade_shortlist", q.upgrade_shortlist}};
+          {"policy", policy}};
   // Only when given: the configurations (and hashes) of sweeps fitted on their calibration windows
   // stay those of earlier versions.
   if (s.fit_inputs.defined())

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <set>
 
 #include "common/files.h"
 #include "export/export.h"
@@ -179,6 +180,67 @@ TEST(PrecisionOptimizer, LocalSearchEndsOnAConfirmedModelWithFewerBlocks) {
   const double exact_bits = plan_size(f.model, exact.plan).bits_per_weight();
   const double local_bits = plan_size(f.model, local.plan).bits_per_weight();
   EXPECT_LE(local_bits, 1.05 * exact_bits);
+}
+
+// The progressive search's held-out validation is the allocator's verify_and_repair, moving each
+// weight along the states the search took it through: over a tighter budget it upgrades (in groups,
+// back up those states, the search's own tensors) until the budget holds; then it may take back down
+// only what it upgraded. Within a looser budget nothing can go lower than the search went: one pass.
+TEST(PrecisionOptimizer, ProgressiveSearchIsRepairedAlongItsOwnStates) {
+  Fixture& f = fixture();
+  Budget searched_for;
+  searched_for.max_kl = 0.05;
+  searched_for.safety = 1.0;
+  const SearchResult base = search_fixture(f, searched_for, fixture_search_options(CandidateMeasurement::kExact));
+  // One ladder per weight: its states, cheapest (the final one) first and chosen, storing more bytes
+  // at every step back, each with the calibration KL the steps down to it added.
+  ASSERT_EQ(base.allocation.hulls.size(), f.model.weights().size());
+  int64_t lowered = 0;
+  for (const auto& [name, ladder] : base.allocation.hulls) {
+    const auto& states = base.history.at(name);
+    ASSERT_EQ(ladder.size(), states.size()) << name;
+    EXPECT_EQ(base.allocation.choice.at(name), 0u) << name;
+    EXPECT_EQ(ladder.front().spec, base.weights.at(name).spec) << name;
+    EXPECT_EQ(ladder.back().spec, states.front().spec) << name;
+    EXPECT_EQ(ladder.back().kl, 0.0) << name << ": the start state adds nothing";
+    for (size_t i = 1; i < ladder.size(); ++i) EXPECT_GT(ladder[i].bytes, ladder[i - 1].bytes) << name;
+    lowered += ladder.size() > 1;
+  }
+  ASSERT_GT(lowered, 10);
+  GradualEvaluator calibration(f.data.calibration, EvaluatorOptions{}), heldout(f.data.evaluation, EvaluatorOptions{});
+  calibration.set_reference(f.model);
+  heldout.set_reference(f.model);
+  const auto stats = f.model.capture_input_stats(f.data.calibration.inputs, 4, /*with_xtx=*/false);
+  for (double limit : {0.01, 0.5}) {
+    Budget budget;
+    budget.max_kl = limit;
+    PrecisionOptimizer optimizer(f.model, calibration, budget, fixture_search_options(CandidateMeasurement::kExact),
+                                 PrecisionPolicy{}, stats);
+    SearchResult r = base;
+    EvalResult measured;
+    const std::vector<ValidationStep> steps = optimizer.verify_and_repair(r, heldout, measured);
+    EXPECT_TRUE(budget.quality_met(measured)) << limit << ": " << measured.kl->mean.value;
+    EXPECT_NEAR(measured.kl->mean.value, whole_model_kl(f.model, f.data.evaluation, r.weights), 1e-6);
+    if (limit > 0.05) {
+      EXPECT_TRUE(steps.empty()) << "nothing below the search's own states";
+      EXPECT_EQ(r.plan.to_json(), base.plan.to_json());
+      continue;
+    }
+    ASSERT_FALSE(steps.empty());
+    EXPECT_GT(steps.front().extra_bits, 0) << "over the budget: an upgrade first";
+    std::set<int64_t> passes;
+    for (const ValidationStep& v : steps) passes.insert(v.pass);
+    EXPECT_LT(passes.size(), steps.size()) << "upgrades are measured in growing groups";
+    for (const auto& [name, i] : r.allocation.choice) {
+      // Every weight holds one of the states the search gave it, bit for bit, as its plan entry says.
+      const auto& states = base.history.at(name);
+      EXPECT_TRUE(bitwise_equal(r.weights.at(name).dequantize(), states.rbegin()[i].dequantize())) << name;
+      for (const PlanEntry& e : r.plan.entries)
+        if (e.name == name) EXPECT_EQ(e.spec, states.rbegin()[i].spec) << name;
+    }
+    EXPECT_GT(r.allocation.bytes, base.allocation.bytes);
+  }
+  f.model.restore_all();
 }
 
 // The candidate cache keeps at most its byte budget, and a candidate dropped from it is quantized
