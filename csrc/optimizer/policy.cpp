@@ -2,6 +2,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cmath>
+
 #include "common/error.h"
 #include "common/files.h"
 
@@ -129,6 +132,16 @@ DynamicPolicy DynamicPolicy::from_json(const std::string& text) {
     if (j.contains("low")) p.low = parse_quant_spec(j["low"].get<std::string>());
     return p;
   });
+}
+
+Plan DynamicPolicy::plan(const std::vector<std::string>& order, RoundingMethod method) const {
+  const auto n = static_cast<int64_t>(order.size());
+  const auto n_high = static_cast<int64_t>(std::ceil(high_share * n));
+  const auto n_low = std::min(n - n_high, static_cast<int64_t>(std::llround(low_share * n)));
+  Plan plan;
+  for (int64_t i = 0; i < n; ++i)
+    plan.entries.push_back({order[i], i < n_low ? low : i >= n - n_high ? high : middle, method});
+  return plan;
 }
 
 }  // namespace gradq

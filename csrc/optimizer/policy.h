@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "model/quantizable_model.h"
+#include "optimizer/plan.h"
 #include "quant/quant_spec.h"
 
 namespace gradq {
@@ -58,6 +59,10 @@ struct DynamicPolicy {
   QuantSpec low{QuantLevel::kInt4, 128};
   static DynamicPolicy load(const std::string& path);
   static DynamicPolicy from_json(const std::string& text);
+  /// The plan for weights ranked least important first (`order`): the last high_share of them
+  /// (rounded up) at `high`, the first low_share (rounded, at most what is left) at `low`, the rest at
+  /// `middle`, every entry with `method`.
+  Plan plan(const std::vector<std::string>& order, RoundingMethod method) const;
 };
 
 }  // namespace gradq

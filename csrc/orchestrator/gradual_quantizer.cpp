@@ -129,13 +129,7 @@ QuantizeOutcome GradualQuantizer::run() {
       out.plan = *options_.plan;
     } else {
       out.order = importance_order();
-      const auto n = static_cast<int64_t>(out.order.size());
-      const auto n_high = static_cast<int64_t>(std::ceil(options_.dynamic->high_share * n));
-      const auto n_low = std::min(n - n_high, static_cast<int64_t>(std::llround(options_.dynamic->low_share * n)));
-      for (int64_t i = 0; i < n; ++i) {  // order: least important first
-        const QuantSpec spec = i < n_low ? options_.dynamic->low : i >= n - n_high ? options_.dynamic->high : options_.dynamic->middle;
-        out.plan.entries.push_back({out.order[i], spec, options_.search.method});
-      }
+      out.plan = options_.dynamic->plan(out.order, options_.search.method);
     }
     bool with_xtx = false;
     const bool needs_stats = plan_needs_stats(out.plan, &with_xtx);
