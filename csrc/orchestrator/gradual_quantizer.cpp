@@ -221,7 +221,6 @@ QuantizeOutcome GradualQuantizer::run() {
   out.search_ppl_per_kl = searched.ppl_per_kl;
   out.search_candidates_read_back = searched.candidates_read_back;
   out.calibration = searched.calibration;
-  out.weights = searched.weights;
 
   PhaseTimer phase(out, "validation");
   progress("validation", 0, 1, "the plan on held-out text");
@@ -240,7 +239,6 @@ QuantizeOutcome GradualQuantizer::run() {
   out.weights = searched.weights;
   out.plan = searched.plan;
   // The repair ends within budget, or with nothing left to upgrade; finish() re-measures and judges.
-  out.heldout.reset();
   finish(phase);
   if (budget.target_memory_reduction && !out.memory_target_met)
     out.messages.push_back(fmt::format(
