@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "cuda_check.cuh"
+#include "quant/quant_math.h"
 
 namespace gradq::kernels {
 
@@ -20,7 +21,7 @@ constexpr int kWholeRowGroup = 0;
 
 /// The bit widths and group sizes the kernels are compiled for.
 inline constexpr const char* kSupportedFormats =
-    "bits 2, 3, 4, 8 x group size 16, 32, 64, 128, 0 (whole row), with direct fp16/fp32 scales (no k6/k8 "
+    "bits 2, 3, 4, 5, 6, 8 x group size 16, 32, 64, 128, 0 (whole row), with direct fp16/fp32 scales (no k6/k8 "
     "sub-scales) and zero points of 8 bits or of the code width";
 
 /// A quantized weight W [out_features, in_features] on the device, laid out as quant_spec.h says.
@@ -43,7 +44,7 @@ inline int64_t packed_n_groups(int64_t in_features, int64_t group_size) {
 }
 
 inline bool packed_format_supported(int bits, int64_t group_size) {
-  const bool bits_ok = bits == 2 || bits == 3 || bits == 4 || bits == 8;
+  const bool bits_ok = quant_bits_supported(bits);
   const bool group_ok = group_size == 16 || group_size == 32 || group_size == 64 || group_size == 128 ||
                         group_size == kWholeRowGroup;
   return bits_ok && group_ok;
@@ -118,6 +119,8 @@ KernelStatus dispatch_packed_format(int bits, int64_t group_size, Launch&& launc
     case 2: return with_group(std::integral_constant<int, 2>{});
     case 3: return with_group(std::integral_constant<int, 3>{});
     case 4: return with_group(std::integral_constant<int, 4>{});
+    case 5: return with_group(std::integral_constant<int, 5>{});
+    case 6: return with_group(std::integral_constant<int, 6>{});
     case 8: return with_group(std::integral_constant<int, 8>{});
     default: break;
   }

@@ -13,7 +13,7 @@ namespace gradq::kernels {
 /// Compile-time checks every kernel template makes on its format arguments.
 template <int kBits, int kGroupSize>
 struct PackedFormatTraits {
-  static_assert(kBits == 2 || kBits == 3 || kBits == 4 || kBits == 8, "kBits must be 2, 3, 4 or 8");
+  static_assert(quant_bits_supported(kBits), "kBits must be 2, 3, 4, 5, 6 or 8");
   static_assert(kGroupSize == kWholeRowGroup || (kGroupSize >= 16 && kGroupSize <= 128 && kGroupSize % 8 == 0),
                 "kGroupSize must be a multiple of 8 in [16, 128], or 0 (whole row)");
   // Eight codes fill exactly kBits bytes, and every group starts at a multiple of 8 codes, so a

@@ -77,7 +77,7 @@ void add_search_options(cxxopts::Options& options) {
       ("repair-confidence", "--search allocate: a downgrade on held-out text is kept only when the budget holds this many standard errors above its measurement (0: up to the limit, which is optimistic for other text)", cxxopts::value<double>()->default_value("1"))
       ("safety", "the search uses the quality limits divided by this (held-out validation then checks the full "
                  "limits); default 1 for --search allocate, 1.5 for progressive", cxxopts::value<double>())
-      ("bits", "bit widths to try, high to low, from 8, 4, 3 and 2", cxxopts::value<std::string>()->default_value(fmt::to_string(fmt::join(SearchOptions{}.bits, ","))))
+      ("bits", "bit widths to try, high to low, from 8, 6, 5, 4, 3 and 2", cxxopts::value<std::string>()->default_value(fmt::to_string(fmt::join(SearchOptions{}.bits, ","))))
       ("group-sizes", "group sizes to try, cheapest first", cxxopts::value<std::string>()->default_value("128,64,32,16"))
       ("encodings", "side information of the candidates, each with every group size: asym (b-bit zero points), z8 (8-bit zero points), s (symmetric), k6, k8 (sub-scales; no CUDA kernel reads them)", cxxopts::value<std::string>()->default_value("asym,s"))
       ("method", "rounding: rtn (round to nearest), clip (activation-weighted clipping search), gptq (GPTQ with clipped static groups) or trained (learned rounding)", cxxopts::value<std::string>()->default_value(rounding_method_name(SearchOptions{}.method)))

@@ -135,7 +135,7 @@ int cmd_sweep(int argc, char** argv) {
       ("compare-search", "search strategies whose budget points are added for comparison, comma-separated (points "
                          "budget-<b>-<strategy>; the one --search uses is not repeated; 'none' for none)",
        cxxopts::value<std::string>()->default_value("allocate,progressive"))
-      ("baselines", "uniform formats to place beside them ('none' for none)", cxxopts::value<std::string>()->default_value("b8g128,b4g128,b4g32,b4g16,b3g32,b2g32"))
+      ("baselines", "uniform formats to place beside them ('none' for none)", cxxopts::value<std::string>()->default_value("b8g128,b6g128,b5g128,b4g128,b4g32,b4g16,b3g32,b2g32"))
       ("shard", "run only shard i of n (1-based), e.g. 2/4", cxxopts::value<std::string>()->default_value("1/1"));
   add_gate_options(options);
   add_search_options(options);

@@ -18,7 +18,7 @@ constexpr int64_t kLinearFusedMaxRows = 4;
 /// gradq::dequantize: float32 [out, in_features] from the packed tensors.
 /// Tensors as quant_spec.h lays them out: codes uint8 [out, row_bytes]; scales fp16/fp32
 /// [out, n_groups] (k formats: fp16 super-scales [out, n_super_groups]); zeros uint8
-/// [out, quant_row_bytes(n_groups, zero_bits)] or none (symmetric); bits in {2, 3, 4, 8};
+/// [out, quant_row_bytes(n_groups, zero_bits)] or none (symmetric); bits in {2, 3, 4, 5, 6, 8};
 /// group_size in {16, 32, 64, 128} or 0 (whole row); zero_bits 8 (checkpoints before b-bit zero
 /// points, z8 formats) or bits; sub_scales uint8 [out, quant_row_bytes(n_groups, sub_scale_bits)]
 /// with sub_scale_bits 6 or 8 for k formats, none and 0 otherwise.

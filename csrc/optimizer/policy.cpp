@@ -51,10 +51,12 @@ T with_path(const std::string& path, T (*parse)(const std::string&)) {
 }  // namespace
 
 QuantLevel parse_quant_level(const std::string& name) {
-  for (QuantLevel level : {QuantLevel::kPrune, QuantLevel::kInt2, QuantLevel::kInt3, QuantLevel::kInt4, QuantLevel::kInt8,
-                           QuantLevel::kFp16, QuantLevel::kBf16, QuantLevel::kFp32})
+  std::string names;
+  for (QuantLevel level : kQuantLevels) {
     if (name == quant_level_name(level)) return level;
-  throw Error(fmt::format("unknown precision level '{}': expected one of prune, int2, int3, int4, int8, fp16, bf16, fp32", name));
+    names += (names.empty() ? "" : ", ") + std::string(quant_level_name(level));
+  }
+  throw Error(fmt::format("unknown precision level '{}': expected one of {}", name, names));
 }
 
 PrecisionPolicy PrecisionPolicy::load(const std::string& path) { return with_path(path, &PrecisionPolicy::from_json); }

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <queue>
@@ -132,23 +133,30 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   if (static_cast<int64_t>(options_.local_factors.size()) == blocks) factors = options_.local_factors;
   auto block_error = [&](int64_t b) { return this->block_error(*cache, b, result); };
   // Block b's factor from one exact measurement: each of its weights that has an option at the
-  // middle width of the search (4 of 8, 4, 2) at its cheapest such option, all together, so that the
-  // KL is well above the noise of the windows. The factor is a ratio, so how far the calibration
-  // point is from the candidates matters only where KL stops growing in proportion to the error.
+  // calibration width at its cheapest such option, all together, so that the KL is well above the
+  // noise of the windows. The factor is a ratio, so how far the calibration point is from the
+  // candidates matters only where KL stops growing in proportion to the error. The calibration width
+  // is the search's width nearest 3 bits: the middle of the widths (8, 4, 3, 2) when the perplexity
+  // prices below were measured; calibrated at 4 bits, the middle of 8, 6, 5, 4, 3, 2, the allocator
+  // stored 0.08-0.10 more bits per weight on meta_swiglu_gqa at +1% to +5% (docs/BENCHMARKS.md, "5- and
+  // 6-bit formats").
   //
   // The same measurement gives the block's perplexity per KL: ln(PPL / PPL_start) / KL added. The two
   // part ways block by block (on meta_swiglu_gqa in the zoo 1.05 in block 0 and 0.45 in block 3; on
   // stories260K 0.88-1.39), and under a perplexity budget a nat of KL in one block is not worth one
   // in another: the allocator then prices every candidate at its KL times its block's ratio. The
   // ratio is clamped to [0.25, 4]: one measurement of a small KL can be mostly noise, or negative.
-  const int middle_bits = options_.bits[options_.bits.size() / 2];
+  constexpr int kCalibrationBits = 3;
+  const int calibration_bits = *std::min_element(options_.bits.begin(), options_.bits.end(), [](int x, int y) {
+    return std::abs(x - kCalibrationBits) < std::abs(y - kCalibrationBits);
+  });
   auto calibrate = [&](int64_t b) {
     std::vector<std::string> changed;
     for (const WeightInfo& w : model_.weights()) {
       if (first_stage(w.name) != b) continue;
       const Option* pick = nullptr;
       for (const Option& o : options.at(w.name))
-        if (o.spec.is_integer() && o.spec.bits() == middle_bits &&
+        if (o.spec.is_integer() && o.spec.bits() == calibration_bits &&
             (!pick || o.spec.storage_bytes(w.out_features, w.in_features) <
                           pick->spec.storage_bytes(w.out_features, w.in_features)))
           pick = &o;
@@ -166,7 +174,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     for (const std::string& name : changed) model_.restore(name);
     report(fmt::format("curves: block {} calibrated, {} weights at {} bits add KL {:.5f}, {:.3g} per unit of output "
                        "error, ln-perplexity {:.3g} per KL",
-                       b, changed.size(), middle_bits, added, factors[b], ppl_per_kl));
+                       b, changed.size(), calibration_bits, added, factors[b], ppl_per_kl));
   };
   // The options of `name` worth measuring. The allocator only ever chooses points on a weight's
   // lower hull of (bytes, KL), and GPTQ's candidates come with the error GPTQ minimises, the layer's
@@ -218,7 +226,11 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     if (reuse_curves) break;
     const WeightInfo& w = *weight;
     std::vector<CurvePoint>& curve = result.curves[w.name];
-    curve.push_back({start_, RoundingMethod::kRtn, start_.storage_bytes(w.out_features, w.in_features), 0.0});
+    // The start state is a point of the curve only where the policy allows its level: a policy's
+    // max bounds the plan, so a weight capped at int4 is not left at fp16 (nor upgraded back to it
+    // by the repair) when the budget is tight. Without a candidate at all it stays at the start.
+    if (policy_.allows(w.name, start_.level) || options.at(w.name).empty())
+      curve.push_back({start_, RoundingMethod::kRtn, start_.storage_bytes(w.out_features, w.in_features), 0.0});
     const int64_t b = first_stage(w.name);
     if (cache && b >= 0) cache->move_to(b);  // the blocks before b hold their loaded weights again
     const bool in_block = local && b >= 0 && b < blocks;

@@ -20,8 +20,10 @@ namespace {
 // state's KL is what the accepted steps down to it added on the calibration windows (measured or
 // predicted, each in the model of its moment), so KL per byte between neighbours is what each step
 // cost, as the allocator's hulls give it for its candidates. The ladder need not be convex: the
-// repair only ever moves one state up or down it.
-Allocation ladders(const SearchResult& result) {
+// repair only ever moves one state up or down it. The start state is left off where the policy does
+// not allow its level and the search moved the weight off it (a policy's max bounds the repaired
+// plan too, as it bounds the allocator's, whose curves leave it off the same way).
+Allocation ladders(const SearchResult& result, const PrecisionPolicy& policy) {
   Allocation a;
   for (const auto& [name, states] : result.history) {
     std::vector<const SearchStep*> made;  // made[i - 1] made states[i]
@@ -33,6 +35,7 @@ Allocation ladders(const SearchResult& result) {
     for (const SearchStep* s : made) added.push_back(added.back() + (s->kl - s->kl_before));
     std::vector<CurvePoint>& ladder = a.hulls[name];
     for (size_t i = states.size(); i-- > 0;) {
+      if (i == 0 && states.size() > 1 && !policy.allows(name, states[0].spec.level)) break;
       const RoundingMethod method = i == 0 ? RoundingMethod::kRtn : made[i - 1]->method;
       ladder.push_back({states[i].spec, method, states[i].storage_bytes(), added[i]});
       GRADQ_CHECK(ladder.size() == 1 || ladder.back().bytes > ladder[ladder.size() - 2].bytes,
@@ -591,6 +594,14 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   // 4, so the budget is not spent on taking early units to 2 bits while later ones stay at fp16.
   std::set<std::string> settled;  // units for which a width failed: they keep their state
   progress.units = static_cast<int64_t>(order.size() * options_.bits.size());
+  // The width a unit takes in the pass of `bits`: `bits`, or where the policy caps the unit below
+  // it, its highest allowed width below (0: none). A capped unit so gets its first chance in the
+  // first pass, while the budget is as fresh for it as for the others, not after they have spent it.
+  auto width_in_pass = [&](const std::string& name, int bits) {
+    for (int w : options_.bits)
+      if (w <= bits && policy_.allows(name, quant_level_for_bits(w))) return w;
+    return 0;
+  };
   for (int bits : options_.bits) {
     const QuantLevel level = quant_level_for_bits(bits);
     for (const std::string& name : order) {
@@ -601,11 +612,14 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
         settled.insert(name);
         continue;
       }
-      if (!policy_.allows(name, level)) continue;  // above the policy's max: wait for a lower width
+      const int width = width_in_pass(name, bits);
+      if (width == 0) continue;
+      const QuantSpec& now = state[name].spec;
+      if (now.is_integer() && now.bits() == width) continue;  // capped: taken to this width in an earlier pass
       const std::vector<QuantSpec> specs =
-          options_.candidates(bits, state[name].out_features, state[name].in_features);
+          options_.candidates(width, state[name].out_features, state[name].in_features);
       bool fitted = lower_to(name, specs, options_.method);
-      if (!fitted && options_.trained_fallback && bits <= 4) {
+      if (!fitted && options_.trained_fallback && width <= 4) {
         std::vector<QuantSpec> trainable;  // trained rounding needs a scale per group (not k6/k8)
         for (const QuantSpec& s : specs)
           if (s.sub_scale_bits == 0) trainable.push_back(s);
@@ -635,7 +649,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
     result.plan.entries.push_back(e);
     result.weights[w.name] = state[w.name];
   }
-  result.allocation = ladders(result);
+  result.allocation = ladders(result, policy_);
   model_.restore_all();
   result.candidates_quantized = candidates_quantized_;
   result.candidates_read_back = candidates_read_back_;

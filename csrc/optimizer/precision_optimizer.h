@@ -95,12 +95,12 @@ struct SearchOptions {
   /// The default is the one that measured better at every budget of the default sweep (+2%, +5%,
   /// +10% on stories260K, held-out text; docs/BENCHMARKS.md, "The budget allocator").
   SearchStrategy strategy = SearchStrategy::kAllocate;
-  /// Widths tried, high to low. 3 bits is in the default since the calibration windows became 16:
-  /// with 8 windows adding it cost 0.36 bits per weight at +2% (the calibration perplexity limit
-  /// bound at a lower KL); with 16, against the same without 3 bits on stories260K, it stores 0.15
-  /// fewer at +1% and 0.13 fewer at +10%, 0.03 more at +2% and +5% (docs/BENCHMARKS.md, "3-bit
+  /// Widths tried, high to low. 6 and 5 bits give tight budgets the step between 8.25-bit and
+  /// 5.25-bit weights: on stories260K the allocator's +1% plan stores 5.48 bits per weight with them
+  /// against 6.40 without, +2% 5.14 against 5.61 (docs/BENCHMARKS.md, "5- and 6-bit formats"). 3
+  /// bits is in the default since the calibration windows became 16 (docs/BENCHMARKS.md, "3-bit
   /// candidates and 16 calibration windows").
-  std::vector<int> bits = {8, 4, 3, 2};
+  std::vector<int> bits = {8, 6, 5, 4, 3, 2};
   std::vector<int64_t> group_sizes = {128, 64, 32, 16};  ///< cheapest first
   /// Side information of the candidates (quant_spec.h): "asym" (zero points at the code width, fp16
   /// scales), "z8" (8-bit zero points), "s" (symmetric), "k6" / "k8" (sub-scales of a fp16

@@ -27,6 +27,11 @@
 
 namespace gradq {
 
+/// The code widths of gradq's formats (quant_spec.h): 2, 3, 4, 5, 6 and 8 bits.
+GRADQ_HD constexpr bool quant_bits_supported(int64_t bits) {
+  return bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8;
+}
+
 /// Largest code of a `bits`-bit format (codes are unsigned, 0 .. 2^bits - 1).
 GRADQ_HD int quant_max_code(int bits) { return (1 << bits) - 1; }
 
@@ -160,8 +165,13 @@ GRADQ_HD float quant_sym_signed_absmax(float lo, float hi) {
 GRADQ_HD int quant_max_sub_scale(int sub_bits) { return (1 << sub_bits) - 1; }
 
 /// Super-scale of a super-group whose largest group scale (unrounded) is `max_scale`, as stored (fp16).
+/// A super-group of tiny weights (largest scale below about 2^-25 times the largest sub-scale code)
+/// would round it to 0 and zero every group; the smallest fp16 subnormal, 2^-24, keeps their scales
+/// nonzero (each group's sub-scale code is then clamped, quant_sub_scale_code).
 GRADQ_HD float quant_super_scale(float max_scale, int sub_bits) {
-  return quant_round_scale(max_scale / static_cast<float>(quant_max_sub_scale(sub_bits)), /*fp16_scale=*/true);
+  const float d = quant_round_scale(max_scale / static_cast<float>(quant_max_sub_scale(sub_bits)), /*fp16_scale=*/true);
+  constexpr float kSmallestHalf = 5.9604644775390625e-8f;  // 2^-24
+  return max_scale > 0.f && d == 0.f ? kSmallestHalf : d;
 }
 
 /// Sub-scale code of a group scale `scale` (unrounded, >= 0) against the stored super-scale `d`:

@@ -9,7 +9,7 @@ namespace gradq {
 
 bool QuantSpec::is_integer() const {
   return level == QuantLevel::kInt2 || level == QuantLevel::kInt3 || level == QuantLevel::kInt4 ||
-         level == QuantLevel::kInt8;
+         level == QuantLevel::kInt5 || level == QuantLevel::kInt6 || level == QuantLevel::kInt8;
 }
 
 int QuantSpec::bits() const {
@@ -17,6 +17,8 @@ int QuantSpec::bits() const {
     case QuantLevel::kInt2: return 2;
     case QuantLevel::kInt3: return 3;
     case QuantLevel::kInt4: return 4;
+    case QuantLevel::kInt5: return 5;
+    case QuantLevel::kInt6: return 6;
     case QuantLevel::kInt8: return 8;
     default: throw Error(fmt::format("bits() asked of non-integer level {}", quant_level_name(level)));
   }
@@ -108,8 +110,10 @@ QuantLevel quant_level_for_bits(int bits) {
     case 2: return QuantLevel::kInt2;
     case 3: return QuantLevel::kInt3;
     case 4: return QuantLevel::kInt4;
+    case 5: return QuantLevel::kInt5;
+    case 6: return QuantLevel::kInt6;
     case 8: return QuantLevel::kInt8;
-    default: throw Error(fmt::format("bits must be one of 2, 3, 4, 8, got {}", bits));
+    default: throw Error(fmt::format("bits must be one of 2, 3, 4, 5, 6, 8, got {}", bits));
   }
 }
 
@@ -119,6 +123,8 @@ const char* quant_level_name(QuantLevel level) {
     case QuantLevel::kInt2: return "int2";
     case QuantLevel::kInt3: return "int3";
     case QuantLevel::kInt4: return "int4";
+    case QuantLevel::kInt5: return "int5";
+    case QuantLevel::kInt6: return "int6";
     case QuantLevel::kInt8: return "int8";
     case QuantLevel::kFp16: return "fp16";
     case QuantLevel::kBf16: return "bf16";

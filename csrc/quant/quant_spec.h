@@ -12,7 +12,8 @@
 // be partial (172 inputs with group 32: five groups of 32 and one of 12). Nothing is padded except
 // each packed row to a whole byte.
 //
-// Side information (names: parse_quant_spec; b4g32 is 4-bit codes in groups of 32):
+// Side information (names: parse_quant_spec; b4g32 is 4-bit codes in groups of 32; codes are 2, 3,
+// 4, 5, 6 or 8 bits wide):
 //   b4g32      asymmetric, zero points at the code width (4 bits here), fp16 scales. The zero point
 //              of quant_asym_params is always in 0 .. 2^bits - 1 (the group's range is widened to
 //              include 0), so b bits hold it exactly: same values as z8, fewer bytes.
@@ -38,7 +39,10 @@
 //   group g: w_i = d * q_g * (c_i - z_g); 65 + 2 + 5 + 3 = 75 bytes for 172 weights, 3.49 bits each
 // (a second row's zero points would continue in byte2 at bit 2: z6[2:0] at bits 2..4, ...)
 
-// The level ladder a search walks: prune < int2 < int3 < int4 < int8 < fp16/bf16 < fp32.
+// The level ladder a search walks: prune < int2 < int3 < int4 < int5 < int6 < int8 < fp16/bf16 < fp32.
+// 5- and 6-bit codes (llama.cpp's Q5_K/Q6_K, exllamav2's 5/6-bit) are the step between 4 and 8 bits
+// that tight budgets need: at +1% perplexity on stories260K without them the search could only
+// choose between 8.25-bit and 5.25-bit weights (docs/BENCHMARKS.md, "5- and 6-bit formats").
 
 #include <cstdint>
 #include <string>
@@ -50,6 +54,8 @@ enum class QuantLevel : int8_t {
   kInt2,
   kInt3,
   kInt4,
+  kInt5,
+  kInt6,
   kInt8,
   kFp16,
   kBf16,
@@ -114,7 +120,13 @@ struct QuantSpec {
 /// Parses QuantSpec::name() strings; throws gradq::Error with the grammar on bad input.
 QuantSpec parse_quant_spec(const std::string& name);
 
-/// Level for an integer bit width (2, 3, 4, 8); throws otherwise.
+/// Every level, lowest first (the ladder above).
+inline constexpr QuantLevel kQuantLevels[] = {QuantLevel::kPrune, QuantLevel::kInt2, QuantLevel::kInt3,
+                                              QuantLevel::kInt4,  QuantLevel::kInt5, QuantLevel::kInt6,
+                                              QuantLevel::kInt8,  QuantLevel::kFp16, QuantLevel::kBf16,
+                                              QuantLevel::kFp32};
+
+/// Level for an integer bit width (2, 3, 4, 5, 6, 8); throws otherwise.
 QuantLevel quant_level_for_bits(int bits);
 
 /// "int4", "fp16", "prune", ...

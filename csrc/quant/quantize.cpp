@@ -18,7 +18,7 @@ namespace gradq {
 namespace {
 
 void check_integer_spec(const QuantSpec& spec, const char* fn) {
-  TORCH_CHECK(spec.is_integer(), fn, ": expected an integer level (int2, int3, int4, int8), got ",
+  TORCH_CHECK(spec.is_integer(), fn, ": expected an integer level (int2, int3, int4, int5, int6, int8), got ",
               quant_level_name(spec.level));
   spec.validate();
 }
@@ -110,8 +110,8 @@ GRADQ_ALWAYS_INLINE void encode16(const float* w, float inv, float zero, uint8_t
 //  * 2/4/8-bit groups of at least 64 packed bytes: one loop over the group's bytes, straight from
 //    the weights, which GCC vectorizes a full vector of bytes at a time;
 //  * shorter 2/4/8-bit groups: encode16, 16 codes at a time;
-//  * 3-bit groups, and whatever the above leave: codes into `codes`, then 8 at a time into 3
-//    bytes (quant_pack8), and the row's last codes that do not fill 8 one by one.
+//  * 3-, 5- and 6-bit groups, and whatever the above leave: codes into `codes`, then 8 at a time
+//    into kBits bytes (quant_pack8), and the row's last codes that do not fill 8 one by one.
 // `next_row` (or null): the weights that the caller reads next. Each group asks for its part of
 // them ahead, so that their load from memory overlaps this row's arithmetic instead of following
 // it (quantize is otherwise a read stall, then compute, row after row).
@@ -160,6 +160,8 @@ GRADQ_CPU_CLONES void encode_row(const float* w, int64_t in, int64_t glen, int b
     case 2: return encode_row_bits<2>(w, in, glen, params, next_row, codes, row);
     case 3: return encode_row_bits<3>(w, in, glen, params, next_row, codes, row);
     case 4: return encode_row_bits<4>(w, in, glen, params, next_row, codes, row);
+    case 5: return encode_row_bits<5>(w, in, glen, params, next_row, codes, row);
+    case 6: return encode_row_bits<6>(w, in, glen, params, next_row, codes, row);
     case 8: return encode_row_bits<8>(w, in, glen, params, next_row, codes, row);
     default: TORCH_INTERNAL_ASSERT(false, "unsupported bits ", bits);
   }

@@ -26,19 +26,18 @@ nlohmann::ordered_json eval_json(const std::optional<EvalResult>& r) {
   return nlohmann::ordered_json::parse(eval_result_json(*r));
 }
 
-const std::vector<QuantLevel> kLadder = {QuantLevel::kPrune, QuantLevel::kInt2, QuantLevel::kInt3, QuantLevel::kInt4,
-                                         QuantLevel::kInt8,  QuantLevel::kFp16, QuantLevel::kBf16, QuantLevel::kFp32};
-
 std::string level_color(QuantLevel level) {
   switch (level) {
     case QuantLevel::kPrune: return "#9e9e9e";
     case QuantLevel::kInt2: return "#d62728";
     case QuantLevel::kInt3: return "#ff7f0e";
     case QuantLevel::kInt4: return "#2ca02c";
+    case QuantLevel::kInt5: return "#17becf";
+    case QuantLevel::kInt6: return "#bcbd22";
     case QuantLevel::kInt8: return "#1f77b4";
     case QuantLevel::kFp16: return "#9467bd";
     case QuantLevel::kBf16: return "#8c564b";
-    default: return "#17becf";
+    default: return "#e377c2";
   }
 }
 
@@ -74,7 +73,7 @@ std::vector<LevelShare> level_distribution(const QuantizableModel& model, const 
     s.bytes += it->second.storage_bytes();
   }
   std::vector<LevelShare> out;
-  for (QuantLevel level : kLadder)
+  for (QuantLevel level : kQuantLevels)
     if (by_level.count(level)) out.push_back(by_level[level]);
   return out;
 }
@@ -316,7 +315,7 @@ std::string weight_formats_svg(const QuantizableModel& model, const QuantizeOutc
   if (!kept.empty())
     chart.notes.push_back(fmt::format("kept in floating point (not drawn): {}", fmt::join(kept, ", ")));
   chart.series.push_back(bits);
-  for (QuantLevel level : kLadder)
+  for (QuantLevel level : kQuantLevels)
     if (levels.count(level)) chart.legend.emplace_back(quant_level_name(level), level_color(level));
   return render_bar_chart(chart);
 }

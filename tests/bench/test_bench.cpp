@@ -137,7 +137,7 @@ TEST(KernelBench, ParsersRejectBadLists) {
   EXPECT_EQ(bench::parse_bench_specs("b4g128,b8g128,b3g64,b2g32").size(), 4u);
   EXPECT_NE(expect_error([] { bench::parse_bench_specs("b4g100"); }).find("cannot parse quantization spec 'b4g100'"),
             std::string::npos);
-  EXPECT_NE(expect_error([] { bench::parse_bench_specs("b4g128,b5g128"); }).find("--spec 'b5g128': bits must be one of"),
+  EXPECT_NE(expect_error([] { bench::parse_bench_specs("b4g128,b7g128"); }).find("--spec 'b7g128': bits must be one of"),
             std::string::npos);
   EXPECT_NE(expect_error([] { bench::parse_bench_specs("b4g128,fp16"); }).find("--spec 'fp16': not an integer format"),
             std::string::npos);
@@ -236,7 +236,7 @@ TEST(KernelBench, CliRejectsBadOptionsWithOneClearLine) {
   };
   const Case cases[] = {
       {"bench kernels --spec b4g100", "gradq bench: error: --spec 'b4g100': cannot parse quantization spec 'b4g100'"},
-      {"bench kernels --spec b5g128", "gradq bench: error: --spec 'b5g128': bits must be one of 2, 3, 4, 8, got 5"},
+      {"bench kernels --spec b7g128", "gradq bench: error: --spec 'b7g128': bits must be one of 2, 3, 4, 5, 6, 8, got 7"},
       {"bench kernels --spec b4g128,prune", "gradq bench: error: --spec 'prune': not an integer format"},
       {"bench kernels --shapes 4096by4096", "gradq bench: error: --shapes: cannot parse '4096by4096'"},
       {"bench kernels --shapes 64x0", "gradq bench: error: --shapes: cannot parse '64x0'"},

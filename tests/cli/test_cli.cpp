@@ -48,7 +48,7 @@ TEST(Cli, HelpAndVersion) {
 TEST(Cli, ErrorsAreOneLineAndNonZero) {
   for (const std::string args : {"frobnicate", "convert /nonexistent.bin -o /tmp/x.pt", "eval --ctx 0",
                                  "eval --text /nonexistent.txt", "eval --bogus-flag", "quantize --uniform b4g32",
-                                 "quantize --uniform b5g32 -o /tmp/x.pt", "quantize --uniform b4g48 -o /tmp/x.pt",
+                                 "quantize --uniform b7g32 -o /tmp/x.pt", "quantize --uniform b4g48 -o /tmp/x.pt",
                                  "quantize --uniform b4g32 --method round -o /tmp/x.pt",
                                  "quantize --plan /nonexistent.json -o /tmp/x.pt",
                                  "quantize --uniform b4g32 --fit-on sequential -o /tmp/x.pt",
@@ -342,8 +342,8 @@ TEST(Cli, PlansAreValidated) {
                             plan("dup.json", wq + R"(, {"name": "layers.0.attention.wq.weight", "spec": "b8g32"})"),
                         "plan lists weight 'layers.0.attention.wq.weight' twice (as b4g32 and as b8g32)");
   expect_one_line_error("quantize -o " + dir + "/q.pt --plan " +
-                            plan("level.json", R"({"name": "layers.0.attention.wq.weight", "spec": "b5g32"})"),
-                        "bits must be one of 2, 3, 4, 8, got 5");
+                            plan("level.json", R"({"name": "layers.0.attention.wq.weight", "spec": "b7g32"})"),
+                        "bits must be one of 2, 3, 4, 5, 6, 8, got 7");
   const std::string partial = plan("partial.json", wq + R"(, {"name": "tok_embeddings.weight", "spec": "b8g32"})");
   // Checked once the model's weights are known: after loading, before any quantization.
   auto [prc, pout] = test::run(test::cli() + " quantize -o " + dir + "/q.pt --plan " + partial + common);

@@ -98,7 +98,7 @@ TEST_P(PackedExport, StoriesLogitsAndSizeMatchTheAccounting) {
 }
 
 // b4g32k6: fp16 super-scales, which gradq must not hold in float32 when it loads the packed file.
-INSTANTIATE_TEST_SUITE_P(Specs, PackedExport, ::testing::Values("b4g128", "b8g128", "b3g32s", "b2g64-f32", "b4g32k6"),
+INSTANTIATE_TEST_SUITE_P(Specs, PackedExport, ::testing::Values("b4g128", "b8g128", "b6g32", "b5g128", "b3g32s", "b2g64-f32", "b4g32k6"),
                          [](const auto& info) {
                            std::string name = info.param;
                            std::replace(name.begin(), name.end(), '-', '_');
@@ -110,9 +110,10 @@ TEST(PackedExportMixed, EveryLevelOfTheLadderInOneModel) {
   with_embedding.include = {"tok_embeddings"};
   CausalLM model = CausalLM::load(test::stories_pt(), with_embedding);
   Plan plan;
-  const char* specs[] = {"b4g32", "b8grow", "b2g16", "b3g64s", "fp16", "bf16", "prune", "fp32"};
+  const std::vector<std::string> specs = {"b4g32", "b8grow", "b2g16", "b3g64s", "b5g16s",
+                                          "b6g64", "fp16",   "bf16",  "prune",  "fp32"};
   size_t i = 0;
-  for (const WeightInfo& w : model.weights()) plan.entries.push_back({w.name, parse_quant_spec(specs[i++ % 8])});
+  for (const WeightInfo& w : model.weights()) plan.entries.push_back({w.name, parse_quant_spec(specs[i++ % specs.size()])});
   ASSERT_EQ(model.weights().front().role, WeightRole::kEmbedding) << "the tied embedding/head should be included";
   const QuantizedWeights q = apply_plan(model, plan);
   const std::string path = test::temp_dir("export_mixed") + "/packed.pt";
@@ -145,10 +146,11 @@ TEST(PackedExportMixed, EveryLevelInABfloat16ScriptedModelWithNoneBiases) {
   CausalLM model = CausalLM::load(std::string(GRADQ_TEST_SOURCE_DIR) + "/tests/zoo/models/hf_llama_tied_bf16.pt");
   ASSERT_EQ(model.dtype(), at::kBFloat16);
   Plan plan;
-  const char* specs[] = {"b4g32", "b8grow", "b2g16", "b3g64s", "fp16", "bf16", "prune", "fp32"};
+  const std::vector<std::string> specs = {"b4g32", "b8grow", "b2g16", "b3g64s", "b5g16s",
+                                          "b6g64", "fp16",   "bf16",  "prune",  "fp32"};
   size_t i = 0;
-  for (const WeightInfo& w : model.weights()) plan.entries.push_back({w.name, parse_quant_spec(specs[i++ % 8])});
-  ASSERT_GE(plan.entries.size(), 8u);
+  for (const WeightInfo& w : model.weights()) plan.entries.push_back({w.name, parse_quant_spec(specs[i++ % specs.size()])});
+  ASSERT_GE(plan.entries.size(), specs.size());
   const QuantizedWeights q = apply_plan(model, plan);
   const std::string path = test::temp_dir("export_bf16") + "/packed.pt";
   export_packed(model, q, path);

@@ -209,7 +209,7 @@ const std::vector<std::pair<int64_t, int64_t>> kShapes = {{1, 1},     {3, 7},   
 
 std::vector<Format> all_formats() {
   std::vector<Format> v;
-  for (int bits : {2, 3, 4, 8}) {
+  for (int bits : {2, 3, 4, 5, 6, 8}) {
     for (int64_t group : {16, 32, 64, 128, 0}) {
       for (bool sym : {false, true}) {
         for (bool f16 : {true, false}) v.push_back({bits, group, sym, f16});
@@ -463,7 +463,7 @@ TEST(Validation, UnsupportedFormatsListTheSupportedOnes) {
   p.zeros = &z;
   p.out_features = 1;
   p.in_features = 1;
-  for (const auto& [bits, group] : std::vector<std::pair<int, int64_t>>{{5, 128}, {1, 32}, {16, 32}, {4, 48}, {4, 256}, {4, -1}}) {
+  for (const auto& [bits, group] : std::vector<std::pair<int, int64_t>>{{7, 128}, {1, 32}, {16, 32}, {4, 48}, {4, 256}, {4, -1}}) {
     p.bits = bits;
     p.group_size = group;
     const KernelStatus st = quantize_launch(p, nullptr);
@@ -471,7 +471,7 @@ TEST(Validation, UnsupportedFormatsListTheSupportedOnes) {
     EXPECT_EQ(st.code, cudaErrorInvalidValue);
     EXPECT_NE(st.message.find("bits " + std::to_string(bits) + ", group size " + std::to_string(group)),
               std::string::npos) << st.message;
-    EXPECT_NE(st.message.find("supported: bits 2, 3, 4, 8 x group size 16, 32, 64, 128, 0 (whole row)"),
+    EXPECT_NE(st.message.find("supported: bits 2, 3, 4, 5, 6, 8 x group size 16, 32, 64, 128, 0 (whole row)"),
               std::string::npos) << st.message;
   }
 }

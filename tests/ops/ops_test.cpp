@@ -268,8 +268,8 @@ TEST(OpsErrors, MismatchedTensorsNameWhatWasExpected) {
   bad.zeros = w.zeros.to(at::kInt);
   GRADQ_EXPECT_THROW_MSG(call_dequantize(bad), "zeros must be Byte [99], got Int [99]");
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gradq::linear", "").typed<LinearFn>();
-  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 5, 32, kIn, 4, c10::nullopt, 0),
-                         "bits must be one of 2, 3, 4, 8, got 5");
+  GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 7, 32, kIn, 4, c10::nullopt, 0),
+                         "bits must be one of 2, 3, 4, 5, 6, 8, got 7");
   GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 32, 170, 4, c10::nullopt, 0),
                          "codes must be Byte [33, 85], got Byte [33, 86]");
   GRADQ_EXPECT_THROW_MSG(op.call(x, w.codes, w.scales, w.zeros, c10::nullopt, 4, 48, kIn, 4, c10::nullopt, 0),

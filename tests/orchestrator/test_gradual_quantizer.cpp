@@ -393,8 +393,8 @@ TEST(GradualQuantizer, DynamicPolicyAssignsLevelsByImportanceShare) {
 TEST(PrecisionPolicy, BadFilesAreNamed) {
   EXPECT_NE(test::expect_error([] { PrecisionPolicy::from_json("{}"); }).find("gradq-policy"), std::string::npos);
   EXPECT_NE(test::expect_error([] {
-              PrecisionPolicy::from_json(R"({"format": "gradq-policy", "rules": [{"pattern": "x", "min": "int5"}]})");
-            }).find("unknown precision level 'int5'"),
+              PrecisionPolicy::from_json(R"({"format": "gradq-policy", "rules": [{"pattern": "x", "min": "int7"}]})");
+            }).find("unknown precision level 'int7'"),
             std::string::npos);
   EXPECT_NE(test::expect_error([] {
               PrecisionPolicy::from_json(R"({"format": "gradq-policy", "rules": [{"pattern": "x", "min": "fp16", "max": "int4"}]})");

@@ -117,7 +117,7 @@ std::vector<FormatCase> all_format_cases() {
   // two super-groups of the k formats, the second partial.
   const int64_t shapes[][2] = {{1, 1}, {3, 7}, {17, 172}, {5, 64}, {64, 172}, {33, 17}, {6, 300}};
   std::vector<FormatCase> cases;
-  for (int bits : {2, 3, 4, 8})
+  for (int bits : {2, 3, 4, 5, 6, 8})
     for (int64_t group : {int64_t{16}, int64_t{32}, int64_t{64}, int64_t{128}, kWholeRow})
       for (Side side : {Side::kZeroB, Side::kZero8, Side::kSym, Side::kSub6, Side::kSub8})
         for (bool fp16 : {true, false}) {
@@ -381,7 +381,7 @@ TEST(QuantMath, HalfConversionsMatchC10OnEveryFloat) {
 TEST(QuantGroups, TinyWeightsMatchReferenceBitExact) {
   for (double magnitude : {1e-3, 1e-5, 1e-7, 1e-9}) {
     const at::Tensor w = gaussian(8, 300, 5) * magnitude;
-    for (int bits : {2, 4, 8}) {
+    for (int bits : {2, 4, 5, 6, 8}) {
       for (bool sym : {false, true}) {
         const QuantSpec spec = make_spec(bits, 32, sym, /*fp16_scale=*/true);
         const PackedWeight ref = quantize_ref(w, spec);
@@ -394,6 +394,22 @@ TEST(QuantGroups, TinyWeightsMatchReferenceBitExact) {
   }
 }
 
+// A k-format super-group of weights so small that its super-scale rounds to 0 in fp16 would zero
+// every group; the smallest fp16 subnormal keeps each group's scale nonzero and its largest weight
+// nonzero once dequantized.
+TEST(QuantGroups, TinySuperGroupsKeepNonzeroScales) {
+  const at::Tensor w = gaussian(4, 256, 11) * 1e-5;
+  for (int sub_bits : {kSubScaleBits6, kSubScaleBits8}) {
+    QuantSpec spec = make_spec(6, 32, /*symmetric=*/false, /*fp16_scale=*/true);
+    spec.sub_scale_bits = sub_bits;
+    const PackedWeight p = quantize(w, spec);
+    EXPECT_EQ(p.scales.to(at::kFloat).min().item<float>(), 5.9604644775390625e-8f) << spec.name();
+    for (int64_t r = 0; r < 4; ++r)
+      for (int64_t g = 0; g < 8; ++g) ASSERT_GT(stored_scale(p, r, g), 0.f) << spec.name() << " row " << r << " group " << g;
+    EXPECT_GT(dequantize(p).abs().max().item<float>(), 0.f) << spec.name();
+  }
+}
+
 // quant_rint and quant_code avoid rintf so that they vectorize; they must agree with it exactly.
 TEST(QuantMath, RoundingAndCodesMatchRintf) {
   std::vector<float> xs = {0.f, -0.f, 0.5f, 1.5f, 2.5f, -0.5f, -1.5f, -2.5f, 0.49999997f, 1e-30f, -1e-30f,
@@ -403,7 +419,7 @@ TEST(QuantMath, RoundingAndCodesMatchRintf) {
   for (int64_t i = 0; i < random.numel(); ++i) xs.push_back(random[i].item<float>());
   for (float x : xs) {
     EXPECT_EQ(quant_rint(x), rintf(x)) << x;
-    for (int bits : {2, 3, 4, 8}) {
+    for (int bits : {2, 3, 4, 5, 6, 8}) {
       const float max_code = static_cast<float>(quant_max_code(bits));
       for (float zero : {0.f, quant_sym_zero(bits), max_code}) {
         float want = rintf(x) + zero;
@@ -448,7 +464,7 @@ TEST(QuantMath, NoFusedMultiplyAddOnNearTies) {
 
 TEST(QuantPacking, PackAndUnpackEightMatchCodeByCode) {
   at::Generator gen = at::detail::createCPUGenerator(12);
-  for (int bits : {2, 3, 4, 8}) {
+  for (int bits : {2, 3, 4, 5, 6, 8}) {
     const at::Tensor random = at::randint(0, quant_max_code(bits) + 1, {8}, gen, at::kInt);
     uint32_t codes[8];
     for (int k = 0; k < 8; ++k) codes[k] = static_cast<uint32_t>(random[k].item<int>());
@@ -540,7 +556,7 @@ TEST(QuantGroups, BitZeroPointsGiveTheValuesOfByteZeroPoints) {
   w[0] += 5.f;
   w[1] -= 5.f;
   w[2] = w[2].abs() + 0.5f;
-  for (int bits : {2, 3, 4}) {
+  for (int bits : {2, 3, 4, 5, 6}) {
     for (int64_t group : {int64_t{16}, int64_t{32}, kWholeRow}) {
       const QuantSpec b = make_spec(bits, group, false, true);
       QuantSpec z8 = b;
@@ -669,7 +685,7 @@ struct ClipCase {
 
 std::vector<ClipCase> all_clip_cases() {
   std::vector<ClipCase> cases;
-  for (int bits : {2, 3, 4})
+  for (int bits : {2, 3, 4, 6})
     for (int64_t group : {int64_t{32}, int64_t{128}, kWholeRow})
       for (bool sym : {false, true})
         for (bool act : {false, true}) cases.push_back({bits, group, sym, act});

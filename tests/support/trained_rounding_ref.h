@@ -264,7 +264,7 @@ inline PackedWeight pack_iterate(const Problem& p, const QuantSpec& spec, const 
 inline TrainedRoundingResult train_rounding_ref(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx,
                                               const TrainedRoundingOptions& options = {}) {
   using namespace trained_rounding_ref_detail;
-  TORCH_CHECK(spec.is_integer(), "train_rounding: expected an integer level (int2, int3, int4, int8), got {}",
+  TORCH_CHECK(spec.is_integer(), "train_rounding: expected an integer level (int2, int3, int4, int5, int6, int8), got {}",
               quant_level_name(spec.level));
   spec.validate();
   // Its ranges are trained per group against a scale stored per group; a k format's scale also
