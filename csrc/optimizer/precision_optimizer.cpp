@@ -595,7 +595,7 @@ SearchResult PrecisionOptimizer::search(const std::vector<std::string>& order,
   std::set<std::string> settled;  // units for which a width failed: they keep their state
   progress.units = static_cast<int64_t>(order.size() * options_.bits.size());
   // The width a unit takes in the pass of `bits`: `bits`, or where the policy caps the unit below
-  // it, its highest allowed width below (0: none). A capped unit so gets its first chance in the
+  // it, its highest allowed width below (0: none). So a capped unit gets its first chance in the
   // first pass, while the budget is as fresh for it as for the others, not after they have spent it.
   auto width_in_pass = [&](const std::string& name, int bits) {
     for (int w : options_.bits)
