@@ -39,15 +39,20 @@ void check_plan_covers_model(const CausalLM& model, const Plan& plan, bool allow
 }  // namespace
 
 int cmd_quantize(int argc, char** argv) {
+  // The defaults the description names, from the one place that sets them.
+  const SearchOptions defaults;
+  const std::string widths = fmt::format("{}", fmt::join(defaults.bits, ", "));
+  const std::string passes = fmt::format("{}", fmt::join(defaults.bits, " -> "));
+  const std::string group_sizes = fmt::format("{}", fmt::join(defaults.group_sizes, ", "));
   cxxopts::Options options(
       "gradq quantize",
-      "Find the smallest mixed-precision plan within a quality budget and write the model as packed TorchScript "
+      std::string("Find the smallest mixed-precision plan within a quality budget and write the model as packed TorchScript "
       "(quantized linears call gradq::linear; load libgradq_ops to run it).\n\n"
       "Default (search, --search allocate): measure what each layer alone adds to the KL divergence at every "
-      "candidate format (8, 6, 5, 4, 3, 2 bits; group sizes 128, 64, 32, 16; GPTQ rounding), let an allocator pick the "
+      "candidate format (") + widths + " bits; group sizes " + group_sizes + "; GPTQ rounding), let an allocator pick the "
       "cheapest mix whose measured KL on the calibration windows meets the budget divided by --safety, then on "
       "held-out text upgrade layers while over the full budget and try downgrades while within it. "
-      "--search progressive is the seed design: measure layer importance, then lower each layer through the --bits widths (8 -> 6 -> 5 -> 4 -> 3 -> 2), "
+      "--search progressive is the seed design: measure layer importance, then lower each layer through the --bits widths (" + passes + "), "
       "least important first, with group-size search and rollback; its held-out repair moves layers back and forth "
       "along the states the search took them through. Without a quality limit the budget is "
       "--max-ppl-increase 0.05.\n"
