@@ -82,6 +82,7 @@ void add_search_options(cxxopts::Options& options) {
       ("encodings", "side information of the candidates, each with every group size: asym (b-bit zero points), z8 (8-bit zero points), s (symmetric), k6, k8 (sub-scales; no CUDA kernel reads them)", cxxopts::value<std::string>()->default_value("asym,s"))
       ("method", "rounding: rtn (round to nearest), clip (activation-weighted clipping search), gptq (GPTQ with clipped static groups) or trained (learned rounding)", cxxopts::value<std::string>()->default_value(rounding_method_name(SearchOptions{}.method)))
       ("gptq-damp", "GPTQ's dampening, a fraction of the mean diagonal of the Hessian", cxxopts::value<double>()->default_value("0.01"))
+      ("gptq-refit", "refit GPTQ's group scales by least squares to its codes (lower layer error and KL; under perplexity budgets not fewer bits on every model)")
       ("search-measure", "how candidates are measured on a model split into blocks: local (its block's output error times a per-block factor predicts the KL: one block per candidate, whatever the depth) or exact (every candidate from its block to the logits). Default: local for --search allocate (its curves; every plan is then measured whole), exact for progressive (whose steps are decided one by one; local ones are confirmed together by exact passes)", cxxopts::value<std::string>())
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
       ("kl-prices", "--search allocate under a perplexity budget: allocate by KL alone, not by each block's perplexity per KL (measured with its local factor; perplexity and KL part ways block by block)")
@@ -227,6 +228,7 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
   q.search.perplexity_prices = !args.count("kl-prices");
   q.search.rounding.trained.iterations = args["trained-iterations"].as<int>();
   q.search.rounding.gptq.damp = args["gptq-damp"].as<double>();
+  q.search.rounding.gptq.refit_scales = args.count("gptq-refit") > 0;
   q.search.allow_prune = args.count("allow-prune") > 0;
   const int64_t cache_mb = args["candidate-cache-mb"].as<int64_t>();
   GRADQ_CHECK(cache_mb >= 0, "--candidate-cache-mb must be >= 0, got {}", cache_mb);

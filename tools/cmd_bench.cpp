@@ -76,6 +76,7 @@ int bench_rounding(int argc, char** argv) {
       ("shapes", "weight shapes OUTxIN, comma-separated", cxxopts::value<std::string>()->default_value("768x768,256x688"))
       ("method", "rounding methods, comma-separated (rtn, clip, gptq, trained)", cxxopts::value<std::string>()->default_value("rtn,clip,gptq,trained"))
       ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
+      ("gptq-refit", "refit GPTQ's group scales by least squares to its codes")
       ("rows", "calibration rows behind XtX", cxxopts::value<int64_t>()->default_value("2048"))
       ("seed", "seed of the weights and activations", cxxopts::value<uint64_t>()->default_value("0"));
   add_common_options(options);
@@ -87,6 +88,7 @@ int bench_rounding(int argc, char** argv) {
   o.methods.clear();
   for (const std::string& m : split_commas(args["method"].as<std::string>())) o.methods.push_back(parse_rounding_method(m));
   o.rounding.trained.iterations = args["trained-iterations"].as<int>();
+  o.rounding.gptq.refit_scales = args.count("gptq-refit") > 0;
   o.rows = args["rows"].as<int64_t>();
   GRADQ_CHECK(o.rows >= 1, "--rows must be >= 1, got {}", o.rows);
   o.seed = args["seed"].as<uint64_t>();

@@ -20,6 +20,16 @@
 //  * codes: column c is rounded with quant_code of its current (error-corrected) values, as float32,
 //    and the group's stored parameters, so dequantize(result) is exactly the W_q that GPTQ feeds
 //    back and the exported codes are exactly GPTQ's;
+//  * scale refit (refit_scales, off by default): with the codes and zero points fixed, every row's
+//    group scales are refitted by least squares on the same objective, trace((W - W_q) H (W -
+//    W_q)^T): the clipping search chose them for round to nearest before any error feedback, and
+//    GPTQ's codes are not the codes they were chosen for. A row keeps its new scales (rounded to
+//    their storage type) only when its error falls, so the error never rises; the codes stay exactly
+//    GPTQ's. k formats keep their grid (their scales are not free per group). It lowers the layer
+//    error 1-3% and the uniform formats' KL on stories260K and the zoo models, but not the
+//    bits of the budgeted plans: under perplexity budgets meta_swiglu_gqa's grew 0.06-0.11 bits per
+//    weight (perplexity rose where KL fell), stories260K's and gpt2's fell up to 0.07
+//    (docs/BENCHMARKS.md, "GPTQ's scales refitted to its codes");
 //  * lazy batches: the Cholesky factor U of H^-1 (H^-1 = U^T U, upper) gives the updates; within a
 //    block of block_size columns the updates are rank-1, the rest of W is updated once per block with
 //    one GEMM (mathematically the same as updating it after every column).
@@ -43,24 +53,29 @@ struct GptqOptions {
   int64_t block_size = 128;     ///< columns per lazy batch, >= 1 (speed only)
   bool act_order = true;        ///< columns in descending diag(H); false: in index order
   bool clip_search = true;      ///< group ranges from quantize_clipped's search (`clip`); false: min-max
+  bool refit_scales = false;    ///< least-squares refit of the group scales to GPTQ's codes (above)
 };
 
 /// What GPTQ derives from X^T X alone, the same whatever spec the weight is quantized in: made once per
 /// weight, it spares every further candidate the O(in^3) factorisations (most of GPTQ's work on a
-/// wide layer), and U is made in the place of the caller's X^T X when it is moved in.
+/// wide layer), and U is made in the place of the caller's X^T X when it is moved in. With
+/// refit_scales it also keeps H, a second [in, in] float64 matrix (the refit needs H itself, and
+/// making it from U would cost every candidate more than GPTQ does).
 struct GptqFactor {
   at::Tensor diagonal;  ///< float64 [in]: diag(X^T X), which weights the groups' range search
   at::Tensor order;     ///< int64 [in]: the column order (gptq_column_order)
   at::Tensor u;         ///< float64 [in, in]: upper Cholesky factor of the dampened H^-1, rows and columns in `order`
+  at::Tensor hessian;   ///< float64 [in, in]: the dampened H itself, in `order`; refit_scales only (undefined otherwise)
   double damp = 0;      ///< the options it was made with, checked against quantize_gptq's
   bool act_order = true;
+  bool refit_scales = false;
 };
 
 /// The factor of `xtx` (float32 or float64 [in, in], finite, diagonal >= 0) with `options`' damp and
 /// act_order, on `device`. Throws gradq::Error as quantize_gptq does for a bad X^T X or when H plus
 /// the dampening is not positive definite. Moved in as float64 on `device`, `xtx` is factored in
-/// place (one [in, in] float64 matrix in all, 242 MiB at 5632 inputs); otherwise it is copied first
-/// and the caller's stays as it was.
+/// place (one [in, in] float64 matrix, 242 MiB at 5632 inputs, and H with refit_scales); otherwise it
+/// is copied first and the caller's stays as it was.
 GptqFactor gptq_factor(at::Tensor xtx, const GptqOptions& options = {}, const at::Device& device = at::kCPU);
 
 /// GPTQ of `w` (floating [out, in], finite, any device) in `spec` (an integer level) with the

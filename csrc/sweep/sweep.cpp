@@ -130,6 +130,8 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
     config["fit"] = {{"windows", s.fit_inputs.size(0)},
                      {"ctx", s.fit_inputs.size(1)},
                      {"fingerprint", Fingerprint().tensor(s.fit_inputs).hex()}};
+  // Only when on: the configurations (and hashes) of sweeps without the refit stay those of earlier versions.
+  if (s.rounding.gptq.refit_scales) config["search"]["gptq_refit_scales"] = true;
   // Only when compact: the configurations (and hashes) of float32 sweeps stay those of earlier versions.
   if (q.reference_storage != ReferenceStorage::float32()) config["reference_storage"] = q.reference_storage.name();
   return config;

@@ -1,8 +1,10 @@
 // Tests of GPTQ (csrc/quant/gptq.h) on synthetic layers: its codes are exactly those of a
 // straightforward column-by-column GPTQ (tests/support/gptq_ref.h), whatever the lazy-batch size;
-// the group parameters are the static ones of the clipping search on the original weight; its
-// layer output error is below round-to-nearest's and the clipping search's; dead inputs, the
-// options and bad input.
+// the zero points are the static ones of the clipping search on the original weight, and so are
+// the scales without the refit; with it, every row's scales are the least-squares ones for GPTQ's
+// codes (a plain per-row solve here) or the grid's, and no row's error rises; its layer output
+// error is below round-to-nearest's and the clipping search's; dead inputs, the options and bad
+// input.
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -10,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "quant/gptq.h"
@@ -42,6 +45,20 @@ at::Tensor synthetic_xtx(int64_t in, uint64_t seed) {
   return x.t().matmul(x);
 }
 
+// The dampened H in index order, as gptq.h defines it (dead inputs at 1).
+at::Tensor dampened_hessian(const at::Tensor& xtx, double damp) {
+  at::Tensor h = xtx.to(at::kDouble) + xtx.to(at::kDouble).t();
+  h.diagonal().masked_fill_(h.diagonal() == 0, 1.0);
+  h.diagonal().add_(damp * h.diagonal().mean().item<double>());
+  return h;
+}
+
+// Each row's trace error d H d^T, [out].
+at::Tensor row_errors(const at::Tensor& w, const at::Tensor& w_q, const at::Tensor& h) {
+  const at::Tensor d = w.to(at::kDouble) - w_q.to(at::kDouble);
+  return (d.matmul(h) * d).sum(1);
+}
+
 struct Case {
   std::string spec;
   int64_t out;
@@ -65,14 +82,60 @@ TEST_P(GptqFormat, CodesAreTheReferenceGptqsForEveryBlockSize) {
   for (int64_t block : {int64_t{1}, int64_t{5}, int64_t{128}}) {
     GptqOptions opt;
     opt.block_size = block;
-    const PackedWeight p = quantize_gptq(w, spec, xtx, opt);
-    p.validate();
-    EXPECT_TRUE(at::equal(unpack_codes(p), ref.codes)) << "block " << block << ": "
-        << (unpack_codes(p) != ref.codes).sum().item<int64_t>() << " codes differ";
-    // Static groups: the stored parameters are the clipping search's on the original weight.
-    EXPECT_TRUE(bitwise_equal(p.scales, ref.grid.scales));
-    EXPECT_TRUE(bitwise_equal(p.zeros, ref.grid.zeros));
+    for (bool refit : {false, true}) {
+      opt.refit_scales = refit;
+      const PackedWeight p = quantize_gptq(w, spec, xtx, opt);
+      p.validate();
+      EXPECT_TRUE(at::equal(unpack_codes(p), ref.codes)) << "block " << block << ", refit " << refit << ": "
+          << (unpack_codes(p) != ref.codes).sum().item<int64_t>() << " codes differ";
+      // Static groups: the stored zero points are the clipping search's on the original weight, and
+      // so are the scales without the refit (and in the k formats, which it leaves alone).
+      EXPECT_TRUE(bitwise_equal(p.zeros, ref.grid.zeros));
+      if (!refit || spec.sub_scale_bits != 0) EXPECT_TRUE(bitwise_equal(p.scales, ref.grid.scales));
+    }
   }
+}
+
+// The refit's scales, row by row against a plain least-squares solve of the same objective:
+// minimise (w - A s) H (w - A s)^T over s, A the row's (code - zero) per group. A row either keeps
+// the grid's scales (its error would not fall) or takes the solution rounded to its storage type;
+// no row's error rises, and layers of some size gain.
+TEST_P(GptqFormat, RefitScalesAreEachRowsLeastSquaresSolution) {
+  const Case& c = GetParam();
+  const QuantSpec spec = parse_quant_spec(c.spec);
+  const at::Tensor w = gaussian(c.out, c.in, 161);
+  const at::Tensor xtx = synthetic_xtx(c.in, 162);
+  GptqOptions off, on;
+  on.refit_scales = true;
+  const PackedWeight plain = quantize_gptq(w, spec, xtx, off);
+  const PackedWeight refit = quantize_gptq(w, spec, xtx, on);
+  const at::Tensor h = dampened_hessian(xtx, off.damp);
+  const at::Tensor before = row_errors(w, dequantize(plain), h), after = row_errors(w, dequantize(refit), h);
+  // The refit's error is computed from its normal equations, in another order of additions.
+  EXPECT_TRUE((after <= before * (1 + 1e-9)).all().item<bool>()) << (after - before).max().item<double>();
+  if (spec.sub_scale_bits != 0) return;  // k formats keep the grid (checked above)
+  if (c.in >= 64 && spec.bits() < 8) EXPECT_LT(after.sum().item<double>(), before.sum().item<double>());
+  const auto [grid_scales, zeros] = group_scales_and_zeros(plain);
+  const auto [scales, refit_zeros] = group_scales_and_zeros(refit);
+  EXPECT_TRUE(bitwise_equal(zeros, refit_zeros));
+  const at::Tensor codes = unpack_codes(plain).to(at::kDouble);
+  const int64_t groups = spec.n_groups(c.in), group_len = spec.group_len(c.in);
+  int64_t refitted_rows = 0;
+  for (int64_t r = 0; r < c.out; ++r) {
+    if (at::equal(scales[r], grid_scales[r])) continue;
+    ++refitted_rows;
+    at::Tensor a = at::zeros({c.in, groups}, at::kDouble);
+    for (int64_t i = 0; i < c.in; ++i) a[i][i / group_len] = codes[r][i] - zeros[r][i / group_len].item<double>();
+    const at::Tensor normal = a.t().matmul(h).matmul(a);
+    const at::Tensor rhs = a.t().matmul(h).matmul(w[r].to(at::kDouble));
+    const at::Tensor solution = at::linalg_solve(normal, rhs);
+    // fp16 rounding is half a unit in the 11th bit, and at most 2^-25 among the subnormals (a
+    // small group's scale); the two solves differ in their last bits only.
+    const double rtol = spec.fp16_scale ? 1.0 / 1024 : 1e-5, atol = spec.fp16_scale ? std::ldexp(1.0, -25) : 0.0;
+    EXPECT_TRUE(at::allclose(scales[r].to(at::kDouble), solution, rtol, atol))
+        << "row " << r << ": " << scales[r].to(at::kDouble) - solution << " from " << solution;
+  }
+  if (c.in >= 64 && spec.bits() < 8) EXPECT_GT(refitted_rows, c.out / 2);
 }
 
 TEST_P(GptqFormat, WithoutActOrderOrClipSearchStillTheReferences) {
@@ -84,10 +147,13 @@ TEST_P(GptqFormat, WithoutActOrderOrClipSearchStillTheReferences) {
   opt.act_order = false;
   opt.clip_search = false;
   opt.damp = 0.1;
+  opt.refit_scales = false;
   const PackedWeight p = quantize_gptq(w, spec, xtx, opt);
   const test::GptqRef ref = gptq_ref(w, spec, xtx, 0.1, false, false);
   EXPECT_TRUE(at::equal(unpack_codes(p), ref.codes));
   EXPECT_TRUE(bitwise_equal(p.scales, quantize(w, spec).scales));
+  opt.refit_scales = true;
+  EXPECT_TRUE(at::equal(unpack_codes(quantize_gptq(w, spec, xtx, opt)), ref.codes));
 }
 
 TEST_P(GptqFormat, LowerOutputErrorThanRoundToNearestAndClipping) {
@@ -115,7 +181,7 @@ INSTANTIATE_TEST_SUITE_P(Specs, GptqFormat,
                                            Case{"b2g64", 5, 172}, Case{"b8g16", 3, 17}, Case{"b4grow", 3, 7},
                                            Case{"b4g32s", 17, 172}, Case{"b3g32s-f32", 7, 172},
                                            Case{"b4g64-f32", 9, 172}, Case{"b2g16s", 1, 3}, Case{"b3g128", 1, 1},
-                                           Case{"b4g16", 16, 256},
+                                           Case{"b4g16", 16, 256}, Case{"b3g32k6", 9, 172},
                                            // more columns after a block than one update slice (256 rows)
                                            Case{"b4g64", 9, 600}),
                          case_name);
@@ -143,10 +209,12 @@ TEST(Gptq, DeterministicAcrossRunsAndThreadCounts) {
   const at::Tensor w = gaussian(64, 172, 111);
   const at::Tensor xtx = synthetic_xtx(172, 112);
   const QuantSpec spec = parse_quant_spec("b3g32");
-  const PackedWeight a = quantize_gptq(w, spec, xtx);
+  GptqOptions options;
+  options.refit_scales = true;  // its batched solves too
+  const PackedWeight a = quantize_gptq(w, spec, xtx, options);
   const int threads = at::get_num_threads();
   at::set_num_threads(1);
-  const PackedWeight b = quantize_gptq(w, spec, xtx);
+  const PackedWeight b = quantize_gptq(w, spec, xtx, options);
   at::set_num_threads(threads);
   EXPECT_TRUE(bitwise_equal(a.codes, b.codes));
   EXPECT_TRUE(bitwise_equal(a.scales, b.scales));
@@ -162,20 +230,29 @@ TEST(Gptq, FactorMadeOnceGivesTheSameCodesAsXtxForEverySpec) {
   xtx.select(1, 5).zero_();  // a dead input: diag 0, set to 1 inside
   GptqOptions options;
   options.damp = 0.02;
-  const GptqFactor factor = gptq_factor(xtx, options);
-  EXPECT_EQ(factor.u.sizes(), (std::vector<int64_t>{172, 172}));
-  EXPECT_TRUE(at::equal(factor.order, gptq_column_order(xtx, true)));
-  for (const char* name : {"b8g128", "b4g32", "b3g16s", "b2grow"}) {
-    const QuantSpec spec = parse_quant_spec(name);
-    const PackedWeight direct = quantize_gptq(w, spec, xtx, options);
-    const PackedWeight reused = quantize_gptq(w, spec, factor, options);
-    EXPECT_TRUE(bitwise_equal(direct.codes, reused.codes)) << name;
-    EXPECT_TRUE(bitwise_equal(direct.scales, reused.scales)) << name;
-    if (direct.zeros.defined()) EXPECT_TRUE(bitwise_equal(direct.zeros, reused.zeros)) << name;
+  for (bool refit : {false, true}) {
+    options.refit_scales = refit;
+    const GptqFactor made = gptq_factor(xtx, options);
+    EXPECT_EQ(made.u.sizes(), (std::vector<int64_t>{172, 172}));
+    EXPECT_TRUE(at::equal(made.order, gptq_column_order(xtx, true)));
+    for (const char* name : {"b8g128", "b4g32", "b3g16s", "b2grow"}) {
+      const QuantSpec spec = parse_quant_spec(name);
+      const PackedWeight direct = quantize_gptq(w, spec, xtx, options);
+      const PackedWeight reused = quantize_gptq(w, spec, made, options);
+      EXPECT_TRUE(bitwise_equal(direct.codes, reused.codes)) << name << ", refit " << refit;
+      EXPECT_TRUE(bitwise_equal(direct.scales, reused.scales)) << name << ", refit " << refit;
+      if (direct.zeros.defined()) EXPECT_TRUE(bitwise_equal(direct.zeros, reused.zeros)) << name;
+    }
   }
+  options.refit_scales = true;
+  const GptqFactor factor = gptq_factor(xtx, options);
   // A factor made with other options, or for another width, is refused with both values named.
   std::string msg = expect_error([&] { quantize_gptq(w, parse_quant_spec("b4g32"), factor); });
   EXPECT_NE(msg.find("dampening 0.02"), std::string::npos) << msg;
+  GptqOptions no_refit = options;
+  no_refit.refit_scales = false;
+  msg = expect_error([&] { quantize_gptq(w, parse_quant_spec("b4g32"), factor, no_refit); });
+  EXPECT_NE(msg.find("refit_scales true, the options ask for 0.02, true and false"), std::string::npos) << msg;
   msg = expect_error([&] { quantize_gptq(gaussian(8, 64, 133), parse_quant_spec("b4g32"), factor, options); });
   EXPECT_NE(msg.find("a factor for 64 inputs, got one for 172"), std::string::npos) << msg;
 }
@@ -203,6 +280,15 @@ TEST(Gptq, FactorIsTheUpperCholeskyFactorOfTheInverseHessian) {
   EXPECT_TRUE(at::allclose(copied.u, expected, /*rtol=*/1e-9, /*atol=*/1e-12 * expected.abs().max().item<double>()))
       << (copied.u - expected).abs().max().item<double>();
   EXPECT_TRUE(at::equal(copied.u, copied.u.triu()));
+  // H itself, kept for the scale refit only, in index order: the dampened H's entries (the
+  // dampening's mean is summed in another order), and the same U.
+  EXPECT_FALSE(copied.hessian.defined());
+  GptqOptions refit;
+  refit.refit_scales = true;
+  const GptqFactor with_h = gptq_factor(xtx, refit);
+  const at::Tensor hessian = dampened_hessian(xtx, 0.01);
+  EXPECT_TRUE(at::allclose(with_h.hessian, hessian, 1e-14, 0.0)) << (with_h.hessian - hessian).abs().max().item<double>();
+  EXPECT_TRUE(bitwise_equal(with_h.u, copied.u));
   // Moved in: U is made in its place, with the same values; also when X^T X was made under
   // InferenceMode, as the search makes it.
   {

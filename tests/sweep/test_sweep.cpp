@@ -221,6 +221,9 @@ TEST(Sweep, RefusesADirectoryOfAnotherConfiguration) {
   other.quantizer.search.group_sizes = {128, 32};
   GRADQ_EXPECT_THROW_MSG(f.run(other, f.full_dir), "holds a sweep of another configuration (it differs in: search)");
   other = f.options_for();
+  other.quantizer.search.rounding.gptq.refit_scales = true;  // a key only when on (earlier sweeps' hashes stay)
+  GRADQ_EXPECT_THROW_MSG(f.run(other, f.full_dir), "differs in: search");
+  other = f.options_for();
   other.quantizer.budget.safety = 3;
   GRADQ_EXPECT_THROW_MSG(f.run(other, f.full_dir), "differs in: safety");
   SweepOptions with_plan = f.options_for();
