@@ -26,7 +26,7 @@
 //    GPTQ's codes are not the codes they were chosen for. A row keeps its new scales (rounded to
 //    their storage type) only when its error falls, so the error never rises; the codes stay exactly
 //    GPTQ's. k formats keep their grid (their scales are not free per group). It lowers the layer
-//    error 1-3% and the uniform formats' KL on stories260K and the zoo models, but not the
+//    error 1-10% and the uniform formats' KL on stories260K and the zoo models, but not the
 //    bits of the budgeted plans: under perplexity budgets meta_swiglu_gqa's grew 0.06-0.11 bits per
 //    weight (perplexity rose where KL fell), stories260K's and gpt2's fell up to 0.07
 //    (docs/BENCHMARKS.md, "GPTQ's scales refitted to its codes");
