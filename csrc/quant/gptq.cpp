@@ -131,8 +131,8 @@ void reverse_rows_and_columns_in_place(at::Tensor& a) {
 }
 
 void check_gptq_spec(const QuantSpec& spec) {
-  GRADQ_CHECK(spec.is_integer(), "quantize_gptq: expected an integer level (int2, int3, int4, int5, int6, int8), got {}",
-              quant_level_name(spec.level));
+  GRADQ_CHECK(spec.is_integer(), "quantize_gptq: expected an integer level ({}), got {}",
+              quant_integer_level_names(), quant_level_name(spec.level));
   spec.validate();
 }
 

@@ -77,7 +77,7 @@ int64_t PackedWeight::storage_bytes() const { return spec.storage_bytes(out_feat
 double PackedWeight::bits_per_weight() const { return spec.bits_per_weight(out_features, in_features); }
 
 void PackedWeight::validate() const {
-  TORCH_CHECK(spec.is_integer(), "packed weight: expected an integer level (int2, int3, int4, int5, int6, int8), got ",
+  TORCH_CHECK(spec.is_integer(), "packed weight: expected an integer level (", quant_integer_level_names(), "), got ",
               quant_level_name(spec.level));
   spec.validate();
   TORCH_CHECK(in_features > 0 && out_features >= 0, "packed weight ", spec.name(),
@@ -134,7 +134,7 @@ PackedWeight packed_weight_from_tensors(const at::Tensor& codes, const at::Tenso
                                         const c10::optional<at::Tensor>& zeros, int64_t bits,
                                         int64_t group_size, int64_t in_features, int64_t zero_bits,
                                         const c10::optional<at::Tensor>& sub_scales, int64_t sub_scale_bits) {
-  TORCH_CHECK(quant_bits_supported(bits), "bits must be one of 2, 3, 4, 5, 6, 8, got ", bits);
+  TORCH_CHECK(quant_bits_supported(bits), "bits must be one of ", quant_integer_bits_names(), ", got ", bits);
   TORCH_CHECK(codes.defined() && codes.dim() == 2, "codes must be a 2-D uint8 tensor [out, row_bytes], got ",
               shape_str(codes));
   TORCH_CHECK(scales.defined() && (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat),

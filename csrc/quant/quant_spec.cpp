@@ -113,8 +113,22 @@ QuantLevel quant_level_for_bits(int bits) {
     case 5: return QuantLevel::kInt5;
     case 6: return QuantLevel::kInt6;
     case 8: return QuantLevel::kInt8;
-    default: throw Error(fmt::format("bits must be one of 2, 3, 4, 5, 6, 8, got {}", bits));
+    default: throw Error(fmt::format("bits must be one of {}, got {}", quant_integer_bits_names(), bits));
   }
+}
+
+std::string quant_integer_level_names() {
+  std::string names;
+  for (QuantLevel level : kQuantLevels)
+    if (QuantSpec{level}.is_integer()) names += (names.empty() ? "" : ", ") + std::string(quant_level_name(level));
+  return names;
+}
+
+std::string quant_integer_bits_names() {
+  std::string names;
+  for (QuantLevel level : kQuantLevels)
+    if (QuantSpec{level}.is_integer()) names += (names.empty() ? "" : ", ") + std::to_string(QuantSpec{level}.bits());
+  return names;
 }
 
 const char* quant_level_name(QuantLevel level) {

@@ -129,6 +129,11 @@ inline constexpr QuantLevel kQuantLevels[] = {QuantLevel::kPrune, QuantLevel::kI
 /// Level for an integer bit width (2, 3, 4, 5, 6, 8); throws otherwise.
 QuantLevel quant_level_for_bits(int bits);
 
+/// The integer levels' names, "int2, int3, int4, int5, int6, int8", and their widths, "2, 3, 4, 5, 6, 8",
+/// read from kQuantLevels: for the messages that name what is expected.
+std::string quant_integer_level_names();
+std::string quant_integer_bits_names();
+
 /// "int4", "fp16", "prune", ...
 const char* quant_level_name(QuantLevel level);
 

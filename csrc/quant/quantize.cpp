@@ -18,7 +18,7 @@ namespace gradq {
 namespace {
 
 void check_integer_spec(const QuantSpec& spec, const char* fn) {
-  TORCH_CHECK(spec.is_integer(), fn, ": expected an integer level (int2, int3, int4, int5, int6, int8), got ",
+  TORCH_CHECK(spec.is_integer(), fn, ": expected an integer level (", quant_integer_level_names(), "), got ",
               quant_level_name(spec.level));
   spec.validate();
 }

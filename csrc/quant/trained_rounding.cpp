@@ -210,8 +210,8 @@ void signed_step(const Problem& p, const Iterate& it, const at::Tensor& e, float
 
 TrainedRoundingResult train_rounding(const at::Tensor& w, const QuantSpec& spec, const at::Tensor& xtx,
                                      const TrainedRoundingOptions& options) {
-  GRADQ_CHECK(spec.is_integer(), "train_rounding: expected an integer level (int2, int3, int4, int5, int6, int8), got {}",
-              quant_level_name(spec.level));
+  GRADQ_CHECK(spec.is_integer(), "train_rounding: expected an integer level ({}), got {}",
+              quant_integer_level_names(), quant_level_name(spec.level));
   spec.validate();
   // Its ranges are trained per group against a scale stored per group; a k format's scale also
   // depends on the other groups of its super-group.
