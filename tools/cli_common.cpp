@@ -86,6 +86,7 @@ void add_search_options(cxxopts::Options& options) {
       ("search-measure", "how candidates are measured on a model split into blocks: local (its block's output error times a per-block factor predicts the KL: one block per candidate, whatever the depth) or exact (every candidate from its block to the logits). Default: local for --search allocate (its curves; every plan is then measured whole), exact for progressive (whose steps are decided one by one; local ones are confirmed together by exact passes)", cxxopts::value<std::string>())
       ("no-trained-fallback", "do not try trained rounding when plain rounding breaks the budget")
       ("kl-prices", "--search allocate under a perplexity budget: allocate by KL alone, not by each block's perplexity per KL (measured with its local factor; perplexity and KL part ways block by block)")
+      ("first-order-weight", "--search allocate under a perplexity budget: weight in each candidate's price of the first-order perplexity change it makes (its block's output change against the calibration windows' gradient there), beside its KL times its block's perplexity per KL (0: none)", cxxopts::value<double>()->default_value(fmt::to_string(SearchOptions{}.first_order_weight)))
       ("measure-every-candidate", "--search allocate: measure every GPTQ candidate, not only those on the lower hull of bytes against GPTQ's own output error (the allocator picks hull points only; the screen skips about 3 in 4 with every encoding)")
       ("trained-iterations", "signed-gradient steps of trained rounding", cxxopts::value<int>()->default_value("200"))
       ("candidate-cache-mb", "MiB of quantized candidates the search keeps in memory for reuse (a sweep's points share them); the least recently used go to the spill file", cxxopts::value<int64_t>()->default_value(std::to_string(CandidateCache::kDefaultMaxBytes >> 20)))
@@ -226,6 +227,7 @@ void read_search_options(const cxxopts::ParseResult& args, QuantizerOptions& q) 
   q.search.trained_fallback = !args.count("no-trained-fallback");
   q.search.screen_candidates = !args.count("measure-every-candidate");
   q.search.perplexity_prices = !args.count("kl-prices");
+  q.search.first_order_weight = args["first-order-weight"].as<double>();
   q.search.rounding.trained.iterations = args["trained-iterations"].as<int>();
   q.search.rounding.gptq.damp = args["gptq-damp"].as<double>();
   q.search.rounding.gptq.refit_scales = args.count("gptq-refit") > 0;

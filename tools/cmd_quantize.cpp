@@ -135,7 +135,7 @@ int cmd_quantize(int argc, char** argv) {
   OutputSet output_set(outputs, inputs);
 
   auto [model, split] = load_inputs(args);
-  q.search.fit_inputs = split.fit.inputs;
+  q.search.fit = split.fit;
   if (uniform) q.plan = uniform_plan(model, *uniform, q.search.method);
   if (args.count("plan")) check_plan_covers_model(model, *q.plan, args.count("allow-partial-plan") > 0);
   std::cerr << "budget: " << (q.budget.describe().empty() ? "none" : q.budget.describe()) << "\n";

@@ -184,7 +184,7 @@ int cmd_sweep(int argc, char** argv) {
   check_output_location(dir + "/sweep.json");
 
   auto [model, split] = load_inputs(args);
-  sweep.quantizer.search.fit_inputs = split.fit.inputs;
+  sweep.quantizer.search.fit = split.fit;
   ProgressDisplay display;
   sweep.on_progress = std::ref(display);
   SweepRunner runner(model, split.calibration, split.evaluation, sweep);

@@ -109,6 +109,50 @@ at::Tensor BlockInputCache::local_error(int64_t b) const {
   return at::cat(per_window);
 }
 
+std::vector<std::vector<StageState>> output_gradients(const ModelStages& stages, const Windows& windows, int64_t batch) {
+  GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
+  const int64_t n = windows.size(), blocks = stages.num_blocks();
+  const auto tokens = static_cast<double>(windows.scored_tokens());
+  GRADQ_CHECK(n > 0 && tokens > 0, "output gradients need windows with scored targets, got {} windows, {} targets", n,
+              windows.scored_tokens());
+  c10::InferenceMode not_inference(false);
+  at::AutoGradMode grad_mode(true);
+  std::vector<std::vector<StageState>> gradients(blocks);
+  for (int64_t begin = 0; begin < n; begin += batch) {
+    const int64_t end = std::min(n, begin + batch), rows = end - begin;
+    auto batched = [rows](const c10::IValue& v) {
+      if (!v.isTensor()) return false;
+      const at::Tensor& t = v.toTensor();
+      return t.is_floating_point() && t.dim() > 0 && t.size(0) == rows;
+    };
+    StageState s = stages.embed(windows.inputs.slice(0, begin, end));
+    // The stream entering block 0 is the leaf the gradients flow back to (the weights need none).
+    for (c10::IValue& v : s)
+      if (batched(v)) v = v.toTensor().detach().requires_grad_(true);
+    std::vector<StageState> leaving(blocks);
+    for (int64_t b = 0; b < blocks; ++b) {
+      s = stages.block(b, s);
+      for (c10::IValue& v : s)
+        if (batched(v) && v.toTensor().requires_grad()) v.toTensor().retain_grad();
+      leaving[b] = s;
+    }
+    const at::Tensor logits = stages.head(s).to(at::kFloat);
+    const at::Tensor targets = windows.targets.slice(0, begin, end).to(logits.device());
+    const at::Tensor positions = at::arange(targets.size(1), targets.options()).unsqueeze(0);
+    const at::Tensor scored = positions >= windows.score_from.slice(0, begin, end).to(targets.device()).unsqueeze(1);
+    const at::Tensor nll = -at::log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1);
+    (nll.masked_select(scored).sum() / tokens).backward();
+    for (int64_t b = 0; b < blocks; ++b) {
+      StageState g(leaving[b].size());  // None where no gradient is kept
+      for (size_t k = 0; k < g.size(); ++k)
+        if (batched(leaving[b][k]) && leaving[b][k].toTensor().grad().defined())
+          g[k] = leaving[b][k].toTensor().grad().detach();
+      gradients[b].push_back(std::move(g));
+    }
+  }
+  return gradients;
+}
+
 void BlockInputCache::refresh(int64_t from) {
   GRADQ_CHECK(keep_ == Keep::kAll, "refresh needs a cache that keeps every boundary");
   GRADQ_CHECK(from >= -1 && from < num_blocks(), "expected a block in [-1, {}), got {}", num_blocks(), from);
@@ -174,6 +218,31 @@ int64_t BlockInputCache::bytes() const {
         if (v.isTensor() && seen.insert(v.toTensor().storage().data()).second)
           total += static_cast<int64_t>(v.toTensor().storage().nbytes());
   return total;
+}
+
+void backward_through_block(const ModelStages& stages, int64_t b, const std::vector<StageState>& inputs,
+                            const std::vector<StageState>& output_gradients) {
+  GRADQ_CHECK(b >= 0 && b < stages.num_blocks(), "expected a block in [0, {}), got {}", stages.num_blocks(), b);
+  GRADQ_CHECK(inputs.size() == output_gradients.size(), "expected the output gradients of {} batches, got {}",
+              inputs.size(), output_gradients.size());
+  c10::InferenceMode not_inference(false);
+  at::AutoGradMode grad_mode(true);
+  for (size_t c = 0; c < inputs.size(); ++c) {
+    // The inputs of an inference-mode stream cannot be saved for backward: copied out of it.
+    StageState in = inputs[c];
+    for (c10::IValue& v : in)
+      if (v.isTensor() && v.toTensor().is_inference()) v = v.toTensor().clone();
+    const StageState out = stages.block(b, in);
+    GRADQ_CHECK(out.size() == output_gradients[c].size(), "block {} returned {} values, its output gradients have {}", b,
+                out.size(), output_gradients[c].size());
+    at::Tensor dot;  // <output gradient, output>: its gradient is the parameters'
+    for (size_t k = 0; k < out.size(); ++k) {
+      if (!output_gradients[c][k].isTensor() || !out[k].isTensor() || !out[k].toTensor().requires_grad()) continue;
+      const at::Tensor term = (out[k].toTensor().to(at::kFloat) * output_gradients[c][k].toTensor().to(at::kFloat)).sum();
+      dot = dot.defined() ? dot + term : term;
+    }
+    if (dot.defined()) dot.backward();
+  }
 }
 
 BlockInputStream::BlockInputStream(const ModelStages& stages, const at::Tensor& inputs, int64_t batch)

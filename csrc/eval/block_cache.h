@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "data/dataset.h"
 #include "model/stages.h"
 
 namespace gradq {
@@ -89,6 +90,24 @@ class BlockInputCache {
   int64_t first_kept_ = 0;                       ///< kMoving: the earliest boundary kept
   std::vector<std::vector<StageState>> states_;  ///< [boundary][chunk]; empty where not kept
 };
+
+/// The gradient of the mean negative log-likelihood of `windows`' scored targets (the log of their
+/// perplexity) with respect to the state leaving each block, as `stages` computes it with the
+/// model's weights now: [block][batch of `batch` windows], a state whose tensors batched over windows
+/// hold their gradients (in their own dtype) and whose other values are None. A change d of block
+/// b's output moves that mean by <gradient, d> to first order: the part of a perplexity change that
+/// KL, second order at the reference, does not see (block_weight_gradients). One forward and
+/// one backward pass per batch, holding that batch's activations in between; the result holds L
+/// states per batch, as a BlockInputCache that keeps every boundary. The model's parameters should
+/// not require gradients (GradientScope::Which::kNone), or they are computed too.
+std::vector<std::vector<StageState>> output_gradients(const ModelStages& stages, const Windows& windows, int64_t batch);
+
+/// Runs block `b` on `inputs` (one state per batch: BlockInputStream::states()) with autograd and
+/// back-propagates `output_gradients` (output_gradients()[b] of the same windows) through it: the
+/// parameters that require gradients accumulate the gradient of the mean NLL those were taken of,
+/// restricted to this block's parameters. One batch's activations at a time.
+void backward_through_block(const ModelStages& stages, int64_t b, const std::vector<StageState>& inputs,
+                            const std::vector<StageState>& output_gradients);
 
 /// The states entering one block at a time, for every batch of windows, carried forward from the
 /// embedding: memory for one boundary instead of BlockInputCache's L + 1, for work that visits the

@@ -25,30 +25,6 @@ const WeightInfo& matrix_info(const QuantizableModel& model, const std::string& 
   throw Error(fmt::format("'{}' is not a matrix weight of this model", name));
 }
 
-// Gives the quantizable weights requires_grad for one gradient pass (every other parameter none), and
-// puts back every flag and .grad afterwards, also when the pass throws.
-class GradPass {
- public:
-  explicit GradPass(QuantizableModel& model) {
-    for (const auto& [name, p] : model.parameters()) {
-      params_.push_back(p);
-      flags_.push_back(p.requires_grad());
-      grads_.push_back(p.grad());
-      p.set_requires_grad(false);
-    }
-    for (const auto& w : model.weights()) model.parameter(w.name).set_requires_grad(true);
-  }
-  ~GradPass() {
-    for (size_t i = 0; i < params_.size(); ++i) {
-      params_[i].mutable_grad() = grads_[i];
-      params_[i].set_requires_grad(flags_[i]);
-    }
-  }
-
- private:
-  std::vector<at::Tensor> params_, grads_;
-  std::vector<bool> flags_;
-};
 }  // namespace
 
 const char* unit_kind_name(UnitKind kind) { return kind == UnitKind::kLayer ? "layer" : "block"; }
@@ -261,7 +237,7 @@ StaticSignals static_signals(QuantizableModel& model, const ProbeEvaluator& eval
   std::map<std::string, at::Tensor> overall;
   for (const WeightInfo& w : model.weights()) overall[w.name] = at::zeros_like(cache.original(w.name), at::kDouble);
   {
-    GradPass grad_pass(model);
+    GradientScope grad_scope(model, GradientScope::Which::kQuantizableWeights);
     c10::AutoGradMode grad_mode(true);
     const at::Tensor& mask = evaluator.scored_mask();
     const double total_tokens = static_cast<double>(evaluator.scored_tokens());

@@ -170,6 +170,24 @@ size_t QuantizableModel::weight_index(const std::string& name) const {
   throw Error(fmt::format("'{}' is not a quantizable weight of this model; they are: {}", name, near_names(weights_)));
 }
 
+GradientScope::GradientScope(const QuantizableModel& model, Which which) {
+  for (const auto& [name, p] : model.parameters()) {
+    params_.push_back(p);
+    flags_.push_back(p.requires_grad());
+    grads_.push_back(p.grad());
+    p.set_requires_grad(false);
+  }
+  if (which == Which::kQuantizableWeights)
+    for (const WeightInfo& w : model.weights()) model.parameter(w.name).set_requires_grad(true);
+}
+
+GradientScope::~GradientScope() {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    params_[i].mutable_grad() = grads_[i];
+    params_[i].set_requires_grad(flags_[i]);
+  }
+}
+
 at::Tensor QuantizableModel::parameter(const std::string& name) const {
   for (const auto& [path, tensor] : parameters())
     if (path == name) return tensor;

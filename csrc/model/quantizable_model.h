@@ -189,6 +189,22 @@ class QuantizableModel {
   at::ScalarType dtype_ = at::kFloat;
 };
 
+/// For its lifetime, only the parameters `which` names require gradients (none: an autograd pass
+/// through the model computes gradients of its activations alone, not a model's worth of weight
+/// gradients); every parameter's flag and gradient are put back after.
+class GradientScope {
+ public:
+  enum class Which { kNone, kQuantizableWeights };
+  GradientScope(const QuantizableModel& model, Which which);
+  ~GradientScope();
+  GradientScope(const GradientScope&) = delete;
+  GradientScope& operator=(const GradientScope&) = delete;
+
+ private:
+  std::vector<at::Tensor> params_, grads_;
+  std::vector<bool> flags_;
+};
+
 namespace detail {
 /// The recorder behind observe_input, by slot (position in weights() of the model being captured):
 /// CausalLM's graph op `gradq_observe::tap` calls it with the slots it was inserted for. `x` is

@@ -24,6 +24,9 @@ struct CurvePoint {
   RoundingMethod method = RoundingMethod::kRtn;
   int64_t bytes = 0;  ///< stored bytes of the weight in `spec`
   double kl = 0;      ///< model KL with this weight alone in `spec` (>= 0; noise below 0 is clamped)
+  /// The first-order change of the calibration windows' mean NLL with this weight alone in `spec`
+  /// (SearchOptions::first_order_weight; 0 when not measured). Either sign.
+  double first_order = 0;
 };
 
 /// Per weight name: its candidates (any order).

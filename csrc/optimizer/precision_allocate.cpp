@@ -29,11 +29,13 @@
 #include <limits>
 #include <optional>
 #include <queue>
+#include <set>
 
 #include <c10/util/ScopeExit.h>
 
 #include "common/error.h"
 #include "common/timing.h"
+#include "eval/block_cache.h"
 #include "optimizer/plan.h"
 #include "optimizer/precision_optimizer.h"
 #include "quant/gptq.h"
@@ -132,6 +134,46 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   std::vector<double> factors(blocks, std::numeric_limits<double>::quiet_NaN());
   if (static_cast<int64_t>(options_.local_factors.size()) == blocks) factors = options_.local_factors;
   auto block_error = [&](int64_t b) { return this->block_error(*cache, b, result); };
+  // First-order terms (SearchOptions::first_order_weight): <g, W_q - W> for every candidate in a
+  // block, g the gradient of the fit windows' mean NLL with respect to the weight as loaded, taken
+  // block by block as the curves reach each block: the gradient at every block's output once
+  // (output_gradients: one forward and backward pass per batch), then one backward through the block
+  // alone from its inputs, which a stream of the fit windows carries forward beside the curves. Held
+  // at once: the output gradients of the blocks not yet reached (L states per batch of fit windows at
+  // the start, like a cache of every boundary) and one block's weight gradients, not a model's worth.
+  // Under a perplexity budget, or for a sweep's shared curves (its points may be).
+  const bool first_order = cache && !reuse_curves && options_.first_order_weight > 0 && options_.perplexity_prices &&
+                           (budget_.max_ppl_increase || options_.shared_curves);
+  const Windows& gradient_windows = options_.fit.size() > 0 ? options_.fit : evaluator_.windows();
+  std::vector<std::vector<StageState>> output_grads;
+  std::unique_ptr<BlockInputStream> gradient_stream;
+  std::map<std::string, at::Tensor> weight_grads;  // block weight_grads_block's, logical layout
+  int64_t weight_grads_block = -1;
+  if (first_order) {
+    GradientScope no_weight_gradients(model_, GradientScope::Which::kNone);
+    output_grads = output_gradients(*stages, gradient_windows, evaluator_.batch());
+    gradient_stream = std::make_unique<BlockInputStream>(*stages, gradient_windows.inputs, evaluator_.batch());
+    report(fmt::format("curves: gradient of the mean NLL of {} windows at every block's output", gradient_windows.size()));
+  }
+  auto take_block_gradients = [&](int64_t b) {
+    if (!first_order || b < 0 || b >= blocks || b == weight_grads_block) return;
+    weight_grads.clear();
+    while (gradient_stream->block() < b) gradient_stream->advance();  // the blocks before b hold their loaded weights
+    GradientScope only_weights(model_, GradientScope::Which::kQuantizableWeights);
+    backward_through_block(*stages, b, gradient_stream->states(), output_grads[static_cast<size_t>(b)]);
+    for (const WeightInfo& w : model_.weights()) {
+      const at::Tensor g = model_.parameter(w.name).grad();
+      if (first_stage(w.name) == b && g.defined()) weight_grads[w.name] = (w.transposed ? g.t() : g).contiguous();
+    }
+    std::vector<StageState>().swap(output_grads[static_cast<size_t>(b)]);
+    weight_grads_block = b;
+  };
+  auto first_order_of = [&](const std::string& name, const QuantizedTensor& q) {
+    const auto g = weight_grads.find(name);
+    if (g == weight_grads.end()) return 0.0;
+    const at::Tensor change = q.dequantize().to(at::kDouble) - model_.original_weight(name).to(at::kDouble);
+    return (g->second.to(at::kDouble) * change).sum().item<double>();
+  };
   // Block b's factor from one exact measurement: each of its weights that has an option at the
   // calibration width at its cheapest such option, all together, so that the KL is well above the
   // noise of the windows. The factor is a ratio, so how far the calibration point is from the
@@ -146,12 +188,15 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   // stories260K 0.88-1.39), and under a perplexity budget a nat of KL in one block is not worth one
   // in another: the allocator then prices every candidate at its KL times its block's ratio. The
   // ratio is clamped to [0.25, 4]: one measurement of a small KL can be mostly noise, or negative.
+  // With first-order terms it is measured net of them (times their weight, so that the prices predict
+  // the calibration point's measured perplexity).
   constexpr int kCalibrationBits = 3;
   const int calibration_bits = *std::min_element(options_.bits.begin(), options_.bits.end(), [](int x, int y) {
     return std::abs(x - kCalibrationBits) < std::abs(y - kCalibrationBits);
   });
   auto calibrate = [&](int64_t b) {
     std::vector<std::string> changed;
+    double changed_first_order = 0;
     for (const WeightInfo& w : model_.weights()) {
       if (first_stage(w.name) != b) continue;
       const Option* pick = nullptr;
@@ -161,7 +206,9 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
                           pick->spec.storage_bytes(w.out_features, w.in_features)))
           pick = &o;
       if (!pick) continue;
-      hold(w.name, candidate(w.name, pick->spec, pick->method));
+      const QuantizedTensor& q = candidate(w.name, pick->spec, pick->method);
+      changed_first_order += first_order_of(w.name, q);
+      hold(w.name, q);
       changed.push_back(w.name);
     }
     if (changed.empty()) return;
@@ -170,7 +217,10 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     const double added = exact.kl->mean.value - base_kl;
     if (error > 0 && added > 0) factors[b] = added / error;
     double& ppl_per_kl = result.ppl_per_kl[static_cast<size_t>(b)];
-    if (added > 0) ppl_per_kl = std::clamp(std::log(exact.ppl.value / start_eval.ppl.value) / added, 0.25, 4.0);
+    if (added > 0)
+      ppl_per_kl = std::clamp((std::log(exact.ppl.value / start_eval.ppl.value) -
+                               options_.first_order_weight * changed_first_order) / added,
+                              0.25, 4.0);
     for (const std::string& name : changed) model_.restore(name);
     report(fmt::format("curves: block {} calibrated, {} weights at {} bits add KL {:.5f}, {:.3g} per unit of output "
                        "error, ln-perplexity {:.3g} per KL",
@@ -233,6 +283,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       curve.push_back({start_, RoundingMethod::kRtn, start_.storage_bytes(w.out_features, w.in_features), 0.0});
     const int64_t b = first_stage(w.name);
     if (cache && b >= 0) cache->move_to(b);  // the blocks before b hold their loaded weights again
+    take_block_gradients(b);
     const bool in_block = local && b >= 0 && b < blocks;
     if (in_block && std::isnan(factors[b])) calibrate(b);
     // Without a factor (its calibration measured no KL) the block is measured exactly.
@@ -244,7 +295,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       hold(w.name, q);
       const double kl = predict ? factors[b] * block_error(b)
                                 : evaluate_from(cache.get(), b, nullptr, result).kl->mean.value - base_kl;
-      curve.push_back({o.spec, o.method, q.storage_bytes(), kl});
+      curve.push_back({o.spec, o.method, q.storage_bytes(), kl, first_order_of(w.name, q)});
       progress.unit = ++done;
       if (done % 16 == 0 || done == total)
         report(fmt::format("curves: {} at {} adds KL {:.5f}", w.name, o.spec.name(), curve.back().kl));
@@ -259,22 +310,46 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     for (const CurvePoint& p : curve)
       if (!on_hull(hull, p.spec, p.method)) forget_candidate(w.name, p.spec, p.method);
   }
+  output_grads.clear();
+  gradient_stream.reset();
+  weight_grads.clear();
   if (options_.shared_curves && !reuse_curves) *options_.shared_curves = {result.curves, result.ppl_per_kl};
-  // What the allocator minimises: KL, or under a perplexity-only budget each weight's KL times its
-  // block's perplexity per KL (above). A weight's points share one price, so its hull is the same.
+  // What the allocator minimises: KL, or under a perplexity-only budget each weight's predicted
+  // ln-perplexity change: its KL times its block's perplexity per KL (above), plus its first-order
+  // term times SearchOptions::first_order_weight, at least SearchOptions::kFirstOrderFloor of the former. Without
+  // first-order terms a weight's points share one price, so its hull is the same; with them a point
+  // that the gradient says lowers perplexity costs less, but never nothing: a point priced at 0 ties
+  // with the weight as loaded, lower_hull then keeps the cheapest point alone, and the repair has no
+  // way back up for a weight whose gain the held-out windows do not confirm (on meta_swiglu_gqa at
+  // +1% it upgraded every other weight and still missed the budget). The allocator also picks the
+  // candidates whose terms are most negative, among them those the gradient's noise made so.
   std::map<std::string, double> price;
+  std::set<std::string> priced;
   for (const WeightInfo& w : model_.weights()) {
     const int64_t b = first_stage(w.name);
-    const bool priced = options_.perplexity_prices && budget_.max_ppl_increase && !budget_.max_kl && b >= 0 && b < blocks;
-    price[w.name] = priced ? result.ppl_per_kl[static_cast<size_t>(b)] : 1.0;
+    if (options_.perplexity_prices && budget_.max_ppl_increase && !budget_.max_kl && b >= 0 && b < blocks)
+      priced.insert(w.name);
+    price[w.name] = priced.count(w.name) ? result.ppl_per_kl[static_cast<size_t>(b)] : 1.0;
   }
   ErrorCurves priced_curves = result.curves;
   for (auto& [name, curve] : priced_curves)
-    for (CurvePoint& p : curve) p.kl *= price.at(name);
-  // The KL an allocation's (priced) points predict.
+    for (CurvePoint& p : curve) {
+      const double second_order = p.kl * price.at(name);
+      p.kl = priced.count(name) ? std::max(second_order + options_.first_order_weight * p.first_order,
+                                           SearchOptions::kFirstOrderFloor * second_order)
+                                : second_order;
+    }
+  // The KL the curves measured for a (priced) hull point of `name`, and the sum an allocation's
+  // points predict.
+  auto curve_kl = [&](const std::string& name, const CurvePoint& point) {
+    for (const CurvePoint& p : result.curves.at(name))
+      if (p.spec == point.spec && p.method == point.method) return p.kl;
+    TORCH_INTERNAL_ASSERT(false, "a hull point of ", name, " is no curve point");
+    return 0.0;
+  };
   auto predicted_kl = [&](const Allocation& a) {
     double kl = 0;
-    for (const auto& [name, i] : a.choice) kl += a.chosen(name).kl / price.at(name);
+    for (const auto& [name, i] : a.choice) kl += curve_kl(name, a.chosen(name));
     return kl;
   };
 
@@ -393,8 +468,8 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
       step.method = point.method;
       step.accepted = true;
       step.predicted = true;
-      step.kl_before = base_kl + (chosen + 1 < hull.size() ? hull[chosen + 1].kl : 0.0) / price.at(w.name);
-      step.kl = base_kl + point.kl / price.at(w.name);
+      step.kl_before = base_kl + (chosen + 1 < hull.size() ? curve_kl(w.name, hull[chosen + 1]) : 0.0);
+      step.kl = base_kl + curve_kl(w.name, point);
       allocated.push_back(step);
     }
     const QuantizedTensor* kept = held(best_plan, w.name, point.method, point.spec);

@@ -132,10 +132,17 @@ double safety_used(const Budget& budget, SearchStrategy strategy) {
 
 void SearchOptions::validate() const {
   GRADQ_CHECK(!bits.empty(), "the search needs at least one bit width");
-  if (fit_inputs.defined())
-    GRADQ_CHECK(fit_inputs.dim() == 2 && fit_inputs.scalar_type() == at::kLong && fit_inputs.numel() > 0,
+  if (fit.inputs.defined()) {
+    GRADQ_CHECK(fit.inputs.dim() == 2 && fit.inputs.scalar_type() == at::kLong && fit.inputs.numel() > 0,
                 "expected fit inputs as int64 tokens [windows, ctx], neither 0, got {} [{}]",
-                c10::toString(fit_inputs.scalar_type()), fmt::join(fit_inputs.sizes(), ", "));
+                c10::toString(fit.inputs.scalar_type()), fmt::join(fit.inputs.sizes(), ", "));
+    GRADQ_CHECK(fit.targets.defined() && fit.targets.sizes() == fit.inputs.sizes() && fit.score_from.defined() &&
+                    fit.score_from.dim() == 1 && fit.score_from.size(0) == fit.inputs.size(0),
+                "expected fit windows with targets [{}] and score_from [{}]", fmt::join(fit.inputs.sizes(), ", "),
+                fit.inputs.size(0));
+  }
+  GRADQ_CHECK(std::isfinite(first_order_weight) && first_order_weight >= 0,
+              "first_order_weight (--first-order-weight) must be finite and >= 0, got {}", first_order_weight);
   for (size_t i = 0; i < bits.size(); ++i) {
     quant_level_for_bits(bits[i]);
     GRADQ_CHECK(i == 0 || bits[i] < bits[i - 1], "bit widths must be listed high to low without repeats, got {}",

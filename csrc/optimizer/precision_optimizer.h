@@ -130,20 +130,32 @@ struct SearchOptions {
   /// ln-perplexity per KL (SearchResult::ppl_per_kl), so that the allocator spends the budget where
   /// perplexity, not KL, grows least; false: at its KL.
   bool perplexity_prices = true;
+  /// With perplexity prices: the weight of each candidate's first-order perplexity change in its
+  /// price, beside its KL times its block's perplexity per KL. A perplexity change is the KL (second
+  /// order at the reference) plus a first-order part that KL does not see: <g, W_q - W>, g the
+  /// gradient of the fit windows' mean NLL with respect to the weight (taken block by block as the
+  /// curves reach each block). The block's perplexity per KL is then measured net of it, and a price
+  /// keeps at least kFirstOrderFloor of its second-order part. Below 1, and floored, because a
+  /// gradient of a few dozen windows is partly their own noise and the allocator picks the
+  /// candidates whose terms are most negative (docs/BENCHMARKS.md, "First-order perplexity prices").
+  /// 0: none (no gradients). Needs a model split into blocks.
+  double first_order_weight = 0.5;
+  /// The least share of a candidate's second-order price that its first-order term may leave.
+  static constexpr double kFirstOrderFloor = 0.5;
   /// Byte budget of the search's own candidate cache in memory (optimizer/candidate_cache.h).
   int64_t candidate_cache_bytes = CandidateCache::kDefaultMaxBytes;
   /// Where that cache puts what memory drops (max_bytes 0: nowhere; dropped candidates are quantized
   /// again).
   CandidateSpillOptions candidate_spill{"", CandidateCache::kDefaultSpillBytes};
-  /// Tokens [N, T] of the windows the rounding is fitted on (GPTQ's X^T X collected per block, and
-  /// GradualQuantizer's input statistics); undefined: the search's calibration windows. Windows of
-  /// their own keep the calibration windows an honest judge of the candidates: fitted and judged on
-  /// the same 8 windows, GPTQ's plan measured KL 0.032 there and 0.080 on held-out text
-  /// (docs/BENCHMARKS.md, "Fit windows").
-  at::Tensor fit_inputs;
-  /// `fit_inputs`, or `calibration` (the search's calibration windows) when it is undefined.
+  /// The windows the rounding is fitted on (GPTQ's X^T X collected per block, and GradualQuantizer's
+  /// input statistics) and the first-order terms' gradients are taken on (first_order_weight); none
+  /// (size 0): the search's calibration windows. Windows of their own keep the calibration windows an
+  /// honest judge of the candidates: fitted and judged on the same 8 windows, GPTQ's plan measured
+  /// KL 0.032 there and 0.080 on held-out text (docs/BENCHMARKS.md, "Fit windows").
+  Windows fit;
+  /// `fit`'s inputs, or `calibration` (the search's calibration windows' inputs) when there are none.
   const at::Tensor& fit_inputs_or(const at::Tensor& calibration) const {
-    return fit_inputs.defined() ? fit_inputs : calibration;
+    return fit.size() > 0 ? fit.inputs : calibration;
   }
   /// With stages (else whole passes). Unset: the strategy's own (measurement_used()). The progressive
   /// search measures exactly: on stories260K at +5% perplexity, local gives it 5.63 bits per weight

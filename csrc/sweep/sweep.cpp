@@ -106,6 +106,7 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
             {"allow_prune", s.allow_prune},
             {"screen_candidates", s.screen_candidates},
             {"perplexity_prices", s.perplexity_prices},
+            {"first_order_weight", s.first_order_weight},
             {"method", rounding_method_name(s.method)},
             // Unset: each point's strategy measures its own way.
             {"measurement", s.measurement ? json(candidate_measurement_name(*s.measurement)) : json("per strategy")},
@@ -126,10 +127,10 @@ json sweep_config(const CausalLM& model, const Windows& calibration, const Windo
           {"policy", policy}};
   // Only when given: the configurations (and hashes) of sweeps fitted on their calibration windows
   // stay those of earlier versions.
-  if (s.fit_inputs.defined())
-    config["fit"] = {{"windows", s.fit_inputs.size(0)},
-                     {"ctx", s.fit_inputs.size(1)},
-                     {"fingerprint", Fingerprint().tensor(s.fit_inputs).hex()}};
+  if (s.fit.size() > 0)
+    config["fit"] = {{"windows", s.fit.inputs.size(0)},
+                     {"ctx", s.fit.inputs.size(1)},
+                     {"fingerprint", Fingerprint().tensor(s.fit.inputs).hex()}};
   // Only when on: the configurations (and hashes) of sweeps without the refit stay those of earlier versions.
   if (s.rounding.gptq.refit_scales) config["search"]["gptq_refit_scales"] = true;
   // Only when compact: the configurations (and hashes) of float32 sweeps stay those of earlier versions.

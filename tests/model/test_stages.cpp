@@ -134,6 +134,42 @@ TEST_P(Stages, LocalErrorIsZeroUnchangedAndGrowsWithTheChange) {
   lm.restore_all();
 }
 
+// The gradient at every block's output (output_gradients), pushed back through one block at a time
+// from a stream of its inputs (backward_through_block), gives each weight the gradient of the mean
+// NLL that one autograd pass through the whole model gives it: the chain rule cut at the block
+// boundaries. Windows of unequal scored parts, two batches.
+TEST_P(Stages, BlockByBlockGradientsEqualTheWholeModels) {
+  CausalLM lm = make(GetParam());
+  const at::Tensor tokens = sample_tokens(3, 17);
+  Windows windows{tokens.slice(1, 0, 16), tokens.slice(1, 1, 17), at::tensor({0, 5, 0}, at::kLong)};
+  const std::map<std::string, at::Tensor> whole = test::whole_model_nll_gradients(lm, windows);
+  std::vector<std::vector<StageState>> outputs;
+  {
+    GradientScope none(lm, GradientScope::Which::kNone);
+    outputs = output_gradients(*lm.stages(), windows, 2);
+  }
+  ASSERT_EQ(static_cast<int64_t>(outputs.size()), lm.stages()->num_blocks());
+  BlockInputStream stream(*lm.stages(), windows.inputs, 2);
+  int64_t compared = 0;
+  for (int64_t b = 0; b < lm.stages()->num_blocks(); ++b, stream.advance()) {
+    ASSERT_EQ(outputs[b].size(), 2u);
+    GradientScope weights(lm, GradientScope::Which::kQuantizableWeights);
+    backward_through_block(*lm.stages(), b, stream.states(), outputs[b]);
+    for (size_t i : lm.blocks().at(b).weights) {
+      const WeightInfo& w = lm.weights()[i];
+      const at::Tensor g = lm.parameter(w.name).grad();
+      ASSERT_TRUE(g.defined()) << w.name;
+      const at::Tensor& expected = whole.at(w.name);
+      EXPECT_TRUE(at::allclose(w.transposed ? g.t() : g, expected, 1e-4, 1e-5 * expected.abs().max().item<double>()))
+          << w.name << ": max difference " << ((w.transposed ? g.t() : g) - expected).abs().max().item<double>()
+          << " of at most " << expected.abs().max().item<double>();
+      ++compared;
+    }
+  }
+  EXPECT_EQ(compared, static_cast<int64_t>(lm.weights().size()));
+  for (const WeightInfo& w : lm.weights()) EXPECT_FALSE(lm.parameter(w.name).grad().defined()) << "scopes put back no gradient";
+}
+
 TEST_P(Stages, RefreshFollowsChangedWeights) {
   CausalLM lm = make(GetParam());
   at::Tensor tokens = sample_tokens(2, 16);

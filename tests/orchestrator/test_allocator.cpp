@@ -324,6 +324,7 @@ TEST(PrecisionOptimizer, PerplexityBudgetsPriceEachBlockByItsPerplexityPerKl) {
   Stories& s = stories();
   SearchOptions o;
   o.group_sizes = {128, 32};
+  o.first_order_weight = 0;  // prices alone (the next test adds the first-order terms)
   auto price_ratios = [&](const SearchResult& r) {
     std::map<std::string, double> ratio;
     for (const auto& [name, hull] : r.allocation.hulls) {
@@ -363,6 +364,71 @@ TEST(PrecisionOptimizer, PerplexityBudgetsPriceEachBlockByItsPerplexityPerKl) {
   Budget kl;
   kl.max_kl = 0.05;
   for (const auto& [name, r] : price_ratios(allocate_stories(kl, o))) EXPECT_NEAR(r, 1.0, 1e-12) << name;
+}
+
+// With first-order terms (the default under a perplexity budget) each chosen candidate's curve
+// point carries <g, W_q - W>, g the whole model's gradient of the fit windows' mean NLL, and every
+// hull point of the allocation is priced at its KL times its block's perplexity per KL plus
+// first_order_weight times that term, at least kFirstOrderFloor of the former: no candidate with KL
+// is free, so every weight keeps a way back up for the repair. With the weight 0, or under a KL
+// budget, there are none.
+TEST(PrecisionOptimizer, FirstOrderTermsPriceTheFitWindowsGradientTimesTheChange) {
+  Stories& s = stories();
+  SearchOptions o;
+  o.group_sizes = {128, 32};
+  o.fit = s.data.evaluation.slice(0, 3);  // windows of their own
+  ASSERT_GT(o.first_order_weight, 0);
+  Budget perplexity;
+  perplexity.max_ppl_increase = 0.05;
+  const SearchResult r = allocate_stories(perplexity, o);
+  const std::map<std::string, at::Tensor> g = test::whole_model_nll_gradients(s.model, o.fit);
+  int64_t negative = 0, positive = 0;
+  for (const auto& [name, q] : r.weights) {
+    const std::vector<CurvePoint>& curve = r.curves.at(name);
+    const auto p = std::find_if(curve.begin(), curve.end(), [&](const CurvePoint& c) { return c.spec == q.spec; });
+    ASSERT_NE(p, curve.end()) << name;
+    const double expected = (g.at(name).to(at::kDouble) *
+                             (q.dequantize().to(at::kDouble) - s.model.original_weight(name).to(at::kDouble)))
+                                .sum()
+                                .item<double>();
+    EXPECT_NEAR(p->first_order, expected, 1e-3 * std::abs(expected) + 1e-9) << name << " at " << q.spec.name();
+    negative += p->first_order < 0;
+    positive += p->first_order > 0;
+  }
+  EXPECT_GT(negative, 0) << "first-order terms have either sign";
+  EXPECT_GT(positive, 0);
+  int64_t priced = 0, floored = 0;
+  for (const auto& [name, hull] : r.allocation.hulls) {
+    const int64_t b = s.model.block_position(s.model.weights()[s.model.weight_index(name)].block);
+    ASSERT_GE(b, 0) << name;
+    for (const CurvePoint& h : hull) {
+      const std::vector<CurvePoint>& curve = r.curves.at(name);
+      const auto p = std::find_if(curve.begin(), curve.end(), [&](const CurvePoint& c) { return c.spec == h.spec; });
+      ASSERT_NE(p, curve.end()) << name;
+      const double second_order = p->kl * r.ppl_per_kl[static_cast<size_t>(b)];
+      const double expected = std::max(
+          {0.0, second_order + o.first_order_weight * p->first_order, SearchOptions::kFirstOrderFloor * second_order});
+      EXPECT_NEAR(h.kl, expected, 1e-12 + 1e-9 * expected) << name << " at " << h.spec.name();
+      if (p->kl > 0) EXPECT_GT(h.kl, 0) << name << " at " << h.spec.name();
+      floored += p->kl > 0 && second_order + o.first_order_weight * p->first_order < h.kl;
+      ++priced;
+    }
+  }
+  EXPECT_GT(priced, 0);
+  EXPECT_GT(floored, 0) << "no hull point at the floor: the test does not reach it";
+  auto any_first_order = [](const SearchResult& x) {
+    for (const auto& [name, curve] : x.curves)
+      for (const CurvePoint& p : curve)
+        if (p.first_order != 0) return true;
+    return false;
+  };
+  EXPECT_TRUE(any_first_order(r));
+  SearchOptions off = o;
+  off.first_order_weight = 0;
+  EXPECT_FALSE(any_first_order(allocate_stories(perplexity, off)));
+  Budget kl;
+  kl.max_kl = 0.05;
+  EXPECT_FALSE(any_first_order(allocate_stories(kl, o)));
 }
 
 // GPTQ's candidates off the hull of (bytes, GPTQ's own output error) are not measured: each
@@ -417,7 +483,7 @@ TEST(PrecisionOptimizer, GptqIsFittedOnTheFitWindows) {
   const auto fit_xtx = s.model.capture_input_stats(fit.inputs, evaluator.batch(), /*with_xtx=*/true);
   const SearchResult up_front = PrecisionOptimizer(s.model, evaluator, budget, o, PrecisionPolicy{}, fit_xtx).allocate();
   SearchOptions given = o;
-  given.fit_inputs = fit.inputs;
+  given.fit = fit;
   const SearchResult per_block = PrecisionOptimizer(s.model, evaluator, budget, given, PrecisionPolicy{}, {}).allocate();
   const SearchResult on_calibration = PrecisionOptimizer(s.model, evaluator, budget, o, PrecisionPolicy{}, {}).allocate();
   EXPECT_EQ(per_block.plan.to_json(), up_front.plan.to_json());
@@ -431,13 +497,14 @@ TEST(PrecisionOptimizer, GptqIsFittedOnTheFitWindows) {
   // Fitted on the calibration windows, X^T X comes from the curves' cache of their block inputs; fit
   // windows equal to them but not the same tensor take the separate stream: the same weights.
   SearchOptions copied = o;
-  copied.fit_inputs = s.data.calibration.inputs.clone();
+  copied.fit = s.data.calibration;
+  copied.fit.inputs = s.data.calibration.inputs.clone();
   const SearchResult streamed = PrecisionOptimizer(s.model, evaluator, budget, copied, PrecisionPolicy{}, {}).allocate();
   EXPECT_EQ(streamed.plan.to_json(), on_calibration.plan.to_json());
   for (const auto& [name, t] : on_calibration.weights)
     EXPECT_TRUE(test::bitwise_equal(streamed.weights.at(name).dequantize(), t.dequantize())) << name;
   SearchOptions bad = o;
-  bad.fit_inputs = at::zeros({4}, at::kLong);
+  bad.fit.inputs = at::zeros({4}, at::kLong);
   const std::string msg = test::expect_error([&] { bad.validate(); });
   EXPECT_NE(msg.find("got Long [4]"), std::string::npos) << msg;
 }

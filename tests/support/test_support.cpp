@@ -132,4 +132,21 @@ double whole_model_kl(CausalLM& model, const Windows& windows, const QuantizedWe
   return kl;
 }
 
+std::map<std::string, at::Tensor> whole_model_nll_gradients(QuantizableModel& model, const Windows& windows) {
+  GradientScope scope(model, GradientScope::Which::kQuantizableWeights);
+  c10::InferenceMode not_inference(false);
+  at::AutoGradMode grad_mode(true);
+  const at::Tensor logits = model.forward(windows.inputs).to(at::kFloat);
+  const at::Tensor positions = at::arange(windows.inputs.size(1), windows.inputs.options()).unsqueeze(0);
+  const at::Tensor scored = positions >= windows.score_from.unsqueeze(1);
+  const at::Tensor nll = -at::log_softmax(logits, -1).gather(-1, windows.targets.unsqueeze(-1)).squeeze(-1);
+  nll.masked_select(scored).mean().backward();
+  std::map<std::string, at::Tensor> gradients;
+  for (const WeightInfo& w : model.weights()) {
+    const at::Tensor g = model.parameter(w.name).grad();
+    gradients[w.name] = (w.transposed ? g.t() : g).detach().clone();
+  }
+  return gradients;
+}
+
 }  // namespace gradq::test

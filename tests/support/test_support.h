@@ -3,6 +3,7 @@
 
 #include <torch/script.h>
 
+#include <map>
 #include <string>
 #include <utility>
 
@@ -43,5 +44,9 @@ const std::string& stories_pt();
 /// The KL of `model` with `weights` against `model` itself on `windows`, by a whole-model
 /// evaluation; the model's original weights are restored.
 double whole_model_kl(CausalLM& model, const Windows& windows, const QuantizedWeights& weights);
+
+/// The gradient of the mean NLL of `windows`' scored targets with respect to every quantizable
+/// weight of `model`, in logical [out, in] layout, by one autograd pass through the whole model.
+std::map<std::string, at::Tensor> whole_model_nll_gradients(QuantizableModel& model, const Windows& windows);
 
 }  // namespace gradq::test
