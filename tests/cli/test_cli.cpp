@@ -174,6 +174,8 @@ TEST(Cli, OptionsAreCheckedBeforeLoading) {
   // Fit windows come after the calibration windows: none are left when those take the whole part.
   expect_one_line_error("quantize --calib-windows 0 -o /tmp/x.pt", "no text left for fit windows");
   expect_one_line_error("quantize --candidate-spill-mb -1 -o /tmp/x.pt", "--candidate-spill-mb must be >= 0, got -1");
+  expect_one_line_error("quantize --first-order-weight -1 -o /tmp/x.pt",
+                        "first_order_weight (--first-order-weight) must be finite and >= 0, got -1");
   expect_one_line_error("sweep --spill-dir /nonexistent/spill --out /tmp/s", "--spill-dir: '/nonexistent/spill' is not a directory");
 }
 
