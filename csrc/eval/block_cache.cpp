@@ -146,7 +146,7 @@ std::vector<std::vector<StageState>> output_gradients(const ModelStages& stages,
       StageState g(leaving[b].size());  // None where no gradient is kept
       for (size_t k = 0; k < g.size(); ++k)
         if (batched(leaving[b][k]) && leaving[b][k].toTensor().grad().defined())
-          g[k] = leaving[b][k].toTensor().grad().detach();
+          g[k] = leaving[b][k].toTensor().grad().detach().to(at::kCPU);
       gradients[b].push_back(std::move(g));
     }
   }
@@ -238,7 +238,8 @@ void backward_through_block(const ModelStages& stages, int64_t b, const std::vec
     at::Tensor dot;  // <output gradient, output>: its gradient is the parameters'
     for (size_t k = 0; k < out.size(); ++k) {
       if (!output_gradients[c][k].isTensor() || !out[k].isTensor() || !out[k].toTensor().requires_grad()) continue;
-      const at::Tensor term = (out[k].toTensor().to(at::kFloat) * output_gradients[c][k].toTensor().to(at::kFloat)).sum();
+      const at::Tensor& y = out[k].toTensor();
+      const at::Tensor term = (y.to(at::kFloat) * output_gradients[c][k].toTensor().to(y.device(), at::kFloat)).sum();
       dot = dot.defined() ? dot + term : term;
     }
     if (dot.defined()) dot.backward();

@@ -94,7 +94,8 @@ class BlockInputCache {
 /// The gradient of the mean negative log-likelihood of `windows`' scored targets (the log of their
 /// perplexity) with respect to the state leaving each block, as `stages` computes it with the
 /// model's weights now: [block][batch of `batch` windows], a state whose tensors batched over windows
-/// hold their gradients (in their own dtype) and whose other values are None. A change d of block
+/// hold their gradients (in their own dtype, in host memory: they wait there for their block, and
+/// device memory is what a large model lacks) and whose other values are None. A change d of block
 /// b's output moves that mean by <gradient, d> to first order: the part of a perplexity change that
 /// KL, second order at the reference, does not see (block_weight_gradients). One forward and
 /// one backward pass per batch, holding that batch's activations in between; the result holds L
@@ -103,7 +104,8 @@ class BlockInputCache {
 std::vector<std::vector<StageState>> output_gradients(const ModelStages& stages, const Windows& windows, int64_t batch);
 
 /// Runs block `b` on `inputs` (one state per batch: BlockInputStream::states()) with autograd and
-/// back-propagates `output_gradients` (output_gradients()[b] of the same windows) through it: the
+/// back-propagates `output_gradients` (output_gradients()[b] of the same windows, moved to the block's
+/// device batch by batch) through it: the
 /// parameters that require gradients accumulate the gradient of the mean NLL those were taken of,
 /// restricted to this block's parameters. One batch's activations at a time.
 void backward_through_block(const ModelStages& stages, int64_t b, const std::vector<StageState>& inputs,

@@ -140,7 +140,8 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   // (output_gradients: one forward and backward pass per batch), then one backward through the block
   // alone from its inputs, which a stream of the fit windows carries forward beside the curves. Held
   // at once: the output gradients of the blocks not yet reached (L states per batch of fit windows at
-  // the start, like a cache of every boundary) and one block's weight gradients, not a model's worth.
+  // the start, like a cache of every boundary, in host memory) and one block's weight gradients, not a
+  // model's worth.
   // Under a perplexity budget, or for a sweep's shared curves (its points may be).
   const bool first_order = cache && !reuse_curves && options_.first_order_weight > 0 && options_.perplexity_prices &&
                            (budget_.max_ppl_increase || options_.shared_curves);
