@@ -220,6 +220,32 @@ int64_t BlockInputCache::bytes() const {
   return total;
 }
 
+namespace {
+
+// `v` with every tensor made in inference mode (also inside tuples and lists, such as the rotary
+// (cos, sin) pair a Hugging Face decoder layer takes) copied into a normal tensor.
+c10::IValue out_of_inference_mode(const c10::IValue& v) {
+  if (v.isTensor()) return v.toTensor().is_inference() ? c10::IValue(v.toTensor().clone()) : v;
+  if (v.isTuple()) {
+    std::vector<c10::IValue> elements;
+    for (const c10::IValue& e : v.toTupleRef().elements()) elements.push_back(out_of_inference_mode(e));
+    return c10::ivalue::Tuple::create(std::move(elements));
+  }
+  if (v.isTensorList()) {
+    c10::List<at::Tensor> list;
+    for (const at::Tensor& t : v.toTensorList().vec()) list.push_back(t.is_inference() ? t.clone() : t);
+    return list;
+  }
+  if (v.isList()) {
+    c10::impl::GenericList list(v.toList().elementType());
+    for (const c10::IValue& e : v.toList()) list.push_back(out_of_inference_mode(e));
+    return list;
+  }
+  return v;
+}
+
+}  // namespace
+
 void backward_through_block(const ModelStages& stages, int64_t b, const std::vector<StageState>& inputs,
                             const std::vector<StageState>& output_gradients) {
   GRADQ_CHECK(b >= 0 && b < stages.num_blocks(), "expected a block in [0, {}), got {}", stages.num_blocks(), b);
@@ -230,8 +256,7 @@ void backward_through_block(const ModelStages& stages, int64_t b, const std::vec
   for (size_t c = 0; c < inputs.size(); ++c) {
     // The inputs of an inference-mode stream cannot be saved for backward: copied out of it.
     StageState in = inputs[c];
-    for (c10::IValue& v : in)
-      if (v.isTensor() && v.toTensor().is_inference()) v = v.toTensor().clone();
+    for (c10::IValue& v : in) v = out_of_inference_mode(v);
     const StageState out = stages.block(b, in);
     GRADQ_CHECK(out.size() == output_gradients[c].size(), "block {} returned {} values, its output gradients have {}", b,
                 out.size(), output_gradients[c].size());

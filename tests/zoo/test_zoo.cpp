@@ -118,7 +118,9 @@ TEST_P(Zoo, EveryCommand) {
   ok(cli + " analyze --model " + model + " --calib-windows 4 --subsets 2 -o " + dir + "/analysis.json" + kData);
   EXPECT_TRUE(fs::exists(dir + "/analysis.json"));
 
-  ok(cli + " quantize --model " + model + " --max-kl 0.05 -o " + dir +
+  // A perplexity budget: the search then also takes gradients through the model's stages (its
+  // first-order prices), which met inference-mode tensors inside Hugging Face layers' tuple inputs.
+  ok(cli + " quantize --model " + model + " --max-ppl-increase 0.05 -o " + dir +
      "/search.pt --fake-quant " + dir + "/search_fq.pt" + kQuantizeData);
   ok(cli + " quantize --model " + model + " --uniform b4g32 -o " + dir + "/q.pt --fake-quant " + dir + "/fq.pt" +
      kQuantizeData);
