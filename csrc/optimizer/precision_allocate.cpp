@@ -34,6 +34,7 @@
 #include <c10/util/ScopeExit.h>
 
 #include "common/error.h"
+#include "common/error_text.h"
 #include "common/timing.h"
 #include "eval/block_cache.h"
 #include "optimizer/plan.h"
@@ -150,9 +151,19 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   std::unique_ptr<BlockInputStream> gradient_stream;
   std::map<std::string, at::Tensor> weight_grads;  // block weight_grads_block's, logical layout
   int64_t weight_grads_block = -1;
+  // Autograd through a user's graph can meet what inference never does; the error says how to go on.
+  auto with_context = [](const auto& take) {
+    try {
+      take();
+    } catch (const std::exception& e) {
+      throw Error(fmt::format("taking gradients for the first-order prices failed: {} (--first-order-weight 0 "
+                              "prices without them)",
+                              essential_error_line(e)));
+    }
+  };
   if (first_order) {
     GradientScope no_weight_gradients(model_, GradientScope::Which::kNone);
-    output_grads = output_gradients(*stages, gradient_windows, evaluator_.batch());
+    with_context([&] { output_grads = output_gradients(*stages, gradient_windows, evaluator_.batch()); });
     gradient_stream = std::make_unique<BlockInputStream>(*stages, gradient_windows.inputs, evaluator_.batch());
     report(fmt::format("curves: gradient of the mean NLL of {} windows at every block's output", gradient_windows.size()));
   }
@@ -161,7 +172,9 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
     weight_grads.clear();
     while (gradient_stream->block() < b) gradient_stream->advance();  // the blocks before b hold their loaded weights
     GradientScope only_weights(model_, GradientScope::Which::kQuantizableWeights);
-    backward_through_block(*stages, b, gradient_stream->states(), output_grads[static_cast<size_t>(b)]);
+    with_context([&] {
+      backward_through_block(*stages, b, gradient_stream->states(), output_grads[static_cast<size_t>(b)]);
+    });
     for (const WeightInfo& w : model_.weights()) {
       const at::Tensor g = model_.parameter(w.name).grad();
       if (first_stage(w.name) == b && g.defined()) weight_grads[w.name] = (w.transposed ? g.t() : g).contiguous();
