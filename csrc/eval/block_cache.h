@@ -97,17 +97,17 @@ class BlockInputCache {
 /// hold their gradients (in their own dtype, in host memory: they wait there for their block, and
 /// device memory is what a large model lacks) and whose other values are None. A change d of block
 /// b's output moves that mean by <gradient, d> to first order: the part of a perplexity change that
-/// KL, second order at the reference, does not see (block_weight_gradients). One forward and
+/// KL, second order at the reference, does not see (backward_through_block). One forward and
 /// one backward pass per batch, holding that batch's activations in between; the result holds L
 /// states per batch, as a BlockInputCache that keeps every boundary. The model's parameters should
 /// not require gradients (GradientScope::Which::kNone), or they are computed too.
 std::vector<std::vector<StageState>> output_gradients(const ModelStages& stages, const Windows& windows, int64_t batch);
 
 /// Runs block `b` on `inputs` (one state per batch: BlockInputStream::states()) with autograd and
-/// back-propagates `output_gradients` (output_gradients()[b] of the same windows, moved to the block's
-/// device batch by batch) through it: the
-/// parameters that require gradients accumulate the gradient of the mean NLL those were taken of,
-/// restricted to this block's parameters. One batch's activations at a time.
+/// back-propagates `output_gradients` (output_gradients()[b] of the same windows, moved to the
+/// block's device batch by batch) through it: the parameters that require gradients accumulate the
+/// gradient of the mean NLL those were taken of, restricted to this block's parameters. One batch's
+/// activations at a time.
 void backward_through_block(const ModelStages& stages, int64_t b, const std::vector<StageState>& inputs,
                             const std::vector<StageState>& output_gradients);
 
