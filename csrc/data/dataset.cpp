@@ -98,6 +98,10 @@ int64_t Windows::scored_tokens() const {
   return size() * inputs.size(1) - score_from.sum().item<int64_t>();
 }
 
+at::Tensor Windows::scored_mask() const {
+  return at::arange(inputs.size(1), at::kLong).unsqueeze(0) >= score_from.unsqueeze(1);
+}
+
 Windows Windows::slice(int64_t begin, int64_t end) const {
   GRADQ_CHECK(0 <= begin && begin <= end && end <= size(), "expected a window range within [0, {}], got [{}, {})",
               size(), begin, end);

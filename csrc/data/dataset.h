@@ -65,6 +65,8 @@ struct Windows {
   int64_t size() const { return inputs.defined() ? inputs.size(0) : 0; }
   /// Number of scored targets over all windows.
   int64_t scored_tokens() const;
+  /// [N, ctx] bool: the targets each window scores (positions from its score_from on).
+  at::Tensor scored_mask() const;
   /// Windows [begin, end) as a view.
   Windows slice(int64_t begin, int64_t end) const;
 };

@@ -7,6 +7,41 @@
 
 namespace gradq {
 
+namespace {
+
+// Whether a state value is one of `rows` windows' own: a floating tensor batched over them. Tables that
+// every window shares, such as rotary angles, pass through a block unchanged and carry no window's
+// change.
+bool per_window_value(const c10::IValue& v, int64_t rows) {
+  if (!v.isTensor()) return false;
+  const at::Tensor& t = v.toTensor();
+  return t.is_floating_point() && t.dim() > 0 && t.size(0) == rows;
+}
+
+// `v` with every tensor made in inference mode (also inside tuples and lists, such as the rotary
+// (cos, sin) pair a Hugging Face decoder layer takes) copied into a normal tensor.
+c10::IValue out_of_inference_mode(const c10::IValue& v) {
+  if (v.isTensor()) return v.toTensor().is_inference() ? c10::IValue(v.toTensor().clone()) : v;
+  if (v.isTuple()) {
+    std::vector<c10::IValue> elements;
+    for (const c10::IValue& e : v.toTupleRef().elements()) elements.push_back(out_of_inference_mode(e));
+    return c10::ivalue::Tuple::create(std::move(elements));
+  }
+  if (v.isTensorList()) {
+    c10::List<at::Tensor> list;
+    for (const at::Tensor& t : v.toTensorList().vec()) list.push_back(t.is_inference() ? t.clone() : t);
+    return list;
+  }
+  if (v.isList()) {
+    c10::impl::GenericList list(v.toList().elementType());
+    for (const c10::IValue& e : v.toList()) list.push_back(out_of_inference_mode(e));
+    return list;
+  }
+  return v;
+}
+
+}  // namespace
+
 BlockInputCache::BlockInputCache(const ModelStages& stages, const at::Tensor& inputs, int64_t batch, Keep keep)
     : stages_(stages), inputs_(inputs), batch_(batch), windows_(inputs.size(0)), keep_(keep) {
   GRADQ_CHECK(batch > 0, "batch must be positive, got {}", batch);
@@ -94,11 +129,8 @@ at::Tensor BlockInputCache::local_error(int64_t b) const {
     at::Tensor sum;  // float64 [rows], on the device of the values that carry the error
     int64_t per_row = 0;
     for (size_t k = 0; k < out.size(); ++k) {
-      if (!out[k].isTensor()) continue;
+      if (!per_window_value(out[k], rows)) continue;
       const at::Tensor x = out[k].toTensor();
-      // Only values batched over windows carry a window's error (tables shared by all windows,
-      // such as rotary angles, pass through a block unchanged).
-      if (!x.is_floating_point() || x.dim() == 0 || x.size(0) != rows) continue;
       const at::Tensor d = (x.to(at::kDouble) - ref[k].toTensor().to(at::kDouble)).reshape({rows, -1});
       sum = sum.defined() ? sum + d.pow(2).sum(1) : d.pow(2).sum(1);
       per_row += d.size(1);
@@ -120,11 +152,7 @@ std::vector<std::vector<StageState>> output_gradients(const ModelStages& stages,
   std::vector<std::vector<StageState>> gradients(blocks);
   for (int64_t begin = 0; begin < n; begin += batch) {
     const int64_t end = std::min(n, begin + batch), rows = end - begin;
-    auto batched = [rows](const c10::IValue& v) {
-      if (!v.isTensor()) return false;
-      const at::Tensor& t = v.toTensor();
-      return t.is_floating_point() && t.dim() > 0 && t.size(0) == rows;
-    };
+    auto batched = [rows](const c10::IValue& v) { return per_window_value(v, rows); };
     StageState s = stages.embed(windows.inputs.slice(0, begin, end));
     // The stream entering block 0 is the leaf the gradients flow back to (the weights need none).
     for (c10::IValue& v : s)
@@ -138,8 +166,7 @@ std::vector<std::vector<StageState>> output_gradients(const ModelStages& stages,
     }
     const at::Tensor logits = stages.head(s).to(at::kFloat);
     const at::Tensor targets = windows.targets.slice(0, begin, end).to(logits.device());
-    const at::Tensor positions = at::arange(targets.size(1), targets.options()).unsqueeze(0);
-    const at::Tensor scored = positions >= windows.score_from.slice(0, begin, end).to(targets.device()).unsqueeze(1);
+    const at::Tensor scored = windows.slice(begin, end).scored_mask().to(targets.device());
     const at::Tensor nll = -at::log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1);
     (nll.masked_select(scored).sum() / tokens).backward();
     for (int64_t b = 0; b < blocks; ++b) {
@@ -219,32 +246,6 @@ int64_t BlockInputCache::bytes() const {
           total += static_cast<int64_t>(v.toTensor().storage().nbytes());
   return total;
 }
-
-namespace {
-
-// `v` with every tensor made in inference mode (also inside tuples and lists, such as the rotary
-// (cos, sin) pair a Hugging Face decoder layer takes) copied into a normal tensor.
-c10::IValue out_of_inference_mode(const c10::IValue& v) {
-  if (v.isTensor()) return v.toTensor().is_inference() ? c10::IValue(v.toTensor().clone()) : v;
-  if (v.isTuple()) {
-    std::vector<c10::IValue> elements;
-    for (const c10::IValue& e : v.toTupleRef().elements()) elements.push_back(out_of_inference_mode(e));
-    return c10::ivalue::Tuple::create(std::move(elements));
-  }
-  if (v.isTensorList()) {
-    c10::List<at::Tensor> list;
-    for (const at::Tensor& t : v.toTensorList().vec()) list.push_back(t.is_inference() ? t.clone() : t);
-    return list;
-  }
-  if (v.isList()) {
-    c10::impl::GenericList list(v.toList().elementType());
-    for (const c10::IValue& e : v.toList()) list.push_back(out_of_inference_mode(e));
-    return list;
-  }
-  return v;
-}
-
-}  // namespace
 
 void backward_through_block(const ModelStages& stages, int64_t b, const std::vector<StageState>& inputs,
                             const std::vector<StageState>& output_gradients) {

@@ -347,8 +347,7 @@ GradualEvaluator::GradualEvaluator(Windows windows, EvaluatorOptions options)
     : windows_(std::move(windows)), options_(options) {
   GRADQ_CHECK(windows_.size() > 0, "the evaluator needs at least one window");
   GRADQ_CHECK(options_.batch > 0, "batch must be positive, got {}", options_.batch);
-  const int64_t ctx = windows_.inputs.size(1);
-  scored_mask_ = at::arange(ctx, at::kLong).unsqueeze(0) >= windows_.score_from.unsqueeze(1);
+  scored_mask_ = windows_.scored_mask();
 }
 
 LogitsSource GradualEvaluator::whole_model(const QuantizableModel& model) const {

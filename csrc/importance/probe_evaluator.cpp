@@ -30,9 +30,7 @@ ProbeEvaluator::ProbeEvaluator(const QuantizableModel& reference, Windows window
   const int64_t n = evaluator_.windows().size();
   GRADQ_CHECK(subsets >= 1, "expected at least 1 calibration subset, got {}", subsets);
   GRADQ_CHECK(n >= subsets, "expected at least as many calibration windows as subsets ({}), got {} windows", subsets, n);
-  const Windows& w = evaluator_.windows();
-  const int64_t ctx = w.inputs.size(1);
-  scored_mask_ = at::arange(ctx, at::kLong).unsqueeze(0) >= w.score_from.unsqueeze(1);
+  scored_mask_ = evaluator_.windows().scored_mask();
   at::Tensor per_window = scored_mask_.sum(1);
   int64_t tokens = 0;
   for (int64_t k = 0; k <= subsets; ++k) {
@@ -51,7 +49,7 @@ ProbeEvaluator::ProbeEvaluator(const QuantizableModel& reference, Windows window
     // One pass fills the block-input cache, and the reference comes from the head's cached input
     // (a head reference keeps the cache itself).
     const auto t0 = Clock::now();
-    cache_ = std::make_shared<BlockInputCache>(*stages, w.inputs, options.batch);
+    cache_ = std::make_shared<BlockInputCache>(*stages, evaluator_.windows().inputs, options.batch);
     const double cache_seconds = seconds_since(t0);
     evaluator_.set_reference(reference, cache_, &forward_seconds_);
     forward_seconds_ += cache_seconds;

@@ -143,9 +143,11 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   // at once: the output gradients of the blocks not yet reached (L states per batch of fit windows at
   // the start, like a cache of every boundary, in host memory) and one block's weight gradients, not a
   // model's worth.
-  // Under a perplexity budget, or for a sweep's shared curves (its points may be).
+  // Where the prices below use them (a perplexity-only budget), or for a sweep's shared curves (its
+  // points may have one).
+  const bool perplexity_only = budget_.max_ppl_increase && !budget_.max_kl;
   const bool first_order = cache && !reuse_curves && options_.first_order_weight > 0 && options_.perplexity_prices &&
-                           (budget_.max_ppl_increase || options_.shared_curves);
+                           (perplexity_only || options_.shared_curves);
   const Windows& gradient_windows = options_.fit.size() > 0 ? options_.fit : evaluator_.windows();
   std::vector<std::vector<StageState>> output_grads;
   std::unique_ptr<BlockInputStream> gradient_stream;
@@ -341,7 +343,7 @@ SearchResult PrecisionOptimizer::allocate(const std::function<void(const SearchP
   std::set<std::string> priced;
   for (const WeightInfo& w : model_.weights()) {
     const int64_t b = first_stage(w.name);
-    if (options_.perplexity_prices && budget_.max_ppl_increase && !budget_.max_kl && b >= 0 && b < blocks)
+    if (options_.perplexity_prices && perplexity_only && b >= 0 && b < blocks)
       priced.insert(w.name);
     price[w.name] = priced.count(w.name) ? result.ppl_per_kl[static_cast<size_t>(b)] : 1.0;
   }

@@ -137,8 +137,7 @@ std::map<std::string, at::Tensor> whole_model_nll_gradients(QuantizableModel& mo
   c10::InferenceMode not_inference(false);
   at::AutoGradMode grad_mode(true);
   const at::Tensor logits = model.forward(windows.inputs).to(at::kFloat);
-  const at::Tensor positions = at::arange(windows.inputs.size(1), windows.inputs.options()).unsqueeze(0);
-  const at::Tensor scored = positions >= windows.score_from.unsqueeze(1);
+  const at::Tensor scored = windows.scored_mask();
   const at::Tensor nll = -at::log_softmax(logits, -1).gather(-1, windows.targets.unsqueeze(-1)).squeeze(-1);
   nll.masked_select(scored).mean().backward();
   std::map<std::string, at::Tensor> gradients;
